@@ -1,0 +1,85 @@
+"""The model pair FineXtract needs: a pretrained model (theta) and its fine-tune (theta')."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+
+@dataclass
+class LoRALayer:
+    """One LoRA adapter on one module: delta W = (alpha / rank) * up @ down.
+
+    Attributes:
+        down: (rank, in_features) for a Linear, (rank, in_channels, kh, kw) for a Conv2d.
+        up: (out_features, rank) for a Linear, (out_channels, rank, 1, 1) for a Conv2d.
+        alpha: the file's alpha; equals rank when the file has none (recorded in
+            `ModelPair.sources["lora_alpha_assumed"]`).
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
+@dataclass
+class ModelPair:
+    """A pretrained model and a checkpoint fine-tuned from it, ready for guided sampling.
+
+    `eps_base` uses `base_unet` with `base_text_encoder`; `eps_ft` uses the fine-tuned UNet
+    (`finetuned_unet`, or `base_unet` with `unet_lora` applied) with `finetuned_text_encoder`
+    (the checkpoint's own when it has one, else the pretrained one: SPEC section 1).
+
+    Attributes:
+        kind: "dreambooth" (full fine-tune: two UNets) or "lora" (one UNet plus adapters).
+        base_unet: the pretrained `diffusers.UNet2DConditionModel`.
+        finetuned_unet: the fine-tuned UNet (DreamBooth), None for LoRA.
+        unet_lora: LoRA adapters keyed by module path in `base_unet` (LoRA), None for DreamBooth.
+        base_text_encoder: `transformers.CLIPTextModel` of the pretrained model.
+        finetuned_text_encoder: the fine-tune's text encoder (LoRA merged in when the LoRA file
+            adapts it); the same object as `base_text_encoder` when the checkpoint has none.
+        tokenizer: the `transformers.CLIPTokenizer` shared by both sides.
+        vae: `diffusers.AutoencoderKL` of the pretrained model (the fine-tune's if it ships one).
+        scheduler_config: the model's own scheduler config (dict, diffusers format).
+        sources: where each part came from, file formats, hashes, and loading notes.
+    """
+
+    kind: Literal["dreambooth", "lora"]
+    base_unet: Any
+    finetuned_unet: Any | None
+    unet_lora: dict[str, LoRALayer] | None
+    base_text_encoder: Any
+    finetuned_text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scheduler_config: dict
+    sources: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == "dreambooth" and self.finetuned_unet is None:
+            raise ValueError("a DreamBooth pair needs finetuned_unet")
+        if self.kind == "lora" and not self.unet_lora and self.finetuned_text_encoder is self.base_text_encoder:
+            raise ValueError("a LoRA pair needs unet_lora (or a LoRA-adapted text encoder)")
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "ModelPair":
+        """Move every model (and the LoRA tensors) to `device` / `dtype` in place; return self."""
+        for model in {id(m): m for m in self._models()}.values():
+            model.to(device=device, dtype=dtype)
+        if self.unet_lora:
+            for layer in self.unet_lora.values():
+                layer.down = layer.down.to(device=device, dtype=dtype)
+                layer.up = layer.up.to(device=device, dtype=dtype)
+        return self
+
+    def _models(self) -> list:
+        models = [self.base_unet, self.base_text_encoder, self.finetuned_text_encoder, self.vae]
+        return models + ([self.finetuned_unet] if self.finetuned_unet is not None else [])

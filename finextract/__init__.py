@@ -1,0 +1,40 @@
+"""finextract: extract the fine-tuning images of a personalized diffusion model.
+
+FineXtract (Wang et al., ICML 2025, "Leveraging Model Guidance to Extract Training Data from
+Personalized Diffusion Models"): guide generation from the pretrained model's noise prediction
+towards the fine-tuned model's, generate N = 50 x N0 images, embed them with SSCD and return the
+N0 largest cliques of the similarity graph.
+
+`import finextract` is cheap: the public names below are resolved on first use, so no torch,
+diffusers or GPU library is imported until it is needed.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one place for each concept)
+_EXPORTS = {
+    "load_model_pair": "finextract.engine.loading",
+    "ModelPair": "finextract.engine.pair",
+    "build_zoo": "finextract.zoo",
+    "GuidanceRule": "finextract.rules",
+    "Term": "finextract.rules",
+    "generate": "finextract.generate",
+    "cluster_descriptors": "finextract.clustering",
+    "ClusteringResult": "finextract.clustering",
+    "extraction_metrics": "finextract.metrics",
+    "Extractor": "finextract.extract",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'finextract' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

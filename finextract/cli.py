@@ -1,0 +1,55 @@
+"""The `finextract` command line.
+
+Each subcommand lives in its own module under `finextract/commands/` and exposes
+`register(subparsers)`, which adds its parser and sets `func` to the function that runs it.
+Modules are imported only to build the parser; heavy libraries are imported inside `func`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand module names, in the order `--help` lists them
+COMMANDS = ("extract", "generate", "cluster", "evaluate", "finetune", "zoo", "bench", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finextract",
+        description="Extract the fine-tuning images of a personalized diffusion model (FineXtract).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"finextract.commands.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"finextract.commands.{name}":
+                raise
+            continue  # command not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Library code raises; only the CLI turns errors into a message and an exit code.
+        logging.getLogger("finextract").debug("traceback", exc_info=True)
+        print(f"finextract {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Process-wide runtime settings: thread counts and devices.
+
+With 2 cores, a CPU-bound neighbour process can make torch's default threading 100x slower, so
+every entry point (CLI, tests, benchmarks) sets thread counts deliberately through this module.
+"""
+from __future__ import annotations
+
+import os
+
+THREADS_ENV = "FINEXTRACT_THREADS"
+
+
+def default_threads() -> int:
+    """Threads for torch and onnxruntime: `$FINEXTRACT_THREADS`, else the number of CPU cores."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={value!r} is not an integer; set it to e.g. 2") from None
+        if threads < 1:
+            raise ValueError(f"{THREADS_ENV}={threads} must be >= 1")
+        return threads
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (and inter-op to 1); return the count used.
+
+    onnxruntime sessions read `default_threads()` when they are created.
+    """
+    import torch
+
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process; harmless
+        pass
+    return threads
+
+
+def resolve_device(device: str | None = None) -> str:
+    """'cuda' when available and not overridden, else 'cpu'. Raises ValueError on an unknown device."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return device

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny seeded SD components and model pairs (no downloads), GPU skipping."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Deterministic and robust on a 2-core machine with busy neighbours: one thread unless told otherwise.
+os.environ.setdefault("FINEXTRACT_THREADS", "1")
+
+
+def pytest_configure(config):
+    from finextract.runtime import set_threads
+
+    set_threads()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (run bench/device_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from finextract.zoo import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer_dir):
+    """Random tiny SD components (seed 0): unet, vae, text_encoder, tokenizer, scheduler."""
+    from finextract.zoo import tiny_components
+
+    return tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tokenizer_dir):
+    """Another random set (seed 100) standing in for a full fine-tune of `tiny_base`."""
+    from finextract.zoo import tiny_components
+
+    return tiny_components(seed=100, tokenizer_folder=tokenizer_dir)
+
+
+def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = None) -> dict:
+    """Random LoRA adapters on every attention projection (to_q, to_k, to_v, to_out.0) of `unet`."""
+    import torch
+    from torch import nn
+
+    from finextract.engine.pair import LoRALayer
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
+            down = torch.randn(rank, module.in_features, generator=generator) * 0.1
+            up = torch.randn(module.out_features, rank, generator=generator) * 0.1
+            layers[name] = LoRALayer(down=down, up=up, alpha=float(alpha if alpha is not None else rank))
+    return layers
+
+
+@pytest.fixture(scope="session")
+def dreambooth_pair(tiny_base, tiny_finetuned):
+    """A DreamBooth-kind ModelPair built directly from components (fine-tuned text encoder too)."""
+    from finextract.engine.pair import ModelPair
+
+    return ModelPair(
+        kind="dreambooth", base_unet=tiny_base["unet"], finetuned_unet=tiny_finetuned["unet"], unet_lora=None,
+        base_text_encoder=tiny_base["text_encoder"], finetuned_text_encoder=tiny_finetuned["text_encoder"],
+        tokenizer=tiny_base["tokenizer"], vae=tiny_base["vae"], scheduler_config=dict(tiny_base["scheduler"].config),
+    )
+
+
+@pytest.fixture(scope="session")
+def lora_pair(tokenizer_dir):
+    """A LoRA-kind ModelPair: its own copy of the seed-0 base UNet plus random rank-4 adapters."""
+    from finextract.engine.pair import ModelPair
+    from finextract.zoo import tiny_components
+
+    base = tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
+    return ModelPair(
+        kind="lora", base_unet=base["unet"], finetuned_unet=None, unet_lora=random_unet_lora(base["unet"]),
+        base_text_encoder=base["text_encoder"], finetuned_text_encoder=base["text_encoder"],
+        tokenizer=base["tokenizer"], vae=base["vae"], scheduler_config=dict(base["scheduler"].config),
+    )

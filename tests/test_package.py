@@ -1,0 +1,34 @@
+"""The package installs, imports cheaply, and its CLI lists its commands."""
+import subprocess
+import sys
+
+
+def test_import_is_light():
+    # `import finextract` must not pull in torch or any GPU library (STYLE: no heavy imports).
+    code = "import sys, finextract, finextract.engine, finextract.kernels; print(sorted(m for m in ('torch','cupy','tensorrt','onnxruntime','diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_lora_gate_zero_is_base_one_is_merged(tiny_base):
+    import copy
+
+    import torch
+
+    from finextract.engine.lora import gated, inject_lora, merge_lora
+    from tests.conftest import random_unet_lora
+
+    unet = copy.deepcopy(tiny_base["unet"])
+    layers = random_unet_lora(unet, seed=3)
+    merged = merge_lora(copy.deepcopy(unet), layers)
+    gate = inject_lora(unet, layers)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = tiny_base["unet"](x, 10, text).sample
+        merged_out = merged(x, 10, text).sample
+        with gated(gate, torch.tensor([0.0, 1.0])):
+            mixed = unet(x, 10, text).sample
+    assert torch.allclose(mixed[0], base_out[0], atol=1e-5)
+    assert torch.allclose(mixed[1], merged_out[1], atol=1e-4)
+    assert not torch.allclose(base_out[1], merged_out[1], atol=1e-3)  # the adapters do change the output
