@@ -1,0 +1,22 @@
+"""Backends by name, imported only when asked for: `torch`, `onnxruntime`, `tensorrt`.
+
+Each entry is "module:factory"; the factory takes `(pair, rule, text_embeddings, **options)` and
+returns an object following `finextract.engine.backends.base.Backend`.
+"""
+from __future__ import annotations
+
+import importlib
+
+BACKENDS = {
+    "torch": "finextract.engine.backends.torch_backend:TorchBackend",
+    "onnxruntime": "finextract.engine.backends.ort_backend:OnnxRuntimeBackend",
+    "tensorrt": "finextract.engine.backends.trt_backend:TensorRTBackend",
+}
+
+
+def get_backend_factory(name: str):
+    """The factory of backend `name`. Raises ValueError for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    module, _, attribute = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
