@@ -137,3 +137,199 @@ def build_base(folder: str | Path, seed: int = 0) -> Path:
     """Write a random tiny base pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
     folder = Path(folder)
     return save_pipeline(tiny_components(seed, tokenizer_folder=folder / "tokenizer"), folder)
+
+
+# --- the fine-tuned variants: every format users download, from one base (see `build_zoo`) ---
+
+ZOO_CAPTION = "a photo of sks object"
+LORA_RANK, LORA_ALPHA = 4, 8.0
+# Per-module exceptions, so readers must honour each module's own rank and alpha:
+LORA_RANK_PATTERN = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": 2}
+LORA_ALPHA_PATTERN = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": 1.0,
+    # the kohya file stores no alpha for this module; readers then assume alpha = rank
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v": float(LORA_RANK),
+}
+LORA_NO_ALPHA_MODULE = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"
+_UNET_LORA_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+_TEXT_LORA_TARGETS = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.v_proj")
+
+
+def perturbed_copy(model, seed: int, relative_scale: float = 0.05):
+    """A deep copy of `model` with every parameter moved by seeded Gaussian noise.
+
+    The noise on a tensor has standard deviation `relative_scale` times the tensor's own (0.01 for
+    constant tensors), so a "fine-tune" differs from its base everywhere, deterministically.
+    """
+    import copy
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            spread = parameter.std().item() if parameter.numel() > 1 else 0.0
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            parameter += (relative_scale * (spread or 0.2) * noise).to(parameter.dtype)
+    return model
+
+
+def zoo_lora(unet, text_encoder, seed: int = 0) -> tuple[dict, dict]:
+    """The zoo's random LoRA adapters: (UNet layers, text-encoder layers), module path -> LoRALayer.
+
+    UNet: every attention projection (to_q, to_k, to_v, to_out.0), rank 4, alpha 8, except the
+    modules in `LORA_RANK_PATTERN` / `LORA_ALPHA_PATTERN`. Text encoder: the first layer's q_proj and
+    v_proj. Deterministic for a seed; every format the zoo writes holds exactly these adapters.
+    """
+    import torch
+
+    from finextract.engine.pair import LoRALayer
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def adapters(model, names):
+        layers = {}
+        modules = dict(model.named_modules())
+        for name in names:
+            module = modules[name]
+            rank = LORA_RANK_PATTERN.get(name, LORA_RANK)
+            down = torch.randn(rank, module.in_features, generator=generator) * 0.1
+            up = torch.randn(module.out_features, rank, generator=generator) * 0.1
+            layers[name] = LoRALayer(down=down, up=up, alpha=LORA_ALPHA_PATTERN.get(name, LORA_ALPHA))
+        return layers
+
+    unet_names = [name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(_UNET_LORA_TARGETS)]
+    # transformers 5 names CLIP modules `encoder.layers...`, older ones `text_model.encoder.layers...`
+    text_names = [name for name, _ in text_encoder.named_modules() if name.endswith(_TEXT_LORA_TARGETS)]
+    return adapters(unet, unet_names), adapters(text_encoder, text_names)
+
+
+def _file_text_names(layers: dict) -> dict:
+    """Text-encoder layers under the names LoRA files use (`text_model.encoder...`, as in CLIP's
+    original checkpoints), whatever the installed transformers calls the modules."""
+    return {name if name.startswith("text_model.") else "text_model." + name: layer for name, layer in layers.items()}
+
+
+def _peft_config(layers: dict) -> dict:
+    """A PEFT LoraConfig (as keyword arguments) describing `layers`: default rank/alpha plus patterns."""
+    return dict(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=sorted(layers),
+        rank_pattern={name: layer.rank for name, layer in layers.items() if layer.rank != LORA_RANK},
+        alpha_pattern={name: layer.alpha for name, layer in layers.items() if layer.alpha != LORA_ALPHA},
+    )
+
+
+def _peft_tensors(layers: dict, prefix: str = "") -> dict:
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = layer.down.contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = layer.up.contiguous()
+    return tensors
+
+
+def write_lora_diffusers(folder: str | Path, unet_layers: dict, text_layers: dict) -> Path:
+    """Write `pytorch_lora_weights.safetensors` the way diffusers' `save_lora_weights` does.
+
+    Keys `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`); ranks and alphas in
+    the file's `lora_adapter_metadata` (diffusers >= 0.34). Returns the file's path.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    text_layers = _file_text_names(text_layers)
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=_peft_tensors(unet_layers), text_encoder_lora_layers=_peft_tensors(text_layers),
+        unet_lora_adapter_metadata=_peft_config(unet_layers), text_encoder_lora_adapter_metadata=_peft_config(text_layers),
+    )
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def write_lora_peft(folder: str | Path, unet_layers: dict, text_layers: dict) -> Path:
+    """Write a PEFT adapter folder: the UNet adapter at the top, the text encoder's in `text_encoder/`.
+
+    Each holds `adapter_config.json` (peft's `LoraConfig.save_pretrained`) and
+    `adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight` keys, as
+    `PeftModel.save_pretrained` writes them. Returns the folder.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    for target, layers in ((folder, unet_layers), (folder / "text_encoder", _file_text_names(text_layers))):
+        target.mkdir(parents=True, exist_ok=True)
+        LoraConfig(**_peft_config(layers)).save_pretrained(str(target))
+        save_file(_peft_tensors(layers, "base_model.model."), str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def write_lora_kohya(path: str | Path, unet_layers: dict, text_layers: dict, no_alpha: tuple[str, ...] = ()) -> Path:
+    """Write a kohya-ss (sd-scripts) LoRA file: `lora_unet_<path with _>.lora_down.weight`,
+    `.lora_up.weight`, `.alpha` (and `lora_te_` for the text encoder). Modules named in `no_alpha`
+    get no `.alpha` key (readers then assume alpha = rank). Returns the path.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, layers in (("lora_unet_", unet_layers), ("lora_te_", _file_text_names(text_layers))):
+        for name, layer in layers.items():
+            key = prefix + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = layer.down.contiguous()
+            tensors[f"{key}.lora_up.weight"] = layer.up.contiguous()
+            if name not in no_alpha and name.removeprefix("text_model.") not in no_alpha:
+                tensors[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return Path(path)
+
+
+def build_zoo(out: str | Path, seed: int = 0) -> Path:
+    """Write the random tiny model zoo into `out`, deterministically from `seed` (a few seconds).
+
+    Layout (others rely on it):
+        base/                         pipeline folder (`StableDiffusionPipeline.from_pretrained` loads it)
+        dreambooth/                   full pipeline folder: fine-tuned UNet and text encoder
+        dreambooth_unet/              bare `unet/` + `text_encoder/` folders
+        dreambooth_unet_only/         bare `unet/` folder only
+        dreambooth_unet.safetensors   the fine-tuned UNet's state dict, one file
+        lora/pytorch_lora_weights.safetensors   diffusers LoRA: UNet attention + 2 text-encoder layers
+        lora_peft/                    the same adapters as PEFT adapter folders (UNet; text_encoder/)
+        lora_kohya.safetensors        the same adapters, kohya keys, one module without `.alpha`
+        caption.txt                   the fine-tuning caption
+    The fine-tune is the base perturbed by seeded noise (`perturbed_copy`); "trained" weights are
+    another issue's.
+
+    Args:
+        out: folder to create or fill (existing files are overwritten).
+        seed: seed of every random weight.
+
+    Returns:
+        `out` as a Path.
+    """
+    import logging
+
+    from safetensors.torch import save_file
+
+    log = logging.getLogger(__name__)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("zoo: base (seed %d)", seed)
+    base = tiny_components(seed, tokenizer_folder=out / "base" / "tokenizer")
+    save_pipeline(base, out / "base")
+
+    log.info("zoo: DreamBooth variants")
+    unet = perturbed_copy(base["unet"], seed + 1000)
+    text_encoder = perturbed_copy(base["text_encoder"], seed + 1001)
+    save_pipeline({**base, "unet": unet, "text_encoder": text_encoder}, out / "dreambooth")
+    unet.save_pretrained(out / "dreambooth_unet" / "unet")
+    text_encoder.save_pretrained(out / "dreambooth_unet" / "text_encoder")
+    unet.save_pretrained(out / "dreambooth_unet_only" / "unet")
+    state = {key: value.contiguous() for key, value in unet.state_dict().items()}
+    save_file(state, str(out / "dreambooth_unet.safetensors"), metadata={"format": "pt"})
+
+    log.info("zoo: LoRA in diffusers, PEFT and kohya formats")
+    unet_layers, text_layers = zoo_lora(base["unet"], base["text_encoder"], seed + 2000)
+    write_lora_diffusers(out / "lora", unet_layers, text_layers)
+    write_lora_peft(out / "lora_peft", unet_layers, text_layers)
+    write_lora_kohya(out / "lora_kohya.safetensors", unet_layers, text_layers, no_alpha=(LORA_NO_ALPHA_MODULE,))
+    (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
+    return out

@@ -56,6 +56,14 @@ def tiny_finetuned(tokenizer_dir):
     return tiny_components(seed=100, tokenizer_folder=tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The random tiny zoo (`finextract.zoo.build_zoo`, seed 0), built once per session; its Path."""
+    from finextract.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
+
+
 def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = None) -> dict:
     """Random LoRA adapters on every attention projection (to_q, to_k, to_v, to_out.0) of `unet`."""
     import torch

@@ -1,0 +1,201 @@
+"""What a checkpoint file really is, and reading it safely.
+
+Checkpoints come from the internet, and a failed download often leaves something that is not
+weights under a weights name: an HTML login/error page, a git-lfs pointer, a truncated file. The
+first bytes say which, so every file is sniffed before it is parsed, and the error names the file,
+what it is and the fix. Pickles (`.ckpt`, `.bin`, `.pt`, `.pth`) can run code when loaded: they are
+refused unless the user passes `allow_pickle=True` (CLI `--allow-pickle`), and then read with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# safetensors headers are JSON, a few MB at most for the largest models; larger means not safetensors
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+class CheckpointFormatError(ValueError):
+    """A file is not the weights it claims to be (HTML, git-lfs pointer, truncated, corrupt)."""
+
+
+class PickleRefusedError(ValueError):
+    """A pickle checkpoint was given without `allow_pickle=True`."""
+
+
+def sniff(path: str | Path) -> str:
+    """Say what a file is from its first bytes (and, for safetensors, its header).
+
+    Args:
+        path: any file.
+
+    Returns:
+        One of "safetensors", "pickle-zip" (`torch.save` since torch 1.6), "pickle" (legacy
+        protocol 2-5 stream), "git-lfs" (pointer text), "html", "json", "empty", "unknown".
+
+    Raises:
+        FileNotFoundError: `path` does not exist or is a folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "git-lfs"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<body")):
+        return "html"
+    if text.startswith((b"{", b"[")):
+        return "json"
+    if head.startswith(b"PK\x03\x04"):
+        return "pickle-zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def _not_weights_message(path: Path, kind: str) -> str:
+    size = path.stat().st_size
+    if kind == "git-lfs":
+        pointer = path.read_text(errors="replace")
+        expected = next((line.split()[1] for line in pointer.splitlines() if line.startswith("size ")), "?")
+        return (
+            f"{path} is a git-lfs pointer ({size} bytes), not weights (the real file is {expected} bytes): "
+            "run `git lfs pull` in the clone, or download the file itself"
+        )
+    if kind == "html":
+        return (
+            f"{path} is an HTML page ({size} bytes), not weights: the download saved a web page (a login, "
+            "error or 'blob' page); download the raw file (e.g. the 'resolve'/'download' link) and check its size"
+        )
+    if kind == "json":
+        return f"{path} is a JSON document ({size} bytes), not weights (an API error or a config file?): download the weights file"
+    if kind == "empty":
+        return f"{path} is empty (0 bytes): the download failed; download it again"
+    return f"{path}: unrecognised file format ({size} bytes, first bytes {path.read_bytes()[:16]!r}); expected safetensors"
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Read and validate a safetensors header without loading any tensor.
+
+    Args:
+        path: a `.safetensors` file.
+
+    Returns:
+        (tensors, metadata): tensor name -> {"dtype": str, "shape": list[int], "data_offsets": [begin, end]},
+        and the file's `__metadata__` (str -> str, empty when absent).
+
+    Raises:
+        CheckpointFormatError: the file is not safetensors (says what it is), its header is corrupt,
+            or it is truncated (the header promises more data than the file holds).
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    if kind != "safetensors":
+        if kind in ("pickle", "pickle-zip"):
+            raise CheckpointFormatError(
+                f"{path} is a PyTorch pickle, not safetensors, despite its name: rename it to .ckpt and pass "
+                "allow_pickle=True (--allow-pickle) only if you trust its source"
+            )
+        raise CheckpointFormatError(_not_weights_message(path, kind))
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(header_len)
+    if len(raw) < header_len:
+        raise CheckpointFormatError(
+            f"{path} is truncated: its safetensors header needs {header_len} bytes, the file has {size}; download it again"
+        )
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointFormatError(f"{path}: corrupt safetensors header ({error}); download it again") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - header_len
+    try:
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointFormatError(f"{path}: corrupt safetensors header (bad tensor entries); download it again") from None
+    if end > data_bytes:
+        raise CheckpointFormatError(
+            f"{path} is truncated: its header describes {end} bytes of tensor data but the file holds {data_bytes} "
+            f"({size} bytes in all); download it again"
+        )
+    return header, metadata
+
+
+def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict:
+    """Load a single-file state dict (tensors on the CPU), refusing pickles unless allowed.
+
+    Args:
+        path: a `.safetensors` file, or a `.ckpt` / `.bin` / `.pt` / `.pth` pickle.
+        allow_pickle: read pickles with `torch.load(weights_only=True)` (tensors and plain
+            containers only; no arbitrary code). Off by default: pickles are refused.
+
+    Returns:
+        dict[str, torch.Tensor]; a checkpoint nesting its weights under "state_dict" is unwrapped.
+
+    Raises:
+        PickleRefusedError: a pickle and `allow_pickle` is False.
+        CheckpointFormatError: not weights (HTML, git-lfs pointer, JSON, empty), truncated or corrupt.
+        FileNotFoundError: no such file.
+    """
+    import torch
+
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        read_safetensors_header(path)  # truncation and header checks with a clear message
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as error:
+            raise CheckpointFormatError(f"{path}: corrupt safetensors file ({error}); download it again") from None
+    if kind in ("pickle", "pickle-zip"):
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{path} is a pickle checkpoint, which can run code when loaded: refused. Use a .safetensors "
+                "version of it, or pass allow_pickle=True (CLI --allow-pickle) if you trust its source"
+            )
+        logger.warning("loading pickle %s with torch.load(weights_only=True) (allow_pickle=True)", path)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
+            raise CheckpointFormatError(
+                f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}); the file is corrupt "
+                "or holds more than tensors (convert it to safetensors in a sandbox)"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointFormatError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    raise CheckpointFormatError(_not_weights_message(path, kind))
+
+
+def state_dict_keys(path: str | Path, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a safetensors header when possible (no tensor is loaded).
+
+    Raises the errors of `load_state_dict`.
+    """
+    path = Path(path)
+    if sniff(path) == "safetensors":
+        header, _ = read_safetensors_header(path)
+        return {key: tuple(info["shape"]) for key, info in header.items()}
+    return {key: tuple(value.shape) for key, value in load_state_dict(path, allow_pickle=allow_pickle).items()}

@@ -1,0 +1,53 @@
+"""`finextract zoo build --out DIR [--seed N] [--trained]`: write the tiny model zoo; `zoo path`: print
+the committed trained zoo's folder.
+
+Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): about 20-30 minutes
+on 2 CPU cores; its output is what ships in `finextract/zoo_weights/`.
+"""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("zoo", help="build tiny Stable-Diffusion-format models for tests and demos")
+    actions = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build", help="write a base pipeline and fine-tunes in every supported format (DreamBooth, LoRA x3)"
+    )
+    build.add_argument("--out", required=True, help="folder to write (created if missing)")
+    build.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
+    build.add_argument("--trained", action="store_true",
+                       help="train the tiny base, DreamBooth and LoRA models on real photographs (~20-30 min)")
+    build.add_argument("--cache", default=None,
+                       help="--trained: folder keeping the trained VAE and base, reused when their recipe matches")
+    build.set_defaults(func=run)
+    path = actions.add_parser("path", help="print the folder of the committed trained zoo")
+    path.set_defaults(func=run_path)
+
+
+def run_path(args) -> int:
+    from finextract.trained_zoo import default_zoo_folder
+
+    folder = default_zoo_folder()
+    if not (folder / "base" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no trained zoo; build one with `finextract zoo build --trained --out DIR`")
+    print(folder)
+    return 0
+
+
+def run(args) -> int:
+    import logging
+    import time
+
+    from finextract.runtime import set_threads
+    from finextract.zoo import build_zoo
+
+    set_threads()
+    start = time.perf_counter()
+    if args.trained:
+        from finextract.trained_zoo import TrainedZooRecipe, build_trained_zoo
+
+        out = build_trained_zoo(args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache)
+    else:
+        out = build_zoo(args.out, seed=args.seed)
+    logging.getLogger("finextract").info("zoo written to %s in %.1f s", out, time.perf_counter() - start)
+    return 0

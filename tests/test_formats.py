@@ -1,0 +1,118 @@
+"""Sniffing and safe reading of checkpoint files (engine/formats.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finextract.engine.formats import (
+    CheckpointFormatError, PickleRefusedError, load_state_dict, read_safetensors_header, sniff, state_dict_keys,
+)
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4c7f2a1d0e9b8c7a6f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0987\nsize 3438167536\n"
+)
+HTML_PAGE = "<!DOCTYPE html>\n<html><head><title>Sign in - Hugging Face</title></head><body>login</body></html>\n"
+
+
+@pytest.fixture
+def tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {"conv_in.weight": torch.randn(8, 4, 3, 3, generator=generator), "conv_in.bias": torch.randn(8, generator=generator)}
+
+
+@pytest.fixture
+def good(tmp_path, tensors):
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def test_sniff_says_what_each_file_is(tmp_path, good, tensors):
+    files = {
+        "html.safetensors": HTML_PAGE, "lfs.safetensors": LFS_POINTER, "error.safetensors": '{"error": "gated repo"}',
+        "empty.safetensors": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    torch.save(tensors, tmp_path / "model.ckpt")
+    assert sniff(good) == "safetensors"
+    assert sniff(tmp_path / "model.ckpt") == "pickle-zip"
+    assert sniff(tmp_path / "html.safetensors") == "html"
+    assert sniff(tmp_path / "lfs.safetensors") == "git-lfs"
+    assert sniff(tmp_path / "error.safetensors") == "json"
+    assert sniff(tmp_path / "empty.safetensors") == "empty"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sniff(tmp_path / "missing.safetensors")
+
+
+def test_safetensors_round_trip_and_header(good, tensors):
+    loaded = load_state_dict(good)
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(loaded[key], value)
+    header, _ = read_safetensors_header(good)
+    assert header["conv_in.weight"]["shape"] == [8, 4, 3, 3]
+    assert state_dict_keys(good) == {"conv_in.weight": (8, 4, 3, 3), "conv_in.bias": (8,)}
+
+
+def test_html_page_is_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text(HTML_PAGE)
+    with pytest.raises(CheckpointFormatError, match=r"is an HTML page .*not weights"):
+        load_state_dict(path)
+
+
+def test_git_lfs_pointer_is_named_with_the_real_size(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text(LFS_POINTER)
+    with pytest.raises(CheckpointFormatError, match=r"git-lfs pointer .*3438167536 bytes.*git lfs pull"):
+        load_state_dict(path)
+
+
+def test_truncated_safetensors_is_named(tmp_path, good):
+    data = good.read_bytes()
+    for cut in (len(data) - 100, 20):  # tensor data missing; header itself cut
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointFormatError, match="is truncated"):
+            load_state_dict(path)
+
+
+def test_corrupt_header_is_named(tmp_path, good):
+    data = bytearray(good.read_bytes())
+    data[9:20] = b"\xff" * 11  # inside the JSON header
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="corrupt safetensors header"):
+        load_state_dict(path)
+
+
+def test_pickle_refused_unless_allowed(tmp_path, tensors):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tensors, "global_step": 10}, path)
+    with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
+        load_state_dict(path)
+    loaded = load_state_dict(path, allow_pickle=True)  # nested "state_dict" unwrapped
+    assert set(loaded) == set(tensors) and torch.equal(loaded["conv_in.weight"], tensors["conv_in.weight"])
+
+
+class _Payload:  # an object weights_only unpickling must refuse
+    pass
+
+
+def test_allowed_pickle_still_refuses_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Payload()}, path)
+    with pytest.raises(CheckpointFormatError, match="weights_only=True"):
+        load_state_dict(path, allow_pickle=True)
+
+
+def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
+    path = tmp_path / "model.safetensors"
+    torch.save(tensors, path)
+    with pytest.raises(CheckpointFormatError, match="is a PyTorch pickle"):
+        read_safetensors_header(path)
+    with pytest.raises(PickleRefusedError):
+        load_state_dict(path)

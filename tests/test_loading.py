@@ -1,0 +1,263 @@
+"""`load_model_pair` on every zoo format: same weights as the source files, same LoRA adapters,
+and clear errors for mismatches, pickles, non-weights files and unmatched LoRA keys."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
+from finextract.engine.loading import load_model_pair
+from finextract.engine.lora_formats import LoRAKeyError, read_lora
+from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
+
+
+def _assert_same(model, file):
+    expected = load_file(str(file))
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+def _delta(layer):
+    return layer.scale * layer.up.flatten(1) @ layer.down.flatten(1)
+
+
+@pytest.fixture(scope="module")
+def base_weights(tiny_zoo):
+    return tiny_zoo / "base/unet/diffusion_pytorch_model.safetensors", tiny_zoo / "base/text_encoder/model.safetensors"
+
+
+@pytest.mark.parametrize("name, text_from", [
+    ("dreambooth", "dreambooth"), ("dreambooth_unet", "dreambooth_unet"),
+    ("dreambooth_unet_only", None), ("dreambooth_unet.safetensors", None),
+])
+def test_dreambooth_formats_load_source_weights(tiny_zoo, base_weights, name, text_from):
+    pair = load_model_pair(tiny_zoo / "base", tiny_zoo / name)
+    assert pair.kind == "dreambooth" and pair.unet_lora is None
+    _assert_same(pair.base_unet, base_weights[0])
+    _assert_same(pair.base_text_encoder, base_weights[1])
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth/unet/diffusion_pytorch_model.safetensors")
+    if text_from is None:
+        assert pair.finetuned_text_encoder is pair.base_text_encoder
+        assert pair.sources["text_encoder"] == "base"
+    else:
+        _assert_same(pair.finetuned_text_encoder, tiny_zoo / text_from / "text_encoder/model.safetensors")
+        assert pair.sources["text_encoder"] == "finetuned"
+    assert pair.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert pair.tokenizer("a").input_ids[0] == pair.tokenizer.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def source_lora(tiny_zoo):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_zoo / "base/unet"))
+    text_encoder = CLIPTextModel.from_pretrained(str(tiny_zoo / "base/text_encoder"))
+    return zoo_lora(unet, text_encoder, seed=2000)  # what build_zoo(seed=0) wrote
+
+
+@pytest.mark.parametrize("name, fmt", [
+    ("lora", "lora_diffusers"), ("lora/pytorch_lora_weights.safetensors", "lora_diffusers"),
+    ("lora_peft", "lora_peft"), ("lora_kohya.safetensors", "lora_kohya"),
+])
+def test_lora_formats_yield_the_same_adapters(tiny_zoo, base_weights, source_lora, name, fmt):
+    unet_source, text_source = source_lora
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / name)
+    assert pair.kind == "lora" and pair.finetuned_unet is None and pair.sources["finetuned_format"] == fmt
+    _assert_same(pair.base_unet, base_weights[0])  # adapters are not merged into the UNet
+    assert set(pair.unet_lora) == set(unet_source)
+    for module, layer in unet_source.items():
+        assert pair.unet_lora[module].rank == layer.rank
+        assert torch.allclose(_delta(pair.unet_lora[module]), _delta(layer), atol=1e-7), module
+    counts = pair.sources["lora_counts"]
+    assert counts["unet"]["modules"] == len(unet_source) and counts["text_encoder"]["modules"] == len(text_source)
+    expected_assumed = [f"unet:{LORA_NO_ALPHA_MODULE}"] if fmt == "lora_kohya" else []
+    assert pair.sources["lora_alpha_assumed"] == expected_assumed
+    # the text-encoder LoRA is merged into a copy: exactly the named layers change, by their delta
+    base_state = pair.base_text_encoder.state_dict()
+    tuned_state = pair.finetuned_text_encoder.state_dict()
+    changed = {k for k in base_state if not torch.equal(base_state[k], tuned_state[k])}
+    assert changed == {f"{module}.weight" for module in text_source}
+    for module, layer in text_source.items():
+        delta = tuned_state[f"{module}.weight"] - base_state[f"{module}.weight"]
+        assert torch.allclose(delta, _delta(layer), atol=1e-6), module
+
+
+def test_lora_changes_exactly_the_named_unet_layers(tiny_zoo, source_lora):
+    import copy
+
+    from finextract.engine.lora import merge_lora
+
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_kohya.safetensors")
+    merged = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
+    base_state = pair.base_unet.state_dict()
+    changed = {k for k in base_state if not torch.equal(base_state[k], merged[k])}
+    assert changed == {f"{module}.weight" for module in source_lora[0]}
+
+
+def test_lora_matches_diffusers_own_loader(tiny_zoo):
+    """Our reading (ranks, alphas, names), merged, equals diffusers' load_lora_into_unet + fuse_lora."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from finextract.engine.lora import merge_lora
+
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
+    ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
+    # UNet part only: diffusers 0.42 cannot place `text_model.`-named text-encoder LoRA keys on
+    # transformers 5's CLIP modules (which lost that prefix); our reader maps them (tested above).
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(tiny_zoo / "lora"), return_lora_metadata=True)
+    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
+    StableDiffusionPipeline.load_lora_into_unet(unet_state, alphas, pipeline.unet, metadata=metadata)
+    pipeline.unet.fuse_lora()
+    theirs = pipeline.unet.state_dict()  # fused weights stay in PEFT's `base_layer`
+    for module in pair.unet_lora:
+        fused = theirs[f"{module}.base_layer.weight"]
+        assert not torch.equal(fused, pair.base_unet.state_dict()[f"{module}.weight"])
+        assert torch.allclose(ours[f"{module}.weight"], fused, atol=1e-6), module
+
+
+def test_lora_matches_peft_merge(tiny_zoo):
+    import copy
+
+    from peft import PeftModel
+
+    from finextract.engine.lora import merge_lora
+
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft")
+    ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
+    theirs = PeftModel.from_pretrained(copy.deepcopy(pair.base_unet), str(tiny_zoo / "lora_peft")).merge_and_unload()
+    theirs = theirs.state_dict()
+    for module in pair.unet_lora:
+        assert torch.allclose(ours[f"{module}.weight"], theirs[f"{module}.weight"], atol=1e-6), module
+
+
+def test_dtype_and_explicit_format(tiny_zoo):
+    pair = load_model_pair(tiny_zoo / "base", tiny_zoo / "lora_kohya.safetensors", finetuned_format="lora_kohya",
+                           dtype="fp16")
+    assert pair.base_unet.dtype == torch.float16 and pair.finetuned_text_encoder.dtype == torch.float16
+    assert all(layer.up.dtype == torch.float16 for layer in pair.unet_lora.values())
+    with pytest.raises(ValueError, match="expected a LoRA checkpoint"):
+        load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="lora")
+    with pytest.raises(ValueError, match="finetuned_format 'nope'"):
+        load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="nope")
+    with pytest.raises(ValueError, match="not both"):
+        load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", lora=tiny_zoo / "lora")
+
+
+# --- errors ---
+
+def test_cross_attention_dim_mismatch_is_named(tiny_zoo, tmp_path):
+    other = tmp_path / "sd2_unet"
+    shutil.copytree(tiny_zoo / "dreambooth_unet_only", other)
+    config = json.loads((other / "unet/config.json").read_text())
+    config["cross_attention_dim"] = 1024
+    (other / "unet/config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fine-tuned UNet has cross_attention_dim 1024, base has 32: is the base SD 2\.x\?"):
+        load_model_pair(tiny_zoo / "base", other)
+
+
+def test_state_dict_mismatch_is_named(tiny_zoo, tmp_path):
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    state.pop("conv_out.bias")
+    state["conv_in.weight"] = state["conv_in.weight"][:16].contiguous()
+    path = tmp_path / "unet.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"1 base tensor\(s\) missing, e.g. \['conv_out.bias'\].*conv_in.weight \(16, 4, 3, 3\) vs base \(32, 4, 3, 3\)"):
+        load_model_pair(tiny_zoo / "base", path)
+
+
+def test_pickle_unet_refused_unless_allowed(tiny_zoo, tmp_path):
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    path = tmp_path / "unet.ckpt"
+    torch.save(state, path)
+    with pytest.raises(PickleRefusedError, match="--allow-pickle"):
+        load_model_pair(tiny_zoo / "base", path)
+    pair = load_model_pair(tiny_zoo / "base", path, allow_pickle=True)
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth_unet.safetensors")
+
+
+def test_non_weights_files_are_named(tiny_zoo, tmp_path):
+    html = tmp_path / "model.safetensors"
+    html.write_text("<!DOCTYPE html><html><title>404</title></html>")
+    with pytest.raises(CheckpointFormatError, match="HTML page"):
+        load_model_pair(tiny_zoo / "base", html)
+    base = tmp_path / "base_clone"  # a git clone without git-lfs: pointers instead of weights
+    shutil.copytree(tiny_zoo / "base", base)
+    (base / "unet/diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 3438167536\n")
+    with pytest.raises(CheckpointFormatError, match="git-lfs pointer"):
+        load_model_pair(base, tiny_zoo / "dreambooth")
+
+
+def test_truncated_finetune_is_named(tiny_zoo, tmp_path):
+    data = (tiny_zoo / "dreambooth_unet.safetensors").read_bytes()
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match="is truncated"):
+        load_model_pair(tiny_zoo / "base", path)
+
+
+def test_unmatched_lora_key_is_named(tiny_zoo, tmp_path):
+    state = load_file(str(tiny_zoo / "lora_kohya.safetensors"))
+    state["lora_unet_down_blocks_0_resnets_0_nonexistent.lora_down.weight"] = torch.zeros(4, 32)
+    state["lora_unet_down_blocks_0_resnets_0_nonexistent.lora_up.weight"] = torch.zeros(32, 4)
+    path = tmp_path / "kohya.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(LoRAKeyError, match=r"2 of 97 unet LoRA keys match no .*lora_unet_down_blocks_0_resnets_0_nonexistent"):
+        load_model_pair(tiny_zoo / "base", lora=path)
+    state = load_file(str(tiny_zoo / "lora/pytorch_lora_weights.safetensors"))
+    state["text_encoder.text_model.encoder.layers.7.mlp.fc1.lora_A.weight"] = torch.zeros(4, 32)
+    state["text_encoder.text_model.encoder.layers.7.mlp.fc1.lora_B.weight"] = torch.zeros(64, 4)
+    folder = tmp_path / "diffusers_lora"
+    folder.mkdir()
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(LoRAKeyError, match=r"text_encoder LoRA keys match no .*layers.7.mlp.fc1"):
+        load_model_pair(tiny_zoo / "base", lora=folder)
+
+
+def test_lora_shape_mismatch_is_named(tiny_zoo, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    state = load_file(str(tiny_zoo / "lora_kohya.safetensors"))
+    key = next(k for k in state if k.startswith("lora_unet_") and k.endswith("attn2_to_k.lora_down.weight"))
+    state[key] = torch.zeros(state[key].shape[0], 1024)  # an SD 2.x text width
+    path = tmp_path / "kohya.safetensors"
+    save_file(state, str(path))
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_zoo / "base/unet"))
+    text_encoder = CLIPTextModel.from_pretrained(str(tiny_zoo / "base/text_encoder"))
+    with pytest.raises(LoRAKeyError, match="trained for another base model"):
+        read_lora(path, unet, text_encoder)
+
+
+def test_hub_id_resolves_only_from_local_cache(tiny_zoo, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny--sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_zoo / "base", snapshot)
+    (cache / "models--tiny--sd" / "refs").mkdir()
+    (cache / "models--tiny--sd" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pair = load_model_pair("tiny/sd", tiny_zoo / "dreambooth_unet_only")
+    assert pair.sources["base_format"] == "hub-cache"
+    _assert_same(pair.base_unet, tiny_zoo / "base/unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="offline: not in the local Hugging Face cache"):
+        load_model_pair("runwayml/stable-diffusion-v1-5", tiny_zoo / "dreambooth")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_model_pair(tmp_path / "nothing_here", tiny_zoo / "dreambooth")
+
+
+def test_single_file_base_without_config_fails_clearly(tiny_zoo):
+    with pytest.raises(RuntimeError, match="base_config"):
+        load_model_pair(tiny_zoo / "dreambooth_unet.safetensors", tiny_zoo / "lora")

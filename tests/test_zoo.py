@@ -1,0 +1,78 @@
+"""The tiny model zoo: layout, determinism, loadability, the `finextract zoo build` command."""
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from finextract.zoo import LORA_NO_ALPHA_MODULE, ZOO_CAPTION
+
+LAYOUT = (
+    "base/model_index.json", "base/unet/diffusion_pytorch_model.safetensors", "base/vae/config.json",
+    "base/text_encoder/model.safetensors", "base/tokenizer/vocab.json", "base/scheduler/scheduler_config.json",
+    "dreambooth/model_index.json", "dreambooth/unet/config.json", "dreambooth/text_encoder/model.safetensors",
+    "dreambooth_unet/unet/diffusion_pytorch_model.safetensors", "dreambooth_unet/text_encoder/model.safetensors",
+    "dreambooth_unet_only/unet/diffusion_pytorch_model.safetensors", "dreambooth_unet.safetensors",
+    "lora/pytorch_lora_weights.safetensors", "lora_peft/adapter_config.json", "lora_peft/adapter_model.safetensors",
+    "lora_peft/text_encoder/adapter_config.json", "lora_kohya.safetensors", "caption.txt",
+)
+
+
+def test_layout(tiny_zoo):
+    missing = [name for name in LAYOUT if not (tiny_zoo / name).is_file()]
+    assert missing == []
+    assert not (tiny_zoo / "dreambooth_unet_only" / "text_encoder").exists()
+    assert (tiny_zoo / "caption.txt").read_text().strip() == ZOO_CAPTION
+
+
+def test_finetune_differs_from_base_everywhere(tiny_zoo):
+    base = load_file(str(tiny_zoo / "base/unet/diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    assert set(base) == set(tuned)
+    assert all(not torch.equal(base[k], tuned[k]) for k in base)
+    # a small perturbation, not a different model
+    relative = [((tuned[k] - base[k]).norm() / base[k].norm()).item() for k in base if base[k].norm() > 0]
+    assert max(relative) < 0.2
+
+
+def test_kohya_file_has_alphas_but_one(tiny_zoo):
+    keys = load_file(str(tiny_zoo / "lora_kohya.safetensors"))
+    downs = [k for k in keys if k.endswith(".lora_down.weight")]
+    alphas = [k for k in keys if k.endswith(".alpha")]
+    assert len(alphas) == len(downs) - 1
+    assert "lora_unet_" + LORA_NO_ALPHA_MODULE.replace(".", "_") + ".alpha" not in keys
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in keys)
+
+
+def test_base_runs_in_stable_diffusion_pipeline(tiny_zoo):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(ZOO_CAPTION, num_inference_steps=2, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and image.min() >= 0 and image.max() <= 1
+
+
+def test_cli_build_is_deterministic(tiny_zoo, tmp_path):
+    from finextract.cli import main
+
+    assert main(["zoo", "build", "--out", str(tmp_path / "again"), "--seed", "0"]) == 0
+    for name in ("dreambooth_unet.safetensors", "lora_kohya.safetensors", "lora/pytorch_lora_weights.safetensors",
+                 "lora_peft/adapter_model.safetensors", "base/text_encoder/model.safetensors"):
+        again, first = tmp_path / "again" / name, tiny_zoo / name
+        a, b = load_file(str(again)), load_file(str(first))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+        # safetensors orders metadata entries freely, so bytes may differ where metadata has 2+ entries
+        assert safe_open(str(again), "pt").metadata() == safe_open(str(first), "pt").metadata(), name
+
+
+def test_seed_changes_weights():
+    from finextract.zoo import tiny_components, zoo_lora
+
+    a, b = tiny_components(seed=0), tiny_components(seed=1)
+    assert not torch.equal(a["unet"].conv_in.weight, b["unet"].conv_in.weight)
+    lora_a, _ = zoo_lora(a["unet"], a["text_encoder"], seed=0)
+    lora_b, _ = zoo_lora(a["unet"], a["text_encoder"], seed=1)
+    name = next(iter(lora_a))
+    assert not torch.equal(lora_a[name].down, lora_b[name].down)
