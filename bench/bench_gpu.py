@@ -1,0 +1,277 @@
+"""GPU benchmarks at Stable Diffusion 1.x size (SPEC section 6), each against the plain diffusers way.
+
+Run on a CUDA machine (bench/device_check.sh does it):
+
+    python -m pytest bench/bench_gpu.py -q --benchmark-enable --benchmark-json=bench/results/gpu.json
+
+- UNet steps: a randomly initialised `UNet2DConditionModel` with the SD 1.x config, fp16, batch 8/16/32,
+  FineXtract on a DreamBooth pair (two UNets) and CFG (one UNet on a 2B batch), through the project's
+  `TorchBackend` and `GraphedDDIMLoop` (one CUDA graph per step: both UNet calls + the fused kernel).
+  Step latency, images/s (50 steps, UNet + update only), model FLOP utilisation from 0.89 TFLOP per
+  image per UNet evaluation against 790 TFLOP/s (the H200's measured dense fp16/bf16 rate), and peak
+  `torch.cuda.max_memory_allocated`.
+- The plain diffusers way in the same run: two fp32 UNets called one after the other per step,
+  batch 5, eager, with diffusers' `DDIMScheduler.step` (as the paper's released code does).
+- SSCD-shaped descriptors: a ResNet-50 trunk (transformers' `ResNetModel`, random weights) with GeM
+  pooling and a 512-d projection, fp16, 224x224 uint8 input normalised on the device.
+- Similarity matrix (on the GPU) and clique clustering for N = 500 and 5,000 planted descriptors.
+
+Each benchmark also stores its derived numbers in `benchmark.extra_info` and in a summary JSON
+(`$FINEXTRACT_BENCH_OUT/gpu_summary.json`, default bench/results/) that device_check.sh prints.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here (run bench/device_check.sh on one)"),
+]
+
+SD1_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+TFLOP_PER_IMAGE_EVAL = 0.89  # SD 1.x UNet at 512x512 (64x64 latents), SPEC section 6
+PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))  # H200 dense fp16/bf16, measured
+STEPS = 50
+TEXT_TOKENS = 77
+BATCHES = [int(b) for b in os.environ.get("FINEXTRACT_BENCH_BATCHES", "8,16,32").split(",")]
+ROUNDS = int(os.environ.get("FINEXTRACT_BENCH_ROUNDS", "5"))
+SUMMARY: dict[str, dict] = {}
+
+
+def _out_dir() -> Path:
+    folder = Path(os.environ.get("FINEXTRACT_BENCH_OUT") or Path(__file__).with_name("results"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_summary():
+    yield
+    if SUMMARY:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        payload = {"device": device, "torch": torch.__version__, "peak_tflops": PEAK_TFLOPS, "results": SUMMARY}
+        (_out_dir() / "gpu_summary.json").write_text(json.dumps(payload, indent=2))
+
+
+def _record(benchmark, name: str, **numbers) -> None:
+    numbers = {key: (round(value, 4) if isinstance(value, float) else value) for key, value in numbers.items()}
+    benchmark.extra_info.update(numbers)
+    SUMMARY[name] = numbers
+
+
+def _synchronized(fn):
+    def call():
+        fn()
+        torch.cuda.synchronize()
+    return call
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- models --
+
+def sd1_unet(dtype: torch.dtype, seed: int = 0):
+    """A random SD 1.x-sized UNet built directly on the GPU (random init on the CPU takes minutes)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**SD1_UNET_CONFIG)
+    return unet.to(dtype=dtype).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    from diffusers import DDIMScheduler
+
+    from finextract.zoo import SD1_SCHEDULER_CONFIG
+
+    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(STEPS)
+    step = scheduler.config.num_train_timesteps // STEPS
+    timesteps = [int(t) for t in scheduler.timesteps]
+    alphas = scheduler.alphas_cumprod
+    a_t = [float(alphas[t]) for t in timesteps]
+    a_prev = [float(alphas[t - step]) if t - step >= 0 else float(scheduler.final_alpha_cumprod) for t in timesteps]
+    return SimpleNamespace(scheduler=scheduler, timesteps=timesteps, a_t=a_t, a_prev=a_prev)
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """The fine-tuned UNet (CFG uses it alone) and, created lazily, the base UNet for FineXtract."""
+    from finextract.engine.cuda_graph import prepare_unet_for_cuda
+
+    finetuned = prepare_unet_for_cuda(sd1_unet(torch.float16, seed=1), torch.float16, channels_last=True)
+    holder = SimpleNamespace(finetuned=finetuned, base=None)
+    yield holder
+    holder.finetuned = holder.base = None
+    _free()
+
+
+def _backend(method: str, unet_ft, unet_base):
+    """The project's TorchBackend on a duck-typed DreamBooth pair with random (1, 77, 768) embeddings."""
+    from finextract.engine.backends.torch_backend import TorchBackend
+    from finextract.rules import rule_for
+
+    pair = SimpleNamespace(kind="dreambooth", base_unet=unet_base if unet_base is not None else unet_ft,
+                           finetuned_unet=unet_ft, unet_lora=None)
+    rule = rule_for(method, "dreambooth")
+    generator = torch.Generator().manual_seed(0)
+    embeddings = {term.key: torch.randn(1, TEXT_TOKENS, 768, generator=generator).to("cuda", torch.float16)
+                  for term in rule.terms}
+    return TorchBackend(pair, rule, embeddings, device="cuda", dtype=torch.float16)
+
+
+def _step_bench(benchmark, schedule, unets, method: str, batch: int) -> None:
+    from finextract.engine.cuda_graph import GraphedDDIMLoop
+
+    if method == "finextract" and unets.base is None:
+        unets.base = copy.deepcopy(unets.finetuned)  # same cost as a real fine-tune's second UNet
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    backend = _backend(method, unets.finetuned, unets.base if method == "finextract" else None)
+    loop = GraphedDDIMLoop(backend, (batch, 4, 64, 64), schedule.timesteps, schedule.a_t, schedule.a_prev,
+                           dtype=torch.float16, device="cuda")
+    x_T = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
+    loop.run(x_T)  # warm-up, capture and one full 50-step generation
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    x_0 = loop.run(x_T)  # a whole generation as a user runs it: 50 replays, host loop included
+    torch.cuda.synchronize()
+    generation_s = time.perf_counter() - start
+    finite = bool(torch.isfinite(x_0).all())
+
+    def one_step():
+        loop._load_step(STEPS // 2)
+        if loop.graph is not None:
+            loop.graph.replay()
+        else:
+            loop._step()
+
+    benchmark.pedantic(_synchronized(one_step), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    step_s = benchmark.stats.stats.median
+    evaluations = batch * 2  # two UNet image-evaluations per image per step (FineXtract and CFG alike)
+    _record(benchmark, f"{method}_b{batch}", method=method, batch=batch, mode=loop.mode,
+            kernel=loop.use_kernel, step_ms=step_s * 1e3, images_per_s=batch / (STEPS * step_s),
+            s_per_image=STEPS * step_s / batch, generation_s=generation_s, mfu=evaluations * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
+            peak_gb=torch.cuda.max_memory_allocated() / 1e9, finite=finite)
+    del loop, backend
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_cfg_step(benchmark, schedule, unets, batch):
+    _step_bench(benchmark, schedule, unets, "cfg", batch)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_finextract_step(benchmark, schedule, unets, batch):
+    _step_bench(benchmark, schedule, unets, "finextract", batch)
+
+
+def test_plain_diffusers_step(benchmark, schedule, unets):
+    """The paper code's way: fp32 UNets, batch 5, two sequential UNet calls, then DDIMScheduler.step."""
+    unets.finetuned = unets.base = None  # free the fp16 models: the baseline holds two fp32 ones
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    unet_ft, unet_base = sd1_unet(torch.float32, seed=1), sd1_unet(torch.float32, seed=2)
+    batch, w, k = 5, 3.0, -0.02
+    generator = torch.Generator().manual_seed(0)
+    text_c, text_empty = (torch.randn(batch, TEXT_TOKENS, 768, generator=generator).cuda() for _ in range(2))
+    x_t = torch.randn(batch, 4, 64, 64, generator=generator).cuda()
+    t = schedule.scheduler.timesteps[STEPS // 2]
+
+    @torch.no_grad()
+    def one_step():
+        eps_ft = unet_ft(x_t, t, encoder_hidden_states=text_c).sample
+        eps_base = unet_base(x_t, t, encoder_hidden_states=text_empty).sample
+        eps = eps_ft + (w - 1) * (eps_ft - eps_base) + k * eps_base  # Eq. 13
+        return schedule.scheduler.step(eps, t, x_t, eta=0.0).prev_sample
+
+    benchmark.pedantic(_synchronized(one_step), rounds=max(3, ROUNDS // 2), iterations=1, warmup_rounds=1)
+    step_s = benchmark.stats.stats.median
+    _record(benchmark, "plain_diffusers_b5", method="finextract (plain diffusers, fp32)", batch=batch, mode="eager",
+            step_ms=step_s * 1e3, images_per_s=batch / (STEPS * step_s), s_per_image=STEPS * step_s / batch,
+            mfu=2 * batch * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    del unet_ft, unet_base
+    _free()
+
+
+# ------------------------------------------------------------------------------ SSCD-shaped --
+
+class SSCDShaped(torch.nn.Module):
+    """ResNet-50 trunk + GeM pooling (p = 3) + 512-d projection + L2 norm: SSCD's disc architecture."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import ResNetConfig, ResNetModel
+
+        self.trunk = ResNetModel(ResNetConfig())  # the default config is ResNet-50
+        self.projection = torch.nn.Linear(2048, 512)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        x = images_uint8_nhwc.permute(0, 3, 1, 2).to(self.mean.dtype)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        features = self.trunk(x).last_hidden_state.float()
+        pooled = features.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)  # GeM
+        return torch.nn.functional.normalize(self.projection(pooled.to(self.projection.weight.dtype)).float(), dim=1)
+
+
+def test_sscd_shaped_descriptor_throughput(benchmark):
+    _free()
+    batch = 256
+    model = SSCDShaped().to("cuda", torch.float16).eval().to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    with torch.no_grad():
+        descriptors = model(images)
+        benchmark.pedantic(_synchronized(lambda: model(images)), rounds=ROUNDS, iterations=1, warmup_rounds=2)
+    step_s = benchmark.stats.stats.median
+    norms = descriptors.norm(dim=1)
+    _record(benchmark, "sscd_shaped_b256", batch=batch, images_per_s=batch / step_s, ms_per_batch=step_s * 1e3,
+            unit_norm=bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)))
+    del model
+    _free()
+
+
+# ------------------------------------------------------------------- similarity + clustering --
+
+@pytest.mark.parametrize("n", [500, 5000])
+def test_similarity_and_clustering(benchmark, n):
+    from finextract.clustering import cluster_descriptors, planted_descriptors
+    from finextract.similarity import similarity_matrix
+
+    n0 = n // 50
+    descriptors, labels = planted_descriptors(n, n0, 10, seed=0)
+    on_gpu = torch.from_numpy(descriptors).cuda()
+    similarity_matrix(on_gpu)  # warm-up (cuBLAS handle)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        similarity_matrix(on_gpu)
+    torch.cuda.synchronize()
+    similarity_ms = (time.perf_counter() - start) / 10 * 1e3
+    result = benchmark.pedantic(lambda: cluster_descriptors(on_gpu, n0), rounds=1, iterations=1)
+    planted = {frozenset(map(int, (labels == c).nonzero()[0])) for c in range(n0)}
+    found = sum(1 for clique in result.cliques if frozenset(map(int, clique)) in planted)
+    _record(benchmark, f"clustering_n{n}", n=n, n0=n0, similarity_ms=similarity_ms,
+            clustering_s=benchmark.stats.stats.median, threshold=float(result.threshold),
+            planted_clusters_found=found, skipped_thresholds=len(result.skipped))

@@ -1,0 +1,148 @@
+// Guidance combination + DDIM (eta = 0) update in one elementwise pass.
+//
+//   eps    = coef_a * eps_a + coef_b * eps_b                       (the guidance rule, SPEC section 1)
+//   x_prev = sqrt(a_prev / a_t) * x_t
+//          + (sqrt(1 - a_prev) - sqrt(a_prev * (1 - a_t) / a_t)) * eps   (DDIM, Song et al. Eq. 12, eta = 0)
+//
+// The host folds the scalars into three weights (in double precision):
+//   w_x = sqrt(a_prev / a_t),  w_a = c_eps * coef_a,  w_b = c_eps * coef_b,
+// so each element costs three fused multiply-adds in fp32:  x_prev = w_x*x_t + w_a*eps_a + w_b*eps_b.
+// The weights come either as scalar arguments or, when `weights` is not null, from three floats in
+// device memory (w_x, w_a, w_b): a captured CUDA graph then replays every timestep with one graph,
+// the sampler writing the step's weights into that buffer on the device (no host synchronisation).
+//
+// Storage types: fp32, fp16, bf16 (one type for all four tensors); arithmetic in fp32.
+// Memory: every element is read once and written once, 16 bytes per thread per access on the aligned
+// body; a scalar head/tail covers unaligned starts and sizes that are not a multiple of the vector.
+// No CUDA headers are included so that the same source compiles under NVRTC (CuPy) and nvcc.
+//
+// Entry points (extern "C", looked up by name from finextract/kernels/cuda_guidance.py):
+//   guided_ddim_{f32,f16,bf16}     (out, x_t, eps_a, eps_b, n, head, n_vec, w_x, w_a, w_b, weights)
+//   guided_ddim_{f32,f16,bf16}_a   (out, x_t, eps_a,        n, head, n_vec, w_x, w_a, w_b, weights)
+//                                   the eps_b-absent variant (w_b unused)
+// `head`: elements before the first 16-byte-aligned one (the same for every pointer, else n_vec = 0);
+// `n_vec`: 16-byte vectors in the aligned body; elements [head + n_vec*VEC, n) form the tail.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+struct __align__(16) Vec16 { u32 w[4]; };
+
+// ---- scalar conversions (PTX for fp16; bf16 by bit arithmetic, round to nearest even) ----
+__device__ __forceinline__ float u16_half_to_float(u16 h) {
+    float f;
+    asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 float_to_half_u16(float f) {
+    u16 h;
+    asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float u16_bf16_to_float(u16 b) { return __uint_as_float(((u32)b) << 16); }
+__device__ __forceinline__ u16 float_to_bf16_u16(float f) {
+    u32 bits = __float_as_uint(f);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (u16)((bits >> 16) | 0x0040u);  // quiet NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (u16)(bits >> 16);
+}
+
+// ---- storage traits: scalar load/store and the 16-byte vector ----
+struct F32 {
+    typedef float T;
+    static const int VEC = 4;
+    __device__ static float load(const T* p, i64 i) { return p[i]; }
+    __device__ static void store(T* p, i64 i, float v) { p[i] = v; }
+    __device__ static float lane(const Vec16& v, int j) { return __uint_as_float(v.w[j]); }
+    __device__ static void set_lane(Vec16& v, int j, float f) { v.w[j] = __float_as_uint(f); }
+};
+struct F16 {
+    typedef u16 T;
+    static const int VEC = 8;
+    __device__ static float load(const T* p, i64 i) { return u16_half_to_float(p[i]); }
+    __device__ static void store(T* p, i64 i, float v) { p[i] = float_to_half_u16(v); }
+    __device__ static float lane(const Vec16& v, int j) { return u16_half_to_float((u16)(v.w[j >> 1] >> ((j & 1) * 16))); }
+    __device__ static void set_lane(Vec16& v, int j, float f) {
+        u32 h = float_to_half_u16(f), shift = (j & 1) * 16;
+        v.w[j >> 1] = (v.w[j >> 1] & ~(0xffffu << shift)) | (h << shift);
+    }
+};
+struct BF16 {
+    typedef u16 T;
+    static const int VEC = 8;
+    __device__ static float load(const T* p, i64 i) { return u16_bf16_to_float(p[i]); }
+    __device__ static void store(T* p, i64 i, float v) { p[i] = float_to_bf16_u16(v); }
+    __device__ static float lane(const Vec16& v, int j) { return u16_bf16_to_float((u16)(v.w[j >> 1] >> ((j & 1) * 16))); }
+    __device__ static void set_lane(Vec16& v, int j, float f) {
+        u32 b = float_to_bf16_u16(f), shift = (j & 1) * 16;
+        v.w[j >> 1] = (v.w[j >> 1] & ~(0xffffu << shift)) | (b << shift);
+    }
+};
+
+// One pass over n elements. HAS_B is a compile-time switch so the eps_b-absent variant reads 3 streams.
+template <class S, bool HAS_B>
+__device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out,
+                                                 const typename S::T* __restrict__ x_t,
+                                                 const typename S::T* __restrict__ eps_a,
+                                                 const typename S::T* __restrict__ eps_b,
+                                                 i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b,
+                                                 const float* __restrict__ weights) {
+    if (weights != 0) {  // uniform branch: every thread reads the same three floats (one cache line)
+        w_x = weights[0];
+        w_a = weights[1];
+        w_b = weights[2];
+    }
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+
+    // 1. aligned body: 16-byte loads of all inputs issued before any arithmetic
+    const Vec16* vx = reinterpret_cast<const Vec16*>(x_t + head);
+    const Vec16* va = reinterpret_cast<const Vec16*>(eps_a + head);
+    const Vec16* vb = reinterpret_cast<const Vec16*>(HAS_B ? eps_b + head : eps_a + head);
+    Vec16* vo = reinterpret_cast<Vec16*>(out + head);
+    for (i64 v = tid; v < n_vec; v += stride) {
+        const Vec16 x = vx[v];
+        const Vec16 a = va[v];
+        Vec16 b;
+        if (HAS_B) b = vb[v];
+        Vec16 r;
+#pragma unroll
+        for (int j = 0; j < S::VEC; ++j) {
+            float acc = w_x * S::lane(x, j);
+            acc = fmaf(w_a, S::lane(a, j), acc);
+            if (HAS_B) acc = fmaf(w_b, S::lane(b, j), acc);
+            S::set_lane(r, j, acc);
+        }
+        vo[v] = r;
+    }
+
+    // 2. scalar head [0, head) and tail [head + n_vec*VEC, n): at most 2*(VEC-1) elements, or all of
+    //    them when the pointers do not share one alignment (n_vec == 0, head == 0).
+    const i64 tail_start = head + n_vec * S::VEC;
+    const i64 n_scalar = head + (n - tail_start);
+    for (i64 s = tid; s < n_scalar; s += stride) {
+        const i64 i = s < head ? s : tail_start + (s - head);
+        float acc = w_x * S::load(x_t, i);
+        acc = fmaf(w_a, S::load(eps_a, i), acc);
+        if (HAS_B) acc = fmaf(w_b, S::load(eps_b, i), acc);
+        S::store(out, i, acc);
+    }
+}
+
+#define GUIDED_DDIM_ENTRY(NAME, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                               \
+        S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
+        const S::T* __restrict__ eps_b, i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b,       \
+        const float* __restrict__ weights) {                                                               \
+        guided_ddim_body<S, true>(out, x_t, eps_a, eps_b, n, head, n_vec, w_x, w_a, w_b, weights);         \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_a(                                           \
+        S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
+        i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b, const float* __restrict__ weights) {   \
+        guided_ddim_body<S, false>(out, x_t, eps_a, (const S::T*)0, n, head, n_vec, w_x, w_a, w_b, weights); \
+    }
+
+GUIDED_DDIM_ENTRY(guided_ddim_f32, F32)
+GUIDED_DDIM_ENTRY(guided_ddim_f16, F16)
+GUIDED_DDIM_ENTRY(guided_ddim_bf16, BF16)
