@@ -25,7 +25,10 @@ _EXPORTS = {
     "cluster_descriptors": "finextract.clustering",
     "ClusteringResult": "finextract.clustering",
     "extraction_metrics": "finextract.metrics",
+    "load_embedder": "finextract.sscd",
     "Extractor": "finextract.extract",
+    "finetune": "finextract.finetune",
+    "build_trained_zoo": "finextract.trained_zoo",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

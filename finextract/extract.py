@@ -1,0 +1,254 @@
+"""The `Extractor` API: load -> generate -> embed (SSCD) -> cluster -> (evaluate) -> write the output folder.
+
+Output folder (SPEC section 3): `extracted/` (N0 PNGs), optional `generated/` (N PNGs), `result.json`,
+`report.html`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finextract.clustering import DEFAULT_BUDGET, ClusteringResult, cluster_descriptors
+
+logger = logging.getLogger(__name__)
+
+#: The paper generates N = 50 x N0 images.
+IMAGES_PER_N0 = 50
+
+
+@dataclass
+class ExtractionResult:
+    """What `Extractor.extract` (or `cluster_images`) found.
+
+    Attributes:
+        images: uint8 (N0, H, W, 3) ndarray, the extracted images (clique representatives).
+        indices: their indices into the generated images (length N0).
+        cliques: N0 index lists into the generated images, largest first.
+        threshold: the clustering threshold. timings: seconds per stage. config: everything that
+        changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
+        metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
+        clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
+    """
+
+    images: np.ndarray
+    indices: list[int]
+    cliques: list[list[int]]
+    threshold: float
+    timings: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    metrics: dict | None = None
+    clustering: ClusteringResult | None = None
+    num_degenerate: int = 0
+
+
+def embed_images(embedder, images, batch_size: int = 32):
+    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import torch
+
+    if not isinstance(images, list):
+        return embedder.embed(images, batch_size=batch_size)
+    out = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for idx in by_shape.values():
+        descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
+        for i, d in zip(idx, descriptors):
+            out[i] = d
+    return torch.stack(out)
+
+
+def cluster_images(images, n0: int, embedder, *, budget: int = DEFAULT_BUDGET, step: float = 0.01,
+                   time_limit: float = 30.0, timings: dict | None = None) -> ExtractionResult:
+    """Embed images with SSCD and cluster them into N0 cliques, excluding degenerate images.
+
+    Args:
+        images: uint8 (N, H, W, 3) tensor/ndarray, or a list of uint8 (H, W, 3) arrays.
+        n0: N0, number of images to extract.
+        embedder: an `finextract.sscd.Embedder`.
+        budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
+        timings: dict to add "embed" and "cluster" seconds to.
+
+    Returns:
+        ExtractionResult (no metrics); indices refer to the input images.
+
+    Raises:
+        ValueError: fewer usable (non-constant) images than N0.
+    """
+    from finextract.images import degenerate_mask
+
+    timings = timings if timings is not None else {}
+    array_list = images if isinstance(images, list) else None
+    degenerate = (np.array([im.min() == im.max() for im in images], dtype=bool) if array_list is not None
+                  else degenerate_mask(images))
+    keep = np.flatnonzero(~degenerate)
+    if degenerate.any():
+        logger.warning("%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "
+                       "excluded from clustering", int(degenerate.sum()), len(degenerate))
+    if len(keep) < n0:
+        raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
+    start = time.perf_counter()
+    usable = [array_list[i] for i in keep] if array_list is not None else images[keep]
+    descriptors = embed_images(embedder, usable)
+    timings["embed"] = time.perf_counter() - start
+    start = time.perf_counter()
+    clustering = cluster_descriptors(descriptors, n0, step=step, budget=budget, time_limit=time_limit)
+    timings["cluster"] = time.perf_counter() - start
+    cliques = [[int(keep[i]) for i in c] for c in clustering.cliques]
+    indices = [int(keep[i]) for i in clustering.representatives]
+    picked = (np.stack([array_list[i] for i in indices]) if array_list is not None and
+              len({array_list[i].shape for i in indices}) == 1 else
+              [array_list[i] for i in indices] if array_list is not None else np.asarray(images[indices]))
+    result = ExtractionResult(images=picked, indices=indices, cliques=cliques, threshold=clustering.threshold,
+                              timings=timings, clustering=clustering, num_degenerate=int(degenerate.sum()))
+    result.descriptors = descriptors[[int(np.searchsorted(keep, i)) for i in indices]]
+    return result
+
+
+def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tuple]:
+    """Metrics of extracted descriptors against a training folder or list of images; returns (metrics, (images, paths))."""
+    from finextract.images import read_images
+    from finextract.metrics import extraction_metrics
+
+    if isinstance(train, (str, Path)):
+        train_images, train_paths = read_images(train)
+    else:
+        train_images = list(train)
+        train_paths = [Path(f"train_{i:03d}.png") for i in range(len(train_images))]
+    metrics = extraction_metrics(embed_images(embedder, train_images), extracted_descriptors)
+    for match in metrics["best_match"]:
+        match["train_file"] = train_paths[match["train"]].name
+    return metrics, (train_images, train_paths)
+
+
+def write_output(out: str | Path, result: ExtractionResult, record: dict, *, generated=None,
+                 train_data: tuple | None = None) -> Path:
+    """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`."""
+    from finextract.images import write_png
+    from finextract.report import write_report
+
+    out = Path(out)
+    start = time.perf_counter()
+    paths = [write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
+             for rank, (image, index) in enumerate(zip(result.images, result.indices))]
+    if generated is not None:
+        for i, image in enumerate(generated):
+            write_png(image, out / "generated" / f"{i:05d}.png")
+    result.timings["write"] = time.perf_counter() - start
+    record = {**record, "threshold": result.threshold, "cliques": result.cliques,
+              "clique_sizes": [len(c) for c in result.cliques], "extracted": result.indices,
+              "extracted_files": [str(p.relative_to(out)) for p in paths],
+              "num_degenerate": result.num_degenerate, "timings": result.timings, "config": result.config}
+    if result.clustering is not None:
+        c = result.clustering
+        record["clustering"] = {"start_threshold": c.start_threshold, "skipped": c.skipped, "budget": c.budget,
+                                "num_cliques": c.num_cliques, "thresholds_tried": c.thresholds_tried,
+                                "work": c.work, "representatives": result.indices}
+        record["skipped"] = c.skipped
+    if result.metrics is not None:
+        record["metrics"] = result.metrics
+    (out / "result.json").write_text(json.dumps(record, indent=2))
+    write_report(out, record, paths, train_data)
+    return out
+
+
+def _versions() -> dict:
+    import torch
+
+    import finextract
+
+    return {"finextract": finextract.__version__, "torch": torch.__version__}
+
+
+class Extractor:
+    """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`.
+
+    Args:
+        base: pretrained model (diffusers folder or what `load_model_pair` accepts).
+        finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
+        lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
+        device: "auto", "cpu", "cuda", "cuda:N". dtype: "fp32" / "fp16" / "bf16". backend: engine backend.
+        embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
+        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
+        allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
+        budget: clustering search budget per threshold.
+
+    Raises:
+        ValueError / FileNotFoundError: from loading (incompatible or missing checkpoints).
+    """
+
+    def __init__(self, base, finetuned=None, *, lora=None, device="auto", dtype="fp32", backend="torch",
+                 embedder="default", preset=None, allow_pickle=False, budget: int = DEFAULT_BUDGET):
+        from finextract.engine.loading import load_model_pair
+        from finextract.runtime import resolve_device
+        from finextract.sscd import load_embedder
+
+        if finetuned is None and lora is None:
+            raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
+        self.device = resolve_device(device)
+        self.dtype, self.backend, self.budget = dtype, backend, budget
+        start = time.perf_counter()
+        self.pair = load_model_pair(base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device)
+        self.embedder = load_embedder(embedder, preset=preset, device=self.device)
+        self.load_seconds = time.perf_counter() - start
+        self.models = {"base": str(base), "finetuned": None if finetuned is None else str(finetuned),
+                       "lora": None if lora is None else str(lora), "kind": getattr(self.pair, "kind", None)}
+
+    def extract(self, caption: str, n0: int, *, num_images: int | None = None, method: str = "finextract",
+                w: float | None = None, k: float | None = None, steps: int = 50, seed: int = 0,
+                batch_size: int | None = None, out=None, train=None, save_generated: bool = False,
+                progress: bool = True) -> ExtractionResult:
+        """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
+
+        Args:
+            caption: the training caption c. n0: N0 >= 1. num_images: N (default 50 x N0).
+            method: "finextract" | "finextract-uncond" | "cfg" | "direct". w, k: guidance scale and
+                correction (None = paper defaults per model kind). steps: DDIM steps. seed: image i uses
+                seed + i. batch_size: images per UNet batch (None = 16).
+            out: output folder to write (extracted/, result.json, report.html), or None.
+            train: folder or list of uint8 arrays of the real training images: adds AS / A-ESR metrics.
+            save_generated: also write all N generated images to out/generated/.
+
+        Returns:
+            ExtractionResult.
+
+        Raises:
+            ValueError: n0 < 1, num_images < n0, or too few usable generations.
+        """
+        from finextract.generate import generate
+
+        if n0 < 1:
+            raise ValueError(f"n0={n0} must be >= 1")
+        num_images = num_images or IMAGES_PER_N0 * n0
+        if num_images < n0:
+            raise ValueError(f"num_images={num_images} must be >= n0={n0}")
+        timings = {"load": self.load_seconds}
+        start = time.perf_counter()
+        generation = generate(self.pair, caption, num_images, method=method, w=w, k=k, steps=steps,
+                              batch_size=batch_size or 16, seed=seed, device=self.device, dtype=self.dtype,
+                              backend=self.backend, progress=progress,
+                              out=None if out is None else Path(out) / "generation")  # resumable chunks
+        timings["generate"] = time.perf_counter() - start
+        images = generation.images
+        result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
+        result.config = {
+            **self.models, "caption": caption, "method": method, "w": w, "k": k, "steps": steps, "seed": seed,
+            "seeds": list(generation.seeds), "batch_size": batch_size or 16, "device": self.device,
+            "dtype": self.dtype, "backend": self.backend, "sscd": self.embedder.info,
+            "clustering": {"step": 0.01, "budget": self.budget}, "generation": generation.manifest,
+            "versions": _versions(),
+        }
+        train_data = None
+        if train is not None:
+            start = time.perf_counter()
+            result.metrics, train_data = evaluate_against(train, result.descriptors, self.embedder)
+            timings["evaluate"] = time.perf_counter() - start
+        if out is not None:
+            record = {"method": method, "n0": n0, "num_images": num_images}
+            write_output(out, result, record, generated=images if save_generated else None, train_data=train_data)
+        return result

@@ -1,0 +1,72 @@
+"""Reading folders of images and writing PNGs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
+    """Read every image file in `folder` (sorted by name) as RGB uint8 arrays.
+
+    Unreadable or non-image files are listed in one warning and skipped, never a crash halfway.
+
+    Args:
+        folder: directory of images (PNG, JPEG, ... anything Pillow opens); not recursive.
+
+    Returns:
+        (images: list of uint8 (H, W, 3) arrays, paths: the files they came from).
+
+    Raises:
+        FileNotFoundError: `folder` is not a directory. ValueError: it holds no readable image.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
+    images, paths, bad = [], [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+            paths.append(path)
+        except Exception as error:  # Pillow raises many types for broken or foreign files
+            bad.append(f"{path.name} ({type(error).__name__})")
+    if bad:
+        logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), folder, ", ".join(bad))
+    if not images:
+        raise ValueError(f"no readable image in {folder}; expected PNG/JPEG files")
+    return images, paths
+
+
+def stack_images(images: list[np.ndarray], size: int | None = None) -> np.ndarray:
+    """Stack RGB uint8 arrays into (B, S, S, 3), resizing to a common square `size` when they differ."""
+    from PIL import Image
+
+    shapes = {im.shape for im in images}
+    if size is None and len(shapes) == 1:
+        return np.stack(images)
+    size = size or max(max(im.shape[:2]) for im in images)
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
+def write_png(image, path: str | Path) -> Path:
+    """Write one uint8 (H, W, 3) image (ndarray or tensor) as PNG; returns the path."""
+    from PIL import Image
+
+    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return path
+
+
+def degenerate_mask(images) -> np.ndarray:
+    """True for images that are constant (e.g. black from fp16 overflow); bool (B,) ndarray (SPEC section 5)."""
+    array = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
+    flat = array.reshape(len(array), -1)
+    return flat.min(1) == flat.max(1)

@@ -1,0 +1,70 @@
+"""`report.html`: extracted images beside their best training matches, clique sizes, threshold."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+
+def _img(image, embed: bool, path: Path | None, out: Path) -> str:
+    if embed or path is None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    else:
+        src = html.escape(Path(path).resolve().relative_to(out.resolve()).as_posix()
+                          if Path(path).resolve().is_relative_to(out.resolve()) else Path(path).resolve().as_uri())
+    return f'<img src="{src}" width="160" style="image-rendering:pixelated">'
+
+
+def write_report(out: str | Path, result: dict, extracted_paths: list[Path], train: tuple | None = None,
+                 embed_train: bool = True) -> Path:
+    """Write `out/report.html` for an extraction or clustering result.
+
+    Args:
+        out: output folder (holds `extracted/`); images there are linked by relative path.
+        result: the `result.json` dict (uses threshold, cliques, metrics, num_degenerate, method, n0).
+        extracted_paths: PNG of each extracted image, in clique order.
+        train: optional (training images as uint8 (H, W, 3) arrays, their paths); embedded as data URIs
+            when `embed_train` (the report then opens anywhere), else linked.
+
+    Returns:
+        The path of report.html.
+    """
+    out = Path(out)
+    metrics = result.get("metrics")
+    best_for_extracted = {m["extracted"]: (m["train"], m["similarity"])
+                          for m in (metrics or {}).get("extracted_best_match", [])}
+    rows = []
+    for j, (path, clique) in enumerate(zip(extracted_paths, result["cliques"])):
+        cell = _img(None, False, path, out)
+        match = ""
+        if metrics and train is not None:
+            if j in best_for_extracted:
+                i, s = best_for_extracted[j]
+                match = f"{_img(train[0][i], embed_train, train[1][i], out)}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
+        rows.append(f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>")
+    summary = [f"method: {html.escape(str(result.get('method', 'cluster')))}", f"N0 = {result.get('n0')}",
+               f"N = {result.get('num_images')}", f"threshold = {result.get('threshold')}",
+               f"clique sizes: {[len(c) for c in result['cliques']]}"]
+    if result.get("num_degenerate"):
+        summary.append(f"<b>{result['num_degenerate']} degenerate (non-finite or constant) image(s) were excluded "
+                       "from clustering</b>")
+    if result.get("skipped"):
+        summary.append(f"{len(result['skipped'])} threshold(s) skipped (search budget): "
+                       + ", ".join(str(s["threshold"]) for s in result["skipped"]))
+    if metrics:
+        summary.append(f"AS = {metrics['AS']:.3f}, A-ESR0.6 = {metrics['A-ESR0.6']:.2f}, "
+                       f"A-ESR0.7 = {metrics['A-ESR0.7']:.2f}")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>finextract report</title>
+<style>body{{font-family:sans-serif}} td{{padding:6px;vertical-align:top;text-align:center}}</style></head><body>
+<h1>finextract report</h1><ul>{''.join(f'<li>{line}</li>' for line in summary)}</ul>
+<table border="1"><tr><th>#</th><th>extracted</th><th>clique size</th><th>best training match</th></tr>
+{''.join(rows)}</table></body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

