@@ -22,6 +22,8 @@ _EXPORTS = {
     "GuidanceRule": "finextract.rules",
     "Term": "finextract.rules",
     "generate": "finextract.generate",
+    "GenerationResult": "finextract.generate",
+    "rule_for": "finextract.rules",
     "cluster_descriptors": "finextract.clustering",
     "ClusteringResult": "finextract.clustering",
     "extraction_metrics": "finextract.metrics",

@@ -1,0 +1,126 @@
+"""The plain diffusers way, as the paper's released code samples: the reference every benchmark beats.
+
+Two `StableDiffusionPipeline` objects (pretrained and fine-tuned), fp32, batch 5; at each DDIM step
+the two UNet calls of the rule run one after the other, the guidance is combined in eager torch and
+`DDIMScheduler.step(eta=0)` updates the latents; the VAE decodes each batch and the pipeline's image
+processor post-processes it. Start latents are the project's (`seed + i` per image), so the images
+can be compared with `finextract.generate` one for one.
+
+    images = baseline_generate(pair, caption, 20)             # uint8 (N, H, W, 3)
+    figures = measure(method="finextract", kind="lora", zoo=Path("zoo"))   # images/s, for bench_backends
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+BATCH_SIZE = 5  # the paper's released code
+
+
+def _plain_unet(unet):
+    """A copy of `unet` without the gated LoRA wrappers `TorchBackend` may have injected."""
+    from finextract.engine.lora import GatedLoRA
+
+    unet = copy.deepcopy(unet)
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, GatedLoRA):
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.base)
+    return unet
+
+
+def diffusers_pipelines(pair):
+    """(pretrained, fine-tuned) `StableDiffusionPipeline`s on the CPU in fp32, DDIM from the model config.
+
+    A LoRA pair's fine-tuned UNet is a copy of the base UNet with the adapters merged in.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from finextract.engine.lora import merge_lora
+
+    base_unet = _plain_unet(pair.base_unet).float()
+    if pair.kind == "lora":
+        finetuned_unet = merge_lora(copy.deepcopy(base_unet), pair.unet_lora or {})
+    else:
+        finetuned_unet = _plain_unet(pair.finetuned_unet).float()
+    pipelines = []
+    for unet, text_encoder in ((base_unet, pair.base_text_encoder), (finetuned_unet, pair.finetuned_text_encoder)):
+        pipeline = StableDiffusionPipeline(
+            vae=pair.vae, text_encoder=text_encoder, tokenizer=pair.tokenizer, unet=unet,
+            scheduler=DDIMScheduler.from_config(pair.scheduler_config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        pipelines.append(pipeline)
+    return tuple(pipelines)
+
+
+@torch.no_grad()
+def baseline_generate(pair, caption: str, num_images: int, *, method: str = "finextract", w=None, k=None,
+                      steps: int = 50, batch_size: int = BATCH_SIZE, seed: int = 0, pipelines=None) -> torch.Tensor:
+    """Sample like the paper's code: uint8 images (N, H, W, 3), image i from seed `seed + i`.
+
+    Args mirror `finextract.generate.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
+    """
+    from finextract.rules import rule_for
+    from finextract.sampling import start_latents
+
+    rule = rule_for(method, pair.kind, w, k)
+    pipe_base, pipe_ft = pipelines or diffusers_pipelines(pair)
+    by_model = {"base": pipe_base, "finetuned": pipe_ft}
+    scheduler = pipe_ft.scheduler
+    scheduler.set_timesteps(steps)
+    unet_config = pipe_ft.unet.config
+    shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    outputs = []
+    for start in range(0, num_images, batch_size):
+        seeds = range(seed + start, seed + min(start + batch_size, num_images))
+        embeddings = {
+            term.key: by_model[term.model].encode_prompt(
+                caption if term.caption == "prompt" else "", "cpu", len(seeds), do_classifier_free_guidance=False
+            )[0]
+            for term in rule.terms
+        }
+        latents = start_latents(seeds, shape)
+        for t in scheduler.timesteps:
+            eps = 0
+            for term in rule.terms:  # sequential UNet calls, one per term
+                eps = eps + term.coef * by_model[term.model].unet(latents, t, encoder_hidden_states=embeddings[term.key]).sample
+            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        image = pipe_ft.vae.decode(latents / pipe_ft.vae.config.scaling_factor, return_dict=False)[0]
+        image = pipe_ft.image_processor.postprocess(image, output_type="pt")  # (B, 3, H, W) in [0, 1]
+        outputs.append((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(outputs)
+
+
+def load_zoo_pair(kind: str, zoo: Path):
+    """The random tiny zoo's DreamBooth or LoRA pair (`finextract.zoo.build_zoo` layout)."""
+    from finextract.engine.loading import load_model_pair
+
+    zoo = Path(zoo)
+    if kind == "dreambooth":
+        return load_model_pair(zoo / "base", zoo / "dreambooth")
+    return load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def measure(method: str = "finextract", kind: str = "dreambooth", zoo: Path | None = None, *, num_images: int = 10,
+            steps: int = 50, caption: str = "a photo of sks dog") -> dict:
+    """Images/s of the plain diffusers way (batch 5, fp32, CPU) on the zoo pair, end to end with decode."""
+    from finextract.runtime import set_threads
+
+    threads = set_threads()
+    pair = load_zoo_pair(kind, zoo)
+    pipelines = diffusers_pipelines(pair)
+    baseline_generate(pair, caption, BATCH_SIZE, method=method, steps=2, pipelines=pipelines)  # warm-up
+    started = time.perf_counter()
+    baseline_generate(pair, caption, num_images, method=method, steps=steps, pipelines=pipelines)
+    seconds = time.perf_counter() - started
+    return {
+        "way": "plain diffusers: 2 StableDiffusionPipelines, sequential UNet calls, DDIMScheduler.step, fp32",
+        "batch": BATCH_SIZE, "steps": steps, "num_images": num_images, "threads": threads,
+        "seconds": round(seconds, 3), "images_per_s": round(num_images / seconds, 3),
+        "note": "end to end (text encoding, UNet steps, VAE decode)",
+    }
