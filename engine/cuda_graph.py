@@ -123,8 +123,13 @@ class GraphedDDIMLoop:
         self.static_t = self.timesteps[0].clone()
         self.static_weights = torch.zeros(3, dtype=torch.float32, device=self.device)
         self.weights_table: torch.Tensor | None = None
+        self._index = 0  # the step whose t and weights are loaded
+        self._prepared = False
         self.graph = None
         self.mode = "eager"
+        # why the loop runs eagerly (None once a graph is captured); recorded in the sampler's log
+        self.eager_reason: str | None = ("not a CUDA device" if not self.is_cuda else
+                                         None if self.use_graph else "CUDA graphs turned off")
 
     @classmethod
     def from_schedule(cls, backend, sample_shape: Sequence[int], schedule: Sequence[tuple[int, float, float]],
@@ -138,7 +143,7 @@ class GraphedDDIMLoop:
         prediction = self.backend.predict(self.static_x, self.static_t)
         if self.weights_table is None:  # first call: the rule's coefficients fix the table
             self.weights_table = ddim_weights_table(prediction.coef_a, prediction.coef_b, *self.alphas, device=self.device)
-            self.static_weights.copy_(self.weights_table[0])
+            self.static_weights.copy_(self.weights_table[self._index])
         if self.use_kernel:
             guided_ddim_step_cuda_weights(self.static_x, prediction.eps_a, prediction.eps_b, self.static_weights, self.static_out)
         else:
@@ -146,6 +151,7 @@ class GraphedDDIMLoop:
         self.static_x.copy_(self.static_out)
 
     def _load_step(self, index: int) -> None:
+        self._index = index
         self.static_t.copy_(self.timesteps[index])
         if self.weights_table is not None:
             self.static_weights.copy_(self.weights_table[index])
@@ -175,12 +181,49 @@ class GraphedDDIMLoop:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._step()
         except Exception as error:  # capture refuses host syncs and some ops: eager is still right
+            self.eager_reason = f"capture failed ({type(error).__name__}: {error})"
             logger.warning("CUDA graph capture of the denoising step failed (%s: %s); running it eagerly",
                            type(error).__name__, error)
             torch.cuda.synchronize(self.device)
             return
         self.graph = graph
         self.mode = "graph"
+        self.eager_reason = None
+        logger.debug("captured the DDIM step of batch %s in a CUDA graph", tuple(self.static_x.shape))
+
+    def _check_shape(self, x_T: torch.Tensor) -> None:
+        if tuple(x_T.shape) != tuple(self.static_x.shape):
+            raise ValueError(f"GraphedDDIMLoop: x_T has shape {tuple(x_T.shape)}, the static batch is "
+                             f"{tuple(self.static_x.shape)}; pad the batch to it (or build a loop for this shape)")
+
+    def prepare(self, x_T: torch.Tensor) -> None:
+        """Load the kernel, warm up and capture the step graph, once (later calls only load `x_T`).
+
+        Args:
+            x_T: (B, C, h, w) latents with the static shape (the warm-up steps run on them).
+
+        Raises:
+            ValueError: `x_T` does not have the static shape.
+        """
+        self._check_shape(x_T)
+        with torch.no_grad():
+            if not self._prepared:
+                self._try_kernel()
+                if self.use_graph:
+                    self.static_x.copy_(x_T)
+                    self._capture()
+                self._prepared = True
+            self.static_x.copy_(x_T)
+
+    def step(self, index: int) -> None:
+        """Advance the static latents by DDIM step `index` (0 = the first timestep): one graph replay
+        (or the eager step). Call `prepare` first; no host synchronisation."""
+        with torch.no_grad():
+            self._load_step(index)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
 
     def run(self, x_T: torch.Tensor) -> torch.Tensor:
         """Denoise `x_T` through every timestep; returns x_0 latents (a new tensor, the static dtype).
@@ -194,20 +237,7 @@ class GraphedDDIMLoop:
         Raises:
             ValueError: `x_T` does not have the static shape.
         """
-        if tuple(x_T.shape) != tuple(self.static_x.shape):
-            raise ValueError(f"GraphedDDIMLoop.run: x_T has shape {tuple(x_T.shape)}, the static batch is "
-                             f"{tuple(self.static_x.shape)}; pad the batch to it (or build a loop for this shape)")
-        with torch.no_grad():
-            if self.weights_table is None:
-                self._try_kernel()
-                if self.use_graph:
-                    self.static_x.copy_(x_T)
-                    self._capture()
-            self.static_x.copy_(x_T)
-            for index in range(len(self.timesteps)):
-                self._load_step(index)
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._step()
+        self.prepare(x_T)
+        for index in range(len(self.timesteps)):
+            self.step(index)
         return self.static_x.clone()

@@ -33,12 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoOpCastWarning(logging.Filter):
+    """Drops diffusers' "modules ... that should be kept in float32: []" warning: with an empty list the
+    cast keeps nothing in float32, so it warns about nothing. Any non-empty list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Hide third-party noise a CLI user sees on every run, keeping real warnings.
+
+    Hugging Face progress bars ("Loading weights", "Loading pipeline components"; our own tqdm bars
+    stay) unless HF_HUB_DISABLE_PROGRESS_BARS is set otherwise, and diffusers' empty fp32-modules
+    warning. Called by `main` only: the library itself changes no global logging.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # read at import time; catch up if already imported
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _NoOpCastWarning) for f in diffusers_logger.filters):
+        diffusers_logger.addFilter(_NoOpCastWarning())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    quiet_libraries()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -84,8 +84,14 @@ def cluster_images(images, n0: int, embedder, *, budget: int = DEFAULT_BUDGET, s
 
     timings = timings if timings is not None else {}
     array_list = images if isinstance(images, list) else None
-    degenerate = (np.array([im.min() == im.max() for im in images], dtype=bool) if array_list is not None
-                  else degenerate_mask(images))
+    on_device = _is_device_tensor(images)
+    if array_list is not None:
+        degenerate = np.array([im.min() == im.max() for im in images], dtype=bool)
+    elif on_device:  # reduce where the images are; only N booleans cross to the host
+        flat = images.reshape(len(images), -1)
+        degenerate = (flat.amin(1) == flat.amax(1)).cpu().numpy()
+    else:
+        degenerate = degenerate_mask(images)
     keep = np.flatnonzero(~degenerate)
     if degenerate.any():
         logger.warning("%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "
@@ -93,7 +99,12 @@ def cluster_images(images, n0: int, embedder, *, budget: int = DEFAULT_BUDGET, s
     if len(keep) < n0:
         raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
     start = time.perf_counter()
-    usable = [array_list[i] for i in keep] if array_list is not None else images[keep]
+    if array_list is not None:
+        usable = [array_list[i] for i in keep]
+    elif on_device:  # stays on the GPU: SSCD and the similarity matrix run there
+        usable = images if len(keep) == len(images) else images[_index(keep, images.device)]
+    else:
+        usable = images[keep]
     descriptors = embed_images(embedder, usable)
     timings["embed"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -103,11 +114,23 @@ def cluster_images(images, n0: int, embedder, *, budget: int = DEFAULT_BUDGET, s
     indices = [int(keep[i]) for i in clustering.representatives]
     picked = (np.stack([array_list[i] for i in indices]) if array_list is not None and
               len({array_list[i].shape for i in indices}) == 1 else
-              [array_list[i] for i in indices] if array_list is not None else np.asarray(images[indices]))
+              [array_list[i] for i in indices] if array_list is not None else
+              images[_index(indices, images.device)].cpu().numpy() if on_device else np.asarray(images[indices]))
     result = ExtractionResult(images=picked, indices=indices, cliques=cliques, threshold=clustering.threshold,
                               timings=timings, clustering=clustering, num_degenerate=int(degenerate.sum()))
     result.descriptors = descriptors[[int(np.searchsorted(keep, i)) for i in indices]]
     return result
+
+
+def _is_device_tensor(images) -> bool:
+    """True for a torch tensor that lives on an accelerator (the images stay there for SSCD)."""
+    return hasattr(images, "device") and getattr(images.device, "type", "cpu") != "cpu"
+
+
+def _index(indices, device):
+    import torch
+
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)
 
 
 def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tuple]:
@@ -172,18 +195,24 @@ class Extractor:
         base: pretrained model (diffusers folder or what `load_model_pair` accepts).
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
-        device: "auto", "cpu", "cuda", "cuda:N". dtype: "fp32" / "fp16" / "bf16". backend: engine backend.
+        device: "auto", "cpu", "cuda", "cuda:N". dtype: "fp32" / "fp16" / "bf16".
+        backend: "torch", "onnxruntime", "tensorrt" or "auto" (onnxruntime on a CPU, torch on CUDA).
         embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
         preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold.
+        cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph.
+
+    On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
+    matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
 
     Raises:
         ValueError / FileNotFoundError: from loading (incompatible or missing checkpoints).
     """
 
     def __init__(self, base, finetuned=None, *, lora=None, device="auto", dtype="fp32", backend="torch",
-                 embedder="default", preset=None, allow_pickle=False, budget: int = DEFAULT_BUDGET):
+                 embedder="default", preset=None, allow_pickle=False, budget: int = DEFAULT_BUDGET,
+                 cuda_graphs: bool = True):
         from finextract.engine.loading import load_model_pair
         from finextract.runtime import resolve_device
         from finextract.sscd import load_embedder
@@ -191,7 +220,10 @@ class Extractor:
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
         self.device = resolve_device(device)
-        self.dtype, self.backend, self.budget = dtype, backend, budget
+        self.dtype, self.budget, self.cuda_graphs = dtype, budget, cuda_graphs
+        from finextract.sampling import resolve_backend
+
+        self.backend = resolve_backend(backend, self.device)
         start = time.perf_counter()
         self.pair = load_model_pair(base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device)
         self.embedder = load_embedder(embedder, preset=preset, device=self.device)
@@ -231,15 +263,19 @@ class Extractor:
         start = time.perf_counter()
         generation = generate(self.pair, caption, num_images, method=method, w=w, k=k, steps=steps,
                               batch_size=batch_size or 16, seed=seed, device=self.device, dtype=self.dtype,
-                              backend=self.backend, progress=progress,
+                              backend=self.backend, progress=progress, cuda_graphs=self.cuda_graphs,
+                              images_on_device=self.device.startswith("cuda"),
                               out=None if out is None else Path(out) / "generation")  # resumable chunks
         timings["generate"] = time.perf_counter() - start
         images = generation.images
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
+        params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = {
-            **self.models, "caption": caption, "method": method, "w": w, "k": k, "steps": steps, "seed": seed,
+            **self.models, "caption": caption, "method": method, "w": params.get("w"), "k": params.get("k"),
+            "steps": steps, "seed": seed,
             "seeds": list(generation.seeds), "batch_size": batch_size or 16, "device": self.device,
-            "dtype": self.dtype, "backend": self.backend, "sscd": self.embedder.info,
+            "dtype": self.dtype, "backend": self.backend, "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
+            "sscd": self.embedder.info,
             "clustering": {"step": 0.01, "budget": self.budget}, "generation": generation.manifest,
             "versions": _versions(),
         }
@@ -250,5 +286,6 @@ class Extractor:
             timings["evaluate"] = time.perf_counter() - start
         if out is not None:
             record = {"method": method, "n0": n0, "num_images": num_images}
-            write_output(out, result, record, generated=images if save_generated else None, train_data=train_data)
+            generated = images.cpu() if save_generated else None
+            write_output(out, result, record, generated=generated, train_data=train_data)
         return result

@@ -62,6 +62,8 @@ def generate(
     progress: bool = True,
     chunk_size: int | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    cuda_graphs: bool = True,
+    images_on_device: bool = False,
 ) -> GenerationResult:
     """Generate `num_images` images with guided DDIM sampling (FineXtract Eq. 13 by default).
 
@@ -77,14 +79,21 @@ def generate(
         seed: image i starts from the latent of seed `seed + i`.
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: UNet precision "fp32" | "fp16" | "bf16" (the last two on CUDA). The VAE decodes in fp32.
-        backend: "torch" (reference), "onnxruntime" or "tensorrt".
+        backend: "torch" (reference), "onnxruntime", "tensorrt", or "auto" (onnxruntime on a CPU,
+            torch on CUDA: `finextract.sampling.resolve_backend`); the manifest records the resolved name.
         out: folder for chunks and the manifest; None keeps everything in memory (nothing resumable).
         progress: show a tqdm bar (images/s).
         chunk_size: images per chunk file (default `batch_size`); fixed by the manifest once written.
         on_chunk: called as `on_chunk(chunk_index, images)` after each newly computed chunk is saved.
+        cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph on a
+            static batch of `batch_size` (the last batch padded); False runs the steps eagerly.
+        images_on_device: return the images on `device` (kept there from the VAE decode on, for SSCD
+            on the GPU); chunk files are still written from a CPU copy, and resumed chunks are moved
+            to `device`.
 
     Returns:
-        `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, seeds, manifest).
+        `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, or on `device` with
+        `images_on_device`; seeds; manifest).
 
     Raises:
         ValueError: invalid arguments, fp16/bf16 on a CPU, or `out` holding a run with another config
@@ -94,7 +103,7 @@ def generate(
     from . import __version__
     from .rules import rule_for, rule_params
     from .runtime import resolve_device
-    from .sampling import resolve_dtype
+    from .sampling import resolve_backend, resolve_dtype
 
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1 (the paper uses 50 x N0)")
@@ -104,6 +113,7 @@ def generate(
         raise ValueError(f"steps={steps}: must be >= 1 (the paper uses 50)")
     device = resolve_device(device)
     resolve_dtype(dtype, device)
+    backend = resolve_backend(backend, device)
     rule = rule_for(method, pair.kind, w, k)
     seeds = [seed + i for i in range(num_images)]
     config = _normalise({
@@ -115,7 +125,7 @@ def generate(
     manifest = _open_manifest(folder, config, chunk_size or batch_size)
     manifest.update(
         versions=_versions(__version__), seeds=seeds, sources=_normalise(pair.sources, default=str),
-        last_run={"device": device, "batch_size": batch_size},
+        last_run={"device": device, "batch_size": batch_size, "cuda_graphs": bool(cuda_graphs)},
     )
     chunks = manifest["chunks"]
     results: dict[int, torch.Tensor] = {}
@@ -131,7 +141,8 @@ def generate(
 
         from .sampling import Sampler
 
-        sampler = Sampler(pair, rule, caption, steps=steps, device=device, dtype=dtype, backend=backend)
+        sampler = Sampler(pair, rule, caption, steps=steps, device=device, dtype=dtype, backend=backend,
+                          cuda_graphs=cuda_graphs, static_batch=batch_size, images_on_device=images_on_device)
         done_images = sum(c["stop"] - c["start"] for c in chunks if c["status"] == "done")
         with tqdm(total=num_images, initial=done_images, unit="img", desc="generate", disable=not progress) as bar:
             for chunk in pending:
@@ -145,12 +156,15 @@ def generate(
                 results[chunk["index"]] = images
                 chunk.update(status="done", seconds=round(time.perf_counter() - started, 3))
                 if folder is not None:
-                    chunk["sha256"] = _write_chunk(folder / chunk["file"], images, seeds[chunk["start"]:chunk["stop"]])
+                    chunk["sha256"] = _write_chunk(folder / chunk["file"], images.cpu(), seeds[chunk["start"]:chunk["stop"]])
                     _write_json(folder / MANIFEST, manifest)
                 if on_chunk is not None:
                     on_chunk(chunk["index"], images)
 
-    images = torch.cat([results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0] for c in chunks])
+    target = torch.device(device) if images_on_device else torch.device("cpu")
+    images = torch.cat([
+        results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0].to(target) for c in chunks
+    ])
     return GenerationResult(images=images, seeds=seeds, manifest=manifest)
 
 

@@ -7,6 +7,11 @@ import pytest
 
 # Deterministic and robust on a 2-core machine with busy neighbours: one thread unless told otherwise.
 os.environ.setdefault("FINEXTRACT_THREADS", "1")
+# ONNX exports (`--backend auto` on a CPU) go to a per-session temporary cache, never ~/.cache.
+if "FINEXTRACT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FINEXTRACT_CACHE"] = tempfile.mkdtemp(prefix="finextract-test-cache-")
 
 
 def pytest_configure(config):

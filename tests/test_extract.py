@@ -36,6 +36,7 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     for key in ("method", "n0", "num_images", "threshold", "cliques", "extracted", "timings", "config", "metrics"):
         assert key in record, key
     assert record["n0"] == 2 and record["num_images"] == 8 and record["extracted"] == result.indices
+    assert record["config"]["w"] == 3.0 and record["config"]["k"] == -0.02  # resolved DreamBooth defaults, not None
     assert set(record["metrics"]) >= {"AS", "A-ESR0.6", "A-ESR0.7", "best_match"}
     assert len(record["config"]["sscd"]["sha256"]) == 64 and record["config"]["seeds"] == list(range(8))
     assert {"generate", "embed", "cluster"} <= set(record["timings"])

@@ -1,6 +1,8 @@
 """`finextract extract`: generate with model guidance, cluster, and write the extracted images."""
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="extract fine-tuning images (generate + SSCD + cliques)",
@@ -20,7 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    p.add_argument("--backend", default="auto",
+                        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)")
     p.add_argument("--train", default=None, help="folder of the real training images: adds AS / A-ESR")
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/generated/")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
@@ -39,7 +44,7 @@ def run(args) -> int:
     set_threads()
     extractor = Extractor(args.base, args.finetuned, lora=args.lora, device=args.device, dtype=args.dtype,
                           backend=args.backend, embedder=args.sscd, preset=args.preset,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, cuda_graphs=args.cuda_graphs)
     result = extractor.extract(args.caption, args.n0, num_images=args.num_images, method=args.method, w=args.w,
                                k=args.k, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                out=args.out, train=args.train, save_generated=args.save_generated)

@@ -6,6 +6,8 @@ Rerunning the same command after an interruption continues from the last finishe
 """
 from __future__ import annotations
 
+import argparse
+
 from finextract.rules import METHODS
 
 
@@ -34,7 +36,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="UNet precision; fp16/bf16 need CUDA (default fp32)")
-    parser.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle checkpoints (.ckpt/.bin): only for files you trust")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,7 +63,7 @@ def run(args) -> int:
     result = generate(
         pair, args.caption, num_images, method=args.method, w=args.w, k=args.k, steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, device=device, dtype=args.dtype, backend=args.backend,
-        out=args.out, progress=not args.no_progress,
+        out=args.out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
     )
     seconds = sum(chunk.get("seconds", 0.0) for chunk in result.manifest["chunks"])
     print(f"{len(result.seeds)} images ({result.manifest['config']['method']}, {pair.kind}) in {args.out}; "

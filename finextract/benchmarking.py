@@ -1,0 +1,295 @@
+"""Shared timing helpers for `finextract bench` and `bench/` (pytest-benchmark): one way to measure.
+
+    pair = sd1_random_pair("dreambooth", device="cuda", dtype=torch.float16)   # no download
+    row = measure_sampling(pair, method="finextract", backend="auto", batch_size=16, device="cuda", dtype="fp16")
+    print(format_table([row]))
+
+A row holds the median DDIM-step latency after warm-up (both UNet evaluations of the rule + the fused
+guidance/DDIM update, exactly the sampler's path: CUDA graph replays on CUDA with the torch backend),
+images/s for a 50-step image, peak memory (process RSS on a CPU, `torch.cuda.max_memory_allocated`
+on a GPU) and, on a GPU, model FLOP utilisation from 0.89 TFLOP per image per SD 1.x UNet evaluation
+at 512x512 (SPEC section 6), scaled by the latent area.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: DDIM steps per generated image (the paper's 50): images/s = batch / (STEPS_PER_IMAGE x step latency).
+STEPS_PER_IMAGE = 50
+#: SD 1.x UNet, one image, one evaluation, 64x64 latents (512x512 pixels): SPEC section 6.
+TFLOP_PER_IMAGE_EVAL = 0.89
+SD1_LATENT_AREA = 64 * 64
+#: Dense fp16/bf16 matrix rate used for MFU (the H200 measured in SPEC section 6); override per GPU.
+DEFAULT_PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))
+#: The SD 1.x UNet config (SPEC section 6): a performance-equivalent UNet with random weights.
+SD1_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work (no-op on a CPU), so wall-clock times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], repeats: int, *, warmup: int = 2, device: str | torch.device = "cpu") -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed calls (GPU work included).
+
+    Raises:
+        ValueError: repeats < 1 or warmup < 0.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Reset the GPU peak-memory counter (a CPU's peak RSS cannot be reset: it is per process)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: str | torch.device) -> float:
+    """Peak memory in MiB: `torch.cuda.max_memory_allocated` on a GPU, the process's peak RSS on a CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tflop_per_image_eval(latent_shape: tuple[int, int, int]) -> float:
+    """TFLOP of one SD 1.x-architecture UNet evaluation of one image: 0.89 x (h x w) / (64 x 64)."""
+    return TFLOP_PER_IMAGE_EVAL * latent_shape[1] * latent_shape[2] / SD1_LATENT_AREA
+
+
+def model_flop_utilisation(step_s: float, image_evals_per_step: int, latent_shape: tuple[int, int, int],
+                           peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> float:
+    """Achieved UNet TFLOP/s over the GPU's dense matrix rate, in [0, 1] for a sane measurement.
+
+    Args:
+        step_s: seconds per DDIM step.
+        image_evals_per_step: UNet image-evaluations per step (batch x the rule's terms).
+        latent_shape: (C, h, w) of one latent.
+        peak_tflops: the GPU's dense fp16/bf16 rate (H200: 790 measured).
+    """
+    return image_evals_per_step * tflop_per_image_eval(latent_shape) / step_s / peak_tflops
+
+
+def sd1_random_pair(kind: str = "dreambooth", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    seed: int = 0, tokenizer_folder=None):
+    """A `ModelPair` with randomly initialised SD 1.x-size UNets, built from config (no download).
+
+    The UNets have the SD 1.x config (859.5 M parameters; `SD1_UNET_CONFIG`), built directly on
+    `device` (random init of that size on a CPU takes minutes). The text encoder is a one-layer CLIP
+    of width 768 (its cost is once per run) and the VAE the tiny one: only the UNet steps are timed.
+
+    Args:
+        kind: "dreambooth" (two UNets: the fine-tune a copy of the base) or "lora" (the base UNet plus
+            random rank-4 adapters on every attention projection).
+        device, dtype: where and in which precision to build the UNets.
+        seed: weight seed.
+
+    Returns:
+        `finextract.engine.pair.ModelPair`.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from finextract.engine.pair import LoRALayer, ModelPair
+    from finextract.zoo import SD1_SCHEDULER_CONFIG, tiny_components
+
+    if kind not in ("dreambooth", "lora"):
+        raise ValueError(f"kind={kind!r}: expected 'dreambooth' or 'lora'")
+    tiny = tiny_components(seed, tokenizer_folder=tokenizer_folder)
+    tokenizer = tiny["tokenizer"]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD1_UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=768, num_hidden_layers=1,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+    text_encoder = text_encoder.eval().requires_grad_(False)
+    finetuned, lora = None, None
+    if kind == "dreambooth":
+        finetuned = copy.deepcopy(unet)  # same cost as a real fine-tune's second UNet
+    else:
+        generator = torch.Generator().manual_seed(seed + 1)
+        lora = {}
+        for name, module in unet.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
+                lora[name] = LoRALayer(down=torch.randn(4, module.in_features, generator=generator) * 0.01,
+                                       up=torch.randn(module.out_features, 4, generator=generator) * 0.01, alpha=4.0)
+    return ModelPair(
+        kind=kind, base_unet=unet, finetuned_unet=finetuned, unet_lora=lora, base_text_encoder=text_encoder,
+        finetuned_text_encoder=text_encoder, tokenizer=tokenizer, vae=tiny["vae"].to(device),
+        scheduler_config=dict(SD1_SCHEDULER_CONFIG),
+    )
+
+
+class StepRunner:
+    """The sampler's DDIM step for one configuration, ready to be timed: `runner.step()` advances one step.
+
+    The step is exactly what `finextract.generate` runs: `Sampler.static_loop(batch).step(i)` (a CUDA
+    graph replay on CUDA with the torch backend) or `backend.predict` + `guided_ddim_step` eagerly.
+    Steps cycle through the 50-step schedule's timesteps. Built by `build_step`.
+
+    Attributes:
+        sampler: the `finextract.sampling.Sampler`. rule: its guidance rule. mode: "graph" | "eager".
+        setup_s: seconds to build the sampler (and the export / capture).
+    """
+
+    def __init__(self, sampler, rule, batch_size: int):
+        from finextract.sampling import start_latents
+
+        self.sampler, self.rule, self.batch_size = sampler, rule, batch_size
+        self.index = 0
+        self.x_t = start_latents(range(batch_size), sampler.latent_shape).to(sampler.device)
+        self.loop = None
+        self.mode = "eager"
+        if sampler.cuda_graphs:
+            self.loop = sampler.static_loop(batch_size)
+            with torch.inference_mode():
+                self.loop.prepare(self.x_t)  # kernel load, warm-up and capture
+            self.mode = self.loop.mode
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One DDIM step on the batch (no host synchronisation on CUDA)."""
+        from finextract.kernels.guidance_ddim import guided_ddim_step
+
+        index, self.index = self.index % STEPS_PER_IMAGE, self.index + 1
+        if self.loop is not None:
+            self.loop.step(index)
+            return
+        sampler = self.sampler
+        t, alpha_prod_t, alpha_prod_t_prev = sampler.schedule[index]
+        prediction = sampler.backend.predict(self.x_t, torch.tensor(t, device=sampler.device))
+        self.x_t = guided_ddim_step(self.x_t, prediction.eps_a, prediction.eps_b, prediction.coef_a, prediction.coef_b,
+                                    alpha_prod_t, alpha_prod_t_prev, impl=sampler.impl)
+
+
+def build_step(pair, *, method: str = "finextract", backend: str = "auto", batch_size: int = 16, device: str = "cpu",
+               dtype: str = "fp32", caption: str = "a photo of sks dog", cuda_graphs: bool = True,
+               backend_options: dict | None = None) -> StepRunner:
+    """A `StepRunner` for one configuration (sampler built, backend exported, graph captured).
+
+    Args:
+        pair: a `ModelPair` (moved to `device` / `dtype` in place).
+        method: guidance rule ("finextract", "finextract-uncond", "cfg", "direct"), paper defaults.
+        backend: "auto", "torch", "onnxruntime" or "tensorrt".
+        batch_size: images per step. device, dtype, cuda_graphs: as `finextract.generate.generate`.
+        backend_options: extra backend arguments (e.g. `{"cache_dir": ...}` for onnxruntime).
+
+    Raises:
+        ValueError: invalid arguments (see `Sampler`).
+    """
+    from finextract.rules import rule_for
+    from finextract.sampling import Sampler
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    rule = rule_for(method, pair.kind)
+    started = time.perf_counter()
+    sampler = Sampler(pair, rule, caption, steps=STEPS_PER_IMAGE, device=device, dtype=dtype, backend=backend,
+                      cuda_graphs=cuda_graphs, static_batch=batch_size, backend_options=backend_options)
+    runner = StepRunner(sampler, rule, batch_size)
+    runner.setup_s = time.perf_counter() - started
+    return runner
+
+
+def step_figures(runner: StepRunner, times: list[float], *, peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> dict:
+    """The row of figures for a runner's timed steps (`times`, seconds): see `measure_sampling`."""
+    sampler = runner.sampler
+    step_s = statistics.median(times)
+    is_cuda = sampler.device.type == "cuda"
+    row = {
+        "backend": sampler.backend_name, "method": runner.rule.name, "kind": sampler.pair.kind,
+        "batch": runner.batch_size, "device": str(sampler.device), "dtype": str(sampler.dtype).replace("torch.", ""),
+        "mode": runner.mode, "forwards_per_step": getattr(sampler.backend, "forwards_per_step", None),
+        "step_ms": round(step_s * 1e3, 3), "step_ms_min": round(min(times) * 1e3, 3),
+        "images_per_s": round(runner.batch_size / (STEPS_PER_IMAGE * step_s), 4),
+        "setup_s": round(getattr(runner, "setup_s", 0.0), 2),
+        "peak_mem_mib": round(peak_memory_mib(sampler.device), 1),
+        "peak_mem_kind": "cuda max_memory_allocated" if is_cuda else "process peak RSS",
+    }
+    if is_cuda:
+        evaluations = runner.batch_size * len(runner.rule.terms)
+        row["mfu"] = round(model_flop_utilisation(step_s, evaluations, sampler.latent_shape, peak_tflops), 4)
+    return row
+
+
+def measure_sampling(pair, *, method: str = "finextract", backend: str = "auto", batch_size: int = 16,
+                     steps: int = 10, device: str = "cpu", dtype: str = "fp32", warmup: int = 2,
+                     caption: str = "a photo of sks dog", cuda_graphs: bool = True,
+                     peak_tflops: float = DEFAULT_PEAK_TFLOPS, backend_options: dict | None = None) -> dict:
+    """Time the sampler's DDIM step for one configuration; the figures of one bench row.
+
+    Args:
+        pair, method, backend, batch_size, device, dtype, caption, cuda_graphs, backend_options:
+            see `build_step`.
+        steps: timed steps, after `warmup` untimed ones.
+        peak_tflops: the GPU's dense rate for MFU.
+
+    Returns:
+        dict: backend (resolved), method, kind, batch, device, dtype, mode ("graph" | "eager"),
+        forwards_per_step, step_ms (median), step_ms_min, images_per_s (batch / (50 x step)),
+        setup_s, peak_mem_mib with peak_mem_kind, and on CUDA mfu.
+
+    Raises:
+        ValueError: invalid arguments (see `Sampler`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    reset_peak_memory(device)
+    runner = build_step(pair, method=method, backend=backend, batch_size=batch_size, device=device, dtype=dtype,
+                        caption=caption, cuda_graphs=cuda_graphs, backend_options=backend_options)
+    times = time_calls(runner.step, steps, warmup=warmup, device=device)
+    row = step_figures(runner, times, peak_tflops=peak_tflops)
+    row["dtype"] = dtype
+    return row
+
+
+COLUMNS = (("backend", "{:<12}"), ("method", "{:<18}"), ("kind", "{:<11}"), ("batch", "{:>6}"), ("mode", "{:>6}"),
+           ("step_ms", "{:>10.2f}"), ("images_per_s", "{:>9.3f}"), ("peak_mem_mib", "{:>10.0f}"), ("mfu", "{:>6.3f}"))
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of `measure_sampling` rows (MFU only where measured)."""
+    header = ["backend", "method", "kind", "batch", "mode", "step ms", "img/s", "peak MiB", "MFU"]
+    widths = [12, 18, 11, 6, 6, 10, 9, 10, 6]
+    lines = ["".join(f"{h:<{w}}" if i < 3 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths)))]
+    for row in rows:
+        cells = []
+        for (key, spec), width in zip(COLUMNS, widths):
+            value = row.get(key)
+            cells.append(spec.format(value) if value is not None else f"{'-':>{width}}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
