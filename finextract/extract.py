@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finextract.clustering import DEFAULT_BUDGET, ClusteringResult, cluster_descriptors
+from finextract.clustering import ClusteringResult, cluster_descriptors
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def embed_images(embedder, images, batch_size: int = 32):
     return torch.stack(out)
 
 
-def cluster_images(images, n0: int, embedder, *, budget: int = DEFAULT_BUDGET, step: float = 0.01,
+def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step: float = 0.01,
                    time_limit: float = 30.0, timings: dict | None = None) -> ExtractionResult:
     """Embed images with SSCD and cluster them into N0 cliques, excluding degenerate images.
 
@@ -200,7 +200,7 @@ class Extractor:
         embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
         preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
-        budget: clustering search budget per threshold.
+        budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph.
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
@@ -211,7 +211,7 @@ class Extractor:
     """
 
     def __init__(self, base, finetuned=None, *, lora=None, device="auto", dtype="fp32", backend="torch",
-                 embedder="default", preset=None, allow_pickle=False, budget: int = DEFAULT_BUDGET,
+                 embedder="default", preset=None, allow_pickle=False, budget: int | None = None,
                  cuda_graphs: bool = True):
         from finextract.engine.loading import load_model_pair
         from finextract.runtime import resolve_device
@@ -276,7 +276,7 @@ class Extractor:
             "seeds": list(generation.seeds), "batch_size": batch_size or 16, "device": self.device,
             "dtype": self.dtype, "backend": self.backend, "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
             "sscd": self.embedder.info,
-            "clustering": {"step": 0.01, "budget": self.budget}, "generation": generation.manifest,
+            "clustering": {"step": 0.01, "budget": self.budget or "auto"}, "generation": generation.manifest,
             "versions": _versions(),
         }
         train_data = None

@@ -153,3 +153,103 @@ def test_rejects_bad_input():
         cluster_similarity(np.zeros((3, 3)), 4)
     with pytest.raises(ValueError, match="square"):
         cluster_similarity(np.zeros((3, 4)), 1)
+
+
+# --- speed-ups and the GPU hints never change the answer -------------------------------------------
+
+from finextract import clustering as C  # noqa: E402
+
+
+def _same(a, b):
+    assert (a.threshold, a.cliques, a.representatives, a.skipped, a.work, a.num_cliques) == \
+        (b.threshold, b.cliques, b.representatives, b.skipped, b.work, b.num_cliques)
+
+
+@pytest.mark.parametrize("budget", [None, 5_000])
+def test_cpu_twin_of_gpu_hints_gives_same_answer(monkeypatch, budget):
+    # The GPU path feeds cuGraph components and core numbers to the same search; its CPU twin (SciPy,
+    # NumPy) must leave the answer, the skips and even the work count unchanged, including under skips.
+    x, _ = planted_descriptors(200, 4, 20, dim=64, spread=0.6, seed=1)
+    s = similarity_matrix(x).numpy()
+    plain = cluster_similarity(s, 4, budget=budget)
+    monkeypatch.setattr(C, "_graph_cpu", C._graph_cpu_twin)
+    twin = cluster_similarity(s, 4, budget=budget)
+    _same(plain, twin)
+    if budget == 5_000:
+        assert twin.skipped
+
+
+def test_twin_hints_match_networkx():
+    rng = np.random.default_rng(5)
+    s = rng.random((60, 60)).astype(np.float32)
+    s = np.triu(s, 1) + np.triu(s, 1).T
+    g = C._graph_cpu_twin(s, 0.93)
+    graph = nx.from_numpy_array((s >= np.float32(0.93)).astype(np.uint8))
+    assert g.core.tolist() == [nx.core_number(graph)[v] for v in range(60)]
+    parts = {frozenset(c) for c in nx.connected_components(graph)}
+    assert {frozenset(C._bits(c)) for c in C._initial_components(g, 60)} == parts
+    assert {frozenset(C._bits(c)) for c in C._components(g, (1 << 60) - 1)} == parts
+    assert g.edges == graph.number_of_edges()
+
+
+def test_inherited_cliques_skip_searches_and_match_reference(monkeypatch):
+    # Five 6-cliques chained by single edges into one component, plus noise edges: after the first
+    # clique is peeled the rest inherits the other maximum cliques, so far fewer searches than cliques.
+    rng = np.random.default_rng(0)
+    n, size, groups = 40, 6, 5
+    s = rng.uniform(0.0, 0.4, (n, n))
+    for c in range(groups):
+        idx = np.arange(c * size, (c + 1) * size)
+        s[np.ix_(idx, idx)] = rng.uniform(0.6, 0.9, (size, size))
+        if c:
+            s[c * size - 1, c * size] = 0.55  # bridge to the previous group
+    s = np.triu(s, 1)
+    s = (s + s.T).astype(np.float32)
+    calls = []
+    search = C._all_max_cliques
+    monkeypatch.setattr(C, "_all_max_cliques", lambda *a: calls.append(1) or search(*a))
+    ours = cluster_similarity(s, groups)
+    threshold, cliques = reference_clustering(s, groups)
+    assert ours.threshold == pytest.approx(threshold) and ours.cliques == cliques
+    # At t = 0.5 the graph is exactly the chained cliques (plus lone vertices): peel it directly.
+    monkeypatch.setattr(C, "_all_max_cliques", search)
+    calls.clear()
+    g = C._graph_cpu(s, 0.5)
+    monkeypatch.setattr(C, "_all_max_cliques", lambda *a: calls.append(1) or search(*a))
+    n_cliques = groups + n - groups * size  # the planted cliques and the lone vertices
+    peeled, _ = C._peel(g, C._Keys(s, np.arange(n)), n_cliques, C._Search(10**9, math.inf))
+    assert sorted(list(k[2]) for k in peeled[:groups]) == [list(range(c * size, (c + 1) * size))
+                                                           for c in range(groups)]
+    assert len(peeled) == n_cliques
+    assert len(calls) == 1  # one search listed all five maximum cliques; the rest were inherited
+
+
+def test_start_threshold_without_square_copy_matches_percentile():
+    rng = np.random.default_rng(2)
+    for n in (7, 50, 301):
+        s = rng.normal(0.2, 0.1, (n, n)).astype(np.float32)
+        s = np.triu(s, 1) + np.triu(s, 1).T
+        assert C._start_threshold(s, 0.01, exact_below=0) == C._start_threshold(s, 0.01)
+        assert C._start_threshold(s, 0.001, exact_below=0) == C._start_threshold(s, 0.001)
+
+
+def test_default_budget_grows_with_n_and_is_reported():
+    assert C.default_budget(250) == 75_000 and C.default_budget(10**6) == C.BUDGET_CAP
+    x, _ = planted_descriptors(100, 2, 20, dim=64, spread=0.5, seed=0)
+    assert cluster_descriptors(x, 2).budget == C.default_budget(100)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_matches_cpu_twin():
+    import torch
+
+    x, _ = planted_descriptors(300, 6, 20, dim=64, spread=0.6, seed=4)
+    s = similarity_matrix(x).numpy()
+    g_gpu = C._graph_gpu(torch.as_tensor(s, device="cuda"), 0.2)
+    assert g_gpu is not None, "CuPy/cuDF/cuGraph not importable on this CUDA machine"
+    g_cpu = C._graph_cpu_twin(s, 0.2)
+    assert np.array_equal(g_gpu.packed, g_cpu.packed) and g_gpu.edges == g_cpu.edges
+    assert np.array_equal(g_gpu.core, g_cpu.core)
+    assert {frozenset(C._bits(c)) for c in C._initial_components(g_gpu, 300)} == \
+        {frozenset(C._bits(c)) for c in C._initial_components(g_cpu, 300)}
+    _same(cluster_similarity(torch.as_tensor(s, device="cuda"), 6), cluster_similarity(s, 6))

@@ -18,7 +18,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
-    from finextract.clustering import DEFAULT_BUDGET
     from finextract.extract import cluster_images, write_output
     from finextract.images import read_images
     from finextract.runtime import resolve_device, set_threads
@@ -27,9 +26,9 @@ def run(args) -> int:
     set_threads()
     images, paths = read_images(args.images)
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
-    result = cluster_images(images, args.n0, embedder, budget=args.budget or DEFAULT_BUDGET)
+    result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = {"images": str(args.images), "files": [p.name for p in paths], "sscd": embedder.info,
-                     "clustering": {"step": 0.01, "budget": args.budget or DEFAULT_BUDGET}}
+                     "clustering": {"step": 0.01, "budget": args.budget or "auto"}}
     write_output(args.out, result, {"method": "cluster", "n0": args.n0, "num_images": len(images),
                                     "extracted_sources": [paths[i].name for i in result.indices]})
     logging.getLogger("finextract").info("threshold %.2f, clique sizes %s -> %s", result.threshold,
