@@ -1,0 +1,46 @@
+"""`finextract finetune`: DreamBooth or LoRA fine-tuning of a Stable Diffusion 1.x pipeline folder."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a base model on a few images (DreamBooth: diffusers folder; LoRA: diffusers safetensors)",
+        description="The standard recipe: noise-prediction MSE on VAE latents, AdamW, constant learning rate. "
+        "LoRA adapts the UNet attention projections (to_q, to_k, to_v, to_out.0) through peft.",
+    )
+    parser.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x pipeline folder (safetensors)")
+    parser.add_argument("--images", required=True, help="folder of training images (png/jpg/webp/bmp)")
+    parser.add_argument("--caption", required=True, help='the instance prompt, e.g. "a photo of sks dog"')
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--method", choices=("dreambooth", "lora"), default="dreambooth")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="constant AdamW learning rate (default 5e-6 DreamBooth, 1e-4 LoRA: SD 1.x values)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank r; alpha = r (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training side in pixels (default: the model's, UNet sample size x VAE factor)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="fp16/bf16: mixed-precision autocast on CUDA (fp32 master weights)")
+    parser.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of saved weights")
+    parser.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import logging
+
+    from finextract.finetune import finetune
+    from finextract.runtime import set_threads
+
+    set_threads()
+    out = finetune(
+        args.base, args.images, args.caption, out=args.out, method=args.method, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, rank=args.rank, seed=args.seed, resolution=args.resolution, device=args.device,
+        dtype=args.dtype, save_dtype=args.save_dtype, train_text_encoder=args.train_text_encoder,
+    )
+    logging.getLogger("finextract").info("fine-tuned model written to %s", out)
+    return 0

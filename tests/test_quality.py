@@ -1,0 +1,71 @@
+"""Extraction quality on the committed trained DreamBooth pair (fast: N = 25 and 25 DDIM steps).
+
+The full-N numbers (`finextract demo`) are recorded in bench/results/demo.json.
+"""
+from __future__ import annotations
+
+import pytest
+
+N0, N, STEPS = 5, 25, 25
+# Measured with this file on the committed zoo (N = 25, 25 DDIM steps, seed 0): see the report in
+# bench/results/demo.json for the full-N numbers. FineXtract and CFG are close on this pair; the
+# tolerance allows the noise of 25 samples, the margin over the pretrained model is several times it.
+MARGIN_PRETRAINED = 0.08
+TOLERANCE_CFG = 0.03
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    from finextract.trained_zoo import default_zoo_folder
+
+    folder = default_zoo_folder()
+    assert (folder / "dreambooth" / "model_index.json").is_file(), f"{folder}: the trained zoo is not committed"
+    return folder
+
+
+def _as(extractor, caption, zoo, method):
+    result = extractor.extract(caption, N0, num_images=N, method=method, steps=STEPS, seed=0, batch_size=N,
+                               train=zoo / "train", progress=False)
+    return result.metrics["AS"]
+
+
+def test_committed_zoo_layout(zoo):
+    caption = (zoo / "caption.txt").read_text().strip()
+    assert caption
+    assert len(sorted((zoo / "train").glob("*.png"))) == N0
+    assert (zoo / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    total = sum(p.stat().st_size for p in zoo.rglob("*") if p.is_file())
+    assert total < 25e6, f"committed weights are {total / 1e6:.1f} MB; keep them under 25 MB"
+
+
+def test_finextract_beats_pretrained_and_matches_cfg_on_dreambooth(zoo):
+    from finextract.extract import Extractor
+
+    caption = (zoo / "caption.txt").read_text().strip()
+    finetuned = Extractor(zoo / "base", zoo / "dreambooth", device="cpu")
+    as_finextract = _as(finetuned, caption, zoo, "finextract")
+    as_cfg = _as(finetuned, caption, zoo, "cfg")
+    # the pretrained model's own generations for the caption: the base against itself, Direct rule
+    pretrained = Extractor(zoo / "base", zoo / "base", device="cpu")
+    as_pretrained = _as(pretrained, caption, zoo, "direct")
+    print(f"AS finextract {as_finextract:.3f} cfg {as_cfg:.3f} pretrained {as_pretrained:.3f}")
+    assert as_finextract > as_pretrained + MARGIN_PRETRAINED, (as_finextract, as_pretrained)
+    assert as_finextract >= as_cfg - TOLERANCE_CFG, (as_finextract, as_cfg)
+
+
+def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
+    import json
+
+    from finextract.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--num-images", "10", "--steps", "4", "--kinds", "lora",
+                 "--methods", "finextract,direct", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "FineXtract" in printed and "Direct" in printed and "A-ESR0.6" in printed and "report.html" in printed
+    summary = json.loads((out / "demo.json").read_text())
+    assert [(r["kind"], r["method"]) for r in summary["rows"]] == [("lora", "finextract"), ("lora", "direct")]
+    for row in summary["rows"]:
+        assert 0 <= row["A-ESR0.7"] <= row["A-ESR0.6"] <= 1 and -1 <= row["AS"] <= 1
+        assert len(list((out / row["folder"] / "best_match").glob("*.png"))) == 5
+    assert "lora-finextract/best_match/train0.png" in (out / "report.html").read_text()
