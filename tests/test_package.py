@@ -32,3 +32,19 @@ def test_lora_gate_zero_is_base_one_is_merged(tiny_base):
     assert torch.allclose(mixed[0], base_out[0], atol=1e-5)
     assert torch.allclose(mixed[1], merged_out[1], atol=1e-4)
     assert not torch.allclose(base_out[1], merged_out[1], atol=1e-3)  # the adapters do change the output
+
+
+def test_cli_lists_every_command():
+    from finextract.cli import COMMANDS, build_parser
+
+    help_text = build_parser().format_help()
+    missing = [name for name in COMMANDS if name not in help_text]
+    assert missing == []
+
+
+def test_cli_methods_are_the_rules_methods():
+    # the CLI keeps its own copy so that parsing imports no torch; it must not drift
+    from finextract.commands.options import METHODS as cli_methods
+    from finextract.rules import METHODS
+
+    assert tuple(cli_methods) == tuple(METHODS)

@@ -1,36 +1,19 @@
 """`finextract extract`: generate with model guidance, cluster, and write the extracted images."""
 from __future__ import annotations
 
-import argparse
+from .options import add_model_options, add_runtime_options, add_sampling_options
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="extract fine-tuning images (generate + SSCD + cliques)",
                               description="FineXtract: generate N = 50 x N0 guided images, cluster them, write N0 extracted images.")
-    p.add_argument("--base", required=True, help="pretrained model (diffusers folder or single file)")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--finetuned", help="DreamBooth checkpoint (folder or single file)")
-    group.add_argument("--lora", help="LoRA weights (diffusers, PEFT or kohya)")
-    p.add_argument("--caption", required=True, help="the training caption c")
-    p.add_argument("--n0", type=int, required=True, help="N0: number of images to extract")
-    p.add_argument("--num-images", type=int, default=None, help="N generated images (default 50 x N0)")
-    p.add_argument("--method", default="finextract", choices=("finextract", "finextract-uncond", "cfg", "direct"))
-    p.add_argument("--w", type=float, default=None, help="guidance scale (default per model kind)")
-    p.add_argument("--k", type=float, default=None, help="correction term k (default per model kind)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--backend", default="auto",
-                        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)")
+    add_model_options(p)
+    add_sampling_options(p)
+    add_runtime_options(p)
     p.add_argument("--train", default=None, help="folder of the real training images: adds AS / A-ESR")
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/generated/")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (only ones you trust)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 

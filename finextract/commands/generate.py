@@ -6,9 +6,7 @@ Rerunning the same command after an interruption continues from the last finishe
 """
 from __future__ import annotations
 
-import argparse
-
-from finextract.rules import METHODS
+from .options import add_model_options, add_runtime_options, add_sampling_options
 
 
 def register(subparsers) -> None:
@@ -18,30 +16,9 @@ def register(subparsers) -> None:
         description="Generate N images guided from the pretrained towards the fine-tuned model, written in "
         "chunks with a manifest; rerun the same command to resume after an interruption.",
     )
-    parser.add_argument("--base", required=True, help="pretrained model: diffusers folder or single-file checkpoint")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--finetuned", help="full fine-tune (DreamBooth): pipeline folder, unet/ folder or file")
-    model.add_argument("--lora", help="LoRA checkpoint (diffusers, PEFT or kohya format)")
-    parser.add_argument("--caption", required=True, help="the training caption c")
-    parser.add_argument("--n0", type=int, required=True, help="N0, the number of training images")
-    parser.add_argument("--num-images", type=int, default=None, help="N images to generate (default 50 x N0)")
-    parser.add_argument("--method", choices=METHODS, default="finextract",
-                        help="guidance rule: finextract (Eq. 13), finextract-uncond (Eq. 6), cfg, direct")
-    parser.add_argument("--w", type=float, default=None,
-                        help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)")
-    parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, eta = 0 (default 50)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="UNet precision; fp16/bf16 need CUDA (default fp32)")
-    parser.add_argument("--backend", default="auto",
-                        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle checkpoints (.ckpt/.bin): only for files you trust")
+    add_model_options(parser)
+    add_sampling_options(parser)
+    add_runtime_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, help="output folder (chunks + manifest.json); reuse it to resume")
     parser.set_defaults(func=run)
