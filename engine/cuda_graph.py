@@ -17,11 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from finextract.kernels.cuda_guidance import ddim_weights_table, guided_ddim_step_cuda_weights
+from finextract.runtime import torch_dtype
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def prepare_unet_for_cuda(unet: torch.nn.Module, dtype: torch.dtype | str = torch.float16, channels_last: bool = True,
                           device: str | torch.device = "cuda") -> torch.nn.Module:
@@ -43,10 +41,7 @@ def prepare_unet_for_cuda(unet: torch.nn.Module, dtype: torch.dtype | str = torc
     Raises:
         ValueError: an unknown dtype name.
     """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     unet.eval().requires_grad_(False)
     unet.to(device=device, dtype=dtype)
     if hasattr(unet, "set_default_attn_processor"):

@@ -189,6 +189,42 @@ def spec_for(
     return ExportSpec(kind, models, (int(config.in_channels), int(h), int(w)), text_shape, dtype, opset, tuple(batch_sizes))
 
 
+def constant_inputs(spec: ExportSpec, rule, text_embeddings: dict, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The inputs of `spec`'s network that stay fixed for a whole run, made once on `device`.
+
+    Args:
+        spec: the network's `ExportSpec` (from `spec_for(pair, rule)`).
+        rule: the `GuidanceRule`; term i feeds `text_embedding` (kind "unet") or `text_embedding_a/_b`.
+        text_embeddings: `finextract.sampling.encode_text`'s output, (model, caption) -> (1, L, D).
+        device: where the network runs.
+
+    Returns:
+        Name -> contiguous tensor: the text embeddings (1, L, D) in the network dtype and, for the
+        two-term kinds, `coef_a` / `coef_b` as float32 (1,) (e.g. Eq. 13: w, 1 - w + k).
+
+    Raises:
+        KeyError: `text_embeddings` lacks an embedding a term needs.
+    """
+    dtypes = spec.input_dtypes()
+    names = ("text_embedding",) if spec.kind == "unet" else ("text_embedding_a", "text_embedding_b")
+    constants = {}
+    for name, term in zip(names, rule.terms):
+        if term.key not in text_embeddings:
+            raise KeyError(f"text_embeddings has no {term.key}; build it with encode_text(pair, rule, caption)")
+        constants[name] = text_embeddings[term.key].to(device=device, dtype=dtypes[name]).contiguous()
+    if spec.kind != "unet":
+        for name, coef in zip(("coef_a", "coef_b"), rule.coefs):
+            constants[name] = torch.tensor([coef], dtype=torch.float32, device=device)
+    return constants
+
+
+def lora_gate(rule, batch: int) -> torch.Tensor:
+    """The `lora_gate` input (2B,) float32 on the CPU: term a's model on the first B rows, term b's on
+    the rest (1 = adapters on, the fine-tuned model; 0 = the base model)."""
+    values = [1.0 if term.model == "finetuned" else 0.0 for term in rule.terms]
+    return torch.tensor(values, dtype=torch.float32).repeat_interleave(batch)
+
+
 def dtype_name(dtype: str | torch.dtype) -> str:
     """'fp32' / 'fp16' for a name or a torch dtype. Raises ValueError for anything else."""
     for name, value in DTYPES.items():

@@ -9,9 +9,12 @@ refused unless the user passes `allow_pickle=True` (CLI `--allow-pickle`), and t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -19,6 +22,46 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 # safetensors headers are JSON, a few MB at most for the largest models; larger means not safetensors
 _MAX_HEADER_BYTES = 100 * 2**20
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks (checkpoints can be GBs).
+
+    Raises:
+        FileNotFoundError / OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes | bytearray | memoryview | str) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
+
+    Readers see the old file or the new one, never a half-written one; a failed write removes its
+    temporary file instead of leaving it beside `path`.
+
+    Args:
+        path: destination file; its folder must exist.
+        data: bytes-like, or str (written as UTF-8).
+
+    Returns:
+        `path` as a `Path`.
+    """
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class CheckpointFormatError(ValueError):

@@ -7,13 +7,12 @@ downloaded: hub ids resolve from the local Hugging Face cache only. Pickles are 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from pathlib import Path
 
-from .formats import PickleRefusedError, read_safetensors_header, sniff, state_dict_keys
+from .formats import PickleRefusedError, file_sha256, read_safetensors_header, sniff, state_dict_keys
 from .pair import ModelPair
 
 logger = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ _UNET_ARCH_KEYS = (
 )
 _TEXT_ARCH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
 _FAMILY_BY_CROSS_ATTENTION = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 # --- paths ---
@@ -231,22 +229,10 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool, what:
         ) from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _to_dtype(dtype):
-    import torch
+    from finextract.runtime import torch_dtype
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)} or a torch.dtype")
-    return getattr(torch, _DTYPES[dtype])
+    return None if dtype is None else torch_dtype(dtype)
 
 
 def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict, Path | None]:
@@ -355,7 +341,7 @@ def load_model_pair(
             ft_text = merge_lora(copy.deepcopy(base_text), weights.text_encoder)
         sources.update(lora_format=weights.format, lora_counts=weights.counts, lora_alpha_assumed=weights.alpha_assumed)
         if ft_path.is_file():
-            sources["lora_sha256"] = _sha256(ft_path)
+            sources["lora_sha256"] = file_sha256(ft_path)
         kind = "lora"
     else:
         kind = "dreambooth"

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .formats import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +140,6 @@ def read_engine_meta(engine_path: str | Path, key: str) -> dict | None:
     return meta
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- TensorRT proper ---------------------------------------------------------------------------
 
 
@@ -217,9 +209,9 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(engine_path, memoryview(serialized))
+    atomic_write(engine_path, memoryview(serialized))
     if timing_cache:
-        _atomic_write(Path(timing_cache), memoryview(builder_config.get_timing_cache().serialize()))
+        atomic_write(Path(timing_cache), memoryview(builder_config.get_timing_cache().serialize()))
     logger.info("built %s in %.0f s", engine_path, time.perf_counter() - started)
     return engine_path
 
@@ -234,16 +226,11 @@ def load_engine(engine_path: str | Path):
     return engine
 
 
-def _atomic_write(path: Path, data) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(handle, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
-
-
 def _build_cached(name: str, onnx_path, source: dict, profiles: dict, config: BuildConfig, out_dir, extra: dict, **options) -> EngineArtifact:
     trt = require_tensorrt()
     gpu = gpu_identity()
+    # strongly_typed / int8 change the engine as much as the config does, so they are part of its key
+    source = {**source, "build_options": dict(sorted(options.items()))}
     key = engine_key(source, profiles, config, trt.__version__, gpu)
     out_dir = Path(out_dir)
     engine_path = out_dir / f"{name}-{config.precision}.plan"
@@ -260,7 +247,7 @@ def _build_cached(name: str, onnx_path, source: dict, profiles: dict, config: Bu
         "gpu": gpu, "config": asdict(config), "profiles": _shapes_json(profiles), "batch_sizes": sorted(profiles),
         "size": engine_path.stat().st_size, "build_seconds": round(time.perf_counter() - started, 1), **extra,
     }
-    _atomic_write(engine_path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write(engine_path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
     return EngineArtifact(engine_path, meta, False)
 
 

@@ -33,6 +33,7 @@ class ExtractionResult:
         changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
+        descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
     """
 
     images: np.ndarray
@@ -44,6 +45,7 @@ class ExtractionResult:
     metrics: dict | None = None
     clustering: ClusteringResult | None = None
     num_degenerate: int = 0
+    descriptors: object = None
 
 
 def embed_images(embedder, images, batch_size: int = 32):
@@ -112,14 +114,17 @@ def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step
     timings["cluster"] = time.perf_counter() - start
     cliques = [[int(keep[i]) for i in c] for c in clustering.cliques]
     indices = [int(keep[i]) for i in clustering.representatives]
-    picked = (np.stack([array_list[i] for i in indices]) if array_list is not None and
-              len({array_list[i].shape for i in indices}) == 1 else
-              [array_list[i] for i in indices] if array_list is not None else
-              images[_index(indices, images.device)].cpu().numpy() if on_device else np.asarray(images[indices]))
-    result = ExtractionResult(images=picked, indices=indices, cliques=cliques, threshold=clustering.threshold,
-                              timings=timings, clustering=clustering, num_degenerate=int(degenerate.sum()))
-    result.descriptors = descriptors[[int(np.searchsorted(keep, i)) for i in indices]]
-    return result
+    if array_list is not None:
+        picked = [array_list[i] for i in indices]
+        if len({image.shape for image in picked}) == 1:
+            picked = np.stack(picked)
+    elif on_device:
+        picked = images[_index(indices, images.device)].cpu().numpy()
+    else:
+        picked = np.asarray(images[indices])
+    return ExtractionResult(images=picked, indices=indices, cliques=cliques, threshold=clustering.threshold,
+                            timings=timings, clustering=clustering, num_degenerate=int(degenerate.sum()),
+                            descriptors=descriptors[list(clustering.representatives)])
 
 
 def _is_device_tensor(images) -> bool:
@@ -178,14 +183,6 @@ def write_output(out: str | Path, result: ExtractionResult, record: dict, *, gen
     (out / "result.json").write_text(json.dumps(record, indent=2))
     write_report(out, record, paths, train_data)
     return out
-
-
-def _versions() -> dict:
-    import torch
-
-    import finextract
-
-    return {"finextract": finextract.__version__, "torch": torch.__version__}
 
 
 class Extractor:
@@ -252,7 +249,7 @@ class Extractor:
         Raises:
             ValueError: n0 < 1, num_images < n0, or too few usable generations.
         """
-        from finextract.generate import generate
+        from finextract.generate import generate, library_versions
 
         if n0 < 1:
             raise ValueError(f"n0={n0} must be >= 1")
@@ -277,7 +274,7 @@ class Extractor:
             "dtype": self.dtype, "backend": self.backend, "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
             "sscd": self.embedder.info,
             "clustering": {"step": 0.01, "budget": self.budget or "auto"}, "generation": generation.manifest,
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         train_data = None
         if train is not None:

@@ -11,9 +11,9 @@ resumed, rechunked or re-batched run gives the same images.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .engine.formats import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,6 @@ def generate(
             (the message lists what differs).
         NonFiniteError (a RuntimeError): non-finite latents even in fp32.
     """
-    from . import __version__
     from .rules import rule_for, rule_params
     from .runtime import resolve_device
     from .sampling import resolve_backend, resolve_dtype
@@ -119,12 +120,13 @@ def generate(
     config = _normalise({
         "method": method, "params": rule_params(method, pair.kind, w, k), "rule": rule.to_dict(), "caption": caption,
         "num_images": num_images, "steps": steps, "seed": seed, "dtype": dtype, "backend": backend,
-        "sampler": "DDIM eta=0", "model": {"kind": pair.kind, "weights": weights_fingerprint(pair)},
+        "sampler": "DDIM eta=0", "model": {"kind": pair.kind, "weights": weights_fingerprint(pair),
+                                           "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")}},
     })
     folder = Path(out) if out is not None else None
     manifest = _open_manifest(folder, config, chunk_size or batch_size)
     manifest.update(
-        versions=_versions(__version__), seeds=seeds, sources=_normalise(pair.sources, default=str),
+        versions=library_versions(), seeds=seeds, sources=_normalise(pair.sources, default=str),
         last_run={"device": device, "batch_size": batch_size, "cuda_graphs": bool(cuda_graphs)},
     )
     chunks = manifest["chunks"]
@@ -240,7 +242,7 @@ def _adopt_finished(folder: Path, chunks: list[dict], seeds: list[int]) -> None:
             if not path.exists():
                 logger.warning("chunk file %s is missing; regenerating it", path)
                 chunk["status"] = "pending"
-            elif chunk.get("sha256") and _sha256(path) != chunk["sha256"]:
+            elif chunk.get("sha256") and file_sha256(path) != chunk["sha256"]:
                 logger.warning("chunk file %s does not match its manifest sha256; regenerating it", path)
                 chunk["status"] = "pending"
         elif path.exists():
@@ -250,16 +252,16 @@ def _adopt_finished(folder: Path, chunks: list[dict], seeds: list[int]) -> None:
                 logger.warning("ignoring unreadable chunk file %s (%s)", path, error)
                 continue
             if chunk_seeds == seeds[chunk["start"]:chunk["stop"]] and len(images) == len(chunk_seeds):
-                chunk.update(status="done", sha256=_sha256(path))
+                chunk.update(status="done", sha256=file_sha256(path))
 
 
 def _write_chunk(path: Path, images: torch.Tensor, seeds: list[int]) -> str:
     """Write images (uint8 NHWC) and seeds to `path` atomically; return the file's sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez_compressed(handle, images=images.numpy(), seeds=np.asarray(seeds, dtype=np.int64))
-    os.replace(tmp, path)
-    return _sha256(path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images.numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    data = buffer.getbuffer()
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_chunk(path: Path) -> tuple[torch.Tensor, list[int]]:
@@ -268,13 +270,7 @@ def _read_chunk(path: Path) -> tuple[torch.Tensor, list[int]]:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def _normalise(value, default=None):
@@ -282,11 +278,14 @@ def _normalise(value, default=None):
     return json.loads(json.dumps(value, default=default))
 
 
-def _versions(finextract_version: str) -> dict:
+def library_versions() -> dict:
+    """Versions of finextract and the libraries that change generated images (recorded in manifests)."""
     import diffusers
     import transformers
 
+    from . import __version__
+
     return {
-        "finextract": finextract_version, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "finextract": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version(),
     }

@@ -1,4 +1,4 @@
-"""Process-wide runtime settings: thread counts and devices.
+"""Process-wide runtime settings: thread counts, devices and dtype names.
 
 With 2 cores, a CPU-bound neighbour process can make torch's default threading 100x slower, so
 every entry point (CLI, tests, benchmarks) sets thread counts deliberately through this module.
@@ -51,3 +51,29 @@ def resolve_device(device: str | None = None) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"--device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
     return device
+
+
+#: Precision names accepted everywhere (CLI `--dtype`, API `dtype=`) -> torch dtype attribute.
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+               "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def torch_dtype(dtype):
+    """The torch dtype a precision name stands for; a torch dtype passes through unchanged.
+
+    Args:
+        dtype: "fp32" / "fp16" / "bf16" (or "float32" / "float16" / "bfloat16"), or a `torch.dtype`.
+
+    Returns:
+        torch.float32, torch.float16 or torch.bfloat16 (or the given `torch.dtype`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the accepted ones).
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16 (or a torch.dtype)")
+    return getattr(torch, DTYPE_NAMES[dtype])

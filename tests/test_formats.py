@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from finextract.engine.formats import (
-    CheckpointFormatError, PickleRefusedError, load_state_dict, read_safetensors_header, sniff, state_dict_keys,
+    CheckpointFormatError, PickleRefusedError, atomic_write, file_sha256, load_state_dict, read_safetensors_header,
+    sniff, state_dict_keys,
 )
 
 LFS_POINTER = (
@@ -116,3 +117,27 @@ def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
         read_safetensors_header(path)
     with pytest.raises(PickleRefusedError):
         load_state_dict(path)
+
+
+def test_file_sha256_and_atomic_write(tmp_path):
+    import hashlib
+
+    path = atomic_write(tmp_path / "a.json", '{"x": 1}')
+    assert path.read_text() == '{"x": 1}'
+    atomic_write(path, b"new bytes")
+    assert path.read_bytes() == b"new bytes"
+    assert file_sha256(path) == hashlib.sha256(b"new bytes").hexdigest()
+    with pytest.raises(TypeError):
+        atomic_write(path, 123)  # not bytes-like: the write fails ...
+    assert path.read_bytes() == b"new bytes"  # ... the old file stays whole ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # ... and no temporary file is left
+
+
+def test_torch_dtype_names():
+    from finextract.runtime import torch_dtype
+
+    assert [torch_dtype(n) for n in ("fp32", "fp16", "bf16", "bfloat16")] == [
+        torch.float32, torch.float16, torch.bfloat16, torch.bfloat16]
+    assert torch_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="expected one of fp32, fp16, bf16"):
+        torch_dtype("int8")

@@ -1,6 +1,7 @@
 """Chunked, resumable generation: batch invariance, resume without recomputation, refused configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,8 +95,14 @@ def test_changed_config_is_refused(dreambooth_pair, tmp_path):
         generate(dreambooth_pair, CAPTION, 2, steps=2, w=4.0, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="num_images"):
         generate(dreambooth_pair, CAPTION, 3, steps=2, out=tmp_path, progress=False)
+    # the scheduler config changes every image, so it is part of the resume key too
+    other_schedule = dataclasses.replace(dreambooth_pair, scheduler_config={**dreambooth_pair.scheduler_config,
+                                                                            "beta_end": 0.02})
+    with pytest.raises(ValueError, match="model"):
+        generate(other_schedule, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["config"]["params"] == {"w": 3.0, "k": -0.02}
+    assert manifest["config"]["model"]["scheduler"]["beta_end"] == dreambooth_pair.scheduler_config["beta_end"] != 0.02
     assert manifest["config"]["rule"]["terms"][1] == {"model": "base", "caption": "empty", "coef": pytest.approx(-2.02)}
     assert set(manifest["versions"]) >= {"finextract", "torch", "diffusers"}
 

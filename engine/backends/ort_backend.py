@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import ExportedModel, dtype_name, export_cached, spec_for
+from ..export import ExportedModel, constant_inputs, dtype_name, export_cached, lora_gate, spec_for
 from .base import Prediction
 
 logger = logging.getLogger(__name__)
@@ -121,16 +121,13 @@ class OnnxRuntimeBackend:
         self.device = torch.device(device)
         if dtype_name(dtype) == "fp16" and self.device.type == "cpu":
             raise ValueError("dtype float16 on device cpu: onnxruntime's CPU provider lacks fp16 kernels; use torch.float32")
-        for term in rule.terms:
-            if (term.model, term.caption) not in text_embeddings:
-                raise KeyError(f"text_embeddings has no {(term.model, term.caption)}; build it with encode_text(pair, rule, caption)")
         provider_list = providers_for(self.device, providers)  # fail before the export when missing
         self.rule = rule
         self.spec = spec_for(pair, rule, dtype=dtype)
+        self._constants = constant_inputs(self.spec, rule, text_embeddings, self.device)  # KeyError before the export
         self.exported: ExportedModel = export_cached(pair, self.spec, cache_dir)
         self.session = ort.InferenceSession(str(self.exported.path), session_options(threads), providers=provider_list)
         self._device_type = "cuda" if self.device.type == "cuda" else "cpu"
-        self._constants = self._constant_inputs(rule, text_embeddings)
         self._gates: dict[int, torch.Tensor] = {}
 
     @property
@@ -138,26 +135,10 @@ class OnnxRuntimeBackend:
         """Session calls per denoising step (always 1)."""
         return 1
 
-    def _constant_inputs(self, rule, text_embeddings: dict) -> dict[str, torch.Tensor]:
-        """Text embeddings and coefficients, made once per run on the device."""
-        dtypes = self.spec.input_dtypes()
-        names = ("text_embedding",) if self.spec.kind == "unet" else ("text_embedding_a", "text_embedding_b")
-        constants = {}
-        for name, term in zip(names, rule.terms):
-            embedding = text_embeddings[(term.model, term.caption)]
-            constants[name] = embedding.to(device=self.device, dtype=dtypes[name]).contiguous()
-        if self.spec.kind != "unet":
-            coef_a, coef_b = rule.coefs if hasattr(rule, "coefs") else (rule.terms[0].coef, rule.terms[1].coef)
-            constants["coef_a"] = torch.tensor([coef_a], dtype=torch.float32, device=self.device)
-            constants["coef_b"] = torch.tensor([coef_b], dtype=torch.float32, device=self.device)
-        return constants
-
     def _lora_gate(self, batch: int) -> torch.Tensor:
-        """(2B,) gate: term a's model on the first half, term b's on the second (1 = fine-tuned)."""
+        """(2B,) gate on the device, cached per batch size (see `finextract.engine.export.lora_gate`)."""
         if batch not in self._gates:
-            values = [1.0 if term.model == "finetuned" else 0.0 for term in self.rule.terms]
-            gate = torch.tensor(values, dtype=torch.float32).repeat_interleave(batch)
-            self._gates[batch] = gate.to(self.device)
+            self._gates[batch] = lora_gate(self.rule, batch).to(self.device)
         return self._gates[batch]
 
     def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import default_cache_dir, dtype_name, export_cached, spec_for
+from ..export import constant_inputs, default_cache_dir, dtype_name, export_cached, lora_gate, spec_for
 from ..tensorrt import BuildConfig, build_unet_engine, load_engine, require_tensorrt
 from .base import Prediction
 
@@ -101,32 +101,17 @@ class TensorRTBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(f"--backend tensorrt needs a CUDA device (got {device!r}); use --backend onnxruntime on a CPU")
-        for term in rule.terms:
-            if (term.model, term.caption) not in text_embeddings:
-                raise KeyError(f"text_embeddings has no {(term.model, term.caption)}; build it with encode_text(pair, rule, caption)")
         precision = dtype_name(dtype)
         self.rule = rule
         self.spec = spec_for(pair, rule, dtype=precision, batch_sizes=tuple(batch_sizes))
+        self._constants = constant_inputs(self.spec, rule, text_embeddings, self.device)  # KeyError before the build
         exported = export_cached(pair, self.spec, cache_dir)
         engine_dir = Path(engine_dir) if engine_dir else Path(cache_dir or default_cache_dir()).parent / "engines"
         self.artifact = build_unet_engine(exported, BuildConfig(precision, tuple(batch_sizes)), engine_dir)
         self.engine = load_engine(self.artifact.path)
         self.cuda_graph = cuda_graph
-        self._constants = self._constant_inputs(text_embeddings)
         self._memory = self._shared_memory()
         self._profiles: dict[int, _Profile] = {}
-
-    def _constant_inputs(self, text_embeddings: dict) -> dict[str, torch.Tensor]:
-        dtypes = self.spec.input_dtypes()
-        names = ("text_embedding",) if self.spec.kind == "unet" else ("text_embedding_a", "text_embedding_b")
-        constants = {
-            name: text_embeddings[(term.model, term.caption)].to(self.device, dtypes[name]).contiguous()
-            for name, term in zip(names, self.rule.terms)
-        }
-        if self.spec.kind != "unet":
-            for name, coef in zip(("coef_a", "coef_b"), self.rule.coefs):
-                constants[name] = torch.tensor([coef], dtype=torch.float32, device=self.device)
-        return constants
 
     def _shared_memory(self) -> torch.Tensor:
         """One activation block for every profile's context (they never run concurrently)."""
@@ -143,9 +128,8 @@ class TensorRTBackend:
         if size not in self._profiles:
             stream = torch.cuda.current_stream(self.device)
             profile = _Profile(self.engine, sizes.index(size), size, self.spec, self._constants, self._memory, stream)
-            if self.spec.kind == "lora_pair":  # term a's model on the first half, term b's on the second
-                values = [1.0 if term.model == "finetuned" else 0.0 for term in self.rule.terms]
-                profile.buffers["lora_gate"].copy_(torch.tensor(values).repeat_interleave(size))
+            if self.spec.kind == "lora_pair":
+                profile.buffers["lora_gate"].copy_(lora_gate(self.rule, size))
             if self.cuda_graph:
                 profile.capture(stream)
             self._profiles[size] = profile

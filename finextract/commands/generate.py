@@ -26,13 +26,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from finextract.engine.loading import load_model_pair
+    from finextract.extract import IMAGES_PER_N0
     from finextract.generate import generate
     from finextract.runtime import resolve_device, set_threads
     from finextract.sampling import resolve_dtype
 
     if args.n0 < 1:
         raise ValueError(f"--n0 {args.n0}: must be >= 1")
-    num_images = args.num_images if args.num_images is not None else 50 * args.n0
+    num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)  # refuse fp16 on a CPU before loading anything
     set_threads()
