@@ -165,8 +165,12 @@ def train_loop(
     max_grad_norm: float = 1.0,
     desc: str = "finetune",
     progress: bool = True,
+    schedule: Literal["constant", "cosine"] = "constant",
 ) -> list[float]:
-    """Run `steps` AdamW steps (constant LR) on `loss_fn(generator)`; return the per-step losses.
+    """Run `steps` AdamW steps on `loss_fn(generator)`; return the per-step losses.
+
+    The learning rate is constant (the fine-tuning recipe) or, with `schedule="cosine"`, decays from
+    `lr` to 0 over `steps` (used to refine the trained zoo's base).
 
     Mixed precision: on CUDA with dtype "fp16" / "bf16" the loss runs under autocast (fp16 with a
     gradient scaler); the parameters stay fp32. On a CPU only "fp32" is accepted.
@@ -177,7 +181,12 @@ def train_loop(
     import torch
     from tqdm.auto import tqdm
 
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule {schedule!r}: expected 'constant' or 'cosine'")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
     autocast_dtype = None if dtype == "fp32" else getattr(torch, _DTYPES[dtype])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -196,6 +205,7 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        decay.step()
         losses.append(float(loss.detach()))
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

@@ -33,12 +33,14 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: finextract,cfg,direct")
     parser.add_argument("--batch-size", type=int, default=50, help="images per UNet batch (default 50)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (default: onnxruntime on a CPU, its export cached under FINEXTRACT_CACHE or "
+                             "~/.cache/finextract; torch on CUDA), torch, onnxruntime or tensorrt")
     parser.set_defaults(func=run)
 
 
 def run_demo(out: str | Path, zoo: str | Path | None = None, *, n0: int = 5, num_images: int = 250, steps: int = 50,
-             seed: int = 0, kinds=KINDS, methods=METHODS, batch_size: int = 50, device: str = "auto", backend: str = "torch",
+             seed: int = 0, kinds=KINDS, methods=METHODS, batch_size: int = 50, device: str = "auto", backend: str = "auto",
              progress: bool = True) -> dict:
     """Run every (kind, method) extraction on the trained zoo; write runs, demo.json and report.html.
 
