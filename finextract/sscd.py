@@ -88,14 +88,15 @@ class Embedder:
             float32 (B, D) tensor, rows L2-normalised, on the images' device (CPU for ndarrays).
 
         Raises:
-            ValueError: wrong dtype or shape.
+            ValueError: wrong dtype or shape, or no images (the descriptor size is the model's).
         """
         import torch
 
         x = _as_uint8_nhwc(images)
+        if len(x) == 0:
+            raise ValueError("no images to embed: pass a uint8 (B, H, W, 3) batch with B >= 1")
         out = [self._run(resize_crop(x[i:i + batch_size], self.preset)) for i in range(0, len(x), batch_size)]
-        y = torch.cat(out).to(x.device) if out else torch.zeros(0, 512)
-        return torch.nn.functional.normalize(y.float(), dim=1)
+        return torch.nn.functional.normalize(torch.cat(out).to(x.device).float(), dim=1)
 
 
 class _OnnxEmbedder(Embedder):
