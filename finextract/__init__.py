@@ -38,6 +38,7 @@ _EXPORTS = {
     "Extractor": "finextract.extract",
     "finetune": "finextract.finetune",
     "build_trained_zoo": "finextract.trained_zoo",
+    "default_zoo_folder": "finextract.trained_zoo",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
