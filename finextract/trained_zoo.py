@@ -389,6 +389,8 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
         record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"base": "../base"}, indent=2) + "\n")
         timings[f"{method}_s"] = time.perf_counter() - t
 
+    _strip_local_paths(out)
+
     # 4. Record how good the VAE is on the photos that matter.
     saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
     round_trip = vae_round_trip(saved_vae, photos)
@@ -405,6 +407,18 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
     (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained zoo written to %s: %s", out, metrics)
     return out
+
+
+def _strip_local_paths(folder: Path) -> None:
+    """Drop `_name_or_path` from every saved config: diffusers records the folder a part was loaded
+    from (here a temporary build folder), which would make the committed configs machine-dependent.
+    Loading ignores the key, so removing it changes nothing but the JSON."""
+    for config in sorted(folder.rglob("*.json")):
+        if config.name not in ("config.json", "model_index.json"):
+            continue
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _sscd_similarity(a: np.ndarray, b: np.ndarray):

@@ -38,6 +38,15 @@ def test_committed_zoo_layout(zoo):
     assert total < 25e6, f"committed weights are {total / 1e6:.1f} MB; keep them under 25 MB"
 
 
+def test_committed_configs_hold_no_build_paths(zoo):
+    import json
+
+    configs = [p for p in zoo.rglob("*.json") if p.name in ("config.json", "model_index.json")]
+    assert len(configs) >= 8  # base and dreambooth: model_index, unet, vae, text_encoder
+    for config in configs:
+        assert "_name_or_path" not in json.loads(config.read_text()), f"{config} records its build folder"
+
+
 def test_finextract_beats_pretrained_and_matches_cfg_on_dreambooth(zoo):
     from finextract.extract import Extractor
 
