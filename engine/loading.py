@@ -29,6 +29,13 @@ _UNET_ARCH_KEYS = (
 )
 _TEXT_ARCH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
 _FAMILY_BY_CROSS_ATTENTION = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+# detected full fine-tune formats in plain words, for "this is not a LoRA" messages
+_FULL_FINETUNE_WORDS = {
+    "pipeline": "a full fine-tuned (DreamBooth) pipeline folder",
+    "unet_folder": "a full fine-tuned (DreamBooth) UNet folder",
+    "unet_file": "a full fine-tuned (DreamBooth) UNet state dict",
+    "checkpoint": "a full fine-tuned (DreamBooth) single-file Stable Diffusion checkpoint",
+}
 
 
 # --- paths ---
@@ -159,8 +166,13 @@ def detect_finetuned_format(path: Path) -> str:
     Raises:
         ValueError: nothing recognisable, with what was expected.
     """
+    from .formats import CheckpointFormatError, _not_weights_message
     from .lora_formats import detect_lora_format
 
+    if path.is_file():  # sniff first: an HTML page or text file under a weights name is named as such
+        kind = sniff(path)
+        if kind not in ("safetensors", "pickle", "pickle-zip"):
+            raise CheckpointFormatError(_not_weights_message(path, kind))
     lora = detect_lora_format(path)
     if lora:
         return f"lora_{lora}"
@@ -305,10 +317,24 @@ def load_model_pair(
     if lora is not None and fmt == "auto":
         fmt = "lora"
     if fmt in ("auto", "lora"):
-        detected = detect_finetuned_format(ft_path)
-        if fmt == "lora" and not detected.startswith("lora_"):
-            raise ValueError(f"{ft_path}: expected a LoRA checkpoint, found a {detected}")
-        fmt = detected
+        if fmt == "lora" and ft_path.is_file() and sniff(ft_path) in ("pickle", "pickle-zip"):
+            fmt = "lora_diffusers"  # a pickle's keys are known only after loading, which allow_pickle governs
+        else:
+            detected = detect_finetuned_format(ft_path)
+            if fmt == "lora" and not detected.startswith("lora_"):
+                raise ValueError(
+                    f"{ft_path} is {_FULL_FINETUNE_WORDS[detected]}, not a LoRA checkpoint: pass it as --finetuned "
+                    "(finetuned=...) instead of --lora"
+                )
+            fmt = detected
+    elif not fmt.startswith("lora"):
+        from .lora_formats import detect_lora_format
+
+        if detect_lora_format(ft_path):
+            raise ValueError(
+                f"{ft_path} is a LoRA checkpoint, not a full fine-tune ({fmt}): pass it as --lora (lora=...), "
+                "or leave finetuned_format='auto'"
+            )
     # 1. cheap checks on configs and headers before loading weights
     base_path = _resolve_path(base, "base")
     if base_path.is_dir() and (base_path / "unet" / "config.json").is_file():

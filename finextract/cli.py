@@ -41,18 +41,42 @@ class _NoOpCastWarning(logging.Filter):
         return "should be kept in float32: []" not in record.getMessage()
 
 
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' "... requires torchvision" notices: finextract uses no transformers image
+    processor, so a missing torchvision changes nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage().lower()
+        return not ("torchvision" in message and "requires" in message)
+
+
+# transformers loggers that report optional vision backends (filters act on the logger a record is logged to)
+_TORCHVISION_LOGGERS = (
+    "transformers", "transformers.utils.import_utils", "transformers.image_utils",
+    "transformers.image_processing_backends", "transformers.image_processing_utils",
+    "transformers.models.auto.image_processing_auto",
+)
+
+
 def quiet_libraries() -> None:
     """Hide third-party noise a CLI user sees on every run, keeping real warnings.
 
     Hugging Face progress bars ("Loading weights", "Loading pipeline components"; our own tqdm bars
-    stay) unless HF_HUB_DISABLE_PROGRESS_BARS is set otherwise, and diffusers' empty fp32-modules
-    warning. Called by `main` only: the library itself changes no global logging.
+    stay) unless HF_HUB_DISABLE_PROGRESS_BARS is set otherwise, diffusers' empty fp32-modules
+    warning, and transformers' "requires torchvision" notices. Called by `main` only: the library itself changes no global logging.
     """
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # read at import time; catch up if already imported
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(?is).*requires.*torchvision")
+    for name in _TORCHVISION_LOGGERS:
+        library_logger = logging.getLogger(name)
+        if not any(isinstance(f, _TorchvisionNotice) for f in library_logger.filters):
+            library_logger.addFilter(_TorchvisionNotice())
     diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
     if not any(isinstance(f, _NoOpCastWarning) for f in diffusers_logger.filters):
         diffusers_logger.addFilter(_NoOpCastWarning())
@@ -70,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: FileNotFoundError, NotADirectoryError, ...
         # Library code raises; only the CLI turns errors into a message and an exit code.
         logging.getLogger("finextract").debug("traceback", exc_info=True)
-        print(f"finextract {args.command}: error: {error}", file=sys.stderr)
+        message = str(error)
+        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+            message += f" ({error.filename})"
+        print(f"finextract {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

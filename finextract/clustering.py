@@ -587,7 +587,7 @@ def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int |
                 except _BudgetExceeded as error:
                     reason = f"{error.reason} ({search.spent} units, budget {budget})"
                     skipped.append({"threshold": threshold, "reason": reason})
-                    logger.info("threshold %.2f skipped: %s", threshold, reason)
+                    logger.debug("threshold %.2f skipped: %s", threshold, reason)
                     outcome = ("skipped", reason)
                 previous = (g.edges, outcome, threshold)
             if outcome[0] == "done" and outcome[2]:
@@ -599,6 +599,10 @@ def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int |
     finally:
         if bar is not None:
             bar.close()
+    if skipped:  # one line per clustering; the per-threshold reasons are DEBUG lines and in `.skipped`
+        reasons = sorted({s["reason"].split(" (")[0].removeprefix("same graph as ").split(": ")[-1] for s in skipped})
+        logger.info("clustering: %d threshold(s) skipped (%s; %.2f to %.2f), chose %.2f", len(skipped),
+                    ", ".join(reasons), skipped[0]["threshold"], skipped[-1]["threshold"], threshold)
     chosen = sorted(peeled)[:n0]  # (-size, -weight, members): largest, then higher mean similarity
     cliques = [list(key[2]) for key in chosen]
     return ClusteringResult(

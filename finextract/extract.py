@@ -145,6 +145,8 @@ def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tupl
 
     if isinstance(train, (str, Path)):
         train_images, train_paths = read_images(train)
+    elif isinstance(train, tuple) and len(train) == 2 and isinstance(train[1], list):  # (images, paths) read already
+        train_images, train_paths = train
     else:
         train_images = list(train)
         train_paths = [Path(f"train_{i:03d}.png") for i in range(len(train_images))]
@@ -199,6 +201,7 @@ class Extractor:
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph.
+        base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
@@ -209,7 +212,7 @@ class Extractor:
 
     def __init__(self, base, finetuned=None, *, lora=None, device="auto", dtype="fp32", backend="torch",
                  embedder="default", preset=None, allow_pickle=False, budget: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, base_config=None):
         from finextract.engine.loading import load_model_pair
         from finextract.runtime import resolve_device
         from finextract.sscd import load_embedder
@@ -222,7 +225,8 @@ class Extractor:
 
         self.backend = resolve_backend(backend, self.device)
         start = time.perf_counter()
-        self.pair = load_model_pair(base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device)
+        self.pair = load_model_pair(base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device,
+                                    base_config=base_config)
         self.embedder = load_embedder(embedder, preset=preset, device=self.device)
         self.load_seconds = time.perf_counter() - start
         self.models = {"base": str(base), "finetuned": None if finetuned is None else str(finetuned),
@@ -238,7 +242,7 @@ class Extractor:
             caption: the training caption c. n0: N0 >= 1. num_images: N (default 50 x N0).
             method: "finextract" | "finextract-uncond" | "cfg" | "direct". w, k: guidance scale and
                 correction (None = paper defaults per model kind). steps: DDIM steps. seed: image i uses
-                seed + i. batch_size: images per UNet batch (None = 16).
+                seed + i. batch_size: images per UNet batch (None = 16; must be >= 1).
             out: output folder to write (extracted/, result.json, report.html), or None.
             train: folder or list of uint8 arrays of the real training images: adds AS / A-ESR metrics.
             save_generated: also write all N generated images to out/generated/.
@@ -247,19 +251,30 @@ class Extractor:
             ExtractionResult.
 
         Raises:
-            ValueError: n0 < 1, num_images < n0, or too few usable generations.
+            ValueError: n0 < 1, num_images < n0, batch_size < 1, `out` is a file, `train` holds no
+                readable image, or too few usable generations (all but the last checked before generating).
+            FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import generate, library_versions
+        from finextract.generate import check_out_folder, generate, library_versions
+        from finextract.images import read_images
 
         if n0 < 1:
-            raise ValueError(f"n0={n0} must be >= 1")
-        num_images = num_images or IMAGES_PER_N0 * n0
+            raise ValueError(f"n0={n0}: must be >= 1")
+        num_images = IMAGES_PER_N0 * n0 if num_images is None else num_images
         if num_images < n0:
-            raise ValueError(f"num_images={num_images} must be >= n0={n0}")
+            raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
+        batch_size = 16 if batch_size is None else batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if out is not None:
+            check_out_folder(out)
+        if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
+            train_images, train_paths = read_images(train)
+            train = (train_images, train_paths)
         timings = {"load": self.load_seconds}
         start = time.perf_counter()
         generation = generate(self.pair, caption, num_images, method=method, w=w, k=k, steps=steps,
-                              batch_size=batch_size or 16, seed=seed, device=self.device, dtype=self.dtype,
+                              batch_size=batch_size, seed=seed, device=self.device, dtype=self.dtype,
                               backend=self.backend, progress=progress, cuda_graphs=self.cuda_graphs,
                               images_on_device=self.device.startswith("cuda"),
                               out=None if out is None else Path(out) / "generation")  # resumable chunks
@@ -269,8 +284,8 @@ class Extractor:
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = {
             **self.models, "caption": caption, "method": method, "w": params.get("w"), "k": params.get("k"),
-            "steps": steps, "seed": seed,
-            "seeds": list(generation.seeds), "batch_size": batch_size or 16, "device": self.device,
+            "n0": n0, "num_images": num_images, "steps": steps, "seed": seed,
+            "seeds": list(generation.seeds), "batch_size": batch_size, "device": self.device,
             "dtype": self.dtype, "backend": self.backend, "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
             "sscd": self.embedder.info,
             "clustering": {"step": 0.01, "budget": self.budget or "auto"}, "generation": generation.manifest,

@@ -66,6 +66,7 @@ def generate(
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
     cuda_graphs: bool = True,
     images_on_device: bool = False,
+    png: bool = False,
 ) -> GenerationResult:
     """Generate `num_images` images with guided DDIM sampling (FineXtract Eq. 13 by default).
 
@@ -92,6 +93,8 @@ def generate(
         images_on_device: return the images on `device` (kept there from the VAE decode on, for SSCD
             on the GPU); chunk files are still written from a CPU copy, and resumed chunks are moved
             to `device`.
+        png: with `out`, also write image i as `out/images/gen{i:05d}.png` as each chunk finishes
+            (and any missing PNG of an already finished chunk on resume).
 
     Returns:
         `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, or on `device` with
@@ -112,6 +115,10 @@ def generate(
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1 (the paper uses 50)")
+    if out is not None:
+        check_out_folder(out)
+    if png and out is None:
+        raise ValueError("png=True needs an `out` folder to write images/ into")
     device = resolve_device(device)
     resolve_dtype(dtype, device)
     backend = resolve_backend(backend, device)
@@ -159,6 +166,8 @@ def generate(
                 chunk.update(status="done", seconds=round(time.perf_counter() - started, 3))
                 if folder is not None:
                     chunk["sha256"] = _write_chunk(folder / chunk["file"], images.cpu(), seeds[chunk["start"]:chunk["stop"]])
+                    if png:
+                        _write_pngs(folder, images.cpu(), chunk["start"])
                     _write_json(folder / MANIFEST, manifest)
                 if on_chunk is not None:
                     on_chunk(chunk["index"], images)
@@ -167,7 +176,65 @@ def generate(
     images = torch.cat([
         results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0].to(target) for c in chunks
     ])
+    if png:  # chunks finished by an earlier run without --png (or whose PNGs were deleted)
+        for chunk in chunks:
+            if chunk["index"] not in results and not all(
+                    (folder / "images" / f"gen{i:05d}.png").is_file() for i in range(chunk["start"], chunk["stop"])):
+                _write_pngs(folder, images[chunk["start"]:chunk["stop"]].cpu(), chunk["start"])
     return GenerationResult(images=images, seeds=seeds, manifest=manifest)
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """Check that `out` can be a folder (it, or its nearest existing parent, is a folder), before heavy work.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        ValueError: `out` or one of its parents is an existing file; the message names it.
+    """
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" (its parent {path} is a file)"
+                raise ValueError(f"--out {out}: not a folder{where}; give a folder path (it is created if missing)")
+            break
+    return out
+
+
+def _write_pngs(folder: Path, images: torch.Tensor, start: int) -> None:
+    """images/gen{start + j:05d}.png for each uint8 (H, W, 3) image j, each written atomically."""
+    from PIL import Image
+
+    (folder / "images").mkdir(exist_ok=True)
+    for j, image in enumerate(images.numpy()):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write(folder / "images" / f"gen{start + j:05d}.png", buffer.getvalue())
+
+
+def _leaf_differences(old, new, prefix: str = "") -> list[str]:
+    """`key.path[i]: old -> new` for every differing leaf of two JSON values (added/removed keys too)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                lines.append(f"{path}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                lines.append(f"{path}: {old[key]!r} -> (absent)")
+            else:
+                lines += _leaf_differences(old[key], new[key], path)
+        return lines
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _leaf_differences(a, b, f"{prefix}[{i}]")]
+    if old == new:
+        return []
+    show = lambda value: value if isinstance(value, (int, float, bool)) or value is None else repr(value)  # noqa: E731
+    if isinstance(old, str) and isinstance(new, str) and len(old) < 80 and len(new) < 80:
+        show = str  # plain words for short strings: "kind: dreambooth -> lora"
+    return [f"{prefix}: {show(old)} -> {show(new)}"]
 
 
 def weights_fingerprint(pair) -> str:
@@ -212,13 +279,11 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
             raise ValueError(f"{path} is not valid JSON ({error}); move the folder away or use another --out") from None
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a finextract generation manifest ({FORMAT}); use another --out")
-        differences = [
-            f"{key}: {manifest['config'].get(key)!r} there, {value!r} now"
-            for key, value in config.items() if manifest["config"].get(key) != value
-        ]
+        differences = _leaf_differences(manifest["config"], config)
         if differences:
+            shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
             raise ValueError(
-                f"{folder} holds a generation with a different config ({'; '.join(differences)}); "
+                f"{folder} holds a generation with a different config (there -> now: {shown}); "
                 "rerun with the original settings to resume it, or choose another --out folder"
             )
         return manifest

@@ -8,17 +8,26 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# kept in step with finextract.generate (not imported: that module imports torch)
+GENERATE_MANIFEST = "manifest.json"
+GENERATE_FORMAT = "finextract-generate/1"
+
 
 def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     """Read every image file in `folder` (sorted by name) as RGB uint8 arrays.
 
-    Unreadable or non-image files are listed in one warning and skipped, never a crash halfway.
+    A `finextract generate` output folder (with its `manifest.json`) is read from its chunk files,
+    in image-index order, image i named `gen{i:05d}` (the name `extract` gives generated images).
+    Hidden files (`.DS_Store`, `._x.png`) are ignored silently; other unreadable or non-image files
+    are listed in one warning and skipped, never a crash halfway.
 
     Args:
-        folder: directory of images (PNG, JPEG, ... anything Pillow opens); not recursive.
+        folder: directory of images (PNG, JPEG, ... anything Pillow opens; not recursive), or a
+            `generate` output folder.
 
     Returns:
-        (images: list of uint8 (H, W, 3) arrays, paths: the files they came from).
+        (images: list of uint8 (H, W, 3) arrays, paths: the files they came from; for a generate
+        folder `folder/gen00012`-style names, which are not files).
 
     Raises:
         FileNotFoundError: `folder` is not a directory. ValueError: it holds no readable image.
@@ -28,8 +37,10 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
+    if (folder / GENERATE_MANIFEST).is_file():
+        return _read_generate_folder(folder)
     images, paths, bad = [], [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             with Image.open(path) as image:
                 images.append(np.asarray(image.convert("RGB")))
@@ -40,6 +51,35 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
         logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), folder, ", ".join(bad))
     if not images:
         raise ValueError(f"no readable image in {folder}; expected PNG/JPEG files")
+    return images, paths
+
+
+def _read_generate_folder(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
+    """The images of a `finextract generate` folder, from its finished chunks in index order."""
+    import json
+
+    manifest_path = folder / GENERATE_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
+    if manifest.get("format") != GENERATE_FORMAT:
+        raise ValueError(f"{manifest_path} is not a finextract generate manifest ({GENERATE_FORMAT}); "
+                         "remove it to read the folder's image files")
+    chunks = sorted(manifest.get("chunks", []), key=lambda c: c["start"])
+    done = [c for c in chunks if c.get("status") == "done" and (folder / c["file"]).is_file()]
+    if len(done) < len(chunks):
+        logger.warning("%s: %d of %d chunks are unfinished; reading the %d finished ones (rerun the same "
+                       "`finextract generate` command to finish)", folder, len(chunks) - len(done), len(chunks), len(done))
+    images, paths = [], []
+    for chunk in done:
+        with np.load(folder / chunk["file"]) as data:
+            batch = data["images"]
+        for j, image in enumerate(batch):
+            images.append(image)
+            paths.append(folder / f"gen{chunk['start'] + j:05d}")
+    if not images:
+        raise ValueError(f"no finished chunk in {folder}; run `finextract generate` into it first")
     return images, paths
 
 

@@ -7,6 +7,12 @@ import io
 from pathlib import Path
 
 
+LEGEND = ("Clique size: how many of the N generated images fell in that image's clique of near-duplicates "
+          "(SSCD similarity above the threshold; larger = more often regenerated). AS: mean over training images of "
+          "the best match's SSCD similarity (paper Eq. 1). A-ESR0.6 / A-ESR0.7: share of training images whose best "
+          "match exceeds 0.6 / 0.7 (paper Eq. 2).")
+
+
 def _img(image, embed: bool, path: Path | None, out: Path) -> str:
     if embed or path is None:
         from PIL import Image
@@ -26,7 +32,8 @@ def write_report(out: str | Path, result: dict, extracted_paths: list[Path], tra
 
     Args:
         out: output folder (holds `extracted/`); images there are linked by relative path.
-        result: the `result.json` dict (uses threshold, cliques, metrics, num_degenerate, method, n0).
+        result: the `result.json` dict (uses threshold, cliques, metrics, num_degenerate, method, n0, and
+            config's kind, caption, base, finetuned / lora for the title and the model paths).
         extracted_paths: PNG of each extracted image, in clique order.
         train: optional (training images as uint8 (H, W, 3) arrays, their paths); embedded as data URIs
             when `embed_train` (the report then opens anywhere), else linked.
@@ -47,7 +54,15 @@ def write_report(out: str | Path, result: dict, extracted_paths: list[Path], tra
                 i, s = best_for_extracted[j]
                 match = f"{_img(train[0][i], embed_train, train[1][i], out)}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
         rows.append(f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>")
-    summary = [f"method: {html.escape(str(result.get('method', 'cluster')))}", f"N0 = {result.get('n0')}",
+    config = result.get("config") or {}
+    kind, method, caption = config.get("kind"), result.get("method", "cluster"), config.get("caption")
+    title = "finextract: " + ", ".join(str(part) for part in (kind, method) if part)
+    if caption:
+        title += f" \u2014 \u201c{caption}\u201d"
+    models = [f"{label}: <code>{html.escape(str(config[key]))}</code>"
+              for key, label in (("base", "base"), ("finetuned", "fine-tune"), ("lora", "LoRA"), ("images", "images"))
+              if config.get(key)]
+    summary = models + [f"method: {html.escape(str(method))}", f"N0 = {result.get('n0')}",
                f"N = {result.get('num_images')}", f"threshold = {result.get('threshold')}",
                f"clique sizes: {[len(c) for c in result['cliques']]}"]
     if result.get("num_degenerate"):
@@ -59,11 +74,12 @@ def write_report(out: str | Path, result: dict, extracted_paths: list[Path], tra
     if metrics:
         summary.append(f"AS = {metrics['AS']:.3f}, A-ESR0.6 = {metrics['A-ESR0.6']:.2f}, "
                        f"A-ESR0.7 = {metrics['A-ESR0.7']:.2f}")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>finextract report</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} td{{padding:6px;vertical-align:top;text-align:center}}</style></head><body>
-<h1>finextract report</h1><ul>{''.join(f'<li>{line}</li>' for line in summary)}</ul>
+<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{line}</li>' for line in summary)}</ul>
 <table border="1"><tr><th>#</th><th>extracted</th><th>clique size</th><th>best training match</th></tr>
-{''.join(rows)}</table></body></html>
+{''.join(rows)}</table>
+<p><small>{LEGEND}</small></p></body></html>
 """
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -53,7 +53,7 @@ def test_bench_command_zoo_two_backends_two_methods(tmp_path, capsys):
     assert rows[0]["forwards_per_step"] == 2 and rows[1]["forwards_per_step"] == 1  # DreamBooth pair vs CFG on 2B
     assert report["models"] == "zoo" and report["machine"]["threads"] >= 1
     table = capsys.readouterr().out
-    assert "onnxruntime" in table and "img/s" in table
+    assert "onnxruntime" in table and "img/s (50 steps)" in table
 
 
 def test_bench_command_lora_kind_and_errors(tmp_path, capsys):
@@ -79,3 +79,12 @@ def test_sd1_random_pair_shapes_on_cpu(tokenizer_dir):
     assert 855e6 < parameters < 865e6  # SPEC section 6: 859.5 M
     assert pair.kind == "lora" and pair.finetuned_unet is None and len(pair.unet_lora) == 128  # 16 transformer blocks x 2 attentions x 4
     assert pair.base_text_encoder.config.hidden_size == 768
+
+
+def test_throughput_column_is_labelled_and_stays_aligned():
+    rows = [{"backend": "torch", "method": "finextract", "kind": "lora", "batch": 2, "mode": "eager", "step_ms": 12.5,
+             "images_per_s": 3.2, "peak_mem_mib": 100.0}]
+    header, row = benchmarking.format_table(rows).split("\n")
+    assert "img/s (50 steps)" in header and len(header) == len(row)
+    assert header.index("img/s (50 steps)") + len("img/s (50 steps)") == row.index("3.200") + len("3.200")
+    assert header.index("peak MiB") + len("peak MiB") == row.index("100") + len("100")

@@ -1,6 +1,7 @@
 """Clique clustering: equal to a plain networkx reference, recovers planted clusters, deterministic."""
 from __future__ import annotations
 
+import logging
 import math
 import threading
 
@@ -253,3 +254,15 @@ def test_gpu_graph_matches_cpu_twin():
     assert {frozenset(C._bits(c)) for c in C._initial_components(g_gpu, 300)} == \
         {frozenset(C._bits(c)) for c in C._initial_components(g_cpu, 300)}
     _same(cluster_similarity(torch.as_tensor(s, device="cuda"), 6), cluster_similarity(s, 6))
+
+
+def test_skips_log_one_info_summary_and_debug_details(caplog):
+    x, _ = planted_descriptors(250, 5, 20, spread=0.6, seed=3)
+    with caplog.at_level(logging.DEBUG, logger="finextract.clustering"):
+        result = cluster_descriptors(x, 5, budget=20_000)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    debugs = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "skipped:" in r.getMessage()]
+    assert len(infos) == 1
+    assert infos[0].startswith(f"clustering: {len(result.skipped)} threshold(s) skipped (search budget exhausted;")
+    assert infos[0].endswith(f"chose {result.threshold:.2f}")
+    assert len(debugs) == sum(not s["reason"].startswith("same graph") for s in result.skipped) > 0

@@ -42,7 +42,14 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert {"generate", "embed", "cluster"} <= set(record["timings"])
     assert len(list((out / "extracted").glob("*.png"))) == 2
     assert len(list((out / "generated").glob("*.png"))) == 8
-    assert "similarity" in (out / "report.html").read_text()
+    assert record["config"]["num_images"] == 8 and record["config"]["n0"] == 2
+    report = (out / "report.html").read_text()
+    assert "similarity" in report
+    assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
+    assert f"<code>{zoo / 'base'}</code>" in report and f"<code>{zoo / 'dreambooth'}</code>" in report
+    assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique size:" in report
+    with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
+        extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=0, progress=False)
 
 
 def test_cluster_and_evaluate_commands(tmp_path, caplog):
@@ -59,9 +66,10 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
                               "text", "clock", "hubble_deep_field", "grass", "gravel")):
         Image.fromarray(_tile(getattr(data, name)(), 96)).save(images / f"u{u:02d}.png")
     (images / "README.txt").write_text("not an image")
+    (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: ignored silently
     out = tmp_path / "out"
     assert main(["cluster", "--images", str(images), "--n0", "3", "--out", str(out)]) == 0
-    assert "README.txt" in caplog.text
+    assert "README.txt" in caplog.text and ".DS_Store" not in caplog.text
     record = json.loads((out / "result.json").read_text())
     # The paper's procedure stops at the first threshold with N0 cliques, where unrelated images may
     # join a clique; but near-identical copies are never split, and the largest clique holds copies.
@@ -91,3 +99,60 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
 def test_cluster_command_reports_missing_folder(tmp_path, capsys):
     assert main(["cluster", "--images", str(tmp_path / "nope"), "--n0", "1", "--out", str(tmp_path)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypatch):
+    import finextract.extract
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded before the inputs were checked")
+
+    monkeypatch.setattr(finextract.extract, "Extractor", no_loading)
+    common = ["extract", "--base", "b", "--finetuned", "f", "--caption", "c", "--n0", "1"]
+    assert main(common + ["--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"junk")
+    assert main(common + ["--train", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert f"no readable image in {empty}" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert main(common + ["--out", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {taken}: not a folder" in err
+    with pytest.raises(SystemExit):
+        main(common[:-1] + ["0", "--out", str(tmp_path / "o")])
+    assert "argument --n0: 0: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_cli_turns_os_errors_into_one_line(tmp_path, capsys, monkeypatch):
+    import finextract.commands.cluster
+
+    def fail(args):
+        raise NotADirectoryError(20, "Not a directory", str(tmp_path / "file" / "x"))
+
+    monkeypatch.setattr(finextract.commands.cluster, "run", fail)
+    assert main(["cluster", "--images", "i", "--n0", "1", "--out", "o"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finextract cluster: error:" in err and str(tmp_path / "file" / "x") in err
+
+
+def test_cli_silences_torchvision_notices_only(caplog):
+    import logging
+    import warnings
+
+    from finextract.cli import quiet_libraries
+
+    quiet_libraries()
+    emitter = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING):
+        emitter.warning("SiglipImageProcessor requires the Torchvision library but it was not found")
+        emitter.warning("a real warning")
+    assert [r.getMessage() for r in caplog.records] == ["a real warning"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_libraries()  # the filter is inserted ahead of "default"
+        warnings.warn("This requires torchvision >= 0.27")
+        warnings.warn("something else")
+    assert [str(w.message) for w in caught] == ["something else"]

@@ -89,10 +89,12 @@ def test_interrupt_resume_recomputes_nothing(dreambooth_pair, tmp_path):
 
 def test_changed_config_is_refused(dreambooth_pair, tmp_path):
     generate(dreambooth_pair, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"different config \(caption: 'a photo of sks dog' there, 'a cat' now\)"):
+    with pytest.raises(ValueError, match=r"different config \(there -> now: caption: a photo of sks dog -> a cat\);"):
         generate(dreambooth_pair, "a cat", 2, steps=2, batch_size=2, out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(ValueError) as error:  # only the differing leaves, not whole dicts
         generate(dreambooth_pair, CAPTION, 2, steps=2, w=4.0, out=tmp_path, progress=False)
+    assert "params.w: 3.0 -> 4.0" in str(error.value) and "rule.terms[1].coef: -2.02 -> -3.02" in str(error.value)
+    assert "{" not in str(error.value) and "params.k" not in str(error.value)
     with pytest.raises(ValueError, match="num_images"):
         generate(dreambooth_pair, CAPTION, 3, steps=2, out=tmp_path, progress=False)
     # the scheduler config changes every image, so it is part of the resume key too
@@ -163,3 +165,73 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
     assert "different config" in capsys.readouterr().err
     assert main(args[:5] + ["--caption", caption, "--n0", "1", "--dtype", "fp16", "--out", str(tmp_path / "x")]) == 1
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_leaf_differences_wording():
+    from finextract.generate import _leaf_differences
+
+    old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
+    new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
+    assert _leaf_differences(old, new) == [
+        "kind: dreambooth -> lora", "rule.terms[0].coef: 3.0 -> 4.0", "x: [1] -> [1, 2]", "y: (absent) -> 1"]
+
+
+def test_out_that_is_a_file_is_refused_before_work(dreambooth_pair, tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    for out in (file, file / "sub"):
+        with pytest.raises(ValueError, match=f"--out {out}: not a folder"):
+            generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False)
+
+
+def test_png_and_generate_folder_feed_read_images(lora_pair, tmp_path):
+    from finextract.images import read_images
+
+    out = tmp_path / "gen"
+    seen = []
+    result = generate(lora_pair, CAPTION, 3, steps=1, batch_size=2, out=out, progress=False, png=True,
+                      on_chunk=lambda index, images: seen.append(sorted(p.name for p in (out / "images").iterdir())))
+    assert seen[0] == ["gen00000.png", "gen00001.png"]  # written as the first chunk finished
+    images, paths = read_images(out)  # the generate folder itself: chunks in index order
+    assert [p.name for p in paths] == ["gen00000", "gen00001", "gen00002"]
+    assert all((image == result.images[i].numpy()).all() for i, image in enumerate(images))
+    png_images, png_paths = read_images(out / "images")
+    assert [p.name for p in png_paths] == ["gen00000.png", "gen00001.png", "gen00002.png"]
+    assert all((a == b).all() for a, b in zip(png_images, images))
+    (out / "images" / "gen00002.png").unlink()  # resume with --png restores a missing PNG, computing nothing
+    with UNetCalls(*_unets(lora_pair)) as calls:
+        generate(lora_pair, CAPTION, 3, steps=1, batch_size=2, out=out, progress=False, png=True)
+    assert calls.count == 0 and (out / "images" / "gen00002.png").is_file()
+
+
+def test_cli_generate_num_images_without_n0_and_errors(tiny_zoo, tmp_path, capsys):
+    from finextract.cli import main
+
+    lora = str(tiny_zoo / "lora" / "pytorch_lora_weights.safetensors")
+    common = ["generate", "--base", str(tiny_zoo / "base"), "--lora", lora, "--caption", "c", "--steps", "1"]
+    out = str(tmp_path / "gen") + "/"
+    assert main(common + ["--num-images", "1", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "1 images" in printed and "//" not in printed and f"{tmp_path / 'gen' / MANIFEST}" in printed
+    assert main(common + ["--out", str(tmp_path / "y")]) == 1
+    assert "give --n0 (N = 50 x N0 images) or --num-images N" in capsys.readouterr().err
+    for flag in ("--n0", "--batch-size"):
+        with pytest.raises(SystemExit):
+            main(common + ["--num-images", "1", flag, "0", "--out", str(tmp_path / "z")])
+        assert f"argument {flag}: 0: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "extract", "bench"])
+def test_base_config_reaches_the_loader(command, tmp_path, capsys, monkeypatch):
+    import finextract.engine.loading
+    from finextract.cli import main
+
+    def loader(base, finetuned=None, **kwargs):
+        raise ValueError(f"loader saw base_config={kwargs.get('base_config')}")
+
+    monkeypatch.setattr(finextract.engine.loading, "load_model_pair", loader)
+    args = [command, "--base", "sd.safetensors", "--base-config", "configs/", "--finetuned", "ft"]
+    if command != "bench":
+        args += ["--caption", "c", "--n0", "1", "--device", "cpu", "--backend", "torch", "--out", str(tmp_path / "o")]
+    assert main(args + (["--device", "cpu", "--backend", "torch"] if command == "bench" else [])) == 1
+    assert "loader saw base_config=configs/" in capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_dtype_and_explicit_format(tiny_zoo):
                            dtype="fp16")
     assert pair.base_unet.dtype == torch.float16 and pair.finetuned_text_encoder.dtype == torch.float16
     assert all(layer.up.dtype == torch.float16 for layer in pair.unet_lora.values())
-    with pytest.raises(ValueError, match="expected a LoRA checkpoint"):
+    with pytest.raises(ValueError, match=r"DreamBooth\) pipeline folder, not a LoRA checkpoint: pass it as --finetuned"):
         load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="lora")
     with pytest.raises(ValueError, match="finetuned_format 'nope'"):
         load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="nope")
@@ -261,3 +261,25 @@ def test_hub_id_resolves_only_from_local_cache(tiny_zoo, tmp_path, monkeypatch):
 def test_single_file_base_without_config_fails_clearly(tiny_zoo):
     with pytest.raises(RuntimeError, match="base_config"):
         load_model_pair(tiny_zoo / "dreambooth_unet.safetensors", tiny_zoo / "lora")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"just some text, renamed", "unrecognised file format"),
+    (b"<!DOCTYPE html><html><title>login</title></html>", "is an HTML page"),
+    (b"", r"is empty \(0 bytes\)"),
+])
+def test_lora_path_sniffs_like_finetuned(tiny_zoo, tmp_path, content, message):
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(content)
+    for kwargs in ({"lora": path}, {"finetuned": path}):  # the same diagnosis on both paths
+        with pytest.raises(CheckpointFormatError, match=message):
+            load_model_pair(tiny_zoo / "base", **kwargs)
+
+
+def test_full_unet_as_lora_and_lora_as_full_are_named_in_plain_words(tiny_zoo):
+    with pytest.raises(ValueError, match=r"full fine-tuned \(DreamBooth\) UNet state dict, not a LoRA checkpoint: "
+                       r"pass it as --finetuned") as error:
+        load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "dreambooth_unet.safetensors")
+    assert "unet_file" not in str(error.value)
+    with pytest.raises(ValueError, match=r"is a LoRA checkpoint, not a full fine-tune .*pass it as --lora"):
+        load_model_pair(tiny_zoo / "base", tiny_zoo / "lora_kohya.safetensors", finetuned_format="unet_file")

@@ -13,6 +13,8 @@ import argparse
 
 from finextract.rules import METHODS
 
+from .options import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure step latency, images/s, peak memory (and MFU on a GPU)",
@@ -22,6 +24,8 @@ def register(subparsers) -> None:
     models.add_argument("--zoo", action="store_true", help="the tiny random zoo, built in a temporary folder")
     models.add_argument("--sd1-random", action="store_true",
                         help="randomly initialised SD 1.x-size UNets built from config (no download)")
+    p.add_argument("--base-config", default=None, metavar="DIR",
+                   help="for a single-file --base: a local diffusers pipeline folder supplying its configs")
     finetune = p.add_mutually_exclusive_group()
     finetune.add_argument("--finetuned", help="DreamBooth checkpoint (with --base)")
     finetune.add_argument("--lora", help="LoRA weights (with --base)")
@@ -30,8 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", nargs="+", default=["auto"],
                    help="one or several of auto (default), torch, onnxruntime, tensorrt")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["finextract"], help="guidance rules (default finextract)")
-    p.add_argument("--batch-size", nargs="+", type=int, default=[16], help="one or several batch sizes (default 16)")
-    p.add_argument("--steps", type=int, default=10, help="timed DDIM steps per configuration, after 2 warm-up (default 10)")
+    p.add_argument("--batch-size", nargs="+", type=positive_int, default=[16], help="one or several batch sizes (default 16)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed DDIM steps per configuration, after 2 warm-up (default 10)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="UNet precision (default fp16 on CUDA, fp32 on a CPU)")
@@ -47,6 +51,8 @@ def register(subparsers) -> None:
 def _check(args) -> None:
     if args.base and not (args.finetuned or args.lora):
         raise ValueError("--base needs --finetuned or --lora (or use --zoo / --sd1-random)")
+    if args.base_config and not args.base:
+        raise ValueError("--base-config goes with a single-file --base")
     if not args.base and (args.finetuned or args.lora):
         raise ValueError("--finetuned / --lora go with --base")
     if args.steps < 1 or any(b < 1 for b in args.batch_size):
@@ -90,7 +96,8 @@ def run(args) -> int:
                 if args.kind == "dreambooth":
                     return load_model_pair(zoo / "base", zoo / "dreambooth")
                 return load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
-            return load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle)
+            return load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle,
+                                   base_config=args.base_config)
 
         for backend in backends:
             pair = load()  # a fresh pair per backend: backends adapt it in place (LoRA injection, casts)

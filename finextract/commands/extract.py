@@ -24,10 +24,11 @@ def run(args) -> int:
     from finextract.extract import Extractor
     from finextract.runtime import set_threads
 
+    _check_inputs(args)  # before loading models or generating anything
     set_threads()
     extractor = Extractor(args.base, args.finetuned, lora=args.lora, device=args.device, dtype=args.dtype,
                           backend=args.backend, embedder=args.sscd, preset=args.preset,
-                          allow_pickle=args.allow_pickle, cuda_graphs=args.cuda_graphs)
+                          allow_pickle=args.allow_pickle, cuda_graphs=args.cuda_graphs, base_config=args.base_config)
     result = extractor.extract(args.caption, args.n0, num_images=args.num_images, method=args.method, w=args.w,
                                k=args.k, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                out=args.out, train=args.train, save_generated=args.save_generated)
@@ -37,3 +38,13 @@ def run(args) -> int:
         log.info("AS %.4f, A-ESR0.6 %.2f, A-ESR0.7 %.2f", result.metrics["AS"], result.metrics["A-ESR0.6"],
                  result.metrics["A-ESR0.7"])
     return 0
+
+
+def _check_inputs(args) -> None:
+    """--train (a folder with at least one readable image) and --out (not a file), before heavy work."""
+    from finextract.generate import check_out_folder
+    from finextract.images import read_images
+
+    check_out_folder(args.out)
+    if args.train is not None:
+        read_images(args.train)  # FileNotFoundError / ValueError naming the folder

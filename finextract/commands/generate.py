@@ -17,33 +17,41 @@ def register(subparsers) -> None:
         "chunks with a manifest; rerun the same command to resume after an interruption.",
     )
     add_model_options(parser)
-    add_sampling_options(parser)
+    add_sampling_options(parser, n0_required=False)
     add_runtime_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--png", action="store_true",
+                        help="also write each image as OUT/images/gen00012.png, as each chunk finishes")
     parser.add_argument("--out", required=True, help="output folder (chunks + manifest.json); reuse it to resume")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
-    from finextract.generate import generate
+    from finextract.generate import check_out_folder, generate
     from finextract.runtime import resolve_device, set_threads
     from finextract.sampling import resolve_dtype
 
-    if args.n0 < 1:
-        raise ValueError(f"--n0 {args.n0}: must be >= 1")
+    if args.n0 is None and args.num_images is None:
+        raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
     num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
+    out = Path(args.out)
+    check_out_folder(out)  # before loading anything
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)  # refuse fp16 on a CPU before loading anything
     set_threads()
-    pair = load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, device=device)
+    pair = load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, device=device,
+                           base_config=args.base_config)
     result = generate(
         pair, args.caption, num_images, method=args.method, w=args.w, k=args.k, steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, device=device, dtype=args.dtype, backend=args.backend,
-        out=args.out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
+        out=out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs, png=args.png,
     )
     seconds = sum(chunk.get("seconds", 0.0) for chunk in result.manifest["chunks"])
-    print(f"{len(result.seeds)} images ({result.manifest['config']['method']}, {pair.kind}) in {args.out}; "
-          f"{seconds:.1f} s of sampling recorded in {args.out}/manifest.json")
+    pngs = f", PNGs in {out / 'images'}" if args.png else ""
+    print(f"{len(result.seeds)} images ({result.manifest['config']['method']}, {pair.kind}) in {out}{pngs}; "
+          f"{seconds:.1f} s of sampling recorded in {out / 'manifest.json'}")
     return 0

@@ -1,4 +1,4 @@
-"""Command-line options shared by `generate` and `extract` (one definition, one help text)."""
+"""Command-line options shared by `generate`, `extract`, `cluster` and `bench` (one definition, one help text)."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,27 @@ import argparse
 METHODS = ("finextract", "finextract-uncond", "cfg", "direct")
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts (--n0, --num-images, --batch-size, --steps): an integer >= 1.
+
+    One helper, so every command words the error the same way ("argument --n0: 0: must be an integer >= 1").
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be an integer >= 1")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--base, --finetuned | --lora, --allow-pickle."""
+    """--base, --base-config, --finetuned | --lora, --allow-pickle."""
     parser.add_argument("--base", required=True,
                         help="pretrained model: diffusers folder, single-file checkpoint or a locally cached hub id")
+    parser.add_argument("--base-config", default=None, metavar="DIR",
+                        help="for a single-file --base: a local diffusers pipeline folder of the same architecture "
+                        "supplying its configs (nothing is downloaded)")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--finetuned", help="full fine-tune (DreamBooth): pipeline folder, unet/ folder or file")
     model.add_argument("--lora", help="LoRA checkpoint (diffusers, PEFT or kohya format)")
@@ -18,18 +35,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="allow pickle checkpoints (.ckpt/.bin): only for files you trust")
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """--caption, --n0, --num-images, --method, --w, --k, --steps, --batch-size, --seed."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
+    """--caption, --n0, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
+
+    `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
+    """
     parser.add_argument("--caption", required=True, help="the training caption c")
-    parser.add_argument("--n0", type=int, required=True, help="N0, the number of training images")
-    parser.add_argument("--num-images", type=int, default=None, help="N images to generate (default 50 x N0)")
+    parser.add_argument("--n0", type=positive_int, required=n0_required,
+                        help="N0, the number of training images" + ("" if n0_required else
+                                                                     " (sets the default N; or give --num-images)"))
+    parser.add_argument("--num-images", type=positive_int, default=None, help="N images to generate (default 50 x N0)")
     parser.add_argument("--method", choices=METHODS, default="finextract",
                         help="guidance rule: finextract (Eq. 13), finextract-uncond (Eq. 6), cfg, direct")
     parser.add_argument("--w", type=float, default=None,
                         help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)")
     parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, eta = 0 (default 50)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0)")
 
 
