@@ -8,6 +8,8 @@ and each method's extracted images) beside each run's own folder and report.
 """
 from __future__ import annotations
 
+from .options import positive_int
+
 import html
 import json
 import time
@@ -28,13 +30,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per run, report.html)")
     parser.add_argument("--zoo", default=None, help="trained zoo folder (default: the committed one, `finextract zoo path`)")
-    parser.add_argument("--n0", type=int, default=5, help="N0, images to extract (default 5)")
-    parser.add_argument("--num-images", type=int, default=250, help="N, images generated per run (default 250 = 50 x N0)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--n0", type=positive_int, default=5, help="N0, images to extract (default 5)")
+    parser.add_argument("--num-images", type=positive_int, default=250, help="N, images generated per run (default 250 = 50 x N0)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i under every method")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dreambooth,lora")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: finextract,cfg,direct")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per UNet batch (default 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="auto",
                         help="auto (default: onnxruntime on a CPU, its export cached under FINEXTRACT_CACHE or "

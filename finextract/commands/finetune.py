@@ -1,6 +1,8 @@
 """`finextract finetune`: DreamBooth or LoRA fine-tuning of a Stable Diffusion 1.x pipeline folder."""
 from __future__ import annotations
 
+from .options import positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,11 +16,11 @@ def register(subparsers) -> None:
     parser.add_argument("--caption", required=True, help='the instance prompt, e.g. "a photo of sks dog"')
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--method", choices=("dreambooth", "lora"), default="dreambooth")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--steps", type=positive_int, default=400, help="optimiser steps (default 400)")
     parser.add_argument("--lr", type=float, default=None,
                         help="constant AdamW learning rate (default 5e-6 DreamBooth, 1e-4 LoRA: SD 1.x values)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank r; alpha = r (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step (default 1)")
+    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r; alpha = r (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None,
                         help="training side in pixels (default: the model's, UNet sample size x VAE factor)")
