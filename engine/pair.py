@@ -70,16 +70,33 @@ class ModelPair:
         if self.kind == "lora" and not self.unet_lora and self.finetuned_text_encoder is self.base_text_encoder:
             raise ValueError("a LoRA pair needs unet_lora (or a LoRA-adapted text encoder)")
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "ModelPair":
-        """Move every model (and the LoRA tensors) to `device` / `dtype` in place; return self."""
-        for model in {id(m): m for m in self._models()}.values():
-            model.to(device=device, dtype=dtype)
-        if self.unet_lora:
-            for layer in self.unet_lora.values():
-                layer.down = layer.down.to(device=device, dtype=dtype)
-                layer.up = layer.up.to(device=device, dtype=dtype)
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None, *,
+           vae_dtype: torch.dtype | None = None) -> "ModelPair":
+        """Move every model and the LoRA tensors to `device` in place; return self.
+
+        Args:
+            device: target device.
+            dtype: dtype of the UNets, text encoders and LoRA tensors; None keeps theirs.
+            vae_dtype: dtype of the VAE; None means `dtype` (the VAE is usually kept in fp32, since
+                an fp16 VAE overflows into black images).
+
+        Models are cast only when their device or dtype differs, and `.to()` gets a `dtype` only
+        when it changes one: diffusers warns on every `.to(dtype=...)`, even a no-op one.
+        """
+        device = torch.device(device)
+        vae_dtype = vae_dtype or dtype
+        models = [self.base_unet, self.finetuned_unet, self.base_text_encoder, self.finetuned_text_encoder]
+        for model in {id(m): m for m in models if m is not None}.values():
+            _move(model, device, dtype)
+        _move(self.vae, device, vae_dtype)
+        for layer in (self.unet_lora or {}).values():
+            layer.down = layer.down.to(device=device, dtype=dtype)
+            layer.up = layer.up.to(device=device, dtype=dtype)
         return self
 
-    def _models(self) -> list:
-        models = [self.base_unet, self.base_text_encoder, self.finetuned_text_encoder, self.vae]
-        return models + ([self.finetuned_unet] if self.finetuned_unet is not None else [])
+
+def _move(model, device: torch.device, dtype: torch.dtype | None) -> None:
+    if model.device != device:
+        model.to(device)
+    if dtype is not None and model.dtype != dtype:
+        model.to(dtype=dtype)

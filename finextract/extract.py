@@ -87,13 +87,7 @@ def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step
     timings = timings if timings is not None else {}
     array_list = images if isinstance(images, list) else None
     on_device = _is_device_tensor(images)
-    if array_list is not None:
-        degenerate = np.array([im.min() == im.max() for im in images], dtype=bool)
-    elif on_device:  # reduce where the images are; only N booleans cross to the host
-        flat = images.reshape(len(images), -1)
-        degenerate = (flat.amin(1) == flat.amax(1)).cpu().numpy()
-    else:
-        degenerate = degenerate_mask(images)
+    degenerate = degenerate_mask(images)
     keep = np.flatnonzero(~degenerate)
     if degenerate.any():
         logger.warning("%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "

@@ -287,9 +287,7 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
                 "rerun with the original settings to resume it, or choose another --out folder"
             )
         return manifest
-    if folder is not None:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"--out {folder} is a file; give a folder")
+    if folder is not None:  # `generate` checked it with check_out_folder
         folder.mkdir(parents=True, exist_ok=True)
     num_images = config["num_images"]
     chunks = [

@@ -106,7 +106,16 @@ def write_png(image, path: str | Path) -> Path:
 
 
 def degenerate_mask(images) -> np.ndarray:
-    """True for images that are constant (e.g. black from fp16 overflow); bool (B,) ndarray (SPEC section 5)."""
-    array = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
-    flat = array.reshape(len(array), -1)
+    """True for images that are constant (e.g. black from fp16 overflow); bool (B,) ndarray (SPEC section 5).
+
+    Args:
+        images: uint8 (B, H, W, 3) torch tensor (any device) or ndarray, or a list of (H, W, 3)
+            arrays of any sizes. A tensor is reduced where it lives: only B booleans leave a GPU.
+    """
+    if isinstance(images, list):
+        return np.array([image.min() == image.max() for image in images], dtype=bool)
+    if hasattr(images, "amin"):  # torch tensor
+        flat = images.reshape(len(images), -1)
+        return (flat.amin(1) == flat.amax(1)).cpu().numpy()
+    flat = np.asarray(images).reshape(len(images), -1)
     return flat.min(1) == flat.max(1)

@@ -254,7 +254,7 @@ class Sampler:
         self._graph_pool = None
         unet_config = pair.base_unet.config
         self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-        _place(pair, self.device, self.dtype, self.vae_dtype)
+        pair.to(self.device, self.dtype, vae_dtype=self.vae_dtype)
         if is_cuda and self.backend_name == "torch":
             _prepare_unets(pair, self.device, self.dtype)
         self.text_embeddings = encode_text(pair, rule, caption)
@@ -377,11 +377,11 @@ class Sampler:
 
     def _in_fp32(self, work):
         """Run `work()` with the pair in fp32, then cast it back (fp16/bf16 -> fp32 -> back is exact)."""
-        _place(self.pair, self.device, torch.float32, self.vae_dtype)
+        self.pair.to(self.device, torch.float32, vae_dtype=self.vae_dtype)
         try:
             return work()
         finally:
-            _place(self.pair, self.device, self.dtype, self.vae_dtype)
+            self.pair.to(self.device, self.dtype, vae_dtype=self.vae_dtype)
             # the casts gave the weights new storage: captured graphs point at the old one, so rebuild them
             self._loops.clear()
 
@@ -393,24 +393,3 @@ def _prepare_unets(pair, device: torch.device, dtype: torch.dtype) -> None:
     for unet in {id(u): u for u in (pair.base_unet, pair.finetuned_unet) if u is not None}.values():
         prepare_unet_for_cuda(unet, dtype, channels_last=True, device=device)
 
-
-def _place(pair, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
-    """Move the pair to `device`; UNets, text encoders and LoRA tensors to `dtype`, the VAE to `vae_dtype`.
-
-    Not `ModelPair.to`, which would round-trip the VAE through `dtype` (lossy for fp32 -> bf16).
-    Casts only when needed, and never passes a `dtype` argument otherwise: diffusers warns about
-    "modules that should be kept in float32" whenever `.to()` gets one, even `dtype=None`.
-    """
-    models = [pair.base_unet, pair.finetuned_unet, pair.base_text_encoder, pair.finetuned_text_encoder]
-    for model in {id(m): m for m in models if m is not None}.values():
-        _move(model, device, dtype)
-    _move(pair.vae, device, vae_dtype)
-    for layer in (pair.unet_lora or {}).values():
-        layer.down, layer.up = layer.down.to(device, dtype), layer.up.to(device, dtype)
-
-
-def _move(model, device: torch.device, dtype: torch.dtype) -> None:
-    if model.device != device:
-        model.to(device)
-    if model.dtype != dtype:
-        model.to(dtype=dtype)

@@ -109,17 +109,15 @@ def test_generate_auto_backend_records_resolved_name(dreambooth_pair):
     assert (result.images.int() - reference.images.int()).abs().max().item() <= 1  # ONNX parity (< 1e-4 per step)
 
 
-def test_place_casts_only_when_needed(dreambooth_pair):
+def test_pair_to_casts_only_when_needed(dreambooth_pair):
     """No diffusers "should be kept in float32" warning for a placement that changes nothing."""
-    from finextract.sampling import _place
-
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
     diffusers_logger.addHandler(handler)
     try:
-        _place(dreambooth_pair, torch.device("cpu"), torch.float32, torch.float32)
+        dreambooth_pair.to("cpu", torch.float32, vae_dtype=torch.float32)
     finally:
         diffusers_logger.removeHandler(handler)
     assert not [r for r in records if "float32" in r.getMessage()]
