@@ -55,12 +55,6 @@ class GatedLoRA(nn.Module):
         delta = self.up(self.down(x)) * self.scale
         return out + gate.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1))) * delta
 
-    def delta_weight(self) -> torch.Tensor:
-        """scale * up @ down, shaped like `base.weight` (for merging)."""
-        up = self.up.weight.flatten(1)
-        down = self.down.weight.flatten(1)
-        return (self.scale * up @ down).reshape(self.base.weight.shape)
-
 
 def inject_lora(model: nn.Module, layers: dict[str, LoRALayer]) -> LoRAGate:
     """Replace each named module of `model` by a `GatedLoRA`; return the shared gate (off).
@@ -116,6 +110,5 @@ def merge_lora(model: nn.Module, layers: dict[str, LoRALayer]) -> nn.Module:
         if name not in modules:
             raise KeyError(f"LoRA module path {name!r} matches no module of {type(model).__name__}")
         weight = modules[name].weight
-        delta = layer.scale * layer.up.flatten(1).to(torch.float32) @ layer.down.flatten(1).to(torch.float32)
-        weight += delta.reshape(weight.shape).to(weight.dtype)
+        weight += layer.delta().reshape(weight.shape).to(weight.dtype)
     return model

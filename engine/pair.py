@@ -30,6 +30,10 @@ class LoRALayer:
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
+    def delta(self) -> torch.Tensor:
+        """delta W = (alpha / rank) * up @ down in float32, (out, in * kh * kw): reshape to the weight."""
+        return self.scale * self.up.flatten(1).float() @ self.down.flatten(1).float()
+
 
 @dataclass
 class ModelPair:
