@@ -19,13 +19,14 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
+from .runtime import torch_dtype
+
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # diffusers' example defaults for SD 1.x (train_dreambooth.py 5e-6, train_dreambooth_lora.py 1e-4)
 DEFAULT_LR = {"dreambooth": 5e-6, "lora": 1e-4}
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def train_loop(
     decay = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
-    autocast_dtype = None if dtype == "fp32" else getattr(torch, _DTYPES[dtype])
+    autocast_dtype = None if dtype == "fp32" else torch_dtype(dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
     generator = torch.Generator(device=device).manual_seed(seed)
     losses = []
@@ -275,8 +276,8 @@ def finetune(
     if steps < 1 or batch_size < 1 or rank < 1:
         raise ValueError(f"--steps {steps}, --batch-size {batch_size}, --rank {rank}: each must be >= 1")
     for name, value in (("dtype", dtype), ("save_dtype", save_dtype)):
-        if value not in _DTYPES:
-            raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected one of {sorted(_DTYPES)}")
+        if value not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected one of bf16, fp16, fp32")
     if train_text_encoder and method == "lora":
         raise ValueError("train_text_encoder is for DreamBooth; LoRA here adapts the UNet only")
     device = resolve_device(device)
@@ -333,7 +334,7 @@ def finetune(
     # 3. Save the format users download.
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_torch_dtype = getattr(torch, _DTYPES[save_dtype])
+    save_torch_dtype = torch_dtype(save_dtype)
     unet.eval()
     if method == "lora":
         _save_lora(unet, out, save_torch_dtype)

@@ -43,7 +43,7 @@ def _as_uint8_nhwc(images):
     import numpy as np
     import torch
 
-    x = torch.as_tensor(images) if not isinstance(images, np.ndarray) else torch.from_numpy(images)
+    x = torch.as_tensor(images) if not isinstance(images, np.ndarray) else torch.from_numpy(np.ascontiguousarray(images))
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:

