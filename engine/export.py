@@ -353,7 +353,7 @@ def weights_hash(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
+def export_versions() -> dict[str, str]:
     """Versions that change an exported graph: torch, onnx, diffusers."""
     import diffusers
     import onnx
@@ -461,7 +461,7 @@ def export_cached(
         RuntimeError: the export failed.
     """
     module = build_module(pair, spec)
-    weights, versions = weights_hash(module), library_versions()
+    weights, versions = weights_hash(module), export_versions()
     key = cache_key(spec, weights, versions)
     folder = Path(cache_dir or default_cache_dir()) / f"{spec.kind}-{spec.dtype}-{key[:16]}"
     meta = read_valid_meta(folder, key)
