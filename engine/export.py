@@ -255,6 +255,7 @@ class UNetEps(nn.Module):
         self.unet, self.gate = unet, gate
 
     def forward(self, x_t, t, text_embedding):
+        """x_t (B, 4, h, w), t (B,) float32 timesteps, text_embedding (1, L, D) -> eps (B, 4, h, w)."""
         if self.gate is None:
             return _eps(self.unet, x_t, t, text_embedding)
         self.gate.value = torch.ones_like(t)
@@ -273,6 +274,7 @@ class DreamBoothPairEps(nn.Module):
         self.unet_b = None if unet_b is unet_a else unet_b
 
     def forward(self, x_t, t, text_embedding_a, text_embedding_b, coef_a, coef_b):
+        """x_t (B, 4, h, w), t (B,) float32, embeddings (1, L, D), coef_a / coef_b (1,) float32 -> combined eps (B, 4, h, w)."""
         batch = x_t.shape[0]
         if self.unet_b is None:
             text = torch.cat([text_embedding_a.expand(batch, -1, -1), text_embedding_b.expand(batch, -1, -1)])
@@ -292,6 +294,7 @@ class LoRAPairEps(nn.Module):
         self.unet, self.gate = unet, gate
 
     def forward(self, x_t, t, text_embedding_a, text_embedding_b, lora_gate, coef_a, coef_b):
+        """As `DreamBoothPairEps.forward`, plus `lora_gate` (2B,): 0 = pretrained, 1 = fine-tuned per sample."""
         batch = x_t.shape[0]
         text = torch.cat([text_embedding_a.expand(batch, -1, -1), text_embedding_b.expand(batch, -1, -1)])
         self.gate.value = lora_gate
