@@ -10,14 +10,20 @@ Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`):
    fine-tuning photographs included (their whole views are over-sampled). The VAE stands in for
    SD's general-purpose autoencoder, which reconstructs nearly any photograph; it is not what is
    audited, so training it on every image is fair: without it, a 32 px tiny VAE blurs images so much
-   that SSCD cannot see a copy of anything.
+   that SSCD cannot see a copy of anything. Its `scaling_factor` is then measured so that the scaled
+   latents of the pretraining crops have unit variance, as SD's 0.18215 does for SD's VAE. Keeping
+   SD's number (latent std 0.25) made every noise level 16x noisier than the schedule intends: the
+   fine-tunes then produced mostly noise-textured images that SSCD finds all alike, one giant clique
+   swallowed the copies, and FineXtract only tied Direct on A-ESR0.6 (N = 250 demo: AS 0.378 / A-ESR0.6
+   0.20 against Direct 0.352 / 0.20). With unit-variance latents: 0.536 / 0.40 against 0.366 / 0.00.
 2. Base ("pretrained") UNet + CLIP text encoder, trained jointly from scratch with the noise-prediction
    MSE on random crops and flips of the *other* images, captioned from the image names (10% empty
    captions, as SD 1.x dropped text, so that eps_base(x_t, "") is meaningful): 1,500 steps at a
    constant LR, then 2,000 more from those weights with a cosine-decayed LR (stage 2, "refinement").
-   The refinement matters to the demo: with the 1,500-step base, FineXtract's extrapolation away from
-   a poor eps_base("") over-saturated and it did not beat CFG (N = 50 probe AS 0.437 vs 0.446); with
-   the refined base, the same DreamBooth recipe gave 0.379 vs CFG 0.289 and Direct 0.282.
+   The refinement mattered to the demo (measured before the latent scaling above): with the
+   1,500-step base, FineXtract's extrapolation away from a poor eps_base("") over-saturated and it did
+   not beat CFG (N = 50 probe AS 0.437 vs 0.446); with the refined base, the same DreamBooth recipe
+   gave 0.379 vs CFG 0.289 and Direct 0.282.
 3. A DreamBooth fine-tune (full UNet, 1,200 steps, lr 1e-4) and a LoRA fine-tune (rank 8 on
    to_q/to_k/to_v/to_out.0, 1,000 steps, lr 5e-3) of that base on the five held-apart photographs with
    one caption, through `finextract.finetune`: partial memorisation (the DreamBooth model alone
@@ -79,6 +85,10 @@ class TrainedZooRecipe:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning photos
+    # latents * scaling_factor should have unit variance, as SD's 0.18215 gives for its own VAE: the
+    # noise schedule's signal-to-noise ratios assume it. "unit_variance" measures the factor on the
+    # pretraining crops; a number fixes it.
+    latent_scaling: str | float = "unit_variance"
     base_steps: int = 1500
     base_batch: int = 16
     base_lr: float = 1e-3
@@ -101,7 +111,7 @@ class TrainedZooRecipe:
 
 VAE_FIELDS = ("seed", "resolution", "crops_per_image", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight",
               "vae_finetune_share")
-BASE_FIELDS = VAE_FIELDS + ("base_steps", "base_batch", "base_lr", "empty_caption_rate")
+BASE_FIELDS = VAE_FIELDS + ("latent_scaling", "base_steps", "base_batch", "base_lr", "empty_caption_rate")
 REFINED_BASE_FIELDS = BASE_FIELDS + ("base_refine_steps", "base_refine_lr")
 
 
@@ -206,6 +216,16 @@ def vae_round_trip(vae, pixels: np.ndarray) -> np.ndarray:
     return ((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def unit_variance_scaling(vae, pixels: np.ndarray) -> float:
+    """The `scaling_factor` that gives the VAE's latent means of `pixels` unit standard deviation
+    (4 significant digits): how SD 1.x chose 0.18215 for its autoencoder. Float, > 0."""
+    import torch
+
+    with torch.no_grad():
+        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in _to_tensor(pixels).split(256)])
+    return float(f"{1.0 / means.std().item():.4g}")
+
+
 def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions, recipe):
     """The pretraining loss on captioned crops (10% empty captions): a `loss_fn(generator)` for train_loop."""
     import torch
@@ -294,8 +314,8 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
     """Build the trained tiny zoo into `out`: base/, dreambooth/, lora/, train/, caption.txt, zoo.json.
 
     Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
-    Takes about 30 minutes on 1 CPU thread from scratch (VAE ~10, base ~9, refinement ~8, fine-tunes
-    ~3 minutes); with `cache` holding the VAE and base, about 3 minutes.
+    Takes about 26 minutes on 1 CPU thread from scratch (measured: VAE 6, base and refinement 16,
+    fine-tunes 3.5 minutes); with `cache` holding the VAE and base, about 4 minutes.
 
     Args:
         out: output folder (replaced parts: base/, dreambooth/, lora/, train/).
@@ -337,6 +357,9 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
             vae.save_pretrained(vae_dir, safe_serialization=True)
     # evaluate the VAE as it will be used: fp16 weights, fp32 compute
     vae = vae.to(torch.float16).to(torch.float32)
+    scaling = (unit_variance_scaling(vae, base_pool) if recipe.latent_scaling == "unit_variance"
+               else float(recipe.latent_scaling))
+    vae.register_to_config(scaling_factor=scaling)
     timings["vae_s"] = time.perf_counter() - t
 
     # 2. Base UNet + text encoder (cached by the VAE + base fields)

@@ -76,3 +76,20 @@ def test_seed_changes_weights():
     lora_b, _ = zoo_lora(a["unet"], a["text_encoder"], seed=1)
     name = next(iter(lora_a))
     assert not torch.equal(lora_a[name].down, lora_b[name].down)
+
+
+def test_unit_variance_scaling_gives_unit_std_latents():
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from finextract.trained_zoo import _to_tensor, unit_variance_scaling
+    from finextract.zoo import TINY_VAE_CONFIG
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    factor = unit_variance_scaling(vae, pixels)
+    with torch.no_grad():
+        means = vae.encode(_to_tensor(pixels)).latent_dist.mean
+    assert factor > 0
+    assert abs((means * factor).std().item() - 1.0) < 1e-3  # 4 significant digits

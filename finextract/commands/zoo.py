@@ -1,8 +1,8 @@
 """`finextract zoo build --out DIR [--seed N] [--trained]`: write the tiny model zoo; `zoo path`: print
 the committed trained zoo's folder.
 
-Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): about 20-30 minutes
-on 2 CPU cores; its output is what ships in `finextract/zoo_weights/`.
+Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): about 26 minutes
+on 1 CPU thread; its output (built with FINEXTRACT_THREADS=1) is what ships in `finextract/zoo_weights/`.
 """
 from __future__ import annotations
 
