@@ -217,8 +217,16 @@ def vae_round_trip(vae, pixels: np.ndarray) -> np.ndarray:
 
 
 def unit_variance_scaling(vae, pixels: np.ndarray) -> float:
-    """The `scaling_factor` that gives the VAE's latent means of `pixels` unit standard deviation
-    (4 significant digits): how SD 1.x chose 0.18215 for its autoencoder. Float, > 0."""
+    """The `scaling_factor` that gives the VAE's latent means of `pixels` unit standard deviation,
+    which is how SD 1.x chose 0.18215 for its own autoencoder (diffusers' `AutoencoderKL` docs).
+
+    Args:
+        vae: an fp32 diffusers `AutoencoderKL` on the CPU.
+        pixels: uint8 (B, H, W, 3) images, H and W multiples of the VAE's downsampling.
+
+    Returns:
+        1 / std of all latent-mean values, rounded to 4 significant digits (float, > 0).
+    """
     import torch
 
     with torch.no_grad():
