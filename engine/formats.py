@@ -80,7 +80,8 @@ def sniff(path: str | Path) -> str:
 
     Returns:
         One of "safetensors", "pickle-zip" (`torch.save` since torch 1.6), "pickle" (legacy
-        protocol 2-5 stream), "git-lfs" (pointer text), "html", "json", "empty", "unknown".
+        protocol 2-5 stream), "git-lfs" (pointer text), "html", "json", "text" (other UTF-8 text),
+        "empty", "unknown".
 
     Raises:
         FileNotFoundError: `path` does not exist or is a folder.
@@ -107,7 +108,18 @@ def sniff(path: str | Path) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{":
             return "safetensors"
-    return "unknown"
+    return "text" if _is_text(head) else "unknown"
+
+
+def _is_text(head: bytes) -> bool:
+    """True when `head` (a file's first bytes) is printable UTF-8; a character cut by the read is allowed."""
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # invalid before the last (possibly cut) character
+            return False
+        decoded = head[: error.start].decode("utf-8")
+    return all(char.isprintable() or char in "\t\n\r" for char in decoded)
 
 
 def _not_weights_message(path: Path, kind: str) -> str:
@@ -128,6 +140,10 @@ def _not_weights_message(path: Path, kind: str) -> str:
         return f"{path} is a JSON document ({size} bytes), not weights (an API error or a config file?): download the weights file"
     if kind == "empty":
         return f"{path} is empty (0 bytes): the download failed; download it again"
+    if kind == "text":
+        first_line = path.read_text(errors="replace").splitlines()[0][:60] if size else ""
+        return (f"{path} is a text file ({size} bytes, first line {first_line!r}), not weights: the download "
+                "saved a message or a list instead of the file; download the weights file itself")
     return f"{path}: unrecognised file format ({size} bytes, first bytes {path.read_bytes()[:16]!r}); expected safetensors"
 
 

@@ -98,7 +98,13 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
 
 def test_cluster_command_reports_missing_folder(tmp_path, capsys):
     assert main(["cluster", "--images", str(tmp_path / "nope"), "--n0", "1", "--out", str(tmp_path)]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert "--images: image folder" in capsys.readouterr().err
+    # evaluate checks both folders before the SSCD model loads, naming the option
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(extracted / "a.png")
+    assert main(["evaluate", "--extracted", str(extracted), "--train", str(tmp_path / "nope")]) == 1
+    assert f"--train: image folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
 def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypatch):
@@ -110,12 +116,12 @@ def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypat
     monkeypatch.setattr(finextract.extract, "Extractor", no_loading)
     common = ["extract", "--base", "b", "--finetuned", "f", "--caption", "c", "--n0", "1"]
     assert main(common + ["--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
-    assert "missing does not exist" in capsys.readouterr().err
+    assert f"--train: image folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / ".DS_Store").write_bytes(b"junk")
     assert main(common + ["--train", str(empty), "--out", str(tmp_path / "o")]) == 1
-    assert f"no readable image in {empty}" in capsys.readouterr().err
+    assert f"--train: no readable image in {empty}" in capsys.readouterr().err
     taken = tmp_path / "taken"
     taken.write_text("x")
     assert main(common + ["--out", str(taken)]) == 1

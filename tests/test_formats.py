@@ -33,7 +33,7 @@ def good(tmp_path, tensors):
 def test_sniff_says_what_each_file_is(tmp_path, good, tensors):
     files = {
         "html.safetensors": HTML_PAGE, "lfs.safetensors": LFS_POINTER, "error.safetensors": '{"error": "gated repo"}',
-        "empty.safetensors": "",
+        "empty.safetensors": "", "note.safetensors": "Entry not found\n", "accents.safetensors": "x" + "é" * 300,
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -44,6 +44,10 @@ def test_sniff_says_what_each_file_is(tmp_path, good, tensors):
     assert sniff(tmp_path / "lfs.safetensors") == "git-lfs"
     assert sniff(tmp_path / "error.safetensors") == "json"
     assert sniff(tmp_path / "empty.safetensors") == "empty"
+    assert sniff(tmp_path / "note.safetensors") == "text"
+    assert sniff(tmp_path / "accents.safetensors") == "text"  # 2-byte characters cut at the 512-byte read
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    assert sniff(tmp_path / "binary.bin") == "unknown"
     with pytest.raises(FileNotFoundError, match="no such file"):
         sniff(tmp_path / "missing.safetensors")
 

@@ -264,7 +264,8 @@ def test_single_file_base_without_config_fails_clearly(tiny_zoo):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"just some text, renamed", "unrecognised file format"),
+    (b"just some text, renamed", r"is a text file \(23 bytes, first line 'just some text, renamed'\)"),
+    (b"\x01\x02garbage", "unrecognised file format"),
     (b"<!DOCTYPE html><html><title>login</title></html>", "is an HTML page"),
     (b"", r"is empty \(0 bytes\)"),
 ])

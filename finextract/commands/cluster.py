@@ -1,7 +1,7 @@
 """`finextract cluster`: cluster an existing folder of images into N0 cliques (SSCD + clique search)."""
 from __future__ import annotations
 
-from .options import positive_int
+from .options import positive_int, read_image_folder
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,6 @@ def run(args) -> int:
     import logging
 
     from finextract.extract import cluster_images, write_output
-    from finextract.images import read_images
     from finextract.runtime import resolve_device, set_threads
     from finextract.sscd import load_embedder
 
@@ -30,7 +29,7 @@ def run(args) -> int:
 
     check_out_folder(args.out)
     set_threads()
-    images, paths = read_images(args.images)
+    images, paths = read_image_folder("--images", args.images)
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = {"images": str(args.images), "n0": args.n0, "num_images": len(images),

@@ -1,6 +1,8 @@
 """`finextract evaluate`: AS and A-ESR (paper Eq. 1, 2) of extracted images against the training set."""
 from __future__ import annotations
 
+from .options import read_image_folder
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="AS / A-ESR of extracted images against training images",
@@ -18,13 +20,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from finextract.extract import embed_images, evaluate_against
-    from finextract.images import read_images
     from finextract.runtime import set_threads
     from finextract.sscd import load_embedder
 
+    images, paths = read_image_folder("--extracted", args.extracted)
+    read_image_folder("--train", args.train)  # before the embedder loads
     set_threads()
     embedder = load_embedder(args.sscd, preset=args.preset)
-    images, paths = read_images(args.extracted)
     metrics, _ = evaluate_against(args.train, embed_images(embedder, images), embedder)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name

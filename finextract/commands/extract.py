@@ -43,8 +43,9 @@ def run(args) -> int:
 def _check_inputs(args) -> None:
     """--train (a folder with at least one readable image) and --out (not a file), before heavy work."""
     from finextract.generate import check_out_folder
-    from finextract.images import read_images
+
+    from .options import read_image_folder
 
     check_out_folder(args.out)
     if args.train is not None:
-        read_images(args.train)  # FileNotFoundError / ValueError naming the folder
+        read_image_folder("--train", args.train)

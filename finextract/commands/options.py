@@ -21,6 +21,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def read_image_folder(flag: str, folder: str):
+    """`finextract.images.read_images(folder)` with its errors prefixed by the option that named the
+    folder ("--train: image folder x does not exist ..."). Raises FileNotFoundError / ValueError."""
+    from finextract.images import read_images
+
+    try:
+        return read_images(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"{flag}: {error}") from None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--base, --base-config, --finetuned | --lora, --allow-pickle."""
     parser.add_argument("--base", required=True,
