@@ -48,3 +48,16 @@ def test_cli_methods_are_the_rules_methods():
     from finextract.rules import METHODS
 
     assert tuple(cli_methods) == tuple(METHODS)
+
+
+def test_every_zoo_weights_folder_is_a_listed_package():
+    """Setuptools ships package data only from listed packages (it warns and may drop the others)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packages = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = [p for p in (root / "finextract" / "zoo_weights").rglob("*") if p.is_dir()]
+    expected = {"finextract.zoo_weights"} | {
+        ".".join(p.relative_to(root).parts) for p in folders if not p.name.startswith((".", "__"))}
+    assert expected <= packages, sorted(expected - packages)
