@@ -238,7 +238,8 @@ class Extractor:
                 correction (None = paper defaults per model kind). steps: DDIM steps. seed: image i uses
                 seed + i. batch_size: images per UNet batch (None = 16; must be >= 1).
             out: output folder to write (extracted/, result.json, report.html), or None.
-            train: folder or list of uint8 arrays of the real training images: adds AS / A-ESR metrics.
+            train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
+                (H, W, 3) arrays, or the (images, paths) pair `read_images` returns.
             save_generated: also write all N generated images to out/generated/.
 
         Returns:

@@ -227,11 +227,16 @@ def unit_variance_scaling(vae, pixels: np.ndarray) -> float:
     Returns:
         1 / std of all latent-mean values, rounded to 4 significant digits (float, > 0).
     """
+    means, _ = _latent_parameters(vae, pixels).chunk(2, dim=1)
+    return float(f"{1.0 / means.std().item():.4g}")
+
+
+def _latent_parameters(vae, pixels: np.ndarray):
+    """The VAE posterior of uint8 (B, H, W, 3) images: float32 (B, 2C, h, w), means then log-variances."""
     import torch
 
     with torch.no_grad():
-        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in _to_tensor(pixels).split(256)])
-    return float(f"{1.0 / means.std().item():.4g}")
+        return torch.cat([vae.encode(chunk).latent_dist.parameters for chunk in _to_tensor(pixels).split(256)])
 
 
 def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions, recipe):
@@ -240,9 +245,7 @@ def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions,
 
     from .finetune import denoising_loss, tokenize
 
-    with torch.no_grad():
-        dist = torch.cat([vae.encode(chunk).latent_dist.parameters for chunk in _to_tensor(pool).split(256)])
-    mean, logvar = dist.chunk(2, dim=1)
+    mean, logvar = _latent_parameters(vae, pool).chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     ids = tokenize(tokenizer, captions + [""])  # last row: the empty caption
     empty = len(captions)

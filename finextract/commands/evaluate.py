@@ -24,10 +24,10 @@ def run(args) -> int:
     from finextract.sscd import load_embedder
 
     images, paths = read_image_folder("--extracted", args.extracted)
-    read_image_folder("--train", args.train)  # before the embedder loads
+    train = read_image_folder("--train", args.train)  # both read before the embedder loads
     set_threads()
     embedder = load_embedder(args.sscd, preset=args.preset)
-    metrics, _ = evaluate_against(args.train, embed_images(embedder, images), embedder)
+    metrics, _ = evaluate_against(train, embed_images(embedder, images), embedder)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name
     metrics["sscd"] = embedder.info

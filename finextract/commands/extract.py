@@ -24,14 +24,14 @@ def run(args) -> int:
     from finextract.extract import Extractor
     from finextract.runtime import set_threads
 
-    _check_inputs(args)  # before loading models or generating anything
+    train = _check_inputs(args)  # before loading models or generating anything
     set_threads()
     extractor = Extractor(args.base, args.finetuned, lora=args.lora, device=args.device, dtype=args.dtype,
                           backend=args.backend, embedder=args.sscd, preset=args.preset,
                           allow_pickle=args.allow_pickle, cuda_graphs=args.cuda_graphs, base_config=args.base_config)
     result = extractor.extract(args.caption, args.n0, num_images=args.num_images, method=args.method, w=args.w,
                                k=args.k, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                               out=args.out, train=args.train, save_generated=args.save_generated)
+                               out=args.out, train=train, save_generated=args.save_generated)
     log = logging.getLogger("finextract")
     log.info("threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out)
     if result.metrics:
@@ -40,12 +40,12 @@ def run(args) -> int:
     return 0
 
 
-def _check_inputs(args) -> None:
-    """--train (a folder with at least one readable image) and --out (not a file), before heavy work."""
+def _check_inputs(args):
+    """--train (a folder with at least one readable image) and --out (not a file), before heavy work;
+    returns the training images read once, as `read_images` returns them (or None)."""
     from finextract.generate import check_out_folder
 
     from .options import read_image_folder
 
     check_out_folder(args.out)
-    if args.train is not None:
-        read_image_folder("--train", args.train)
+    return read_image_folder("--train", args.train) if args.train is not None else None
