@@ -8,7 +8,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo 
 # With 2 cores, oversubscribed threads are 100x slower: one deliberate setting for everything we run.
 export FINEXTRACT_THREADS ?= 2
 
-.PHONY: install demo test bench zoo clean
+.PHONY: install demo test lint bench zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) -m pytest bench -q --benchmark-enable --benchmark-json=bench/results/latest.json

@@ -9,6 +9,7 @@ can be compared with `finextract.generate` one for one.
     images = baseline_generate(pair, caption, 20)             # uint8 (N, H, W, 3)
     figures = measure(method="finextract", kind="lora", zoo=Path("zoo"))   # images/s, for bench_backends
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,6 @@ def diffusers_pipelines(pair):
     A LoRA pair's fine-tuned UNet is a copy of the base UNet with the adapters merged in.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from finextract.engine.lora import merge_lora
 
     base_unet = _plain_unet(pair.base_unet).float()
@@ -49,9 +49,14 @@ def diffusers_pipelines(pair):
     pipelines = []
     for unet, text_encoder in ((base_unet, pair.base_text_encoder), (finetuned_unet, pair.finetuned_text_encoder)):
         pipeline = StableDiffusionPipeline(
-            vae=pair.vae, text_encoder=text_encoder, tokenizer=pair.tokenizer, unet=unet,
-            scheduler=DDIMScheduler.from_config(pair.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            vae=pair.vae,
+            text_encoder=text_encoder,
+            tokenizer=pair.tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler.from_config(pair.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         pipeline.set_progress_bar_config(disable=True)
         pipelines.append(pipeline)
@@ -59,8 +64,19 @@ def diffusers_pipelines(pair):
 
 
 @torch.no_grad()
-def baseline_generate(pair, caption: str, num_images: int, *, method: str = "finextract", w=None, k=None,
-                      steps: int = 50, batch_size: int = BATCH_SIZE, seed: int = 0, pipelines=None) -> torch.Tensor:
+def baseline_generate(
+    pair,
+    caption: str,
+    num_images: int,
+    *,
+    method: str = "finextract",
+    w=None,
+    k=None,
+    steps: int = 50,
+    batch_size: int = BATCH_SIZE,
+    seed: int = 0,
+    pipelines=None,
+) -> torch.Tensor:
     """Sample like the paper's code: uint8 images (N, H, W, 3), image i from seed `seed + i`.
 
     Args mirror `finextract.generate.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
@@ -88,7 +104,11 @@ def baseline_generate(pair, caption: str, num_images: int, *, method: str = "fin
         for t in scheduler.timesteps:
             eps = 0
             for term in rule.terms:  # sequential UNet calls, one per term
-                eps = eps + term.coef * by_model[term.model].unet(latents, t, encoder_hidden_states=embeddings[term.key]).sample
+                eps = (
+                    eps
+                    + term.coef
+                    * by_model[term.model].unet(latents, t, encoder_hidden_states=embeddings[term.key]).sample
+                )
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
         image = pipe_ft.vae.decode(latents / pipe_ft.vae.config.scaling_factor, return_dict=False)[0]
         image = pipe_ft.image_processor.postprocess(image, output_type="pt")  # (B, 3, H, W) in [0, 1]
@@ -106,8 +126,15 @@ def load_zoo_pair(kind: str, zoo: Path):
     return load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
 
 
-def measure(method: str = "finextract", kind: str = "dreambooth", zoo: Path | None = None, *, num_images: int = 10,
-            steps: int = 50, caption: str = "a photo of sks dog") -> dict:
+def measure(
+    method: str = "finextract",
+    kind: str = "dreambooth",
+    zoo: Path | None = None,
+    *,
+    num_images: int = 10,
+    steps: int = 50,
+    caption: str = "a photo of sks dog",
+) -> dict:
     """Images/s of the plain diffusers way (batch 5, fp32, CPU) on the zoo pair, end to end with decode."""
     from finextract.runtime import set_threads
 
@@ -120,7 +147,11 @@ def measure(method: str = "finextract", kind: str = "dreambooth", zoo: Path | No
     seconds = time.perf_counter() - started
     return {
         "way": "plain diffusers: 2 StableDiffusionPipelines, sequential UNet calls, DDIMScheduler.step, fp32",
-        "batch": BATCH_SIZE, "steps": steps, "num_images": num_images, "threads": threads,
-        "seconds": round(seconds, 3), "images_per_s": round(num_images / seconds, 3),
+        "batch": BATCH_SIZE,
+        "steps": steps,
+        "num_images": num_images,
+        "threads": threads,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(num_images / seconds, 3),
         "note": "end to end (text encoding, UNet steps, VAE decode)",
     }

@@ -16,6 +16,7 @@ the process, and on the `diffusers` row the ratio of each backend's images/s to 
 goal: at least 3x). A summary is also written to bench/results/backends.json when timing is enabled.
 `FINEXTRACT_BENCH_STEPS` (default 10) sets the timed rounds; `--benchmark-disable` runs each once.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baseline  # noqa: E402  (bench/baseline.py)
+import baseline
 
-from finextract.benchmarking import STEPS_PER_IMAGE, build_step, peak_memory_mib  # noqa: E402
+from finextract.benchmarking import STEPS_PER_IMAGE, build_step, peak_memory_mib
 
 CAPTION = "a photo of sks dog"
 BATCH = int(os.environ.get("FINEXTRACT_BENCH_BATCH", "64"))
@@ -61,8 +62,13 @@ def _summary():
     if not RESULTS or any(row.get("step_ms") is None for row in RESULTS.values()):
         return  # timing disabled: nothing to record
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "models": "tiny zoo (UNet 16x16x4 latents, ~1 M parameters), fp32, CPU",
         "images_per_s_note": f"batch / ({STEPS_PER_IMAGE} x median step latency): UNet evaluations + DDIM update",
         "results": list(RESULTS.values()),
@@ -82,9 +88,12 @@ def _diffusers_step(pair, method: str):
     by_model = {"base": pipe_base, "finetuned": pipe_ft}
     batch = baseline.BATCH_SIZE
     with torch.no_grad():
-        embeddings = {term.key: by_model[term.model].encode_prompt(
-            CAPTION if term.caption == "prompt" else "", "cpu", batch, do_classifier_free_guidance=False)[0]
-            for term in rule.terms}
+        embeddings = {
+            term.key: by_model[term.model].encode_prompt(
+                CAPTION if term.caption == "prompt" else "", "cpu", batch, do_classifier_free_guidance=False
+            )[0]
+            for term in rule.terms
+        }
     scheduler = pipe_ft.scheduler
     scheduler.set_timesteps(STEPS_PER_IMAGE)
     state = {"x_t": start_latents(range(batch), (4, 16, 16)), "index": 0}
@@ -110,18 +119,34 @@ def test_step(benchmark, zoo, onnx_cache, method, kind, way):
         step, batch = _diffusers_step(pair, method)
         row = {"backend": "diffusers (baseline)", "method": method, "kind": kind, "batch": batch}
     else:
-        runner = build_step(pair, method=method, backend=way, batch_size=BATCH, caption=CAPTION,
-                            backend_options={"cache_dir": onnx_cache} if way == "onnxruntime" else None)
+        runner = build_step(
+            pair,
+            method=method,
+            backend=way,
+            batch_size=BATCH,
+            caption=CAPTION,
+            backend_options={"cache_dir": onnx_cache} if way == "onnxruntime" else None,
+        )
         step, batch = runner.step, BATCH
-        row = {"backend": way, "method": method, "kind": kind, "batch": batch,
-               "forwards_per_step": runner.sampler.backend.forwards_per_step, "setup_s": round(runner.setup_s, 2)}
+        row = {
+            "backend": way,
+            "method": method,
+            "kind": kind,
+            "batch": batch,
+            "forwards_per_step": runner.sampler.backend.forwards_per_step,
+            "setup_s": round(runner.setup_s, 2),
+        }
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     if benchmark.disabled or benchmark.stats is None:
         RESULTS[(method, kind, way)] = {**row, "step_ms": None}
         return
     step_s = benchmark.stats.stats.median
-    row.update(step_ms=round(step_s * 1e3, 3), images_per_s=round(batch / (STEPS_PER_IMAGE * step_s), 4),
-               peak_rss_mib=round(peak_memory_mib("cpu"), 1), threads=torch.get_num_threads())
+    row.update(
+        step_ms=round(step_s * 1e3, 3),
+        images_per_s=round(batch / (STEPS_PER_IMAGE * step_s), 4),
+        peak_rss_mib=round(peak_memory_mib("cpu"), 1),
+        threads=torch.get_num_threads(),
+    )
     if way == "diffusers":
         for ours in ("torch", "onnxruntime"):
             measured = RESULTS.get((method, kind, ours), {}).get("images_per_s")

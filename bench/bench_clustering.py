@@ -7,6 +7,7 @@ Writes bench/results/clustering.json from one run: ours (median of --repeats run
 same threshold with the same clique sizes; also SSCD images/s on CPU. Figures are wall-clock on
 whatever machine runs it (recorded in "machine"); ours is deterministic, the reference is not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,25 @@ def reference(x: np.ndarray, n0: int, cap: float = 30.0) -> dict:
         if timed_out:
             skipped += 1
         elif len(sizes) >= n0:
-            return {"seconds": time.perf_counter() - start, "threshold": t, "skipped": skipped,
-                    "sizes": sorted(sizes, reverse=True)[:n0]}
+            return {
+                "seconds": time.perf_counter() - start,
+                "threshold": t,
+                "skipped": skipped,
+                "sizes": sorted(sizes, reverse=True)[:n0],
+            }
         k += 1
 
 
 def ours(x: np.ndarray, n0: int) -> dict:
     r = cluster_descriptors(x, n0)
-    return {"seconds": r.seconds, "threshold": r.threshold, "skipped": len(r.skipped), "budget": r.budget,
-            "work": r.work, "sizes": [len(c) for c in r.cliques]}
+    return {
+        "seconds": r.seconds,
+        "threshold": r.threshold,
+        "skipped": len(r.skipped),
+        "budget": r.budget,
+        "work": r.work,
+        "sizes": [len(c) for c in r.cliques],
+    }
 
 
 def sscd_images_per_second(n: int = 64) -> float:
@@ -94,10 +105,16 @@ def main() -> None:
     for n in args.sizes + args.ours_only:
         x, _ = planted_descriptors(n, n // 50, 20, spread=0.6, seed=0)
         runs = [ours(x, n // 50) for _ in range(args.repeats if n <= args.repeat_max else 1)]
-        row = {"N": n, "N0": n // 50, "ours_runs": len(runs),
-               "ours_median_s": statistics.median(r["seconds"] for r in runs), "ours": runs[0],
-               "ours_deterministic": all(r["sizes"] == runs[0]["sizes"] and r["threshold"] == runs[0]["threshold"]
-                                         for r in runs)}
+        row = {
+            "N": n,
+            "N0": n // 50,
+            "ours_runs": len(runs),
+            "ours_median_s": statistics.median(r["seconds"] for r in runs),
+            "ours": runs[0],
+            "ours_deterministic": all(
+                r["sizes"] == runs[0]["sizes"] and r["threshold"] == runs[0]["threshold"] for r in runs
+            ),
+        }
         if n in args.sizes:
             row["reference"] = reference(x, n // 50, args.cap)
             row["ratio"] = row["reference"]["seconds"] / row["ours_median_s"]
@@ -106,10 +123,15 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "note": "wall-clock seconds on a shared 2-core CPU machine (other engineers' jobs ran "
-                            "alongside); ours: median of the runs, reference: one run, 30 s cap per threshold"},
-        "clustering": rows, "sscd_images_per_s_cpu_256px": sscd_images_per_second(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "note": "wall-clock seconds on a shared 2-core CPU machine (other engineers' jobs ran "
+            "alongside); ours: median of the runs, reference: one run, 30 s cap per threshold",
+        },
+        "clustering": rows,
+        "sscd_images_per_s_cpu_256px": sscd_images_per_second(),
     }
     Path(__file__).parent.joinpath("results").mkdir(exist_ok=True)
     Path(__file__).parent.joinpath("results", "clustering.json").write_text(json.dumps(out, indent=2))

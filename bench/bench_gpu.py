@@ -19,6 +19,7 @@ Run on a CUDA machine (bench/device_check.sh does it):
 Each benchmark also stores its derived numbers in `benchmark.extra_info` and in a summary JSON
 (`$FINEXTRACT_BENCH_OUT/gpu_summary.json`, default bench/results/) that device_check.sh prints.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,12 +35,19 @@ import torch
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here (run bench/device_check.sh on one)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU; none here (run bench/device_check.sh on one)"
+    ),
 ]
 
 SD1_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    cross_attention_dim=768,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
@@ -77,6 +85,7 @@ def _synchronized(fn):
     def call():
         fn()
         torch.cuda.synchronize()
+
     return call
 
 
@@ -87,6 +96,7 @@ def _free() -> None:
 
 
 # ---------------------------------------------------------------------------------- models --
+
 
 def sd1_unet(dtype: torch.dtype, seed: int = 0):
     """A random SD 1.x-sized UNet built directly on the GPU (random init on the CPU takes minutes)."""
@@ -129,14 +139,20 @@ def unets():
 def _backend(method: str, unet_ft, unet_base):
     """The project's TorchBackend on a duck-typed DreamBooth pair with random (1, 77, 768) embeddings."""
     from finextract.engine.backends.torch_backend import TorchBackend
+
     from finextract.rules import rule_for
 
-    pair = SimpleNamespace(kind="dreambooth", base_unet=unet_base if unet_base is not None else unet_ft,
-                           finetuned_unet=unet_ft, unet_lora=None)
+    pair = SimpleNamespace(
+        kind="dreambooth",
+        base_unet=unet_base if unet_base is not None else unet_ft,
+        finetuned_unet=unet_ft,
+        unet_lora=None,
+    )
     rule = rule_for(method, "dreambooth")
     generator = torch.Generator().manual_seed(0)
-    embeddings = {term.key: torch.randn(1, TEXT_TOKENS, 768, generator=generator).to("cuda", torch.float16)
-                  for term in rule.terms}
+    embeddings = {
+        term.key: torch.randn(1, TEXT_TOKENS, 768, generator=generator).to("cuda", torch.float16) for term in rule.terms
+    }
     return TorchBackend(pair, rule, embeddings, device="cuda", dtype=torch.float16)
 
 
@@ -148,8 +164,15 @@ def _step_bench(benchmark, schedule, unets, method: str, batch: int) -> None:
     _free()
     torch.cuda.reset_peak_memory_stats()
     backend = _backend(method, unets.finetuned, unets.base if method == "finextract" else None)
-    loop = GraphedDDIMLoop(backend, (batch, 4, 64, 64), schedule.timesteps, schedule.a_t, schedule.a_prev,
-                           dtype=torch.float16, device="cuda")
+    loop = GraphedDDIMLoop(
+        backend,
+        (batch, 4, 64, 64),
+        schedule.timesteps,
+        schedule.a_t,
+        schedule.a_prev,
+        dtype=torch.float16,
+        device="cuda",
+    )
     x_T = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
     loop.run(x_T)  # warm-up, capture and one full 50-step generation
     torch.cuda.synchronize()
@@ -169,11 +192,22 @@ def _step_bench(benchmark, schedule, unets, method: str, batch: int) -> None:
     benchmark.pedantic(_synchronized(one_step), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step_s = benchmark.stats.stats.median
     evaluations = batch * 2  # two UNet image-evaluations per image per step (FineXtract and CFG alike)
-    _record(benchmark, f"{method}_b{batch}", method=method, batch=batch, mode=loop.mode,
-            kernel=loop.use_kernel, step_ms=step_s * 1e3, images_per_s=batch / (STEPS * step_s),
-            s_per_image=STEPS * step_s / batch, generation_s=generation_s, mfu=evaluations * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
-            peak_gb=torch.cuda.max_memory_allocated() / 1e9, finite=finite)
-    del loop, backend
+    _record(
+        benchmark,
+        f"{method}_b{batch}",
+        method=method,
+        batch=batch,
+        mode=loop.mode,
+        kernel=loop.use_kernel,
+        step_ms=step_s * 1e3,
+        images_per_s=batch / (STEPS * step_s),
+        s_per_image=STEPS * step_s / batch,
+        generation_s=generation_s,
+        mfu=evaluations * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+        finite=finite,
+    )
+    loop = backend = None  # free the GPU memory before the next benchmark
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -207,14 +241,24 @@ def test_plain_diffusers_step(benchmark, schedule, unets):
 
     benchmark.pedantic(_synchronized(one_step), rounds=max(3, ROUNDS // 2), iterations=1, warmup_rounds=1)
     step_s = benchmark.stats.stats.median
-    _record(benchmark, "plain_diffusers_b5", method="finextract (plain diffusers, fp32)", batch=batch, mode="eager",
-            step_ms=step_s * 1e3, images_per_s=batch / (STEPS * step_s), s_per_image=STEPS * step_s / batch,
-            mfu=2 * batch * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
-    del unet_ft, unet_base
+    _record(
+        benchmark,
+        "plain_diffusers_b5",
+        method="finextract (plain diffusers, fp32)",
+        batch=batch,
+        mode="eager",
+        step_ms=step_s * 1e3,
+        images_per_s=batch / (STEPS * step_s),
+        s_per_image=STEPS * step_s / batch,
+        mfu=2 * batch * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+    )
+    unet_ft = unet_base = None
     _free()
 
 
 # ------------------------------------------------------------------------------ SSCD-shaped --
+
 
 class SSCDShaped(torch.nn.Module):
     """ResNet-50 trunk + GeM pooling (p = 3) + 512-d projection + L2 norm: SSCD's disc architecture."""
@@ -246,13 +290,20 @@ def test_sscd_shaped_descriptor_throughput(benchmark):
         benchmark.pedantic(_synchronized(lambda: model(images)), rounds=ROUNDS, iterations=1, warmup_rounds=2)
     step_s = benchmark.stats.stats.median
     norms = descriptors.norm(dim=1)
-    _record(benchmark, "sscd_shaped_b256", batch=batch, images_per_s=batch / step_s, ms_per_batch=step_s * 1e3,
-            unit_norm=bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)))
-    del model
+    _record(
+        benchmark,
+        "sscd_shaped_b256",
+        batch=batch,
+        images_per_s=batch / step_s,
+        ms_per_batch=step_s * 1e3,
+        unit_norm=bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)),
+    )
+    model = None
     _free()
 
 
 # ------------------------------------------------------------------- similarity + clustering --
+
 
 @pytest.mark.parametrize("n", [500, 5000])
 def test_similarity_and_clustering(benchmark, n):
@@ -272,6 +323,14 @@ def test_similarity_and_clustering(benchmark, n):
     result = benchmark.pedantic(lambda: cluster_descriptors(on_gpu, n0), rounds=1, iterations=1)
     planted = {frozenset(map(int, (labels == c).nonzero()[0])) for c in range(n0)}
     found = sum(1 for clique in result.cliques if frozenset(map(int, clique)) in planted)
-    _record(benchmark, f"clustering_n{n}", n=n, n0=n0, similarity_ms=similarity_ms,
-            clustering_s=benchmark.stats.stats.median, threshold=float(result.threshold),
-            planted_clusters_found=found, skipped_thresholds=len(result.skipped))
+    _record(
+        benchmark,
+        f"clustering_n{n}",
+        n=n,
+        n0=n0,
+        similarity_ms=similarity_ms,
+        clustering_s=benchmark.stats.stats.median,
+        threshold=float(result.threshold),
+        planted_clusters_found=found,
+        skipped_thresholds=len(result.skipped),
+    )

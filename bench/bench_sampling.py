@@ -14,6 +14,7 @@ with 50 DDIM steps, end to end (text encoding, UNet steps, VAE decode):
 Each `extra_info` holds images/s and the process CPU seconds (less sensitive to busy neighbours); the baseline's also holds the ratios and the largest pixel
 difference between our images and the baseline's (the same seeds give the same images).
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baseline  # noqa: E402  (bench/baseline.py)
+import baseline
 
 NUM_IMAGES = 20
 STEPS = 50
@@ -62,17 +63,26 @@ def test_sampling_images_per_s(benchmark, zoo, kind, way):
     if way.startswith("ours"):
         batch = int(way.split("_b")[1])
         generate(pair, CAPTION, 2, steps=2, batch_size=2, progress=False)  # warm-up
-        images, cpu_seconds = _one_run(benchmark, lambda: generate(pair, CAPTION, NUM_IMAGES, steps=STEPS, batch_size=batch,
-                                                      progress=False).images)
+        images, cpu_seconds = _one_run(
+            benchmark, lambda: generate(pair, CAPTION, NUM_IMAGES, steps=STEPS, batch_size=batch, progress=False).images
+        )
     else:
         pipelines = baseline.diffusers_pipelines(pair)
         baseline.baseline_generate(pair, CAPTION, 2, steps=2, pipelines=pipelines)  # warm-up
-        images, cpu_seconds = _one_run(benchmark, lambda: baseline.baseline_generate(pair, CAPTION, NUM_IMAGES, steps=STEPS,
-                                                                        pipelines=pipelines))
+        images, cpu_seconds = _one_run(
+            benchmark, lambda: baseline.baseline_generate(pair, CAPTION, NUM_IMAGES, steps=STEPS, pipelines=pipelines)
+        )
     seconds = benchmark.stats.stats.median
-    info = {"kind": kind, "way": way, "num_images": NUM_IMAGES, "steps": STEPS, "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3), "images_per_s": round(NUM_IMAGES / seconds, 3),
-            "threads": torch.get_num_threads()}
+    info = {
+        "kind": kind,
+        "way": way,
+        "num_images": NUM_IMAGES,
+        "steps": STEPS,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "images_per_s": round(NUM_IMAGES / seconds, 3),
+        "threads": torch.get_num_threads(),
+    }
     _results[(kind, way)] = {**info, "images": images}
     if way == "diffusers_b5":
         for ours in ("ours_b20", "ours_b5"):

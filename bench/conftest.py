@@ -3,6 +3,7 @@
 Thread counts are set deliberately (FINEXTRACT_THREADS, default 2) so that figures do not depend on
 torch's default threading, which a busy neighbour process can make 100x slower on a small machine.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,20 +9,26 @@ from tables prepared once, so the loop issues no host synchronisation and no Pyt
 Anything that cannot be captured (no CUDA, a backend that synchronises, an unsupported op) falls
 back to the same step run eagerly, with the same numbers, and says so in the log.
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
 import torch
-
 from finextract.kernels.cuda_guidance import ddim_weights_table, guided_ddim_step_cuda_weights
+
 from finextract.runtime import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-def prepare_unet_for_cuda(unet: torch.nn.Module, dtype: torch.dtype | str = torch.float16, channels_last: bool = True,
-                          device: str | torch.device = "cuda") -> torch.nn.Module:
+
+def prepare_unet_for_cuda(
+    unet: torch.nn.Module,
+    dtype: torch.dtype | str = torch.float16,
+    channels_last: bool = True,
+    device: str | torch.device = "cuda",
+) -> torch.nn.Module:
     """Put a diffusers UNet in its fast inference form, in place.
 
     eval mode, no gradients, weights in `dtype` on `device`, SDPA attention (diffusers' default
@@ -53,8 +59,9 @@ def prepare_unet_for_cuda(unet: torch.nn.Module, dtype: torch.dtype | str = torc
     return unet
 
 
-def torch_fused_update(x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None, weights: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
+def torch_fused_update(
+    x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """The fused kernel's arithmetic in torch ops (fp32), on device weights: the fallback without CuPy.
 
     Args:
@@ -95,13 +102,26 @@ class GraphedDDIMLoop:
         ValueError: schedule lengths that differ, or an empty schedule.
     """
 
-    def __init__(self, backend, sample_shape: Sequence[int], timesteps: Sequence[int], alphas_prod_t: Sequence[float],
-                 alphas_prod_t_prev: Sequence[float], *, dtype: torch.dtype = torch.float16,
-                 device: str | torch.device = "cuda", use_graph: bool = True, use_kernel: bool = True,
-                 warmup: int = 2, pool=None) -> None:
+    def __init__(
+        self,
+        backend,
+        sample_shape: Sequence[int],
+        timesteps: Sequence[int],
+        alphas_prod_t: Sequence[float],
+        alphas_prod_t_prev: Sequence[float],
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: str | torch.device = "cuda",
+        use_graph: bool = True,
+        use_kernel: bool = True,
+        warmup: int = 2,
+        pool=None,
+    ) -> None:
         if not (len(timesteps) == len(alphas_prod_t) == len(alphas_prod_t_prev)) or len(timesteps) == 0:
-            raise ValueError(f"GraphedDDIMLoop: timesteps ({len(timesteps)}), alphas_prod_t ({len(alphas_prod_t)}) and "
-                             f"alphas_prod_t_prev ({len(alphas_prod_t_prev)}) must be non-empty and of one length")
+            raise ValueError(
+                f"GraphedDDIMLoop: timesteps ({len(timesteps)}), alphas_prod_t ({len(alphas_prod_t)}) and "
+                f"alphas_prod_t_prev ({len(alphas_prod_t_prev)}) must be non-empty and of one length"
+            )
         self.backend = backend
         self.device = torch.device(device)
         self.dtype = dtype
@@ -123,12 +143,14 @@ class GraphedDDIMLoop:
         self.graph = None
         self.mode = "eager"
         # why the loop runs eagerly (None once a graph is captured); recorded in the sampler's log
-        self.eager_reason: str | None = ("not a CUDA device" if not self.is_cuda else
-                                         None if self.use_graph else "CUDA graphs turned off")
+        self.eager_reason: str | None = (
+            "not a CUDA device" if not self.is_cuda else None if self.use_graph else "CUDA graphs turned off"
+        )
 
     @classmethod
-    def from_schedule(cls, backend, sample_shape: Sequence[int], schedule: Sequence[tuple[int, float, float]],
-                      **options) -> "GraphedDDIMLoop":
+    def from_schedule(
+        cls, backend, sample_shape: Sequence[int], schedule: Sequence[tuple[int, float, float]], **options
+    ) -> GraphedDDIMLoop:
         """Build from `finextract.sampling.ddim_schedule(scheduler)`'s (t, alpha_prod_t, alpha_prod_t_prev) rows."""
         timesteps, alphas_prod_t, alphas_prod_t_prev = zip(*schedule) if schedule else ((), (), ())
         return cls(backend, sample_shape, timesteps, alphas_prod_t, alphas_prod_t_prev, **options)
@@ -137,10 +159,14 @@ class GraphedDDIMLoop:
     def _step(self) -> None:
         prediction = self.backend.predict(self.static_x, self.static_t)
         if self.weights_table is None:  # first call: the rule's coefficients fix the table
-            self.weights_table = ddim_weights_table(prediction.coef_a, prediction.coef_b, *self.alphas, device=self.device)
+            self.weights_table = ddim_weights_table(
+                prediction.coef_a, prediction.coef_b, *self.alphas, device=self.device
+            )
             self.static_weights.copy_(self.weights_table[self._index])
         if self.use_kernel:
-            guided_ddim_step_cuda_weights(self.static_x, prediction.eps_a, prediction.eps_b, self.static_weights, self.static_out)
+            guided_ddim_step_cuda_weights(
+                self.static_x, prediction.eps_a, prediction.eps_b, self.static_weights, self.static_out
+            )
         else:
             torch_fused_update(self.static_x, prediction.eps_a, prediction.eps_b, self.static_weights, self.static_out)
         self.static_x.copy_(self.static_out)
@@ -177,8 +203,11 @@ class GraphedDDIMLoop:
                 self._step()
         except Exception as error:  # capture refuses host syncs and some ops: eager is still right
             self.eager_reason = f"capture failed ({type(error).__name__}: {error})"
-            logger.warning("CUDA graph capture of the denoising step failed (%s: %s); running it eagerly",
-                           type(error).__name__, error)
+            logger.warning(
+                "CUDA graph capture of the denoising step failed (%s: %s); running it eagerly",
+                type(error).__name__,
+                error,
+            )
             torch.cuda.synchronize(self.device)
             return
         self.graph = graph
@@ -188,8 +217,10 @@ class GraphedDDIMLoop:
 
     def _check_shape(self, x_T: torch.Tensor) -> None:
         if tuple(x_T.shape) != tuple(self.static_x.shape):
-            raise ValueError(f"GraphedDDIMLoop: x_T has shape {tuple(x_T.shape)}, the static batch is "
-                             f"{tuple(self.static_x.shape)}; pad the batch to it (or build a loop for this shape)")
+            raise ValueError(
+                f"GraphedDDIMLoop: x_T has shape {tuple(x_T.shape)}, the static batch is "
+                f"{tuple(self.static_x.shape)}; pad the batch to it (or build a loop for this shape)"
+            )
 
     def prepare(self, x_T: torch.Tensor) -> None:
         """Load the kernel, warm up and capture the step graph, once (later calls only load `x_T`).

@@ -13,6 +13,7 @@ An `ExportSpec` (STYLE item 6) holds names, shapes, dynamic axes, TensorRT profi
 inputs; export, engine build and both runtimes read it. Exports live under a cache folder, keyed by a
 hash of the weights, the spec and the library versions, with a `meta.json` checked on load.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,7 +77,9 @@ class ExportSpec:
             raise ValueError(f"ExportSpec.kind {self.kind!r}: expected 'unet', 'dreambooth_pair' or 'lora_pair'")
         expected = 1 if self.kind == "unet" else 2
         if len(self.models) != expected or any(m not in ("base", "finetuned") for m in self.models):
-            raise ValueError(f"ExportSpec.models {self.models!r}: kind {self.kind!r} needs {expected} of 'base'/'finetuned'")
+            raise ValueError(
+                f"ExportSpec.models {self.models!r}: kind {self.kind!r} needs {expected} of 'base'/'finetuned'"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"ExportSpec.dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.opset < 17:
@@ -132,7 +135,9 @@ class ExportSpec:
         """TensorRT optimization profile for batch `batch`: name -> (min, opt, max), all equal (static)."""
         return {name: (shape, shape, shape) for name, shape in self.input_shapes(batch).items()}
 
-    def sample_inputs(self, batch: int = 2, device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    def sample_inputs(
+        self, batch: int = 2, device: str | torch.device = "cpu", seed: int = 0
+    ) -> tuple[torch.Tensor, ...]:
         """Deterministic inputs in `input_names` order (tracing, parity tests, engine warm-up)."""
         generator = torch.Generator().manual_seed(seed)
         shapes, dtypes = self.input_shapes(batch), self.input_dtypes()
@@ -186,10 +191,14 @@ def spec_for(
         kind = "unet"
     else:
         kind = "lora_pair" if pair.kind == "lora" and pair.unet_lora else "dreambooth_pair"
-    return ExportSpec(kind, models, (int(config.in_channels), int(h), int(w)), text_shape, dtype, opset, tuple(batch_sizes))
+    return ExportSpec(
+        kind, models, (int(config.in_channels), int(h), int(w)), text_shape, dtype, opset, tuple(batch_sizes)
+    )
 
 
-def constant_inputs(spec: ExportSpec, rule, text_embeddings: dict, device: str | torch.device) -> dict[str, torch.Tensor]:
+def constant_inputs(
+    spec: ExportSpec, rule, text_embeddings: dict, device: str | torch.device
+) -> dict[str, torch.Tensor]:
     """The inputs of `spec`'s network that stay fixed for a whole run, made once on `device`.
 
     Args:
@@ -422,20 +431,34 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | Path, *, extern
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
                 torch.onnx.export(
-                    module, spec.sample_inputs(2, device), str(raw), dynamo=False,
-                    input_names=list(spec.input_names), output_names=list(spec.output_names),
-                    dynamic_axes=spec.dynamic_axes, opset_version=spec.opset, do_constant_folding=True,
+                    module,
+                    spec.sample_inputs(2, device),
+                    str(raw),
+                    dynamo=False,
+                    input_names=list(spec.input_names),
+                    output_names=list(spec.output_names),
+                    dynamic_axes=spec.dynamic_axes,
+                    opset_version=spec.opset,
+                    do_constant_folding=True,
                 )
         except Exception as error:  # surface which network failed, keep the cause
-            raise RuntimeError(f"ONNX export of {spec.kind} ({spec.dtype}, opset {spec.opset}) failed: {error}") from error
+            raise RuntimeError(
+                f"ONNX export of {spec.kind} ({spec.dtype}, opset {spec.opset}) failed: {error}"
+            ) from error
         # Re-save once: one graph file, and one external data file when asked (the exporter may
         # otherwise scatter one file per tensor for models above 2 GB).
         model = onnx.load(str(raw), load_external_data=True)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)
         if external:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=path.name + ".data",
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, str(path))
     return path
@@ -481,8 +504,12 @@ def export_cached(
     try:
         export_onnx(module, spec, staging / ONNX_FILE, external_data=external_data)
         meta = {
-            "format": EXPORT_FORMAT, "key": key, "spec": dataclasses.asdict(spec), "weights_sha256": weights,
-            "versions": versions, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())},
+            "format": EXPORT_FORMAT,
+            "key": key,
+            "spec": dataclasses.asdict(spec),
+            "weights_sha256": weights,
+            "versions": versions,
+            "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())},
             "pair_sources": _jsonable(getattr(pair, "sources", {})),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))

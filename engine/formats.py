@@ -7,6 +7,7 @@ what it is and the fix. Pickles (`.ckpt`, `.bin`, `.pt`, `.pth`) can run code wh
 refused unless the user passes `allow_pickle=True` (CLI `--allow-pickle`), and then read with
 `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -142,9 +143,13 @@ def _not_weights_message(path: Path, kind: str) -> str:
         return f"{path} is empty (0 bytes): the download failed; download it again"
     if kind == "text":
         first_line = path.read_text(errors="replace").splitlines()[0][:60] if size else ""
-        return (f"{path} is a text file ({size} bytes, first line {first_line!r}), not weights: the download "
-                "saved a message or a list instead of the file; download the weights file itself")
-    return f"{path}: unrecognised file format ({size} bytes, first bytes {path.read_bytes()[:16]!r}); expected safetensors"
+        return (
+            f"{path} is a text file ({size} bytes, first line {first_line!r}), not weights: the download "
+            "saved a message or a list instead of the file; download the weights file itself"
+        )
+    return (
+        f"{path}: unrecognised file format ({size} bytes, first bytes {path.read_bytes()[:16]!r}); expected safetensors"
+    )
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
@@ -188,7 +193,9 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     try:
         end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        raise CheckpointFormatError(f"{path}: corrupt safetensors header (bad tensor entries); download it again") from None
+        raise CheckpointFormatError(
+            f"{path}: corrupt safetensors header (bad tensor entries); download it again"
+        ) from None
     if end > data_bytes:
         raise CheckpointFormatError(
             f"{path} is truncated: its header describes {end} bytes of tensor data but the file holds {data_bytes} "

@@ -5,6 +5,7 @@ keys/shapes (cheap: JSON files and safetensors headers), and only then load weig
 downloaded: hub ids resolve from the local Hugging Face cache only. Pickles are refused unless
 `allow_pickle=True` (see `formats`).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,43 @@ from .pair import ModelPair
 logger = logging.getLogger(__name__)
 
 FINETUNED_FORMATS = (
-    "auto", "pipeline", "unet_folder", "unet_file", "checkpoint", "lora", "lora_diffusers", "lora_peft", "lora_kohya",
+    "auto",
+    "pipeline",
+    "unet_folder",
+    "unet_file",
+    "checkpoint",
+    "lora",
+    "lora_diffusers",
+    "lora_peft",
+    "lora_kohya",
 )
 # UNet config entries that change the architecture (sample_size and the like do not)
 _UNET_ARCH_KEYS = (
-    "in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "layers_per_block",
-    "down_block_types", "up_block_types", "mid_block_type", "attention_head_dim", "num_attention_heads",
-    "transformer_layers_per_block", "use_linear_projection", "norm_num_groups", "addition_embed_type",
-    "class_embed_type", "time_cond_proj_dim",
+    "in_channels",
+    "out_channels",
+    "cross_attention_dim",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "norm_num_groups",
+    "addition_embed_type",
+    "class_embed_type",
+    "time_cond_proj_dim",
 )
-_TEXT_ARCH_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
+_TEXT_ARCH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
 _FAMILY_BY_CROSS_ATTENTION = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 # detected full fine-tune formats in plain words, for "this is not a LoRA" messages
 _FULL_FINETUNE_WORDS = {
@@ -39,6 +67,7 @@ _FULL_FINETUNE_WORDS = {
 
 
 # --- paths ---
+
 
 def _resolve_path(spec: str | Path, what: str) -> Path:
     """A local path, or a hub id ("org/name") resolved from the local Hugging Face cache only."""
@@ -96,6 +125,7 @@ def _read_config(folder: Path) -> dict:
 
 # --- compatibility ---
 
+
 def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -128,7 +158,8 @@ def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned tex
     """Like `check_unet_configs` for CLIP text-encoder configs (a vocab_size change means added tokens)."""
     problems = [
         f"{where} has {key} {finetuned.get(key)}, base has {base.get(key)}"
-        for key in _TEXT_ARCH_KEYS if base.get(key) != finetuned.get(key)
+        for key in _TEXT_ARCH_KEYS
+        if base.get(key) != finetuned.get(key)
     ]
     if problems:
         raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
@@ -142,8 +173,11 @@ def check_state_dict(expected: dict, found: dict, where: str) -> None:
     """
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    shapes = [f"{k} {tuple(found[k])} vs base {tuple(expected[k])}" for k in sorted(set(expected) & set(found))
-              if tuple(found[k]) != tuple(expected[k])]
+    shapes = [
+        f"{k} {tuple(found[k])} vs base {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k]) != tuple(expected[k])
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} base tensor(s) missing, e.g. {missing[:3]}")
@@ -156,6 +190,7 @@ def check_state_dict(expected: dict, found: dict, where: str) -> None:
 
 
 # --- format detection ---
+
 
 def detect_finetuned_format(path: Path) -> str:
     """The fine-tune's format from its folder listing or file header (no weights loaded).
@@ -194,10 +229,13 @@ def detect_finetuned_format(path: Path) -> str:
         return "checkpoint"
     if "conv_in.weight" in keys or "unet.conv_in.weight" in keys:
         return "unet_file"
-    raise ValueError(f"{path}: a safetensors file of neither a UNet, an SD checkpoint nor a LoRA (e.g. key {next(iter(keys), None)!r})")
+    raise ValueError(
+        f"{path}: a safetensors file of neither a UNet, an SD checkpoint nor a LoRA (e.g. key {next(iter(keys), None)!r})"
+    )
 
 
 # --- loading parts ---
+
 
 def _load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...]) -> dict:
     """Load the named parts ("unet", "text_encoder", "vae", "tokenizer") of a pipeline folder."""
@@ -229,12 +267,18 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool, what:
         read_safetensors_header(path)
     try:
         return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config) if config else None, local_files_only=True,
-            safety_checker=None, requires_safety_checker=False,
+            str(path),
+            config=str(config) if config else None,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
         )
     except Exception as error:
-        hint = ("pass base_config=<a local diffusers pipeline folder of the same architecture> (CLI --base-config)"
-                if config is None else f"check that {config} is a pipeline folder of the same architecture")
+        hint = (
+            "pass base_config=<a local diffusers pipeline folder of the same architecture> (CLI --base-config)"
+            if config is None
+            else f"check that {config} is a pipeline folder of the same architecture"
+        )
         raise RuntimeError(
             f"{what} {path}: diffusers' from_single_file failed offline ({type(error).__name__}: {error}); "
             f"its diffusers config must be local: {hint}"
@@ -259,9 +303,18 @@ def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict, Path 
         return parts, {"base": str(path), "base_format": fmt}, path
     config = _resolve_path(base_config, "base_config") if base_config else None
     pipeline = _load_single_file(path, config, allow_pickle, "base")
-    parts = dict(unet=pipeline.unet.eval(), text_encoder=pipeline.text_encoder.eval(), vae=pipeline.vae.eval(),
-                 tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config))
-    return parts, {"base": str(path), "base_format": "single-file", "base_config": str(config) if config else None}, config
+    parts = dict(
+        unet=pipeline.unet.eval(),
+        text_encoder=pipeline.text_encoder.eval(),
+        vae=pipeline.vae.eval(),
+        tokenizer=pipeline.tokenizer,
+        scheduler_config=dict(pipeline.scheduler.config),
+    )
+    return (
+        parts,
+        {"base": str(path), "base_format": "single-file", "base_config": str(config) if config else None},
+        config,
+    )
 
 
 def load_model_pair(
@@ -390,9 +443,16 @@ def load_model_pair(
             finetuned_unet, ft_text = pipeline.unet.eval(), pipeline.text_encoder.eval()
         sources["text_encoder"] = "finetuned" if ft_text is not base_text else "base"
     pair = ModelPair(
-        kind=kind, base_unet=base_unet, finetuned_unet=finetuned_unet, unet_lora=unet_lora,
-        base_text_encoder=base_text, finetuned_text_encoder=ft_text, tokenizer=parts["tokenizer"], vae=vae,
-        scheduler_config=parts["scheduler_config"], sources=sources,
+        kind=kind,
+        base_unet=base_unet,
+        finetuned_unet=finetuned_unet,
+        unet_lora=unet_lora,
+        base_text_encoder=base_text,
+        finetuned_text_encoder=ft_text,
+        tokenizer=parts["tokenizer"],
+        vae=vae,
+        scheduler_config=parts["scheduler_config"],
+        sources=sources,
     )
     if torch_dtype is None and str(device) == "cpu":
         return pair  # loaded on the CPU in float32 already
@@ -418,7 +478,9 @@ def _load_unet_file(path: Path, base_unet, allow_pickle: bool):
         check_state_dict(expected, found, f"fine-tuned UNet file {path}")
     state = {k.removeprefix("unet."): v for k, v in load_state_dict(path, allow_pickle=allow_pickle).items()}
     if any(k.startswith("model.diffusion_model.") for k in state):
-        raise ValueError(f"{path}: an LDM-layout SD checkpoint, not a UNet state dict: pass finetuned_format='checkpoint'")
+        raise ValueError(
+            f"{path}: an LDM-layout SD checkpoint, not a UNet state dict: pass finetuned_format='checkpoint'"
+        )
     check_state_dict(expected, {k: tuple(v.shape) for k, v in state.items()}, f"fine-tuned UNet file {path}")
     unet = UNet2DConditionModel.from_config(base_unet.config)
     unet.load_state_dict(state, strict=True)

@@ -5,6 +5,7 @@ a per-sample vector shared by every wrapped module of a UNet. Gate 0 gives the p
 gate 1 the fine-tune, so FineXtract's two predictions come from one batched call. The low-rank
 branch is two explicit small matmuls, which also exports to ONNX with the gate as a graph input.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -15,6 +15,7 @@ Every key must land on a Linear or Conv2d of the base model with matching shapes
 is an error naming it (SPEC section 5), never a silent skip. Each module keeps its own alpha and
 rank; where a file gives no alpha, alpha = rank is assumed and listed in `alpha_assumed`.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ class LoRAWeights:
 
 # --- format detection ---
 
+
 def _safetensors_keys(path: Path) -> list[str]:
     from .formats import read_safetensors_header
 
@@ -69,11 +71,13 @@ def _is_kohya(keys) -> bool:
 
 
 def _is_lora_keys(keys) -> bool:
-    return any(re.search(r"(lora_[AB]\.|lora\.(down|up)\.|_lora\.(down|up)\.|lora_linear_layer\.)", key) for key in keys)
+    return any(
+        re.search(r"(lora_[AB]\.|lora\.(down|up)\.|_lora\.(down|up)\.|lora_linear_layer\.)", key) for key in keys
+    )
 
 
 def detect_lora_format(path: str | Path) -> str | None:
-    """"diffusers", "peft" or "kohya" when `path` is a LoRA checkpoint of that format, else None.
+    """ "diffusers", "peft" or "kohya" when `path` is a LoRA checkpoint of that format, else None.
 
     Reads only folder listings and safetensors headers. Raises the errors of `formats.sniff` for
     a file that is not weights.
@@ -95,6 +99,7 @@ def detect_lora_format(path: str | Path) -> str | None:
 
 
 # --- matching entries onto modules ---
+
 
 def _resolve(name: str, modules: dict) -> str | None:
     """The module path `name` denotes: as written, or with CLIP's `text_model.` prefix added or
@@ -198,6 +203,7 @@ def _unrecognised_error(source: Path, keys: list) -> LoRAKeyError:
 
 
 # --- the three readers: each returns {component: entries} ---
+
 
 def _read_diffusers(path: Path, allow_pickle: bool) -> dict:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
@@ -359,7 +365,9 @@ def read_lora(path: str | Path, unet, text_encoder, *, format: str = "auto", all
         layers = _match(component, entries, models[component], source, weights.alpha_assumed)
         setattr(weights, component, layers)
         weights.counts[component] = {
-            "keys": sum(len(e["keys"]) for e in entries.values()), "modules": len(layers), "unmatched": 0,
+            "keys": sum(len(e["keys"]) for e in entries.values()),
+            "modules": len(layers),
+            "unmatched": 0,
         }
     if not weights.unet and not weights.text_encoder:
         raise ValueError(f"{path}: the LoRA checkpoint holds no adapters")

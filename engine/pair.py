@@ -1,4 +1,5 @@
 """The model pair FineXtract needs: a pretrained model (theta) and its fine-tune (theta')."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -74,8 +75,9 @@ class ModelPair:
         if self.kind == "lora" and not self.unet_lora and self.finetuned_text_encoder is self.base_text_encoder:
             raise ValueError("a LoRA pair needs unet_lora (or a LoRA-adapted text encoder)")
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None, *,
-           vae_dtype: torch.dtype | None = None) -> "ModelPair":
+    def to(
+        self, device: str | torch.device, dtype: torch.dtype | None = None, *, vae_dtype: torch.dtype | None = None
+    ) -> ModelPair:
         """Move every model and the LoRA tensors to `device` in place; return self.
 
         Args:

@@ -9,6 +9,7 @@ engine the same way.
 
 Everything except `build_engine` / `load_engine` is plain Python and runs without TensorRT.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +46,9 @@ def require_tensorrt():
         raise RuntimeError(f"{INSTALL_HINT} (import error: {error})") from None
     major = int(str(tensorrt.__version__).split(".")[0])
     if major < 10:
-        raise RuntimeError(f"TensorRT {tensorrt.__version__} is too old: the engine needs TensorRT 10 or newer ({INSTALL_HINT})")
+        raise RuntimeError(
+            f"TensorRT {tensorrt.__version__} is too old: the engine needs TensorRT 10 or newer ({INSTALL_HINT})"
+        )
     return tensorrt
 
 
@@ -106,8 +109,12 @@ def engine_key(source: dict, profiles: dict, config: BuildConfig, tensorrt_versi
         gpu: `gpu_identity()`.
     """
     payload = {
-        "format": ENGINE_FORMAT, "source": source, "profiles": _shapes_json(profiles), "config": asdict(config),
-        "tensorrt": tensorrt_version, "gpu": gpu,
+        "format": ENGINE_FORMAT,
+        "source": source,
+        "profiles": _shapes_json(profiles),
+        "config": asdict(config),
+        "tensorrt": tensorrt_version,
+        "gpu": gpu,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -226,7 +233,9 @@ def load_engine(engine_path: str | Path):
     return engine
 
 
-def _build_cached(name: str, onnx_path, source: dict, profiles: dict, config: BuildConfig, out_dir, extra: dict, **options) -> EngineArtifact:
+def _build_cached(
+    name: str, onnx_path, source: dict, profiles: dict, config: BuildConfig, out_dir, extra: dict, **options
+) -> EngineArtifact:
     trt = require_tensorrt()
     gpu = gpu_identity()
     # strongly_typed / int8 change the engine as much as the config does, so they are part of its key
@@ -239,13 +248,24 @@ def _build_cached(name: str, onnx_path, source: dict, profiles: dict, config: Bu
         logger.info("reusing TensorRT engine %s", engine_path)
         return EngineArtifact(engine_path, meta, True)
     if engine_path.exists():
-        logger.warning("TensorRT engine %s is stale (model, shapes, precision, TensorRT or GPU changed); rebuilding", engine_path)
+        logger.warning(
+            "TensorRT engine %s is stale (model, shapes, precision, TensorRT or GPU changed); rebuilding", engine_path
+        )
     started = time.perf_counter()
     build_engine(onnx_path, engine_path, profiles, config, timing_cache=out_dir / TIMING_CACHE_FILE, **options)
     meta = {
-        "format": ENGINE_FORMAT, "key": key, "source": source, "onnx": str(onnx_path), "tensorrt": trt.__version__,
-        "gpu": gpu, "config": asdict(config), "profiles": _shapes_json(profiles), "batch_sizes": sorted(profiles),
-        "size": engine_path.stat().st_size, "build_seconds": round(time.perf_counter() - started, 1), **extra,
+        "format": ENGINE_FORMAT,
+        "key": key,
+        "source": source,
+        "onnx": str(onnx_path),
+        "tensorrt": trt.__version__,
+        "gpu": gpu,
+        "config": asdict(config),
+        "profiles": _shapes_json(profiles),
+        "batch_sizes": sorted(profiles),
+        "size": engine_path.stat().st_size,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        **extra,
     }
     atomic_write(engine_path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
     return EngineArtifact(engine_path, meta, False)
@@ -270,17 +290,29 @@ def build_unet_engine(exported, config: BuildConfig, out_dir: str | Path) -> Eng
     """
     spec = exported.spec
     if spec.dtype != config.precision:
-        raise ValueError(f"the ONNX export is {spec.dtype} but --precision is {config.precision}; export it in {config.precision}")
+        raise ValueError(
+            f"the ONNX export is {spec.dtype} but --precision is {config.precision}; export it in {config.precision}"
+        )
     profiles = unet_profiles(spec, config.batch_sizes)
     source = {"onnx_key": exported.meta["key"]}
-    extra = {"weights_sha256": exported.meta.get("weights_sha256"), "spec": exported.meta.get("spec"),
-             "inputs": list(spec.input_names), "outputs": list(spec.output_names)}
+    extra = {
+        "weights_sha256": exported.meta.get("weights_sha256"),
+        "spec": exported.meta.get("spec"),
+        "inputs": list(spec.input_names),
+        "outputs": list(spec.output_names),
+    }
     name = f"{spec.kind}-{exported.meta['key'][:16]}"
     return _build_cached(name, exported.path, source, profiles, config, out_dir, extra, strongly_typed=True)
 
 
-def build_sscd_engine(onnx_path: str | Path, out_dir: str | Path, *, batch_sizes=(32, 64), image_size: int = 288,
-                      input_name: str = "image") -> EngineArtifact:
+def build_sscd_engine(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_sizes=(32, 64),
+    image_size: int = 288,
+    input_name: str = "image",
+) -> EngineArtifact:
     """The SSCD descriptor's int8 QDQ ONNX as an engine (explicit quantization, FP16 elsewhere).
 
     Args:
@@ -298,5 +330,14 @@ def build_sscd_engine(onnx_path: str | Path, out_dir: str | Path, *, batch_sizes
     profiles = sscd_profiles(input_name, batch_sizes, image_size)
     digest = file_sha256(onnx_path)
     extra = {"onnx_sha256": digest, "image_size": image_size, "inputs": [input_name]}
-    return _build_cached(f"sscd-{digest[:16]}", onnx_path, {"onnx_sha256": digest}, profiles, config, out_dir, extra,
-                         strongly_typed=False, int8=True)
+    return _build_cached(
+        f"sscd-{digest[:16]}",
+        onnx_path,
+        {"onnx_sha256": digest},
+        profiles,
+        config,
+        out_dir,
+        extra,
+        strongly_typed=False,
+        int8=True,
+    )

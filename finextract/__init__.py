@@ -8,6 +8,7 @@ N0 largest cliques of the similarity graph.
 `import finextract` is cheap: the public names below are resolved on first use, so no torch,
 diffusers or GPU library is imported until it is needed.
 """
+
 from __future__ import annotations
 
 import importlib

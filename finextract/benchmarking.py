@@ -10,6 +10,7 @@ images/s for a 50-step image, peak memory (process RSS on a CPU, `torch.cuda.max
 on a GPU) and, on a GPU, model FLOP utilisation from 0.89 TFLOP per image per SD 1.x UNet evaluation
 at 512x512 (SPEC section 6), scaled by the latent area.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ import os
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,8 +34,13 @@ SD1_LATENT_AREA = 64 * 64
 DEFAULT_PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))
 #: The SD 1.x UNet config (SPEC section 6): a performance-equivalent UNet with random weights.
 SD1_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    cross_attention_dim=768,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
@@ -46,7 +52,9 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], repeats: int, *, warmup: int = 2, device: str | torch.device = "cpu") -> list[float]:
+def time_calls(
+    fn: Callable[[], object], repeats: int, *, warmup: int = 2, device: str | torch.device = "cpu"
+) -> list[float]:
     """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed calls (GPU work included).
 
     Raises:
@@ -84,8 +92,12 @@ def tflop_per_image_eval(latent_shape: tuple[int, int, int]) -> float:
     return TFLOP_PER_IMAGE_EVAL * latent_shape[1] * latent_shape[2] / SD1_LATENT_AREA
 
 
-def model_flop_utilisation(step_s: float, image_evals_per_step: int, latent_shape: tuple[int, int, int],
-                           peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> float:
+def model_flop_utilisation(
+    step_s: float,
+    image_evals_per_step: int,
+    latent_shape: tuple[int, int, int],
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+) -> float:
     """Achieved UNet TFLOP/s over the GPU's dense matrix rate, in [0, 1] for a sane measurement.
 
     Args:
@@ -97,8 +109,14 @@ def model_flop_utilisation(step_s: float, image_evals_per_step: int, latent_shap
     return image_evals_per_step * tflop_per_image_eval(latent_shape) / step_s / peak_tflops
 
 
-def sd1_random_pair(kind: str = "dreambooth", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    seed: int = 0, tokenizer_folder=None):
+def sd1_random_pair(
+    kind: str = "dreambooth",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer_folder=None,
+):
     """A `ModelPair` with randomly initialised SD 1.x-size UNets, built from config (no download).
 
     The UNets have the SD 1.x config (859.5 M parameters; `SD1_UNET_CONFIG`), built directly on
@@ -130,11 +148,20 @@ def sd1_random_pair(kind: str = "dreambooth", *, device: str | torch.device = "c
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**SD1_UNET_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=768, num_hidden_layers=1,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=768,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                projection_dim=768,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     unet = unet.to(dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.eval().requires_grad_(False)
     finetuned, lora = None, None
@@ -145,11 +172,20 @@ def sd1_random_pair(kind: str = "dreambooth", *, device: str | torch.device = "c
         lora = {}
         for name, module in unet.named_modules():
             if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
-                lora[name] = LoRALayer(down=torch.randn(4, module.in_features, generator=generator) * 0.01,
-                                       up=torch.randn(module.out_features, 4, generator=generator) * 0.01, alpha=4.0)
+                lora[name] = LoRALayer(
+                    down=torch.randn(4, module.in_features, generator=generator) * 0.01,
+                    up=torch.randn(module.out_features, 4, generator=generator) * 0.01,
+                    alpha=4.0,
+                )
     return ModelPair(
-        kind=kind, base_unet=unet, finetuned_unet=finetuned, unet_lora=lora, base_text_encoder=text_encoder,
-        finetuned_text_encoder=text_encoder, tokenizer=tokenizer, vae=tiny["vae"].to(device),
+        kind=kind,
+        base_unet=unet,
+        finetuned_unet=finetuned,
+        unet_lora=lora,
+        base_text_encoder=text_encoder,
+        finetuned_text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=tiny["vae"].to(device),
         scheduler_config=dict(SD1_SCHEDULER_CONFIG),
     )
 
@@ -192,13 +228,30 @@ class StepRunner:
         sampler = self.sampler
         t, alpha_prod_t, alpha_prod_t_prev = sampler.schedule[index]
         prediction = sampler.backend.predict(self.x_t, torch.tensor(t, device=sampler.device))
-        self.x_t = guided_ddim_step(self.x_t, prediction.eps_a, prediction.eps_b, prediction.coef_a, prediction.coef_b,
-                                    alpha_prod_t, alpha_prod_t_prev, impl=sampler.impl)
+        self.x_t = guided_ddim_step(
+            self.x_t,
+            prediction.eps_a,
+            prediction.eps_b,
+            prediction.coef_a,
+            prediction.coef_b,
+            alpha_prod_t,
+            alpha_prod_t_prev,
+            impl=sampler.impl,
+        )
 
 
-def build_step(pair, *, method: str = "finextract", backend: str = "auto", batch_size: int = 16, device: str = "cpu",
-               dtype: str = "fp32", caption: str = "a photo of sks dog", cuda_graphs: bool = True,
-               backend_options: dict | None = None) -> StepRunner:
+def build_step(
+    pair,
+    *,
+    method: str = "finextract",
+    backend: str = "auto",
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    caption: str = "a photo of sks dog",
+    cuda_graphs: bool = True,
+    backend_options: dict | None = None,
+) -> StepRunner:
     """A `StepRunner` for one configuration (sampler built, backend exported, graph captured).
 
     Args:
@@ -218,8 +271,18 @@ def build_step(pair, *, method: str = "finextract", backend: str = "auto", batch
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     rule = rule_for(method, pair.kind)
     started = time.perf_counter()
-    sampler = Sampler(pair, rule, caption, steps=STEPS_PER_IMAGE, device=device, dtype=dtype, backend=backend,
-                      cuda_graphs=cuda_graphs, static_batch=batch_size, backend_options=backend_options)
+    sampler = Sampler(
+        pair,
+        rule,
+        caption,
+        steps=STEPS_PER_IMAGE,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        cuda_graphs=cuda_graphs,
+        static_batch=batch_size,
+        backend_options=backend_options,
+    )
     runner = StepRunner(sampler, rule, batch_size)
     runner.setup_s = time.perf_counter() - started
     return runner
@@ -231,10 +294,16 @@ def step_figures(runner: StepRunner, times: list[float], *, peak_tflops: float =
     step_s = statistics.median(times)
     is_cuda = sampler.device.type == "cuda"
     row = {
-        "backend": sampler.backend_name, "method": runner.rule.name, "kind": sampler.pair.kind,
-        "batch": runner.batch_size, "device": str(sampler.device), "dtype": str(sampler.dtype).replace("torch.", ""),
-        "mode": runner.mode, "forwards_per_step": getattr(sampler.backend, "forwards_per_step", None),
-        "step_ms": round(step_s * 1e3, 3), "step_ms_min": round(min(times) * 1e3, 3),
+        "backend": sampler.backend_name,
+        "method": runner.rule.name,
+        "kind": sampler.pair.kind,
+        "batch": runner.batch_size,
+        "device": str(sampler.device),
+        "dtype": str(sampler.dtype).replace("torch.", ""),
+        "mode": runner.mode,
+        "forwards_per_step": getattr(sampler.backend, "forwards_per_step", None),
+        "step_ms": round(step_s * 1e3, 3),
+        "step_ms_min": round(min(times) * 1e3, 3),
         "images_per_s": round(runner.batch_size / (STEPS_PER_IMAGE * step_s), 4),
         "setup_s": round(getattr(runner, "setup_s", 0.0), 2),
         "peak_mem_mib": round(peak_memory_mib(sampler.device), 1),
@@ -246,10 +315,21 @@ def step_figures(runner: StepRunner, times: list[float], *, peak_tflops: float =
     return row
 
 
-def measure_sampling(pair, *, method: str = "finextract", backend: str = "auto", batch_size: int = 16,
-                     steps: int = 10, device: str = "cpu", dtype: str = "fp32", warmup: int = 2,
-                     caption: str = "a photo of sks dog", cuda_graphs: bool = True,
-                     peak_tflops: float = DEFAULT_PEAK_TFLOPS, backend_options: dict | None = None) -> dict:
+def measure_sampling(
+    pair,
+    *,
+    method: str = "finextract",
+    backend: str = "auto",
+    batch_size: int = 16,
+    steps: int = 10,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 2,
+    caption: str = "a photo of sks dog",
+    cuda_graphs: bool = True,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+    backend_options: dict | None = None,
+) -> dict:
     """Time the sampler's DDIM step for one configuration; the figures of one bench row.
 
     Args:
@@ -269,16 +349,34 @@ def measure_sampling(pair, *, method: str = "finextract", backend: str = "auto",
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     reset_peak_memory(device)
-    runner = build_step(pair, method=method, backend=backend, batch_size=batch_size, device=device, dtype=dtype,
-                        caption=caption, cuda_graphs=cuda_graphs, backend_options=backend_options)
+    runner = build_step(
+        pair,
+        method=method,
+        backend=backend,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        caption=caption,
+        cuda_graphs=cuda_graphs,
+        backend_options=backend_options,
+    )
     times = time_calls(runner.step, steps, warmup=warmup, device=device)
     row = step_figures(runner, times, peak_tflops=peak_tflops)
     row["dtype"] = dtype
     return row
 
 
-COLUMNS = (("backend", "{:<12}"), ("method", "{:<18}"), ("kind", "{:<11}"), ("batch", "{:>6}"), ("mode", "{:>6}"),
-           ("step_ms", "{:>10.2f}"), ("images_per_s", "{:>18.3f}"), ("peak_mem_mib", "{:>10.0f}"), ("mfu", "{:>6.3f}"))
+COLUMNS = (
+    ("backend", "{:<12}"),
+    ("method", "{:<18}"),
+    ("kind", "{:<11}"),
+    ("batch", "{:>6}"),
+    ("mode", "{:>6}"),
+    ("step_ms", "{:>10.2f}"),
+    ("images_per_s", "{:>18.3f}"),
+    ("peak_mem_mib", "{:>10.0f}"),
+    ("mfu", "{:>6.3f}"),
+)
 
 
 def format_table(rows: list[dict]) -> str:

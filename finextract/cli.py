@@ -4,6 +4,7 @@ Each subcommand lives in its own module under `finextract/commands/` and exposes
 `register(subparsers)`, which adds its parser and sets `func` to the function that runs it.
 Modules are imported only to build the parser; heavy libraries are imported inside `func`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,11 @@ class _TorchvisionNotice(logging.Filter):
 
 # transformers loggers that report optional vision backends (filters act on the logger a record is logged to)
 _TORCHVISION_LOGGERS = (
-    "transformers", "transformers.utils.import_utils", "transformers.image_utils",
-    "transformers.image_processing_backends", "transformers.image_processing_utils",
+    "transformers",
+    "transformers.utils.import_utils",
+    "transformers.image_utils",
+    "transformers.image_processing_backends",
+    "transformers.image_processing_utils",
     "transformers.models.auto.image_processing_auto",
 )
 

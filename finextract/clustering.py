@@ -38,6 +38,7 @@ the GPU and cuGraph's connected components and core numbers are used as hints (`
 never change the search (the bitset code derives the same components and cores), so every path gives
 the same answer and the same work count; `_graph_cpu_twin` computes the same hints on the CPU (tested).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -112,17 +113,24 @@ class ClusteringResult:
 
     def to_dict(self) -> dict:
         return {
-            "threshold": self.threshold, "start_threshold": self.start_threshold,
-            "cliques": self.cliques, "clique_sizes": [len(c) for c in self.cliques],
-            "representatives": self.representatives, "skipped": self.skipped, "seconds": self.seconds,
-            "num_cliques": self.num_cliques, "thresholds_tried": self.thresholds_tried,
-            "work": self.work, "budget": self.budget,
+            "threshold": self.threshold,
+            "start_threshold": self.start_threshold,
+            "cliques": self.cliques,
+            "clique_sizes": [len(c) for c in self.cliques],
+            "representatives": self.representatives,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "num_cliques": self.num_cliques,
+            "thresholds_tried": self.thresholds_tried,
+            "work": self.work,
+            "budget": self.budget,
         }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Thresholded graphs as bitsets (Python ints: bit j of adj[i] set <=> S[i, j] >= t)
 # ---------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Graph:
@@ -158,7 +166,7 @@ def _rows(packed: np.ndarray) -> tuple[list, list, int, np.ndarray]:
     """Bitsets (and complements without the vertex itself) from little-endian packed rows (n, ceil(n/8))."""
     n, width = packed.shape
     data = packed.tobytes()
-    adj = [int.from_bytes(data[i * width:(i + 1) * width], "little") for i in range(n)]
+    adj = [int.from_bytes(data[i * width : (i + 1) * width], "little") for i in range(n)]
     nadj = [~(row | (1 << i)) for i, row in enumerate(adj)]
     edges = int(np.bitwise_count(packed).sum(dtype=np.int64)) // 2
     return adj, nadj, edges, packed
@@ -170,7 +178,7 @@ def _pack_cpu(s: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
     packed = np.empty((n, (n + 7) // 8), dtype=np.uint8)
     t = np.float32(threshold)
     for i in range(0, n, block):
-        packed[i:i + block] = np.packbits(s[i:i + block] >= t, axis=1, bitorder="little")
+        packed[i : i + block] = np.packbits(s[i : i + block] >= t, axis=1, bitorder="little")
     return packed
 
 
@@ -233,8 +241,11 @@ def _graph_gpu(s_gpu, threshold: float) -> _Graph | None:
         src, dst = cp.nonzero(cp.triu(a, 1))
         if len(src):
             graph = cugraph.Graph(directed=False)
-            graph.from_cudf_edgelist(cudf.DataFrame({"src": src.astype(cp.int32), "dst": dst.astype(cp.int32)}),
-                                     source="src", destination="dst")
+            graph.from_cudf_edgelist(
+                cudf.DataFrame({"src": src.astype(cp.int32), "dst": dst.astype(cp.int32)}),
+                source="src",
+                destination="dst",
+            )
             cc = cugraph.connected_components(graph)
             labels[cc["vertex"].values.get()] = cc["labels"].values.get().astype(np.int64)
             cn = cugraph.core_number(graph)
@@ -328,6 +339,7 @@ def _greedy_clique(g: _Graph, verts: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Exact search: every maximum clique (bitset branch-and-bound, greedy-colouring bounds)
 # ---------------------------------------------------------------------------------------------------
+
 
 class _Search:
     """Work budget of one threshold, shared by every search of its peel."""
@@ -481,15 +493,16 @@ def _peel(g: _Graph, keys: _Keys, n0: int, search: _Search) -> tuple[list[tuple]
 # The threshold sweep
 # ---------------------------------------------------------------------------------------------------
 
+
 def _start_threshold(s: np.ndarray, step: float, exact_below: int = 4096) -> int:
     """k such that k*step is the 25th percentile of the off-diagonal entries, floored (NumPy 'linear')."""
     n = len(s)
     if n <= exact_below:
         q = float(np.percentile(s[~np.eye(n, dtype=bool)], 25))
     else:  # same value without an N^2 copy: each unordered pair appears twice off the diagonal
-        upper = np.concatenate([s[i, i + 1:] for i in range(n - 1)])
+        upper = np.concatenate([s[i, i + 1 :] for i in range(n - 1)])
         pos = 0.25 * (n * (n - 1) - 1)
-        j = int(math.floor(pos))
+        j = math.floor(pos)
         lo, hi = j // 2, (j + 1) // 2
         vals = np.partition(upper, [lo, hi])[[lo, hi]].astype(np.float64)
         frac = pos - j
@@ -504,8 +517,15 @@ def _representative(members: list[int], s: np.ndarray) -> int:
     return members[int(np.argmax(mean))]  # argmax: first (smallest index) on ties
 
 
-def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int | None = None,
-                       time_limit: float = 30.0, progress: bool = False) -> ClusteringResult:
+def cluster_similarity(
+    similarity,
+    n0: int,
+    *,
+    step: float = 0.01,
+    budget: int | None = None,
+    time_limit: float = 30.0,
+    progress: bool = False,
+) -> ClusteringResult:
     """Cluster a similarity matrix by the FineXtract threshold sweep with greedy clique peeling.
 
     Args:
@@ -554,8 +574,11 @@ def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int |
     if hasattr(s_dev, "device") and getattr(s_dev.device, "type", "cpu") == "cuda":
         import torch
 
-        gpu_s = s_dev.detach().float()[torch.as_tensor(perm, device=s_dev.device)][:, torch.as_tensor(
-            perm, device=s_dev.device)].fill_diagonal_(0.0)
+        gpu_s = (
+            s_dev.detach()
+            .float()[torch.as_tensor(perm, device=s_dev.device)][:, torch.as_tensor(perm, device=s_dev.device)]
+            .fill_diagonal_(0.0)
+        )
 
     skipped: list[dict] = []
     previous = None  # (edge count, outcome, threshold) of the last threshold, for unchanged graphs
@@ -577,8 +600,7 @@ def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int |
             if previous is not None and previous[0] == g.edges:
                 outcome = previous[1]  # edges only disappear as t rises: same count, same graph
                 if outcome[0] == "skipped":
-                    skipped.append({"threshold": threshold, "reason": f"same graph as {previous[2]}: "
-                                    + outcome[1]})
+                    skipped.append({"threshold": threshold, "reason": f"same graph as {previous[2]}: " + outcome[1]})
             else:
                 search = _Search(budget, time.perf_counter() + time_limit)
                 try:
@@ -601,19 +623,39 @@ def cluster_similarity(similarity, n0: int, *, step: float = 0.01, budget: int |
             bar.close()
     if skipped:  # one line per clustering; the per-threshold reasons are DEBUG lines and in `.skipped`
         reasons = sorted({s["reason"].split(" (")[0].removeprefix("same graph as ").split(": ")[-1] for s in skipped})
-        logger.info("clustering: %d threshold(s) skipped (%s; %.2f to %.2f), chose %.2f", len(skipped),
-                    ", ".join(reasons), skipped[0]["threshold"], skipped[-1]["threshold"], threshold)
+        logger.info(
+            "clustering: %d threshold(s) skipped (%s; %.2f to %.2f), chose %.2f",
+            len(skipped),
+            ", ".join(reasons),
+            skipped[0]["threshold"],
+            skipped[-1]["threshold"],
+            threshold,
+        )
     chosen = sorted(peeled)[:n0]  # (-size, -weight, members): largest, then higher mean similarity
     cliques = [list(key[2]) for key in chosen]
     return ClusteringResult(
-        threshold=threshold, cliques=cliques, representatives=[_representative(c, s) for c in cliques],
-        skipped=skipped, seconds=time.perf_counter() - start, num_cliques=len(peeled),
-        thresholds_tried=tried, work=outcome[3], start_threshold=start_threshold, budget=budget,
+        threshold=threshold,
+        cliques=cliques,
+        representatives=[_representative(c, s) for c in cliques],
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+        num_cliques=len(peeled),
+        thresholds_tried=tried,
+        work=outcome[3],
+        start_threshold=start_threshold,
+        budget=budget,
     )
 
 
-def cluster_descriptors(descriptors, n0: int, *, step: float = 0.01, budget: int | None = None,
-                        time_limit: float = 30.0, progress: bool = False) -> ClusteringResult:
+def cluster_descriptors(
+    descriptors,
+    n0: int,
+    *,
+    step: float = 0.01,
+    budget: int | None = None,
+    time_limit: float = 30.0,
+    progress: bool = False,
+) -> ClusteringResult:
     """Cluster SSCD descriptors into N0 cliques (FineXtract Sec. 4.3), exactly and deterministically.
 
     Args:
@@ -630,12 +672,21 @@ def cluster_descriptors(descriptors, n0: int, *, step: float = 0.01, budget: int
     """
     from finextract.similarity import similarity_matrix
 
-    return cluster_similarity(similarity_matrix(descriptors), n0, step=step, budget=budget,
-                              time_limit=time_limit, progress=progress)
+    return cluster_similarity(
+        similarity_matrix(descriptors), n0, step=step, budget=budget, time_limit=time_limit, progress=progress
+    )
 
 
-def planted_descriptors(n: int, n_clusters: int, cluster_size: int, *, dim: int = 512, spread: float = 1.0,
-                        style: float = 0.35, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted_descriptors(
+    n: int,
+    n_clusters: int,
+    cluster_size: int,
+    *,
+    dim: int = 512,
+    spread: float = 1.0,
+    style: float = 0.35,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """SSCD-like synthetic descriptors with planted near-duplicate clusters (tests and benchmarks).
 
     Unrelated images share a weak common "style" direction (background cosine ~style^2/(1+style^2),

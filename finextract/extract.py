@@ -3,6 +3,7 @@
 Output folder (SPEC section 3): `extracted/` (N0 PNGs), optional `generated/` (N PNGs), `result.json`,
 `report.html`.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,16 @@ def embed_images(embedder, images, batch_size: int = 32):
     return torch.stack(out)
 
 
-def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step: float = 0.01,
-                   time_limit: float = 30.0, timings: dict | None = None) -> ExtractionResult:
+def cluster_images(
+    images,
+    n0: int,
+    embedder,
+    *,
+    budget: int | None = None,
+    step: float = 0.01,
+    time_limit: float = 30.0,
+    timings: dict | None = None,
+) -> ExtractionResult:
     """Embed images with SSCD and cluster them into N0 cliques, excluding degenerate images.
 
     Args:
@@ -90,8 +99,12 @@ def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step
     degenerate = degenerate_mask(images)
     keep = np.flatnonzero(~degenerate)
     if degenerate.any():
-        logger.warning("%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "
-                       "excluded from clustering", int(degenerate.sum()), len(degenerate))
+        logger.warning(
+            "%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "
+            "excluded from clustering",
+            int(degenerate.sum()),
+            len(degenerate),
+        )
     if len(keep) < n0:
         raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
     start = time.perf_counter()
@@ -116,9 +129,16 @@ def cluster_images(images, n0: int, embedder, *, budget: int | None = None, step
         picked = images[_index(indices, images.device)].cpu().numpy()
     else:
         picked = np.asarray(images[indices])
-    return ExtractionResult(images=picked, indices=indices, cliques=cliques, threshold=clustering.threshold,
-                            timings=timings, clustering=clustering, num_degenerate=int(degenerate.sum()),
-                            descriptors=descriptors[list(clustering.representatives)])
+    return ExtractionResult(
+        images=picked,
+        indices=indices,
+        cliques=cliques,
+        threshold=clustering.threshold,
+        timings=timings,
+        clustering=clustering,
+        num_degenerate=int(degenerate.sum()),
+        descriptors=descriptors[list(clustering.representatives)],
+    )
 
 
 def _is_device_tensor(images) -> bool:
@@ -150,29 +170,45 @@ def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tupl
     return metrics, (train_images, train_paths)
 
 
-def write_output(out: str | Path, result: ExtractionResult, record: dict, *, generated=None,
-                 train_data: tuple | None = None) -> Path:
+def write_output(
+    out: str | Path, result: ExtractionResult, record: dict, *, generated=None, train_data: tuple | None = None
+) -> Path:
     """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`."""
     from finextract.images import write_png
     from finextract.report import write_report
 
     out = Path(out)
     start = time.perf_counter()
-    paths = [write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
-             for rank, (image, index) in enumerate(zip(result.images, result.indices))]
+    paths = [
+        write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
+        for rank, (image, index) in enumerate(zip(result.images, result.indices))
+    ]
     if generated is not None:
         for i, image in enumerate(generated):
             write_png(image, out / "generated" / f"{i:05d}.png")
     result.timings["write"] = time.perf_counter() - start
-    record = {**record, "threshold": result.threshold, "cliques": result.cliques,
-              "clique_sizes": [len(c) for c in result.cliques], "extracted": result.indices,
-              "extracted_files": [str(p.relative_to(out)) for p in paths],
-              "num_degenerate": result.num_degenerate, "timings": result.timings, "config": result.config}
+    record = {
+        **record,
+        "threshold": result.threshold,
+        "cliques": result.cliques,
+        "clique_sizes": [len(c) for c in result.cliques],
+        "extracted": result.indices,
+        "extracted_files": [str(p.relative_to(out)) for p in paths],
+        "num_degenerate": result.num_degenerate,
+        "timings": result.timings,
+        "config": result.config,
+    }
     if result.clustering is not None:
         c = result.clustering
-        record["clustering"] = {"start_threshold": c.start_threshold, "skipped": c.skipped, "budget": c.budget,
-                                "num_cliques": c.num_cliques, "thresholds_tried": c.thresholds_tried,
-                                "work": c.work, "representatives": result.indices}
+        record["clustering"] = {
+            "start_threshold": c.start_threshold,
+            "skipped": c.skipped,
+            "budget": c.budget,
+            "num_cliques": c.num_cliques,
+            "thresholds_tried": c.thresholds_tried,
+            "work": c.work,
+            "representatives": result.indices,
+        }
         record["skipped"] = c.skipped
     if result.metrics is not None:
         record["metrics"] = result.metrics
@@ -204,9 +240,22 @@ class Extractor:
         ValueError / FileNotFoundError: from loading (incompatible or missing checkpoints).
     """
 
-    def __init__(self, base, finetuned=None, *, lora=None, device="auto", dtype="fp32", backend="torch",
-                 embedder="default", preset=None, allow_pickle=False, budget: int | None = None,
-                 cuda_graphs: bool = True, base_config=None):
+    def __init__(
+        self,
+        base,
+        finetuned=None,
+        *,
+        lora=None,
+        device="auto",
+        dtype="fp32",
+        backend="torch",
+        embedder="default",
+        preset=None,
+        allow_pickle=False,
+        budget: int | None = None,
+        cuda_graphs: bool = True,
+        base_config=None,
+    ):
         from finextract.engine.loading import load_model_pair
         from finextract.runtime import resolve_device
         from finextract.sscd import load_embedder
@@ -219,17 +268,35 @@ class Extractor:
 
         self.backend = resolve_backend(backend, self.device)
         start = time.perf_counter()
-        self.pair = load_model_pair(base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device,
-                                    base_config=base_config)
+        self.pair = load_model_pair(
+            base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device, base_config=base_config
+        )
         self.embedder = load_embedder(embedder, preset=preset, device=self.device)
         self.load_seconds = time.perf_counter() - start
-        self.models = {"base": str(base), "finetuned": None if finetuned is None else str(finetuned),
-                       "lora": None if lora is None else str(lora), "kind": getattr(self.pair, "kind", None)}
+        self.models = {
+            "base": str(base),
+            "finetuned": None if finetuned is None else str(finetuned),
+            "lora": None if lora is None else str(lora),
+            "kind": getattr(self.pair, "kind", None),
+        }
 
-    def extract(self, caption: str, n0: int, *, num_images: int | None = None, method: str = "finextract",
-                w: float | None = None, k: float | None = None, steps: int = 50, seed: int = 0,
-                batch_size: int | None = None, out=None, train=None, save_generated: bool = False,
-                progress: bool = True) -> ExtractionResult:
+    def extract(
+        self,
+        caption: str,
+        n0: int,
+        *,
+        num_images: int | None = None,
+        method: str = "finextract",
+        w: float | None = None,
+        k: float | None = None,
+        steps: int = 50,
+        seed: int = 0,
+        batch_size: int | None = None,
+        out=None,
+        train=None,
+        save_generated: bool = False,
+        progress: bool = True,
+    ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         Args:
@@ -268,22 +335,47 @@ class Extractor:
             train = (train_images, train_paths)
         timings = {"load": self.load_seconds}
         start = time.perf_counter()
-        generation = generate(self.pair, caption, num_images, method=method, w=w, k=k, steps=steps,
-                              batch_size=batch_size, seed=seed, device=self.device, dtype=self.dtype,
-                              backend=self.backend, progress=progress, cuda_graphs=self.cuda_graphs,
-                              images_on_device=self.device.startswith("cuda"),
-                              out=None if out is None else Path(out) / "generation")  # resumable chunks
+        generation = generate(
+            self.pair,
+            caption,
+            num_images,
+            method=method,
+            w=w,
+            k=k,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            device=self.device,
+            dtype=self.dtype,
+            backend=self.backend,
+            progress=progress,
+            cuda_graphs=self.cuda_graphs,
+            images_on_device=self.device.startswith("cuda"),
+            out=None if out is None else Path(out) / "generation",
+        )  # resumable chunks
         timings["generate"] = time.perf_counter() - start
         images = generation.images
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = {
-            **self.models, "caption": caption, "method": method, "w": params.get("w"), "k": params.get("k"),
-            "n0": n0, "num_images": num_images, "steps": steps, "seed": seed,
-            "seeds": list(generation.seeds), "batch_size": batch_size, "device": self.device,
-            "dtype": self.dtype, "backend": self.backend, "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
+            **self.models,
+            "caption": caption,
+            "method": method,
+            "w": params.get("w"),
+            "k": params.get("k"),
+            "n0": n0,
+            "num_images": num_images,
+            "steps": steps,
+            "seed": seed,
+            "seeds": list(generation.seeds),
+            "batch_size": batch_size,
+            "device": self.device,
+            "dtype": self.dtype,
+            "backend": self.backend,
+            "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
             "sscd": self.embedder.info,
-            "clustering": {"step": 0.01, "budget": self.budget or "auto"}, "generation": generation.manifest,
+            "clustering": {"step": 0.01, "budget": self.budget or "auto"},
+            "generation": generation.manifest,
             "versions": library_versions(),
         }
         train_data = None

@@ -9,13 +9,15 @@ to_out.0) and is saved as diffusers' `pytorch_lora_weights.safetensors`; DreamBo
 diffusers pipeline folder. The same code runs the tiny models on a CPU and SD 1.x on a GPU
 (fp16 / bf16 autocast there, fp32 master weights).
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -76,7 +78,9 @@ def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
             except FileNotFoundError:
                 raise FileNotFoundError(f"training image {item} does not exist") from None
             except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"training image {item} is not a readable image ({error}); remove or re-save it") from None
+                raise ValueError(
+                    f"training image {item} is not a readable image ({error}); remove or re-save it"
+                ) from None
         elif isinstance(item, np.ndarray):
             item = Image.fromarray(item)
         image = item.convert("RGB")
@@ -91,9 +95,9 @@ def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
 
 def _components(base: str | Path):
     """Load a diffusers SD pipeline folder's parts in fp32 from safetensors only (never pickle)."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    import torch
 
     base = Path(base)
     if not (base / "model_index.json").is_file():
@@ -101,9 +105,13 @@ def _components(base: str | Path):
             f"--base {base}: not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion 1.x folder"
         )
     try:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", use_safetensors=True, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(
+            base, subfolder="unet", use_safetensors=True, torch_dtype=torch.float32
+        )
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True, torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", use_safetensors=True, dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(
+            base, subfolder="text_encoder", use_safetensors=True, dtype=torch.float32
+        )
     except OSError as error:
         raise FileNotFoundError(
             f"--base {base}: could not load safetensors weights ({error}); convert .bin/.ckpt weights to safetensors first"
@@ -116,7 +124,11 @@ def _components(base: str | Path):
 def tokenize(tokenizer, captions: Sequence[str]):
     """Token ids (B, model_max_length), padded and truncated the way SD 1.x pipelines do."""
     return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -155,7 +167,7 @@ def denoising_loss(unet, scheduler, latents, encoder_hidden_states, generator):
 
 def train_loop(
     parameters: list,
-    loss_fn: Callable[[object], "object"],
+    loss_fn: Callable[[object], object],
     *,
     steps: int,
     lr: float,
@@ -186,7 +198,8 @@ def train_loop(
         raise ValueError(f"schedule {schedule!r}: expected 'constant' or 'cosine'")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     decay = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        optimizer,
+        lambda step: 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
     )
     autocast_dtype = None if dtype == "fp32" else torch_dtype(dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
@@ -328,8 +341,17 @@ def finetune(
         states = text_encoder(ids)[0] if train_text_encoder else fixed_states
         return denoising_loss(unet, scheduler, latents, states.expand(batch_size, -1, -1), generator)
 
-    losses = train_loop(parameters, loss_fn, steps=steps, lr=lr, device=device, dtype=dtype, seed=seed,
-                        desc=f"finetune {method}", progress=progress)
+    losses = train_loop(
+        parameters,
+        loss_fn,
+        steps=steps,
+        lr=lr,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        desc=f"finetune {method}",
+        progress=progress,
+    )
 
     # 3. Save the format users download.
     out = Path(out)
@@ -364,8 +386,14 @@ def _save_pipeline(base, unet, text_encoder, out: Path, dtype) -> None:
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(
-        base, unet=unet, text_encoder=text_encoder, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, use_safetensors=True, torch_dtype=torch.float32,
+        base,
+        unet=unet,
+        text_encoder=text_encoder,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+        torch_dtype=torch.float32,
     )
     pipeline.to("cpu", dtype)
     pipeline.save_pretrained(out, safe_serialization=True)

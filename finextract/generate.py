@@ -8,6 +8,7 @@ same config continues after the last finished chunk and never recomputes one, ev
 a different config in the same folder is refused. Image i always starts from seed `seed + i`, so a
 resumed, rechunked or re-batched run gives the same images.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,9 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -124,16 +125,31 @@ def generate(
     backend = resolve_backend(backend, device)
     rule = rule_for(method, pair.kind, w, k)
     seeds = [seed + i for i in range(num_images)]
-    config = _normalise({
-        "method": method, "params": rule_params(method, pair.kind, w, k), "rule": rule.to_dict(), "caption": caption,
-        "num_images": num_images, "steps": steps, "seed": seed, "dtype": dtype, "backend": backend,
-        "sampler": "DDIM eta=0", "model": {"kind": pair.kind, "weights": weights_fingerprint(pair),
-                                           "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")}},
-    })
+    config = _normalise(
+        {
+            "method": method,
+            "params": rule_params(method, pair.kind, w, k),
+            "rule": rule.to_dict(),
+            "caption": caption,
+            "num_images": num_images,
+            "steps": steps,
+            "seed": seed,
+            "dtype": dtype,
+            "backend": backend,
+            "sampler": "DDIM eta=0",
+            "model": {
+                "kind": pair.kind,
+                "weights": weights_fingerprint(pair),
+                "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")},
+            },
+        }
+    )
     folder = Path(out) if out is not None else None
     manifest = _open_manifest(folder, config, chunk_size or batch_size)
     manifest.update(
-        versions=library_versions(), seeds=seeds, sources=_normalise(pair.sources, default=str),
+        versions=library_versions(),
+        seeds=seeds,
+        sources=_normalise(pair.sources, default=str),
         last_run={"device": device, "batch_size": batch_size, "cuda_graphs": bool(cuda_graphs)},
     )
     chunks = manifest["chunks"]
@@ -150,22 +166,34 @@ def generate(
 
         from .sampling import Sampler
 
-        sampler = Sampler(pair, rule, caption, steps=steps, device=device, dtype=dtype, backend=backend,
-                          cuda_graphs=cuda_graphs, static_batch=batch_size, images_on_device=images_on_device)
+        sampler = Sampler(
+            pair,
+            rule,
+            caption,
+            steps=steps,
+            device=device,
+            dtype=dtype,
+            backend=backend,
+            cuda_graphs=cuda_graphs,
+            static_batch=batch_size,
+            images_on_device=images_on_device,
+        )
         done_images = sum(c["stop"] - c["start"] for c in chunks if c["status"] == "done")
         with tqdm(total=num_images, initial=done_images, unit="img", desc="generate", disable=not progress) as bar:
             for chunk in pending:
                 started = time.perf_counter()
                 parts = []
                 for start in range(chunk["start"], chunk["stop"], batch_size):
-                    batch_seeds = seeds[start:min(start + batch_size, chunk["stop"])]
+                    batch_seeds = seeds[start : min(start + batch_size, chunk["stop"])]
                     parts.append(sampler(batch_seeds))
                     bar.update(len(batch_seeds))
                 images = torch.cat(parts)
                 results[chunk["index"]] = images
                 chunk.update(status="done", seconds=round(time.perf_counter() - started, 3))
                 if folder is not None:
-                    chunk["sha256"] = _write_chunk(folder / chunk["file"], images.cpu(), seeds[chunk["start"]:chunk["stop"]])
+                    chunk["sha256"] = _write_chunk(
+                        folder / chunk["file"], images.cpu(), seeds[chunk["start"] : chunk["stop"]]
+                    )
                     if png:
                         _write_pngs(folder, images.cpu(), chunk["start"])
                     _write_json(folder / MANIFEST, manifest)
@@ -173,14 +201,18 @@ def generate(
                     on_chunk(chunk["index"], images)
 
     target = torch.device(device) if images_on_device else torch.device("cpu")
-    images = torch.cat([
-        results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0].to(target) for c in chunks
-    ])
+    images = torch.cat(
+        [
+            results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0].to(target)
+            for c in chunks
+        ]
+    )
     if png:  # chunks finished by an earlier run without --png (or whose PNGs were deleted)
         for chunk in chunks:
             if chunk["index"] not in results and not all(
-                    (folder / "images" / f"gen{i:05d}.png").is_file() for i in range(chunk["start"], chunk["stop"])):
-                _write_pngs(folder, images[chunk["start"]:chunk["stop"]].cpu(), chunk["start"])
+                (folder / "images" / f"gen{i:05d}.png").is_file() for i in range(chunk["start"], chunk["stop"])
+            ):
+                _write_pngs(folder, images[chunk["start"] : chunk["stop"]].cpu(), chunk["start"])
     return GenerationResult(images=images, seeds=seeds, manifest=manifest)
 
 
@@ -255,7 +287,10 @@ def weights_fingerprint(pair) -> str:
             digest.update(b"none")
             continue
         adapters = {
-            id(p) for m in model.modules() if isinstance(m, GatedLoRA) for p in (*m.down.parameters(), *m.up.parameters())
+            id(p)
+            for m in model.modules()
+            if isinstance(m, GatedLoRA)
+            for p in (*m.down.parameters(), *m.up.parameters())
         }
         for parameter in model.parameters():
             if id(parameter) not in adapters:
@@ -291,7 +326,13 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
     num_images = config["num_images"]
     chunks = [
-        {"index": i, "start": start, "stop": min(start + chunk_size, num_images), "file": f"chunk_{i:05d}.npz", "status": "pending"}
+        {
+            "index": i,
+            "start": start,
+            "stop": min(start + chunk_size, num_images),
+            "file": f"chunk_{i:05d}.npz",
+            "status": "pending",
+        }
         for i, start in enumerate(range(0, num_images, chunk_size))
     ]
     return {"format": FORMAT, "config": config, "chunk_size": chunk_size, "chunks": chunks}
@@ -314,7 +355,7 @@ def _adopt_finished(folder: Path, chunks: list[dict], seeds: list[int]) -> None:
             except Exception as error:  # a foreign or broken file: regenerate it
                 logger.warning("ignoring unreadable chunk file %s (%s)", path, error)
                 continue
-            if chunk_seeds == seeds[chunk["start"]:chunk["stop"]] and len(images) == len(chunk_seeds):
+            if chunk_seeds == seeds[chunk["start"] : chunk["stop"]] and len(images) == len(chunk_seeds):
                 chunk.update(status="done", sha256=file_sha256(path))
 
 
@@ -349,6 +390,10 @@ def library_versions() -> dict:
     from . import __version__
 
     return {
-        "finextract": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "finextract": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
     }

@@ -1,4 +1,5 @@
 """Reading folders of images and writing PNGs."""
+
 from __future__ import annotations
 
 import logging
@@ -64,13 +65,21 @@ def _read_generate_folder(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
     except json.JSONDecodeError as error:
         raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
     if manifest.get("format") != GENERATE_FORMAT:
-        raise ValueError(f"{manifest_path} is not a finextract generate manifest ({GENERATE_FORMAT}); "
-                         "remove it to read the folder's image files")
+        raise ValueError(
+            f"{manifest_path} is not a finextract generate manifest ({GENERATE_FORMAT}); "
+            "remove it to read the folder's image files"
+        )
     chunks = sorted(manifest.get("chunks", []), key=lambda c: c["start"])
     done = [c for c in chunks if c.get("status") == "done" and (folder / c["file"]).is_file()]
     if len(done) < len(chunks):
-        logger.warning("%s: %d of %d chunks are unfinished; reading the %d finished ones (rerun the same "
-                       "`finextract generate` command to finish)", folder, len(chunks) - len(done), len(chunks), len(done))
+        logger.warning(
+            "%s: %d of %d chunks are unfinished; reading the %d finished ones (rerun the same "
+            "`finextract generate` command to finish)",
+            folder,
+            len(chunks) - len(done),
+            len(chunks),
+            len(done),
+        )
     images, paths = [], []
     for chunk in done:
         with np.load(folder / chunk["file"]) as data:

@@ -1,4 +1,5 @@
 """Extraction metrics against the real training set X0 (FineXtract Eq. 1, 2)."""
+
 from __future__ import annotations
 
 #: A-ESR thresholds: loose (0.6) and strict (0.7), as in the paper's Table 1.
@@ -30,7 +31,9 @@ def extraction_metrics(train_descriptors, extracted_descriptors) -> dict:
     if x0.ndim != 2 or xhat.ndim != 2 or len(x0) == 0 or len(xhat) == 0:
         raise ValueError(f"need non-empty (N, D) descriptors; got {tuple(x0.shape)} and {tuple(xhat.shape)}")
     if x0.shape[1] != xhat.shape[1]:
-        raise ValueError(f"descriptor sizes differ ({x0.shape[1]} vs {xhat.shape[1]}): embed both with the same SSCD model")
+        raise ValueError(
+            f"descriptor sizes differ ({x0.shape[1]} vs {xhat.shape[1]}): embed both with the same SSCD model"
+        )
     sim = x0 @ xhat.T
     back, back_index = sim.max(dim=0)
     best, index = sim.max(dim=1)
@@ -38,8 +41,12 @@ def extraction_metrics(train_descriptors, extracted_descriptors) -> dict:
     result = {"AS": float(best.mean())}
     for tau in ESR_THRESHOLDS:
         result[f"A-ESR{tau}"] = float((best > tau).double().mean())
-    result["best_match"] = [{"train": i, "extracted": int(j), "similarity": float(s)}
-                            for i, (j, s) in enumerate(zip(index.tolist(), best.tolist()))]
-    result["extracted_best_match"] = [{"extracted": j, "train": int(i), "similarity": float(s)}
-                                      for j, (i, s) in enumerate(zip(back_index.tolist(), back.tolist()))]
+    result["best_match"] = [
+        {"train": i, "extracted": int(j), "similarity": float(s)}
+        for i, (j, s) in enumerate(zip(index.tolist(), best.tolist()))
+    ]
+    result["extracted_best_match"] = [
+        {"extracted": j, "train": int(i), "similarity": float(s)}
+        for j, (i, s) in enumerate(zip(back_index.tolist(), back.tolist()))
+    ]
     return result

@@ -1,4 +1,5 @@
 """`report.html`: extracted images beside their best training matches, clique sizes, threshold."""
+
 from __future__ import annotations
 
 import base64
@@ -6,11 +7,12 @@ import html
 import io
 from pathlib import Path
 
-
-LEGEND = ("Clique size: how many of the N generated images fell in that image's clique of near-duplicates "
-          "(SSCD similarity above the threshold; larger = more often regenerated). AS: mean over training images of "
-          "the best match's SSCD similarity (paper Eq. 1). A-ESR0.6 / A-ESR0.7: share of training images whose best "
-          "match exceeds 0.6 / 0.7 (paper Eq. 2).")
+LEGEND = (
+    "Clique size: how many of the N generated images fell in that image's clique of near-duplicates "
+    "(SSCD similarity above the threshold; larger = more often regenerated). AS: mean over training images of "
+    "the best match's SSCD similarity (paper Eq. 1). A-ESR0.6 / A-ESR0.7: share of training images whose best "
+    "match exceeds 0.6 / 0.7 (paper Eq. 2)."
+)
 
 
 def _img(image, embed: bool, path: Path | None, out: Path) -> str:
@@ -21,13 +23,17 @@ def _img(image, embed: bool, path: Path | None, out: Path) -> str:
         Image.fromarray(image).save(buffer, format="PNG")
         src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     else:
-        src = html.escape(Path(path).resolve().relative_to(out.resolve()).as_posix()
-                          if Path(path).resolve().is_relative_to(out.resolve()) else Path(path).resolve().as_uri())
+        src = html.escape(
+            Path(path).resolve().relative_to(out.resolve()).as_posix()
+            if Path(path).resolve().is_relative_to(out.resolve())
+            else Path(path).resolve().as_uri()
+        )
     return f'<img src="{src}" width="160" style="image-rendering:pixelated">'
 
 
-def write_report(out: str | Path, result: dict, extracted_paths: list[Path], train: tuple | None = None,
-                 embed_train: bool = True) -> Path:
+def write_report(
+    out: str | Path, result: dict, extracted_paths: list[Path], train: tuple | None = None, embed_train: bool = True
+) -> Path:
     """Write `out/report.html` for an extraction or clustering result.
 
     Args:
@@ -43,42 +49,55 @@ def write_report(out: str | Path, result: dict, extracted_paths: list[Path], tra
     """
     out = Path(out)
     metrics = result.get("metrics")
-    best_for_extracted = {m["extracted"]: (m["train"], m["similarity"])
-                          for m in (metrics or {}).get("extracted_best_match", [])}
+    best_for_extracted = {
+        m["extracted"]: (m["train"], m["similarity"]) for m in (metrics or {}).get("extracted_best_match", [])
+    }
     rows = []
     for j, (path, clique) in enumerate(zip(extracted_paths, result["cliques"])):
         cell = _img(None, False, path, out)
         match = ""
-        if metrics and train is not None:
-            if j in best_for_extracted:
-                i, s = best_for_extracted[j]
-                match = f"{_img(train[0][i], embed_train, train[1][i], out)}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
-        rows.append(f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>")
+        if metrics and train is not None and j in best_for_extracted:
+            i, s = best_for_extracted[j]
+            match = f"{_img(train[0][i], embed_train, train[1][i], out)}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
+        rows.append(
+            f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>"
+        )
     config = result.get("config") or {}
     kind, method, caption = config.get("kind"), result.get("method", "cluster"), config.get("caption")
     title = "finextract: " + ", ".join(str(part) for part in (kind, method) if part)
     if caption:
         title += f" \u2014 \u201c{caption}\u201d"
-    models = [f"{label}: <code>{html.escape(str(config[key]))}</code>"
-              for key, label in (("base", "base"), ("finetuned", "fine-tune"), ("lora", "LoRA"), ("images", "images"))
-              if config.get(key)]
-    summary = models + [f"method: {html.escape(str(method))}", f"N0 = {result.get('n0')}",
-               f"N = {result.get('num_images')}", f"threshold = {result.get('threshold')}",
-               f"clique sizes: {[len(c) for c in result['cliques']]}"]
+    models = [
+        f"{label}: <code>{html.escape(str(config[key]))}</code>"
+        for key, label in (("base", "base"), ("finetuned", "fine-tune"), ("lora", "LoRA"), ("images", "images"))
+        if config.get(key)
+    ]
+    summary = models + [
+        f"method: {html.escape(str(method))}",
+        f"N0 = {result.get('n0')}",
+        f"N = {result.get('num_images')}",
+        f"threshold = {result.get('threshold')}",
+        f"clique sizes: {[len(c) for c in result['cliques']]}",
+    ]
     if result.get("num_degenerate"):
-        summary.append(f"<b>{result['num_degenerate']} degenerate (non-finite or constant) image(s) were excluded "
-                       "from clustering</b>")
+        summary.append(
+            f"<b>{result['num_degenerate']} degenerate (non-finite or constant) image(s) were excluded "
+            "from clustering</b>"
+        )
     if result.get("skipped"):
-        summary.append(f"{len(result['skipped'])} threshold(s) skipped (search budget): "
-                       + ", ".join(str(s["threshold"]) for s in result["skipped"]))
+        summary.append(
+            f"{len(result['skipped'])} threshold(s) skipped (search budget): "
+            + ", ".join(str(s["threshold"]) for s in result["skipped"])
+        )
     if metrics:
-        summary.append(f"AS = {metrics['AS']:.3f}, A-ESR0.6 = {metrics['A-ESR0.6']:.2f}, "
-                       f"A-ESR0.7 = {metrics['A-ESR0.7']:.2f}")
+        summary.append(
+            f"AS = {metrics['AS']:.3f}, A-ESR0.6 = {metrics['A-ESR0.6']:.2f}, A-ESR0.7 = {metrics['A-ESR0.7']:.2f}"
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} td{{padding:6px;vertical-align:top;text-align:center}}</style></head><body>
-<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{line}</li>' for line in summary)}</ul>
+<h1>{html.escape(title)}</h1><ul>{"".join(f"<li>{line}</li>" for line in summary)}</ul>
 <table border="1"><tr><th>#</th><th>extracted</th><th>clique size</th><th>best training match</th></tr>
-{''.join(rows)}</table>
+{"".join(rows)}</table>
 <p><small>{LEGEND}</small></p></body></html>
 """
     path = out / "report.html"

@@ -8,6 +8,7 @@ so a rule is a tuple of `Term`s and every backend fuses every rule the same way 
 then `finextract.kernels.guidance_ddim.guided_ddim_step`). Notation as in the paper: `eps_base` is
 the pretrained UNet (theta), `eps_ft` the fine-tuned one (theta'), `c` the caption, `""` empty.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

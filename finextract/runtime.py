@@ -3,8 +3,10 @@
 With 2 cores, a CPU-bound neighbour process can make torch's default threading 100x slower, so
 every entry point (CLI, tests, benchmarks) sets thread counts deliberately through this module.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 
 THREADS_ENV = "FINEXTRACT_THREADS"
@@ -33,10 +35,8 @@ def set_threads(threads: int | None = None) -> int:
 
     threads = threads or default_threads()
     torch.set_num_threads(threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set once in this process; harmless
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set once in this process; harmless
-        pass
     return threads
 
 
@@ -54,8 +54,14 @@ def resolve_device(device: str | None = None) -> str:
 
 
 #: Precision names accepted everywhere (CLI `--dtype`, API `dtype=`) -> torch dtype attribute.
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-               "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
 
 
 def torch_dtype(dtype):

@@ -6,10 +6,11 @@
 Image i starts from the standard-normal latent drawn by a CPU generator seeded with `seeds[i]`, so
 it does not depend on the method, the device, the batch size or how a run is chunked (SPEC §1).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -226,9 +227,21 @@ class Sampler:
     """
 
     def __init__(
-        self, pair, rule: GuidanceRule, caption: str, *, steps: int = 50, device: str = "cpu", dtype: str = "fp32",
-        vae_dtype: str = "fp32", backend: str = "torch", impl: str = "auto", backend_options: dict | None = None,
-        cuda_graphs: bool = True, static_batch: int | None = None, images_on_device: bool = False,
+        self,
+        pair,
+        rule: GuidanceRule,
+        caption: str,
+        *,
+        steps: int = 50,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        vae_dtype: str = "fp32",
+        backend: str = "torch",
+        impl: str = "auto",
+        backend_options: dict | None = None,
+        cuda_graphs: bool = True,
+        static_batch: int | None = None,
+        images_on_device: bool = False,
     ):
         import time
 
@@ -259,10 +272,14 @@ class Sampler:
             _prepare_unets(pair, self.device, self.dtype)
         self.text_embeddings = encode_text(pair, rule, caption)
         if self.backend_name != "torch":
-            logger.info("preparing the %s backend (a first run exports the ONNX graph into the cache; later runs "
-                        "reuse it)", self.backend_name)
+            logger.info(
+                "preparing the %s backend (a first run exports the ONNX graph into the cache; later runs reuse it)",
+                self.backend_name,
+            )
         started = time.perf_counter()
-        self.backend = self._factory(pair, rule, self.text_embeddings, device=device, dtype=self.dtype, **self._backend_options)
+        self.backend = self._factory(
+            pair, rule, self.text_embeddings, device=device, dtype=self.dtype, **self._backend_options
+        )
         if self.backend_name != "torch":
             logger.info("%s backend ready in %.1f s", self.backend_name, time.perf_counter() - started)
 
@@ -283,8 +300,14 @@ class Sampler:
         for step, (t, alpha_prod_t, alpha_prod_t_prev) in enumerate(self.schedule):
             prediction = backend.predict(x_t, torch.tensor(t, device=self.device))
             x_t = guided_ddim_step(
-                x_t, prediction.eps_a, prediction.eps_b, prediction.coef_a, prediction.coef_b,
-                alpha_prod_t, alpha_prod_t_prev, impl=self.impl,
+                x_t,
+                prediction.eps_a,
+                prediction.eps_b,
+                prediction.coef_a,
+                prediction.coef_b,
+                alpha_prod_t,
+                alpha_prod_t_prev,
+                impl=self.impl,
             )
             if per_step_check and not torch.isfinite(x_t).all():
                 raise NonFiniteError(f"latents became non-finite at DDIM step {step} (t={t})")
@@ -312,8 +335,14 @@ class Sampler:
             if self.device.type == "cuda" and self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()  # one memory pool for every static shape
             self._loops[shape] = GraphedDDIMLoop.from_schedule(
-                self.backend, shape, self.schedule, dtype=torch.float32, device=self.device,
-                use_graph=self.device.type == "cuda", use_kernel=self.impl != "reference", pool=self._graph_pool,
+                self.backend,
+                shape,
+                self.schedule,
+                dtype=torch.float32,
+                device=self.device,
+                use_graph=self.device.type == "cuda",
+                use_kernel=self.impl != "reference",
+                pool=self._graph_pool,
             )
         return self._loops[shape]
 
@@ -334,8 +363,9 @@ class Sampler:
         loop = self.static_loop(batch)
         x_0 = loop.run(pad_batch(x_T.to(self.device, torch.float32), loop.static_x.shape[0]))[:batch]
         if not torch.isfinite(x_0).all():  # the loop's only host synchronisation
-            raise NonFiniteError(f"latents became non-finite during the {len(self.schedule)}-step DDIM loop "
-                                 f"({loop.mode} mode)")
+            raise NonFiniteError(
+                f"latents became non-finite during the {len(self.schedule)}-step DDIM loop ({loop.mode} mode)"
+            )
         return x_0
 
     def __call__(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -352,7 +382,9 @@ class Sampler:
             latents = self.denoise_static(x_T) if self.cuda_graphs else self.denoise(x_T)
         except NonFiniteError as error:
             if self.dtype == torch.float32:
-                raise NonFiniteError(f"{error} in fp32: the checkpoint produces NaN/Inf; check it loads correctly") from None
+                raise NonFiniteError(
+                    f"{error} in fp32: the checkpoint produces NaN/Inf; check it loads correctly"
+                ) from None
             logger.warning("%s in %s; retrying seeds %d..%d in fp32", error, self.dtype, seeds[0], seeds[-1])
             latents = self._in_fp32(lambda: self.denoise(x_T, backend=self._fp32_backend()))
         try:
@@ -392,4 +424,3 @@ def _prepare_unets(pair, device: torch.device, dtype: torch.dtype) -> None:
 
     for unet in {id(u): u for u in (pair.base_unet, pair.finetuned_unet) if u is not None}.values():
         prepare_unet_for_cuda(unet, dtype, channels_last=True, device=device)
-

@@ -1,4 +1,5 @@
 """SSCD similarity matrix: cosine similarity of L2-normalised descriptors, on their device."""
+
 from __future__ import annotations
 
 

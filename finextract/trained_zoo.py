@@ -30,6 +30,7 @@ Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`):
    reproduces a training photo only sometimes); the LoRA, which adapts only the tiny UNet's attention,
    memorises little.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -109,8 +110,16 @@ class TrainedZooRecipe:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-VAE_FIELDS = ("seed", "resolution", "crops_per_image", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight",
-              "vae_finetune_share")
+VAE_FIELDS = (
+    "seed",
+    "resolution",
+    "crops_per_image",
+    "vae_steps",
+    "vae_batch",
+    "vae_lr",
+    "vae_kl_weight",
+    "vae_finetune_share",
+)
 BASE_FIELDS = VAE_FIELDS + ("latent_scaling", "base_steps", "base_batch", "base_lr", "empty_caption_rate")
 REFINED_BASE_FIELDS = BASE_FIELDS + ("base_refine_steps", "base_refine_lr")
 
@@ -188,7 +197,7 @@ def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, pr
         optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, recipe.vae_steps) / recipe.vae_steps))
     )
     generator = torch.Generator().manual_seed(recipe.seed + 11)
-    n_photo = max(1, int(round(recipe.vae_batch * recipe.vae_finetune_share)))
+    n_photo = max(1, round(recipe.vae_batch * recipe.vae_finetune_share))
     bar = tqdm(range(recipe.vae_steps), desc="zoo: VAE", disable=not progress, dynamic_ncols=True)
     for step in bar:
         index = torch.randint(0, len(pool_t), (recipe.vae_batch - n_photo,), generator=generator)
@@ -262,8 +271,9 @@ def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions,
     return loss_fn
 
 
-def train_base(vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, tokenizer_folder: Path,
-               progress: bool = True) -> dict:
+def train_base(
+    vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, tokenizer_folder: Path, progress: bool = True
+) -> dict:
     """Pretrain a tiny UNet + text encoder from scratch on captioned crops; return SD components."""
     from .finetune import train_loop
     from .zoo import tiny_components
@@ -273,18 +283,29 @@ def train_base(vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRec
     unet, text_encoder = components["unet"], components["text_encoder"]
     unet.train()
     text_encoder.train()
-    loss_fn = _base_loss_fn(unet, text_encoder, components["tokenizer"], components["scheduler"], vae, pool,
-                            captions, recipe)
+    loss_fn = _base_loss_fn(
+        unet, text_encoder, components["tokenizer"], components["scheduler"], vae, pool, captions, recipe
+    )
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    train_loop(parameters, loss_fn, steps=recipe.base_steps, lr=recipe.base_lr, device="cpu", dtype="fp32",
-               seed=recipe.seed + 21, desc="zoo: base UNet + text encoder", progress=progress)
+    train_loop(
+        parameters,
+        loss_fn,
+        steps=recipe.base_steps,
+        lr=recipe.base_lr,
+        device="cpu",
+        dtype="fp32",
+        seed=recipe.seed + 21,
+        desc="zoo: base UNet + text encoder",
+        progress=progress,
+    )
     unet.eval()
     text_encoder.eval()
     return components
 
 
-def refine_base(base_dir: Path, vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe,
-                progress: bool = True) -> None:
+def refine_base(
+    base_dir: Path, vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, progress: bool = True
+) -> None:
     """Stage 2: continue training the saved base's UNet + text encoder (cosine LR to 0); save in place (fp16)."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -295,9 +316,18 @@ def refine_base(base_dir: Path, vae, pool: np.ndarray, captions: list[str], reci
     unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
     loss_fn = _base_loss_fn(unet, text_encoder, pipeline.tokenizer, pipeline.scheduler, vae, pool, captions, recipe)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    train_loop(parameters, loss_fn, steps=recipe.base_refine_steps, lr=recipe.base_refine_lr, device="cpu",
-               dtype="fp32", seed=recipe.seed + 22, desc="zoo: base refinement", progress=progress,
-               schedule="cosine")
+    train_loop(
+        parameters,
+        loss_fn,
+        steps=recipe.base_refine_steps,
+        lr=recipe.base_refine_lr,
+        device="cpu",
+        dtype="fp32",
+        seed=recipe.seed + 22,
+        desc="zoo: base refinement",
+        progress=progress,
+        schedule="cosine",
+    )
     for name, part in (("unet", unet), ("text_encoder", text_encoder)):
         part.eval().to(torch.float16).save_pretrained(base_dir / name, safe_serialization=True)
 
@@ -315,13 +345,20 @@ def _save_fp16_pipeline(components: dict, folder: Path) -> Path:
 
     from .zoo import save_pipeline
 
-    half = {name: copy.deepcopy(part).to(torch.float16) if isinstance(part, torch.nn.Module) else part
-            for name, part in components.items()}
+    half = {
+        name: copy.deepcopy(part).to(torch.float16) if isinstance(part, torch.nn.Module) else part
+        for name, part in components.items()
+    }
     return save_pipeline(half, folder)
 
 
-def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooRecipe(), *, cache: str | Path | None = None,
-                      progress: bool = True) -> Path:
+def build_trained_zoo(
+    out: str | Path,
+    recipe: TrainedZooRecipe = TrainedZooRecipe(),
+    *,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
     """Build the trained tiny zoo into `out`: base/, dreambooth/, lora/, train/, caption.txt, zoo.json.
 
     Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
@@ -368,8 +405,11 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
             vae.save_pretrained(vae_dir, safe_serialization=True)
     # evaluate the VAE as it will be used: fp16 weights, fp32 compute
     vae = vae.to(torch.float16).to(torch.float32)
-    scaling = (unit_variance_scaling(vae, base_pool) if recipe.latent_scaling == "unit_variance"
-               else float(recipe.latent_scaling))
+    scaling = (
+        unit_variance_scaling(vae, base_pool)
+        if recipe.latent_scaling == "unit_variance"
+        else float(recipe.latent_scaling)
+    )
     vae.register_to_config(scaling_factor=scaling)
     timings["vae_s"] = time.perf_counter() - t
 
@@ -411,14 +451,29 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
     for name, photo in zip(FINETUNE_IMAGES, photos):
         Image.fromarray(photo).save(train_dir / f"{Path(name).stem}.png")
     (out / "caption.txt").write_text(CAPTION + "\n")
-    for method, steps, lr, rank in (("dreambooth", recipe.dreambooth_steps, recipe.dreambooth_lr, recipe.lora_rank),
-                                    ("lora", recipe.lora_steps, recipe.lora_lr, recipe.lora_rank)):
+    for method, steps, lr, rank in (
+        ("dreambooth", recipe.dreambooth_steps, recipe.dreambooth_lr, recipe.lora_rank),
+        ("lora", recipe.lora_steps, recipe.lora_lr, recipe.lora_rank),
+    ):
         t = time.perf_counter()
         if (out / method).exists():
             shutil.rmtree(out / method)
-        finetune(base_dir, train_dir, CAPTION, out=out / method, method=method, steps=steps, lr=lr,
-                 batch_size=recipe.finetune_batch, rank=rank, seed=recipe.seed + 31, resolution=recipe.resolution,
-                 device="cpu", save_dtype="fp16", progress=progress)
+        finetune(
+            base_dir,
+            train_dir,
+            CAPTION,
+            out=out / method,
+            method=method,
+            steps=steps,
+            lr=lr,
+            batch_size=recipe.finetune_batch,
+            rank=rank,
+            seed=recipe.seed + 31,
+            resolution=recipe.resolution,
+            device="cpu",
+            save_dtype="fp16",
+            progress=progress,
+        )
         record_file = out / method / "finetune.json"  # a path that stays true where the zoo is copied
         record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"base": "../base"}, indent=2) + "\n")
         timings[f"{method}_s"] = time.perf_counter() - t
@@ -434,10 +489,16 @@ def build_trained_zoo(out: str | Path, recipe: TrainedZooRecipe = TrainedZooReci
     if similarity is not None:
         metrics["vae_round_trip_sscd"] = [round(float(s), 3) for s in similarity]
     timings["total_s"] = time.perf_counter() - started
-    record = {"recipe": asdict(recipe), "caption": CAPTION, "finetune_images": list(FINETUNE_IMAGES),
-              "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES], "metrics": metrics,
-              "timings": {k: round(v, 1) for k, v in timings.items()}, "threads": torch.get_num_threads(),
-              "versions": {"torch": torch.__version__}}
+    record = {
+        "recipe": asdict(recipe),
+        "caption": CAPTION,
+        "finetune_images": list(FINETUNE_IMAGES),
+        "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES],
+        "metrics": metrics,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__},
+    }
     (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained zoo written to %s: %s", out, metrics)
     return out

@@ -5,6 +5,7 @@ models: a tiny UNet (16x16x4 latents), a slim x2 VAE (32x32 RGB), a tiny CLIP te
 CLIP tokenizer whose vocabulary is generated here (byte-level characters, no merges). They are
 saved with `save_pretrained` and loaded back by the same code that loads real checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _byte_characters() -> list[str]:
     """GPT-2's reversible byte -> unicode characters (the alphabet CLIP's BPE works on)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = printable[:], 0
     for byte in range(256):
         if byte not in printable:
@@ -114,12 +117,17 @@ def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None) -
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     torch.manual_seed(seed + 2)
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_TEXT_CONFIG,
     )
     text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler)
+    return dict(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler
+    )
 
 
 def save_pipeline(components: dict, folder: str | Path) -> Path:
@@ -199,7 +207,9 @@ def zoo_lora(unet, text_encoder, seed: int = 0) -> tuple[dict, dict]:
             layers[name] = LoRALayer(down=down, up=up, alpha=LORA_ALPHA_PATTERN.get(name, LORA_ALPHA))
         return layers
 
-    unet_names = [name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(_UNET_LORA_TARGETS)]
+    unet_names = [
+        name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(_UNET_LORA_TARGETS)
+    ]
     # transformers 5 names CLIP modules `encoder.layers...`, older ones `text_model.encoder.layers...`
     text_names = [name for name, _ in text_encoder.named_modules() if name.endswith(_TEXT_LORA_TARGETS)]
     return adapters(unet, unet_names), adapters(text_encoder, text_names)
@@ -214,7 +224,9 @@ def _file_text_names(layers: dict) -> dict:
 def _peft_config(layers: dict) -> dict:
     """A PEFT LoraConfig (as keyword arguments) describing `layers`: default rank/alpha plus patterns."""
     return dict(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=sorted(layers),
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules=sorted(layers),
         rank_pattern={name: layer.rank for name, layer in layers.items() if layer.rank != LORA_RANK},
         alpha_pattern={name: layer.alpha for name, layer in layers.items() if layer.alpha != LORA_ALPHA},
     )
@@ -238,8 +250,11 @@ def write_lora_diffusers(folder: str | Path, unet_layers: dict, text_layers: dic
 
     text_layers = _file_text_names(text_layers)
     StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=_peft_tensors(unet_layers), text_encoder_lora_layers=_peft_tensors(text_layers),
-        unet_lora_adapter_metadata=_peft_config(unet_layers), text_encoder_lora_adapter_metadata=_peft_config(text_layers),
+        str(folder),
+        unet_lora_layers=_peft_tensors(unet_layers),
+        text_encoder_lora_layers=_peft_tensors(text_layers),
+        unet_lora_adapter_metadata=_peft_config(unet_layers),
+        text_encoder_lora_adapter_metadata=_peft_config(text_layers),
     )
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
@@ -258,7 +273,11 @@ def write_lora_peft(folder: str | Path, unet_layers: dict, text_layers: dict) ->
     for target, layers in ((folder, unet_layers), (folder / "text_encoder", _file_text_names(text_layers))):
         target.mkdir(parents=True, exist_ok=True)
         LoraConfig(**_peft_config(layers)).save_pretrained(str(target))
-        save_file(_peft_tensors(layers, "base_model.model."), str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            _peft_tensors(layers, "base_model.model."),
+            str(target / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
     return folder
 
 

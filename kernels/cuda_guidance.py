@@ -15,6 +15,7 @@ CuPy is imported on the first CUDA call, never at import time; the compiled modu
 Launches go to torch's current stream on the tensors' own memory (`data_ptr()`), so they are
 ordered with torch's work and can be captured in a torch CUDA graph.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,7 +76,9 @@ def kernel_source() -> tuple[str, str]:
     return _source_and_hash(str(KERNEL_SOURCE), KERNEL_SOURCE.stat().st_mtime_ns)
 
 
-def ddim_weights(coef_a: float, coef_b: float, alpha_prod_t: float, alpha_prod_t_prev: float) -> tuple[float, float, float]:
+def ddim_weights(
+    coef_a: float, coef_b: float, alpha_prod_t: float, alpha_prod_t_prev: float
+) -> tuple[float, float, float]:
     """The three per-step weights (w_x, w_a, w_b) of the fused update, computed in float64.
 
     Args:
@@ -157,7 +160,9 @@ def match_layout(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torc
         return tensor if _dense(tensor) else tensor.contiguous()
     if _dense(tensor) and _layout_key(tensor) == _layout_key(like):
         return tensor
-    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    channels_last = (
+        like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    )
     return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -181,36 +186,54 @@ def check_inputs(x_t, eps_a, eps_b, out, weights=None) -> None:
     kernel_name(x_t.dtype, eps_b is not None)  # dtype supported
     for name, tensor in named.items():
         if tensor.shape != x_t.shape:
-            raise ValueError(f"guided_ddim_step_cuda: {name} has shape {tuple(tensor.shape)}, x_t {tuple(x_t.shape)}; they must match")
+            raise ValueError(
+                f"guided_ddim_step_cuda: {name} has shape {tuple(tensor.shape)}, x_t {tuple(x_t.shape)}; they must match"
+            )
         if tensor.dtype != x_t.dtype:
-            raise ValueError(f"guided_ddim_step_cuda: {name} is {tensor.dtype}, x_t {x_t.dtype}; cast them to one dtype")
+            raise ValueError(
+                f"guided_ddim_step_cuda: {name} is {tensor.dtype}, x_t {x_t.dtype}; cast them to one dtype"
+            )
         if tensor.device != x_t.device:
-            raise ValueError(f"guided_ddim_step_cuda: {name} is on {tensor.device}, x_t on {x_t.device}; move them to one device")
+            raise ValueError(
+                f"guided_ddim_step_cuda: {name} is on {tensor.device}, x_t on {x_t.device}; move them to one device"
+            )
     if out is not None and not (_dense(out) and _dense(x_t) and _layout_key(out) == _layout_key(x_t)):
-        raise ValueError("guided_ddim_step_cuda: out must be dense and laid out like x_t; allocate it with "
-                         "torch.empty_like(x_t) (after x_t.contiguous() if x_t is a strided view)")
+        raise ValueError(
+            "guided_ddim_step_cuda: out must be dense and laid out like x_t; allocate it with "
+            "torch.empty_like(x_t) (after x_t.contiguous() if x_t is a strided view)"
+        )
     if out is not None and x_t.numel():
         span = x_t.numel() * x_t.element_size()
         for name in ("x_t", "eps_a", "eps_b"):
             other = named.get(name)
             if other is not None and abs(out.data_ptr() - other.data_ptr()) < span:
                 raise ValueError(f"guided_ddim_step_cuda: out overlaps {name}; pass a separate output buffer")
-    if weights is not None:
-        if not isinstance(weights, torch.Tensor) or weights.dtype != torch.float32 or weights.numel() != 3 \
-                or not weights.is_contiguous() or weights.device != x_t.device:
-            raise ValueError("guided_ddim_step_cuda: weights must be a contiguous float32 tensor of 3 elements "
-                             "(w_x, w_a, w_b) on x_t's device; build it with ddim_weights_table()")
+    if weights is not None and (
+        not isinstance(weights, torch.Tensor)
+        or weights.dtype != torch.float32
+        or weights.numel() != 3
+        or not weights.is_contiguous()
+        or weights.device != x_t.device
+    ):
+        raise ValueError(
+            "guided_ddim_step_cuda: weights must be a contiguous float32 tensor of 3 elements "
+            "(w_x, w_a, w_b) on x_t's device; build it with ddim_weights_table()"
+        )
     if x_t.device.type != "cuda":
-        raise ValueError(f"guided_ddim_step_cuda: tensors are on {x_t.device}; it needs CUDA tensors "
-                         "(use guided_ddim_step(..., impl='reference') on the CPU)")
+        raise ValueError(
+            f"guided_ddim_step_cuda: tensors are on {x_t.device}; it needs CUDA tensors "
+            "(use guided_ddim_step(..., impl='reference') on the CPU)"
+        )
 
 
 def _import_cupy():
     try:
         import cupy
     except ImportError as error:
-        raise RuntimeError("the fused CUDA kernel needs CuPy: pip install cupy-cuda13x (or cupy-cuda12x to match "
-                           "your CUDA), or use guided_ddim_step(..., impl='reference')") from error
+        raise RuntimeError(
+            "the fused CUDA kernel needs CuPy: pip install cupy-cuda13x (or cupy-cuda12x to match "
+            "your CUDA), or use guided_ddim_step(..., impl='reference')"
+        ) from error
     return cupy
 
 
@@ -235,7 +258,9 @@ def load_module(device: torch.device):
                 try:
                     module.compile()
                 except Exception as error:  # CuPy raises its CompileException with NVRTC's log
-                    raise RuntimeError(f"{KERNEL_SOURCE.name} failed to compile for sm_{capability[0]}{capability[1]}: {error}") from error
+                    raise RuntimeError(
+                        f"{KERNEL_SOURCE.name} failed to compile for sm_{capability[0]}{capability[1]}: {error}"
+                    ) from error
             logger.info("compiled %s for sm_%d%d (source %s)", KERNEL_SOURCE.name, *capability, digest[:12])
             _modules[key] = module
     return module
@@ -267,9 +292,16 @@ def _launch(x_t, eps_a, eps_b, out, scalars, weights) -> None:
         kernel((blocks,), (BLOCK_THREADS,), tuple(args))
 
 
-def guided_ddim_step_cuda(x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None, coef_a: float,
-                          coef_b: float, alpha_prod_t: float, alpha_prod_t_prev: float,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+def guided_ddim_step_cuda(
+    x_t: torch.Tensor,
+    eps_a: torch.Tensor,
+    eps_b: torch.Tensor | None,
+    coef_a: float,
+    coef_b: float,
+    alpha_prod_t: float,
+    alpha_prod_t_prev: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """DDIM (eta = 0) step on the guided noise prediction, fused into one CUDA kernel.
 
     x_prev = sqrt(a_prev/a_t) * x_t + (sqrt(1 - a_prev) - sqrt(a_prev (1 - a_t) / a_t)) * eps with
@@ -307,8 +339,9 @@ def guided_ddim_step_cuda(x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.T
     return out
 
 
-def guided_ddim_step_cuda_weights(x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None,
-                                  weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def guided_ddim_step_cuda_weights(
+    x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """The fused step with its weights read from device memory: one CUDA graph serves every timestep.
 
     Args:
@@ -345,5 +378,7 @@ def ddim_weights_table(coef_a: float, coef_b: float, alphas_prod_t, alphas_prod_
     Returns:
         float32 tensor (steps, 3) on `device`.
     """
-    rows = [ddim_weights(coef_a, coef_b, a_t, a_prev) for a_t, a_prev in zip(alphas_prod_t, alphas_prod_t_prev, strict=True)]
+    rows = [
+        ddim_weights(coef_a, coef_b, a_t, a_prev) for a_t, a_prev in zip(alphas_prod_t, alphas_prod_t_prev, strict=True)
+    ]
     return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)

@@ -9,6 +9,7 @@ This is what `diffusers.DDIMScheduler.step(eps, t, x_t, eta=0)` computes when `p
 result; on CUDA tensors `impl="auto"` dispatches to `finextract.kernels.cuda_guidance`, which does
 the same in one elementwise pass instead of about six framework kernels.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded SD components and model pairs (no downloads), GPU skipping."""
+
 from __future__ import annotations
 
 import os
@@ -72,9 +73,8 @@ def tiny_zoo(tmp_path_factory):
 def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = None) -> dict:
     """Random LoRA adapters on every attention projection (to_q, to_k, to_v, to_out.0) of `unet`."""
     import torch
-    from torch import nn
-
     from finextract.engine.pair import LoRALayer
+    from torch import nn
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -92,9 +92,15 @@ def dreambooth_pair(tiny_base, tiny_finetuned):
     from finextract.engine.pair import ModelPair
 
     return ModelPair(
-        kind="dreambooth", base_unet=tiny_base["unet"], finetuned_unet=tiny_finetuned["unet"], unet_lora=None,
-        base_text_encoder=tiny_base["text_encoder"], finetuned_text_encoder=tiny_finetuned["text_encoder"],
-        tokenizer=tiny_base["tokenizer"], vae=tiny_base["vae"], scheduler_config=dict(tiny_base["scheduler"].config),
+        kind="dreambooth",
+        base_unet=tiny_base["unet"],
+        finetuned_unet=tiny_finetuned["unet"],
+        unet_lora=None,
+        base_text_encoder=tiny_base["text_encoder"],
+        finetuned_text_encoder=tiny_finetuned["text_encoder"],
+        tokenizer=tiny_base["tokenizer"],
+        vae=tiny_base["vae"],
+        scheduler_config=dict(tiny_base["scheduler"].config),
     )
 
 
@@ -102,11 +108,18 @@ def dreambooth_pair(tiny_base, tiny_finetuned):
 def lora_pair(tokenizer_dir):
     """A LoRA-kind ModelPair: its own copy of the seed-0 base UNet plus random rank-4 adapters."""
     from finextract.engine.pair import ModelPair
+
     from finextract.zoo import tiny_components
 
     base = tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
     return ModelPair(
-        kind="lora", base_unet=base["unet"], finetuned_unet=None, unet_lora=random_unet_lora(base["unet"]),
-        base_text_encoder=base["text_encoder"], finetuned_text_encoder=base["text_encoder"],
-        tokenizer=base["tokenizer"], vae=base["vae"], scheduler_config=dict(base["scheduler"].config),
+        kind="lora",
+        base_unet=base["unet"],
+        finetuned_unet=None,
+        unet_lora=random_unet_lora(base["unet"]),
+        base_text_encoder=base["text_encoder"],
+        finetuned_text_encoder=base["text_encoder"],
+        tokenizer=base["tokenizer"],
+        vae=base["vae"],
+        scheduler_config=dict(base["scheduler"].config),
     )

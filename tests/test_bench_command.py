@@ -1,4 +1,5 @@
 """`finextract bench` and the shared timing helpers of `finextract.benchmarking` (no timing asserts)."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ def test_peak_memory_on_cpu_is_process_rss():
 
 
 def test_format_table_marks_missing_mfu():
-    row = {"backend": "torch", "method": "finextract", "kind": "lora", "batch": 4, "mode": "eager", "step_ms": 12.5,
-           "images_per_s": 6.4, "peak_mem_mib": 512.0}
+    row = {
+        "backend": "torch",
+        "method": "finextract",
+        "kind": "lora",
+        "batch": 4,
+        "mode": "eager",
+        "step_ms": 12.5,
+        "images_per_s": 6.4,
+        "peak_mem_mib": 512.0,
+    }
     table = benchmarking.format_table([row, {**row, "backend": "tensorrt", "mode": "graph", "mfu": 0.41}])
     lines = table.splitlines()
     assert len(lines) == 3 and "MFU" in lines[0]
@@ -40,12 +49,37 @@ def test_format_table_marks_missing_mfu():
 
 def test_bench_command_zoo_two_backends_two_methods(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--zoo", "--backend", "torch", "auto", "--method", "finextract", "cfg", "--batch-size", "2",
-                 "--steps", "1", "--device", "cpu", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                "--backend",
+                "torch",
+                "auto",
+                "--method",
+                "finextract",
+                "cfg",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["backend"], r["method"]) for r in rows] == [
-        ("torch", "finextract"), ("torch", "cfg"), ("onnxruntime", "finextract"), ("onnxruntime", "cfg")]
+        ("torch", "finextract"),
+        ("torch", "cfg"),
+        ("onnxruntime", "finextract"),
+        ("onnxruntime", "cfg"),
+    ]
     for row in rows:
         assert row["kind"] == "dreambooth" and row["batch"] == 2 and row["dtype"] == "fp32" and row["mode"] == "eager"
         assert row["step_ms"] > 0 and row["images_per_s"] == pytest.approx(2 / (50 * row["step_ms"] / 1e3), rel=1e-2)
@@ -57,8 +91,28 @@ def test_bench_command_zoo_two_backends_two_methods(tmp_path, capsys):
 
 
 def test_bench_command_lora_kind_and_errors(tmp_path, capsys):
-    assert main(["bench", "--zoo", "--kind", "lora", "--backend", "torch", "--batch-size", "1", "3", "--steps", "1",
-                 "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                "--kind",
+                "lora",
+                "--backend",
+                "torch",
+                "--batch-size",
+                "1",
+                "3",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["kind"], r["batch"], r["forwards_per_step"]) for r in rows] == [("lora", 1, 1), ("lora", 3, 1)]
     capsys.readouterr()
@@ -77,13 +131,25 @@ def test_sd1_random_pair_shapes_on_cpu(tokenizer_dir):
     assert tuple(config.block_out_channels) == (320, 640, 1280, 1280) and config.cross_attention_dim == 768
     parameters = sum(p.numel() for p in pair.base_unet.parameters())
     assert 855e6 < parameters < 865e6  # SPEC section 6: 859.5 M
-    assert pair.kind == "lora" and pair.finetuned_unet is None and len(pair.unet_lora) == 128  # 16 transformer blocks x 2 attentions x 4
+    assert (
+        pair.kind == "lora" and pair.finetuned_unet is None and len(pair.unet_lora) == 128
+    )  # 16 transformer blocks x 2 attentions x 4
     assert pair.base_text_encoder.config.hidden_size == 768
 
 
 def test_throughput_column_is_labelled_and_stays_aligned():
-    rows = [{"backend": "torch", "method": "finextract", "kind": "lora", "batch": 2, "mode": "eager", "step_ms": 12.5,
-             "images_per_s": 3.2, "peak_mem_mib": 100.0}]
+    rows = [
+        {
+            "backend": "torch",
+            "method": "finextract",
+            "kind": "lora",
+            "batch": 2,
+            "mode": "eager",
+            "step_ms": 12.5,
+            "images_per_s": 3.2,
+            "peak_mem_mib": 100.0,
+        }
+    ]
     header, row = benchmarking.format_table(rows).split("\n")
     assert "img/s (50 steps)" in header and len(header) == len(row)
     assert header.index("img/s (50 steps)") + len("img/s (50 steps)") == row.index("3.200") + len("3.200")

@@ -1,4 +1,5 @@
 """Clique clustering: equal to a plain networkx reference, recovers planted clusters, deterministic."""
+
 from __future__ import annotations
 
 import logging
@@ -98,7 +99,7 @@ def test_planted_clusters_recovered():
     labels = np.full(n, -1)
     perm = rng.permutation(n)
     for c in range(n0):
-        labels[perm[c * size:(c + 1) * size]] = c
+        labels[perm[c * size : (c + 1) * size]] = c
     s = rng.uniform(0.0, 0.5, (n, n))
     same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
     s[same] = rng.uniform(0.7, 0.95, same.sum())
@@ -142,7 +143,7 @@ def test_budget_skips_are_reported_and_deterministic():
 def test_representative_and_tie_order():
     # Two disjoint triangles at threshold 0.5, the second tighter: it must come first (same size).
     s = np.zeros((7, 7), dtype=np.float32)
-    for (i, j, v) in [(0, 1, 0.6), (0, 2, 0.6), (1, 2, 0.9), (3, 4, 0.95), (3, 5, 0.95), (4, 5, 0.7)]:
+    for i, j, v in [(0, 1, 0.6), (0, 2, 0.6), (1, 2, 0.9), (3, 4, 0.95), (3, 5, 0.95), (4, 5, 0.7)]:
         s[i, j] = s[j, i] = v
     result = cluster_similarity(s, 2)
     assert result.cliques == [[3, 4, 5], [0, 1, 2]]
@@ -162,8 +163,14 @@ from finextract import clustering as C  # noqa: E402
 
 
 def _same(a, b):
-    assert (a.threshold, a.cliques, a.representatives, a.skipped, a.work, a.num_cliques) == \
-        (b.threshold, b.cliques, b.representatives, b.skipped, b.work, b.num_cliques)
+    assert (a.threshold, a.cliques, a.representatives, a.skipped, a.work, a.num_cliques) == (
+        b.threshold,
+        b.cliques,
+        b.representatives,
+        b.skipped,
+        b.work,
+        b.num_cliques,
+    )
 
 
 @pytest.mark.parametrize("budget", [None, 5_000])
@@ -219,8 +226,7 @@ def test_inherited_cliques_skip_searches_and_match_reference(monkeypatch):
     monkeypatch.setattr(C, "_all_max_cliques", lambda *a: calls.append(1) or search(*a))
     n_cliques = groups + n - groups * size  # the planted cliques and the lone vertices
     peeled, _ = C._peel(g, C._Keys(s, np.arange(n)), n_cliques, C._Search(10**9, math.inf))
-    assert sorted(list(k[2]) for k in peeled[:groups]) == [list(range(c * size, (c + 1) * size))
-                                                           for c in range(groups)]
+    assert sorted(list(k[2]) for k in peeled[:groups]) == [list(range(c * size, (c + 1) * size)) for c in range(groups)]
     assert len(peeled) == n_cliques
     assert len(calls) == 1  # one search listed all five maximum cliques; the rest were inherited
 
@@ -251,8 +257,9 @@ def test_gpu_graph_matches_cpu_twin():
     g_cpu = C._graph_cpu_twin(s, 0.2)
     assert np.array_equal(g_gpu.packed, g_cpu.packed) and g_gpu.edges == g_cpu.edges
     assert np.array_equal(g_gpu.core, g_cpu.core)
-    assert {frozenset(C._bits(c)) for c in C._initial_components(g_gpu, 300)} == \
-        {frozenset(C._bits(c)) for c in C._initial_components(g_cpu, 300)}
+    assert {frozenset(C._bits(c)) for c in C._initial_components(g_gpu, 300)} == {
+        frozenset(C._bits(c)) for c in C._initial_components(g_cpu, 300)
+    }
     _same(cluster_similarity(torch.as_tensor(s, device="cuda"), 6), cluster_similarity(s, 6))
 
 

@@ -3,6 +3,7 @@
 CPU tests run the static-shape loop's eager twin (the same bookkeeping as the CUDA graph path);
 `gpu`-marked tests check the graphed loop and the on-device extract against the eager / CPU paths.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,6 +74,7 @@ def test_graphed_loop_step_by_step_equals_run(dreambooth_pair):
 
 def test_sampler_non_finite_in_static_loop_is_reported(dreambooth_pair):
     from finextract.engine.backends.base import Prediction
+
     from finextract.sampling import NonFiniteError
 
     sampler = Sampler(dreambooth_pair, rule_for("direct", "dreambooth"), CAPTION, steps=2, static_batch=2)
@@ -93,8 +95,18 @@ def test_generate_device_images_and_option_plumbing(dreambooth_pair, tmp_path):
 
     out = tmp_path / "gen"
     first = generate(dreambooth_pair, CAPTION, 3, steps=2, batch_size=2, out=out, progress=False, backend="torch")
-    again = generate(dreambooth_pair, CAPTION, 3, steps=2, batch_size=2, out=out, progress=False, backend="torch",
-                     images_on_device=True, cuda_graphs=False)
+    again = generate(
+        dreambooth_pair,
+        CAPTION,
+        3,
+        steps=2,
+        batch_size=2,
+        out=out,
+        progress=False,
+        backend="torch",
+        images_on_device=True,
+        cuda_graphs=False,
+    )
     assert torch.equal(first.images, again.images) and again.images.device.type == "cpu"
     assert first.manifest["last_run"]["cuda_graphs"] is True and again.manifest["last_run"]["cuda_graphs"] is False
     assert again.manifest["config"]["backend"] == "torch"
@@ -127,10 +139,24 @@ def test_pair_to_casts_only_when_needed(dreambooth_pair):
 def test_cli_quiets_only_empty_fp32_warning():
     from finextract.cli import _NoOpCastWarning
 
-    noise = logging.LogRecord("diffusers", logging.WARNING, "", 0, "There are modules in X that should be kept in "
-                              "float32: []. Casting directly ...", None, None)
-    real = logging.LogRecord("diffusers", logging.WARNING, "", 0, "There are modules in X that should be kept in "
-                             "float32: ['norm']. Casting directly ...", None, None)
+    noise = logging.LogRecord(
+        "diffusers",
+        logging.WARNING,
+        "",
+        0,
+        "There are modules in X that should be kept in float32: []. Casting directly ...",
+        None,
+        None,
+    )
+    real = logging.LogRecord(
+        "diffusers",
+        logging.WARNING,
+        "",
+        0,
+        "There are modules in X that should be kept in float32: ['norm']. Casting directly ...",
+        None,
+        None,
+    )
     assert _NoOpCastWarning().filter(noise) is False and _NoOpCastWarning().filter(real) is True
 
 
@@ -146,6 +172,7 @@ def test_cli_cuda_graphs_flag_parses():
 
 
 # ------------------------------------------------------------------------------------ GPU --
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -175,11 +202,28 @@ def test_extract_device_path_equals_cpu_path(dreambooth_pair):
     from finextract.sscd import load_embedder
 
     gpu_pair = copy.deepcopy(dreambooth_pair)
-    on_gpu = generate(gpu_pair, CAPTION, 12, steps=4, batch_size=8, device="cuda", backend="torch",
-                      progress=False, images_on_device=True).images
+    on_gpu = generate(
+        gpu_pair,
+        CAPTION,
+        12,
+        steps=4,
+        batch_size=8,
+        device="cuda",
+        backend="torch",
+        progress=False,
+        images_on_device=True,
+    ).images
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
-    on_cpu = generate(copy.deepcopy(dreambooth_pair), CAPTION, 12, steps=4, batch_size=8, device="cpu",
-                      backend="torch", progress=False).images
+    on_cpu = generate(
+        copy.deepcopy(dreambooth_pair),
+        CAPTION,
+        12,
+        steps=4,
+        batch_size=8,
+        device="cpu",
+        backend="torch",
+        progress=False,
+    ).images
     assert (on_gpu.cpu().int() - on_cpu.int()).abs().max().item() <= 2
     gpu_result = cluster_images(on_gpu, 2, load_embedder(device="cuda"))
     cpu_result = cluster_images(on_gpu.cpu(), 2, load_embedder(device="cpu"))

@@ -1,4 +1,5 @@
 """ONNX export: specs, every network kind against torch, dynamic batch, cache keys, external data, fp16."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from finextract.engine.export import (
-    ExportSpec, build_module, cache_key, export_cached, read_valid_meta, spec_for, weights_hash,
+    ExportSpec,
+    build_module,
+    cache_key,
+    export_cached,
+    read_valid_meta,
+    spec_for,
+    weights_hash,
 )
 from finextract.engine.lora import GatedLoRA
+
 from finextract.rules import rule_for
 
 
@@ -22,7 +29,6 @@ def onnx_cache(tmp_path_factory):
 
 def _run(path, spec, inputs):
     import onnxruntime as ort
-
     from finextract.engine.backends.ort_backend import session_options
 
     session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
@@ -73,8 +79,13 @@ def test_spec_for_picks_the_network(dreambooth_pair, lora_pair):
 
 @pytest.mark.parametrize(
     "pair_name, method",
-    [("dreambooth_pair", "finextract"), ("dreambooth_pair", "cfg"), ("dreambooth_pair", "direct"),
-     ("lora_pair", "finextract"), ("lora_pair", "direct")],
+    [
+        ("dreambooth_pair", "finextract"),
+        ("dreambooth_pair", "cfg"),
+        ("dreambooth_pair", "direct"),
+        ("lora_pair", "finextract"),
+        ("lora_pair", "direct"),
+    ],
 )
 def test_export_matches_torch_with_dynamic_batch(request, onnx_cache, pair_name, method):
     pair = request.getfixturevalue(pair_name)
@@ -164,22 +175,33 @@ def test_fp16_export(tiny_base, tiny_finetuned, tmp_path):
     import copy
 
     import onnx
-
     from finextract.engine.pair import ModelPair
 
     pair = ModelPair(
-        kind="dreambooth", base_unet=copy.deepcopy(tiny_base["unet"]).half(),
-        finetuned_unet=copy.deepcopy(tiny_finetuned["unet"]).half(), unet_lora=None,
-        base_text_encoder=tiny_base["text_encoder"], finetuned_text_encoder=tiny_base["text_encoder"],
-        tokenizer=tiny_base["tokenizer"], vae=tiny_base["vae"], scheduler_config={},
+        kind="dreambooth",
+        base_unet=copy.deepcopy(tiny_base["unet"]).half(),
+        finetuned_unet=copy.deepcopy(tiny_finetuned["unet"]).half(),
+        unet_lora=None,
+        base_text_encoder=tiny_base["text_encoder"],
+        finetuned_text_encoder=tiny_base["text_encoder"],
+        tokenizer=tiny_base["tokenizer"],
+        vae=tiny_base["vae"],
+        scheduler_config={},
     )
     spec = spec_for(pair, rule_for("finextract", "dreambooth"), dtype="fp16")
     exported = export_cached(pair, spec, tmp_path)
     graph = onnx.load(str(exported.path)).graph
     types = {value.name: value.type.tensor_type.elem_type for value in [*graph.input, *graph.output]}
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-    assert types == {"x_t": f16, "t": f32, "text_embedding_a": f16, "text_embedding_b": f16,
-                     "coef_a": f32, "coef_b": f32, "eps": f16}
+    assert types == {
+        "x_t": f16,
+        "t": f32,
+        "text_embedding_a": f16,
+        "text_embedding_b": f16,
+        "coef_a": f32,
+        "coef_b": f32,
+        "eps": f16,
+    }
     inputs = spec.sample_inputs(2)
     with torch.no_grad():
         expected = build_module(pair, spec)(*inputs).float().numpy()
@@ -188,6 +210,7 @@ def test_fp16_export(tiny_base, tiny_finetuned, tmp_path):
 
 
 # --- TensorRT: the CPU-side logic (keys, metadata, profiles, missing-package message) ----------
+
 
 def _tensorrt_importable() -> bool:
     import importlib.util
@@ -227,8 +250,10 @@ def test_engine_meta_is_checked_on_load(tmp_path):
     assert read_engine_meta(plan, "other") is None  # stale: rebuilt
     plan.write_bytes(b"\0" * 10)
     assert read_engine_meta(plan, "abc") is None  # truncated: rebuilt
-    assert sscd_profiles("image", (64, 32), 288) == {32: {"image": ((32, 288, 288, 3),) * 3},
-                                                     64: {"image": ((64, 288, 288, 3),) * 3}}
+    assert sscd_profiles("image", (64, 32), 288) == {
+        32: {"image": ((32, 288, 288, 3),) * 3},
+        64: {"image": ((64, 288, 288, 3),) * 3},
+    }
 
 
 def test_build_config_validation():
@@ -264,8 +289,25 @@ def test_build_engines_script_exports_and_reports_missing_tensorrt(tmp_path, cap
     module_spec = importlib.util.spec_from_file_location("build_engines", script)
     build_engines = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(build_engines)
-    argv = ["--base", str(zoo / "base"), "--finetuned", str(zoo / "dreambooth"), "--method", "finextract", "direct",
-            "--precision", "fp32", "--batch-sizes", "2", "--sscd", "none", "--device", "cpu", "--out", str(tmp_path / "engines")]
+    argv = [
+        "--base",
+        str(zoo / "base"),
+        "--finetuned",
+        str(zoo / "dreambooth"),
+        "--method",
+        "finextract",
+        "direct",
+        "--precision",
+        "fp32",
+        "--batch-sizes",
+        "2",
+        "--sscd",
+        "none",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "engines"),
+    ]
     assert build_engines.main(argv) == 2
     assert "TensorRT engines NOT built" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
@@ -282,9 +324,12 @@ def test_tensorrt_backend_matches_torch(dreambooth_pair, tmp_path):
     """Where TensorRT and a GPU exist: fp32 engine vs the torch backend, with and without CUDA graphs."""
     import copy
 
-    pytest.importorskip("tensorrt", reason="tensorrt not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12")
+    pytest.importorskip(
+        "tensorrt", reason="tensorrt not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12"
+    )
     from finextract.engine.backends.torch_backend import TorchBackend
     from finextract.engine.backends.trt_backend import TensorRTBackend
+
     from finextract.sampling import encode_text
 
     pair = copy.deepcopy(dreambooth_pair).to("cuda")
@@ -294,8 +339,16 @@ def test_tensorrt_backend_matches_torch(dreambooth_pair, tmp_path):
     reference = TorchBackend(pair, rule, embeddings, device="cuda").predict(x_t, t)
     expected = reference.coef_a * reference.eps_a + reference.coef_b * reference.eps_b
     for cuda_graph in (False, True):
-        backend = TensorRTBackend(pair, rule, embeddings, dtype=torch.float32, batch_sizes=(2, 4),
-                                  cache_dir=tmp_path / "onnx", engine_dir=tmp_path / "engines", cuda_graph=cuda_graph)
+        backend = TensorRTBackend(
+            pair,
+            rule,
+            embeddings,
+            dtype=torch.float32,
+            batch_sizes=(2, 4),
+            cache_dir=tmp_path / "onnx",
+            engine_dir=tmp_path / "engines",
+            cuda_graph=cuda_graph,
+        )
         assert backend.artifact.reused == cuda_graph  # second construction reuses the engine
         for _ in range(2):  # the second call replays the captured graph
             eps = backend.predict(x_t, t).eps_a

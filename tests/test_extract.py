@@ -1,4 +1,5 @@
 """End to end: Extractor on the tiny zoo, and the cluster / evaluate commands on image folders."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu")
     train = [_tile(data.astronaut()), _tile(data.coffee())]
     out = tmp_path / "run"
-    result = extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=4, out=out, train=train,
-                               save_generated=True, progress=False)
+    result = extractor.extract(
+        "a photo of sks",
+        2,
+        num_images=8,
+        steps=2,
+        batch_size=4,
+        out=out,
+        train=train,
+        save_generated=True,
+        progress=False,
+    )
     assert len(result.indices) == 2 and len(result.cliques) == 2
     assert all(i in c for i, c in zip(result.indices, result.cliques))
     record = json.loads((out / "result.json").read_text())
@@ -62,8 +72,22 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
         for c in range(5):
             noisy = np.clip(source.astype(int) + rng.integers(-6, 7, source.shape), 0, 255).astype(np.uint8)
             Image.fromarray(noisy).save(images / f"s{s}_c{c}.png")
-    for u, name in enumerate(("camera", "rocket", "horse", "immunohistochemistry", "coins", "moon", "page",
-                              "text", "clock", "hubble_deep_field", "grass", "gravel")):
+    for u, name in enumerate(
+        (
+            "camera",
+            "rocket",
+            "horse",
+            "immunohistochemistry",
+            "coins",
+            "moon",
+            "page",
+            "text",
+            "clock",
+            "hubble_deep_field",
+            "grass",
+            "gravel",
+        )
+    ):
         Image.fromarray(_tile(getattr(data, name)(), 96)).save(images / f"u{u:02d}.png")
     (images / "README.txt").write_text("not an image")
     (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: ignored silently
@@ -76,7 +100,9 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
     files = record["config"]["files"]
     for s in range(3):
         members = {i for i, name in enumerate(files) if name.startswith(f"s{s}_")}
-        assert sum(bool(members & set(c)) for c in record["cliques"]) <= 1 or any(members <= set(c) for c in record["cliques"])
+        assert sum(bool(members & set(c)) for c in record["cliques"]) <= 1 or any(
+            members <= set(c) for c in record["cliques"]
+        )
     assert files[record["extracted"][0]].startswith("s")
     assert all(i in c for i, c in zip(record["extracted"], record["cliques"]))
 
@@ -89,8 +115,7 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
     for name in ("s0_c1.png", "s1_c2.png", "u03.png"):
         (extracted / name).write_bytes((images / name).read_bytes())
     metrics_file = tmp_path / "m.json"
-    assert main(["evaluate", "--extracted", str(extracted), "--train", str(train),
-                 "--json", str(metrics_file)]) == 0
+    assert main(["evaluate", "--extracted", str(extracted), "--train", str(train), "--json", str(metrics_file)]) == 0
     metrics = json.loads(metrics_file.read_text())
     assert metrics["A-ESR0.7"] == 1.0 and metrics["AS"] > 0.8
     assert [m["extracted_file"] for m in metrics["best_match"]] == ["s0_c1.png", "s1_c2.png"]
@@ -159,6 +184,6 @@ def test_cli_silences_torchvision_notices_only(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_libraries()  # the filter is inserted ahead of "default"
-        warnings.warn("This requires torchvision >= 0.27")
-        warnings.warn("something else")
+        warnings.warn("This requires torchvision >= 0.27", stacklevel=2)
+        warnings.warn("something else", stacklevel=2)
     assert [str(w.message) for w in caught] == ["something else"]

@@ -1,4 +1,5 @@
 """Fine-tuning: a few steps on the random tiny base, then the saved files load back as a ModelPair."""
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,21 @@ def _unet_weights(folder):
 
 def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
     from finextract.engine.loading import load_model_pair
+
     from finextract.finetune import finetune
 
-    out = finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / "db", steps=6, lr=1e-3,
-                   batch_size=2, seed=0, device="cpu", progress=False)
+    out = finetune(
+        base_dir,
+        images_dir,
+        "a photo of sks",
+        out=tmp_path / "db",
+        steps=6,
+        lr=1e-3,
+        batch_size=2,
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     record = json.loads((out / "finetune.json").read_text())
     assert np.isfinite(record["final_loss"]) and 0 < record["final_loss"] < 10
     assert record["resolution"] == 32 and record["steps"] == 6
@@ -53,13 +65,25 @@ def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_loads_back(base_dir, images_dir, tmp_path):
+    from finextract.engine.loading import load_model_pair
     from safetensors.torch import load_file
 
-    from finextract.engine.loading import load_model_pair
     from finextract.finetune import LORA_TARGET_MODULES, finetune
 
-    out = finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / "lora", method="lora", steps=6,
-                   lr=1e-2, batch_size=2, rank=2, seed=0, device="cpu", progress=False)
+    out = finetune(
+        base_dir,
+        images_dir,
+        "a photo of sks",
+        out=tmp_path / "lora",
+        method="lora",
+        steps=6,
+        lr=1e-2,
+        batch_size=2,
+        rank=2,
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert state and all(k.startswith("unet.") for k in state)
     assert all(any(f".{m}.lora." in k for m in LORA_TARGET_MODULES) for k in state)
@@ -81,11 +105,11 @@ def test_finetune_validates_before_work(base_dir, images_dir, tmp_path):
         finetune(base_dir, images_dir, "c", out=tmp_path / "x", method="textual-inversion")
     with pytest.raises(ValueError, match="autocast needs a CUDA"):
         finetune(base_dir, images_dir, "c", out=tmp_path / "x", dtype="fp16", device="cpu")
-    with pytest.raises(FileNotFoundError, match="model_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
         finetune(tmp_path, images_dir, "c", out=tmp_path / "x")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_text("<html>not an image</html>")
-    with pytest.raises(ValueError, match="a.png"):
+    with pytest.raises(ValueError, match=r"a\.png"):
         finetune(base_dir, tmp_path / "bad", "c", out=tmp_path / "x", steps=1)
 
 
@@ -102,11 +126,45 @@ def test_load_images_crops_and_resizes():
 def test_cli_finetune(base_dir, images_dir, tmp_path):
     from finextract.cli import main
 
-    assert main(["finetune", "--base", str(base_dir), "--images", str(images_dir), "--caption", "a photo of sks",
-                 "--method", "lora", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--base",
+                str(base_dir),
+                "--images",
+                str(images_dir),
+                "--caption",
+                "a photo of sks",
+                "--method",
+                "lora",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "pytorch_lora_weights.safetensors").is_file()
-    assert main(["finetune", "--base", str(tmp_path / "none"), "--images", str(images_dir), "--caption", "c",
-                 "--out", str(tmp_path / "y")]) == 1
+    assert (
+        main(
+            [
+                "finetune",
+                "--base",
+                str(tmp_path / "none"),
+                "--images",
+                str(images_dir),
+                "--caption",
+                "c",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 1
+    )
 
 
 @pytest.mark.gpu
@@ -114,6 +172,16 @@ def test_finetune_mixed_precision_on_cuda(base_dir, images_dir, tmp_path):
     from finextract.finetune import finetune
 
     for dtype in ("fp16", "bf16"):
-        out = finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / dtype, steps=4, lr=1e-3,
-                       batch_size=2, device="cuda", dtype=dtype, progress=False)
+        out = finetune(
+            base_dir,
+            images_dir,
+            "a photo of sks",
+            out=tmp_path / dtype,
+            steps=4,
+            lr=1e-3,
+            batch_size=2,
+            device="cuda",
+            dtype=dtype,
+            progress=False,
+        )
         assert np.isfinite(json.loads((out / "finetune.json").read_text())["final_loss"])

@@ -1,14 +1,20 @@
 """Sniffing and safe reading of checkpoint files (engine/formats.py)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from finextract.engine.formats import (
-    CheckpointFormatError, PickleRefusedError, atomic_write, file_sha256, load_state_dict, read_safetensors_header,
-    sniff, state_dict_keys,
+    CheckpointFormatError,
+    PickleRefusedError,
+    atomic_write,
+    file_sha256,
+    load_state_dict,
+    read_safetensors_header,
+    sniff,
+    state_dict_keys,
 )
+from safetensors.torch import save_file
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -20,7 +26,10 @@ HTML_PAGE = "<!DOCTYPE html>\n<html><head><title>Sign in - Hugging Face</title><
 @pytest.fixture
 def tensors():
     generator = torch.Generator().manual_seed(0)
-    return {"conv_in.weight": torch.randn(8, 4, 3, 3, generator=generator), "conv_in.bias": torch.randn(8, generator=generator)}
+    return {
+        "conv_in.weight": torch.randn(8, 4, 3, 3, generator=generator),
+        "conv_in.bias": torch.randn(8, generator=generator),
+    }
 
 
 @pytest.fixture
@@ -32,8 +41,12 @@ def good(tmp_path, tensors):
 
 def test_sniff_says_what_each_file_is(tmp_path, good, tensors):
     files = {
-        "html.safetensors": HTML_PAGE, "lfs.safetensors": LFS_POINTER, "error.safetensors": '{"error": "gated repo"}',
-        "empty.safetensors": "", "note.safetensors": "Entry not found\n", "accents.safetensors": "x" + "é" * 300,
+        "html.safetensors": HTML_PAGE,
+        "lfs.safetensors": LFS_POINTER,
+        "error.safetensors": '{"error": "gated repo"}',
+        "empty.safetensors": "",
+        "note.safetensors": "Entry not found\n",
+        "accents.safetensors": "x" + "é" * 300,
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -141,7 +154,11 @@ def test_torch_dtype_names():
     from finextract.runtime import torch_dtype
 
     assert [torch_dtype(n) for n in ("fp32", "fp16", "bf16", "bfloat16")] == [
-        torch.float32, torch.float16, torch.bfloat16, torch.bfloat16]
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.bfloat16,
+    ]
     assert torch_dtype(torch.float16) is torch.float16
     with pytest.raises(ValueError, match="expected one of fp32, fp16, bf16"):
         torch_dtype("int8")

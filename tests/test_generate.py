@@ -1,4 +1,5 @@
 """Chunked, resumable generation: batch invariance, resume without recomputation, refused configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,8 +99,9 @@ def test_changed_config_is_refused(dreambooth_pair, tmp_path):
     with pytest.raises(ValueError, match="num_images"):
         generate(dreambooth_pair, CAPTION, 3, steps=2, out=tmp_path, progress=False)
     # the scheduler config changes every image, so it is part of the resume key too
-    other_schedule = dataclasses.replace(dreambooth_pair, scheduler_config={**dreambooth_pair.scheduler_config,
-                                                                            "beta_end": 0.02})
+    other_schedule = dataclasses.replace(
+        dreambooth_pair, scheduler_config={**dreambooth_pair.scheduler_config, "beta_end": 0.02}
+    )
     with pytest.raises(ValueError, match="model"):
         generate(other_schedule, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
@@ -153,8 +155,23 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
     out = tmp_path / "cli"
     caption = (tiny_zoo / "caption.txt").read_text().strip()
     args = [
-        "generate", "--base", str(tiny_zoo / "base"), "--lora", str(tiny_zoo / "lora" / "pytorch_lora_weights.safetensors"),
-        "--caption", caption, "--n0", "1", "--num-images", "3", "--steps", "2", "--batch-size", "2", "--out", str(out),
+        "generate",
+        "--base",
+        str(tiny_zoo / "base"),
+        "--lora",
+        str(tiny_zoo / "lora" / "pytorch_lora_weights.safetensors"),
+        "--caption",
+        caption,
+        "--n0",
+        "1",
+        "--num-images",
+        "3",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
     ]
     assert main(args) == 0
     manifest = json.loads((out / MANIFEST).read_text())
@@ -173,7 +190,11 @@ def test_leaf_differences_wording():
     old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
     new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
     assert _leaf_differences(old, new) == [
-        "kind: dreambooth -> lora", "rule.terms[0].coef: 3.0 -> 4.0", "x: [1] -> [1, 2]", "y: (absent) -> 1"]
+        "kind: dreambooth -> lora",
+        "rule.terms[0].coef: 3.0 -> 4.0",
+        "x: [1] -> [1, 2]",
+        "y: (absent) -> 1",
+    ]
 
 
 def test_out_that_is_a_file_is_refused_before_work(dreambooth_pair, tmp_path):
@@ -189,8 +210,17 @@ def test_png_and_generate_folder_feed_read_images(lora_pair, tmp_path):
 
     out = tmp_path / "gen"
     seen = []
-    result = generate(lora_pair, CAPTION, 3, steps=1, batch_size=2, out=out, progress=False, png=True,
-                      on_chunk=lambda index, images: seen.append(sorted(p.name for p in (out / "images").iterdir())))
+    result = generate(
+        lora_pair,
+        CAPTION,
+        3,
+        steps=1,
+        batch_size=2,
+        out=out,
+        progress=False,
+        png=True,
+        on_chunk=lambda index, images: seen.append(sorted(p.name for p in (out / "images").iterdir())),
+    )
     assert seen[0] == ["gen00000.png", "gen00001.png"]  # written as the first chunk finished
     images, paths = read_images(out)  # the generate folder itself: chunks in index order
     assert [p.name for p in paths] == ["gen00000", "gen00001", "gen00002"]
@@ -224,6 +254,7 @@ def test_cli_generate_num_images_without_n0_and_errors(tiny_zoo, tmp_path, capsy
 @pytest.mark.parametrize("command", ["generate", "extract", "bench"])
 def test_base_config_reaches_the_loader(command, tmp_path, capsys, monkeypatch):
     import finextract.engine.loading
+
     from finextract.cli import main
 
     def loader(base, finetuned=None, **kwargs):

@@ -5,11 +5,14 @@ table, the source hash, the DDIM weights (against diffusers' form of the update 
 vectorisation plan (every element covered once), argument checks, and the CUDA-graph loop's eager
 path. GPU tests compare the kernel with a float64 reference on odd sizes and unaligned pointers.
 """
+
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
+import operator
 import os
 import shutil
 import subprocess
@@ -17,7 +20,6 @@ import sys
 
 import pytest
 import torch
-
 from finextract.engine.backends.base import Prediction
 from finextract.kernels import cuda_guidance as cg
 
@@ -42,13 +44,17 @@ def relative_error(value, reference):
 
 # ---------------------------------------------------------------- compilation (CPU, toolchains) --
 
+
 def test_cu_compiles_for_sm90_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH: install the CUDA toolkit to check that guidance_ddim.cu compiles")
     ptx = tmp_path / "guidance_ddim.ptx"
-    result = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "g.cubin"),
-                             str(cg.KERNEL_SOURCE)], capture_output=True, text=True)
+    result = subprocess.run(
+        [nvcc, "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "g.cubin"), str(cg.KERNEL_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     report = result.stderr
     for dtype in DTYPES:
@@ -62,7 +68,9 @@ def test_cu_compiles_for_sm90_with_nvcc(tmp_path):
 
 def _find_nvrtc():
     candidates = [os.environ.get("FINEXTRACT_NVRTC", "")]
-    candidates += glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "nvidia", "cu*", "lib", "libnvrtc.so*"))
+    candidates += glob.glob(
+        os.path.join(sys.prefix, "lib", "python*", "site-packages", "nvidia", "cu*", "lib", "libnvrtc.so*")
+    )
     candidates.append(ctypes.util.find_library("nvrtc") or "")
     for candidate in filter(None, candidates):
         try:
@@ -75,7 +83,9 @@ def _find_nvrtc():
 def test_cu_compiles_with_nvrtc_as_cupy_does():
     lib = _find_nvrtc()
     if lib is None:
-        pytest.skip("libnvrtc not found (CuPy compiles with it on the GPU machine); set FINEXTRACT_NVRTC=/path/libnvrtc.so")
+        pytest.skip(
+            "libnvrtc not found (CuPy compiles with it on the GPU machine); set FINEXTRACT_NVRTC=/path/libnvrtc.so"
+        )
     source, _ = cg.kernel_source()
     program = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"guidance_ddim.cu", 0, None, None) == 0
@@ -90,11 +100,18 @@ def test_cu_compiles_with_nvrtc_as_cupy_does():
 
 # ----------------------------------------------------------------------- loader logic (CPU) --
 
+
 def test_dispatch_table_names_every_entry_point():
     source, _ = cg.kernel_source()
     names = {cg.kernel_name(dtype, has_b) for dtype in DTYPES for has_b in (True, False)}
-    assert names == {"guided_ddim_f32", "guided_ddim_f32_a", "guided_ddim_f16", "guided_ddim_f16_a",
-                     "guided_ddim_bf16", "guided_ddim_bf16_a"}
+    assert names == {
+        "guided_ddim_f32",
+        "guided_ddim_f32_a",
+        "guided_ddim_f16",
+        "guided_ddim_f16_a",
+        "guided_ddim_bf16",
+        "guided_ddim_bf16_a",
+    }
     assert "GUIDED_DDIM_ENTRY(guided_ddim_f32, F32)" in source
     assert [cg.vector_elements(dtype) for dtype in DTYPES] == [4, 8, 8]
     with pytest.raises(ValueError, match="float64"):
@@ -158,7 +175,7 @@ def test_vector_plan_covers_every_element_once(element_size, numel, offset_eleme
 def test_vector_plan_falls_back_to_scalar_when_alignments_differ():
     head, n_vec = cg.vector_plan([0, 4, 32], 100, 4)
     assert (head, n_vec) == (0, 0)
-    assert sorted(sum(_covered(100, head, n_vec, 4), [])) == list(range(100))
+    assert sorted(functools.reduce(operator.iadd, _covered(100, head, n_vec, 4), [])) == list(range(100))
     assert cg.grid_blocks(1, 132) == 1 and cg.grid_blocks(10**9, 132) == 132 * 8
 
 
@@ -166,7 +183,7 @@ def test_check_inputs_names_the_bad_argument():
     x = torch.zeros(2, 4, 3, 3)
     with pytest.raises(ValueError, match="eps_a has shape"):
         cg.check_inputs(x, torch.zeros(2, 4, 3, 4), None, None)
-    with pytest.raises(ValueError, match="eps_b is torch.float16"):
+    with pytest.raises(ValueError, match=r"eps_b is torch\.float16"):
         cg.check_inputs(x, x.clone(), x.half(), None)
     with pytest.raises(ValueError, match="needs CUDA tensors"):  # strided inputs pass (made dense later)
         cg.check_inputs(x, x.transpose(2, 3), None, None)
@@ -174,7 +191,7 @@ def test_check_inputs_names_the_bad_argument():
         cg.check_inputs(x, x.clone(), None, torch.empty_like(x).transpose(2, 3))
     with pytest.raises(ValueError, match="float64"):
         cg.check_inputs(x.double(), x.double(), None, None)
-    with pytest.raises(TypeError, match="eps_a must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"eps_a must be a torch\.Tensor"):
         cg.check_inputs(x, [1.0], None, None)
     with pytest.raises(ValueError, match="out overlaps x_t"):
         cg.check_inputs(x, x.clone(), None, x)
@@ -209,8 +226,9 @@ def test_cupy_is_not_imported_by_the_loader():
 
 
 def test_contract_reference_matches_fused_weights():
-    guidance_ddim = pytest.importorskip("finextract.kernels.guidance_ddim",
-                                        reason="finextract.kernels.guidance_ddim (issue 3) is not in the tree yet")
+    guidance_ddim = pytest.importorskip(
+        "finextract.kernels.guidance_ddim", reason="finextract.kernels.guidance_ddim (issue 3) is not in the tree yet"
+    )
     generator = torch.Generator().manual_seed(2)
     x_t, eps_a, eps_b = (torch.randn(3, 4, 7, 5, generator=generator) for _ in range(3))
     for a_t, a_prev in ALPHA_PAIRS:
@@ -220,6 +238,7 @@ def test_contract_reference_matches_fused_weights():
 
 
 # ------------------------------------------------------------ the CUDA-graph loop, eager (CPU) --
+
 
 class LinearBackend:
     """A stand-in for a model pair: eps_a = 0.5 x + t/1000, eps_b = -0.25 x (deterministic)."""
@@ -232,7 +251,9 @@ class LinearBackend:
 
     def predict(self, x_t, t):
         self.calls += 1
-        return Prediction(eps_a=0.5 * x_t + t.to(x_t.dtype) / 1000, eps_b=-0.25 * x_t, coef_a=self.coef_a, coef_b=self.coef_b)
+        return Prediction(
+            eps_a=0.5 * x_t + t.to(x_t.dtype) / 1000, eps_b=-0.25 * x_t, coef_a=self.coef_a, coef_b=self.coef_b
+        )
 
 
 def _schedule(steps=5):
@@ -275,6 +296,7 @@ def test_graphed_loop_with_torch_backend_equals_sampler_loop(dreambooth_pair, me
     from finextract.engine.backends.torch_backend import TorchBackend
     from finextract.engine.cuda_graph import GraphedDDIMLoop
     from finextract.kernels.guidance_ddim import guided_ddim_step
+
     from finextract.rules import rule_for
     from finextract.sampling import ddim_schedule, encode_text, make_scheduler
 
@@ -287,8 +309,16 @@ def test_graphed_loop_with_torch_backend_equals_sampler_loop(dreambooth_pair, me
     x_t = x_T.clone()
     for t, alpha_prod_t, alpha_prod_t_prev in schedule:
         prediction = backend.predict(x_t, torch.tensor(t))
-        x_t = guided_ddim_step(x_t, prediction.eps_a, prediction.eps_b, prediction.coef_a, prediction.coef_b,
-                               alpha_prod_t, alpha_prod_t_prev, impl="reference")
+        x_t = guided_ddim_step(
+            x_t,
+            prediction.eps_a,
+            prediction.eps_b,
+            prediction.coef_a,
+            prediction.coef_b,
+            alpha_prod_t,
+            alpha_prod_t_prev,
+            impl="reference",
+        )
     assert relative_error(result, x_t.double()) < 1e-5
 
 
@@ -323,11 +353,14 @@ def test_prepare_unet_for_cuda_keeps_the_function(tiny_base):
 
 # --------------------------------------------------------------------------------- GPU tests --
 
+
 def _cuda_inputs(numel, dtype, offset, generator):
     """Three inputs and a NaN-filled output of `numel` elements starting `offset` elements into their buffers."""
+
     def buffer():
         storage = torch.randn(numel + offset, generator=generator, dtype=torch.float32).to("cuda", dtype)
         return storage[offset:]
+
     out_storage = torch.full((numel + offset,), float("nan"), device="cuda", dtype=dtype)
     return buffer(), buffer(), buffer(), out_storage[offset:]
 
@@ -362,7 +395,9 @@ def test_kernel_accepts_channels_last_and_strided_inputs():
     result = cg.guided_ddim_step_cuda(*channels_last, 3.0, -2.02, 0.3, 0.4)
     assert result.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(result.cpu(), reference) < 1e-6
-    mixed = cg.guided_ddim_step_cuda(x_t, channels_last[1], eps_b.transpose(2, 3).contiguous().transpose(2, 3), 3.0, -2.02, 0.3, 0.4)
+    mixed = cg.guided_ddim_step_cuda(
+        x_t, channels_last[1], eps_b.transpose(2, 3).contiguous().transpose(2, 3), 3.0, -2.02, 0.3, 0.4
+    )
     assert relative_error(mixed.cpu(), reference) < 1e-6
 
 
@@ -384,12 +419,15 @@ def test_device_weights_variant_equals_scalar_variant_and_captures():
 
 @pytest.mark.gpu
 def test_gpu_kernel_equals_contract_reference():
-    guidance_ddim = pytest.importorskip("finextract.kernels.guidance_ddim",
-                                        reason="finextract.kernels.guidance_ddim (issue 3) is not in the tree yet")
+    guidance_ddim = pytest.importorskip(
+        "finextract.kernels.guidance_ddim", reason="finextract.kernels.guidance_ddim (issue 3) is not in the tree yet"
+    )
     generator = torch.Generator().manual_seed(6)
     x_t, eps_a, eps_b, _ = _cuda_inputs(8 * 4 * 64 * 64 + 1, torch.float32, 0, generator)
     value = cg.guided_ddim_step_cuda(x_t, eps_a, eps_b, 3.0, -2.02, 0.3, 0.4)
-    reference = guidance_ddim.guided_ddim_step(x_t.cpu(), eps_a.cpu(), eps_b.cpu(), 3.0, -2.02, 0.3, 0.4, impl="reference")
+    reference = guidance_ddim.guided_ddim_step(
+        x_t.cpu(), eps_a.cpu(), eps_b.cpu(), 3.0, -2.02, 0.3, 0.4, impl="reference"
+    )
     assert relative_error(value.cpu(), reference.double()) < 1e-6
     dispatched = guidance_ddim.guided_ddim_step(x_t, eps_a, eps_b, 3.0, -2.02, 0.3, 0.4)  # impl="auto" on CUDA
     assert torch.equal(dispatched, value)
@@ -403,8 +441,17 @@ def test_graphed_loop_on_gpu_equals_eager(dtype):
     _, timesteps, a_t, a_prev = _schedule(6)
     x_T = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)
     graphed = GraphedDDIMLoop(LinearBackend(), x_T.shape, timesteps, a_t, a_prev, dtype=dtype, device="cuda")
-    eager = GraphedDDIMLoop(LinearBackend(), x_T.shape, timesteps, a_t, a_prev, dtype=dtype, device="cuda",
-                            use_graph=False, use_kernel=False)
+    eager = GraphedDDIMLoop(
+        LinearBackend(),
+        x_T.shape,
+        timesteps,
+        a_t,
+        a_prev,
+        dtype=dtype,
+        device="cuda",
+        use_graph=False,
+        use_kernel=False,
+    )
     first, second, reference = graphed.run(x_T), graphed.run(x_T), eager.run(x_T)
     assert graphed.mode == "graph"
     assert torch.equal(first, second)  # replays are deterministic and restart from x_T

@@ -1,5 +1,6 @@
 """`load_model_pair` on every zoo format: same weights as the source files, same LoRA adapters,
 and clear errors for mismatches, pickles, non-weights files and unmatched LoRA keys."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
+from safetensors.torch import load_file, save_file
+
 from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
 
 
@@ -32,10 +33,15 @@ def base_weights(tiny_zoo):
     return tiny_zoo / "base/unet/diffusion_pytorch_model.safetensors", tiny_zoo / "base/text_encoder/model.safetensors"
 
 
-@pytest.mark.parametrize("name, text_from", [
-    ("dreambooth", "dreambooth"), ("dreambooth_unet", "dreambooth_unet"),
-    ("dreambooth_unet_only", None), ("dreambooth_unet.safetensors", None),
-])
+@pytest.mark.parametrize(
+    "name, text_from",
+    [
+        ("dreambooth", "dreambooth"),
+        ("dreambooth_unet", "dreambooth_unet"),
+        ("dreambooth_unet_only", None),
+        ("dreambooth_unet.safetensors", None),
+    ],
+)
 def test_dreambooth_formats_load_source_weights(tiny_zoo, base_weights, name, text_from):
     pair = load_model_pair(tiny_zoo / "base", tiny_zoo / name)
     assert pair.kind == "dreambooth" and pair.unet_lora is None
@@ -62,10 +68,15 @@ def source_lora(tiny_zoo):
     return zoo_lora(unet, text_encoder, seed=2000)  # what build_zoo(seed=0) wrote
 
 
-@pytest.mark.parametrize("name, fmt", [
-    ("lora", "lora_diffusers"), ("lora/pytorch_lora_weights.safetensors", "lora_diffusers"),
-    ("lora_peft", "lora_peft"), ("lora_kohya.safetensors", "lora_kohya"),
-])
+@pytest.mark.parametrize(
+    "name, fmt",
+    [
+        ("lora", "lora_diffusers"),
+        ("lora/pytorch_lora_weights.safetensors", "lora_diffusers"),
+        ("lora_peft", "lora_peft"),
+        ("lora_kohya.safetensors", "lora_kohya"),
+    ],
+)
 def test_lora_formats_yield_the_same_adapters(tiny_zoo, base_weights, source_lora, name, fmt):
     unet_source, text_source = source_lora
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / name)
@@ -106,7 +117,6 @@ def test_lora_matches_diffusers_own_loader(tiny_zoo):
     import copy
 
     from diffusers import StableDiffusionPipeline
-
     from finextract.engine.lora import merge_lora
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
@@ -128,9 +138,8 @@ def test_lora_matches_diffusers_own_loader(tiny_zoo):
 def test_lora_matches_peft_merge(tiny_zoo):
     import copy
 
-    from peft import PeftModel
-
     from finextract.engine.lora import merge_lora
+    from peft import PeftModel
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft")
     ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
@@ -141,11 +150,14 @@ def test_lora_matches_peft_merge(tiny_zoo):
 
 
 def test_dtype_and_explicit_format(tiny_zoo):
-    pair = load_model_pair(tiny_zoo / "base", tiny_zoo / "lora_kohya.safetensors", finetuned_format="lora_kohya",
-                           dtype="fp16")
+    pair = load_model_pair(
+        tiny_zoo / "base", tiny_zoo / "lora_kohya.safetensors", finetuned_format="lora_kohya", dtype="fp16"
+    )
     assert pair.base_unet.dtype == torch.float16 and pair.finetuned_text_encoder.dtype == torch.float16
     assert all(layer.up.dtype == torch.float16 for layer in pair.unet_lora.values())
-    with pytest.raises(ValueError, match=r"DreamBooth\) pipeline folder, not a LoRA checkpoint: pass it as --finetuned"):
+    with pytest.raises(
+        ValueError, match=r"DreamBooth\) pipeline folder, not a LoRA checkpoint: pass it as --finetuned"
+    ):
         load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="lora")
     with pytest.raises(ValueError, match="finetuned_format 'nope'"):
         load_model_pair(tiny_zoo / "base", tiny_zoo / "dreambooth", finetuned_format="nope")
@@ -155,13 +167,16 @@ def test_dtype_and_explicit_format(tiny_zoo):
 
 # --- errors ---
 
+
 def test_cross_attention_dim_mismatch_is_named(tiny_zoo, tmp_path):
     other = tmp_path / "sd2_unet"
     shutil.copytree(tiny_zoo / "dreambooth_unet_only", other)
     config = json.loads((other / "unet/config.json").read_text())
     config["cross_attention_dim"] = 1024
     (other / "unet/config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"fine-tuned UNet has cross_attention_dim 1024, base has 32: is the base SD 2\.x\?"):
+    with pytest.raises(
+        ValueError, match=r"fine-tuned UNet has cross_attention_dim 1024, base has 32: is the base SD 2\.x\?"
+    ):
         load_model_pair(tiny_zoo / "base", other)
 
 
@@ -171,7 +186,10 @@ def test_state_dict_mismatch_is_named(tiny_zoo, tmp_path):
     state["conv_in.weight"] = state["conv_in.weight"][:16].contiguous()
     path = tmp_path / "unet.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ValueError, match=r"1 base tensor\(s\) missing, e.g. \['conv_out.bias'\].*conv_in.weight \(16, 4, 3, 3\) vs base \(32, 4, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 base tensor\(s\) missing, e.g. \['conv_out.bias'\].*conv_in.weight \(16, 4, 3, 3\) vs base \(32, 4, 3, 3\)",
+    ):
         load_model_pair(tiny_zoo / "base", path)
 
 
@@ -193,7 +211,8 @@ def test_non_weights_files_are_named(tiny_zoo, tmp_path):
     base = tmp_path / "base_clone"  # a git clone without git-lfs: pointers instead of weights
     shutil.copytree(tiny_zoo / "base", base)
     (base / "unet/diffusion_pytorch_model.safetensors").write_text(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 3438167536\n")
+        "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 3438167536\n"
+    )
     with pytest.raises(CheckpointFormatError, match="git-lfs pointer"):
         load_model_pair(base, tiny_zoo / "dreambooth")
 
@@ -212,7 +231,9 @@ def test_unmatched_lora_key_is_named(tiny_zoo, tmp_path):
     state["lora_unet_down_blocks_0_resnets_0_nonexistent.lora_up.weight"] = torch.zeros(32, 4)
     path = tmp_path / "kohya.safetensors"
     save_file(state, str(path))
-    with pytest.raises(LoRAKeyError, match=r"2 of 97 unet LoRA keys match no .*lora_unet_down_blocks_0_resnets_0_nonexistent"):
+    with pytest.raises(
+        LoRAKeyError, match=r"2 of 97 unet LoRA keys match no .*lora_unet_down_blocks_0_resnets_0_nonexistent"
+    ):
         load_model_pair(tiny_zoo / "base", lora=path)
     state = load_file(str(tiny_zoo / "lora/pytorch_lora_weights.safetensors"))
     state["text_encoder.text_model.encoder.layers.7.mlp.fc1.lora_A.weight"] = torch.zeros(4, 32)
@@ -263,12 +284,15 @@ def test_single_file_base_without_config_fails_clearly(tiny_zoo):
         load_model_pair(tiny_zoo / "dreambooth_unet.safetensors", tiny_zoo / "lora")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"just some text, renamed", r"is a text file \(23 bytes, first line 'just some text, renamed'\)"),
-    (b"\x01\x02garbage", "unrecognised file format"),
-    (b"<!DOCTYPE html><html><title>login</title></html>", "is an HTML page"),
-    (b"", r"is empty \(0 bytes\)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"just some text, renamed", r"is a text file \(23 bytes, first line 'just some text, renamed'\)"),
+        (b"\x01\x02garbage", "unrecognised file format"),
+        (b"<!DOCTYPE html><html><title>login</title></html>", "is an HTML page"),
+        (b"", r"is empty \(0 bytes\)"),
+    ],
+)
 def test_lora_path_sniffs_like_finetuned(tiny_zoo, tmp_path, content, message):
     path = tmp_path / "lora.safetensors"
     path.write_bytes(content)
@@ -278,8 +302,11 @@ def test_lora_path_sniffs_like_finetuned(tiny_zoo, tmp_path, content, message):
 
 
 def test_full_unet_as_lora_and_lora_as_full_are_named_in_plain_words(tiny_zoo):
-    with pytest.raises(ValueError, match=r"full fine-tuned \(DreamBooth\) UNet state dict, not a LoRA checkpoint: "
-                       r"pass it as --finetuned") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"full fine-tuned \(DreamBooth\) UNet state dict, not a LoRA checkpoint: "
+        r"pass it as --finetuned",
+    ) as error:
         load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "dreambooth_unet.safetensors")
     assert "unet_file" not in str(error.value)
     with pytest.raises(ValueError, match=r"is a LoRA checkpoint, not a full fine-tune .*pass it as --lora"):

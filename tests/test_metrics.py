@@ -1,4 +1,5 @@
 """AS and A-ESR (Eq. 1, 2) on hand-computed examples."""
+
 from __future__ import annotations
 
 import numpy as np

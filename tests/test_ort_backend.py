@@ -1,13 +1,14 @@
 """The onnxruntime backend against the torch reference, for every rule and both kinds of pair."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from finextract.engine.backends import get_backend_factory
 from finextract.engine.backends.ort_backend import OnnxRuntimeBackend, providers_for
 from finextract.engine.backends.torch_backend import TorchBackend
 from finextract.kernels.guidance_ddim import guided_ddim_step
+
 from finextract.rules import METHODS, rule_for
 from finextract.sampling import encode_text
 
@@ -49,11 +50,17 @@ def test_prediction_and_ddim_step_match_torch(request, ort_cache, pair_name, met
 def test_coefficients_are_inputs_not_constants(dreambooth_pair, ort_cache):
     """Two rules that differ only in w, k share one export and still give their own eps."""
     embeddings = encode_text(dreambooth_pair, rule_for("finextract", "dreambooth"), CAPTION)
-    a = OnnxRuntimeBackend(dreambooth_pair, rule_for("finextract", "dreambooth", w=3.0, k=-0.02), embeddings, cache_dir=ort_cache)
-    b = OnnxRuntimeBackend(dreambooth_pair, rule_for("finextract", "dreambooth", w=7.0, k=0.5), embeddings, cache_dir=ort_cache)
+    a = OnnxRuntimeBackend(
+        dreambooth_pair, rule_for("finextract", "dreambooth", w=3.0, k=-0.02), embeddings, cache_dir=ort_cache
+    )
+    b = OnnxRuntimeBackend(
+        dreambooth_pair, rule_for("finextract", "dreambooth", w=7.0, k=0.5), embeddings, cache_dir=ort_cache
+    )
     assert a.exported.path == b.exported.path
     x_t, t = torch.randn(2, 4, 16, 16), torch.tensor(501)
-    reference = TorchBackend(dreambooth_pair, rule_for("finextract", "dreambooth", w=7.0, k=0.5), embeddings).predict(x_t, t)
+    reference = TorchBackend(dreambooth_pair, rule_for("finextract", "dreambooth", w=7.0, k=0.5), embeddings).predict(
+        x_t, t
+    )
     assert (b.predict(x_t, t).eps_a - _combined(reference)).abs().max() < 1e-4
     assert (a.predict(x_t, t).eps_a - b.predict(x_t, t).eps_a).abs().max() > 1e-2
 
@@ -73,7 +80,9 @@ def test_registry_and_errors(dreambooth_pair, ort_cache):
     rule = rule_for("finextract", "dreambooth")
     embeddings = encode_text(dreambooth_pair, rule, CAPTION)
     with pytest.raises(KeyError, match="encode_text"):
-        OnnxRuntimeBackend(dreambooth_pair, rule, {k: v for k, v in embeddings.items() if k[0] == "base"}, cache_dir=ort_cache)
+        OnnxRuntimeBackend(
+            dreambooth_pair, rule, {k: v for k, v in embeddings.items() if k[0] == "base"}, cache_dir=ort_cache
+        )
     with pytest.raises(ValueError, match="float32"):
         OnnxRuntimeBackend(dreambooth_pair, rule, embeddings, dtype=torch.float16, cache_dir=ort_cache)
 

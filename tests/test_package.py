@@ -1,4 +1,5 @@
 """The package installs, imports cheaply, and its CLI lists its commands."""
+
 import subprocess
 import sys
 
@@ -14,8 +15,8 @@ def test_lora_gate_zero_is_base_one_is_merged(tiny_base):
     import copy
 
     import torch
-
     from finextract.engine.lora import gated, inject_lora, merge_lora
+
     from tests.conftest import random_unet_lora
 
     unet = copy.deepcopy(tiny_base["unet"])
@@ -52,12 +53,14 @@ def test_cli_methods_are_the_rules_methods():
 
 def test_every_zoo_weights_folder_is_a_listed_package():
     """Setuptools ships package data only from listed packages (it warns and may drop the others)."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     packages = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = [p for p in (root / "finextract" / "zoo_weights").rglob("*") if p.is_dir()]
     expected = {"finextract.zoo_weights"} | {
-        ".".join(p.relative_to(root).parts) for p in folders if not p.name.startswith((".", "__"))}
+        ".".join(p.relative_to(root).parts) for p in folders if not p.name.startswith((".", "__"))
+    }
     assert expected <= packages, sorted(expected - packages)

@@ -2,6 +2,7 @@
 
 The full-N numbers (`finextract demo`) are recorded in bench/results/demo.json.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def zoo():
 
 
 def _as(extractor, caption, zoo, method):
-    result = extractor.extract(caption, N0, num_images=N, method=method, steps=STEPS, seed=0, batch_size=N,
-                               train=zoo / "train", progress=False)
+    result = extractor.extract(
+        caption, N0, num_images=N, method=method, steps=STEPS, seed=0, batch_size=N, train=zoo / "train", progress=False
+    )
     return result.metrics["AS"]
 
 
@@ -68,8 +70,26 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
     from finextract.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--num-images", "10", "--steps", "4", "--kinds", "lora",
-                 "--methods", "finextract,direct", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--num-images",
+                "10",
+                "--steps",
+                "4",
+                "--kinds",
+                "lora",
+                "--methods",
+                "finextract,direct",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "FineXtract" in printed and "Direct" in printed and "A-ESR0.6" in printed and "report.html" in printed
     summary = json.loads((out / "demo.json").read_text())

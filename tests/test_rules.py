@@ -1,10 +1,11 @@
 """Guidance rules as data (paper Eq. 6, Eq. 13) and the fused guidance + DDIM step."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from finextract.kernels.guidance_ddim import guided_ddim_step
+
 from finextract.rules import GuidanceRule, Term, rule_for, rule_params
 from finextract.zoo import SD1_SCHEDULER_CONFIG
 
@@ -19,7 +20,8 @@ def eps():
     generator = torch.Generator().manual_seed(0)
     return {
         (model, caption): torch.randn(2, 4, 8, 8, generator=generator)
-        for model in ("base", "finetuned") for caption in ("prompt", "empty")
+        for model in ("base", "finetuned")
+        for caption in ("prompt", "empty")
     }
 
 
@@ -67,7 +69,7 @@ def test_rule_validation():
         rule_for("direct", "lora", w=2.0)
     with pytest.raises(ValueError, match="same"):
         GuidanceRule("bad", (Term("base", "empty", 1.0), Term("base", "empty", 2.0)))
-    with pytest.raises(ValueError, match="Term.model"):
+    with pytest.raises(ValueError, match=r"Term\.model"):
         Term("teacher", "empty", 1.0)
 
 
@@ -86,7 +88,9 @@ def test_fused_step_equals_diffusers_ddim_every_timestep():
         eps_a, eps_b = torch.randn(2, 3, 4, 16, 16, generator=generator)
         prev = int(t) - stride
         alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-        ours = guided_ddim_step(x_t, eps_a, eps_b, coef_a, coef_b, scheduler.alphas_cumprod[t].item(), float(alpha_prev))
+        ours = guided_ddim_step(
+            x_t, eps_a, eps_b, coef_a, coef_b, scheduler.alphas_cumprod[t].item(), float(alpha_prev)
+        )
         reference = scheduler.step(coef_a * eps_a + coef_b * eps_b, t, x_t, eta=0.0).prev_sample
         worst = max(worst, (ours - reference).abs().max().item())
         one_term = guided_ddim_step(x_t, eps_a, None, 1.0, 0.0, scheduler.alphas_cumprod[t], alpha_prev)

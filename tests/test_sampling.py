@@ -1,4 +1,5 @@
 """The torch backend's fused calls and the sampler, against separate UNet calls and diffusers."""
+
 from __future__ import annotations
 
 import copy
@@ -6,11 +7,11 @@ import logging
 
 import pytest
 import torch
-
 from finextract.engine.backends.base import Prediction
 from finextract.engine.backends.torch_backend import TorchBackend
 from finextract.engine.lora import merge_lora
 from finextract.kernels.guidance_ddim import guided_ddim_step
+
 from finextract.rules import rule_for
 from finextract.sampling import NonFiniteError, Sampler, encode_text, make_scheduler, resolve_dtype, start_latents
 
@@ -52,8 +53,13 @@ def _one_fused_step(backend, x_t, t, scheduler):
     prediction = backend.predict(x_t, t)
     assert isinstance(prediction, Prediction)
     return guided_ddim_step(
-        x_t, prediction.eps_a, prediction.eps_b, prediction.coef_a, prediction.coef_b,
-        scheduler.alphas_cumprod[t].item(), float(alpha_prev),
+        x_t,
+        prediction.eps_a,
+        prediction.eps_b,
+        prediction.coef_a,
+        prediction.coef_b,
+        scheduler.alphas_cumprod[t].item(),
+        float(alpha_prev),
     )
 
 
@@ -112,7 +118,9 @@ def test_lora_fused_batch_equals_base_and_merged_calls(lora_pair, tiny_base, met
     # the adapters matter (else this test would pass trivially) and are off outside the fused call
     plain = base_unet(x_t, t, encoder_hidden_states=_batched(embeddings[rule.terms[0].key], x_t)).sample
     assert (prediction.eps_a - plain).abs().max().item() > 1e-4
-    assert (pair.base_unet(x_t, t, encoder_hidden_states=_batched(embeddings[rule.terms[0].key], x_t)).sample - plain).abs().max() < 1e-5
+    assert (
+        pair.base_unet(x_t, t, encoder_hidden_states=_batched(embeddings[rule.terms[0].key], x_t)).sample - plain
+    ).abs().max() < 1e-5
 
 
 def test_encode_text_uses_each_sides_encoder(dreambooth_pair):
@@ -165,13 +173,20 @@ def test_dtype_rules():
 def test_non_finite_step_retries_in_fp32(tokenizer_dir, caplog):
     """A NaN in reduced precision reruns the batch in fp32 with a warning; in fp32 it is an error."""
     from finextract.engine.pair import ModelPair
+
     from finextract.zoo import tiny_components
 
     parts = tiny_components(seed=3, tokenizer_folder=tokenizer_dir)
     pair = ModelPair(
-        kind="dreambooth", base_unet=parts["unet"], finetuned_unet=copy.deepcopy(parts["unet"]), unet_lora=None,
-        base_text_encoder=parts["text_encoder"], finetuned_text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"], vae=parts["vae"], scheduler_config=dict(parts["scheduler"].config),
+        kind="dreambooth",
+        base_unet=parts["unet"],
+        finetuned_unet=copy.deepcopy(parts["unet"]),
+        unet_lora=None,
+        base_text_encoder=parts["text_encoder"],
+        finetuned_text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        vae=parts["vae"],
+        scheduler_config=dict(parts["scheduler"].config),
     )
     sampler = Sampler(pair, rule_for("direct", "dreambooth"), CAPTION, steps=3)
     clean = sampler([4, 5])

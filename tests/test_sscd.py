@@ -1,4 +1,5 @@
 """SSCD embedders on real images that ship with scikit-image; presets; the folder reader."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """The tiny model zoo: layout, determinism, loadability, the `finextract zoo build` command."""
+
 from __future__ import annotations
 
 import torch
@@ -8,13 +9,25 @@ from safetensors.torch import load_file
 from finextract.zoo import LORA_NO_ALPHA_MODULE, ZOO_CAPTION
 
 LAYOUT = (
-    "base/model_index.json", "base/unet/diffusion_pytorch_model.safetensors", "base/vae/config.json",
-    "base/text_encoder/model.safetensors", "base/tokenizer/vocab.json", "base/scheduler/scheduler_config.json",
-    "dreambooth/model_index.json", "dreambooth/unet/config.json", "dreambooth/text_encoder/model.safetensors",
-    "dreambooth_unet/unet/diffusion_pytorch_model.safetensors", "dreambooth_unet/text_encoder/model.safetensors",
-    "dreambooth_unet_only/unet/diffusion_pytorch_model.safetensors", "dreambooth_unet.safetensors",
-    "lora/pytorch_lora_weights.safetensors", "lora_peft/adapter_config.json", "lora_peft/adapter_model.safetensors",
-    "lora_peft/text_encoder/adapter_config.json", "lora_kohya.safetensors", "caption.txt",
+    "base/model_index.json",
+    "base/unet/diffusion_pytorch_model.safetensors",
+    "base/vae/config.json",
+    "base/text_encoder/model.safetensors",
+    "base/tokenizer/vocab.json",
+    "base/scheduler/scheduler_config.json",
+    "dreambooth/model_index.json",
+    "dreambooth/unet/config.json",
+    "dreambooth/text_encoder/model.safetensors",
+    "dreambooth_unet/unet/diffusion_pytorch_model.safetensors",
+    "dreambooth_unet/text_encoder/model.safetensors",
+    "dreambooth_unet_only/unet/diffusion_pytorch_model.safetensors",
+    "dreambooth_unet.safetensors",
+    "lora/pytorch_lora_weights.safetensors",
+    "lora_peft/adapter_config.json",
+    "lora_peft/adapter_model.safetensors",
+    "lora_peft/text_encoder/adapter_config.json",
+    "lora_kohya.safetensors",
+    "caption.txt",
 )
 
 
@@ -49,8 +62,14 @@ def test_base_runs_in_stable_diffusion_pipeline(tiny_zoo):
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
-    image = pipeline(ZOO_CAPTION, num_inference_steps=2, height=32, width=32, output_type="np",
-                     generator=torch.Generator().manual_seed(0)).images
+    image = pipeline(
+        ZOO_CAPTION,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 32, 32, 3) and image.min() >= 0 and image.max() <= 1
 
 
@@ -58,8 +77,13 @@ def test_cli_build_is_deterministic(tiny_zoo, tmp_path):
     from finextract.cli import main
 
     assert main(["zoo", "build", "--out", str(tmp_path / "again"), "--seed", "0"]) == 0
-    for name in ("dreambooth_unet.safetensors", "lora_kohya.safetensors", "lora/pytorch_lora_weights.safetensors",
-                 "lora_peft/adapter_model.safetensors", "base/text_encoder/model.safetensors"):
+    for name in (
+        "dreambooth_unet.safetensors",
+        "lora_kohya.safetensors",
+        "lora/pytorch_lora_weights.safetensors",
+        "lora_peft/adapter_model.safetensors",
+        "base/text_encoder/model.safetensors",
+    ):
         again, first = tmp_path / "again" / name, tiny_zoo / name
         a, b = load_file(str(again)), load_file(str(first))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name

@@ -3,6 +3,7 @@
 Each entry is "module:factory"; the factory takes `(pair, rule, text_embeddings, **options)` and
 returns an object following `finextract.engine.backends.base.Backend`.
 """
+
 from __future__ import annotations
 
 import importlib

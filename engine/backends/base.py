@@ -10,6 +10,7 @@ A backend is built once per run for a model pair, a guidance rule and the run's 
 Backends that evaluate both UNets and combine them inside one compiled graph return the combined
 `eps` as `eps_a` with `coef_a = 1`, `eps_b = None`, `coef_b = 0`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ CPU provider here; CUDA (and optionally TensorRT) execution providers where `onn
 installed. Inputs and the output are bound to torch tensors by pointer (I/O binding) on both CPU and
 CUDA, so a step copies nothing between torch and onnxruntime.
 """
+
 from __future__ import annotations
 
 import logging
@@ -120,7 +121,9 @@ class OnnxRuntimeBackend:
 
         self.device = torch.device(device)
         if dtype_name(dtype) == "fp16" and self.device.type == "cpu":
-            raise ValueError("dtype float16 on device cpu: onnxruntime's CPU provider lacks fp16 kernels; use torch.float32")
+            raise ValueError(
+                "dtype float16 on device cpu: onnxruntime's CPU provider lacks fp16 kernels; use torch.float32"
+            )
         provider_list = providers_for(self.device, providers)  # fail before the export when missing
         self.rule = rule
         self.spec = spec_for(pair, rule, dtype=dtype)
@@ -143,7 +146,14 @@ class OnnxRuntimeBackend:
 
     def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = binding.bind_output if output else binding.bind_input
-        bind(name, self._device_type, self.device.index or 0, NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        bind(
+            name,
+            self._device_type,
+            self.device.index or 0,
+            NUMPY_DTYPES[tensor.dtype],
+            list(tensor.shape),
+            tensor.data_ptr(),
+        )
 
     @torch.inference_mode()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:

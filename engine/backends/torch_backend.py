@@ -9,6 +9,7 @@ on a stacked batch:
 - DreamBooth pair with FineXtract: two UNets, called back to back on B each.
 - Direct: one forward on B.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

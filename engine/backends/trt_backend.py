@@ -7,6 +7,7 @@ profile and bound by name (`set_tensor_address`), so a step is copy-in, `execute
 current torch stream, copy-out, with no host synchronisation. Optionally each profile's launch is
 captured once into a CUDA graph and replayed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,7 +101,9 @@ class TensorRTBackend:
         require_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise RuntimeError(f"--backend tensorrt needs a CUDA device (got {device!r}); use --backend onnxruntime on a CPU")
+            raise RuntimeError(
+                f"--backend tensorrt needs a CUDA device (got {device!r}); use --backend onnxruntime on a CPU"
+            )
         precision = dtype_name(dtype)
         self.rule = rule
         self.spec = spec_for(pair, rule, dtype=precision, batch_sizes=tuple(batch_sizes))
@@ -122,8 +125,10 @@ class TensorRTBackend:
         sizes = sorted(self.spec.batch_sizes)
         fitting = [b for b in sizes if b >= batch]
         if not fitting:
-            raise ValueError(f"batch {batch} exceeds the engine's largest profile {sizes[-1]}; "
-                             f"rebuild with --batch-sizes including {batch} or lower --batch-size")
+            raise ValueError(
+                f"batch {batch} exceeds the engine's largest profile {sizes[-1]}; "
+                f"rebuild with --batch-sizes including {batch} or lower --batch-size"
+            )
         size = fitting[0]
         if size not in self._profiles:
             stream = torch.cuda.current_stream(self.device)

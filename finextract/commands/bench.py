@@ -7,6 +7,7 @@
 Every configuration times the step `finextract generate` runs (`finextract.benchmarking`), so the
 figures are the product's own, not a separate benchmark loop's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,32 +18,68 @@ from .options import positive_int
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="measure step latency, images/s, peak memory (and MFU on a GPU)",
-                              description="Time the guided DDIM step per backend, method and batch size; print a table.")
+    p = subparsers.add_parser(
+        "bench",
+        help="measure step latency, images/s, peak memory (and MFU on a GPU)",
+        description="Time the guided DDIM step per backend, method and batch size; print a table.",
+    )
     models = p.add_mutually_exclusive_group(required=True)
     models.add_argument("--base", help="pretrained model (with --finetuned or --lora)")
     models.add_argument("--zoo", action="store_true", help="the tiny random zoo, built in a temporary folder")
-    models.add_argument("--sd1-random", action="store_true",
-                        help="randomly initialised SD 1.x-size UNets built from config (no download)")
-    p.add_argument("--base-config", default=None, metavar="DIR",
-                   help="for a single-file --base: a local diffusers pipeline folder supplying its configs")
+    models.add_argument(
+        "--sd1-random",
+        action="store_true",
+        help="randomly initialised SD 1.x-size UNets built from config (no download)",
+    )
+    p.add_argument(
+        "--base-config",
+        default=None,
+        metavar="DIR",
+        help="for a single-file --base: a local diffusers pipeline folder supplying its configs",
+    )
     finetune = p.add_mutually_exclusive_group()
     finetune.add_argument("--finetuned", help="DreamBooth checkpoint (with --base)")
     finetune.add_argument("--lora", help="LoRA weights (with --base)")
-    p.add_argument("--kind", choices=("dreambooth", "lora"), default="dreambooth",
-                   help="pair kind for --zoo / --sd1-random (default dreambooth)")
-    p.add_argument("--backend", nargs="+", default=["auto"],
-                   help="one or several of auto (default), torch, onnxruntime, tensorrt")
-    p.add_argument("--method", nargs="+", choices=METHODS, default=["finextract"], help="guidance rules (default finextract)")
-    p.add_argument("--batch-size", nargs="+", type=positive_int, default=[16], help="one or several batch sizes (default 16)")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed DDIM steps per configuration, after 2 warm-up (default 10)")
+    p.add_argument(
+        "--kind",
+        choices=("dreambooth", "lora"),
+        default="dreambooth",
+        help="pair kind for --zoo / --sd1-random (default dreambooth)",
+    )
+    p.add_argument(
+        "--backend", nargs="+", default=["auto"], help="one or several of auto (default), torch, onnxruntime, tensorrt"
+    )
+    p.add_argument(
+        "--method", nargs="+", choices=METHODS, default=["finextract"], help="guidance rules (default finextract)"
+    )
+    p.add_argument(
+        "--batch-size", nargs="+", type=positive_int, default=[16], help="one or several batch sizes (default 16)"
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=10,
+        help="timed DDIM steps per configuration, after 2 warm-up (default 10)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="UNet precision (default fp16 on CUDA, fp32 on a CPU)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA with the torch backend, replay each step as a CUDA graph (default on)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the GPU's dense fp16/bf16 TFLOP/s for MFU (default $FINEXTRACT_PEAK_TFLOPS or 790, an H200)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="UNet precision (default fp16 on CUDA, fp32 on a CPU)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA with the torch backend, replay each step as a CUDA graph (default on)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense fp16/bf16 TFLOP/s for MFU (default $FINEXTRACT_PEAK_TFLOPS or 790, an H200)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (only ones you trust)")
     p.add_argument("--json", default=None, help="also write the rows and the machine to this JSON file")
     p.set_defaults(func=run)
@@ -81,10 +118,15 @@ def run(args) -> int:
     log = logging.getLogger("finextract")
     rows = []
     with tempfile.TemporaryDirectory(prefix="finextract-bench-") as scratch:
+
         def load():
             if args.sd1_random:
-                return sd1_random_pair(args.kind, device=device, dtype=resolve_dtype(dtype, device),
-                                       tokenizer_folder=Path(scratch) / "tokenizer")
+                return sd1_random_pair(
+                    args.kind,
+                    device=device,
+                    dtype=resolve_dtype(dtype, device),
+                    tokenizer_folder=Path(scratch) / "tokenizer",
+                )
             from finextract.engine.loading import load_model_pair
 
             if args.zoo:
@@ -96,30 +138,50 @@ def run(args) -> int:
                 if args.kind == "dreambooth":
                     return load_model_pair(zoo / "base", zoo / "dreambooth")
                 return load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
-            return load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle,
-                                   base_config=args.base_config)
+            return load_model_pair(
+                args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, base_config=args.base_config
+            )
 
         for backend in backends:
             pair = load()  # a fresh pair per backend: backends adapt it in place (LoRA injection, casts)
             for method in args.method:
                 for batch in args.batch_size:
                     log.info("bench %s %s %s batch %d on %s (%s)", backend, method, pair.kind, batch, device, dtype)
-                    rows.append(measure_sampling(
-                        pair, method=method, backend=backend, batch_size=batch, steps=args.steps, device=device,
-                        dtype=dtype, cuda_graphs=args.cuda_graphs, peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
-                    ))
+                    rows.append(
+                        measure_sampling(
+                            pair,
+                            method=method,
+                            backend=backend,
+                            batch_size=batch,
+                            steps=args.steps,
+                            device=device,
+                            dtype=dtype,
+                            cuda_graphs=args.cuda_graphs,
+                            peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
+                        )
+                    )
             del pair
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     print(format_table(rows))
     if args.json:
-        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "threads": threads, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
-        models = "sd1-random" if args.sd1_random else "zoo" if args.zoo else {"base": args.base,
-                                                                               "finetuned": args.finetuned, "lora": args.lora}
+        machine = {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": threads,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        }
+        models = (
+            "sd1-random"
+            if args.sd1_random
+            else "zoo"
+            if args.zoo
+            else {"base": args.base, "finetuned": args.finetuned, "lora": args.lora}
+        )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "models": models, "steps_timed": args.steps,
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"machine": machine, "models": models, "steps_timed": args.steps, "rows": rows}, indent=2)
+        )
         log.info("wrote %s", args.json)
     return 0

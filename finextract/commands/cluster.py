@@ -1,14 +1,21 @@
 """`finextract cluster`: cluster an existing folder of images into N0 cliques (SSCD + clique search)."""
+
 from __future__ import annotations
 
 from .options import positive_int, read_image_folder
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("cluster", help="cluster a folder of images into N0 cliques",
-                              description="Embed images with SSCD and return the N0 largest cliques (FineXtract Sec. 4.3).")
-    p.add_argument("--images", required=True,
-                   help="folder of generated images (PNG/JPEG), or a `finextract generate` output folder")
+    p = subparsers.add_parser(
+        "cluster",
+        help="cluster a folder of images into N0 cliques",
+        description="Embed images with SSCD and return the N0 largest cliques (FineXtract Sec. 4.3).",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="folder of generated images (PNG/JPEG), or a `finextract generate` output folder",
+    )
     p.add_argument("--n0", type=positive_int, required=True, help="N0: number of images to extract")
     p.add_argument("--out", required=True, help="output folder (extracted/, result.json, report.html)")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
@@ -22,21 +29,34 @@ def run(args) -> int:
     import logging
 
     from finextract.extract import cluster_images, write_output
+    from finextract.generate import check_out_folder
     from finextract.runtime import resolve_device, set_threads
     from finextract.sscd import load_embedder
-
-    from finextract.generate import check_out_folder
 
     check_out_folder(args.out)
     set_threads()
     images, paths = read_image_folder("--images", args.images)
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
-    result.config = {"images": str(args.images), "n0": args.n0, "num_images": len(images),
-                     "files": [p.name for p in paths], "sscd": embedder.info,
-                     "clustering": {"step": 0.01, "budget": args.budget or "auto"}}
-    write_output(args.out, result, {"method": "cluster", "n0": args.n0, "num_images": len(images),
-                                    "extracted_sources": [paths[i].name for i in result.indices]})
-    logging.getLogger("finextract").info("threshold %.2f, clique sizes %s -> %s", result.threshold,
-                                         [len(c) for c in result.cliques], args.out)
+    result.config = {
+        "images": str(args.images),
+        "n0": args.n0,
+        "num_images": len(images),
+        "files": [p.name for p in paths],
+        "sscd": embedder.info,
+        "clustering": {"step": 0.01, "budget": args.budget or "auto"},
+    }
+    write_output(
+        args.out,
+        result,
+        {
+            "method": "cluster",
+            "n0": args.n0,
+            "num_images": len(images),
+            "extracted_sources": [paths[i].name for i in result.indices],
+        },
+    )
+    logging.getLogger("finextract").info(
+        "threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out
+    )
     return 0

@@ -1,12 +1,16 @@
 """`finextract evaluate`: AS and A-ESR (paper Eq. 1, 2) of extracted images against the training set."""
+
 from __future__ import annotations
 
 from .options import read_image_folder
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="AS / A-ESR of extracted images against training images",
-                              description="Score extracted images against the real training images (FineXtract Eq. 1, 2).")
+    p = subparsers.add_parser(
+        "evaluate",
+        help="AS / A-ESR of extracted images against training images",
+        description="Score extracted images against the real training images (FineXtract Eq. 1, 2).",
+    )
     p.add_argument("--extracted", required=True, help="folder of extracted images")
     p.add_argument("--train", required=True, help="folder of the real training images")
     p.add_argument("--json", default=None, help="write the metrics (with per-image best matches) to this file")

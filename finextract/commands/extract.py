@@ -1,12 +1,16 @@
 """`finextract extract`: generate with model guidance, cluster, and write the extracted images."""
+
 from __future__ import annotations
 
 from .options import add_model_options, add_runtime_options, add_sampling_options
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("extract", help="extract fine-tuning images (generate + SSCD + cliques)",
-                              description="FineXtract: generate N = 50 x N0 guided images, cluster them, write N0 extracted images.")
+    p = subparsers.add_parser(
+        "extract",
+        help="extract fine-tuning images (generate + SSCD + cliques)",
+        description="FineXtract: generate N = 50 x N0 guided images, cluster them, write N0 extracted images.",
+    )
     add_model_options(p)
     add_sampling_options(p)
     add_runtime_options(p)
@@ -26,17 +30,42 @@ def run(args) -> int:
 
     train = _check_inputs(args)  # before loading models or generating anything
     set_threads()
-    extractor = Extractor(args.base, args.finetuned, lora=args.lora, device=args.device, dtype=args.dtype,
-                          backend=args.backend, embedder=args.sscd, preset=args.preset,
-                          allow_pickle=args.allow_pickle, cuda_graphs=args.cuda_graphs, base_config=args.base_config)
-    result = extractor.extract(args.caption, args.n0, num_images=args.num_images, method=args.method, w=args.w,
-                               k=args.k, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                               out=args.out, train=train, save_generated=args.save_generated)
+    extractor = Extractor(
+        args.base,
+        args.finetuned,
+        lora=args.lora,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        embedder=args.sscd,
+        preset=args.preset,
+        allow_pickle=args.allow_pickle,
+        cuda_graphs=args.cuda_graphs,
+        base_config=args.base_config,
+    )
+    result = extractor.extract(
+        args.caption,
+        args.n0,
+        num_images=args.num_images,
+        method=args.method,
+        w=args.w,
+        k=args.k,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        out=args.out,
+        train=train,
+        save_generated=args.save_generated,
+    )
     log = logging.getLogger("finextract")
     log.info("threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out)
     if result.metrics:
-        log.info("AS %.4f, A-ESR0.6 %.2f, A-ESR0.7 %.2f", result.metrics["AS"], result.metrics["A-ESR0.6"],
-                 result.metrics["A-ESR0.7"])
+        log.info(
+            "AS %.4f, A-ESR0.6 %.2f, A-ESR0.7 %.2f",
+            result.metrics["AS"],
+            result.metrics["A-ESR0.6"],
+            result.metrics["A-ESR0.7"],
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """`finextract finetune`: DreamBooth or LoRA fine-tuning of a Stable Diffusion 1.x pipeline folder."""
+
 from __future__ import annotations
 
 from .options import positive_int
@@ -17,16 +18,28 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--method", choices=("dreambooth", "lora"), default="dreambooth")
     parser.add_argument("--steps", type=positive_int, default=400, help="optimiser steps (default 400)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="constant AdamW learning rate (default 5e-6 DreamBooth, 1e-4 LoRA: SD 1.x values)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="constant AdamW learning rate (default 5e-6 DreamBooth, 1e-4 LoRA: SD 1.x values)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step (default 1)")
     parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r; alpha = r (default 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="training side in pixels (default: the model's, UNet sample size x VAE factor)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training side in pixels (default: the model's, UNet sample size x VAE factor)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="fp16/bf16: mixed-precision autocast on CUDA (fp32 master weights)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="fp16/bf16: mixed-precision autocast on CUDA (fp32 master weights)",
+    )
     parser.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of saved weights")
     parser.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
     parser.set_defaults(func=run)
@@ -40,9 +53,21 @@ def run(args) -> int:
 
     set_threads()
     out = finetune(
-        args.base, args.images, args.caption, out=args.out, method=args.method, steps=args.steps, lr=args.lr,
-        batch_size=args.batch_size, rank=args.rank, seed=args.seed, resolution=args.resolution, device=args.device,
-        dtype=args.dtype, save_dtype=args.save_dtype, train_text_encoder=args.train_text_encoder,
+        args.base,
+        args.images,
+        args.caption,
+        out=args.out,
+        method=args.method,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        seed=args.seed,
+        resolution=args.resolution,
+        device=args.device,
+        dtype=args.dtype,
+        save_dtype=args.save_dtype,
+        train_text_encoder=args.train_text_encoder,
     )
     logging.getLogger("finextract").info("fine-tuned model written to %s", out)
     return 0

@@ -4,6 +4,7 @@
 
 Rerunning the same command after an interruption continues from the last finished chunk.
 """
+
 from __future__ import annotations
 
 from .options import add_model_options, add_runtime_options, add_sampling_options
@@ -20,8 +21,9 @@ def register(subparsers) -> None:
     add_sampling_options(parser, n0_required=False)
     add_runtime_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--png", action="store_true",
-                        help="also write each image as OUT/images/gen00012.png, as each chunk finishes")
+    parser.add_argument(
+        "--png", action="store_true", help="also write each image as OUT/images/gen00012.png, as each chunk finishes"
+    )
     parser.add_argument("--out", required=True, help="output folder (chunks + manifest.json); reuse it to resume")
     parser.set_defaults(func=run)
 
@@ -43,15 +45,36 @@ def run(args) -> int:
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)  # refuse fp16 on a CPU before loading anything
     set_threads()
-    pair = load_model_pair(args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, device=device,
-                           base_config=args.base_config)
+    pair = load_model_pair(
+        args.base,
+        args.finetuned,
+        lora=args.lora,
+        allow_pickle=args.allow_pickle,
+        device=device,
+        base_config=args.base_config,
+    )
     result = generate(
-        pair, args.caption, num_images, method=args.method, w=args.w, k=args.k, steps=args.steps,
-        batch_size=args.batch_size, seed=args.seed, device=device, dtype=args.dtype, backend=args.backend,
-        out=out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs, png=args.png,
+        pair,
+        args.caption,
+        num_images,
+        method=args.method,
+        w=args.w,
+        k=args.k,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        dtype=args.dtype,
+        backend=args.backend,
+        out=out,
+        progress=not args.no_progress,
+        cuda_graphs=args.cuda_graphs,
+        png=args.png,
     )
     seconds = sum(chunk.get("seconds", 0.0) for chunk in result.manifest["chunks"])
     pngs = f", PNGs in {out / 'images'}" if args.png else ""
-    print(f"{len(result.seeds)} images ({result.manifest['config']['method']}, {pair.kind}) in {out}{pngs}; "
-          f"{seconds:.1f} s of sampling recorded in {out / 'manifest.json'}")
+    print(
+        f"{len(result.seeds)} images ({result.manifest['config']['method']}, {pair.kind}) in {out}{pngs}; "
+        f"{seconds:.1f} s of sampling recorded in {out / 'manifest.json'}"
+    )
     return 0

@@ -1,4 +1,5 @@
 """Command-line options shared by `generate`, `extract`, `cluster` and `bench` (one definition, one help text)."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,24 @@ def read_image_folder(flag: str, folder: str):
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--base, --base-config, --finetuned | --lora, --allow-pickle."""
-    parser.add_argument("--base", required=True,
-                        help="pretrained model: diffusers folder, single-file checkpoint or a locally cached hub id")
-    parser.add_argument("--base-config", default=None, metavar="DIR",
-                        help="for a single-file --base: a local diffusers pipeline folder of the same architecture "
-                        "supplying its configs (nothing is downloaded)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="pretrained model: diffusers folder, single-file checkpoint or a locally cached hub id",
+    )
+    parser.add_argument(
+        "--base-config",
+        default=None,
+        metavar="DIR",
+        help="for a single-file --base: a local diffusers pipeline folder of the same architecture "
+        "supplying its configs (nothing is downloaded)",
+    )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--finetuned", help="full fine-tune (DreamBooth): pipeline folder, unet/ folder or file")
     model.add_argument("--lora", help="LoRA checkpoint (diffusers, PEFT or kohya format)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle checkpoints (.ckpt/.bin): only for files you trust")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
@@ -52,14 +61,26 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
     `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
     """
     parser.add_argument("--caption", required=True, help="the training caption c")
-    parser.add_argument("--n0", type=positive_int, required=n0_required,
-                        help="N0, the number of training images" + ("" if n0_required else
-                                                                     " (sets the default N; or give --num-images)"))
+    parser.add_argument(
+        "--n0",
+        type=positive_int,
+        required=n0_required,
+        help="N0, the number of training images"
+        + ("" if n0_required else " (sets the default N; or give --num-images)"),
+    )
     parser.add_argument("--num-images", type=positive_int, default=None, help="N images to generate (default 50 x N0)")
-    parser.add_argument("--method", choices=METHODS, default="finextract",
-                        help="guidance rule: finextract (Eq. 13), finextract-uncond (Eq. 6), cfg, direct")
-    parser.add_argument("--w", type=float, default=None,
-                        help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="finextract",
+        help="guidance rule: finextract (Eq. 13), finextract-uncond (Eq. 6), cfg, direct",
+    )
+    parser.add_argument(
+        "--w",
+        type=float,
+        default=None,
+        help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)",
+    )
     parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
     parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
@@ -69,9 +90,20 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --backend, --cuda-graphs."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="UNet precision; fp16/bf16 need CUDA (default fp32)")
-    parser.add_argument("--backend", default="auto",
-                        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="UNet precision; fp16/bf16 need CUDA (default fp32)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)",
+    )

@@ -4,6 +4,7 @@ the committed trained zoo's folder.
 Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): about 26 minutes
 on 1 CPU thread; its output (built with FINEXTRACT_THREADS=1) is what ships in `finextract/zoo_weights/`.
 """
+
 from __future__ import annotations
 
 
@@ -15,10 +16,16 @@ def register(subparsers) -> None:
     )
     build.add_argument("--out", required=True, help="folder to write (created if missing)")
     build.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
-    build.add_argument("--trained", action="store_true",
-                       help="train the tiny base, DreamBooth and LoRA models on real photographs (~20-30 min)")
-    build.add_argument("--cache", default=None,
-                       help="--trained: folder keeping the trained VAE and base, reused when their recipe matches")
+    build.add_argument(
+        "--trained",
+        action="store_true",
+        help="train the tiny base, DreamBooth and LoRA models on real photographs (~20-30 min)",
+    )
+    build.add_argument(
+        "--cache",
+        default=None,
+        help="--trained: folder keeping the trained VAE and base, reused when their recipe matches",
+    )
     build.set_defaults(func=run)
     path = actions.add_parser("path", help="print the folder of the committed trained zoo")
     path.set_defaults(func=run_path)
@@ -29,7 +36,9 @@ def run_path(args) -> int:
 
     folder = default_zoo_folder()
     if not (folder / "base" / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no trained zoo; build one with `finextract zoo build --trained --out DIR`")
+        raise FileNotFoundError(
+            f"{folder} holds no trained zoo; build one with `finextract zoo build --trained --out DIR`"
+        )
     print(folder)
     return 0
 
