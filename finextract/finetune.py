@@ -26,7 +26,6 @@ from .runtime import torch_dtype
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # diffusers' example defaults for SD 1.x (train_dreambooth.py 5e-6, train_dreambooth_lora.py 1e-4)
 DEFAULT_LR = {"dreambooth": 5e-6, "lora": 1e-4}
 
@@ -49,48 +48,36 @@ class FinetuneConfig:
 
 
 def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
-    """Load training images as uint8 (B, resolution, resolution, 3), centre-cropped then resized.
+    """Training images as the fine-tune sees them: uint8 (B, resolution, resolution, 3), centre-cropped
+    and resized (`finextract.images.center_crop_resize`).
 
     Args:
-        images: a folder of image files (png/jpg/jpeg/webp/bmp, sorted by name), or a sequence of
-            file paths, PIL images or uint8 (H, W, 3) arrays.
+        images: a folder of image files (read by `finextract.images.read_images`: sorted by name,
+            unreadable files named and skipped), or a sequence of file paths, PIL images or uint8
+            (H, W, 3) arrays.
         resolution: output side in pixels.
 
     Raises:
         FileNotFoundError: the folder or a file does not exist.
-        ValueError: no images, or a file that PIL cannot read (the message names it).
+        ValueError: no readable image, or a listed file that Pillow cannot read (the message names it).
     """
-    from PIL import Image, UnidentifiedImageError
+    from .images import center_crop_resize, read_image, read_images
 
     if isinstance(images, (str, Path)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--images {folder}: not a folder; pass a folder of training images")
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise ValueError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
-    out = []
-    for item in images:
-        if isinstance(item, (str, Path)):
-            try:
-                item = Image.open(item)
-                item.load()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"training image {item} does not exist") from None
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(
-                    f"training image {item} is not a readable image ({error}); remove or re-save it"
-                ) from None
-        elif isinstance(item, np.ndarray):
-            item = Image.fromarray(item)
-        image = item.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        out.append(np.asarray(image, dtype=np.uint8))
-    if not out:
+        try:
+            arrays = read_images(images)[0]
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"--images: {error}") from None
+    else:
+        arrays = [
+            read_image(item)
+            if isinstance(item, (str, Path))
+            else np.asarray(item.convert("RGB") if hasattr(item, "convert") else item)
+            for item in images
+        ]
+    if not arrays:
         raise ValueError("no training images given")
-    return np.stack(out)
+    return np.stack([center_crop_resize(array, resolution) for array in arrays])
 
 
 def _components(base: str | Path):

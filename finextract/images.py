@@ -14,6 +14,55 @@ GENERATE_MANIFEST = "manifest.json"
 GENERATE_FORMAT = "finextract-generate/1"
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode one image file as an RGB uint8 array: the one image reader of finextract.
+
+    Args:
+        path: any file Pillow opens (PNG, JPEG, WebP, BMP, ...).
+
+    Returns:
+        uint8 ndarray (H, W, 3).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: Pillow cannot read it (the message names the file and Pillow's reason).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable image ({type(error).__name__}: {error}); remove or re-save it"
+        ) from None
+
+
+def center_crop_resize(image: np.ndarray, resolution: int) -> np.ndarray:
+    """The largest centred square of `image`, resized to `resolution` x `resolution` (bicubic).
+
+    The transform of diffusers' DreamBooth / LoRA training scripts (`CenterCrop` after a resize of the
+    short side; cropping first, as here, then resizing gives the same square up to resampling).
+
+    Args:
+        image: uint8 (H, W, 3) ndarray.
+        resolution: output side in pixels, >= 1.
+
+    Returns:
+        uint8 ndarray (resolution, resolution, 3).
+    """
+    from PIL import Image
+
+    pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    side = min(pil.size)
+    left, top = (pil.width - side) // 2, (pil.height - side) // 2
+    square = pil.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(square, dtype=np.uint8)
+
+
 def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     """Read every image file in `folder` (sorted by name) as RGB uint8 arrays.
 
@@ -33,8 +82,6 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     Raises:
         FileNotFoundError: `folder` is not a directory. ValueError: it holds no readable image.
     """
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
@@ -43,15 +90,15 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     images, paths, bad = [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB")))
+            images.append(read_image(path))
             paths.append(path)
-        except Exception as error:  # Pillow raises many types for broken or foreign files
-            bad.append(f"{path.name} ({type(error).__name__})")
+        except ValueError as error:
+            bad.append(f"{path.name} ({str(error).rpartition(' (')[2].split(':')[0]})")
+    if not images:
+        skipped = f" (unreadable: {', '.join(bad)})" if bad else ""
+        raise ValueError(f"no readable image in {folder}{skipped}; expected PNG/JPEG files")
     if bad:
         logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), folder, ", ".join(bad))
-    if not images:
-        raise ValueError(f"no readable image in {folder}; expected PNG/JPEG files")
     return images, paths
 
 
@@ -90,17 +137,6 @@ def _read_generate_folder(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
     if not images:
         raise ValueError(f"no finished chunk in {folder}; run `finextract generate` into it first")
     return images, paths
-
-
-def stack_images(images: list[np.ndarray], size: int | None = None) -> np.ndarray:
-    """Stack RGB uint8 arrays into (B, S, S, 3), resizing to a common square `size` when they differ."""
-    from PIL import Image
-
-    shapes = {im.shape for im in images}
-    if size is None and len(shapes) == 1:
-        return np.stack(images)
-    size = size or max(max(im.shape[:2]) for im in images)
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
 def write_png(image, path: str | Path) -> Path:

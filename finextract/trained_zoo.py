@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import read_image
+
 logger = logging.getLogger(__name__)
 
 CAPTION = "a photo of sks"
@@ -142,13 +144,6 @@ def _package_file(package: str, name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall {package} (pip install 'finextract[zoo]')")
     return path
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def finetune_photos(resolution: int = 32) -> np.ndarray:
@@ -386,7 +381,7 @@ def build_trained_zoo(
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(recipe.seed)
     photos = finetune_photos(recipe.resolution)
-    pretrain = [(_read_rgb(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
+    pretrain = [(read_image(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
     pretrain_crops = [random_crops(image, recipe.crops_per_image, recipe.resolution, rng) for image, _ in pretrain]
     captions = [caption for (_, caption), crops in zip(pretrain, pretrain_crops) for _ in range(len(crops))]
     base_pool = np.concatenate(pretrain_crops)
