@@ -51,7 +51,7 @@ def diffusers_pipelines(pair):
         pipeline = StableDiffusionPipeline(
             vae=pair.vae,
             text_encoder=text_encoder,
-            tokenizer=pair.tokenizer,
+            tokenizer=pair.base_tokenizer,
             unet=unet,
             scheduler=DDIMScheduler.from_config(pair.scheduler_config),
             safety_checker=None,

@@ -185,12 +185,12 @@ def spec_for(
     config = pair.base_unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
     h, w = (size, size) if isinstance(size, int) else size
-    length = int(getattr(pair.tokenizer, "model_max_length", 77))
+    length = int(getattr(pair.base_tokenizer, "model_max_length", 77))
     text_shape = (length, int(config.cross_attention_dim))
     if len(models) == 1:
         kind = "unet"
     else:
-        kind = "lora_pair" if pair.kind == "lora" and pair.unet_lora else "dreambooth_pair"
+        kind = "lora_pair" if pair.unet_lora else "dreambooth_pair"
     return ExportSpec(
         kind, models, (int(config.in_channels), int(h), int(w)), text_shape, dtype, opset, tuple(batch_sizes)
     )
@@ -335,7 +335,7 @@ def build_module(pair, spec: ExportSpec) -> nn.Module:
     Raises:
         ValueError: `spec.kind` "lora_pair" for a pair without UNet LoRA adapters.
     """
-    has_lora = pair.kind == "lora" and bool(pair.unet_lora)
+    has_lora = bool(pair.unet_lora)
     if spec.kind == "unet":
         (model,) = spec.models
         if has_lora and model == "finetuned":

@@ -449,7 +449,7 @@ def load_model_pair(
         unet_lora=unet_lora,
         base_text_encoder=base_text,
         finetuned_text_encoder=ft_text,
-        tokenizer=parts["tokenizer"],
+        base_tokenizer=parts["tokenizer"],
         vae=vae,
         scheduler_config=parts["scheduler_config"],
         sources=sources,

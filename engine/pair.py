@@ -45,14 +45,20 @@ class ModelPair:
     (the checkpoint's own when it has one, else the pretrained one: SPEC section 1).
 
     Attributes:
-        kind: "dreambooth" (full fine-tune: two UNets) or "lora" (one UNet plus adapters).
+        kind: what was fine-tuned, which selects the method's defaults: "dreambooth" (a full
+            fine-tune) or "lora" (an adapter of any type). How it runs follows from the fields below:
+            two UNets when `finetuned_unet` is set (DreamBooth, or an adapter merged into a copy of
+            the base), one UNet with per-sample low-rank branches when `unet_lora` is set.
         base_unet: the pretrained `diffusers.UNet2DConditionModel`.
-        finetuned_unet: the fine-tuned UNet (DreamBooth), None for LoRA.
-        unet_lora: LoRA adapters keyed by module path in `base_unet` (LoRA), None for DreamBooth.
+        finetuned_unet: the fine-tuned UNet (DreamBooth, or a merged adapter); None with `unet_lora`.
+        unet_lora: low-rank adapters keyed by module path in `base_unet`, applied per sample; None
+            with `finetuned_unet`.
         base_text_encoder: `transformers.CLIPTextModel` of the pretrained model.
         finetuned_text_encoder: the fine-tune's text encoder (LoRA merged in when the LoRA file
             adapts it); the same object as `base_text_encoder` when the checkpoint has none.
-        tokenizer: the `transformers.CLIPTokenizer` shared by both sides.
+        base_tokenizer: the pretrained model's `transformers.CLIPTokenizer` (for `eps_base`).
+        finetuned_tokenizer: the fine-tune's own tokenizer (for `eps_ft`; it may add tokens such as a
+            DreamBooth identifier or textual-inversion embeddings); None means `base_tokenizer`.
         vae: `diffusers.AutoencoderKL` of the pretrained model (the fine-tune's if it ships one).
         scheduler_config: the model's own scheduler config (dict, diffusers format).
         sources: where each part came from, file formats, hashes, and loading notes.
@@ -64,16 +70,26 @@ class ModelPair:
     unet_lora: dict[str, LoRALayer] | None
     base_text_encoder: Any
     finetuned_text_encoder: Any
-    tokenizer: Any
+    base_tokenizer: Any
     vae: Any
     scheduler_config: dict
     sources: dict = field(default_factory=dict)
+    finetuned_tokenizer: Any = None
 
     def __post_init__(self) -> None:
+        if self.finetuned_tokenizer is None:
+            self.finetuned_tokenizer = self.base_tokenizer
         if self.kind == "dreambooth" and self.finetuned_unet is None:
             raise ValueError("a DreamBooth pair needs finetuned_unet")
-        if self.kind == "lora" and not self.unet_lora and self.finetuned_text_encoder is self.base_text_encoder:
-            raise ValueError("a LoRA pair needs unet_lora (or a LoRA-adapted text encoder)")
+        if self.finetuned_unet is not None and self.unet_lora:
+            raise ValueError("a pair has either a fine-tuned UNet or UNet LoRA adapters, not both; merge the adapters")
+        if (
+            self.kind == "lora"
+            and not self.unet_lora
+            and self.finetuned_unet is None
+            and self.finetuned_text_encoder is self.base_text_encoder
+        ):
+            raise ValueError("a LoRA pair needs unet_lora, a merged finetuned_unet or an adapted text encoder")
 
     def to(
         self, device: str | torch.device, dtype: torch.dtype | None = None, *, vae_dtype: torch.dtype | None = None

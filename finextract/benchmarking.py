@@ -184,7 +184,7 @@ def sd1_random_pair(
         unet_lora=lora,
         base_text_encoder=text_encoder,
         finetuned_text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        base_tokenizer=tokenizer,
         vae=tiny["vae"].to(device),
         scheduler_config=dict(SD1_SCHEDULER_CONFIG),
     )

@@ -107,10 +107,13 @@ def encode_text(pair, rule: GuidanceRule, caption: str) -> dict[tuple[str, str],
     for term in rule.terms:
         if term.key in embeddings:
             continue
-        encoder = pair.base_text_encoder if term.model == "base" else pair.finetuned_text_encoder
+        if term.model == "base":
+            encoder, tokenizer = pair.base_text_encoder, pair.base_tokenizer
+        else:
+            encoder, tokenizer = pair.finetuned_text_encoder, pair.finetuned_tokenizer
         text = caption if term.caption == "prompt" else ""
-        tokens = pair.tokenizer(
-            text, padding="max_length", max_length=pair.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        tokens = tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
         device = next(encoder.parameters()).device
         embeddings[term.key] = encoder(tokens.to(device))[0]

@@ -98,7 +98,7 @@ def dreambooth_pair(tiny_base, tiny_finetuned):
         unet_lora=None,
         base_text_encoder=tiny_base["text_encoder"],
         finetuned_text_encoder=tiny_finetuned["text_encoder"],
-        tokenizer=tiny_base["tokenizer"],
+        base_tokenizer=tiny_base["tokenizer"],
         vae=tiny_base["vae"],
         scheduler_config=dict(tiny_base["scheduler"].config),
     )
@@ -119,7 +119,7 @@ def lora_pair(tokenizer_dir):
         unet_lora=random_unet_lora(base["unet"]),
         base_text_encoder=base["text_encoder"],
         finetuned_text_encoder=base["text_encoder"],
-        tokenizer=base["tokenizer"],
+        base_tokenizer=base["tokenizer"],
         vae=base["vae"],
         scheduler_config=dict(base["scheduler"].config),
     )

@@ -184,7 +184,7 @@ def test_fp16_export(tiny_base, tiny_finetuned, tmp_path):
         unet_lora=None,
         base_text_encoder=tiny_base["text_encoder"],
         finetuned_text_encoder=tiny_base["text_encoder"],
-        tokenizer=tiny_base["tokenizer"],
+        base_tokenizer=tiny_base["tokenizer"],
         vae=tiny_base["vae"],
         scheduler_config={},
     )

@@ -133,7 +133,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
         base = tiny_components(0, {str(tokenizer_dir)!r}); ft = tiny_components(100, {str(tokenizer_dir)!r})
         pair = ModelPair(kind="dreambooth", base_unet=base["unet"], finetuned_unet=ft["unet"], unet_lora=None,
             base_text_encoder=base["text_encoder"], finetuned_text_encoder=ft["text_encoder"],
-            tokenizer=base["tokenizer"], vae=base["vae"], scheduler_config=dict(base["scheduler"].config))
+            base_tokenizer=base["tokenizer"], vae=base["vae"], scheduler_config=dict(base["scheduler"].config))
         generate(pair, {CAPTION!r}, 4, steps=2, batch_size=2, out=sys.argv[1], progress=False,
                  on_chunk=lambda index, images: os.kill(os.getpid(), signal.SIGKILL))
     """)

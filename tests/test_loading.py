@@ -55,7 +55,7 @@ def test_dreambooth_formats_load_source_weights(tiny_zoo, base_weights, name, te
         _assert_same(pair.finetuned_text_encoder, tiny_zoo / text_from / "text_encoder/model.safetensors")
         assert pair.sources["text_encoder"] == "finetuned"
     assert pair.scheduler_config["beta_schedule"] == "scaled_linear"
-    assert pair.tokenizer("a").input_ids[0] == pair.tokenizer.bos_token_id
+    assert pair.base_tokenizer("a").input_ids[0] == pair.base_tokenizer.bos_token_id
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_encode_text_uses_each_sides_encoder(dreambooth_pair):
     rule = rule_for("finextract", "dreambooth")
     embeddings = encode_text(dreambooth_pair, rule, CAPTION)
     assert set(embeddings) == {("finetuned", "prompt"), ("base", "empty")}
-    tokens = dreambooth_pair.tokenizer(CAPTION, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    tokens = dreambooth_pair.base_tokenizer(CAPTION, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = dreambooth_pair.finetuned_text_encoder(tokens)[0]
     assert embeddings[("finetuned", "prompt")].shape == (1, 77, 32)
@@ -184,7 +184,7 @@ def test_non_finite_step_retries_in_fp32(tokenizer_dir, caplog):
         unet_lora=None,
         base_text_encoder=parts["text_encoder"],
         finetuned_text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
+        base_tokenizer=parts["tokenizer"],
         vae=parts["vae"],
         scheduler_config=dict(parts["scheduler"].config),
     )

@@ -52,7 +52,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         gate = None
-        if pair.kind == "lora" and pair.unet_lora:
+        if pair.unet_lora:
             # GatedLoRA modules take the device and dtype of the layer they wrap
             gate = lora_gate_of(pair.base_unet) or inject_lora(pair.base_unet, pair.unet_lora)
         self._gate = gate
@@ -60,7 +60,7 @@ class TorchBackend:
         for index, term in enumerate(rule.terms):
             if term.key not in text_embeddings:
                 raise KeyError(f"text_embeddings has no {term.key}; build it with encode_text(pair, rule, caption)")
-            if term.model == "finetuned" and pair.kind == "dreambooth":
+            if term.model == "finetuned" and pair.finetuned_unet is not None:
                 unet = pair.finetuned_unet
             else:
                 unet = pair.base_unet
