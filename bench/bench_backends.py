@@ -12,8 +12,8 @@ tiny zoo), each way times one guided DDIM step:
   rule's UNet calls one after the other, `DDIMScheduler.step(eta=0)`, batch 5, fp32), as the paper's code.
 Each `extra_info` holds the median step latency, images/s for a 50-step image (UNet work + update;
 text encoding and decode are once per batch and timed end to end in bench_sampling.py), peak RSS of
-the process, and on the `diffusers` row the ratio of each backend's images/s to it (issue 6's CPU
-goal: at least 3x). A summary is also written to bench/results/backends.json when timing is enabled.
+the process, and on the `diffusers` row the ratio of each backend's images/s to it (the CPU goal:
+at least 3x). A summary is also written to bench/results/backends.json when timing is enabled.
 `FINEXTRACT_BENCH_STEPS` (default 10) sets the timed rounds; `--benchmark-disable` runs each once.
 """
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baseline
 
 from finextract.benchmarking import STEPS_PER_IMAGE, build_step, peak_memory_mib
+from finextract.engine.config import RunConfig
 
 CAPTION = "a photo of sks dog"
 BATCH = int(os.environ.get("FINEXTRACT_BENCH_BATCH", "64"))
@@ -80,8 +81,8 @@ def _summary():
 
 def _diffusers_step(pair, method: str):
     """One step of the plain diffusers way on a batch of 5: sequential UNet calls + DDIMScheduler.step."""
+    from finextract.engine.sampler import start_latents
     from finextract.rules import rule_for
-    from finextract.sampling import start_latents
 
     rule = rule_for(method, pair.kind)
     pipe_base, pipe_ft = baseline.diffusers_pipelines(pair)
@@ -119,14 +120,8 @@ def test_step(benchmark, zoo, onnx_cache, method, kind, way):
         step, batch = _diffusers_step(pair, method)
         row = {"backend": "diffusers (baseline)", "method": method, "kind": kind, "batch": batch}
     else:
-        runner = build_step(
-            pair,
-            method=method,
-            backend=way,
-            batch_size=BATCH,
-            caption=CAPTION,
-            backend_options={"cache_dir": onnx_cache} if way == "onnxruntime" else None,
-        )
+        config = RunConfig.resolve(device="cpu", backend=way, batch_size=BATCH, cache_dir=onnx_cache)
+        runner = build_step(pair.place(config), config, method=method, caption=CAPTION)
         step, batch = runner.step, BATCH
         row = {
             "backend": way,

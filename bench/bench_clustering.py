@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeat-max", type=int, default=2000, help="sizes above this run ours once")
     parser.add_argument("--cap", type=float, default=30.0)
     args = parser.parse_args()
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
 
     set_threads()
     rows = []

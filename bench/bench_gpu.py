@@ -1,4 +1,4 @@
-"""GPU benchmarks at Stable Diffusion 1.x size (SPEC section 6), each against the plain diffusers way.
+"""GPU benchmarks at Stable Diffusion 1.x size, each against the plain diffusers way.
 
 Run on a CUDA machine (bench/device_check.sh does it):
 
@@ -6,7 +6,8 @@ Run on a CUDA machine (bench/device_check.sh does it):
 
 - UNet steps: a randomly initialised `UNet2DConditionModel` with the SD 1.x config, fp16, batch 8/16/32,
   FineXtract on a DreamBooth pair (two UNets) and CFG (one UNet on a 2B batch), through the project's
-  `TorchBackend` and `GraphedDDIMLoop` (one CUDA graph per step: both UNet calls + the fused kernel).
+  own step (`finextract.benchmarking.build_step`: the sampler's DDIM loop, one CUDA graph per step with
+  both UNet calls and the fused kernel).
   Step latency, images/s (50 steps, UNet + update only), model FLOP utilisation from 0.89 TFLOP per
   image per UNet evaluation against 790 TFLOP/s (the H200's measured dense fp16/bf16 rate), and peak
   `torch.cuda.max_memory_allocated`.
@@ -22,7 +23,6 @@ Each benchmark also stores its derived numbers in `benchmark.extra_info` and in 
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -40,20 +40,8 @@ pytestmark = [
     ),
 ]
 
-SD1_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-TFLOP_PER_IMAGE_EVAL = 0.89  # SD 1.x UNet at 512x512 (64x64 latents), SPEC section 6
-PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))  # H200 dense fp16/bf16, measured
 STEPS = 50
+PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))  # H200 dense fp16/bf16, measured
 TEXT_TOKENS = 77
 BATCHES = [int(b) for b in os.environ.get("FINEXTRACT_BENCH_BATCHES", "8,16,32").split(",")]
 ROUNDS = int(os.environ.get("FINEXTRACT_BENCH_ROUNDS", "5"))
@@ -102,6 +90,8 @@ def sd1_unet(dtype: torch.dtype, seed: int = 0):
     """A random SD 1.x-sized UNet built directly on the GPU (random init on the CPU takes minutes)."""
     from diffusers import UNet2DConditionModel
 
+    from finextract.benchmarking import SD1_UNET_CONFIG
+
     torch.manual_seed(seed)
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**SD1_UNET_CONFIG)
@@ -110,119 +100,81 @@ def sd1_unet(dtype: torch.dtype, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def schedule():
-    from diffusers import DDIMScheduler
-
+    from finextract.engine.ddim import make_scheduler
     from finextract.zoo import SD1_SCHEDULER_CONFIG
 
-    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(STEPS)
-    step = scheduler.config.num_train_timesteps // STEPS
-    timesteps = [int(t) for t in scheduler.timesteps]
-    alphas = scheduler.alphas_cumprod
-    a_t = [float(alphas[t]) for t in timesteps]
-    a_prev = [float(alphas[t - step]) if t - step >= 0 else float(scheduler.final_alpha_cumprod) for t in timesteps]
-    return SimpleNamespace(scheduler=scheduler, timesteps=timesteps, a_t=a_t, a_prev=a_prev)
+    return SimpleNamespace(scheduler=make_scheduler(SD1_SCHEDULER_CONFIG, STEPS))
 
 
 @pytest.fixture(scope="module")
-def unets():
-    """The fine-tuned UNet (CFG uses it alone) and, created lazily, the base UNet for FineXtract."""
-    from finextract.engine.cuda_graph import prepare_unet_for_cuda
+def pair(tmp_path_factory):
+    """A random SD 1.x-size DreamBooth pair in fp16 on the GPU (`finextract.benchmarking.sd1_random_pair`)."""
+    from finextract.benchmarking import sd1_random_pair
 
-    finetuned = prepare_unet_for_cuda(sd1_unet(torch.float16, seed=1), torch.float16, channels_last=True)
-    holder = SimpleNamespace(finetuned=finetuned, base=None)
+    holder = SimpleNamespace(
+        pair=sd1_random_pair(
+            "dreambooth", device="cuda", dtype=torch.float16, tokenizer_folder=tmp_path_factory.mktemp("tok")
+        )
+    )
     yield holder
-    holder.finetuned = holder.base = None
+    holder.pair = None
     _free()
 
 
-def _backend(method: str, unet_ft, unet_base):
-    """The project's TorchBackend on a duck-typed DreamBooth pair with random (1, 77, 768) embeddings."""
-    from finextract.engine.backends.torch_backend import TorchBackend
+def _step_bench(benchmark, pair, method: str, batch: int) -> None:
+    """The product's own step: `finextract.benchmarking.build_step` -> `Sampler.loop(batch).step(i)`, a CUDA
+    graph replay of both UNet evaluations and the fused kernel, exactly what `finextract generate` runs."""
+    from finextract.benchmarking import STEPS_PER_IMAGE, build_step, tflop_per_image_eval
+    from finextract.engine.config import RunConfig
 
-    from finextract.rules import rule_for
-
-    pair = SimpleNamespace(
-        kind="dreambooth",
-        base_unet=unet_base if unet_base is not None else unet_ft,
-        finetuned_unet=unet_ft,
-        unet_lora=None,
-    )
-    rule = rule_for(method, "dreambooth")
-    generator = torch.Generator().manual_seed(0)
-    embeddings = {
-        term.key: torch.randn(1, TEXT_TOKENS, 768, generator=generator).to("cuda", torch.float16) for term in rule.terms
-    }
-    return TorchBackend(pair, rule, embeddings, device="cuda", dtype=torch.float16)
-
-
-def _step_bench(benchmark, schedule, unets, method: str, batch: int) -> None:
-    from finextract.engine.cuda_graph import GraphedDDIMLoop
-
-    if method == "finextract" and unets.base is None:
-        unets.base = copy.deepcopy(unets.finetuned)  # same cost as a real fine-tune's second UNet
     _free()
     torch.cuda.reset_peak_memory_stats()
-    backend = _backend(method, unets.finetuned, unets.base if method == "finextract" else None)
-    loop = GraphedDDIMLoop(
-        backend,
-        (batch, 4, 64, 64),
-        schedule.timesteps,
-        schedule.a_t,
-        schedule.a_prev,
-        dtype=torch.float16,
-        device="cuda",
-    )
-    x_T = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
-    loop.run(x_T)  # warm-up, capture and one full 50-step generation
+    config = RunConfig.resolve(device="cuda", dtype="fp16", backend="torch", batch_size=batch)
+    runner = build_step(pair.pair, config, method=method)
+    loop = runner.loop
     torch.cuda.synchronize()
     start = time.perf_counter()
-    x_0 = loop.run(x_T)  # a whole generation as a user runs it: 50 replays, host loop included
+    x_0 = runner.sampler.denoise(torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(0)))
     torch.cuda.synchronize()
-    generation_s = time.perf_counter() - start
+    generation_s = time.perf_counter() - start  # a whole generation as a user runs it: 50 steps, host loop included
     finite = bool(torch.isfinite(x_0).all())
-
-    def one_step():
-        loop._load_step(STEPS // 2)
-        if loop.graph is not None:
-            loop.graph.replay()
-        else:
-            loop._step()
-
-    benchmark.pedantic(_synchronized(one_step), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(_synchronized(runner.step), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step_s = benchmark.stats.stats.median
-    evaluations = batch * 2  # two UNet image-evaluations per image per step (FineXtract and CFG alike)
+    evaluations = batch * len(runner.rule.terms)  # UNet image-evaluations per step
     _record(
         benchmark,
         f"{method}_b{batch}",
         method=method,
         batch=batch,
         mode=loop.mode,
-        kernel=loop.use_kernel,
+        eager_reason=loop.eager_reason,
+        forwards_per_step=runner.sampler.backend.forwards_per_step,
         step_ms=step_s * 1e3,
-        images_per_s=batch / (STEPS * step_s),
-        s_per_image=STEPS * step_s / batch,
+        images_per_s=batch / (STEPS_PER_IMAGE * step_s),
+        s_per_image=STEPS_PER_IMAGE * step_s / batch,
         generation_s=generation_s,
-        mfu=evaluations * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
+        mfu=evaluations * tflop_per_image_eval((4, 64, 64)) / step_s / PEAK_TFLOPS,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
         finite=finite,
     )
-    loop = backend = None  # free the GPU memory before the next benchmark
+    runner = loop = None  # free the GPU memory before the next benchmark
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_cfg_step(benchmark, schedule, unets, batch):
-    _step_bench(benchmark, schedule, unets, "cfg", batch)
+def test_cfg_step(benchmark, pair, batch):
+    _step_bench(benchmark, pair, "cfg", batch)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_finextract_step(benchmark, schedule, unets, batch):
-    _step_bench(benchmark, schedule, unets, "finextract", batch)
+def test_finextract_step(benchmark, pair, batch):
+    _step_bench(benchmark, pair, "finextract", batch)
 
 
-def test_plain_diffusers_step(benchmark, schedule, unets):
+def test_plain_diffusers_step(benchmark, schedule, pair):
     """The paper code's way: fp32 UNets, batch 5, two sequential UNet calls, then DDIMScheduler.step."""
-    unets.finetuned = unets.base = None  # free the fp16 models: the baseline holds two fp32 ones
+    from finextract.benchmarking import tflop_per_image_eval
+
+    pair.pair = None  # free the fp16 models: the baseline holds two fp32 ones
     _free()
     torch.cuda.reset_peak_memory_stats()
     unet_ft, unet_base = sd1_unet(torch.float32, seed=1), sd1_unet(torch.float32, seed=2)
@@ -250,7 +202,7 @@ def test_plain_diffusers_step(benchmark, schedule, unets):
         step_ms=step_s * 1e3,
         images_per_s=batch / (STEPS * step_s),
         s_per_image=STEPS * step_s / batch,
-        mfu=2 * batch * TFLOP_PER_IMAGE_EVAL / step_s / PEAK_TFLOPS,
+        mfu=2 * batch * tflop_per_image_eval((4, 64, 64)) / step_s / PEAK_TFLOPS,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
     )
     unet_ft = unet_base = None

@@ -8,7 +8,8 @@ forward 20x slower here.)
 
 For a DreamBooth pair and a LoRA pair (the random tiny zoo), FineXtract (Eq. 13) generates N images
 with 50 DDIM steps, end to end (text encoding, UNet steps, VAE decode):
-- `ours_b<N>`: `finextract.generate`, one batch of N (LoRA: one UNet forward on 2N per step);
+- `ours_b<N>`: `finextract.generate` with the torch backend, one batch of N (LoRA: one UNet forward on
+  2N per step);
 - `ours_b5`: the same at the baseline's batch of 5, to separate fusion from batching;
 - `diffusers_b5`: `bench/baseline.py` (two pipelines, two sequential UNet calls, batch 5, fp32).
 Each `extra_info` holds images/s and the process CPU seconds (less sensitive to busy neighbours); the baseline's also holds the ratios and the largest pixel
@@ -62,9 +63,10 @@ def test_sampling_images_per_s(benchmark, zoo, kind, way):
     pair = baseline.load_zoo_pair(kind, zoo)
     if way.startswith("ours"):
         batch = int(way.split("_b")[1])
-        generate(pair, CAPTION, 2, steps=2, batch_size=2, progress=False)  # warm-up
+        options = dict(backend="torch", progress=False)
+        generate(pair, CAPTION, 2, steps=2, batch_size=2, **options)  # warm-up
         images, cpu_seconds = _one_run(
-            benchmark, lambda: generate(pair, CAPTION, NUM_IMAGES, steps=STEPS, batch_size=batch, progress=False).images
+            benchmark, lambda: generate(pair, CAPTION, NUM_IMAGES, steps=STEPS, batch_size=batch, **options).images
         )
     else:
         pipelines = baseline.diffusers_pipelines(pair)

@@ -12,6 +12,6 @@ os.environ.setdefault("FINEXTRACT_THREADS", "2")
 
 
 def pytest_configure(config):
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
 
     set_threads()

@@ -286,7 +286,7 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool, what:
 
 
 def _to_dtype(dtype):
-    from finextract.runtime import torch_dtype
+    from finextract.engine.config import torch_dtype
 
     return None if dtype is None else torch_dtype(dtype)
 

@@ -1,9 +1,11 @@
-"""LoRA applied per sample: one UNet forward on a 2B batch, the adapters active on one half only.
+"""LoRA applied per sample: one UNet forward on an n*B batch, the adapters active on chosen rows only.
 
-A `GatedLoRA` wraps a Linear or Conv2d: `y = base(x) + gate[b] * scale * up(down(x))`, with `gate`
-a per-sample vector shared by every wrapped module of a UNet. Gate 0 gives the pretrained model,
-gate 1 the fine-tune, so FineXtract's two predictions come from one batched call. The low-rank
-branch is two explicit small matmuls, which also exports to ONNX with the gate as a graph input.
+A LoRA pair's base UNet gets, once when the pair is built, a forward hook on every adapted Linear or
+Conv2d: `y = base(x) + gate[b] * (alpha / rank) * up(down(x))`, with `gate` a per-sample vector shared
+by every hook of the UNet. Gate 0 gives the pretrained model, gate 1 the fine-tune, so FineXtract's two
+predictions come from one batched call; with no gate set (the default) the UNet is the plain base model.
+Hooks leave the UNet's modules and state dict exactly as diffusers loaded them, and the low-rank branch
+is two explicit small products, which the ONNX exporter traces like any other op.
 """
 
 from __future__ import annotations
@@ -11,79 +13,79 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .pair import LoRALayer
 
 
 class LoRAGate:
-    """The per-sample gate shared by all `GatedLoRA` modules of one model; None = adapters off."""
+    """The per-sample gate shared by all `GatedLoRA` hooks of one model; None = adapters off."""
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
 
 
-class GatedLoRA(nn.Module):
-    """`base(x) + gate * scale * up(down(x))` for a Linear or Conv2d `base`.
+class GatedLoRA:
+    """The forward hook `output + gate * scale * up(down(input))` of one Linear or Conv2d.
 
-    The gate broadcasts over every dimension after the first (batch) one.
+    The gate broadcasts over every dimension after the first (batch) one. The adapter's tensors are read
+    from its `LoRALayer` at each call, so moving the pair (`ModelPair.to`) moves them too.
     """
 
-    def __init__(self, base: nn.Module, layer: LoRALayer, gate: LoRAGate) -> None:
-        super().__init__()
-        self.base = base
-        self.gate = gate
-        self.scale = layer.scale
-        weight = base.weight
-        if isinstance(base, nn.Linear):
-            self.down = nn.Linear(base.in_features, layer.rank, bias=False)
-            self.up = nn.Linear(layer.rank, base.out_features, bias=False)
-        elif isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, layer.rank, base.kernel_size, base.stride, base.padding, bias=False)
-            self.up = nn.Conv2d(layer.rank, base.out_channels, 1, bias=False)
-        else:
-            raise TypeError(f"LoRA on {type(base).__name__} is not supported (only Linear and Conv2d)")
-        with torch.no_grad():
-            self.down.weight.copy_(layer.down.reshape(self.down.weight.shape))
-            self.up.weight.copy_(layer.up.reshape(self.up.weight.shape))
-        self.to(device=weight.device, dtype=weight.dtype)
+    def __init__(self, module: nn.Module, layer: LoRALayer, gate: LoRAGate) -> None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"LoRA on {type(module).__name__} is not supported (only Linear and Conv2d)")
+        self.layer, self.gate = layer, gate
+        self.conv = isinstance(module, nn.Conv2d)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         gate = self.gate.value
         if gate is None:
-            return out
-        delta = self.up(self.down(x)) * self.scale
-        return out + gate.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1))) * delta
+            return output
+        x, layer = inputs[0], self.layer
+        if self.conv:
+            hidden = F.conv2d(x, layer.down, None, module.stride, module.padding, module.dilation)
+            delta = F.conv2d(hidden, layer.up.reshape(layer.up.shape[0], -1, 1, 1))
+        else:
+            delta = F.linear(F.linear(x, layer.down.flatten(1)), layer.up.flatten(1))
+        delta = delta * layer.scale
+        return output + gate.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1))) * delta
 
 
 def inject_lora(model: nn.Module, layers: dict[str, LoRALayer]) -> LoRAGate:
-    """Replace each named module of `model` by a `GatedLoRA`; return the shared gate (off).
+    """Register a `GatedLoRA` hook on each named module of `model`; return the shared gate (off).
 
     Args:
-        model: a torch module (a diffusers UNet), modified in place.
-        layers: module path (as in `model.named_modules()`) -> LoRA adapter.
+        model: a torch module (a diffusers UNet); its modules and weights are not changed.
+        layers: module path (as in `model.named_modules()`) -> LoRA adapter, on the module's device and dtype.
 
     Raises:
         KeyError: a path names no module of `model` (the message lists the first few).
+        ValueError: `model` already carries gated adapters (one UNet cannot serve two LoRA pairs).
+        TypeError: a path names a module that is not a Linear or Conv2d.
     """
+    if lora_gate_of(model) is not None:
+        raise ValueError(
+            "this UNet already carries the gated LoRA adapters of another ModelPair; give each LoRA pair its "
+            "own base UNet (e.g. copy.deepcopy(unet))"
+        )
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
         raise KeyError(f"{len(missing)} LoRA module path(s) match no module, e.g. {missing[:3]}")
     gate = LoRAGate()
     for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, GatedLoRA(modules[name], layer, gate))
+        modules[name].register_forward_hook(GatedLoRA(modules[name], layer, gate))
     return gate
 
 
 def lora_gate_of(model: nn.Module) -> LoRAGate | None:
     """The gate of a model that `inject_lora` adapted, else None."""
     for module in model.modules():
-        if isinstance(module, GatedLoRA):
-            return module.gate
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, GatedLoRA):
+                return hook.gate
     return None
 
 

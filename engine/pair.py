@@ -1,8 +1,15 @@
-"""The model pair FineXtract needs: a pretrained model (theta) and its fine-tune (theta')."""
+"""The model pair FineXtract needs: a pretrained model (theta) and its fine-tune (theta').
+
+A pair is prepared once, when it is built: a LoRA pair's adapters are inserted into its base UNet as
+gated branches (off unless a denoiser turns them on per sample), and `to()` puts every model on its
+device, precision and, on CUDA, its fast layout. Nothing downstream (denoisers, backends, the loop)
+changes a pair, so any number of backends can be built from one pair in one process.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -62,6 +69,12 @@ class ModelPair:
         vae: `diffusers.AutoencoderKL` of the pretrained model (the fine-tune's if it ships one).
         scheduler_config: the model's own scheduler config (dict, diffusers format).
         sources: where each part came from, file formats, hashes, and loading notes.
+        lora_gate: set when the pair is built with `unet_lora`: the per-sample gate shared by the
+            gated adapters inserted into `base_unet` (`finextract.engine.lora`); None otherwise.
+
+    Raises:
+        ValueError: a DreamBooth pair without `finetuned_unet`, both `finetuned_unet` and `unet_lora`,
+            a LoRA pair that adapts nothing, or a `base_unet` that already carries another pair's adapters.
     """
 
     kind: Literal["dreambooth", "lora"]
@@ -90,6 +103,35 @@ class ModelPair:
             and self.finetuned_text_encoder is self.base_text_encoder
         ):
             raise ValueError("a LoRA pair needs unet_lora, a merged finetuned_unet or an adapted text encoder")
+        self.lora_gate = None
+        if self.unet_lora:
+            from .lora import inject_lora
+
+            self.lora_gate = inject_lora(self.base_unet, self.unet_lora)
+
+    def unet_for(self, model: str):
+        """The UNet module that evaluates `model` ("base" or "finetuned"): the fine-tuned UNet when the
+        pair has one, else the base UNet (whose gated adapters give the fine-tune per sample)."""
+        if model == "finetuned" and self.finetuned_unet is not None:
+            return self.finetuned_unet
+        return self.base_unet
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNets' precision."""
+        return next(self.base_unet.parameters()).dtype
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of every byte of every weight, tokenizer and config of the pair (`pair_fingerprint`),
+        computed once (cheap at SD size: xxh3-128 runs at several GB/s); `to()` with a new dtype resets it."""
+        from .fingerprint import pair_fingerprint
+
+        return pair_fingerprint(self)
 
     def to(
         self, device: str | torch.device, dtype: torch.dtype | None = None, *, vae_dtype: torch.dtype | None = None
@@ -97,16 +139,18 @@ class ModelPair:
         """Move every model and the LoRA tensors to `device` in place; return self.
 
         Args:
-            device: target device.
+            device: target device. On CUDA the UNets also get their fast inference form
+                (`prepare_unet_for_cuda`: SDPA attention, channels-last weights).
             dtype: dtype of the UNets, text encoders and LoRA tensors; None keeps theirs.
-            vae_dtype: dtype of the VAE; None means `dtype` (the VAE is usually kept in fp32, since
-                an fp16 VAE overflows into black images).
+            vae_dtype: dtype of the VAE; None keeps its own (float32 as loaded: an fp16 VAE overflows
+                into black images).
 
         Models are cast only when their device or dtype differs, and `.to()` gets a `dtype` only
         when it changes one: diffusers warns on every `.to(dtype=...)`, even a no-op one.
         """
         device = torch.device(device)
-        vae_dtype = vae_dtype or dtype
+        if dtype is not None and dtype != self.dtype:
+            self.__dict__.pop("fingerprint", None)  # the bytes change with the dtype
         models = [self.base_unet, self.finetuned_unet, self.base_text_encoder, self.finetuned_text_encoder]
         for model in {id(m): m for m in models if m is not None}.values():
             _move(model, device, dtype)
@@ -114,7 +158,32 @@ class ModelPair:
         for layer in (self.unet_lora or {}).values():
             layer.down = layer.down.to(device=device, dtype=dtype)
             layer.up = layer.up.to(device=device, dtype=dtype)
+        if device.type == "cuda":
+            for unet in {id(u): u for u in (self.base_unet, self.finetuned_unet) if u is not None}.values():
+                prepare_unet_for_cuda(unet)
         return self
+
+    def place(self, config) -> ModelPair:
+        """`to(config.device, config.torch_dtype, vae_dtype=config.torch_vae_dtype)`: where a run's
+        `finextract.engine.config.RunConfig` says the models live; return self."""
+        return self.to(config.device, config.torch_dtype, vae_dtype=config.torch_vae_dtype)
+
+
+def prepare_unet_for_cuda(unet: torch.nn.Module, *, channels_last: bool = True) -> torch.nn.Module:
+    """Put a diffusers UNet (already on CUDA) in its fast inference form, in place; return it.
+
+    eval mode, no gradients, SDPA attention (diffusers' `AttnProcessor2_0`, set again in case a loader
+    changed it) and channels-last 4-D weights (cuDNN's fastest layout for fp16/bf16 convolutions;
+    inputs may stay NCHW, the first convolution converts). Gated LoRA modules are kept.
+    """
+    unet.eval().requires_grad_(False)
+    if hasattr(unet, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return unet
 
 
 def _move(model, device: torch.device, dtype: torch.dtype | None) -> None:

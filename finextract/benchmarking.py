@@ -193,97 +193,59 @@ def sd1_random_pair(
 class StepRunner:
     """The sampler's DDIM step for one configuration, ready to be timed: `runner.step()` advances one step.
 
-    The step is exactly what `finextract.generate` runs: `Sampler.static_loop(batch).step(i)` (a CUDA
-    graph replay on CUDA with the torch backend) or `backend.predict` + `guided_ddim_step` eagerly.
-    Steps cycle through the 50-step schedule's timesteps. Built by `build_step`.
+    The step is exactly what `finextract.generate` runs: `Sampler.loop(batch).step(i)`, the one DDIM
+    loop (a CUDA graph replay on CUDA with a capturable backend, the backend's step eagerly otherwise).
+    Steps cycle through the 50-step schedule. Built by `build_step`.
 
     Attributes:
-        sampler: the `finextract.sampling.Sampler`. rule: its guidance rule. mode: "graph" | "eager".
+        sampler: the `finextract.engine.sampler.Sampler`. rule: its guidance rule. mode: "graph" | "eager".
         setup_s: seconds to build the sampler (and the export / capture).
     """
 
     def __init__(self, sampler, rule, batch_size: int):
-        from finextract.sampling import start_latents
+        from finextract.engine.ddim import pad_batch
+        from finextract.engine.sampler import start_latents
 
         self.sampler, self.rule, self.batch_size = sampler, rule, batch_size
         self.index = 0
-        self.x_t = start_latents(range(batch_size), sampler.latent_shape).to(sampler.device)
-        self.loop = None
-        self.mode = "eager"
-        if sampler.cuda_graphs:
-            self.loop = sampler.static_loop(batch_size)
-            with torch.inference_mode():
-                self.loop.prepare(self.x_t)  # kernel load, warm-up and capture
-            self.mode = self.loop.mode
+        self.loop = sampler.loop(batch_size)
+        x_T = start_latents(range(batch_size), sampler.latent_shape).to(sampler.config.torch_device)
+        self.loop.start(pad_batch(x_T, max(sampler.config.batch_size, batch_size)) if self.loop.use_graph else x_T)
+        self.mode = self.loop.mode
 
-    @torch.inference_mode()
     def step(self) -> None:
         """One DDIM step on the batch (no host synchronisation on CUDA)."""
-        from finextract.kernels.guidance_ddim import guided_ddim_step
-
         index, self.index = self.index % STEPS_PER_IMAGE, self.index + 1
-        if self.loop is not None:
-            self.loop.step(index)
-            return
-        sampler = self.sampler
-        t, alpha_prod_t, alpha_prod_t_prev = sampler.schedule[index]
-        prediction = sampler.backend.predict(self.x_t, torch.tensor(t, device=sampler.device))
-        self.x_t = guided_ddim_step(
-            self.x_t,
-            prediction.eps_a,
-            prediction.eps_b,
-            prediction.coef_a,
-            prediction.coef_b,
-            alpha_prod_t,
-            alpha_prod_t_prev,
-            impl=sampler.impl,
-        )
+        self.loop.step(index)
 
 
 def build_step(
     pair,
+    config,
     *,
     method: str = "finextract",
-    backend: str = "auto",
-    batch_size: int = 16,
-    device: str = "cpu",
-    dtype: str = "fp32",
     caption: str = "a photo of sks dog",
-    cuda_graphs: bool = True,
     backend_options: dict | None = None,
 ) -> StepRunner:
     """A `StepRunner` for one configuration (sampler built, backend exported, graph captured).
 
     Args:
-        pair: a `ModelPair` (moved to `device` / `dtype` in place).
+        pair: a `ModelPair` placed where `config` says (`pair.place(config)`).
+        config: the `RunConfig` (backend, batch size, device, dtype, cuda_graphs); steps are set to 50.
         method: guidance rule ("finextract", "finextract-uncond", "cfg", "direct"), paper defaults.
-        backend: "auto", "torch", "onnxruntime" or "tensorrt".
-        batch_size: images per step. device, dtype, cuda_graphs: as `finextract.generate.generate`.
-        backend_options: extra backend arguments (e.g. `{"cache_dir": ...}` for onnxruntime).
+        backend_options: extra backend arguments.
 
     Raises:
         ValueError: invalid arguments (see `Sampler`).
     """
+    from finextract.engine.sampler import Sampler
     from finextract.rules import rule_for
-    from finextract.sampling import Sampler
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    config = config.replace(steps=STEPS_PER_IMAGE)
     rule = rule_for(method, pair.kind)
     started = time.perf_counter()
-    sampler = Sampler(
-        pair,
-        rule,
-        caption,
-        steps=STEPS_PER_IMAGE,
-        device=device,
-        dtype=dtype,
-        backend=backend,
-        cuda_graphs=cuda_graphs,
-        static_batch=batch_size,
-        backend_options=backend_options,
-    )
-    runner = StepRunner(sampler, rule, batch_size)
+    sampler = Sampler(pair, rule, caption, config, backend_options=backend_options)
+    runner = StepRunner(sampler, rule, config.batch_size)
     runner.setup_s = time.perf_counter() - started
     return runner
 
@@ -291,25 +253,25 @@ def build_step(
 def step_figures(runner: StepRunner, times: list[float], *, peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> dict:
     """The row of figures for a runner's timed steps (`times`, seconds): see `measure_sampling`."""
     sampler = runner.sampler
+    config = sampler.config
     step_s = statistics.median(times)
-    is_cuda = sampler.device.type == "cuda"
     row = {
-        "backend": sampler.backend_name,
+        "backend": config.backend,
         "method": runner.rule.name,
         "kind": sampler.pair.kind,
         "batch": runner.batch_size,
-        "device": str(sampler.device),
-        "dtype": str(sampler.dtype).replace("torch.", ""),
+        "device": config.device,
+        "dtype": config.dtype,
         "mode": runner.mode,
-        "forwards_per_step": getattr(sampler.backend, "forwards_per_step", None),
+        "forwards_per_step": sampler.backend.forwards_per_step,
         "step_ms": round(step_s * 1e3, 3),
         "step_ms_min": round(min(times) * 1e3, 3),
         "images_per_s": round(runner.batch_size / (STEPS_PER_IMAGE * step_s), 4),
         "setup_s": round(getattr(runner, "setup_s", 0.0), 2),
-        "peak_mem_mib": round(peak_memory_mib(sampler.device), 1),
-        "peak_mem_kind": "cuda max_memory_allocated" if is_cuda else "process peak RSS",
+        "peak_mem_mib": round(peak_memory_mib(config.device), 1),
+        "peak_mem_kind": "cuda max_memory_allocated" if config.is_cuda else "process peak RSS",
     }
-    if is_cuda:
+    if config.is_cuda:
         evaluations = runner.batch_size * len(runner.rule.terms)
         row["mfu"] = round(model_flop_utilisation(step_s, evaluations, sampler.latent_shape, peak_tflops), 4)
     return row
@@ -317,29 +279,24 @@ def step_figures(runner: StepRunner, times: list[float], *, peak_tflops: float =
 
 def measure_sampling(
     pair,
+    config,
     *,
     method: str = "finextract",
-    backend: str = "auto",
-    batch_size: int = 16,
     steps: int = 10,
-    device: str = "cpu",
-    dtype: str = "fp32",
     warmup: int = 2,
     caption: str = "a photo of sks dog",
-    cuda_graphs: bool = True,
     peak_tflops: float = DEFAULT_PEAK_TFLOPS,
     backend_options: dict | None = None,
 ) -> dict:
     """Time the sampler's DDIM step for one configuration; the figures of one bench row.
 
     Args:
-        pair, method, backend, batch_size, device, dtype, caption, cuda_graphs, backend_options:
-            see `build_step`.
+        pair, config, method, caption, backend_options: see `build_step`.
         steps: timed steps, after `warmup` untimed ones.
         peak_tflops: the GPU's dense rate for MFU.
 
     Returns:
-        dict: backend (resolved), method, kind, batch, device, dtype, mode ("graph" | "eager"),
+        dict: backend, method, kind, batch, device, dtype, mode ("graph" | "eager"),
         forwards_per_step, step_ms (median), step_ms_min, images_per_s (batch / (50 x step)),
         setup_s, peak_mem_mib with peak_mem_kind, and on CUDA mfu.
 
@@ -348,22 +305,10 @@ def measure_sampling(
     """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    reset_peak_memory(device)
-    runner = build_step(
-        pair,
-        method=method,
-        backend=backend,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        caption=caption,
-        cuda_graphs=cuda_graphs,
-        backend_options=backend_options,
-    )
-    times = time_calls(runner.step, steps, warmup=warmup, device=device)
-    row = step_figures(runner, times, peak_tflops=peak_tflops)
-    row["dtype"] = dtype
-    return row
+    reset_peak_memory(config.device)
+    runner = build_step(pair, config, method=method, caption=caption, backend_options=backend_options)
+    times = time_calls(runner.step, steps, warmup=warmup, device=config.device)
+    return step_figures(runner, times, peak_tflops=peak_tflops)
 
 
 COLUMNS = (

@@ -1,7 +1,7 @@
 """The `Extractor` API: load -> generate -> embed (SSCD) -> cluster -> (evaluate) -> write the output folder.
 
-Output folder (SPEC section 3): `extracted/` (N0 PNGs), optional `generated/` (N PNGs), `result.json`,
-`report.html`.
+Output folder: `extracted/` (N0 PNGs), optional `generated/` (N PNGs), `generation/` (the resumable
+chunks), `result.json` (everything that changes the answer, timings, metrics) and `report.html`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from finextract.clustering import ClusteringResult, cluster_descriptors
+from finextract.engine.config import RunConfig, run_config
+from finextract.records import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,11 @@ def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tupl
 def write_output(
     out: str | Path, result: ExtractionResult, record: dict, *, generated=None, train_data: tuple | None = None
 ) -> Path:
-    """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`."""
+    """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`.
+
+    `record` holds what only the caller knows (e.g. "method"); the rest comes from `result`, its
+    `config` (`extraction_config`) included.
+    """
     from finextract.images import write_png
     from finextract.report import write_report
 
@@ -189,6 +195,8 @@ def write_output(
     result.timings["write"] = time.perf_counter() - start
     record = {
         **record,
+        "n0": result.config.get("n0"),
+        "num_images": result.config.get("num_images"),
         "threshold": result.threshold,
         "cliques": result.cliques,
         "clique_sizes": [len(c) for c in result.cliques],
@@ -224,20 +232,24 @@ class Extractor:
         base: pretrained model (diffusers folder or what `load_model_pair` accepts).
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
-        device: "auto", "cpu", "cuda", "cuda:N". dtype: "fp32" / "fp16" / "bf16".
-        backend: "torch", "onnxruntime", "tensorrt" or "auto" (onnxruntime on a CPU, torch on CUDA).
+        config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
+            size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
+            backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
+            under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
+            Pass `backend="torch"` to write no cache.
         embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
         preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
-        cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph.
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
+        **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
 
     Raises:
-        ValueError / FileNotFoundError: from loading (incompatible or missing checkpoints).
+        ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing
+            checkpoints).
     """
 
     def __init__(
@@ -246,38 +258,39 @@ class Extractor:
         finetuned=None,
         *,
         lora=None,
-        device="auto",
-        dtype="fp32",
-        backend="torch",
+        config: RunConfig | None = None,
         embedder="default",
         preset=None,
         allow_pickle=False,
         budget: int | None = None,
-        cuda_graphs: bool = True,
         base_config=None,
+        **run_options,
     ):
         from finextract.engine.loading import load_model_pair
-        from finextract.runtime import resolve_device
         from finextract.sscd import load_embedder
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
-        self.device = resolve_device(device)
-        self.dtype, self.budget, self.cuda_graphs = dtype, budget, cuda_graphs
-        from finextract.sampling import resolve_backend
-
-        self.backend = resolve_backend(backend, self.device)
+        self.config = run_config(config, **run_options)
+        self.config.apply_threads()
+        self.budget = budget
         start = time.perf_counter()
         self.pair = load_model_pair(
-            base, finetuned, lora=lora, allow_pickle=allow_pickle, device=self.device, base_config=base_config
-        )
-        self.embedder = load_embedder(embedder, preset=preset, device=self.device)
+            base,
+            finetuned,
+            lora=lora,
+            allow_pickle=allow_pickle,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            base_config=base_config,
+        ).place(self.config)
+        self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
         self.models = {
             "base": str(base),
             "finetuned": None if finetuned is None else str(finetuned),
             "lora": None if lora is None else str(lora),
-            "kind": getattr(self.pair, "kind", None),
+            "kind": self.pair.kind,
         }
 
     def extract(
@@ -289,50 +302,54 @@ class Extractor:
         method: str = "finextract",
         w: float | None = None,
         k: float | None = None,
-        steps: int = 50,
-        seed: int = 0,
-        batch_size: int | None = None,
         out=None,
         train=None,
         save_generated: bool = False,
         progress: bool = True,
+        label: str | None = None,
+        **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         Args:
             caption: the training caption c. n0: N0 >= 1. num_images: N (default 50 x N0).
             method: "finextract" | "finextract-uncond" | "cfg" | "direct". w, k: guidance scale and
-                correction (None = paper defaults per model kind). steps: DDIM steps. seed: image i uses
-                seed + i. batch_size: images per UNet batch (None = 16; must be >= 1).
-            out: output folder to write (extracted/, result.json, report.html), or None.
+                correction (None = paper defaults per model kind).
+            out: output folder to write (extracted/, generation/, result.json, report.html), or None.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
                 (H, W, 3) arrays, or the (images, paths) pair `read_images` returns.
             save_generated: also write all N generated images to out/generated/.
+            progress: show progress bars. label: the generation bar's text.
+            **run_options: settings of this extraction that differ from the Extractor's `config`
+                (steps=, seed=, batch_size=, backend=, threads=, cuda_graphs=); the device and
+                precisions are fixed when the models load.
 
         Returns:
             ExtractionResult.
 
         Raises:
-            ValueError: n0 < 1, num_images < n0, batch_size < 1, `out` is a file, `train` holds no
+            ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file, `train` holds no
                 readable image, or too few usable generations (all but the last checked before generating).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import check_out_folder, generate, library_versions
+        from finextract.generate import check_out_folder, generate
         from finextract.images import read_images
 
+        fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)} are fixed when the Extractor loads the models; build another Extractor"
+            )
+        config = run_config(self.config, **run_options)
         if n0 < 1:
             raise ValueError(f"n0={n0}: must be >= 1")
         num_images = IMAGES_PER_N0 * n0 if num_images is None else num_images
         if num_images < n0:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
-        batch_size = 16 if batch_size is None else batch_size
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if out is not None:
             check_out_folder(out)
         if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
-            train_images, train_paths = read_images(train)
-            train = (train_images, train_paths)
+            train = read_images(train)
         timings = {"load": self.load_seconds}
         start = time.perf_counter()
         generation = generate(
@@ -342,49 +359,75 @@ class Extractor:
             method=method,
             w=w,
             k=k,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            device=self.device,
-            dtype=self.dtype,
-            backend=self.backend,
+            config=config,
             progress=progress,
-            cuda_graphs=self.cuda_graphs,
-            images_on_device=self.device.startswith("cuda"),
-            out=None if out is None else Path(out) / "generation",
-        )  # resumable chunks
+            label=label,
+            images_on_device=config.is_cuda,
+            out=None if out is None else Path(out) / "generation",  # resumable chunks
+        )
         timings["generate"] = time.perf_counter() - start
         images = generation.images
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
-        result.config = {
-            **self.models,
-            "caption": caption,
-            "method": method,
-            "w": params.get("w"),
-            "k": params.get("k"),
-            "n0": n0,
-            "num_images": num_images,
-            "steps": steps,
-            "seed": seed,
-            "seeds": list(generation.seeds),
-            "batch_size": batch_size,
-            "device": self.device,
-            "dtype": self.dtype,
-            "backend": self.backend,
-            "cuda_graphs": self.cuda_graphs and self.device.startswith("cuda"),
-            "sscd": self.embedder.info,
-            "clustering": {"step": 0.01, "budget": self.budget or "auto"},
-            "generation": generation.manifest,
-            "versions": library_versions(),
-        }
+        result.config = extraction_config(
+            n0=n0,
+            num_images=num_images,
+            embedder=self.embedder,
+            budget=self.budget,
+            models=self.models,
+            generation={
+                "caption": caption,
+                "method": method,
+                "w": params.get("w"),
+                "k": params.get("k"),
+                "seeds": list(generation.seeds),
+                "run": config.to_dict(),
+                "manifest": generation.manifest,
+            },
+        )
         train_data = None
         if train is not None:
             start = time.perf_counter()
             result.metrics, train_data = evaluate_against(train, result.descriptors, self.embedder)
             timings["evaluate"] = time.perf_counter() - start
         if out is not None:
-            record = {"method": method, "n0": n0, "num_images": num_images}
             generated = images.cpu() if save_generated else None
-            write_output(out, result, record, generated=generated, train_data=train_data)
+            write_output(out, result, {"method": method}, generated=generated, train_data=train_data)
         return result
+
+
+def extraction_config(
+    *,
+    n0: int,
+    num_images: int,
+    embedder,
+    budget,
+    models: dict | None = None,
+    generation: dict | None = None,
+    inputs: dict | None = None,
+) -> dict:
+    """The record of everything that changes an extraction's answer (`ExtractionResult.config`, result.json).
+
+    Args:
+        n0, num_images: N0 and N.
+        embedder: the SSCD `Embedder` (its model hash and preprocessing preset are recorded).
+        budget: the clustering search budget (None = automatic).
+        models: base / fine-tune paths and kind (extract), or None (clustering existing images).
+        generation: caption, method, w, k, seeds, the `RunConfig` record and the generation manifest
+            (extract), or None.
+        inputs: what was clustered when nothing was generated (the `cluster` command's folder and files).
+
+    Returns:
+        A JSON-ready dict.
+    """
+    record = {"n0": n0, "num_images": num_images}
+    if models is not None:
+        record["models"] = models
+    if generation is not None:
+        record.update(generation)
+    if inputs is not None:
+        record["inputs"] = inputs
+    record["sscd"] = embedder.info
+    record["clustering"] = {"step": 0.01, "budget": budget or "auto"}
+    record["versions"] = library_versions()
+    return record

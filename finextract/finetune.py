@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from .runtime import torch_dtype
+from .engine.config import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def finetune(
     """
     import torch
 
-    from .runtime import resolve_device
+    from .engine.config import resolve_device
 
     if method not in ("dreambooth", "lora"):
         raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")

@@ -11,11 +11,12 @@ resumed, rechunked or re-batched run gives the same images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
-import platform
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine.config import RunConfig, run_config
 from .engine.formats import atomic_write, file_sha256
+from .records import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,9 @@ class GenerationResult:
 
     Attributes:
         images: uint8 tensor (N, H, W, 3) on the CPU, image i from seed `seeds[i]`.
-        seeds: the N start-latent seeds (`seed + i`).
-        manifest: the run's manifest (config, versions, seeds, chunks); also `out/manifest.json`.
+        seeds: the N start-latent seeds (`config.seed + i`).
+        manifest: the run's manifest (`config`: what the images depend on, the resume key; `run`: the
+            `RunConfig` record; versions, seeds, chunks); also `out/manifest.json`.
     """
 
     images: torch.Tensor
@@ -55,102 +59,121 @@ def generate(
     method: str = "finextract",
     w: float | None = None,
     k: float | None = None,
-    steps: int = 50,
-    batch_size: int = 16,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    backend: str = "torch",
+    config: RunConfig | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    label: str | None = None,
     chunk_size: int | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-    cuda_graphs: bool = True,
     images_on_device: bool = False,
     png: bool = False,
+    **run_options,
 ) -> GenerationResult:
     """Generate `num_images` images with guided DDIM sampling (FineXtract Eq. 13 by default).
 
     Args:
-        pair: a `ModelPair` (`finextract.engine.loading.load_model_pair`); moved to `device` in place.
+        pair: a `ModelPair` (`finextract.engine.loading.load_model_pair`), placed on the run's device
+            and precision (`pair.place(config)`); it is not changed.
         caption: the training caption c.
         num_images: N (the paper: 50 x N0).
         method: "finextract" (Eq. 13), "finextract-uncond" (Eq. 6), "cfg" or "direct".
         w, k: guidance scale and Eq. 13's correction; None = the paper's default for `pair.kind`
             (see `finextract.rules.rule_for`).
-        steps: DDIM steps (eta = 0), with the model's own scheduler config.
-        batch_size: images per sampler call; does not change the images.
-        seed: image i starts from the latent of seed `seed + i`.
-        device: "cpu", "cuda", "cuda:N" or "auto".
-        dtype: UNet precision "fp32" | "fp16" | "bf16" (the last two on CUDA). The VAE decodes in fp32.
-        backend: "torch" (reference), "onnxruntime", "tensorrt", or "auto" (onnxruntime on a CPU,
-            torch on CUDA: `finextract.sampling.resolve_backend`); the manifest records the resolved name.
+        config: the run's `RunConfig` (device, dtype, backend, threads, batch size, steps, seed, cache);
+            None = `RunConfig.resolve(**run_options)`. Image i starts from seed `config.seed + i`; the
+            batch size does not change the images.
         out: folder for chunks and the manifest; None keeps everything in memory (nothing resumable).
-        progress: show a tqdm bar (images/s).
-        chunk_size: images per chunk file (default `batch_size`); fixed by the manifest once written.
+            Only one process writes a folder at a time (a lock file; a second one is refused).
+        progress: show a tqdm bar (images/s). label: the bar's text (default "generate <method>").
+        chunk_size: images per chunk file (default `config.batch_size`); fixed by the manifest once written.
         on_chunk: called as `on_chunk(chunk_index, images)` after each newly computed chunk is saved.
-        cuda_graphs: on CUDA with the torch backend, replay each DDIM step as a CUDA graph on a
-            static batch of `batch_size` (the last batch padded); False runs the steps eagerly.
-        images_on_device: return the images on `device` (kept there from the VAE decode on, for SSCD
-            on the GPU); chunk files are still written from a CPU copy, and resumed chunks are moved
-            to `device`.
+        images_on_device: return the images on the run's device (kept there from the VAE decode on, for
+            SSCD on the GPU); chunk files are still written from a CPU copy, and resumed chunks are
+            moved to the device.
         png: with `out`, also write image i as `out/images/gen{i:05d}.png` as each chunk finishes
             (and any missing PNG of an already finished chunk on resume).
+        **run_options: `RunConfig.resolve` settings (steps=, seed=, batch_size=, backend=, ...),
+            applied to `config`.
 
     Returns:
-        `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, or on `device` with
+        `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, or on the device with
         `images_on_device`; seeds; manifest).
 
     Raises:
-        ValueError: invalid arguments, fp16/bf16 on a CPU, or `out` holding a run with another config
-            (the message lists what differs).
+        ValueError: invalid arguments or settings, a pair placed elsewhere than the run, or `out`
+            holding a run with another config (the message lists what differs).
+        RuntimeError: another process is writing `out` (the message names its pid).
         NonFiniteError (a RuntimeError): non-finite latents even in fp32.
     """
     from .rules import rule_for, rule_params
-    from .runtime import resolve_device
-    from .sampling import resolve_backend, resolve_dtype
 
+    config = run_config(config, **run_options)
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1 (the paper uses 50 x N0)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    if steps < 1:
-        raise ValueError(f"steps={steps}: must be >= 1 (the paper uses 50)")
     if out is not None:
         check_out_folder(out)
     if png and out is None:
         raise ValueError("png=True needs an `out` folder to write images/ into")
-    device = resolve_device(device)
-    resolve_dtype(dtype, device)
-    backend = resolve_backend(backend, device)
     rule = rule_for(method, pair.kind, w, k)
-    seeds = [seed + i for i in range(num_images)]
-    config = _normalise(
+    seeds = [config.seed + i for i in range(num_images)]
+    identity = _normalise(
         {
             "method": method,
             "params": rule_params(method, pair.kind, w, k),
             "rule": rule.to_dict(),
             "caption": caption,
             "num_images": num_images,
-            "steps": steps,
-            "seed": seed,
-            "dtype": dtype,
-            "backend": backend,
+            **config.image_settings(),
             "sampler": "DDIM eta=0",
             "model": {
                 "kind": pair.kind,
-                "weights": weights_fingerprint(pair),
+                "weights": pair.fingerprint,
                 "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")},
             },
         }
     )
     folder = Path(out) if out is not None else None
-    manifest = _open_manifest(folder, config, chunk_size or batch_size)
+    with _folder_lock(folder):
+        return _generate(
+            pair,
+            rule,
+            caption,
+            config,
+            identity=identity,
+            seeds=seeds,
+            folder=folder,
+            chunk_size=chunk_size or config.batch_size,
+            progress=progress,
+            label=label or f"generate {method}",
+            on_chunk=on_chunk,
+            images_on_device=images_on_device,
+            png=png,
+        )
+
+
+def _generate(
+    pair,
+    rule,
+    caption: str,
+    config: RunConfig,
+    *,
+    identity: dict,
+    seeds: list[int],
+    folder: Path | None,
+    chunk_size: int,
+    progress: bool,
+    label: str,
+    on_chunk,
+    images_on_device: bool,
+    png: bool,
+) -> GenerationResult:
+    """`generate` once its inputs are checked and `folder` (if any) is locked."""
+    manifest = _open_manifest(folder, identity, chunk_size)
     manifest.update(
         versions=library_versions(),
         seeds=seeds,
         sources=_normalise(pair.sources, default=str),
-        last_run={"device": device, "batch_size": batch_size, "cuda_graphs": bool(cuda_graphs)},
+        run=config.to_dict(),
     )
     chunks = manifest["chunks"]
     results: dict[int, torch.Tensor] = {}
@@ -164,22 +187,12 @@ def generate(
     if pending:
         from tqdm.auto import tqdm
 
-        from .sampling import Sampler
+        from .engine.sampler import Sampler
 
-        sampler = Sampler(
-            pair,
-            rule,
-            caption,
-            steps=steps,
-            device=device,
-            dtype=dtype,
-            backend=backend,
-            cuda_graphs=cuda_graphs,
-            static_batch=batch_size,
-            images_on_device=images_on_device,
-        )
+        sampler = Sampler(pair, rule, caption, config, images_on_device=images_on_device)
         done_images = sum(c["stop"] - c["start"] for c in chunks if c["status"] == "done")
-        with tqdm(total=num_images, initial=done_images, unit="img", desc="generate", disable=not progress) as bar:
+        batch_size = config.batch_size
+        with tqdm(total=len(seeds), initial=done_images, unit="img", desc=label, disable=not progress) as bar:
             for chunk in pending:
                 started = time.perf_counter()
                 parts = []
@@ -200,7 +213,7 @@ def generate(
                 if on_chunk is not None:
                     on_chunk(chunk["index"], images)
 
-    target = torch.device(device) if images_on_device else torch.device("cpu")
+    target = config.torch_device if images_on_device else torch.device("cpu")
     images = torch.cat(
         [
             results[c["index"]] if c["index"] in results else _read_chunk(folder / c["file"])[0].to(target)
@@ -216,14 +229,52 @@ def generate(
     return GenerationResult(images=images, seeds=seeds, manifest=manifest)
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path | None):
+    """Hold an exclusive lock on `folder/.lock` (flock: released even after kill -9) while writing it.
+
+    Raises:
+        RuntimeError: another process holds it (the message names its pid).
+    """
+    if folder is None:
+        yield
+        return
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(
+                f"{folder} is being written by another finextract process (pid {holder}, lock file "
+                f"{folder / LOCK_FILE}); wait for it to finish, or write to another --out folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_out_folder(out: str | Path) -> Path:
-    """Check that `out` can be a folder (it, or its nearest existing parent, is a folder), before heavy work.
+    """Check, before heavy work, that `out` can be written as a folder: it (or its nearest existing
+    parent) is a folder this process may write into.
 
     Returns:
         `out` as a Path.
 
     Raises:
-        ValueError: `out` or one of its parents is an existing file; the message names it.
+        ValueError: `out` or one of its parents is an existing file, or that folder is not writable; the
+            message names it.
     """
     out = Path(out)
     for path in (out, *out.parents):
@@ -231,6 +282,9 @@ def check_out_folder(out: str | Path) -> Path:
             if not path.is_dir():
                 where = "" if path == out else f" (its parent {path} is a file)"
                 raise ValueError(f"--out {out}: not a folder{where}; give a folder path (it is created if missing)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                where = "" if path == out else f" (its nearest existing parent {path})"
+                raise ValueError(f"--out {out}: the folder{where} is not writable; choose another --out")
             break
     return out
 
@@ -267,41 +321,6 @@ def _leaf_differences(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, str) and isinstance(new, str) and len(old) < 80 and len(new) < 80:
         show = str  # plain words for short strings: "kind: dreambooth -> lora"
     return [f"{prefix}: {show(old)} -> {show(new)}"]
-
-
-def weights_fingerprint(pair) -> str:
-    """A sha256 identifying the pair's weights, cached in `pair.sources["weights_fingerprint"]`.
-
-    Hashes every model's parameter shapes and first 1024 values (float32) and the LoRA tensors:
-    cheap for SD-sized models, and different for any other checkpoint in practice. Computed before
-    any dtype change; the adapters `inject_lora` adds are skipped, so it is stable within a run.
-    """
-    if "weights_fingerprint" in pair.sources:
-        return pair.sources["weights_fingerprint"]
-    from .engine.lora import GatedLoRA
-
-    digest = hashlib.sha256(pair.kind.encode())
-    models = [pair.base_unet, pair.finetuned_unet, pair.base_text_encoder, pair.finetuned_text_encoder, pair.vae]
-    for model in models:
-        if model is None:
-            digest.update(b"none")
-            continue
-        adapters = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, GatedLoRA)
-            for p in (*m.down.parameters(), *m.up.parameters())
-        }
-        for parameter in model.parameters():
-            if id(parameter) not in adapters:
-                digest.update(str(tuple(parameter.shape)).encode())
-                digest.update(parameter.detach().flatten()[:1024].float().cpu().numpy().tobytes())
-    for name, layer in sorted((pair.unet_lora or {}).items()):
-        digest.update(f"{name}:{layer.alpha}".encode())
-        for tensor in (layer.down, layer.up):
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    pair.sources["weights_fingerprint"] = digest.hexdigest()
-    return pair.sources["weights_fingerprint"]
 
 
 def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
@@ -380,20 +399,3 @@ def _write_json(path: Path, value: dict) -> None:
 def _normalise(value, default=None):
     """The value as it reads back from JSON (tuples -> lists), so configs compare equal."""
     return json.loads(json.dumps(value, default=default))
-
-
-def library_versions() -> dict:
-    """Versions of finextract and the libraries that change generated images (recorded in manifests)."""
-    import diffusers
-    import transformers
-
-    from . import __version__
-
-    return {
-        "finextract": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }

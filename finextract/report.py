@@ -63,14 +63,16 @@ def write_report(
             f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>"
         )
     config = result.get("config") or {}
-    kind, method, caption = config.get("kind"), result.get("method", "cluster"), config.get("caption")
+    sources = {**(config.get("models") or {}), **(config.get("inputs") or {})}
+    kind = sources.get("kind")
+    method, caption = result.get("method", "cluster"), config.get("caption")
     title = "finextract: " + ", ".join(str(part) for part in (kind, method) if part)
     if caption:
         title += f" \u2014 \u201c{caption}\u201d"
     models = [
-        f"{label}: <code>{html.escape(str(config[key]))}</code>"
+        f"{label}: <code>{html.escape(str(sources[key]))}</code>"
         for key, label in (("base", "base"), ("finetuned", "fine-tune"), ("lora", "LoRA"), ("images", "images"))
-        if config.get(key)
+        if sources.get(key)
     ]
     summary = models + [
         f"method: {html.escape(str(method))}",

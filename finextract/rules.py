@@ -1,21 +1,16 @@
-"""Guidance rules as data: which UNet, which caption, which coefficient.
+"""The methods FineXtract compares, as guidance rules with the paper's defaults (Eq. 6, Eq. 13, CFG, Direct).
 
-Every method FineXtract compares is a linear combination of at most two UNet noise predictions,
-
-    eps = coef_a * eps_A(x_t, t) + coef_b * eps_B(x_t, t),
-
-so a rule is a tuple of `Term`s and every backend fuses every rule the same way (one batched call,
-then `finextract.kernels.guidance_ddim.guided_ddim_step`). Notation as in the paper: `eps_base` is
-the pretrained UNet (theta), `eps_ft` the fine-tuned one (theta'), `c` the caption, `""` empty.
+Each method is a linear combination of at most two UNet noise predictions
+(`finextract.engine.guidance.GuidanceRule`), which the engine fuses into one denoiser. Notation as in
+the paper: `eps_base` is the pretrained UNet (theta), `eps_ft` the fine-tuned one (theta'), `c` the
+caption, `""` the empty caption.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from .engine.guidance import GuidanceRule, Term
 
-ModelName = Literal["base", "finetuned"]
-CaptionKind = Literal["prompt", "empty"]
+__all__ = ["DEFAULTS", "KINDS", "METHODS", "GuidanceRule", "Term", "rule_for", "rule_params"]
 
 METHODS = ("finextract", "finextract-uncond", "cfg", "direct")
 KINDS = ("dreambooth", "lora")
@@ -31,60 +26,6 @@ DEFAULTS = {
     ("direct", "dreambooth"): {},
     ("direct", "lora"): {},
 }
-
-
-@dataclass(frozen=True)
-class Term:
-    """One UNet evaluation of a rule, `coef * eps_<model>(x_t, t, <caption>)`.
-
-    Attributes:
-        model: "base" (pretrained theta) or "finetuned" (theta').
-        caption: "prompt" (the caption c) or "empty" (the empty caption "").
-        coef: the term's coefficient in the linear combination (float, any sign).
-    """
-
-    model: ModelName
-    caption: CaptionKind
-    coef: float
-
-    def __post_init__(self) -> None:
-        if self.model not in ("base", "finetuned"):
-            raise ValueError(f"Term.model={self.model!r}: expected 'base' or 'finetuned'")
-        if self.caption not in ("prompt", "empty"):
-            raise ValueError(f"Term.caption={self.caption!r}: expected 'prompt' or 'empty'")
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """(model, caption): the text embedding this term needs (see `encode_text`)."""
-        return (self.model, self.caption)
-
-
-@dataclass(frozen=True)
-class GuidanceRule:
-    """A noise-prediction rule `eps = sum(term.coef * eps_term)` over one or two `Term`s.
-
-    Attributes:
-        name: the method name ("finextract", "finextract-uncond", "cfg", "direct" or custom).
-        terms: one or two terms, each naming a distinct (model, caption) evaluation.
-    """
-
-    name: str
-    terms: tuple[Term, ...]
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.terms) <= 2:
-            raise ValueError(f"rule {self.name!r} has {len(self.terms)} terms; a rule needs 1 or 2")
-        if len({term.key for term in self.terms}) != len(self.terms):
-            raise ValueError(f"rule {self.name!r} evaluates the same (model, caption) twice; merge the terms")
-
-    @property
-    def coefs(self) -> tuple[float, float]:
-        """(coef_a, coef_b), with coef_b = 0.0 for a one-term rule."""
-        return (self.terms[0].coef, self.terms[1].coef if len(self.terms) == 2 else 0.0)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (for manifests and results)."""
-        return {"name": self.name, "terms": [asdict(term) for term in self.terms]}
 
 
 def rule_for(method: str, kind: str, w: float | None = None, k: float | None = None) -> GuidanceRule:

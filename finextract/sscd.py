@@ -116,7 +116,7 @@ class _OnnxEmbedder(Embedder):
     def __init__(self, path, preset, device):
         import onnxruntime as ort
 
-        from finextract.runtime import default_threads
+        from finextract.engine.config import default_threads
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = default_threads()

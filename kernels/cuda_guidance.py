@@ -2,13 +2,12 @@
 
 The kernel computes, elementwise and in fp32 whatever the storage type,
 
-    x_prev = w_x * x_t + w_a * eps_a + w_b * eps_b
-    w_x = sqrt(a_prev / a_t),  w_a = c_eps * coef_a,  w_b = c_eps * coef_b,
-    c_eps = sqrt(1 - a_prev) - sqrt(a_prev * (1 - a_t) / a_t)
+    x_prev = w_x * x_t + w_a * output_a + w_b * output_b
 
-which is DDIM with eta = 0 (Song et al. 2021, Eq. 12) on `eps = coef_a * eps_a + coef_b * eps_b`.
-Its definition is the torch reference `finextract.kernels.guidance_ddim.guided_ddim_step`
-(impl="reference"), whose dispatcher calls `guided_ddim_step_cuda` for CUDA tensors.
+with `(w_x, w_a, w_b)` read from three floats in device memory: one row of the per-step weights table
+(`finextract.engine.ddim.DDIMTable.weights`), so a captured CUDA graph serves every timestep. Its
+definition is the torch reference `finextract.kernels.guidance_ddim.guided_update_reference`, whose
+dispatcher `guided_update` calls `guided_update_cuda` for CUDA tensors.
 
 CuPy is imported on the first CUDA call, never at import time; the compiled module is built once per
 (source hash, compute capability) and kept for the process (CuPy also caches the binary on disk).
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -41,15 +39,15 @@ _modules: dict[tuple[str, tuple[int, int]], object] = {}
 _modules_lock = threading.Lock()
 
 
-def kernel_name(dtype: torch.dtype, has_eps_b: bool) -> str:
-    """Entry point of `guidance_ddim.cu` for a storage dtype; the `_a` variant reads no `eps_b`.
+def kernel_name(dtype: torch.dtype, has_output_b: bool) -> str:
+    """Entry point of `guidance_ddim.cu` for a storage dtype; the `_a` variant reads no `output_b`.
 
     Raises:
         ValueError: `dtype` is not float32, float16 or bfloat16.
     """
     if dtype not in KERNEL_STEMS:
-        raise ValueError(f"guided_ddim_step_cuda: dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    return KERNEL_STEMS[dtype] + ("" if has_eps_b else "_a")
+        raise ValueError(f"guided_update_cuda: dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return KERNEL_STEMS[dtype] + ("" if has_output_b else "_a")
 
 
 def vector_elements(dtype: torch.dtype) -> int:
@@ -74,34 +72,6 @@ def source_hash(source: str, options: tuple[str, ...] = NVRTC_OPTIONS) -> str:
 def kernel_source() -> tuple[str, str]:
     """(source text, source hash) of `guidance_ddim.cu`, re-read when the file changes."""
     return _source_and_hash(str(KERNEL_SOURCE), KERNEL_SOURCE.stat().st_mtime_ns)
-
-
-def ddim_weights(
-    coef_a: float, coef_b: float, alpha_prod_t: float, alpha_prod_t_prev: float
-) -> tuple[float, float, float]:
-    """The three per-step weights (w_x, w_a, w_b) of the fused update, computed in float64.
-
-    Args:
-        coef_a, coef_b: the guidance rule's coefficients (e.g. FineXtract Eq. 13: w and 1 - w + k).
-        alpha_prod_t: alphas_cumprod at t, in (0, 1].
-        alpha_prod_t_prev: alphas_cumprod at the previous timestep (or the final alpha), in (0, 1].
-
-    Returns:
-        (w_x, w_a, w_b) with x_prev = w_x * x_t + w_a * eps_a + w_b * eps_b (DDIM, eta = 0).
-
-    Raises:
-        ValueError: an alpha outside (0, 1] or a non-finite coefficient.
-    """
-    a_t, a_prev = float(alpha_prod_t), float(alpha_prod_t_prev)
-    for name, value in (("alpha_prod_t", a_t), ("alpha_prod_t_prev", a_prev)):
-        if not (0.0 < value <= 1.0):
-            raise ValueError(f"guided_ddim_step_cuda: {name}={value} must be in (0, 1] (an alphas_cumprod entry)")
-    coef_a, coef_b = float(coef_a), float(coef_b)
-    if not (math.isfinite(coef_a) and math.isfinite(coef_b)):
-        raise ValueError(f"guided_ddim_step_cuda: coefficients must be finite, got coef_a={coef_a}, coef_b={coef_b}")
-    w_x = math.sqrt(a_prev / a_t)
-    c_eps = math.sqrt(1.0 - a_prev) - math.sqrt(a_prev * (1.0 - a_t) / a_t)
-    return w_x, c_eps * coef_a, c_eps * coef_b
 
 
 def vector_plan(pointers: list[int], numel: int, element_size: int) -> tuple[int, int]:
@@ -166,10 +136,10 @@ def match_layout(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torc
     return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def check_inputs(x_t, eps_a, eps_b, out, weights=None) -> None:
+def check_inputs(x_t, output_a, output_b, out, weights) -> None:
     """Validate the tensors of a fused step before touching the GPU.
 
-    Inputs may have any strides (`guided_ddim_step_cuda` makes them dense like x_t); `out` must
+    Inputs may have any strides (`guided_update_cuda` makes them dense like x_t); `out` must
     already be dense and ordered like x_t, since it is written in place.
 
     Raises:
@@ -178,37 +148,35 @@ def check_inputs(x_t, eps_a, eps_b, out, weights=None) -> None:
             like x_t or overlapping an input; `weights` not a float32 tensor of 3 elements on x_t's
             device; tensors not on a CUDA device.
     """
-    named = {"x_t": x_t, "eps_a": eps_a, "eps_b": eps_b, "out": out}
+    named = {"x_t": x_t, "output_a": output_a, "output_b": output_b, "out": out}
     named = {name: tensor for name, tensor in named.items() if tensor is not None}
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"guided_ddim_step_cuda: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    kernel_name(x_t.dtype, eps_b is not None)  # dtype supported
+            raise TypeError(f"guided_update_cuda: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    kernel_name(x_t.dtype, output_b is not None)  # dtype supported
     for name, tensor in named.items():
         if tensor.shape != x_t.shape:
             raise ValueError(
-                f"guided_ddim_step_cuda: {name} has shape {tuple(tensor.shape)}, x_t {tuple(x_t.shape)}; they must match"
+                f"guided_update_cuda: {name} has shape {tuple(tensor.shape)}, x_t {tuple(x_t.shape)}; they must match"
             )
         if tensor.dtype != x_t.dtype:
-            raise ValueError(
-                f"guided_ddim_step_cuda: {name} is {tensor.dtype}, x_t {x_t.dtype}; cast them to one dtype"
-            )
+            raise ValueError(f"guided_update_cuda: {name} is {tensor.dtype}, x_t {x_t.dtype}; cast them to one dtype")
         if tensor.device != x_t.device:
             raise ValueError(
-                f"guided_ddim_step_cuda: {name} is on {tensor.device}, x_t on {x_t.device}; move them to one device"
+                f"guided_update_cuda: {name} is on {tensor.device}, x_t on {x_t.device}; move them to one device"
             )
     if out is not None and not (_dense(out) and _dense(x_t) and _layout_key(out) == _layout_key(x_t)):
         raise ValueError(
-            "guided_ddim_step_cuda: out must be dense and laid out like x_t; allocate it with "
+            "guided_update_cuda: out must be dense and laid out like x_t; allocate it with "
             "torch.empty_like(x_t) (after x_t.contiguous() if x_t is a strided view)"
         )
     if out is not None and x_t.numel():
         span = x_t.numel() * x_t.element_size()
-        for name in ("x_t", "eps_a", "eps_b"):
+        for name in ("x_t", "output_a", "output_b"):
             other = named.get(name)
             if other is not None and abs(out.data_ptr() - other.data_ptr()) < span:
-                raise ValueError(f"guided_ddim_step_cuda: out overlaps {name}; pass a separate output buffer")
-    if weights is not None and (
+                raise ValueError(f"guided_update_cuda: out overlaps {name}; pass a separate output buffer")
+    if (
         not isinstance(weights, torch.Tensor)
         or weights.dtype != torch.float32
         or weights.numel() != 3
@@ -216,13 +184,13 @@ def check_inputs(x_t, eps_a, eps_b, out, weights=None) -> None:
         or weights.device != x_t.device
     ):
         raise ValueError(
-            "guided_ddim_step_cuda: weights must be a contiguous float32 tensor of 3 elements "
-            "(w_x, w_a, w_b) on x_t's device; build it with ddim_weights_table()"
+            "guided_update_cuda: weights must be a contiguous float32 tensor of 3 elements "
+            "(w_x, w_a, w_b) on x_t's device: a row of DDIMTable.weights(...)"
         )
     if x_t.device.type != "cuda":
         raise ValueError(
-            f"guided_ddim_step_cuda: tensors are on {x_t.device}; it needs CUDA tensors "
-            "(use guided_ddim_step(..., impl='reference') on the CPU)"
+            f"guided_update_cuda: tensors are on {x_t.device}; it needs CUDA tensors "
+            "(use guided_update(..., impl='reference') on the CPU)"
         )
 
 
@@ -232,7 +200,7 @@ def _import_cupy():
     except ImportError as error:
         raise RuntimeError(
             "the fused CUDA kernel needs CuPy: pip install cupy-cuda13x (or cupy-cuda12x to match "
-            "your CUDA), or use guided_ddim_step(..., impl='reference')"
+            "your CUDA), or use guided_update(..., impl='reference')"
         ) from error
     return cupy
 
@@ -271,52 +239,42 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch(x_t, eps_a, eps_b, out, scalars, weights) -> None:
+def _launch(x_t, output_a, output_b, out, weights) -> None:
     import numpy as np
 
     cupy = _import_cupy()
     device = x_t.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = load_module(device).get_function(kernel_name(x_t.dtype, eps_b is not None))
-    tensors = [out, x_t, eps_a] + ([eps_b] if eps_b is not None else [])
+    kernel = load_module(device).get_function(kernel_name(x_t.dtype, output_b is not None))
+    tensors = [out, x_t, output_a] + ([output_b] if output_b is not None else [])
     numel = x_t.numel()
     head, n_vec = vector_plan([tensor.data_ptr() for tensor in tensors], numel, x_t.element_size())
     scalar_items = numel - n_vec * vector_elements(x_t.dtype)
     blocks = grid_blocks(max(n_vec, scalar_items), _multiprocessors(index))
     args = [np.uint64(tensor.data_ptr()) for tensor in tensors]
-    args += [np.int64(numel), np.int64(head), np.int64(n_vec)]
-    args += [np.float32(value) for value in scalars]
-    args.append(np.uint64(weights.data_ptr() if weights is not None else 0))
+    args += [np.int64(numel), np.int64(head), np.int64(n_vec), np.uint64(weights.data_ptr())]
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
         kernel((blocks,), (BLOCK_THREADS,), tuple(args))
 
 
-def guided_ddim_step_cuda(
+def guided_update_cuda(
     x_t: torch.Tensor,
-    eps_a: torch.Tensor,
-    eps_b: torch.Tensor | None,
-    coef_a: float,
-    coef_b: float,
-    alpha_prod_t: float,
-    alpha_prod_t_prev: float,
+    output_a: torch.Tensor,
+    output_b: torch.Tensor | None,
+    weights: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDIM (eta = 0) step on the guided noise prediction, fused into one CUDA kernel.
-
-    x_prev = sqrt(a_prev/a_t) * x_t + (sqrt(1 - a_prev) - sqrt(a_prev (1 - a_t) / a_t)) * eps with
-    eps = coef_a * eps_a + coef_b * eps_b (DDIM, Song et al. 2021, Eq. 12, eta = 0; the same update as
-    diffusers' `DDIMScheduler.step`). Arithmetic in fp32 for every storage type.
+    """`x_prev = w_x * x_t + w_a * output_a + w_b * output_b`, fused into one CUDA kernel (fp32 arithmetic).
 
     Args:
         x_t: (B, C, h, w) latents (any shape works: elementwise), float32 / float16 / bfloat16, CUDA.
             Any strides: inputs not dense in x_t's element order are copied first (NCHW or
             channels-last inputs that match x_t are used in place).
-        eps_a, eps_b: noise predictions with x_t's shape, dtype and device; eps_b may be None (then
-            coef_b is ignored and the kernel reads two inputs instead of three).
-        coef_a, coef_b: the rule's coefficients (Python floats: no device synchronisation).
-        alpha_prod_t, alpha_prod_t_prev: alphas_cumprod at t and at the previous timestep, in (0, 1]
-            (Python floats or CPU scalars; a CUDA tensor here would synchronise the host).
+        output_a, output_b: the rule's UNet outputs with x_t's shape, dtype and device; output_b may
+            be None (the kernel then reads two inputs instead of three and ignores w_b).
+        weights: contiguous float32 CUDA tensor of 3 elements (w_x, w_a, w_b) on x_t's device, a row
+            of `DDIMTable.weights(...)` (read on the device: no host synchronisation).
         out: optional output buffer, dense and laid out like x_t, overlapping no input; allocated
             with `torch.empty_like(x_t)` when None.
 
@@ -324,61 +282,15 @@ def guided_ddim_step_cuda(
         x_prev: `out` (or a new tensor) with x_t's shape and dtype, written on torch's current stream.
 
     Raises:
-        ValueError / TypeError: see `check_inputs` and `ddim_weights`.
-        RuntimeError: CuPy is missing or the kernel does not compile.
-    """
-    check_inputs(x_t, eps_a, eps_b, out)
-    w_x, w_a, w_b = ddim_weights(coef_a, coef_b, alpha_prod_t, alpha_prod_t_prev)
-    x_t = match_layout(x_t)
-    eps_a = match_layout(eps_a, x_t)
-    eps_b = match_layout(eps_b, x_t) if eps_b is not None else None
-    if out is None:
-        out = torch.empty_like(x_t)
-    if x_t.numel():
-        _launch(x_t, eps_a, eps_b, out, (w_x, w_a, w_b), None)
-    return out
-
-
-def guided_ddim_step_cuda_weights(
-    x_t: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """The fused step with its weights read from device memory: one CUDA graph serves every timestep.
-
-    Args:
-        x_t, eps_a, eps_b, out: as in `guided_ddim_step_cuda` (`out` required: a static buffer).
-        weights: float32 CUDA tensor of 3 elements (w_x, w_a, w_b), usually a row of
-            `ddim_weights_table(...)` copied into a static buffer before each replay.
-
-    Returns:
-        `out`, written on torch's current stream.
-
-    Raises:
         ValueError / TypeError: see `check_inputs`.
         RuntimeError: CuPy is missing or the kernel does not compile.
     """
+    check_inputs(x_t, output_a, output_b, out, weights)
+    x_t = match_layout(x_t)
+    output_a = match_layout(output_a, x_t)
+    output_b = match_layout(output_b, x_t) if output_b is not None else None
     if out is None:
-        raise ValueError("guided_ddim_step_cuda_weights: out is required (a static buffer like x_t)")
-    check_inputs(x_t, eps_a, eps_b, out, weights)
-    eps_a = match_layout(eps_a, x_t)
-    eps_b = match_layout(eps_b, x_t) if eps_b is not None else None
+        out = torch.empty_like(x_t)
     if x_t.numel():
-        _launch(x_t, eps_a, eps_b, out, (0.0, 0.0, 0.0), weights)
+        _launch(x_t, output_a, output_b, out, weights)
     return out
-
-
-def ddim_weights_table(coef_a: float, coef_b: float, alphas_prod_t, alphas_prod_t_prev, device="cpu") -> torch.Tensor:
-    """Per-step weights (w_x, w_a, w_b) for a whole schedule, computed once in float64.
-
-    Args:
-        coef_a, coef_b: the rule's coefficients.
-        alphas_prod_t, alphas_prod_t_prev: sequences (length = number of steps) of alphas_cumprod at
-            each step's t and previous timestep, in (0, 1].
-        device: where the table lives (the sampler's device: rows are copied on the device).
-
-    Returns:
-        float32 tensor (steps, 3) on `device`.
-    """
-    rows = [
-        ddim_weights(coef_a, coef_b, a_t, a_prev) for a_t, a_prev in zip(alphas_prod_t, alphas_prod_t_prev, strict=True)
-    ]
-    return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)

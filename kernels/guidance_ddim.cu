@@ -1,15 +1,16 @@
 // Guidance combination + DDIM (eta = 0) update in one elementwise pass.
 //
-//   eps    = coef_a * eps_a + coef_b * eps_b                       (the guidance rule, SPEC section 1)
-//   x_prev = sqrt(a_prev / a_t) * x_t
-//          + (sqrt(1 - a_prev) - sqrt(a_prev * (1 - a_t) / a_t)) * eps   (DDIM, Song et al. Eq. 12, eta = 0)
+//   x_prev = w_x * x_t + w_a * out_a + w_b * out_b
 //
-// The host folds the scalars into three weights (in double precision):
-//   w_x = sqrt(a_prev / a_t),  w_a = c_eps * coef_a,  w_b = c_eps * coef_b,
-// so each element costs three fused multiply-adds in fp32:  x_prev = w_x*x_t + w_a*eps_a + w_b*eps_b.
-// The weights come either as scalar arguments or, when `weights` is not null, from three floats in
-// device memory (w_x, w_a, w_b): a captured CUDA graph then replays every timestep with one graph,
-// the sampler writing the step's weights into that buffer on the device (no host synchronisation).
+// where out_a, out_b are the two UNet outputs of a guidance rule (model_output = coef_a * out_a +
+// coef_b * out_b) and (w_x, w_a, w_b) is one row of the per-step weights table that
+// `finextract.engine.ddim.DDIMTable.weights` computes in double precision from the scheduler's
+// alphas_cumprod, the model's prediction type and the rule's coefficients. For an epsilon model:
+//   w_x = sqrt(a_prev / a_t),  w_a = c * coef_a,  w_b = c * coef_b,
+//   c   = sqrt(1 - a_prev) - sqrt(a_prev * (1 - a_t) / a_t)            (DDIM, Song et al. Eq. 12)
+// The row is read from three floats in device memory, so one captured CUDA graph replays every
+// timestep: the loop copies the step's row into that buffer on the device (no host synchronisation).
+// The torch reference `finextract.kernels.guidance_ddim.guided_update_reference` defines the result.
 //
 // Storage types: fp32, fp16, bf16 (one type for all four tensors); arithmetic in fp32.
 // Memory: every element is read once and written once, 16 bytes per thread per access on the aligned
@@ -17,9 +18,9 @@
 // No CUDA headers are included so that the same source compiles under NVRTC (CuPy) and nvcc.
 //
 // Entry points (extern "C", looked up by name from finextract/kernels/cuda_guidance.py):
-//   guided_ddim_{f32,f16,bf16}     (out, x_t, eps_a, eps_b, n, head, n_vec, w_x, w_a, w_b, weights)
-//   guided_ddim_{f32,f16,bf16}_a   (out, x_t, eps_a,        n, head, n_vec, w_x, w_a, w_b, weights)
-//                                   the eps_b-absent variant (w_b unused)
+//   guided_ddim_{f32,f16,bf16}     (out, x_t, out_a, out_b, n, head, n_vec, weights)
+//   guided_ddim_{f32,f16,bf16}_a   (out, x_t, out_a,        n, head, n_vec, weights)
+//                                   the one-term variant (w_b unused)
 // `head`: elements before the first 16-byte-aligned one (the same for every pointer, else n_vec = 0);
 // `n_vec`: 16-byte vectors in the aligned body; elements [head + n_vec*VEC, n) form the tail.
 
@@ -86,13 +87,11 @@ __device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out
                                                  const typename S::T* __restrict__ x_t,
                                                  const typename S::T* __restrict__ eps_a,
                                                  const typename S::T* __restrict__ eps_b,
-                                                 i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b,
-                                                 const float* __restrict__ weights) {
-    if (weights != 0) {  // uniform branch: every thread reads the same three floats (one cache line)
-        w_x = weights[0];
-        w_a = weights[1];
-        w_b = weights[2];
-    }
+                                                 i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {
+    // every thread reads the same three floats (one cache line, served from L1/L2)
+    const float w_x = weights[0];
+    const float w_a = weights[1];
+    const float w_b = HAS_B ? weights[2] : 0.0f;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -133,14 +132,13 @@ __device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out
 #define GUIDED_DDIM_ENTRY(NAME, S)                                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                               \
         S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
-        const S::T* __restrict__ eps_b, i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b,       \
-        const float* __restrict__ weights) {                                                               \
-        guided_ddim_body<S, true>(out, x_t, eps_a, eps_b, n, head, n_vec, w_x, w_a, w_b, weights);         \
+        const S::T* __restrict__ eps_b, i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {   \
+        guided_ddim_body<S, true>(out, x_t, eps_a, eps_b, n, head, n_vec, weights);                        \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) NAME##_a(                                           \
         S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
-        i64 n, i64 head, i64 n_vec, float w_x, float w_a, float w_b, const float* __restrict__ weights) {   \
-        guided_ddim_body<S, false>(out, x_t, eps_a, (const S::T*)0, n, head, n_vec, w_x, w_a, w_b, weights); \
+        i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {                                   \
+        guided_ddim_body<S, false>(out, x_t, eps_a, (const S::T*)0, n, head, n_vec, weights);              \
     }
 
 GUIDED_DDIM_ENTRY(guided_ddim_f32, F32)

@@ -1,13 +1,16 @@
-"""Guidance combination + DDIM (eta = 0) update in one function: the reference of the CUDA kernel.
+"""Guidance combination + DDIM (eta = 0) update in one elementwise function: the reference of the CUDA kernel.
 
-    eps    = coef_a * eps_a + coef_b * eps_b                                  (the guidance rule)
-    x0     = (x_t - sqrt(1 - alpha_prod_t) * eps) / sqrt(alpha_prod_t)         (DDIM Eq. 12, "predicted x0")
-    x_prev = sqrt(alpha_prod_t_prev) * x0 + sqrt(1 - alpha_prod_t_prev) * eps  (eta = 0: no noise term)
+    x_prev = w_x * x_t + w_a * output_a + w_b * output_b
 
-This is what `diffusers.DDIMScheduler.step(eps, t, x_t, eta=0)` computes when `prediction_type` is
-"epsilon" and neither clipping nor thresholding is on. The torch reference below defines the
-result; on CUDA tensors `impl="auto"` dispatches to `finextract.kernels.cuda_guidance`, which does
-the same in one elementwise pass instead of about six framework kernels.
+`output_a`, `output_b` are a guidance rule's two UNet outputs and `(w_x, w_a, w_b)` is one row of
+the per-step weights table (`finextract.engine.ddim.DDIMTable.weights`), which folds the rule's
+coefficients, the scheduler's alphas_cumprod and the model's prediction type into three numbers in
+double precision. For an epsilon model that row is DDIM's update (Song et al. 2021, Eq. 12, eta = 0)
+of `eps = coef_a * output_a + coef_b * output_b`, what `diffusers.DDIMScheduler.step` computes.
+
+The torch reference below defines the result; on CUDA tensors `impl="auto"` runs
+`finextract.kernels.cuda_guidance.guided_update_cuda`, the same arithmetic in one pass instead of
+about five framework kernels. Both read the same table row.
 """
 
 from __future__ import annotations
@@ -20,94 +23,81 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "cuda", "reference")
 
-_cuda_step = None  # the CUDA kernel's entry point, loaded on first CUDA use
+_cuda_update = None  # the CUDA kernel's entry point, loaded on first CUDA use
 _cuda_error: Exception | None = None
 
 
 def _load_cuda():
     """Import the CUDA kernel once; remember a failure so "auto" falls back without retrying."""
-    global _cuda_step, _cuda_error
-    if _cuda_step is None and _cuda_error is None:
+    global _cuda_update, _cuda_error
+    if _cuda_update is None and _cuda_error is None:
         try:
-            from .cuda_guidance import guided_ddim_step_cuda
+            from .cuda_guidance import guided_update_cuda, load_module
 
-            _cuda_step = guided_ddim_step_cuda
+            load_module(torch.device("cuda", torch.cuda.current_device()))
+            _cuda_update = guided_update_cuda
         except Exception as error:  # no CuPy, no compiler, kernel not built: the reference still works
             _cuda_error = error
-            logger.info("CUDA guidance kernel unavailable (%s); using the torch reference", error)
-    return _cuda_step
+            logger.warning("fused CUDA guidance kernel unavailable (%s); using the torch reference", error)
+    return _cuda_update
 
 
-def guided_ddim_step_reference(
-    x_t: torch.Tensor,
-    eps_a: torch.Tensor,
-    eps_b: torch.Tensor | None,
-    coef_a: float,
-    coef_b: float,
-    alpha_prod_t: float | torch.Tensor,
-    alpha_prod_t_prev: float | torch.Tensor,
+def guided_update_reference(
+    x_t: torch.Tensor, output_a: torch.Tensor, output_b: torch.Tensor | None, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Torch reference of `guided_ddim_step` (arithmetic in float32, result in `x_t.dtype`)."""
-    alpha_prod_t = torch.as_tensor(alpha_prod_t, dtype=torch.float32, device=x_t.device)
-    alpha_prod_t_prev = torch.as_tensor(alpha_prod_t_prev, dtype=torch.float32, device=x_t.device)
-    # 1. the rule's noise prediction
-    eps = coef_a * eps_a.float()
-    if eps_b is not None and coef_b != 0.0:
-        eps = eps + coef_b * eps_b.float()
-    # 2. predicted original sample ("x0"), DDIM Eq. 12
-    beta_prod_t = 1.0 - alpha_prod_t
-    pred_original_sample = (x_t.float() - beta_prod_t.sqrt() * eps) / alpha_prod_t.sqrt()
-    # 3. direction pointing to x_t, eta = 0 so no random term
-    pred_sample_direction = (1.0 - alpha_prod_t_prev).sqrt() * eps
-    x_prev = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
+    """`w_x * x_t + w_a * output_a + w_b * output_b` with float32 arithmetic, in `x_t`'s dtype.
+
+    The reference that defines `guided_update` (and the CUDA kernel); traced as plain tensor ops
+    into exported graphs.
+    """
+    weights = weights.to(device=x_t.device, dtype=torch.float32)
+    x_prev = x_t.float() * weights[0] + output_a.float() * weights[1]
+    if output_b is not None:
+        x_prev = x_prev + output_b.float() * weights[2]
     return x_prev.to(x_t.dtype)
 
 
-def guided_ddim_step(
+def guided_update(
     x_t: torch.Tensor,
-    eps_a: torch.Tensor,
-    eps_b: torch.Tensor | None,
-    coef_a: float,
-    coef_b: float,
-    alpha_prod_t: float | torch.Tensor,
-    alpha_prod_t_prev: float | torch.Tensor,
+    output_a: torch.Tensor,
+    output_b: torch.Tensor | None,
+    weights: torch.Tensor,
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """One DDIM (eta = 0) step on the guided noise prediction `eps = coef_a*eps_a + coef_b*eps_b`.
+    """One guided DDIM (eta = 0) step from a rule's UNet outputs and the step's table row.
 
     Args:
-        x_t: noisy latents (B, C, h, w), fp32/fp16/bf16, any device.
-        eps_a: first noise prediction, same shape, device and dtype as `x_t`.
-        eps_b: second noise prediction like `eps_a`, or None (then `coef_b` is ignored).
-        coef_a, coef_b: the rule's coefficients (`GuidanceRule.coefs`; e.g. Eq. 13: w, 1 - w + k).
-        alpha_prod_t: cumulative product of alphas at timestep t (`scheduler.alphas_cumprod[t]`),
-            a float or 0-dim tensor in (0, 1].
-        alpha_prod_t_prev: the same at the previous timestep t - T/steps (`final_alpha_cumprod`
-            past the end), in (0, 1].
-        impl: "auto" (the CUDA kernel on CUDA tensors when it loads, else the reference),
-            "cuda" (the kernel, or an error) or "reference" (torch).
+        x_t: latents (B, C, h, w) (any shape: elementwise), float32 / float16 / bfloat16, any device.
+        output_a: the rule's first UNet output, same shape, device and dtype as `x_t`.
+        output_b: the second output like `output_a`, or None for a one-term rule (then `w_b` is unused).
+        weights: float32 tensor of 3 elements (w_x, w_a, w_b) on `x_t`'s device: a row of
+            `finextract.engine.ddim.DDIMTable.weights(coef_a, coef_b)`.
+        impl: "auto" (the CUDA kernel on CUDA tensors when it loads and nothing is being traced, else
+            the reference), "cuda" (the kernel, or an error) or "reference" (torch ops).
 
     Returns:
-        x_prev: latents at the previous timestep, shape and dtype of `x_t`. The reference does the
-        arithmetic in float32, as diffusers' DDIM step does on fp32 input.
+        x_prev: latents at the previous timestep, shape and dtype of `x_t` (float32 arithmetic).
 
     Raises:
-        ValueError: mismatched shapes or an unknown `impl`.
+        ValueError: mismatched shapes, `weights` not of 3 elements, or an unknown `impl`.
         RuntimeError: `impl="cuda"` on CPU tensors or when the kernel cannot be loaded.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS)}")
-    if eps_a.shape != x_t.shape or (eps_b is not None and eps_b.shape != x_t.shape):
-        shapes = (tuple(x_t.shape), tuple(eps_a.shape), None if eps_b is None else tuple(eps_b.shape))
-        raise ValueError(f"x_t, eps_a, eps_b must share one shape; got {shapes}")
-    if impl == "reference" or (impl == "auto" and not x_t.is_cuda):
-        return guided_ddim_step_reference(x_t, eps_a, eps_b, coef_a, coef_b, alpha_prod_t, alpha_prod_t_prev)
+    if output_a.shape != x_t.shape or (output_b is not None and output_b.shape != x_t.shape):
+        shapes = (tuple(x_t.shape), tuple(output_a.shape), None if output_b is None else tuple(output_b.shape))
+        raise ValueError(f"x_t, output_a, output_b must share one shape; got {shapes}")
+    if weights.numel() != 3:
+        raise ValueError(f"weights has {weights.numel()} elements; expected (w_x, w_a, w_b), a DDIMTable row")
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if impl == "reference" or (impl == "auto" and (not x_t.is_cuda or tracing)):
+        return guided_update_reference(x_t, output_a, output_b, weights)
     if not x_t.is_cuda:
-        raise RuntimeError("guided_ddim_step(impl='cuda') needs CUDA tensors; use impl='auto' or 'reference'")
+        raise RuntimeError("guided_update(impl='cuda') needs CUDA tensors; use impl='auto' or 'reference'")
     kernel = _load_cuda()
     if kernel is None:
         if impl == "cuda":
             raise RuntimeError(f"the CUDA guidance kernel could not be loaded: {_cuda_error}")
-        return guided_ddim_step_reference(x_t, eps_a, eps_b, coef_a, coef_b, alpha_prod_t, alpha_prod_t_prev)
-    return kernel(x_t, eps_a, eps_b, coef_a, coef_b, alpha_prod_t, alpha_prod_t_prev, out=None)
+        return guided_update_reference(x_t, output_a, output_b, weights)
+    return kernel(x_t, output_a, output_b, weights)

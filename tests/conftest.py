@@ -16,7 +16,7 @@ if "FINEXTRACT_CACHE" not in os.environ:
 
 
 def pytest_configure(config):
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
 
     set_threads()
 
@@ -73,8 +73,9 @@ def tiny_zoo(tmp_path_factory):
 def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = None) -> dict:
     """Random LoRA adapters on every attention projection (to_q, to_k, to_v, to_out.0) of `unet`."""
     import torch
-    from finextract.engine.pair import LoRALayer
     from torch import nn
+
+    from finextract.engine.pair import LoRALayer
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -108,7 +109,6 @@ def dreambooth_pair(tiny_base, tiny_finetuned):
 def lora_pair(tokenizer_dir):
     """A LoRA-kind ModelPair: its own copy of the seed-0 base UNet plus random rank-4 adapters."""
     from finextract.engine.pair import ModelPair
-
     from finextract.zoo import tiny_components
 
     base = tiny_components(seed=0, tokenizer_folder=tokenizer_dir)

@@ -1,4 +1,5 @@
-"""ONNX export: specs, every network kind against torch, dynamic batch, cache keys, external data, fp16."""
+"""ONNX export of the guided denoiser's step: specs, every rule against torch, dynamic batch, cache keys,
+external data, fp16; and the TensorRT path's CPU-side logic."""
 
 from __future__ import annotations
 
@@ -7,74 +8,103 @@ import json
 import numpy as np
 import pytest
 import torch
-from finextract.engine.export import (
-    ExportSpec,
-    build_module,
-    cache_key,
-    export_cached,
-    read_valid_meta,
-    spec_for,
-    weights_hash,
-)
-from finextract.engine.lora import GatedLoRA
 
+from finextract.engine.conditioning import encode_conditioning
+from finextract.engine.config import RunConfig
+from finextract.engine.ddim import DDIMTable
+from finextract.engine.denoiser import GuidedDenoiser
+from finextract.engine.export import ExportSpec, cache_key, export_cached, read_valid_meta
+from finextract.engine.lora import GatedLoRA
 from finextract.rules import rule_for
+from tests import tolerances
+
+CAPTION = "a photo of sks dog"
+
+
+def _hooks(unet) -> int:
+    """The gated LoRA hooks a UNet carries."""
+    return sum(isinstance(hook, GatedLoRA) for module in unet.modules() for hook in module._forward_hooks.values())
 
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory):
-    """One export cache for this file: each network is traced once per session."""
+    """One export cache for this file: each graph is traced once per session."""
     return tmp_path_factory.mktemp("onnx_cache")
 
 
 def _run(path, spec, inputs):
     import onnxruntime as ort
+
     from finextract.engine.backends.ort_backend import session_options
 
     session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
     return session.run(None, {name: x.numpy() for name, x in zip(spec.input_names, inputs)})[0]
 
 
+def _setup(pair, method, **params):
+    rule = rule_for(method, pair.kind, **params)
+    denoiser = GuidedDenoiser(pair, rule)
+    conditioning = encode_conditioning(pair, rule, CAPTION)
+    return rule, denoiser, conditioning, ExportSpec.of(denoiser, conditioning)
+
+
+def _step_inputs(pair, rule, conditioning, batch, index=20, seed=1):
+    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
+    x_t = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return (x_t, table.timesteps_tensor()[index], table.weights(*rule.coefs)[index], *conditioning)
+
+
+def _bound(pair, rule, inputs, reference) -> float:
+    """onnxruntime vs torch: each term's UNet output within `tolerances.network`, weighted by |w_a|, |w_b|."""
+    weights = inputs[2]
+    return 2 * float(weights[1 : 1 + len(rule.terms)].abs().sum()) * tolerances.network(pair.base_unet, reference)
+
+
 def test_spec_names_shapes_profiles():
-    spec = ExportSpec("lora_pair", ("finetuned", "base"), (4, 16, 16), (77, 32))
-    assert spec.input_names == ("x_t", "t", "text_embedding_a", "text_embedding_b", "lora_gate", "coef_a", "coef_b")
-    assert spec.output_names == ("eps",)
+    conditioning = (("encoder_hidden_states_a", (1, 77, 32)), ("encoder_hidden_states_b", (1, 77, 32)))
+    spec = ExportSpec((4, 16, 16), conditioning)
+    assert spec.input_names == ("x_t", "t", "weights", "encoder_hidden_states_a", "encoder_hidden_states_b")
+    assert spec.output_names == ("x_prev",)
     shapes = spec.input_shapes(8)
-    assert shapes["x_t"] == (8, 4, 16, 16) and shapes["t"] == (8,) and shapes["lora_gate"] == (16,)
-    assert shapes["text_embedding_a"] == (1, 77, 32) and shapes["coef_b"] == (1,)
-    profile = spec.profile_shapes(16)
-    assert profile["x_t"] == ((16, 4, 16, 16),) * 3 and profile["lora_gate"] == ((32,),) * 3
-    assert spec.dynamic_axes["x_t"] == {0: "batch"} and spec.dynamic_axes["lora_gate"] == {0: "batch2"}
+    assert shapes["x_t"] == (8, 4, 16, 16) and shapes["t"] == (1,) and shapes["weights"] == (3,)
+    assert shapes["encoder_hidden_states_a"] == (1, 77, 32)
+    assert spec.profile_shapes(16)["x_t"] == ((16, 4, 16, 16),) * 3
+    assert spec.dynamic_axes == {"x_t": {0: "batch"}, "x_prev": {0: "batch"}}
     inputs = spec.sample_inputs(3)
     assert [tuple(x.shape) for x in inputs] == [spec.input_shapes(3)[n] for n in spec.input_names]
     assert torch.equal(inputs[0], spec.sample_inputs(3)[0])  # deterministic
-    half = ExportSpec("unet", ("base",), (4, 16, 16), (77, 32), dtype="fp16")
-    assert half.input_dtypes() == {"x_t": torch.float16, "t": torch.float32, "text_embedding": torch.float16}
+    half = ExportSpec((4, 16, 16), conditioning[:1], dtype="fp16")
+    assert half.input_dtypes() == {
+        "x_t": torch.float32,
+        "t": torch.float32,
+        "weights": torch.float32,
+        "encoder_hidden_states_a": torch.float16,
+    }
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(kind="pair"), "kind"),
-        (dict(models=("finetuned",)), "models"),
         (dict(dtype="bf16"), "dtype"),
         (dict(opset=13), "opset"),
         (dict(batch_sizes=()), "batch_sizes"),
+        (dict(conditioning=()), "conditioning"),
     ],
 )
 def test_spec_validation(kwargs, match):
-    args = dict(kind="dreambooth_pair", models=("finetuned", "base"), latent_shape=(4, 16, 16), text_shape=(77, 32))
+    args = dict(latent_shape=(4, 16, 16), conditioning=(("encoder_hidden_states_a", (1, 77, 32)),))
     with pytest.raises(ValueError, match=match):
         ExportSpec(**{**args, **kwargs})
 
 
-def test_spec_for_picks_the_network(dreambooth_pair, lora_pair):
-    assert spec_for(dreambooth_pair, rule_for("finextract", "dreambooth")).kind == "dreambooth_pair"
-    assert spec_for(dreambooth_pair, rule_for("cfg", "dreambooth")).models == ("finetuned", "finetuned")
-    direct = spec_for(dreambooth_pair, rule_for("direct", "dreambooth"))
-    assert (direct.kind, direct.models) == ("unet", ("finetuned",))
-    spec = spec_for(lora_pair, rule_for("finextract", "lora"), dtype=torch.float16)
-    assert (spec.kind, spec.dtype, spec.latent_shape, spec.text_shape) == ("lora_pair", "fp16", (4, 16, 16), (77, 32))
+def test_spec_of_reads_the_denoiser_and_conditioning(dreambooth_pair, lora_pair):
+    _, _, _, spec = _setup(dreambooth_pair, "finextract")
+    assert spec.latent_shape == (4, 16, 16) and [name for name, _ in spec.conditioning] == [
+        "encoder_hidden_states_a",
+        "encoder_hidden_states_b",
+    ]
+    _, _, _, direct = _setup(lora_pair, "direct")
+    assert direct.conditioning == (("encoder_hidden_states_a", (1, 77, 32)),)
 
 
 @pytest.mark.parametrize(
@@ -84,129 +114,151 @@ def test_spec_for_picks_the_network(dreambooth_pair, lora_pair):
         ("dreambooth_pair", "cfg"),
         ("dreambooth_pair", "direct"),
         ("lora_pair", "finextract"),
+        ("lora_pair", "finextract-uncond"),
         ("lora_pair", "direct"),
     ],
 )
 def test_export_matches_torch_with_dynamic_batch(request, onnx_cache, pair_name, method):
     pair = request.getfixturevalue(pair_name)
-    spec = spec_for(pair, rule_for(method, pair.kind))
-    exported = export_cached(pair, spec, onnx_cache)
-    inputs = spec.sample_inputs(3, seed=1)  # traced at batch 2: batch 3 checks the dynamic axis
+    rule, denoiser, conditioning, spec = _setup(pair, method)
+    exported = export_cached(denoiser, spec, onnx_cache)
+    inputs = _step_inputs(pair, rule, conditioning, batch=3)  # traced at batch 2: batch 3 checks the dynamic axis
     with torch.no_grad():
-        expected = build_module(pair, spec)(*inputs).numpy()
+        expected = denoiser.step(*inputs)
     actual = _run(exported.path, spec, inputs)
     assert actual.shape == (3, 4, 16, 16)
-    assert np.abs(actual - expected).max() < 1e-4
+    assert np.abs(actual - expected.numpy()).max() <= _bound(pair, rule, inputs, expected)
 
 
-def test_fused_dreambooth_graph_is_the_rule(dreambooth_pair, onnx_cache):
-    """The fused graph's eps equals coef_a * UNet_ft(e_a) + coef_b * UNet_base(e_b) computed in torch."""
-    spec = spec_for(dreambooth_pair, rule_for("finextract", "dreambooth"))
-    exported = export_cached(dreambooth_pair, spec, onnx_cache)
-    x_t, t, e_a, e_b, _, _ = spec.sample_inputs(2, seed=2)
-    coef_a, coef_b = torch.tensor([5.0]), torch.tensor([-4.0])
+def test_one_graph_serves_every_w_k_and_caption(dreambooth_pair, onnx_cache):
+    """Rules that differ only in w, k (and Eq. 13 vs Eq. 6, which differ only in a caption) share one export,
+    and each still gets its own step."""
+    pair = dreambooth_pair
+    rule_a, denoiser_a, conditioning_a, spec = _setup(pair, "finextract", w=3.0, k=-0.02)
+    rule_b, denoiser_b, conditioning_b, _ = _setup(pair, "finextract", w=7.0, k=0.5)
+    uncond = GuidedDenoiser(pair, rule_for("finextract-uncond", "dreambooth"))
+    a, b = export_cached(denoiser_a, spec, onnx_cache), export_cached(denoiser_b, spec, onnx_cache)
+    assert a.path == b.path and b.meta["reused"]
+    assert export_cached(uncond, spec, onnx_cache).path == a.path
+    inputs_a = _step_inputs(pair, rule_a, conditioning_a, batch=2)
+    inputs_b = _step_inputs(pair, rule_b, conditioning_b, batch=2)
     with torch.no_grad():
-        eps_ft = dreambooth_pair.finetuned_unet(x_t, t, encoder_hidden_states=e_a.expand(2, -1, -1)).sample
-        eps_base = dreambooth_pair.base_unet(x_t, t, encoder_hidden_states=e_b.expand(2, -1, -1)).sample
-    actual = _run(exported.path, spec, (x_t, t, e_a, e_b, coef_a, coef_b))
-    assert np.abs(actual - (5.0 * eps_ft - 4.0 * eps_base).numpy()).max() < 1e-4
+        expected_b = denoiser_b.step(*inputs_b)
+    out_a, out_b = _run(a.path, spec, inputs_a), _run(a.path, spec, inputs_b)
+    assert np.abs(out_b - expected_b.numpy()).max() <= _bound(pair, rule_b, inputs_b, expected_b)
+    assert np.abs(out_a - out_b).max() > 1e-2
 
 
-def test_lora_gate_selects_base_or_finetune_per_sample(lora_pair, onnx_cache):
-    """Gate 0 on both halves gives the base UNet's combination; the LoRA branch changes the output."""
-    adapted = sum(isinstance(m, GatedLoRA) for m in lora_pair.base_unet.modules())
-    spec = spec_for(lora_pair, rule_for("finextract", "lora"))
-    exported = export_cached(lora_pair, spec, onnx_cache)
-    # the export adapts a copy: the pair's own UNet is not changed
-    assert sum(isinstance(m, GatedLoRA) for m in lora_pair.base_unet.modules()) == adapted
-    x_t, t, e_a, e_b, _, _, _ = spec.sample_inputs(2, seed=3)
-    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
-    off = _run(exported.path, spec, (x_t, t, e_a, e_b, torch.zeros(4), one, zero))
-    on = _run(exported.path, spec, (x_t, t, e_a, e_b, torch.ones(4), one, zero))
-    with torch.no_grad():  # gate unset (None): adapters off
-        base = lora_pair.base_unet(x_t, t, encoder_hidden_states=e_a.expand(2, -1, -1)).sample.numpy()
-    assert np.abs(off - base).max() < 1e-4
-    assert np.abs(on - base).max() > 1e-3
+def test_lora_graph_gates_the_adapters_inside(lora_pair, onnx_cache):
+    """The LoRA pair's graph holds the gated low-rank branches (traced from the hooks), and exporting it leaves
+    the pair unchanged: with weights (0, 1, 0) the step returns the fine-tune's output itself."""
+    adapted = _hooks(lora_pair.base_unet)
+    _, denoiser, conditioning, spec = _setup(lora_pair, "direct")
+    exported = export_cached(denoiser, spec, onnx_cache)
+    assert _hooks(lora_pair.base_unet) == adapted and lora_pair.lora_gate.value is None
+    x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    t, output_only = torch.tensor([500.0]), torch.tensor([0.0, 1.0, 0.0])
+    fine_tuned = _run(exported.path, spec, (x_t, t, output_only, *conditioning))
+    with torch.no_grad():
+        base = lora_pair.base_unet(x_t, t, encoder_hidden_states=conditioning[0].expand(2, -1, -1)).sample
+    bound = tolerances.network(lora_pair.base_unet, base)
+    assert np.abs(fine_tuned - base.numpy()).max() > 3 * bound  # the adapters are in the graph
 
 
 def test_cache_reuse_and_stale_rebuild(dreambooth_pair, onnx_cache):
-    spec = spec_for(dreambooth_pair, rule_for("direct", "dreambooth"))
-    first = export_cached(dreambooth_pair, spec, onnx_cache)
-    again = export_cached(dreambooth_pair, spec, onnx_cache)
+    _, denoiser, _, spec = _setup(dreambooth_pair, "direct")
+    first = export_cached(denoiser, spec, onnx_cache)
+    again = export_cached(denoiser, spec, onnx_cache)
     assert again.meta["reused"] and again.path == first.path and again.meta["key"] == first.meta["key"]
     meta = json.loads((first.path.parent / "meta.json").read_text())
-    assert meta["spec"]["kind"] == "unet" and meta["versions"]["torch"] == torch.__version__
-    assert meta["weights_sha256"] == weights_hash(build_module(dreambooth_pair, spec))
+    assert meta["structure"]["terms"] == ["finetuned"] and meta["versions"]["torch"] == torch.__version__
+    assert meta["denoiser_fingerprint"] == denoiser.fingerprint
     # a truncated file is stale: re-exported, not trusted
     with open(first.path, "r+b") as handle:
         handle.truncate(100)
     assert read_valid_meta(first.path.parent, meta["key"]) is None
-    rebuilt = export_cached(dreambooth_pair, spec, onnx_cache)
+    rebuilt = export_cached(denoiser, spec, onnx_cache)
     assert not rebuilt.meta["reused"] and rebuilt.path.stat().st_size == meta["files"]["model.onnx"]
 
 
-def test_cache_key_covers_weights_spec_versions_not_profiles(dreambooth_pair):
-    spec = spec_for(dreambooth_pair, rule_for("finextract", "dreambooth"))
+def test_cache_key_covers_weights_structure_spec_versions_not_profiles(dreambooth_pair, lora_pair):
+    _, denoiser, _, spec = _setup(dreambooth_pair, "finextract")
     versions = {"torch": "1", "onnx": "1", "diffusers": "1"}
-    key = cache_key(spec, "w", versions)
-    assert cache_key(spec, "w2", versions) != key
-    assert cache_key(spec, "w", {**versions, "onnx": "2"}) != key
-    for change in (dict(dtype="fp16"), dict(opset=18), dict(models=("finetuned", "finetuned"))):
-        assert cache_key(ExportSpec(**{**spec.__dict__, **change}), "w", versions) != key
-    assert cache_key(ExportSpec(**{**spec.__dict__, "batch_sizes": (32,)}), "w", versions) == key
-    swapped = build_module(dreambooth_pair, ExportSpec(**{**spec.__dict__, "models": ("base", "finetuned")}))
-    assert weights_hash(swapped) != weights_hash(build_module(dreambooth_pair, spec))
+    key = cache_key(spec, denoiser.fingerprint, versions)
+    assert cache_key(spec, "other", versions) != key
+    assert cache_key(spec, denoiser.fingerprint, {**versions, "onnx": "2"}) != key
+    for change in (dict(dtype="fp16"), dict(opset=18), dict(latent_shape=(4, 8, 8))):
+        assert cache_key(ExportSpec(**{**spec.__dict__, **change}), denoiser.fingerprint, versions) != key
+    assert cache_key(ExportSpec(**{**spec.__dict__, "batch_sizes": (32,)}), denoiser.fingerprint, versions) == key
+    # another rule structure (CFG: both terms on the fine-tune) or other weights: another fingerprint
+    cfg = GuidedDenoiser(dreambooth_pair, rule_for("cfg", "dreambooth"))
+    assert cfg.fingerprint != denoiser.fingerprint
+    assert GuidedDenoiser(lora_pair, rule_for("finextract", "lora")).fingerprint != denoiser.fingerprint
 
 
 def test_external_data_export(dreambooth_pair, tmp_path):
-    spec = spec_for(dreambooth_pair, rule_for("direct", "dreambooth"))
-    exported = export_cached(dreambooth_pair, spec, tmp_path, external_data=True)
+    rule, denoiser, conditioning, spec = _setup(dreambooth_pair, "direct")
+    exported = export_cached(denoiser, spec, tmp_path, external_data=True)
     data = exported.path.with_name("model.onnx.data")
     assert data.is_file() and data.stat().st_size > exported.path.stat().st_size
     assert set(exported.meta["files"]) == {"model.onnx", "model.onnx.data"}
-    inputs = spec.sample_inputs(2)
+    inputs = _step_inputs(dreambooth_pair, rule, conditioning, batch=2)
     with torch.no_grad():
-        expected = build_module(dreambooth_pair, spec)(*inputs).numpy()
-    assert np.abs(_run(exported.path, spec, inputs) - expected).max() < 1e-4
+        expected = denoiser.step(*inputs)
+    assert np.abs(_run(exported.path, spec, inputs) - expected.numpy()).max() <= _bound(
+        dreambooth_pair, rule, inputs, expected
+    )
 
 
 def test_fp16_export(tiny_base, tiny_finetuned, tmp_path):
-    """fp16 graphs (for CUDA): fp16 x_t / embeddings / eps, float32 t and coefficients, close to fp32."""
+    """fp16 graphs (for CUDA): fp16 UNets and conditioning, float32 x_t / t / weights / x_prev, close to fp32."""
     import copy
 
     import onnx
+
     from finextract.engine.pair import ModelPair
 
+    parts = copy.deepcopy({**tiny_base, "finetuned_unet": tiny_finetuned["unet"]})  # cast below: copies only
     pair = ModelPair(
         kind="dreambooth",
-        base_unet=copy.deepcopy(tiny_base["unet"]).half(),
-        finetuned_unet=copy.deepcopy(tiny_finetuned["unet"]).half(),
+        base_unet=parts["unet"],
+        finetuned_unet=parts["finetuned_unet"],
         unet_lora=None,
-        base_text_encoder=tiny_base["text_encoder"],
-        finetuned_text_encoder=tiny_base["text_encoder"],
-        base_tokenizer=tiny_base["tokenizer"],
-        vae=tiny_base["vae"],
-        scheduler_config={},
+        base_text_encoder=parts["text_encoder"],
+        finetuned_text_encoder=parts["text_encoder"],
+        base_tokenizer=parts["tokenizer"],
+        vae=parts["vae"],
+        scheduler_config=dict(parts["scheduler"].config),
     )
-    spec = spec_for(pair, rule_for("finextract", "dreambooth"), dtype="fp16")
-    exported = export_cached(pair, spec, tmp_path)
+    rule = rule_for("finextract", "dreambooth")
+    conditioning = encode_conditioning(pair, rule, CAPTION)
+    inputs = _step_inputs(pair, rule, conditioning, batch=2)
+    with torch.no_grad():
+        expected = GuidedDenoiser(pair, rule).step(*inputs)  # fp32
+        outputs = GuidedDenoiser(pair, rule).term_outputs(inputs[0], inputs[1], *conditioning)
+    pair.to("cpu", torch.float16)
+    denoiser = GuidedDenoiser(pair, rule)
+    half_conditioning = tuple(c.half() for c in conditioning)
+    spec = ExportSpec.of(denoiser, half_conditioning, dtype="fp16")
+    exported = export_cached(denoiser, spec, tmp_path)
     graph = onnx.load(str(exported.path)).graph
     types = {value.name: value.type.tensor_type.elem_type for value in [*graph.input, *graph.output]}
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     assert types == {
-        "x_t": f16,
+        "x_t": f32,
         "t": f32,
-        "text_embedding_a": f16,
-        "text_embedding_b": f16,
-        "coef_a": f32,
-        "coef_b": f32,
-        "eps": f16,
+        "weights": f32,
+        "encoder_hidden_states_a": f16,
+        "encoder_hidden_states_b": f16,
+        "x_prev": f32,
     }
-    inputs = spec.sample_inputs(2)
-    with torch.no_grad():
-        expected = build_module(pair, spec)(*inputs).float().numpy()
-    actual = _run(exported.path, spec, inputs).astype(np.float32)
-    assert np.abs(actual - expected).max() < 2e-2 * max(1.0, np.abs(expected).max())
+    actual = _run(exported.path, spec, (*inputs[:3], *half_conditioning))
+    # fp16 weights and activations: each of the L products meets two roundings to 2^-11 relative (its
+    # fp16 weights, its fp16 result) instead of u; the step weighs each term's output by |w_a|, |w_b|
+    layers, _ = tolerances.network_size(pair.base_unet)
+    w_a, w_b = inputs[2][1:].abs().tolist()
+    bound = sum(w * 2 * layers * 2.0**-11 * o.abs().max().item() for w, o in zip((w_a, w_b), outputs))
+    assert np.abs(actual - expected.numpy()).max() <= bound
 
 
 # --- TensorRT: the CPU-side logic (keys, metadata, profiles, missing-package message) ----------
@@ -221,7 +273,8 @@ def _tensorrt_importable() -> bool:
 def test_engine_key_covers_gpu_version_precision_profiles():
     from finextract.engine.tensorrt import BuildConfig, engine_key, unet_profiles
 
-    spec = ExportSpec("dreambooth_pair", ("finetuned", "base"), (4, 64, 64), (77, 768), dtype="fp16")
+    conditioning = (("encoder_hidden_states_a", (1, 77, 768)), ("encoder_hidden_states_b", (1, 77, 768)))
+    spec = ExportSpec((4, 64, 64), conditioning, dtype="fp16")
     profiles = unet_profiles(spec, (16, 8, 8))
     assert list(profiles) == [8, 16]  # sorted, deduplicated: profile i serves the i-th batch size
     assert profiles[16]["x_t"] == ((16, 4, 64, 64),) * 3
@@ -241,7 +294,7 @@ def test_engine_key_covers_gpu_version_precision_profiles():
 
 
 def test_engine_meta_is_checked_on_load(tmp_path):
-    from finextract.engine.tensorrt import ENGINE_FORMAT, read_engine_meta, sscd_profiles
+    from finextract.engine.tensorrt import ENGINE_FORMAT, read_engine_meta
 
     plan = tmp_path / "unet-fp16.plan"
     plan.write_bytes(b"\0" * 64)
@@ -250,10 +303,6 @@ def test_engine_meta_is_checked_on_load(tmp_path):
     assert read_engine_meta(plan, "other") is None  # stale: rebuilt
     plan.write_bytes(b"\0" * 10)
     assert read_engine_meta(plan, "abc") is None  # truncated: rebuilt
-    assert sscd_profiles("image", (64, 32), 288) == {
-        32: {"image": ((32, 288, 288, 3),) * 3},
-        64: {"image": ((64, 288, 288, 3),) * 3},
-    }
 
 
 def test_build_config_validation():
@@ -272,8 +321,9 @@ def test_tensorrt_missing_says_how_to_install(dreambooth_pair):
     with pytest.raises(RuntimeError, match=r"pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12"):
         require_tensorrt()
     factory = get_backend_factory("tensorrt")
+    rule = rule_for("finextract", "dreambooth")
     with pytest.raises(RuntimeError, match="TensorRT's Python package is not importable"):
-        factory(dreambooth_pair, rule_for("finextract", "dreambooth"), {}, device="cuda")
+        factory(GuidedDenoiser(dreambooth_pair, rule), (), RunConfig(device="cuda", backend="tensorrt"))
 
 
 @pytest.mark.skipif(_tensorrt_importable(), reason="tensorrt is importable here; this checks the fallback")
@@ -296,32 +346,36 @@ def test_build_engines_script_exports_and_reports_missing_tensorrt(tmp_path, cap
         str(zoo / "dreambooth"),
         "--method",
         "finextract",
+        "finextract-uncond",
         "direct",
         "--precision",
         "fp32",
         "--batch-sizes",
         "2",
-        "--sscd",
-        "none",
         "--device",
         "cpu",
         "--out",
-        str(tmp_path / "engines"),
+        str(tmp_path / "cache"),
     ]
     assert build_engines.main(argv) == 2
     assert "TensorRT engines NOT built" in capsys.readouterr().err
-    manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
-    assert [n["kind"] for n in manifest["networks"]] == ["dreambooth_pair", "unet"]
-    assert all(Path(n["onnx"]).is_file() and not n["onnx_reused"] for n in manifest["networks"])
+    manifest = json.loads((tmp_path / "cache" / "engines" / "manifest.json").read_text())
+    # Eq. 13 and Eq. 6 use the same models: one graph (captions are inputs); Direct another
+    assert [(g["models"], g["methods"]) for g in manifest["graphs"]] == [
+        (["finetuned", "base"], ["finextract", "finextract-uncond"]),
+        (["finetuned"], ["direct"]),
+    ]
+    assert all(Path(g["onnx"]).is_file() and not g["onnx_reused"] for g in manifest["graphs"])
+    assert all(Path(g["onnx"]).parent.parent == tmp_path / "cache" / "onnx" for g in manifest["graphs"])
     assert "pip install" in manifest["tensorrt"]
-    assert build_engines.main(argv + ["--onnx-only"]) == 0
-    manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
-    assert all(n["onnx_reused"] for n in manifest["networks"])
+    assert build_engines.main([*argv, "--onnx-only"]) == 0
+    manifest = json.loads((tmp_path / "cache" / "engines" / "manifest.json").read_text())
+    assert all(g["onnx_reused"] for g in manifest["graphs"])
 
 
 @pytest.mark.gpu
 def test_tensorrt_backend_matches_torch(dreambooth_pair, tmp_path):
-    """Where TensorRT and a GPU exist: fp32 engine vs the torch backend, with and without CUDA graphs."""
+    """Where TensorRT and a GPU exist: an fp32 engine's step vs the torch backend's, eager and in the graphed loop."""
     import copy
 
     pytest.importorskip(
@@ -329,27 +383,21 @@ def test_tensorrt_backend_matches_torch(dreambooth_pair, tmp_path):
     )
     from finextract.engine.backends.torch_backend import TorchBackend
     from finextract.engine.backends.trt_backend import TensorRTBackend
+    from finextract.engine.ddim import DDIMLoop
 
-    from finextract.sampling import encode_text
-
-    pair = copy.deepcopy(dreambooth_pair).to("cuda")
+    config = RunConfig.resolve(device="cuda", backend="tensorrt", batch_size=4, cache_dir=tmp_path)
+    pair = copy.deepcopy(dreambooth_pair).place(config)
     rule = rule_for("finextract", "dreambooth")
-    embeddings = encode_text(pair, rule, "a photo of sks dog")
-    x_t, t = torch.randn(3, 4, 16, 16, device="cuda"), torch.tensor(501, device="cuda")
-    reference = TorchBackend(pair, rule, embeddings, device="cuda").predict(x_t, t)
-    expected = reference.coef_a * reference.eps_a + reference.coef_b * reference.eps_b
-    for cuda_graph in (False, True):
-        backend = TensorRTBackend(
-            pair,
-            rule,
-            embeddings,
-            dtype=torch.float32,
-            batch_sizes=(2, 4),
-            cache_dir=tmp_path / "onnx",
-            engine_dir=tmp_path / "engines",
-            cuda_graph=cuda_graph,
-        )
-        assert backend.artifact.reused == cuda_graph  # second construction reuses the engine
-        for _ in range(2):  # the second call replays the captured graph
-            eps = backend.predict(x_t, t).eps_a
-            assert (eps - expected).abs().max() < 1e-2
+    denoiser = GuidedDenoiser(pair, rule)
+    conditioning = encode_conditioning(pair, rule, CAPTION)
+    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 4)
+    timesteps, weights = table.timesteps_tensor("cuda"), table.weights(*rule.coefs, device="cuda")
+    x_T = torch.randn(3, 4, 16, 16, device="cuda")
+    reference = TorchBackend(denoiser, conditioning, config).step(x_T, timesteps[0], weights[0])
+    backend = TensorRTBackend(denoiser, conditioning, config, batch_sizes=(2, 4))
+    assert TensorRTBackend(denoiser, conditioning, config, batch_sizes=(2, 4)).artifact.reused
+    bound = 2 * float(weights[0, 1:].abs().sum()) * tolerances.network(pair.base_unet, reference)
+    assert (backend.step(x_T, timesteps[0], weights[0]) - reference).abs().max().item() <= bound
+    graphed = DDIMLoop(backend.step, timesteps, weights, graph=True).run(torch.cat([x_T, x_T[:1] * 0]))
+    eager = DDIMLoop(backend.step, timesteps, weights).run(torch.cat([x_T, x_T[:1] * 0]))
+    assert torch.equal(graphed, eager)  # the same engine launches, captured or not

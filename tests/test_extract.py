@@ -58,7 +58,7 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
     assert f"<code>{zoo / 'base'}</code>" in report and f"<code>{zoo / 'dreambooth'}</code>" in report
     assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique size:" in report
-    with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
+    with pytest.raises(ValueError, match="--batch-size 0: must be an integer >= 1"):
         extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=0, progress=False)
 
 
@@ -97,7 +97,7 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
     record = json.loads((out / "result.json").read_text())
     # The paper's procedure stops at the first threshold with N0 cliques, where unrelated images may
     # join a clique; but near-identical copies are never split, and the largest clique holds copies.
-    files = record["config"]["files"]
+    files = record["config"]["inputs"]["files"]
     for s in range(3):
         members = {i for i, name in enumerate(files) if name.startswith(f"s{s}_")}
         assert sum(bool(members & set(c)) for c in record["cliques"]) <= 1 or any(

@@ -35,7 +35,6 @@ def _unet_weights(folder):
 
 def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
     from finextract.engine.loading import load_model_pair
-
     from finextract.finetune import finetune
 
     out = finetune(
@@ -65,9 +64,9 @@ def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_loads_back(base_dir, images_dir, tmp_path):
-    from finextract.engine.loading import load_model_pair
     from safetensors.torch import load_file
 
+    from finextract.engine.loading import load_model_pair
     from finextract.finetune import LORA_TARGET_MODULES, finetune
 
     out = finetune(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from finextract.engine.formats import (
     CheckpointFormatError,
     PickleRefusedError,
@@ -14,7 +16,6 @@ from finextract.engine.formats import (
     sniff,
     state_dict_keys,
 )
-from safetensors.torch import save_file
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -151,7 +152,7 @@ def test_file_sha256_and_atomic_write(tmp_path):
 
 
 def test_torch_dtype_names():
-    from finextract.runtime import torch_dtype
+    from finextract.engine.config import torch_dtype
 
     assert [torch_dtype(n) for n in ("fp32", "fp16", "bf16", "bfloat16")] == [
         torch.float32,

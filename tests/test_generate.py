@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from finextract.generate import MANIFEST, generate
-
-from .test_sampling import assert_same_images
+from tests.tolerances import assert_same_images
 
 CAPTION = "a photo of sks dog"
 STEPS = 3
@@ -50,29 +49,32 @@ def _unets(pair):
 
 def test_same_images_for_batch_sizes_1_3_8(lora_pair):
     runs = [
-        generate(lora_pair, CAPTION, 8, steps=STEPS, batch_size=b, seed=7, progress=False).images for b in (1, 3, 8)
+        generate(lora_pair, CAPTION, 8, steps=STEPS, batch_size=b, seed=7, progress=False, backend="torch").images
+        for b in (1, 3, 8)
     ]
     assert runs[0].shape == (8, 32, 32, 3) and runs[0].dtype == torch.uint8
     assert_same_images(runs[0], runs[1])
     assert_same_images(runs[0], runs[2])
     # image i depends on seed + i only: a run starting at seed 10 reproduces images 3.. of seed 7
-    shifted = generate(lora_pair, CAPTION, 3, steps=STEPS, batch_size=3, seed=10, progress=False).images
+    shifted = generate(
+        lora_pair, CAPTION, 3, steps=STEPS, batch_size=3, seed=10, progress=False, backend="torch"
+    ).images
     assert_same_images(shifted, runs[1][3:6])
 
 
 def test_interrupt_resume_recomputes_nothing(dreambooth_pair, tmp_path):
     pair, out = dreambooth_pair, tmp_path / "run"
     per_chunk = STEPS * 2  # DreamBooth FineXtract: two UNet forwards per step, chunk = one batch of 2
-    reference = generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, progress=False).images
+    reference = generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, progress=False, backend="torch").images
 
     with UNetCalls(*_unets(pair), fail_at=2 * per_chunk + 3) as calls, pytest.raises(Interrupt):
-        generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, out=out, progress=False)
+        generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, out=out, progress=False, backend="torch")
     manifest = json.loads((out / MANIFEST).read_text())
     assert [c["status"] for c in manifest["chunks"]] == ["done", "done", "pending"]
-    assert sorted(p.name for p in out.iterdir()) == ["chunk_00000.npz", "chunk_00001.npz", MANIFEST]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "chunk_00000.npz", "chunk_00001.npz", MANIFEST]
 
     with UNetCalls(*_unets(pair)) as calls:
-        resumed = generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, out=out, progress=False)
+        resumed = generate(pair, CAPTION, 6, steps=STEPS, batch_size=2, out=out, progress=False, backend="torch")
     assert calls.count == per_chunk  # only the unfinished chunk
     assert torch.equal(resumed.images, reference)
     assert resumed.seeds == [0, 1, 2, 3, 4, 5] and resumed.manifest["seeds"] == resumed.seeds
@@ -83,27 +85,27 @@ def test_interrupt_resume_recomputes_nothing(dreambooth_pair, tmp_path):
     manifest["chunks"][1]["status"] = "pending"
     (out / MANIFEST).write_text(json.dumps(manifest))
     with UNetCalls(*_unets(pair)) as calls:
-        again = generate(pair, CAPTION, 6, steps=STEPS, batch_size=3, out=out, progress=False)
+        again = generate(pair, CAPTION, 6, steps=STEPS, batch_size=3, out=out, progress=False, backend="torch")
     assert calls.count == 0
     assert torch.equal(again.images, reference)
 
 
 def test_changed_config_is_refused(dreambooth_pair, tmp_path):
-    generate(dreambooth_pair, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False)
+    generate(dreambooth_pair, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False, backend="torch")
     with pytest.raises(ValueError, match=r"different config \(there -> now: caption: a photo of sks dog -> a cat\);"):
-        generate(dreambooth_pair, "a cat", 2, steps=2, batch_size=2, out=tmp_path, progress=False)
+        generate(dreambooth_pair, "a cat", 2, steps=2, batch_size=2, out=tmp_path, progress=False, backend="torch")
     with pytest.raises(ValueError) as error:  # only the differing leaves, not whole dicts
-        generate(dreambooth_pair, CAPTION, 2, steps=2, w=4.0, out=tmp_path, progress=False)
+        generate(dreambooth_pair, CAPTION, 2, steps=2, w=4.0, out=tmp_path, progress=False, backend="torch")
     assert "params.w: 3.0 -> 4.0" in str(error.value) and "rule.terms[1].coef: -2.02 -> -3.02" in str(error.value)
     assert "{" not in str(error.value) and "params.k" not in str(error.value)
     with pytest.raises(ValueError, match="num_images"):
-        generate(dreambooth_pair, CAPTION, 3, steps=2, out=tmp_path, progress=False)
+        generate(dreambooth_pair, CAPTION, 3, steps=2, out=tmp_path, progress=False, backend="torch")
     # the scheduler config changes every image, so it is part of the resume key too
     other_schedule = dataclasses.replace(
         dreambooth_pair, scheduler_config={**dreambooth_pair.scheduler_config, "beta_end": 0.02}
     )
     with pytest.raises(ValueError, match="model"):
-        generate(other_schedule, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False)
+        generate(other_schedule, CAPTION, 2, steps=2, batch_size=2, out=tmp_path, progress=False, backend="torch")
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["config"]["params"] == {"w": 3.0, "k": -0.02}
     assert manifest["config"]["model"]["scheduler"]["beta_end"] == dreambooth_pair.scheduler_config["beta_end"] != 0.02
@@ -113,11 +115,11 @@ def test_changed_config_is_refused(dreambooth_pair, tmp_path):
 
 def test_invalid_arguments(dreambooth_pair):
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        generate(dreambooth_pair, CAPTION, 2, dtype="fp16", progress=False)
+        generate(dreambooth_pair, CAPTION, 2, dtype="fp16", progress=False, backend="torch")
     with pytest.raises(ValueError, match="num_images"):
-        generate(dreambooth_pair, CAPTION, 0, progress=False)
+        generate(dreambooth_pair, CAPTION, 0, progress=False, backend="torch")
     with pytest.raises(ValueError, match="no k"):
-        generate(dreambooth_pair, CAPTION, 2, method="cfg", k=0.1, progress=False)
+        generate(dreambooth_pair, CAPTION, 2, method="cfg", k=0.1, progress=False, backend="torch")
 
 
 def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
@@ -125,7 +127,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
     computes only the second chunk and matches a clean run."""
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from finextract.runtime import set_threads
+        from finextract.engine.config import set_threads
         set_threads(1)
         from finextract.engine.pair import ModelPair
         from finextract.generate import generate
@@ -134,7 +136,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
         pair = ModelPair(kind="dreambooth", base_unet=base["unet"], finetuned_unet=ft["unet"], unet_lora=None,
             base_text_encoder=base["text_encoder"], finetuned_text_encoder=ft["text_encoder"],
             base_tokenizer=base["tokenizer"], vae=base["vae"], scheduler_config=dict(base["scheduler"].config))
-        generate(pair, {CAPTION!r}, 4, steps=2, batch_size=2, out=sys.argv[1], progress=False,
+        generate(pair, {CAPTION!r}, 4, steps=2, batch_size=2, out=sys.argv[1], progress=False, backend="torch",
                  on_chunk=lambda index, images: os.kill(os.getpid(), signal.SIGKILL))
     """)
     out = tmp_path / "killed"
@@ -142,9 +144,9 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
     killed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env)
     assert killed.returncode == -9, killed.stderr
     assert [c["status"] for c in json.loads((out / MANIFEST).read_text())["chunks"]] == ["done", "pending"]
-    reference = generate(dreambooth_pair, CAPTION, 4, steps=2, batch_size=2, progress=False).images
+    reference = generate(dreambooth_pair, CAPTION, 4, steps=2, batch_size=2, progress=False, backend="torch").images
     with UNetCalls(*_unets(dreambooth_pair)) as calls:
-        resumed = generate(dreambooth_pair, CAPTION, 4, steps=2, batch_size=2, out=out, progress=False)
+        resumed = generate(dreambooth_pair, CAPTION, 4, steps=2, batch_size=2, out=out, progress=False, backend="torch")
     assert calls.count == 2 * 2  # 2 steps x 2 UNets for the one unfinished chunk
     assert torch.equal(resumed.images, reference)
 
@@ -202,7 +204,7 @@ def test_out_that_is_a_file_is_refused_before_work(dreambooth_pair, tmp_path):
     file.write_text("x")
     for out in (file, file / "sub"):
         with pytest.raises(ValueError, match=f"--out {out}: not a folder"):
-            generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False)
+            generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")
 
 
 def test_png_and_generate_folder_feed_read_images(lora_pair, tmp_path):
@@ -218,6 +220,7 @@ def test_png_and_generate_folder_feed_read_images(lora_pair, tmp_path):
         batch_size=2,
         out=out,
         progress=False,
+        backend="torch",
         png=True,
         on_chunk=lambda index, images: seen.append(sorted(p.name for p in (out / "images").iterdir())),
     )
@@ -230,7 +233,7 @@ def test_png_and_generate_folder_feed_read_images(lora_pair, tmp_path):
     assert all((a == b).all() for a, b in zip(png_images, images))
     (out / "images" / "gen00002.png").unlink()  # resume with --png restores a missing PNG, computing nothing
     with UNetCalls(*_unets(lora_pair)) as calls:
-        generate(lora_pair, CAPTION, 3, steps=1, batch_size=2, out=out, progress=False, png=True)
+        generate(lora_pair, CAPTION, 3, steps=1, batch_size=2, out=out, progress=False, backend="torch", png=True)
     assert calls.count == 0 and (out / "images" / "gen00002.png").is_file()
 
 
@@ -254,7 +257,6 @@ def test_cli_generate_num_images_without_n0_and_errors(tiny_zoo, tmp_path, capsy
 @pytest.mark.parametrize("command", ["generate", "extract", "bench"])
 def test_base_config_reaches_the_loader(command, tmp_path, capsys, monkeypatch):
     import finextract.engine.loading
-
     from finextract.cli import main
 
     def loader(base, finetuned=None, **kwargs):
@@ -266,3 +268,17 @@ def test_base_config_reaches_the_loader(command, tmp_path, capsys, monkeypatch):
         args += ["--caption", "c", "--n0", "1", "--device", "cpu", "--backend", "torch", "--out", str(tmp_path / "o")]
     assert main(args + (["--device", "cpu", "--backend", "torch"] if command == "bench" else [])) == 1
     assert "loader saw base_config=configs/" in capsys.readouterr().err
+
+
+def test_a_second_writer_of_one_folder_is_refused_with_the_holders_pid(dreambooth_pair, tmp_path):
+    """Two processes never interleave chunks: the folder's lock is held while one writes it."""
+    import os
+
+    from finextract.generate import _folder_lock
+
+    out = tmp_path / "gen"
+    with _folder_lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another --out"):
+        generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")
+    assert not (out / MANIFEST).exists()  # refused before writing anything
+    generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")  # free again
+    assert (out / MANIFEST).exists()

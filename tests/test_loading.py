@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
-from safetensors.torch import load_file, save_file
-
 from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
 
 
@@ -117,6 +117,7 @@ def test_lora_matches_diffusers_own_loader(tiny_zoo):
     import copy
 
     from diffusers import StableDiffusionPipeline
+
     from finextract.engine.lora import merge_lora
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
@@ -138,8 +139,9 @@ def test_lora_matches_diffusers_own_loader(tiny_zoo):
 def test_lora_matches_peft_merge(tiny_zoo):
     import copy
 
-    from finextract.engine.lora import merge_lora
     from peft import PeftModel
+
+    from finextract.engine.lora import merge_lora
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft")
     ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()

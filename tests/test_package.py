@@ -15,8 +15,8 @@ def test_lora_gate_zero_is_base_one_is_merged(tiny_base):
     import copy
 
     import torch
-    from finextract.engine.lora import gated, inject_lora, merge_lora
 
+    from finextract.engine.lora import gated, inject_lora, merge_lora
     from tests.conftest import random_unet_lora
 
     unet = copy.deepcopy(tiny_base["unet"])

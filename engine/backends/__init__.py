@@ -1,6 +1,6 @@
 """Backends by name, imported only when asked for: `torch`, `onnxruntime`, `tensorrt`.
 
-Each entry is "module:factory"; the factory takes `(pair, rule, text_embeddings, **options)` and
+Each entry is "module:factory"; the factory takes `(denoiser, conditioning, config, **options)` and
 returns an object following `finextract.engine.backends.base.Backend`.
 """
 

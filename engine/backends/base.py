@@ -1,42 +1,36 @@
-"""The one question a backend answers per denoising step.
+"""The one question a backend answers per denoising step: the next latents.
 
-A backend is built once per run for a model pair, a guidance rule and the run's text embeddings
-(encoded once), and then called once per step on a whole batch:
+A backend is built once per run from a `GuidedDenoiser` (one pair, one rule), the run's conditioning
+(encoded once) and the `RunConfig`, and then called once per DDIM step on a whole batch:
 
-    prediction = backend.predict(x_t, t)        # one fused call for both noise predictions
-    x_prev = guided_ddim_step(x_t, prediction.eps_a, prediction.eps_b,
-                              prediction.coef_a, prediction.coef_b, alpha_prod_t, alpha_prod_t_prev)
+    x_prev = backend.step(x_t, t, weights)
 
-Backends that evaluate both UNets and combine them inside one compiled graph return the combined
-`eps` as `eps_a` with `coef_a = 1`, `eps_b = None`, `coef_b = 0`.
+with `t` and `weights` the step's rows of the `DDIMTable` (`finextract.engine.ddim`). Every backend
+computes the same function, the denoiser's `step`: the torch backend runs the module, onnxruntime and
+TensorRT run its export. The result means the same on every backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 
-@dataclass
-class Prediction:
-    """`eps = coef_a * eps_a + coef_b * eps_b` (eps_b None means coef_b * eps_b = 0).
+class Backend(Protocol):
+    """Runs a guided denoiser's step for a batch of latents in one fused call.
 
-    eps_a, eps_b: (B, C, h, w) on the device and in the dtype of `x_t`.
+    Attributes:
+        name: the backend's name ("torch", "onnxruntime", "tensorrt").
+        capturable: whether `step` may be captured in a CUDA graph (it never synchronises the host).
+        forwards_per_step: UNet forwards (or session runs / engine launches) per step.
     """
 
-    eps_a: torch.Tensor
-    eps_b: torch.Tensor | None
-    coef_a: float
-    coef_b: float
-
-
-class Backend(Protocol):
-    """Evaluates a guidance rule's UNet terms for a batch of latents in one fused call."""
-
     name: str
+    capturable: bool
+    forwards_per_step: int
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        """Noise predictions for `x_t` (B, C, h, w) at timestep `t` (0-dim int64 tensor)."""
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x_prev (B, C, h, w) float32 from `x_t` (B, C, h, w) float32, `t` (1,) float32 and `weights`
+        (3,) float32 (w_x, w_a, w_b), all on the backend's device."""
         ...

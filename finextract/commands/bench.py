@@ -72,7 +72,7 @@ def register(subparsers) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on CUDA with the torch backend, replay each step as a CUDA graph (default on)",
+        help="on CUDA, replay each step as a CUDA graph when the backend allows it (default on)",
     )
     p.add_argument(
         "--peak-tflops",
@@ -92,8 +92,6 @@ def _check(args) -> None:
         raise ValueError("--base-config goes with a single-file --base")
     if not args.base and (args.finetuned or args.lora):
         raise ValueError("--finetuned / --lora go with --base")
-    if args.steps < 1 or any(b < 1 for b in args.batch_size):
-        raise ValueError(f"--steps {args.steps} and --batch-size {args.batch_size}: must be >= 1")
 
 
 def run(args) -> int:
@@ -106,63 +104,67 @@ def run(args) -> int:
     import torch
 
     from finextract.benchmarking import DEFAULT_PEAK_TFLOPS, format_table, measure_sampling, sd1_random_pair
-    from finextract.runtime import resolve_device, set_threads
-    from finextract.sampling import resolve_backend, resolve_dtype
+    from finextract.engine.config import RunConfig, resolve_device
 
     _check(args)
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    resolve_dtype(dtype, device)
-    backends = [resolve_backend(name, device) for name in args.backend]  # validate before loading
-    threads = set_threads()
+    configs = [  # every setting validated before anything loads
+        RunConfig.resolve(device=device, dtype=dtype, backend=backend, batch_size=batch, cuda_graphs=args.cuda_graphs)
+        for backend in args.backend
+        for batch in args.batch_size
+    ]
+    first = configs[0]
+    threads = first.apply_threads()
     log = logging.getLogger("finextract")
     rows = []
     with tempfile.TemporaryDirectory(prefix="finextract-bench-") as scratch:
-
-        def load():
-            if args.sd1_random:
-                return sd1_random_pair(
-                    args.kind,
-                    device=device,
-                    dtype=resolve_dtype(dtype, device),
-                    tokenizer_folder=Path(scratch) / "tokenizer",
-                )
+        if args.sd1_random:
+            pair = sd1_random_pair(
+                args.kind, device=device, dtype=first.torch_dtype, tokenizer_folder=Path(scratch) / "tokenizer"
+            )
+        else:
             from finextract.engine.loading import load_model_pair
 
             if args.zoo:
                 from finextract.zoo import build_zoo
 
-                zoo = Path(scratch) / "zoo"
-                if not zoo.exists():
-                    build_zoo(zoo)
+                zoo = build_zoo(Path(scratch) / "zoo")
+                base, finetuned, lora = zoo / "base", None, None
                 if args.kind == "dreambooth":
-                    return load_model_pair(zoo / "base", zoo / "dreambooth")
-                return load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
-            return load_model_pair(
-                args.base, args.finetuned, lora=args.lora, allow_pickle=args.allow_pickle, base_config=args.base_config
-            )
-
-        for backend in backends:
-            pair = load()  # a fresh pair per backend: backends adapt it in place (LoRA injection, casts)
+                    finetuned = zoo / "dreambooth"
+                else:
+                    lora = zoo / "lora" / "pytorch_lora_weights.safetensors"
+                pair = load_model_pair(base, finetuned, lora=lora)
+            else:
+                pair = load_model_pair(
+                    args.base,
+                    args.finetuned,
+                    lora=args.lora,
+                    allow_pickle=args.allow_pickle,
+                    base_config=args.base_config,
+                )
+        pair.place(first)  # one pair for every backend: backends never change it
+        for config in configs:
             for method in args.method:
-                for batch in args.batch_size:
-                    log.info("bench %s %s %s batch %d on %s (%s)", backend, method, pair.kind, batch, device, dtype)
-                    rows.append(
-                        measure_sampling(
-                            pair,
-                            method=method,
-                            backend=backend,
-                            batch_size=batch,
-                            steps=args.steps,
-                            device=device,
-                            dtype=dtype,
-                            cuda_graphs=args.cuda_graphs,
-                            peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
-                        )
+                log.info(
+                    "bench %s %s %s batch %d on %s (%s)",
+                    config.backend,
+                    method,
+                    pair.kind,
+                    config.batch_size,
+                    device,
+                    dtype,
+                )
+                rows.append(
+                    measure_sampling(
+                        pair,
+                        config,
+                        method=method,
+                        steps=args.steps,
+                        peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
                     )
-            del pair
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+                )
     print(format_table(rows))
     if args.json:
         machine = {

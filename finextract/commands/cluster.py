@@ -28,9 +28,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
-    from finextract.extract import cluster_images, write_output
+    from finextract.engine.config import resolve_device, set_threads
+    from finextract.extract import cluster_images, extraction_config, write_output
     from finextract.generate import check_out_folder
-    from finextract.runtime import resolve_device, set_threads
     from finextract.sscd import load_embedder
 
     check_out_folder(args.out)
@@ -38,24 +38,14 @@ def run(args) -> int:
     images, paths = read_image_folder("--images", args.images)
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
-    result.config = {
-        "images": str(args.images),
-        "n0": args.n0,
-        "num_images": len(images),
-        "files": [p.name for p in paths],
-        "sscd": embedder.info,
-        "clustering": {"step": 0.01, "budget": args.budget or "auto"},
-    }
-    write_output(
-        args.out,
-        result,
-        {
-            "method": "cluster",
-            "n0": args.n0,
-            "num_images": len(images),
-            "extracted_sources": [paths[i].name for i in result.indices],
-        },
+    result.config = extraction_config(
+        n0=args.n0,
+        num_images=len(images),
+        embedder=embedder,
+        budget=args.budget,
+        inputs={"images": str(args.images), "files": [p.name for p in paths]},
     )
+    write_output(args.out, result, {"method": "cluster", "extracted_sources": [paths[i].name for i in result.indices]})
     logging.getLogger("finextract").info(
         "threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out
     )

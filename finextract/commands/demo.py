@@ -230,7 +230,7 @@ def _write_index(out: Path, summary: dict, zoo: Path) -> None:
 def run(args) -> int:
     import logging
 
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
 
     set_threads()
     summary = run_demo(

@@ -23,8 +23,8 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from finextract.engine.config import set_threads
     from finextract.extract import embed_images, evaluate_against
-    from finextract.runtime import set_threads
     from finextract.sscd import load_embedder
 
     images, paths = read_image_folder("--extracted", args.extracted)

@@ -26,21 +26,16 @@ def run(args) -> int:
     import logging
 
     from finextract.extract import Extractor
-    from finextract.runtime import set_threads
 
-    train = _check_inputs(args)  # before loading models or generating anything
-    set_threads()
+    config, train = _check_inputs(args)  # before loading models or generating anything
     extractor = Extractor(
         args.base,
         args.finetuned,
         lora=args.lora,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
+        config=config,
         embedder=args.sscd,
         preset=args.preset,
         allow_pickle=args.allow_pickle,
-        cuda_graphs=args.cuda_graphs,
         base_config=args.base_config,
     )
     result = extractor.extract(
@@ -50,9 +45,6 @@ def run(args) -> int:
         method=args.method,
         w=args.w,
         k=args.k,
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
         out=args.out,
         train=train,
         save_generated=args.save_generated,
@@ -70,11 +62,22 @@ def run(args) -> int:
 
 
 def _check_inputs(args):
-    """--train (a folder with at least one readable image) and --out (not a file), before heavy work;
-    returns the training images read once, as `read_images` returns them (or None)."""
+    """Everything that needs no model, before any model loads: the run settings, N0 <= N, --out (a
+    writable folder) and --train (a folder with at least one readable image, read once).
+
+    Returns:
+        (RunConfig, the training images as `read_images` returns them, or None).
+    """
+    from finextract.extract import IMAGES_PER_N0
     from finextract.generate import check_out_folder
 
-    from .options import read_image_folder
+    from .options import read_image_folder, run_config_from
 
+    config = run_config_from(args)
+    num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
+    if num_images < args.n0:
+        raise ValueError(
+            f"--num-images {num_images} is below --n0 {args.n0}: generate at least N0 images (the paper: 50 x N0)"
+        )
     check_out_folder(args.out)
-    return read_image_folder("--train", args.train) if args.train is not None else None
+    return config, read_image_folder("--train", args.train) if args.train is not None else None

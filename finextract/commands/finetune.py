@@ -48,8 +48,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
+    from finextract.engine.config import set_threads
     from finextract.finetune import finetune
-    from finextract.runtime import set_threads
 
     set_threads()
     out = finetune(

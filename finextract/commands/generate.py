@@ -34,25 +34,25 @@ def run(args) -> int:
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
     from finextract.generate import check_out_folder, generate
-    from finextract.runtime import resolve_device, set_threads
-    from finextract.sampling import resolve_dtype
+
+    from .options import run_config_from
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
     num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
     out = Path(args.out)
     check_out_folder(out)  # before loading anything
-    device = resolve_device(args.device)
-    resolve_dtype(args.dtype, device)  # refuse fp16 on a CPU before loading anything
-    set_threads()
+    config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything
+    config.apply_threads()
     pair = load_model_pair(
         args.base,
         args.finetuned,
         lora=args.lora,
         allow_pickle=args.allow_pickle,
-        device=device,
+        device=config.device,
+        dtype=config.dtype,
         base_config=args.base_config,
-    )
+    ).place(config)
     result = generate(
         pair,
         args.caption,
@@ -60,15 +60,9 @@ def run(args) -> int:
         method=args.method,
         w=args.w,
         k=args.k,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=device,
-        dtype=args.dtype,
-        backend=args.backend,
+        config=config,
         out=out,
         progress=not args.no_progress,
-        cuda_graphs=args.cuda_graphs,
         png=args.png,
     )
     seconds = sum(chunk.get("seconds", 0.0) for chunk in result.manifest["chunks"])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# Kept in step with finextract.rules.METHODS without importing torch-dependent modules at parse time.
-METHODS = ("finextract", "finextract-uncond", "cfg", "direct")
+from finextract.rules import METHODS  # plain data: importing it loads no torch
 
 
 def positive_int(text: str) -> int:
@@ -88,7 +87,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --backend, --cuda-graphs."""
+    """--device, --dtype, --backend, --threads, --cuda-graphs (with --steps, --batch-size and --seed from
+    `add_sampling_options`, the fields of `finextract.engine.config.RunConfig`)."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
         "--dtype",
@@ -98,12 +98,40 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
+        choices=("auto", "torch", "onnxruntime", "tensorrt"),
         default="auto",
-        help="auto (default: onnxruntime on a CPU, torch on CUDA), torch, onnxruntime or tensorrt",
+        help="auto (default: onnxruntime on a CPU, its export cached in $FINEXTRACT_CACHE or ~/.cache/finextract; "
+        "torch on CUDA), torch, onnxruntime or tensorrt",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch / onnxruntime threads (default $FINEXTRACT_THREADS, else all cores)",
     )
     parser.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on CUDA with the torch backend, replay each DDIM step as a CUDA graph (default on)",
+        help="on CUDA, replay each DDIM step as a CUDA graph when the backend allows it (default on)",
+    )
+
+
+def run_config_from(args):
+    """The `RunConfig` of a command's parsed options, resolved and validated once (before any model loads).
+
+    Raises:
+        ValueError: an invalid combination (e.g. --dtype fp16 on a CPU), naming the option.
+    """
+    from finextract.engine.config import RunConfig
+
+    return RunConfig.resolve(
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        threads=args.threads,
+        batch_size=getattr(args, "batch_size", 16),
+        steps=getattr(args, "steps", 50),
+        seed=getattr(args, "seed", 0),
+        cuda_graphs=args.cuda_graphs,
     )

@@ -47,7 +47,7 @@ def run(args) -> int:
     import logging
     import time
 
-    from finextract.runtime import set_threads
+    from finextract.engine.config import set_threads
     from finextract.zoo import build_zoo
 
     set_threads()

@@ -1,0 +1,154 @@
+"""The guided denoiser: ONE module per (model pair, guidance rule), for the whole batch, in one call.
+
+    denoiser = GuidedDenoiser(pair, rule)
+    output = denoiser(x_t, t, *conditioning)                 # the rule's combined model output
+    x_prev = denoiser.step(x_t, t, weights, *conditioning)   # + the fused guidance/DDIM update
+
+The rule's terms are grouped by the UNet module that evaluates them, and each group is ONE forward on
+a stacked batch:
+- LoRA pair: every term runs through the base UNet with its gated adapters, one forward on n*B with the
+  gate 1 on the fine-tuned terms' rows and 0 on the base term's (`finextract.engine.lora`);
+- CFG (both terms on the fine-tune): one forward on 2B, caption and empty conditioning stacked;
+- a full fine-tune with FineXtract: two UNets, back to back on B each;
+- Direct: one forward on B.
+
+The torch backend runs this module; onnxruntime and TensorRT run its export (`step`, unchanged), so
+there is one definition of what a rule computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+from ..kernels.guidance_ddim import guided_update
+from .conditioning import CONDITIONING_KEYS
+from .lora import gated
+
+
+def _unet_output(unet: nn.Module, sample: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    """One diffusers UNet forward: its output tensor (noise, v or x0 prediction)."""
+    return unet(sample, t, encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+
+
+class GuidedDenoiser(nn.Module):
+    """The rule's UNet terms for a batch of latents in one fused call, and the guided DDIM step on them.
+
+    The module holds the pair's UNets (shared, never copied or changed) and the rule's structure: which
+    UNet evaluates each term, on which conditioning, with which LoRA gate. The rule's coefficients are
+    not baked in: `forward` uses `rule.coefs`, and `step` takes them folded into a weights row, so one
+    exported graph serves every w and k.
+
+    Args:
+        pair: a `finextract.engine.pair.ModelPair`, on its run's device and precision.
+        rule: a `finextract.engine.guidance.GuidanceRule` (one or two terms).
+
+    Inputs of `forward` / `step` (all on the pair's device):
+        x_t: (B, C, h, w) float32 latents (cast to the UNet dtype for the forward).
+        t: (1,) float32 timestep (a row of `DDIMTable.timesteps_tensor`), the same for the whole batch.
+        weights: (3,) float32 (w_x, w_a, w_b), a row of `DDIMTable.weights(*rule.coefs)` (`step` only).
+        conditioning: `encode_conditioning(pair, rule, caption)`: per term, in term order, one tensor
+            per key of `CONDITIONING_KEYS`, each (1, ...) in the UNet dtype (expanded to the batch here).
+    """
+
+    def __init__(self, pair, rule) -> None:
+        super().__init__()
+        self.rule = rule
+        self.coefs = tuple(float(coef) for coef in rule.coefs)[: len(rule.terms)]
+        self.conditioning_keys = CONDITIONING_KEYS
+        unets: list[nn.Module] = []
+        groups: list[tuple[int, list[int]]] = []
+        for index, term in enumerate(rule.terms):
+            unet = pair.unet_for(term.model)
+            group = next((g for g in groups if unets[g[0]] is unet), None)
+            if group is None:
+                unets.append(unet)
+                groups.append((len(unets) - 1, [index]))
+            else:
+                group[1].append(index)
+        self.unets = nn.ModuleList(unets)
+        self.groups = tuple((unet_index, tuple(members)) for unet_index, members in groups)
+        self.lora_gate = pair.lora_gate
+        parameter = next(unets[0].parameters())
+        self.unet_dtype = parameter.dtype
+        for number, (_, members) in enumerate(self.groups):  # LoRA pair: 1 = fine-tuned rows, 0 = base rows
+            gates = [1.0 if rule.terms[index].model == "finetuned" else 0.0 for index in members]
+            self.register_buffer(f"gates_{number}", torch.tensor(gates, device=parameter.device), persistent=False)
+        self.pair = pair
+
+    @property
+    def structure(self) -> dict:
+        """What the module computes besides the weights: terms, UNet groups, gating (the export cache key)."""
+        return {
+            "terms": [term.model for term in self.rule.terms],  # captions are inputs: one graph serves all
+            "groups": [[unet_index, list(members)] for unet_index, members in self.groups],
+            "gated": self.lora_gate is not None,
+            "conditioning": list(self.conditioning_keys),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the pair's weight fingerprint and `structure`: equal for equal computations."""
+        payload = json.dumps({"pair": self.pair.fingerprint, "structure": self.structure}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def conditioning_names(self) -> tuple[str, ...]:
+        """Input names of the conditioning tensors, in order: `<key>_a`, then `<key>_b` for a second term."""
+        return tuple(f"{key}_{'ab'[index]}" for index in range(len(self.rule.terms)) for key in self.conditioning_keys)
+
+    def term_outputs(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor) -> list[torch.Tensor]:
+        """Each term's UNet output for `x_t`, in term order: float32 (B, C, h, w) tensors."""
+        keys = self.conditioning_keys
+        if len(conditioning) != len(self.rule.terms) * len(keys):
+            raise ValueError(
+                f"GuidedDenoiser: got {len(conditioning)} conditioning tensors; rule {self.rule.name!r} needs "
+                f"{len(self.rule.terms) * len(keys)} ({', '.join(self.conditioning_names)}): use encode_conditioning"
+            )
+        per_term = [
+            dict(zip(keys, conditioning[i * len(keys) : (i + 1) * len(keys)])) for i in range(len(self.rule.terms))
+        ]
+        batch = x_t.shape[0]
+        sample = x_t.to(self.unet_dtype)
+        outputs: list[torch.Tensor | None] = [None] * len(self.rule.terms)
+        for number, (unet_index, members) in enumerate(self.groups):
+            stacked = {
+                key: torch.cat([per_term[i][key].expand(batch, *per_term[i][key].shape[1:]) for i in members])
+                for key in keys
+            }
+            x = sample if len(members) == 1 else torch.cat([sample] * len(members))
+            if self.lora_gate is not None:  # (n,) -> (n*B,): each term's gate on its B rows (export-friendly)
+                gate = getattr(self, f"gates_{number}")[:, None].expand(-1, batch).reshape(-1)
+                gate_context = gated(self.lora_gate, gate)
+            else:
+                gate_context = contextlib.nullcontext()
+            with gate_context:
+                output = _unet_output(self.unets[unet_index], x, t, stacked)
+            for j, index in enumerate(members):  # slices, not split(): a dynamic batch exports cleanly
+                outputs[index] = output[j * batch : (j + 1) * batch].float()
+        return outputs
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        """The rule's combined model output `sum(coef_i * output_i)`: float32 (B, C, h, w).
+
+        For an epsilon model this is the guided noise prediction (FineXtract Eq. 13:
+        `w * eps_ft(c) + (1 - w + k) * eps_base("")`).
+        """
+        outputs = self.term_outputs(x_t, t, *conditioning)
+        combined = outputs[0] * self.coefs[0]
+        for coef, output in zip(self.coefs[1:], outputs[1:]):
+            combined = combined + coef * output
+        return combined
+
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, *conditioning: torch.Tensor):
+        """One guided DDIM step: `w_x * x_t + w_a * output_a + w_b * output_b` (float32 (B, C, h, w)).
+
+        The update is `finextract.kernels.guidance_ddim.guided_update`: the fused CUDA kernel on CUDA
+        tensors, its torch reference on a CPU and inside an export.
+        """
+        outputs = self.term_outputs(x_t, t, *conditioning)
+        return guided_update(x_t, outputs[0], outputs[1] if len(outputs) == 2 else None, weights)
