@@ -11,12 +11,39 @@ is two explicit small products, which the ONNX exporter traces like any other op
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pair import LoRALayer
+
+@dataclass
+class LoRALayer:
+    """One LoRA adapter on one module: delta W = (alpha / rank) * up @ down.
+
+    Attributes:
+        down: (rank, in_features) for a Linear, (rank, in_channels, kh, kw) for a Conv2d.
+        up: (out_features, rank) for a Linear, (out_channels, rank, 1, 1) for a Conv2d.
+        alpha: the file's alpha; equals rank when the file has none (recorded in
+            `ModelPair.sources["lora_alpha_assumed"]`).
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """delta W = (alpha / rank) * up @ down in float32, (out, in * kh * kw): reshape to the weight."""
+        return self.scale * self.up.flatten(1).float() @ self.down.flatten(1).float()
 
 
 class LoRAGate:

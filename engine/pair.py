@@ -1,7 +1,7 @@
 """The model pair FineXtract needs: a pretrained model (theta) and its fine-tune (theta').
 
-A pair is prepared once, when it is built: a LoRA pair's adapters are inserted into its base UNet as
-gated branches (off unless a denoiser turns them on per sample), and `to()` puts every model on its
+A pair is prepared once, when it is built: a LoRA pair's adapters are attached to its base UNet as
+gated forward hooks (off unless a denoiser turns them on per sample), and `to()` puts every model on its
 device, precision and, on CUDA, its fast layout. Nothing downstream (denoisers, backends, the loop)
 changes a pair, so any number of backends can be built from one pair in one process.
 """
@@ -14,33 +14,9 @@ from typing import Any, Literal
 
 import torch
 
+from .lora import LoRALayer, inject_lora
 
-@dataclass
-class LoRALayer:
-    """One LoRA adapter on one module: delta W = (alpha / rank) * up @ down.
-
-    Attributes:
-        down: (rank, in_features) for a Linear, (rank, in_channels, kh, kw) for a Conv2d.
-        up: (out_features, rank) for a Linear, (out_channels, rank, 1, 1) for a Conv2d.
-        alpha: the file's alpha; equals rank when the file has none (recorded in
-            `ModelPair.sources["lora_alpha_assumed"]`).
-    """
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
-    def delta(self) -> torch.Tensor:
-        """delta W = (alpha / rank) * up @ down in float32, (out, in * kh * kw): reshape to the weight."""
-        return self.scale * self.up.flatten(1).float() @ self.down.flatten(1).float()
+__all__ = ["LoRALayer", "ModelPair", "prepare_unet_for_cuda"]
 
 
 @dataclass
@@ -49,7 +25,7 @@ class ModelPair:
 
     `eps_base` uses `base_unet` with `base_text_encoder`; `eps_ft` uses the fine-tuned UNet
     (`finetuned_unet`, or `base_unet` with `unet_lora` applied) with `finetuned_text_encoder`
-    (the checkpoint's own when it has one, else the pretrained one: SPEC section 1).
+    (the checkpoint's own when it has one, else the pretrained one).
 
     Attributes:
         kind: what was fine-tuned, which selects the method's defaults: "dreambooth" (a full
@@ -105,8 +81,6 @@ class ModelPair:
             raise ValueError("a LoRA pair needs unet_lora, a merged finetuned_unet or an adapted text encoder")
         self.lora_gate = None
         if self.unet_lora:
-            from .lora import inject_lora
-
             self.lora_gate = inject_lora(self.base_unet, self.unet_lora)
 
     def unet_for(self, model: str):

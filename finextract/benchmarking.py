@@ -8,7 +8,7 @@ A row holds the median DDIM-step latency after warm-up (both UNet evaluations of
 guidance/DDIM update, exactly the sampler's path: CUDA graph replays on CUDA with the torch backend),
 images/s for a 50-step image, peak memory (process RSS on a CPU, `torch.cuda.max_memory_allocated`
 on a GPU) and, on a GPU, model FLOP utilisation from 0.89 TFLOP per image per SD 1.x UNet evaluation
-at 512x512 (SPEC section 6), scaled by the latent area.
+at 512x512 (the SD 1.x UNet's count), scaled by the latent area.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ logger = logging.getLogger(__name__)
 
 #: DDIM steps per generated image (the paper's 50): images/s = batch / (STEPS_PER_IMAGE x step latency).
 STEPS_PER_IMAGE = 50
-#: SD 1.x UNet, one image, one evaluation, 64x64 latents (512x512 pixels): SPEC section 6.
+#: SD 1.x UNet, one image, one evaluation, 64x64 latents (512x512 pixels).
 TFLOP_PER_IMAGE_EVAL = 0.89
 SD1_LATENT_AREA = 64 * 64
-#: Dense fp16/bf16 matrix rate used for MFU (the H200 measured in SPEC section 6); override per GPU.
+#: Dense fp16/bf16 matrix rate used for MFU (an H200, measured on dense bf16 products); override per GPU.
 DEFAULT_PEAK_TFLOPS = float(os.environ.get("FINEXTRACT_PEAK_TFLOPS", "790"))
-#: The SD 1.x UNet config (SPEC section 6): a performance-equivalent UNet with random weights.
+#: The SD 1.x UNet config: a performance-equivalent UNet with random weights (no download).
 SD1_UNET_CONFIG = dict(
     sample_size=64,
     in_channels=4,

@@ -130,7 +130,7 @@ def test_sd1_random_pair_shapes_on_cpu(tokenizer_dir):
     config = pair.base_unet.config
     assert tuple(config.block_out_channels) == (320, 640, 1280, 1280) and config.cross_attention_dim == 768
     parameters = sum(p.numel() for p in pair.base_unet.parameters())
-    assert 855e6 < parameters < 865e6  # SPEC section 6: 859.5 M
+    assert 855e6 < parameters < 865e6  # the SD 1.x UNet: 859.5 M parameters
     assert (
         pair.kind == "lora" and pair.finetuned_unet is None and len(pair.unet_lora) == 128
     )  # 16 transformer blocks x 2 attentions x 4
