@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import AdapterError, Adapter, Conventions, optional, shape_text, tucker, weight_decompose
+from .base import Adapter, AdapterError, Conventions, optional, shape_text, tucker, weight_decompose
 
 
 @dataclass
