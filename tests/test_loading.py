@@ -280,7 +280,7 @@ def test_hub_id_resolves_only_from_local_cache(tiny_zoo, tmp_path, monkeypatch):
 
 
 def test_single_file_base_without_config_fails_clearly(tiny_zoo):
-    with pytest.raises(RuntimeError, match="base_config"):
+    with pytest.raises(ValueError, match=r"single-file checkpoint: pass base_config=.*\(CLI --base-config\)"):
         load_model_pair(tiny_zoo / "dreambooth_unet.safetensors", tiny_zoo / "lora")
 
 
