@@ -70,7 +70,7 @@ PEFT_SUFFIXES = {
 }
 _DOTTED_SUFFIXES = sorted(set(PEFT_SUFFIXES) | KNOWN_SUFFIXES, key=len, reverse=True)
 _CLONEOFSIMO_KEY = re.compile(r"(unet|text_encoder):(\d+):(up|down)")
-_PEFT_CONVENTIONS = Conventions(dora_eps=0.0)  # PEFT's DoRA adds nothing to the weight norm
+_PEFT_CONVENTIONS = Conventions(dora_eps=0.0, dora_on_output=True)  # PEFT's DoRA: per output row, no eps
 _LYCORIS_CONVENTIONS = Conventions(dora_eps=FLOAT32_EPS)
 
 
@@ -352,6 +352,7 @@ def _read_peft(path: Path, allow_pickle: bool) -> _Parsed:
         if peft_type == "OFT":
             conventions = Conventions(
                 dora_eps=0.0,
+                dora_on_output=True,
                 oft_cayley_neumann=bool(config.get("use_cayley_neumann", True)),
                 oft_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
                 oft_coft=bool(config.get("coft", False)),

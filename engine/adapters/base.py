@@ -24,6 +24,9 @@ class Conventions:
     Attributes:
         dora_eps: added to the weight norm in DoRA's decomposition: `FLOAT32_EPS` for LyCORIS /
             kohya files (`dora_scale`), 0 for PEFT / diffusers files (`lora_magnitude_vector`).
+        dora_on_output: the norm's axis: None reads it from the magnitude's shape (LyCORIS: (out, 1,
+            ...) per output row, (1, in, ...) per input column); True always per output row (PEFT,
+            whose Conv2d magnitude is shaped (1, out, 1, 1)).
         oft_cayley_neumann: OFTv2 (PEFT `oft_R`): build the rotation with PEFT's truncated Neumann
             series (True, PEFT's default) or with the exact Cayley transform (False).
         oft_neumann_terms: the series' number of terms (PEFT's `num_cayley_neumann_terms`, default 5).
@@ -32,6 +35,7 @@ class Conventions:
     """
 
     dora_eps: float = FLOAT32_EPS
+    dora_on_output: bool | None = None
     oft_cayley_neumann: bool = True
     oft_neumann_terms: int = 5
     oft_coft: bool = False
@@ -115,26 +119,32 @@ def tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Te
     return torch.einsum("ij...,ip,jq->pq...", core, up, down)
 
 
-def weight_decompose(weight: torch.Tensor, magnitude: torch.Tensor, eps: float) -> torch.Tensor:
+def weight_decompose(
+    weight: torch.Tensor, magnitude: torch.Tensor, eps: float, on_output: bool | None = None
+) -> torch.Tensor:
     """DoRA (Liu et al. 2024, Eq. 5): W' = m * W / ||W||, on an already adapted weight W = W0 + dW.
 
-    The norm runs over each output row when `magnitude` has one entry per output channel (kohya /
-    LyCORIS `dora_scale` (out, 1, ...), PEFT `lora_magnitude_vector` (out,)), else over each input
-    column (LyCORIS `wd_on_out=False`: `dora_scale` (1, in, ...)).
+    The norm runs over each output row (kohya / LyCORIS `dora_scale` (out, 1, ...); PEFT
+    `lora_magnitude_vector` (out,), or (1, out, 1, 1) for a Conv2d), or over each input column
+    (LyCORIS `wd_on_out=False`: `dora_scale` (1, in, ...)).
 
     Args:
         weight: (out, in, ...) float32.
-        magnitude: m, (out,), (out, 1, ...) or (1, in, ...).
+        magnitude: m.
         eps: added to the norm (`Conventions.dora_eps`).
+        on_output: True for output rows; None decides from `magnitude`'s shape (LyCORIS' rule:
+            output rows when its first dimension is the output count).
 
     Raises:
-        AdapterError: `magnitude` fits neither axis.
+        AdapterError: `magnitude` has neither one entry per output row nor per input column.
     """
     out_channels, in_channels = weight.shape[0], weight.shape[1]
     ones = [1] * (weight.dim() - 1)
-    if magnitude.shape[0] == out_channels and magnitude.numel() == out_channels:
+    if on_output is None:
+        on_output = magnitude.shape[0] == out_channels and magnitude.numel() == out_channels
+    if on_output and magnitude.numel() == out_channels:
         norm = weight.reshape(out_channels, -1).norm(dim=1).reshape(out_channels, *ones)
-    elif magnitude.numel() == in_channels and (magnitude.dim() == 1 or magnitude.shape[1] == in_channels):
+    elif not on_output and magnitude.numel() == in_channels:
         norm = weight.transpose(0, 1).reshape(in_channels, -1).norm(dim=1).reshape(1, in_channels, *ones[1:])
     else:
         raise AdapterError(

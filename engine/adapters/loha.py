@@ -37,6 +37,7 @@ class LoHa(Adapter):
     t2: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     dora_eps: float = 0.0
+    dora_on_output: bool | None = None
 
     @classmethod
     def from_tensors(cls, tensors, conventions: Conventions) -> LoHa:
@@ -46,7 +47,7 @@ class LoHa(Adapter):
             raise AdapterError("a Tucker LoHa needs both hada_t1 and hada_t2")
         return cls(
             w1_a, w1_b, w2_a, w2_b, alpha_of(tensors, w1_b.shape[0]), t1, t2, optional(tensors, "dora_scale"),
-            conventions.dora_eps,
+            conventions.dora_eps, conventions.dora_on_output,
         )  # fmt: skip
 
     @property
@@ -71,5 +72,5 @@ class LoHa(Adapter):
         first, second = self._halves()
         merged = weight.float() + (self.alpha / self.rank) * (first * second).reshape(weight.shape)
         if self.magnitude is not None:
-            merged = weight_decompose(merged, self.magnitude, self.dora_eps)
+            merged = weight_decompose(merged, self.magnitude, self.dora_eps, self.dora_on_output)
         return merged

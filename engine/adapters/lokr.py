@@ -35,6 +35,7 @@ class LoKr(Adapter):
     scale: float
     magnitude: torch.Tensor | None = None
     dora_eps: float = 0.0
+    dora_on_output: bool | None = None
 
     @classmethod
     def from_tensors(cls, tensors, conventions: Conventions) -> LoKr:
@@ -60,7 +61,14 @@ class LoKr(Adapter):
         else:
             alpha = float(tensors["alpha"].item()) if "alpha" in tensors else 0.0
             scale = (alpha or rank) / rank
-        return cls(w1=w1, w2=w2, scale=scale, magnitude=optional(tensors, "dora_scale"), dora_eps=conventions.dora_eps)
+        return cls(
+            w1=w1,
+            w2=w2,
+            scale=scale,
+            magnitude=optional(tensors, "dora_scale"),
+            dora_eps=conventions.dora_eps,
+            dora_on_output=conventions.dora_on_output,
+        )
 
     def _shape(self) -> tuple[int, int]:
         return self.w1.shape[0] * self.w2.shape[0], self.w1.flatten(1).shape[1] * self.w2.flatten(1).shape[1]
@@ -78,5 +86,5 @@ class LoKr(Adapter):
         delta = torch.kron(self.w1, self.w2.flatten(1)).reshape(weight.shape)
         merged = weight.float() + self.scale * delta
         if self.magnitude is not None:
-            merged = weight_decompose(merged, self.magnitude, self.dora_eps)
+            merged = weight_decompose(merged, self.magnitude, self.dora_eps, self.dora_on_output)
         return merged

@@ -46,6 +46,7 @@ class LoRA(Adapter):
     mid: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     dora_eps: float = 0.0
+    dora_on_output: bool | None = None
 
     @classmethod
     def from_tensors(cls, tensors, conventions: Conventions) -> LoRA:
@@ -57,6 +58,7 @@ class LoRA(Adapter):
             mid=optional(tensors, "lora_mid.weight"),
             magnitude=optional(tensors, "dora_scale"),
             dora_eps=conventions.dora_eps,
+            dora_on_output=conventions.dora_on_output,
         )
 
     @property
@@ -88,7 +90,7 @@ class LoRA(Adapter):
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         merged = weight.float() + self.delta(weight.shape)
         if self.magnitude is not None:
-            merged = weight_decompose(merged, self.magnitude, self.dora_eps)
+            merged = weight_decompose(merged, self.magnitude, self.dora_eps, self.dora_on_output)
         return merged
 
     def low_rank(self) -> LoRALayer | None:
