@@ -130,7 +130,9 @@ def test_allowed_pickle_still_refuses_code(tmp_path):
 def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
     path = tmp_path / "model.safetensors"
     torch.save(tensors, path)
-    with pytest.raises(CheckpointFormatError, match="is a misnamed pickle: a PyTorch pickle .* under a .safetensors name"):
+    with pytest.raises(
+        CheckpointFormatError, match="is a misnamed pickle: a PyTorch pickle .* under a .safetensors name"
+    ):
         read_safetensors_header(path)
     with pytest.raises(PickleRefusedError, match="is a misnamed pickle"):
         load_state_dict(path)
