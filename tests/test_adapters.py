@@ -15,8 +15,8 @@ import copy
 
 import pytest
 import torch
-from finextract.engine.lora import gated, inject_lora
 from finextract.engine.loading import load_model_pair
+from finextract.engine.lora import gated, inject_lora
 
 from .adapter_fixtures import LYCORIS_CASES, write_lycoris, write_peft
 

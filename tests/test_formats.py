@@ -131,7 +131,7 @@ def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
     path = tmp_path / "model.safetensors"
     torch.save(tensors, path)
     with pytest.raises(
-        CheckpointFormatError, match="is a misnamed pickle: a PyTorch pickle .* under a .safetensors name"
+        CheckpointFormatError, match=r"is a misnamed pickle: a PyTorch pickle .* under a \.safetensors name"
     ):
         read_safetensors_header(path)
     with pytest.raises(PickleRefusedError, match="is a misnamed pickle"):

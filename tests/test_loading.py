@@ -424,10 +424,11 @@ def test_partial_single_file_unet_is_refused_naming_the_missing(tiny_zoo, tmp_pa
 
 
 def test_single_file_pickle_finetune_and_single_file_base(tiny_zoo, tmp_path, dreambooth_models):
-    from finextract.zoo import write_ldm_checkpoint
     from safetensors.torch import load_file
 
-    unet, text_encoder, vae = dreambooth_models
+    from finextract.zoo import write_ldm_checkpoint
+
+    unet, _, vae = dreambooth_models
     ckpt = tmp_path / "ft.ckpt"
     torch.save({"state_dict": load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet)))}, ckpt)
     with pytest.raises(PickleRefusedError):
