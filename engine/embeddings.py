@@ -173,7 +173,7 @@ def add_embeddings(tokenizer, text_encoder, embeddings: list[Embedding]):
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise EmbeddingError(f"the tokenizer added {added} of the {len(tokens)} embedding tokens {tokens}")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
     table = text_encoder.get_input_embeddings().weight
     for embedding in embeddings:
         ids = tokenizer.convert_tokens_to_ids(embedding.tokens)

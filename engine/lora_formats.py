@@ -590,13 +590,15 @@ def read_adapters(
             parsed = _read_cloneofsimo(path, state, metadata, models)
         else:
             parsed = _Parsed([], "path", _LYCORIS_CONVENTIONS, path, embeddings_from_state(state, path))
-    unknown = list(parsed.unknown)
+    unknown = {key: key.rpartition(".")[2] for key in parsed.unknown}
     for group in parsed.groups:
-        unknown.extend(key for suffix, key in group.keys.items() if suffix not in KNOWN_SUFFIXES)
+        unknown.update({key: suffix for suffix, key in group.keys.items() if suffix not in KNOWN_SUFFIXES})
     if unknown:
+        suffixes = ", ".join(repr(s) for s in sorted(set(unknown.values())))
         raise LoRAKeyError(
-            f"{parsed.source}: {len(unknown)} key(s) with an unknown adapter suffix, e.g. {unknown[:3]}; known suffixes: "
-            f"{', '.join(sorted(KNOWN_SUFFIXES | set(PEFT_SUFFIXES)))}"
+            f"{parsed.source}: unknown adapter tensor suffix {suffixes} in {len(unknown)} key(s), e.g. "
+            f"{list(unknown)[:3]}: an adapter type not supported here (known suffixes: "
+            f"{', '.join(sorted(KNOWN_SUFFIXES | set(PEFT_SUFFIXES)))})"
         )
     weights = AdapterWeights(adapters={}, embeddings=parsed.embeddings, format=format)
     for component, model in models.items():

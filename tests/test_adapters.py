@@ -206,3 +206,203 @@ def test_kohya_file_from_diffusers_converter(tiny_zoo, tmp_path, base, inputs):
     pair = load_model_pair(tiny_zoo / "base", lora=tmp_path / "kohya.safetensors")
     assert pair.sources["finetuned_format"] == "lora_kohya" and pair.unet_lora is not None
     assert_close(finetuned_unet_output(pair, inputs), unet_output(produced.unet, inputs), "kohya via diffusers")
+
+
+# --- cloneofsimo files and textual-inversion embeddings ---
+
+
+def _random_layers(model, paths, rank, seed):
+    from finextract.engine.pair import LoRALayer
+
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    return [
+        LoRALayer(
+            down=0.1 * torch.randn(rank, modules[p].in_features, generator=generator),
+            up=0.1 * torch.randn(modules[p].out_features, rank, generator=generator),
+            alpha=float(rank),
+        )
+        for p in paths
+    ]
+
+
+@torch.no_grad()
+def _with_deltas(model, paths, layers):
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for path, layer in zip(paths, layers):
+        modules[path].weight += layer.up @ layer.down
+    return model
+
+
+def test_cloneofsimo_file_with_embedding(tiny_zoo, tmp_path, base, inputs):
+    """`lora_diffusion`'s layout: the i-th LoRA is the i-th Linear under its target classes. The
+    expected order is derived here from module names (attn1 / attn2 projections, then GEGLU's proj,
+    block by block; CLIP's k, v, q, out projections), independently of the loader's class walk."""
+    import re
+
+    from finextract.zoo import write_lora_cloneofsimo
+
+    unet, text_encoder, _ = base
+    unet_paths = [
+        n
+        for n, _ in unet.named_modules()
+        if re.search(r"\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj)$", n)
+    ]
+    text_paths = [n for n, _ in text_encoder.named_modules() if re.search(r"self_attn\.(k|v|q|out)_proj$", n)]
+    unet_layers = _random_layers(unet, unet_paths, 2, seed=11)
+    text_layers = _random_layers(text_encoder, text_paths, 2, seed=12)
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(13))
+    path = write_lora_cloneofsimo(
+        tmp_path / "pti.safetensors",
+        {
+            "unet": (["CrossAttention", "Attention", "GEGLU"], unet_layers),
+            "text_encoder": (["CLIPAttention"], text_layers),
+        },
+        embeddings={"<s1>": vector},
+    )
+    pair = load_model_pair(tiny_zoo / "base", lora=path)
+    assert pair.sources["finetuned_format"] == "lora_cloneofsimo" and pair.sources["lora_alpha_assumed"] == []
+    assert list(pair.unet_lora) == unet_paths
+    reference = _with_deltas(unet, unet_paths, unet_layers)
+    assert_close(finetuned_unet_output(pair, inputs), unet_output(reference, inputs), "cloneofsimo UNet")
+    reference_text = _with_deltas(text_encoder, text_paths, text_layers)
+    ids = pair.finetuned_tokenizer(
+        "a photo of <s1>", padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    assert pair.finetuned_tokenizer.convert_tokens_to_ids("<s1>") in ids[0].tolist()
+    with torch.no_grad():
+        row = pair.finetuned_text_encoder.get_input_embeddings().weight[-1]
+        assert torch.equal(row, vector)
+        plain = inputs["tokens"]  # no new token: the adapted encoder equals the reference on it
+        assert_close(pair.finetuned_text_encoder(plain)[0], reference_text(plain)[0], "cloneofsimo text encoder")
+
+
+def _write_embedding(folder, layout: str, vectors: torch.Tensor):
+    """An embedding file in one of the layouts users download; returns (path, token diffusers needs)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "diffusers":  # learned_embeds.safetensors: {token: vectors}
+        path = folder / "learned_embeds.safetensors"
+        save_file({"<cat-toy>": vectors}, str(path))
+        return path, None, "<cat-toy>"
+    if layout == "a1111-safetensors":
+        path = folder / "mystyle.safetensors"
+        save_file({"emb_params": vectors}, str(path))
+    elif layout == "a1111-pickle":
+        path = folder / "mystyle.pt"
+        torch.save({"string_to_param": {"*": vectors}, "name": "mystyle", "step": 3000}, path)
+    else:  # diffusers' advanced training scripts: {"clip_l": vectors}
+        path = folder / "mystyle.safetensors"
+        save_file({"clip_l": vectors}, str(path))
+    return path, "mystyle", "mystyle"
+
+
+@pytest.mark.parametrize(
+    "layout, vectors", [("diffusers", 1), ("a1111-safetensors", 3), ("a1111-pickle", 2), ("clip_l", 2)]
+)
+def test_embedding_file_matches_diffusers_textual_inversion(tiny_zoo, tmp_path, layout, vectors):
+    """Our fine-tuned tokenizer + text encoder encode the caption exactly as diffusers'
+    `load_textual_inversion` + `encode_prompt` do (same tensors, same ops: equal to the bit)."""
+    from diffusers import StableDiffusionPipeline
+    from finextract.engine.formats import PickleRefusedError
+
+    table = torch.randn(vectors, 32, generator=torch.Generator().manual_seed(vectors))
+    path, token_arg, token = _write_embedding(tmp_path, layout, table)
+    if layout == "a1111-pickle":
+        with pytest.raises(PickleRefusedError, match="--allow-pickle"):
+            load_model_pair(tiny_zoo / "base", lora=path)
+    pair = load_model_pair(tiny_zoo / "base", lora=path, allow_pickle=layout == "a1111-pickle")
+    assert pair.kind == "lora" and pair.unet_lora is None and pair.finetuned_unet is None
+    assert pair.sources["embedding_tokens"] == [token] and len(pair.base_tokenizer) == 514
+    assert len(pair.finetuned_tokenizer) == 514 + vectors
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
+    pipeline.load_textual_inversion(str(path), token=token_arg)
+    caption = f"a photo of {token} object"
+    ids = pair.finetuned_tokenizer(caption, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = pair.finetuned_text_encoder(ids.input_ids)[0]
+        theirs = pipeline.encode_prompt(caption, "cpu", 1, do_classifier_free_guidance=False)[0]
+    assert torch.equal(ours, theirs)
+    spelled = pair.base_tokenizer(caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():  # eps_base reads the token as letters
+        assert (ours - pair.base_text_encoder(spelled)[0]).abs().max() > 0.01
+
+
+def test_bundled_and_separate_embeddings_with_a_lora(tiny_zoo, tmp_path, lycoris_files):
+    """kohya's `bundle_emb.<token>.emb_params` inside a LyCORIS file, plus a separate embedding file."""
+    from safetensors.torch import load_file, save_file
+
+    state = dict(load_file(str(lycoris_files["loha"].path)))
+    state["bundle_emb.sks.emb_params"] = torch.full((2, 32), 0.25)
+    bundled = tmp_path / "loha_with_embedding.safetensors"
+    save_file(state, str(bundled))
+    extra, _, token = _write_embedding(tmp_path / "emb", "diffusers", torch.full((1, 32), -0.5))
+    pair = load_model_pair(tiny_zoo / "base", lora=bundled, embeddings=[extra])
+    assert pair.sources["embedding_tokens"] == ["sks", token]
+    assert pair.finetuned_tokenizer.expand("a photo of sks") == "a photo of sks sks_1"
+    table = pair.finetuned_text_encoder.get_input_embeddings().weight
+    ids = pair.finetuned_tokenizer.convert_tokens_to_ids(["sks", "sks_1", token])
+    assert torch.equal(table[ids], torch.tensor([[0.25] * 32, [0.25] * 32, [-0.5] * 32]))
+    assert pair.finetuned_unet is not None  # the LoHa itself is still applied
+
+
+def test_embedding_errors_are_named(tiny_zoo, tmp_path):
+    from finextract.engine.embeddings import EmbeddingError
+    from safetensors.torch import save_file
+
+    save_file({"<wide>": torch.zeros(1, 768)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(EmbeddingError, match=r"embedding '<wide>' has width 768, the base text encoder 32"):
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "wide.safetensors")
+    save_file({"a": torch.zeros(1, 32)}, str(tmp_path / "taken.safetensors"))
+    with pytest.raises(EmbeddingError, match=r"token 'a' is already in the tokenizer"):
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "taken.safetensors")
+    save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(EmbeddingError, match="an SDXL embedding"):
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "xl.safetensors")
+
+
+# --- accounting and key errors ---
+
+
+def test_counts_per_component_and_type_in_sources_and_log(tiny_zoo, lycoris_files, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="finextract.engine.lora_formats"):
+        pair = load_model_pair(tiny_zoo / "base", lora=lycoris_files["lora-norms"].path)
+    counts = pair.sources["lora_counts"]
+    unet = counts["unet"]
+    assert unet["modules"] == sum(c["modules"] for c in unet["types"].values()) and unet["unmatched"] == 0
+    assert unet["keys"] == sum(c["keys"] for c in unet["types"].values())
+    assert unet["types"]["norm"]["keys"] == 2 * unet["types"]["norm"]["modules"]  # w_norm + b_norm each
+    assert unet["types"]["lora"]["keys"] == 3 * unet["types"]["lora"]["modules"]  # down, up, alpha each
+    assert counts["text_encoder"]["modules"] > 0 and counts["embeddings"] == {"tokens": [], "vectors": 0}
+    line = next(r.getMessage() for r in caplog.records if "0 keys unmatched" in r.getMessage())
+    lora, norm = unet["types"]["lora"]["modules"], unet["types"]["norm"]["modules"]
+    assert f"unet: {lora + norm} modules (lora {lora}, norm {norm}) from {unet['keys']} keys" in line
+    assert pair.sources["unet_adapters"] == "merged into a copy of the base UNet"
+
+
+def test_unknown_suffix_is_named(tiny_zoo, tmp_path, base):
+    """An (IA)^3 file from LyCORIS: a type not supported here; its suffixes are named."""
+    produced = write_lycoris(tmp_path, base[0], base[1], "ia3", {}, name="ia3")
+    with pytest.raises(Exception, match=r"unknown adapter tensor suffix 'on_input', 'weight'") as error:
+        load_model_pair(tiny_zoo / "base", lora=produced.path)
+    assert type(error.value).__name__ == "LoRAKeyError"
+
+
+def test_module_adapted_twice_names_both_keys(tiny_zoo, tmp_path):
+    from finextract.engine.lora_formats import LoRAKeyError
+    from safetensors.torch import load_file, save_file
+
+    state = dict(load_file(str(tiny_zoo / "lora_kohya.safetensors")))
+    with_prefix = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):  # the same module without `text_model`
+        state[f"lora_te_encoder_layers_0_self_attn_q_proj.{suffix}"] = state[f"{with_prefix}.{suffix}"].clone()
+    save_file(state, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(
+        LoRAKeyError, match=r"adapted twice, by '.*self_attn_q_proj\..*' and '.*self_attn_q_proj\..*'"
+    ) as error:
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "twice.safetensors")
+    assert with_prefix in str(error.value) and "lora_te_encoder_layers_0_self_attn_q_proj" in str(error.value)
