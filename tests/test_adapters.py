@@ -406,3 +406,119 @@ def test_module_adapted_twice_names_both_keys(tiny_zoo, tmp_path):
     ) as error:
         load_model_pair(tiny_zoo / "base", lora=tmp_path / "twice.safetensors")
     assert with_prefix in str(error.value) and "lora_te_encoder_layers_0_self_attn_q_proj" in str(error.value)
+
+
+# --- every type generates, on torch and onnxruntime, from the Python API and the CLI ---
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory, base, lycoris_files):
+    """One file per adapter type and layout: the LyCORIS cases, PEFT DoRA / OFTv2 folders, a
+    cloneofsimo file and an embedding file."""
+    from peft import LoraConfig, OFTConfig
+
+    from finextract.zoo import write_lora_cloneofsimo
+
+    folder = tmp_path_factory.mktemp("adapters")
+    files = {case: produced.path for case, produced in lycoris_files.items()}
+    files["peft-dora"] = write_peft(
+        folder / "peft-dora", base[0], LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, use_dora=True)
+    ).path
+    files["peft-oftv2"] = write_peft(
+        folder / "peft-oftv2", base[0], OFTConfig(r=0, oft_block_size=8, target_modules=UNET_TARGETS)
+    ).path
+    paths = [n for n, _ in base[0].named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    files["cloneofsimo"] = write_lora_cloneofsimo(
+        folder / "cloneofsimo.safetensors",
+        {"unet": (["Attention"], _random_layers(base[0], paths, 2, seed=21))},
+        embeddings={"sks": torch.randn(32, generator=torch.Generator().manual_seed(22))},
+    )
+    files["embedding"] = _write_embedding(folder / "emb", "a1111-safetensors", torch.randn(2, 32))[0]
+    return files
+
+
+GENERATED = [case for case, _, _ in LYCORIS_CASES] + ["peft-dora", "peft-oftv2", "cloneofsimo", "embedding"]
+# onnxruntime (an ONNX export each, ~3 s) once per adapter type: the variants of a type give pairs of
+# the same structure (a low-rank branch, a merged copy, an adapted text encoder)
+ORT_CASES = {
+    "lora",
+    "dora",
+    "loha",
+    "lokr",
+    "oft",
+    "boft",
+    "glora",
+    "full",
+    "lora-norms",
+    "peft-oftv2",
+    "cloneofsimo",
+    "embedding",
+}
+# the CLI on three pairs of different structure: a low-rank branch, a merged copy, a text encoder only
+CLI_CASES = ["lora", "loha", "embedding"]
+
+
+@pytest.fixture(scope="module")
+def base_images(tiny_zoo):
+    """What the guided rule generates when the fine-tune equals the base (a null adapter)."""
+    from finextract.engine.pair import ModelPair
+
+    from finextract.generate import generate
+
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
+    null = ModelPair(
+        kind="lora",
+        base_unet=pair.base_unet,
+        finetuned_unet=pair.base_unet,
+        unet_lora=None,
+        base_text_encoder=pair.base_text_encoder,
+        finetuned_text_encoder=pair.base_text_encoder,
+        base_tokenizer=pair.base_tokenizer,
+        vae=pair.vae,
+        scheduler_config=pair.scheduler_config,
+    )
+    return {
+        caption: generate(null, caption, 2, steps=2, backend="torch", progress=False).images for caption in (CAPTION,)
+    }
+
+
+@pytest.mark.parametrize("case", GENERATED)
+def test_every_type_generates(tiny_zoo, adapter_files, base_images, tmp_path, monkeypatch, case):
+    """A few DDIM steps through `generate`, not the base's images; on onnxruntime (one variant per
+    type) the same uint8 images as on torch (as tests/test_ort_backend.py requires: at most 1 level
+    apart, > 99 % equal)."""
+    from finextract.generate import generate
+
+    monkeypatch.setenv("FINEXTRACT_CACHE", str(tmp_path / "cache"))
+    pair = load_model_pair(tiny_zoo / "base", lora=adapter_files[case])
+    caption = CAPTION
+    if pair.sources.get("embedding_tokens"):
+        caption = f"a photo of {pair.sources['embedding_tokens'][0]} object"
+    kwargs = dict(steps=2, batch_size=2, progress=False)
+    reference = generate(pair, caption, 2, backend="torch", **kwargs).images
+    assert reference.shape == (2, 32, 32, 3) and reference.dtype == torch.uint8
+    if case in ORT_CASES:
+        ours = generate(pair, caption, 2, backend="onnxruntime", **kwargs).images
+        difference = (ours.int() - reference.int()).abs()
+        assert difference.max() <= 1 and (difference == 0).float().mean() > 0.99
+    if caption == CAPTION:  # the adapter changes the generation
+        assert (reference.int() - base_images[CAPTION].int()).abs().max() > 0
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_extract_with_an_adapter(tiny_zoo, adapter_files, tmp_path, monkeypatch, case):
+    """`finextract extract --lora FILE`: result.json records the adapter's counts."""
+    import json
+
+    from finextract.cli import main
+
+    monkeypatch.setenv("FINEXTRACT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    args = ["extract", "--base", str(tiny_zoo / "base"), "--lora", str(adapter_files[case]), "--caption", CAPTION]
+    args += ["--n0", "1", "--num-images", "2", "--steps", "2", "--backend", "onnxruntime", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    record = json.loads((out / "result.json").read_text())
+    sources = record["config"]["generation"]["sources"]
+    assert record["config"]["generation"]["config"]["backend"] == "onnxruntime"
+    assert sources["lora_counts"]["unet"]["unmatched"] == 0
+    assert len(list((out / "extracted").glob("*.png"))) == 1
