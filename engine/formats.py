@@ -235,7 +235,8 @@ def read_pickle(path: str | Path, *, allow_pickle: bool = False):
         )
     logger.warning("loading pickle %s with torch.load(weights_only=True) (allow_pickle=True)", path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:  # a file object: torch.load dispatches on a `.safetensors` name otherwise
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
         raise CheckpointFormatError(
             f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}); the file is corrupt "
