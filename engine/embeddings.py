@@ -126,6 +126,8 @@ class ExpandingTokenizer:
         return len(self.tokenizer)
 
     def __getattr__(self, name):
+        if name == "tokenizer":  # not set yet (copy / unpickling): no recursion into it
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
 
