@@ -70,25 +70,29 @@ def loha(zoo, base_models, tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
     yield
-    if not RESULTS or any(row.get("step_ms") is None for row in RESULTS.values()):
-        return  # timing disabled: nothing to record
-    report = {
-        "machine": {
+    timed = bool(RESULTS) and all(row.get("step_ms") is not None for row in RESULTS.values())
+    if not timed and not FIDELITY:
+        return  # timing disabled and no fidelity measured: nothing to record
+    path = Path(__file__).with_name("results") / "adapters.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}  # a partial run keeps the other section
+    report.update(
+        machine={
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
         },
-        "models": "tiny zoo (UNet 16x16x4 latents, ~1 M parameters), fp32, CPU; LyCORIS LoHa rank 4 on every "
+        models="tiny zoo (UNet 16x16x4 latents, ~1 M parameters), fp32, CPU; LyCORIS LoHa rank 4 on every "
         "attention / feed-forward / convolution module",
-        "images_per_s_note": f"batch / ({STEPS_PER_IMAGE} x median latency)",
-        "results": list(RESULTS.values()),
-        "fidelity": FIDELITY,
-    }
-    folder = Path(__file__).with_name("results")
-    folder.mkdir(exist_ok=True)
-    (folder / "adapters.json").write_text(json.dumps(report, indent=2))
+        images_per_s_note=f"batch / ({STEPS_PER_IMAGE} x median latency)",
+    )
+    if timed:
+        report["results"] = list(RESULTS.values())
+    if FIDELITY:
+        report["fidelity"] = FIDELITY
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
 
 
 class GatedDelta(nn.Module):
@@ -241,6 +245,32 @@ def _relative_error(pair, reference_unet) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
+def _cloneofsimo(folder: Path, unet):
+    """A cloneofsimo file (the zoo's writer of `lora_diffusion`'s layout) and its reference, W + up @ down."""
+    from finextract.engine.pair import LoRALayer
+
+    from finextract.zoo import write_lora_cloneofsimo
+    from tests.adapter_fixtures import Produced
+
+    generator = torch.Generator().manual_seed(5)
+    reference = copy.deepcopy(unet)
+    modules = dict(reference.named_modules())
+    paths = [n for n, m in reference.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    layers = []
+    with torch.no_grad():
+        for path in paths:
+            weight = modules[path].weight
+            layer = LoRALayer(
+                down=0.1 * torch.randn(2, weight.shape[1], generator=generator),
+                up=0.1 * torch.randn(weight.shape[0], 2, generator=generator),
+                alpha=2.0,
+            )
+            weight += layer.up @ layer.down
+            layers.append(layer)
+    path = write_lora_cloneofsimo(folder / "cloneofsimo.safetensors", {"unet": (["Attention"], layers)})
+    return Produced(path, reference.eval(), None)
+
+
 def test_fidelity_against_producers(zoo, base_models, tmp_path_factory):
     """max |ours - producer| / max |producer| of the adapted UNet's eps, per type and producer."""
     from finextract.engine.loading import load_model_pair
@@ -258,6 +288,7 @@ def test_fidelity_against_producers(zoo, base_models, tmp_path_factory):
     produced["PEFT OFT (OFTv2)"] = write_peft(
         folder / "oft", base_models[0], OFTConfig(r=0, oft_block_size=8, target_modules=targets)
     )
+    produced["cloneofsimo (W + up @ down)"] = _cloneofsimo(folder, base_models[0])
     for name, item in produced.items():
         pair = load_model_pair(zoo / "base", lora=item.path)
         FIDELITY[name] = {
