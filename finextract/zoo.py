@@ -9,6 +9,7 @@ saved with `save_pretrained` and loaded back by the same code that loads real ch
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # SD 1.x scheduler: scaled-linear betas 0.00085..0.012 over 1000 training steps (diffusers' config
@@ -352,3 +353,142 @@ def build_zoo(out: str | Path, seed: int = 0) -> Path:
     write_lora_kohya(out / "lora_kohya.safetensors", unet_layers, text_layers, no_alpha=(LORA_NO_ALPHA_MODULE,))
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     return out
+
+
+# --- writers of further checkpoint layouts, for tests (not part of `build_zoo`) ---
+
+
+def write_lora_cloneofsimo(path: str | Path, modules: dict[str, list], embeddings: dict | None = None) -> Path:
+    """Write a cloneofsimo (`lora_diffusion`, `save_safeloras_with_embeds`) safetensors file.
+
+    Args:
+        path: the file to write.
+        modules: component ("unet", "text_encoder") -> (targets, layers): the module classes the
+            LoRA was injected under (stored as the component's metadata), and the LoRALayers in the
+            order `lora_diffusion` enumerates their modules (written as `<component>:<i>:up` with
+            the scale folded into `up`, and `<component>:<i>:down`).
+        embeddings: token (e.g. "<s1>") -> (dim,) vector, flagged "<embed>" in the metadata.
+
+    Returns:
+        `path` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    tensors, metadata = {}, {}
+    for component, (targets, layers) in modules.items():
+        metadata[component] = json.dumps(list(targets))
+        for i, layer in enumerate(layers):
+            metadata[f"{component}:{i}:rank"] = str(layer.rank)
+            tensors[f"{component}:{i}:up"] = (layer.up * layer.scale).contiguous()
+            tensors[f"{component}:{i}:down"] = layer.down.contiguous()
+    for token, vector in (embeddings or {}).items():
+        metadata[token] = "<embed>"
+        tensors[token] = vector.contiguous()
+    save_file(tensors, str(path), metadata)
+    return Path(path)
+
+
+def _ldm_unet_names(config: dict, names) -> dict[str, str]:
+    """diffusers UNet tensor name -> original SD (LDM) name, the inverse of diffusers'
+    `convert_ldm_unet_checkpoint` for `UNet2DConditionModel` configs."""
+    per_block = config["layers_per_block"]
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    resnet = {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    }
+    up_has_attention = {i: "CrossAttn" in kind for i, kind in enumerate(config["up_block_types"])}
+    mapping = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        parts = module.split(".")
+        if module in fixed:
+            new = fixed[module]
+        elif parts[0] == "down_blocks":
+            i, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{(i + 1) * (per_block + 1)}.0.op"
+            else:
+                j, rest = int(parts[3]), parts[4:]
+                index = 1 + i * (per_block + 1) + j
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if kind == "resnets" else rest
+                new = ".".join([f"input_blocks.{index}.{0 if kind == 'resnets' else 1}", *rest])
+        elif parts[0] == "mid_block":
+            index = 2 * int(parts[2]) if parts[1] == "resnets" else 1
+            rest = parts[3:]
+            rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if parts[1] == "resnets" else rest
+            new = ".".join([f"middle_block.{index}", *rest])
+        else:  # up_blocks
+            i, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                new = f"output_blocks.{i * (per_block + 1) + per_block}.{2 if up_has_attention[i] else 1}.conv"
+            else:
+                j, rest = int(parts[3]), parts[4:]
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if kind == "resnets" else rest
+                new = ".".join([f"output_blocks.{i * (per_block + 1) + j}.{0 if kind == 'resnets' else 1}", *rest])
+        mapping[name] = f"{new}.{leaf}"
+    return mapping
+
+
+def _ldm_vae_names(config: dict, names) -> dict[str, str]:
+    """diffusers AutoencoderKL tensor name -> LDM name (the inverse of `convert_ldm_vae_checkpoint`)."""
+    blocks = len(config["up_block_types"])
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    mapping = {}
+    for name in names:
+        new = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.", new
+        )
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample.",
+            new,
+        )
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        for diffusers_name, ldm_name in attention.items():
+            new = new.replace(f"mid_block.attentions.0.{diffusers_name}.", f"mid.attn_1.{ldm_name}.")
+        mapping[name] = new
+    return mapping
+
+
+def write_ldm_checkpoint(path: str | Path, unet, text_encoder=None, vae=None, *, drop: tuple[str, ...] = ()) -> Path:
+    """Write models as one original-Stable-Diffusion-layout (LDM / CompVis) `.safetensors` file:
+    `model.diffusion_model.*` (UNet), `cond_stage_model.transformer.text_model.*` (CLIP, the
+    names of the original checkpoints), `first_stage_model.*` (VAE; attention projections as 1x1
+    convolutions, as the original VAE stores them). `drop` removes LDM tensor names (a partial file).
+    Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    state = unet.state_dict()
+    for name, ldm in _ldm_unet_names(dict(unet.config), state).items():
+        tensors["model.diffusion_model." + ldm] = state[name]
+    if text_encoder is not None:
+        for name, value in text_encoder.state_dict().items():
+            full = name if name.startswith("text_model.") else "text_model." + name
+            tensors["cond_stage_model.transformer." + full] = value
+    if vae is not None:
+        state = vae.state_dict()
+        for name, ldm in _ldm_vae_names(dict(vae.config), state).items():
+            value = state[name]
+            if ".mid.attn_1." in ldm and value.dim() == 2:
+                value = value[:, :, None, None]
+            tensors["first_stage_model." + ldm] = value
+    for name in drop:
+        del tensors[name]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return Path(path)
