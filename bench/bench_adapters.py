@@ -248,7 +248,6 @@ def _relative_error(pair, reference_unet) -> float:
 def _cloneofsimo(folder: Path, unet):
     """A cloneofsimo file (the zoo's writer of `lora_diffusion`'s layout) and its reference, W + up @ down."""
     from finextract.engine.pair import LoRALayer
-
     from finextract.zoo import write_lora_cloneofsimo
     from tests.adapter_fixtures import Produced
 
@@ -273,8 +272,9 @@ def _cloneofsimo(folder: Path, unet):
 
 def test_fidelity_against_producers(zoo, base_models, tmp_path_factory):
     """max |ours - producer| / max |producer| of the adapted UNet's eps, per type and producer."""
-    from finextract.engine.loading import load_model_pair
     from peft import LoraConfig, OFTConfig
+
+    from finextract.engine.loading import load_model_pair
 
     folder = tmp_path_factory.mktemp("fidelity")
     produced = {

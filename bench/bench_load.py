@@ -116,7 +116,9 @@ def test_load_to_first_step(benchmark, models, tmp_path, interpreter, kind, back
 
     def run():
         out = tmp_path / f"run{next(runs)}"  # a new folder: nothing to resume
-        result = subprocess.run(_command(python, models, kind, backend, out), capture_output=True, text=True, env=env)
+        # cwd outside any checkout: `python -m` must import the interpreter's own installed finextract
+        command = _command(python, models, kind, backend, out)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
 
     run()  # warm-up: the first onnxruntime run exports into the cache; later runs reuse it

@@ -15,8 +15,9 @@ import copy
 
 import pytest
 import torch
+
 from finextract.engine.loading import load_model_pair
-from finextract.engine.lora import gated, inject_lora
+from finextract.engine.lora import gated
 
 from .adapter_fixtures import LYCORIS_CASES, write_lycoris, write_peft
 
@@ -58,10 +59,8 @@ def finetuned_unet_output(pair, inputs) -> torch.Tensor:
     per-sample low-rank branch gated on."""
     if pair.finetuned_unet is not None:
         return unet_output(pair.finetuned_unet, inputs)
-    unet = copy.deepcopy(pair.base_unet)
-    gate = inject_lora(unet, pair.unet_lora)
-    with gated(gate, torch.ones(inputs["x"].shape[0])):
-        return unet_output(unet, inputs)
+    with gated(pair.lora_gate, torch.ones(inputs["x"].shape[0])):  # the pair's own hooks, gated on
+        return unet_output(pair.base_unet, inputs)
 
 
 def assert_close(ours, reference, what: str) -> float:
@@ -306,6 +305,7 @@ def test_embedding_file_matches_diffusers_textual_inversion(tiny_zoo, tmp_path, 
     """Our fine-tuned tokenizer + text encoder encode the caption exactly as diffusers'
     `load_textual_inversion` + `encode_prompt` do (same tensors, same ops: equal to the bit)."""
     from diffusers import StableDiffusionPipeline
+
     from finextract.engine.formats import PickleRefusedError
 
     table = torch.randn(vectors, 32, generator=torch.Generator().manual_seed(vectors))
@@ -349,8 +349,9 @@ def test_bundled_and_separate_embeddings_with_a_lora(tiny_zoo, tmp_path, lycoris
 
 
 def test_embedding_errors_are_named(tiny_zoo, tmp_path):
-    from finextract.engine.embeddings import EmbeddingError
     from safetensors.torch import save_file
+
+    from finextract.engine.embeddings import EmbeddingError
 
     save_file({"<wide>": torch.zeros(1, 768)}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(EmbeddingError, match=r"embedding '<wide>' has width 768, the base text encoder 32"):
@@ -393,8 +394,9 @@ def test_unknown_suffix_is_named(tiny_zoo, tmp_path, base):
 
 
 def test_module_adapted_twice_names_both_keys(tiny_zoo, tmp_path):
-    from finextract.engine.lora_formats import LoRAKeyError
     from safetensors.torch import load_file, save_file
+
+    from finextract.engine.lora_formats import LoRAKeyError
 
     state = dict(load_file(str(tiny_zoo / "lora_kohya.safetensors")))
     with_prefix = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -451,7 +453,6 @@ CLI_CASES = ["lora", "loha", "embedding"]
 def base_images(tiny_zoo):
     """What the guided rule generates when the fine-tune equals the base (a null adapter)."""
     from finextract.engine.pair import ModelPair
-
     from finextract.generate import generate
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
@@ -508,7 +509,9 @@ def test_cli_extract_with_an_adapter(tiny_zoo, adapter_files, tmp_path, monkeypa
     args += ["--n0", "1", "--num-images", "2", "--steps", "2", "--backend", "torch", "--device", "cpu"]
     assert main([*args, "--out", str(out)]) == 0
     record = json.loads((out / "result.json").read_text())
-    sources = record["config"]["generation"]["sources"]
-    assert record["config"]["generation"]["config"]["backend"] == "torch"
+    sources = record["config"]["manifest"]["sources"]
+    assert (
+        record["config"]["manifest"]["config"]["backend"] == "torch" and record["config"]["run"]["backend"] == "torch"
+    )
     assert sources["lora_counts"]["unet"]["unmatched"] == 0
     assert len(list((out / "extracted").glob("*.png"))) == 1

@@ -338,8 +338,8 @@ def _dreambooth_with_tokens(tiny_zoo, folder, tokens=("sks",), rows_extra=0, shi
 
 
 def test_dreambooth_with_added_tokens_uses_its_own_tokenizer(tiny_zoo, tmp_path):
+    from finextract.engine.conditioning import encode_conditioning
     from finextract.rules import rule_for
-    from finextract.sampling import encode_text
 
     folder = _dreambooth_with_tokens(tiny_zoo, tmp_path / "db_tokens")
     pair = load_model_pair(tiny_zoo / "base", folder)
@@ -349,13 +349,13 @@ def test_dreambooth_with_added_tokens_uses_its_own_tokenizer(tiny_zoo, tmp_path)
     assert sks == 514 and sks in pair.finetuned_tokenizer("a photo of sks object").input_ids
     assert 514 not in pair.base_tokenizer("a photo of sks object").input_ids  # the base spells it out
     # eps_ft's caption embedding comes from the fine-tune's own tokenizer and text encoder, eps_base's from the base's
-    embeddings = encode_text(pair, rule_for("finextract", pair.kind), "a photo of sks object")
+    conditioning = encode_conditioning(pair, rule_for("finextract", pair.kind), "a photo of sks object")
     tokens = pair.finetuned_tokenizer(
         "a photo of sks object", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     with torch.no_grad():
         expected = pair.finetuned_text_encoder(tokens)[0]
-    assert torch.equal(embeddings[("finetuned", "prompt")], expected)
+    assert torch.equal(conditioning[0], expected)  # term a of Eq. 13: eps_ft on the caption
 
 
 @pytest.mark.parametrize(
