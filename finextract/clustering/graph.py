@@ -227,27 +227,49 @@ def k_core(adj, mask, k):
 def greedy_clique_size(adj, mask):
     """Size of a maximal clique of G[mask] built greedily: add the candidate with the most candidate
     neighbours (lowest vertex on ties), keep its neighbours as candidates, repeat. A lower bound for
-    the maximum clique."""
-    cand = mask.copy()
+    the maximum clique.
+
+    Degrees within the candidates are kept up to date by subtracting the dropped vertices' edges (or
+    recounted, whichever touches fewer rows): O(V * W) in all instead of O(V * W) per step.
+    """
     width = mask.shape[0]
+    cand = mask.copy()
+    verts = members(cand)
+    degree = np.zeros(adj.shape[0], np.int64)
+    for v in verts:
+        d = 0
+        for t in range(width):
+            d += popcount(adj[v, t] & cand[t])
+        degree[v] = d
     size = 0
-    while True:
-        best_v, best_degree = -1, -1
-        for w in range(width):
-            x = cand[w]
-            while x:
-                v = w * 64 + lowest_bit(x)
-                x &= x - _ONE
+    while len(verts):
+        best_v = verts[0]
+        for v in verts:
+            if degree[v] > degree[best_v]:
+                best_v = v
+        size += 1
+        keep = np.empty(len(verts), np.bool_)
+        for i in range(len(verts)):
+            v = verts[i]
+            keep[i] = (adj[best_v, v >> 6] >> np.uint64(v & 63)) & _ONE != 0
+        for t in range(width):
+            cand[t] &= adj[best_v, t]
+        dropped = verts[~keep]
+        verts = verts[keep]
+        if len(dropped) <= len(verts):
+            for r in dropped:
+                for t in range(width):
+                    x = adj[r, t] & cand[t]
+                    while x:
+                        degree[t * 64 + lowest_bit(x)] -= 1
+                        x &= x - _ONE
+        else:
+            for v in verts:
                 d = 0
                 for t in range(width):
                     d += popcount(adj[v, t] & cand[t])
-                if d > best_degree:
-                    best_v, best_degree = v, d
-        if best_v < 0:
-            return size
-        size += 1
-        for t in range(width):
-            cand[t] &= adj[best_v, t]
+                degree[v] = d
+    return size
 
 
 @njit(cache=True)

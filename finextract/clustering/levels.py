@@ -84,9 +84,15 @@ def bin_table(step: float, lo: float, hi: float) -> tuple[int, np.ndarray]:
 
 
 @njit(cache=True)
-def _quantise_block(block, diagonal, table, edges, inv_step, bin_lo, out, counts, bins):
+def _quantise_block(block, diagonal, table, edges, inv_step, bin_lo, tol, out, counts, bins, fast):
     """Levels of the block's upper-triangle entries into `out` (mirrored on a diagonal block), with
-    the pair counts per level and the start-threshold histogram. Returns the non-finite count."""
+    the pair counts per level and the start-threshold histogram. Returns the non-finite count.
+
+    g = floor(v / step) is the level and the bin unless v / step lies within `tol` of an integer: the
+    float32 thresholds are within K * 2^-23 (relative) of k * step, below tol. Those few entries are
+    counted by the exact float32 comparisons; the rest go to `fast[j % 4, g - bin_lo]` (four copies, so
+    that consecutive increments of one bin do not wait on each other), folded in by the caller.
+    """
     rows, cols = block.shape
     top = len(table) - 1
     last = len(edges) - 1
@@ -99,26 +105,44 @@ def _quantise_block(block, diagonal, table, edges, inv_step, bin_lo, out, counts
                 bad += 1
                 out[i, j] = 0
                 continue
-            guess = math.floor(v * inv_step)  # within one of both counts ...
-            c = min(max(guess, 0), top)
-            while c < top and v >= table[c + 1]:  # ... made exact by float32 comparisons
-                c += 1
-            while c > 0 and v < table[c]:
-                c -= 1
+            x = v * inv_step
+            g = math.floor(x)
+            frac = x - g
+            b = g - bin_lo
+            if frac < tol or frac > 1.0 - tol or b < 0 or b > last:
+                c = min(max(g, 0), top)
+                while c < top and v >= table[c + 1]:
+                    c += 1
+                while c > 0 and v < table[c]:
+                    c -= 1
+                counts[c] += 1
+                b = min(max(b, 0), last)
+                while b < last and v >= edges[b + 1]:
+                    b += 1
+                while b > 0 and v < edges[b]:
+                    b -= 1
+                bins[b] += 1
+            else:
+                c = min(max(g, 0), top)
+                fast[j & 3, b] += 1
             out[i, j] = c
-            counts[c] += 1
-            b = min(max(guess - bin_lo, 0), last)
-            while b < last and v >= edges[b + 1]:
-                b += 1
-            while b > 0 and v < edges[b]:
-                b -= 1
-            bins[b] += 1
     if diagonal:
         for i in range(rows):
             out[i, i] = 0
             for j in range(i):
                 out[i, j] = out[j, i]
     return bad
+
+
+@njit(cache=True)
+def _mirror(src, dst):
+    """dst = src.T, in 64 x 64 tiles (a plain strided transpose misses the cache on every entry)."""
+    rows, cols = src.shape
+    for i0 in range(0, rows, 64):
+        for j0 in range(0, cols, 64):
+            for j in range(j0, min(j0 + 64, cols)):
+                for i in range(i0, min(i0 + 64, rows)):
+                    dst[j, i] = src[i, j]
 
 
 def _quantise_torch(block, diagonal: bool, table_t, edges_t, dtype):
@@ -263,6 +287,8 @@ def _quantise(source, perm: np.ndarray, step: float, lo: float, hi: float, block
     bin_lo, edges = bin_table(step, lo, hi)
     counts = np.zeros(len(table), np.int64)
     bins = np.zeros(len(edges), np.int64)
+    fast = np.zeros((4, len(edges)), np.int64)
+    tol = max(1e-4, 4e-7 * len(table))  # > K * 2^-23 (threshold rounding) + 1e-9 (the bins' offset)
     bad = 0
     gpu = _on_gpu(source.device)
     if gpu:
@@ -284,13 +310,18 @@ def _quantise(source, perm: np.ndarray, step: float, lo: float, hi: float, block
                 levels[i0:i1, j0:j1] = q
                 counts += c
                 bins += b
+                if j0 != i0:
+                    levels[j0:j1, i0:i1] = q.T
             else:
                 values = values.numpy() if hasattr(values, "numpy") else values
                 q = levels[i0:i1, j0:j1]
-                nb = _quantise_block(values, i0 == j0, table, edges, 1.0 / step, bin_lo, q, counts, bins)
-            if j0 != i0:
-                levels[j0:j1, i0:i1] = q.T
+                nb = _quantise_block(values, i0 == j0, table, edges, 1.0 / step, bin_lo, tol, q, counts, bins, fast)
+                if j0 != i0:
+                    _mirror(q, levels[j0:j1, i0:i1])
             bad += nb
+    fast = fast.sum(0)  # fold the fast-path histogram: bin b_lo + i is level min(max(b_lo + i, 0), K)
+    bins += fast
+    np.add.at(counts, np.clip(bin_lo + np.arange(len(edges)), 0, len(table) - 1), fast)
     if bad:
         raise ValueError(f"the similarities hold {bad} NaN/inf entries; drop degenerate images first")
     start = _start_level(bins, bin_lo, n, step, lambda b_lo, b_hi: _bin_extremes(source, n, step, b_lo, b_hi, block))

@@ -135,9 +135,9 @@ def _groups(frame: _Frame, verts: np.ndarray, labels: np.ndarray, count: int) ->
     return [_Part(frame, p) for p in np.split(grouped, np.cumsum(np.bincount(labels, minlength=count))[:-1])]
 
 
-def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray, list, _Part]:
-    """Canonical maximum clique of a part: (key, its frame vertices, every maximum clique
-    [(key, frame vertices)], the part).
+def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray, tuple, _Part]:
+    """Canonical maximum clique of a part: (key, its frame vertices, every maximum clique as
+    ([keys], (count, omega) frame vertices) best first, the part).
 
     The greedy clique gives the lower bound, the (lower - 1)-core the candidates. The search runs on
     the subgraph induced by the core when that is much smaller than the frame (same vertex order, so
@@ -170,7 +170,7 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
             core = graph.members(graph.k_core(frame.adj, mask, lower - 1))
     if complete:
         key = keys.key(frame.ids[verts])
-        return key, verts, [(key, verts)], part
+        return key, verts, ([key], verts[None, :]), part
     if 4 * len(core) <= len(frame.ids):  # a small core: search its own compacted bitsets
         _, found = all_max_cliques(
             graph.induced(frame.adj, core), graph.set_of(np.arange(len(core)), len(core)), lower, budget
@@ -179,12 +179,12 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     else:
         _, found = all_max_cliques(frame.adj, graph.set_of(core, len(frame.ids)), lower, budget)
     found = np.sort(found, axis=1)
-    cache = sorted(((keys.key(frame.ids[c]), i) for i, c in enumerate(found)))
-    cache = [(key, found[i]) for key, i in cache]
-    return cache[0][0], cache[0][1], cache, part
+    ranked = sorted((keys.key(frame.ids[c]), i) for i, c in enumerate(found))
+    cache = ([key for key, _ in ranked], found[[i for _, i in ranked]])
+    return cache[0][0], cache[1][0], cache, part
 
 
-def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget) -> tuple[list[tuple], bool]:
+def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget, edges: int | None = None) -> tuple[list[tuple], bool]:
     """Greedy maximum-clique peel of G_t; returns (keys of peeled cliques in order, >= N0 cliques?).
 
     Exact shortcuts (none changes which cliques are peeled):
@@ -201,7 +201,8 @@ def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget) -> tuple[list[tuple], b
 
     n = adj.shape[0]
     # adjacency lists when they are no larger than the bitsets (average degree up to N / 32)
-    csr = graph.to_csr(adj) if 2 * graph.edge_count(adj) * 32 <= n * graph.words(n) * 64 else None
+    edges = graph.edge_count(adj) if edges is None else edges
+    csr = graph.to_csr(adj) if 2 * edges * 32 <= n * graph.words(n) * 64 else None
     everything = np.arange(n)
     if csr is not None:
         labels, count, parent = graph.components_csr(*csr, everything)
@@ -216,8 +217,8 @@ def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget) -> tuple[list[tuple], b
         size = len(part.verts)
         if size <= 2:
             entry = (keys.key(part.frame.ids[part.verts]), counter, part, True, part.verts, None)
-        elif cache:
-            entry = (cache[0][0], counter, part, True, cache[0][1], cache)
+        elif cache is not None and len(cache[0]):
+            entry = (cache[0][0], counter, part, True, cache[1][0], cache)
         else:
             entry = ((-min(bound, size), -math.inf, ()), counter, part, False, None, None)
         heapq.heappush(heap, entry)
@@ -250,13 +251,18 @@ def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget) -> tuple[list[tuple], b
             labels, count = graph.split_rest_csr(*frame.csr, frame.parent, rest, removed)
         else:
             labels, count = graph.split_rest(frame.adj, frame.parent, rest, removed)
-        subcaches = [[] for _ in range(count)]
-        if cache:  # a maximum clique disjoint from the peeled one lies in one component of the rest
-            component = np.full(len(frame.ids), -1, np.int64)
-            component[rest] = labels
-            for item in cache:
-                if not removed[item[1]].any():
-                    subcaches[component[item[1][0]]].append(item)
+        subcaches = [None] * count
+        if cache is not None:  # a maximum clique disjoint from the peeled one lies in one component
+            keep = np.flatnonzero(~removed[cache[1]].any(axis=1))
+            if count == 1:
+                subcaches[0] = ([cache[0][i] for i in keep], cache[1][keep])
+            else:
+                component = np.full(len(frame.ids), -1, np.int64)
+                component[rest] = labels
+                inside = component[cache[1][keep, 0]]
+                for c in np.unique(inside):
+                    chosen = keep[inside == c]
+                    subcaches[c] = ([cache[0][i] for i in chosen], cache[1][chosen])
         omega = -key[0]
         for sub, subcache in zip(_groups(frame, rest, labels, count), subcaches):
             push(sub, omega - 1, subcache)
@@ -389,10 +395,11 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
                 if outcome[0] == "skipped":
                     skipped.append({"threshold": threshold, "reason": f"same graph as {previous[2]}: " + outcome[1]})
             else:
+                began = time.perf_counter()
                 pack(levels.levels, k, adj)
                 search = SearchBudget(budget, time.perf_counter() + time_limit)
                 try:
-                    peeled, enough = _peel(adj, keys, n0, search)
+                    peeled, enough = _peel(adj, keys, n0, search, edges)
                     outcome = ("done", peeled, enough, search.spent)
                 except BudgetExceeded as error:
                     reason = f"{error.reason} ({search.spent} units, budget {budget})"
@@ -400,6 +407,14 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
                     logger.debug("threshold %.2f skipped: %s", threshold, reason)
                     outcome = ("skipped", reason)
                 previous = (edges, outcome, threshold)
+                logger.debug(
+                    "threshold %.2f: %d edges, %s, %d units, %.2f s",
+                    threshold,
+                    edges,
+                    outcome[0],
+                    search.spent,
+                    time.perf_counter() - began,
+                )
             if outcome[0] == "done" and outcome[2]:
                 peeled = outcome[1]
                 break
