@@ -24,8 +24,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/finextract demo --out demo_out
 
+# One test process per core, one thread each; a file's tests stay
+# in one process, so its module fixtures (exports, zoos) are built once.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	FINEXTRACT_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
