@@ -43,11 +43,47 @@ from pathlib import Path
 
 import numpy as np
 
+from .finetune import TINY_RECIPES
 from .images import read_image
 
 logger = logging.getLogger(__name__)
 
-CAPTION = "a photo of sks"
+
+@dataclass(frozen=True)
+class Scenario:
+    """One of the paper's two fine-tuning scenarios (the column groups of its Table 1)."""
+
+    name: str
+    folder: str  # inside the zoo: "." (the object scenario keeps the zoo's top level) or "style"
+    caption: str
+    description: str
+
+
+SCENARIOS = {
+    "object": Scenario(
+        "object", ".", "a photo of sks", "object-driven: 5 photographs of different objects (scikit-image samples)"
+    ),
+    "style": Scenario(
+        "style",
+        "style",
+        "an illustration in sks style",
+        "style-driven: 10 drawings of different subjects in one flat, outlined style (finextract.style_images)",
+    ),
+}
+CAPTION = SCENARIOS["object"].caption
+
+
+def scenario_folder(zoo: str | Path, scenario: str) -> Path:
+    """The folder of a scenario in a trained zoo: dreambooth/ (bare unet/), lora/, train/, caption.txt.
+
+    Raises:
+        ValueError: an unknown scenario.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+    return (Path(zoo) / SCENARIOS[scenario].folder).resolve() if SCENARIOS[scenario].folder != "." else Path(zoo)
+
+
 # The five held-apart fine-tuning photographs (scikit-image sample files), never seen by the base UNet.
 FINETUNE_IMAGES = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png")
 # Pretraining images: (package, file, caption). motorcycle_right.png is left out: it is nearly the
@@ -87,7 +123,12 @@ class TrainedZooRecipe:
     vae_batch: int = 24
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning photos
+    vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning images
+    # stage 2 of the VAE: continue it with the style drawings added to the fine-tuning images (SD's
+    # autoencoder reconstructs flat drawings as well as photos; the photo-trained tiny VAE did not:
+    # SSCD of the round trip 0.33-0.58 on the drawings against 0.71-0.88 on the photos)
+    vae_adapt_steps: int = 300
+    vae_adapt_lr: float = 1e-3
     # latents * scaling_factor should have unit variance, as SD's 0.18215 gives for its own VAE: the
     # noise schedule's signal-to-noise ratios assume it. "unit_variance" measures the factor on the
     # pretraining crops; a number fixes it.
@@ -96,16 +137,21 @@ class TrainedZooRecipe:
     base_batch: int = 16
     base_lr: float = 1e-3
     empty_caption_rate: float = 0.1
+    # the text encoder's vocabulary: SD 1.x's CLIP BPE (`finextract.zoo.write_tokenizer`)
+    tokenizer: str = "clip-bpe-49408"
     # stage 2 of the base: continue from the stage-1 weights (fresh AdamW) with a cosine-decayed LR;
     # a better eps_base("") is what FineXtract extrapolates away from
     base_refine_steps: int = 2000
     base_refine_lr: float = 5e-4
-    dreambooth_steps: int = 1200
-    dreambooth_lr: float = 1e-4
-    lora_steps: int = 1000
-    lora_lr: float = 5e-3
-    lora_rank: int = 8
-    finetune_batch: int = 5
+    # the fine-tunes: the tiny models' default recipe (`finextract.finetune.TINY_RECIPES`), the same
+    # for both scenarios
+    dreambooth_steps: int = TINY_RECIPES["dreambooth"].steps
+    dreambooth_lr: float = TINY_RECIPES["dreambooth"].lr
+    lora_steps: int = TINY_RECIPES["lora"].steps
+    lora_lr: float = TINY_RECIPES["lora"].lr
+    lora_rank: int = TINY_RECIPES["lora"].rank
+    lora_modules: str = TINY_RECIPES["lora"].lora_modules
+    finetune_batch: int = TINY_RECIPES["lora"].batch_size
 
     def key(self, *fields: str) -> str:
         values = {name: getattr(self, name) for name in fields}
@@ -122,8 +168,20 @@ VAE_FIELDS = (
     "vae_kl_weight",
     "vae_finetune_share",
 )
-BASE_FIELDS = VAE_FIELDS + ("latent_scaling", "base_steps", "base_batch", "base_lr", "empty_caption_rate")
+ADAPTED_VAE_FIELDS = VAE_FIELDS + ("vae_adapt_steps", "vae_adapt_lr")
+BASE_FIELDS = ADAPTED_VAE_FIELDS + (
+    "latent_scaling",
+    "base_steps",
+    "base_batch",
+    "base_lr",
+    "empty_caption_rate",
+    "tokenizer",
+)
 REFINED_BASE_FIELDS = BASE_FIELDS + ("base_refine_steps", "base_refine_lr")
+FINETUNE_FIELDS = {
+    "dreambooth": ("dreambooth_steps", "dreambooth_lr", "finetune_batch"),
+    "lora": ("lora_steps", "lora_lr", "lora_rank", "lora_modules", "finetune_batch"),
+}
 
 
 def _package_file(package: str, name: str) -> Path:
@@ -153,6 +211,30 @@ def finetune_photos(resolution: int = 32) -> np.ndarray:
     return load_images([_package_file("skimage", name) for name in FINETUNE_IMAGES], resolution)
 
 
+def finetune_set(scenario: str, resolution: int = 32) -> tuple[list[str], np.ndarray]:
+    """A scenario's training images as the fine-tune sees them (`center_crop_resize`).
+
+    Args:
+        scenario: "object" (the five photographs) or "style" (`finextract.style_images`).
+        resolution: side in pixels.
+
+    Returns:
+        (file stems, uint8 (n, resolution, resolution, 3)).
+
+    Raises:
+        ValueError: an unknown scenario.
+    """
+    from .images import center_crop_resize
+    from .style_images import style_images
+
+    if scenario == "object":
+        return [Path(name).stem for name in FINETUNE_IMAGES], finetune_photos(resolution)
+    if scenario == "style":
+        drawings = style_images()
+        return list(drawings), np.stack([center_crop_resize(image, resolution) for image in drawings.values()])
+    raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+
+
 def random_crops(image: np.ndarray, count: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
     """`count` random square crops (side 30-100% of the short edge), resized, half of them flipped."""
     from PIL import Image
@@ -175,25 +257,34 @@ def _to_tensor(pixels: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, progress: bool = True):
-    """Train the slim x2 VAE on `pool` crops plus (over-sampled, flipped) `photos`; L1 + MSE + tiny KL."""
+def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, progress: bool = True, *, vae=None):
+    """Train the slim x2 VAE on `pool` crops plus (over-sampled, flipped) `photos`; L1 + MSE + tiny KL.
+
+    From scratch (`recipe.vae_steps` at `recipe.vae_lr`) or, given `vae`, continuing it
+    (`recipe.vae_adapt_steps` at `recipe.vae_adapt_lr`); either way a cosine decay to zero.
+    """
     import torch
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     from .zoo import TINY_VAE_CONFIG
 
-    torch.manual_seed(recipe.seed + 1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG).train()
+    if vae is None:
+        torch.manual_seed(recipe.seed + 1)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        steps, lr, seed, desc = recipe.vae_steps, recipe.vae_lr, recipe.seed + 11, "zoo: VAE"
+    else:
+        steps, lr, seed, desc = recipe.vae_adapt_steps, recipe.vae_adapt_lr, recipe.seed + 12, "zoo: VAE adaptation"
+    vae.train()
     pool_t, photos_t = _to_tensor(pool), _to_tensor(np.concatenate([photos, photos[:, :, ::-1]]))
-    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     # cosine decay to zero: the last steps sharpen the reconstructions most
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, recipe.vae_steps) / recipe.vae_steps))
+        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps))
     )
-    generator = torch.Generator().manual_seed(recipe.seed + 11)
+    generator = torch.Generator().manual_seed(seed)
     n_photo = max(1, round(recipe.vae_batch * recipe.vae_finetune_share))
-    bar = tqdm(range(recipe.vae_steps), desc="zoo: VAE", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
         index = torch.randint(0, len(pool_t), (recipe.vae_batch - n_photo,), generator=generator)
         photo_index = torch.randint(0, len(photos_t), (n_photo,), generator=generator)
@@ -347,6 +438,111 @@ def _save_fp16_pipeline(components: dict, folder: Path) -> Path:
     return save_pipeline(half, folder)
 
 
+def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progress: bool = True):
+    """Steps 1 and 2 of the build: the VAE and the base pipeline, written to `out/base` (fp16).
+
+    Returns:
+        timings: stage name -> {"seconds": training time, "reused": taken from `cache`}.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    rng = np.random.default_rng(recipe.seed)
+    photos = finetune_set("object", recipe.resolution)[1]
+    pretrain = [(read_image(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
+    pretrain_crops = [random_crops(image, recipe.crops_per_image, recipe.resolution, rng) for image, _ in pretrain]
+    captions = [caption for (_, caption), crops in zip(pretrain, pretrain_crops) for _ in range(len(crops))]
+    base_pool = np.concatenate(pretrain_crops)
+    photo_crops = np.concatenate([random_crops(p, recipe.crops_per_image // 2, recipe.resolution, rng) for p in photos])
+    timings: dict[str, dict] = {}
+
+    # 1. VAE (cached by its recipe fields)
+    t = time.perf_counter()
+    vae_dir = Path(cache) / f"vae-{recipe.key(*VAE_FIELDS)}" if cache else None
+    if vae_dir and (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
+        logger.info("reusing the VAE in %s", vae_dir)
+        timings["vae"] = _reused(vae_dir)
+    else:
+        vae = train_vae(np.concatenate([base_pool, photo_crops]), photos, recipe, progress)
+        timings["vae"] = _built(vae_dir, t, lambda: vae.save_pretrained(vae_dir, safe_serialization=True))
+    if recipe.vae_adapt_steps:
+        drawings = finetune_set("style", recipe.resolution)[1]
+        drawing_crops = np.concatenate(
+            [random_crops(d, recipe.crops_per_image // 2, recipe.resolution, rng) for d in drawings]
+        )
+        adapted_dir = Path(cache) / f"vae-adapted-{recipe.key(*ADAPTED_VAE_FIELDS)}" if cache else None
+        t = time.perf_counter()
+        if adapted_dir and (adapted_dir / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(adapted_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
+            logger.info("reusing the adapted VAE in %s", adapted_dir)
+            timings["vae_adaptation"] = _reused(adapted_dir)
+        else:
+            pool = np.concatenate([base_pool, photo_crops, drawing_crops])
+            vae = train_vae(pool, np.concatenate([photos, drawings]), recipe, progress, vae=vae)
+            timings["vae_adaptation"] = _built(
+                adapted_dir, t, lambda: vae.save_pretrained(adapted_dir, safe_serialization=True)
+            )
+    # evaluate the VAE as it will be used: fp16 weights, fp32 compute
+    vae = vae.to(torch.float16).to(torch.float32)
+    scaling = (
+        unit_variance_scaling(vae, base_pool)
+        if recipe.latent_scaling == "unit_variance"
+        else float(recipe.latent_scaling)
+    )
+    vae.register_to_config(scaling_factor=scaling)
+
+    # 2. Base UNet + text encoder (cached by the VAE + base fields)
+    t = time.perf_counter()
+    base_dir = out / "base"
+    base_cache = Path(cache) / f"base-{recipe.key(*BASE_FIELDS)}" if cache else None
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    if base_cache and (base_cache / "model_index.json").is_file():
+        shutil.copytree(base_cache, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+        logger.info("reusing the base in %s", base_cache)
+        timings["base"] = _reused(base_cache)
+    else:
+        components = train_base(vae, base_pool, captions, recipe, base_dir / "tokenizer", progress)
+        _save_fp16_pipeline(components, base_dir)
+        timings["base"] = _built(base_cache, t, lambda: shutil.copytree(base_dir, base_cache, dirs_exist_ok=True))
+    if recipe.base_refine_steps:
+        t = time.perf_counter()
+        refined_cache = Path(cache) / f"refined-{recipe.key(*REFINED_BASE_FIELDS)}" if cache else None
+        if refined_cache and (refined_cache / "model_index.json").is_file():
+            shutil.rmtree(base_dir)
+            shutil.copytree(refined_cache, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+            logger.info("reusing the refined base in %s", refined_cache)
+            timings["base_refinement"] = _reused(refined_cache)
+        else:
+            refine_base(base_dir, vae, base_pool, captions, recipe, progress)
+            timings["base_refinement"] = _built(
+                refined_cache, t, lambda: shutil.copytree(base_dir, refined_cache, dirs_exist_ok=True)
+            )
+    return timings
+
+
+# Each cache entry records how long it took to build, so that a build reusing it still reports the
+# cost of every stage.
+BUILD_SECONDS = "build_seconds.json"
+
+
+def _built(entry: Path | None, started: float, save) -> dict:
+    """Timing of a stage just built; saves it into the cache `entry` (when caching) with `save()`."""
+    seconds = round(time.perf_counter() - started, 1)
+    if entry is not None:
+        save()
+        (entry / BUILD_SECONDS).write_text(json.dumps({"seconds": seconds}) + "\n")
+    return {"seconds": seconds, "reused": False}
+
+
+def _reused(entry: Path) -> dict:
+    """Timing of a stage taken from the cache: the seconds it took when it was built (None if unknown)."""
+    record = entry / BUILD_SECONDS
+    seconds = json.loads(record.read_text())["seconds"] if record.is_file() else None
+    return {"seconds": seconds, "reused": True}
+
+
 def build_trained_zoo(
     out: str | Path,
     recipe: TrainedZooRecipe = TrainedZooRecipe(),
@@ -374,129 +570,110 @@ def build_trained_zoo(
         FileNotFoundError: a sample image is missing from its package.
     """
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(recipe.seed)
-    photos = finetune_photos(recipe.resolution)
-    pretrain = [(read_image(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
-    pretrain_crops = [random_crops(image, recipe.crops_per_image, recipe.resolution, rng) for image, _ in pretrain]
-    captions = [caption for (_, caption), crops in zip(pretrain, pretrain_crops) for _ in range(len(crops))]
-    base_pool = np.concatenate(pretrain_crops)
-    photo_crops = np.concatenate([random_crops(p, recipe.crops_per_image // 2, recipe.resolution, rng) for p in photos])
-    timings = {}
-
-    # 1. VAE (cached by its recipe fields)
-    t = time.perf_counter()
-    vae_dir = Path(cache) / f"vae-{recipe.key(*VAE_FIELDS)}" if cache else None
-    if vae_dir and (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
-        logger.info("reusing the VAE in %s", vae_dir)
-    else:
-        vae = train_vae(np.concatenate([base_pool, photo_crops]), photos, recipe, progress)
-        if vae_dir:
-            vae.save_pretrained(vae_dir, safe_serialization=True)
-    # evaluate the VAE as it will be used: fp16 weights, fp32 compute
-    vae = vae.to(torch.float16).to(torch.float32)
-    scaling = (
-        unit_variance_scaling(vae, base_pool)
-        if recipe.latent_scaling == "unit_variance"
-        else float(recipe.latent_scaling)
-    )
-    vae.register_to_config(scaling_factor=scaling)
-    timings["vae_s"] = time.perf_counter() - t
-
-    # 2. Base UNet + text encoder (cached by the VAE + base fields)
-    t = time.perf_counter()
+    timings = build_base_stage(out, recipe, cache=cache, progress=progress)
     base_dir = out / "base"
-    base_cache = Path(cache) / f"base-{recipe.key(*BASE_FIELDS)}" if cache else None
-    if base_dir.exists():
-        shutil.rmtree(base_dir)
-    if base_cache and (base_cache / "model_index.json").is_file():
-        shutil.copytree(base_cache, base_dir)
-        logger.info("reusing the base in %s", base_cache)
-    else:
-        components = train_base(vae, base_pool, captions, recipe, base_dir / "tokenizer", progress)
-        _save_fp16_pipeline(components, base_dir)
-        if base_cache:
-            shutil.copytree(base_dir, base_cache, dirs_exist_ok=True)
-    if recipe.base_refine_steps:
-        refined_cache = Path(cache) / f"refined-{recipe.key(*REFINED_BASE_FIELDS)}" if cache else None
-        if refined_cache and (refined_cache / "model_index.json").is_file():
-            shutil.rmtree(base_dir)
-            shutil.copytree(refined_cache, base_dir)
-            logger.info("reusing the refined base in %s", refined_cache)
-        else:
-            refine_base(base_dir, vae, base_pool, captions, recipe, progress)
-            if refined_cache:
-                shutil.copytree(base_dir, refined_cache, dirs_exist_ok=True)
-    timings["base_s"] = time.perf_counter() - t
 
-    # 3. The fine-tuning set and the two fine-tunes
+    # 3. Each scenario's training set and its two fine-tunes
     from PIL import Image
 
     from .finetune import finetune
 
-    train_dir = out / "train"
-    if train_dir.exists():
-        shutil.rmtree(train_dir)
-    train_dir.mkdir()
-    for name, photo in zip(FINETUNE_IMAGES, photos):
-        Image.fromarray(photo).save(train_dir / f"{Path(name).stem}.png")
-    (out / "caption.txt").write_text(CAPTION + "\n")
-    for method, steps, lr, rank in (
-        ("dreambooth", recipe.dreambooth_steps, recipe.dreambooth_lr, recipe.lora_rank),
-        ("lora", recipe.lora_steps, recipe.lora_lr, recipe.lora_rank),
-    ):
-        t = time.perf_counter()
-        if (out / method).exists():
-            shutil.rmtree(out / method)
-        finetune(
-            base_dir,
-            train_dir,
-            CAPTION,
-            out=out / method,
-            method=method,
-            steps=steps,
-            lr=lr,
-            batch_size=recipe.finetune_batch,
-            rank=rank,
-            seed=recipe.seed + 31,
-            resolution=recipe.resolution,
-            device="cpu",
-            save_dtype="fp16",
-            progress=progress,
-        )
-        record_file = out / method / "finetune.json"  # a path that stays true where the zoo is copied
-        record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"base": "../base"}, indent=2) + "\n")
-        timings[f"{method}_s"] = time.perf_counter() - t
+    metrics = {}
+    saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
+    for scenario in SCENARIOS.values():
+        folder = scenario_folder(out, scenario.name)
+        names, images = finetune_set(scenario.name, recipe.resolution)
+        train_dir = folder / "train"
+        if train_dir.exists():
+            shutil.rmtree(train_dir)
+        train_dir.mkdir(parents=True)
+        for name, image in zip(names, images):
+            Image.fromarray(image).save(train_dir / f"{name}.png")
+        (folder / "caption.txt").write_text(scenario.caption + "\n")
+        for method in ("dreambooth", "lora"):
+            t = time.perf_counter()
+            target = folder / method
+            if target.exists():
+                shutil.rmtree(target)
+            entry = None
+            if cache:
+                key = hashlib.sha256(
+                    (recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + scenario.caption).encode()
+                    + images.tobytes()
+                ).hexdigest()[:16]
+                entry = Path(cache) / f"{scenario.name}-{method}-{key}"
+            if entry is not None and (entry / "finetune.json").is_file():
+                shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+                logger.info("reusing the %s %s fine-tune in %s", scenario.name, method, entry)
+                timings[f"{scenario.name}_{method}"] = _reused(entry)
+                continue
+            finetune(
+                base_dir,
+                train_dir,
+                scenario.caption,
+                out=target,
+                method=method,
+                steps=recipe.dreambooth_steps if method == "dreambooth" else recipe.lora_steps,
+                lr=recipe.dreambooth_lr if method == "dreambooth" else recipe.lora_lr,
+                batch_size=recipe.finetune_batch,
+                rank=recipe.lora_rank,
+                lora_modules=recipe.lora_modules,
+                seed=recipe.seed + 31,
+                resolution=recipe.resolution,
+                device="cpu",
+                save_dtype="fp16",
+                progress=progress,
+            )
+            if method == "dreambooth":
+                _keep_only_unet(target)
+            record_file = target / "finetune.json"  # a path that stays true where the zoo is copied
+            relative_base = Path("..") / Path(*[".."] * len(Path(scenario.folder).parts)) / "base"
+            record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+            timings[f"{scenario.name}_{method}"] = _built(
+                entry, t, lambda target=target, entry=entry: shutil.copytree(target, entry, dirs_exist_ok=True)
+            )
+
+        # 4. Record how good the VAE is on the images that matter.
+        round_trip = vae_round_trip(saved_vae, images)
+        mse = ((round_trip.astype(np.float64) - images) ** 2).mean(axis=(1, 2, 3))
+        metrics[scenario.name] = {"vae_round_trip_psnr_db": [round(float(10 * np.log10(255**2 / m)), 2) for m in mse]}
+        similarity = _sscd_similarity(images, round_trip)
+        if similarity is not None:
+            metrics[scenario.name]["vae_round_trip_sscd"] = [round(float(x), 3) for x in similarity]
 
     _strip_local_paths(out)
-
-    # 4. Record how good the VAE is on the photos that matter.
-    saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
-    round_trip = vae_round_trip(saved_vae, photos)
-    mse = ((round_trip.astype(np.float64) - photos) ** 2).mean(axis=(1, 2, 3))
-    metrics = {"vae_round_trip_psnr_db": [round(float(10 * np.log10(255**2 / m)), 2) for m in mse]}
-    similarity = _sscd_similarity(photos, round_trip)
-    if similarity is not None:
-        metrics["vae_round_trip_sscd"] = [round(float(s), 3) for s in similarity]
-    timings["total_s"] = time.perf_counter() - started
+    timings["total"] = {"seconds": round(time.perf_counter() - started, 1), "reused": False}
     record = {
         "recipe": asdict(recipe),
-        "caption": CAPTION,
-        "finetune_images": list(FINETUNE_IMAGES),
+        "scenarios": {
+            name: asdict(scenario) | {"images": finetune_set(name, recipe.resolution)[0]}
+            for name, scenario in SCENARIOS.items()
+        },
         "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES],
         "metrics": metrics,
-        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "timings": timings,
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
     }
     (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained zoo written to %s: %s", out, metrics)
     return out
+
+
+def _keep_only_unet(folder: Path) -> None:
+    """Reduce a saved DreamBooth pipeline folder to its `unet/` and `finetune.json`: with the text
+    encoder frozen, the VAE, text encoder, tokenizer and scheduler are the base's, and a bare `unet/`
+    folder is a format the loader reads (it takes the rest from the base)."""
+    for path in folder.iterdir():
+        if path.name in ("unet", "finetune.json"):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _strip_local_paths(folder: Path) -> None:
