@@ -543,6 +543,73 @@ def _reused(entry: Path) -> dict:
     return {"seconds": seconds, "reused": True}
 
 
+def write_training_set(out: Path, scenario: str, resolution: int) -> np.ndarray:
+    """Write a scenario's train/ (32 px PNGs, as the fine-tune sees them) and caption.txt into the zoo
+    `out`; return the images, uint8 (n, resolution, resolution, 3)."""
+    from PIL import Image
+
+    folder = scenario_folder(out, scenario)
+    names, images = finetune_set(scenario, resolution)
+    train_dir = folder / "train"
+    if train_dir.exists():
+        shutil.rmtree(train_dir)
+    train_dir.mkdir(parents=True)
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(train_dir / f"{name}.png")
+    (folder / "caption.txt").write_text(SCENARIOS[scenario].caption + "\n")
+    return images
+
+
+def build_finetune(
+    out: Path, recipe: TrainedZooRecipe, scenario: str, method: str, *, cache=None, progress: bool = True
+) -> dict:
+    """Fine-tune the zoo's base/ on a scenario's train/ (`write_training_set`) by `method`, into
+    `<scenario folder>/<method>`; a DreamBooth keeps only its `unet/`. Cached by the recipe fields,
+    the caption and the training images. Returns the stage's timing {"seconds", "reused"}."""
+    from .finetune import finetune
+
+    t = time.perf_counter()
+    folder = scenario_folder(out, scenario)
+    caption = SCENARIOS[scenario].caption
+    target = folder / method
+    if target.exists():
+        shutil.rmtree(target)
+    entry = None
+    if cache:
+        images = finetune_set(scenario, recipe.resolution)[1]
+        fields = recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + caption
+        key = hashlib.sha256(fields.encode() + images.tobytes()).hexdigest()[:16]
+        entry = Path(cache) / f"{scenario}-{method}-{key}"
+    if entry is not None and (entry / "finetune.json").is_file():
+        shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+        logger.info("reusing the %s %s fine-tune in %s", scenario, method, entry)
+        return _reused(entry)
+    finetune(
+        out / "base",
+        folder / "train",
+        caption,
+        out=target,
+        method=method,
+        steps=recipe.dreambooth_steps if method == "dreambooth" else recipe.lora_steps,
+        lr=recipe.dreambooth_lr if method == "dreambooth" else recipe.lora_lr,
+        batch_size=recipe.finetune_batch,
+        rank=recipe.lora_rank,
+        lora_modules=recipe.lora_modules,
+        seed=recipe.seed + 31,
+        resolution=recipe.resolution,
+        device="cpu",
+        save_dtype="fp16",
+        progress=progress,
+    )
+    if method == "dreambooth":
+        _keep_only_unet(target)
+    record_file = target / "finetune.json"  # a path that stays true where the zoo is copied
+    relative_base = Path("..") / Path(*[".."] * len(Path(SCENARIOS[scenario].folder).parts)) / "base"
+    record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return _built(entry, t, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
+
+
 def build_trained_zoo(
     out: str | Path,
     recipe: TrainedZooRecipe = TrainedZooRecipe(),
@@ -579,64 +646,13 @@ def build_trained_zoo(
     base_dir = out / "base"
 
     # 3. Each scenario's training set and its two fine-tunes
-    from PIL import Image
-
-    from .finetune import finetune
-
     metrics = {}
     saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
     for scenario in SCENARIOS.values():
-        folder = scenario_folder(out, scenario.name)
-        names, images = finetune_set(scenario.name, recipe.resolution)
-        train_dir = folder / "train"
-        if train_dir.exists():
-            shutil.rmtree(train_dir)
-        train_dir.mkdir(parents=True)
-        for name, image in zip(names, images):
-            Image.fromarray(image).save(train_dir / f"{name}.png")
-        (folder / "caption.txt").write_text(scenario.caption + "\n")
+        images = write_training_set(out, scenario.name, recipe.resolution)
         for method in ("dreambooth", "lora"):
-            t = time.perf_counter()
-            target = folder / method
-            if target.exists():
-                shutil.rmtree(target)
-            entry = None
-            if cache:
-                key = hashlib.sha256(
-                    (recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + scenario.caption).encode()
-                    + images.tobytes()
-                ).hexdigest()[:16]
-                entry = Path(cache) / f"{scenario.name}-{method}-{key}"
-            if entry is not None and (entry / "finetune.json").is_file():
-                shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
-                logger.info("reusing the %s %s fine-tune in %s", scenario.name, method, entry)
-                timings[f"{scenario.name}_{method}"] = _reused(entry)
-                continue
-            finetune(
-                base_dir,
-                train_dir,
-                scenario.caption,
-                out=target,
-                method=method,
-                steps=recipe.dreambooth_steps if method == "dreambooth" else recipe.lora_steps,
-                lr=recipe.dreambooth_lr if method == "dreambooth" else recipe.lora_lr,
-                batch_size=recipe.finetune_batch,
-                rank=recipe.lora_rank,
-                lora_modules=recipe.lora_modules,
-                seed=recipe.seed + 31,
-                resolution=recipe.resolution,
-                device="cpu",
-                save_dtype="fp16",
-                progress=progress,
-            )
-            if method == "dreambooth":
-                _keep_only_unet(target)
-            record_file = target / "finetune.json"  # a path that stays true where the zoo is copied
-            relative_base = Path("..") / Path(*[".."] * len(Path(scenario.folder).parts)) / "base"
-            record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
-            timings[f"{scenario.name}_{method}"] = _built(
-                entry, t, lambda target=target, entry=entry: shutil.copytree(target, entry, dirs_exist_ok=True)
+            timings[f"{scenario.name}_{method}"] = build_finetune(
+                out, recipe, scenario.name, method, cache=cache, progress=progress
             )
 
         # 4. Record how good the VAE is on the images that matter.
