@@ -136,6 +136,24 @@ def test_locon_adapts_attention_feed_forward_and_convolutions(base_dir, images_d
     pair = load_model_pair(base_dir, lora=out, dtype="fp32")
     assert len(pair.unet_lora) == len(targets)
     assert json.loads((out / "finetune.json").read_text())["lora_modules"] == "locon"
+    # the file means to diffusers' own loader what it means to ours: the same fused weights
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from finextract.engine.lora import merge_lora
+
+    ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+    unet.fuse_lora()
+    theirs = unet.state_dict()  # fused weights stay in PEFT's `base_layer`
+    moved = 0
+    for module in targets:
+        fused = theirs[f"{module}.base_layer.weight"]
+        moved += not torch.equal(fused, pair.base_unet.state_dict()[f"{module}.weight"])
+        # fp32 sums of a rank-2 product: equal to rounding
+        assert torch.allclose(ours[f"{module}.weight"], fused, atol=1e-6), module
+    assert moved == len(targets)
 
 
 def test_default_recipe_follows_model_size():
