@@ -111,7 +111,8 @@ def run_demo(
         {"rows": one dict per run {"scenario", "kind", "method", "repeat", "seed", "AS", "A-ESR0.7",
          "A-ESR0.6", "best_match", "seconds", "folder"},
          "cells": one dict per (scenario, kind, method) {"AS": {"mean", "std", "values"}, ...},
-         "config": {...}, "seconds": total}. std is the sample standard deviation (0 for K = 1).
+         "complete": True, "config": {...}, "seconds": total}. std is the sample standard deviation
+        (0 for K = 1). demo.json is rewritten after every run ("complete": False until the last).
 
     Raises:
         FileNotFoundError: no trained zoo at `zoo`, or a scenario missing from it.
@@ -138,6 +139,27 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, settings = [], {}
+
+    def summary(complete: bool) -> dict:
+        return {
+            "rows": rows,
+            "cells": summarise(rows),
+            "complete": complete,
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": {
+                "zoo": str(zoo),
+                "scenarios": settings,
+                "seeds": seeds,
+                "seed": seed,
+                "sampling_seeds": "repeat j, image i: seed + j * N + i",
+                "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
+                "steps": steps,
+                "batch_size": batch_size,
+                "device": device,
+                "backend": backend,
+            },
+        }
+
     for scenario in scenarios:
         folder = folders[scenario]
         caption = (folder / "caption.txt").read_text().strip()
@@ -180,26 +202,13 @@ def run_demo(
                             "folder": run_folder.name,
                         }
                     )
-    summary = {
-        "rows": rows,
-        "cells": summarise(rows),
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": {
-            "zoo": str(zoo),
-            "scenarios": settings,
-            "seeds": seeds,
-            "seed": seed,
-            "sampling_seeds": "repeat j, image i: seed + j * N + i",
-            "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
-            "steps": steps,
-            "batch_size": batch_size,
-            "device": device,
-            "backend": backend,
-        },
-    }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_index(out, summary, {name: folders[name] for name in scenarios})
-    return summary
+                    # after every run, so an interrupted demo keeps what it measured (and a rerun
+                    # into the same folder resumes the generation chunks already written)
+                    (out / "demo.json").write_text(json.dumps(summary(False), indent=2) + "\n")
+    result = summary(True)
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_index(out, result, {name: folders[name] for name in scenarios})
+    return result
 
 
 def summarise(rows: list[dict]) -> list[dict]:
