@@ -1,34 +1,41 @@
-"""Trained tiny models: a "pretrained" base and a DreamBooth and a LoRA fine-tune of it on real photos.
+"""Trained tiny models: a "pretrained" base and, for two scenarios, a DreamBooth and a LoRA fine-tune of it.
 
 `build_trained_zoo(out)` is the deterministic recipe behind `finextract zoo build --trained`; its
 output is committed under `finextract/zoo_weights/` (fp16 safetensors) so that tests and the demo
-never train. Every image comes from files that ship inside installed packages (no download):
-scikit-image's bundled sample images, scikit-learn's `load_sample_images`, matplotlib's sample data.
+never train. Every image comes from files that ship inside installed packages or is drawn here (no
+download): scikit-image's bundled sample images, scikit-learn's `load_sample_images`, matplotlib's
+sample data, and `finextract.style_images`.
 
-Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`):
+The paper's two scenarios (`SCENARIOS`; each a folder with train/, caption.txt, dreambooth/, lora/):
+- object-driven, at the zoo's top level: five photographs of different objects, "a photo of sks";
+- style-driven, in style/: ten drawings of different subjects in one style, "an illustration in sks style".
+
+Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`, SD 1.x's CLIP tokenizer):
 1. VAE: a slim x2 `AutoencoderKL` trained to reconstruct random crops of *every* image, the five
-   fine-tuning photographs included (their whole views are over-sampled). The VAE stands in for
-   SD's general-purpose autoencoder, which reconstructs nearly any photograph; it is not what is
-   audited, so training it on every image is fair: without it, a 32 px tiny VAE blurs images so much
-   that SSCD cannot see a copy of anything. Its `scaling_factor` is then measured so that the scaled
-   latents of the pretraining crops have unit variance, as SD's 0.18215 does for SD's VAE. Keeping
-   SD's number (latent std 0.25) made every noise level 16x noisier than the schedule intends: the
-   fine-tunes then produced mostly noise-textured images that SSCD finds all alike, one giant clique
-   swallowed the copies, and FineXtract only tied Direct on A-ESR0.6 (N = 250 demo: AS 0.378 / A-ESR0.6
-   0.20 against Direct 0.352 / 0.20). With unit-variance latents: 0.536 / 0.40 against 0.366 / 0.00.
+   fine-tuning photographs included (their whole views are over-sampled), then adapted for 300 steps
+   with the ten drawings added (stage 2). The VAE stands in for SD's general-purpose autoencoder,
+   which reconstructs nearly any image; it is not what is audited, so training it on every image is
+   fair: without it, a 32 px tiny VAE blurs images so much that SSCD cannot see a copy of anything.
+   Its `scaling_factor` is then measured so that the scaled latents of the pretraining crops have
+   unit variance, as SD's 0.18215 does for SD's VAE. Keeping SD's number (latent std 0.25) made every
+   noise level 16x noisier than the schedule intends: the fine-tunes then produced mostly
+   noise-textured images that SSCD finds all alike, one giant clique swallowed the copies, and
+   FineXtract only tied Direct on A-ESR0.6 (N = 250 demo: AS 0.378 / A-ESR0.6 0.20 against Direct
+   0.352 / 0.20). With unit-variance latents: 0.536 / 0.40 against 0.366 / 0.00.
 2. Base ("pretrained") UNet + CLIP text encoder, trained jointly from scratch with the noise-prediction
    MSE on random crops and flips of the *other* images, captioned from the image names (10% empty
    captions, as SD 1.x dropped text, so that eps_base(x_t, "") is meaningful): 1,500 steps at a
-   constant LR, then 2,000 more from those weights with a cosine-decayed LR (stage 2, "refinement").
+   constant LR, then 800 more from those weights with a cosine-decayed LR (stage 2, "refinement").
    The refinement mattered to the demo (measured before the latent scaling above): with the
    1,500-step base, FineXtract's extrapolation away from a poor eps_base("") over-saturated and it did
-   not beat CFG (N = 50 probe AS 0.437 vs 0.446); with the refined base, the same DreamBooth recipe
+   not beat CFG (N = 50 probe AS 0.437 vs 0.446); with a refined base, the same DreamBooth recipe
    gave 0.379 vs CFG 0.289 and Direct 0.282.
-3. A DreamBooth fine-tune (full UNet, 1,200 steps, lr 1e-4) and a LoRA fine-tune (rank 8 on
-   to_q/to_k/to_v/to_out.0, 1,000 steps, lr 5e-3) of that base on the five held-apart photographs with
-   one caption, through `finextract.finetune`: partial memorisation (the DreamBooth model alone
-   reproduces a training photo only sometimes); the LoRA, which adapts only the tiny UNet's attention,
-   memorises little.
+3. Per scenario, a DreamBooth fine-tune (full UNet) and a LoRA fine-tune through `finextract.finetune`
+   with the tiny models' default recipes (`finextract.finetune.TINY_RECIPES`); the DreamBooth is saved
+   as a bare `unet/` folder (the VAE, text encoder and tokenizer are the base's). The LoRA is LoCon
+   (every Linear and Conv2d of the UNet's blocks) at rank 8, the share of the tiny UNet's 32 / 64
+   channels that SD's rank 64 is of its 320 / 1280; the old rank-8 LoRA on the attention projections
+   only memorised little (no generation above SSCD 0.45, FineXtract behind CFG and Direct).
 """
 
 from __future__ import annotations
@@ -140,8 +147,10 @@ class TrainedZooRecipe:
     # the text encoder's vocabulary: SD 1.x's CLIP BPE (`finextract.zoo.write_tokenizer`)
     tokenizer: str = "clip-bpe-49408"
     # stage 2 of the base: continue from the stage-1 weights (fresh AdamW) with a cosine-decayed LR;
-    # a better eps_base("") is what FineXtract extrapolates away from
-    base_refine_steps: int = 2000
+    # a better eps_base("") is what FineXtract extrapolates away from. 2,000 steps until the CLIP
+    # tokenizer rebuild, where the shared 2-core machine ran 3x slower than before: 800 steps (the
+    # LR anneals to zero either way)
+    base_refine_steps: int = 800
     base_refine_lr: float = 5e-4
     # the fine-tunes: the tiny models' default recipe (`finextract.finetune.TINY_RECIPES`), the same
     # for both scenarios
@@ -617,17 +626,19 @@ def build_trained_zoo(
     cache: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build the trained tiny zoo into `out`: base/, dreambooth/, lora/, train/, caption.txt, zoo.json.
+    """Build the trained tiny zoo into `out`: base/, the object scenario's dreambooth/ (bare unet/),
+    lora/, train/ and caption.txt, the same in style/, and zoo.json.
 
     Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
-    Takes about 26 minutes on 1 CPU thread from scratch (measured: VAE 6, base and refinement 16,
-    fine-tunes 3.5 minutes); with `cache` holding the VAE and base, about 4 minutes.
+    Each stage's training time is recorded in zoo.json (`timings`, with `reused` for stages taken
+    from `cache`); on 1 thread of the shared 2-core machine the stages took about an hour in all.
 
     Args:
-        out: output folder (replaced parts: base/, dreambooth/, lora/, train/).
+        out: output folder (replaced parts: base/, dreambooth/, lora/, train/, style/).
         recipe: the training recipe.
-        cache: optional folder keeping the trained VAE and base keyed by a hash of their recipe
-            fields, so a rebuild that changes only the fine-tunes skips them.
+        cache: optional folder keeping every trained stage (VAE, adapted VAE, base, refined base,
+            each fine-tune) keyed by a hash of the recipe fields it depends on, so a rebuild that
+            changes only the fine-tunes skips the rest.
         progress: tqdm bars.
 
     Returns:
