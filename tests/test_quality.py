@@ -97,16 +97,18 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
     for word in ("Object-driven", "Style-driven", "FineXtract", "Direct", "A-ESR0.6", "±", "report.html"):
         assert word in printed, word
     summary = json.loads((out / "demo.json").read_text())
+    # seed repeats outermost; repeat j starts at seed j * N (N = 12 here)
     assert [(r["scenario"], r["method"], r["seed"]) for r in summary["rows"]] == [
         ("object", "finextract", 0),
-        ("object", "finextract", 12),
         ("object", "direct", 0),
-        ("object", "direct", 12),
         ("style", "finextract", 0),
-        ("style", "finextract", 12),
         ("style", "direct", 0),
+        ("object", "finextract", 12),
+        ("object", "direct", 12),
+        ("style", "finextract", 12),
         ("style", "direct", 12),
     ]
+    assert summary["complete"] is True
     for row in summary["rows"]:
         assert 0 <= row["A-ESR0.7"] <= row["A-ESR0.6"] <= 1 and -1 <= row["AS"] <= 1
         assert (

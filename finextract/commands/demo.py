@@ -165,20 +165,31 @@ def run_demo(
         caption = (folder / "caption.txt").read_text().strip()
         train_count = len(list((folder / "train").glob("*.png")))
         scenario_n0 = n0 or train_count
-        scenario_n = num_images or 50 * scenario_n0
-        settings[scenario] = {"caption": caption, "n0": scenario_n0, "num_images": scenario_n, "train": train_count}
-        for kind in kinds:
-            finetuned = dict(finetuned=folder / "dreambooth") if kind == "dreambooth" else dict(lora=folder / "lora")
-            extractor = Extractor(zoo / "base", **finetuned, device=device, backend=backend)
-            for method in methods:
-                for repeat in range(seeds):
+        settings[scenario] = {
+            "caption": caption,
+            "n0": scenario_n0,
+            "num_images": num_images or 50 * scenario_n0,
+            "train": train_count,
+        }
+    extractors = {}
+    # seed repeats outermost: an interrupted demo has whole tables for the seeds it finished
+    for repeat in range(seeds):
+        for scenario in scenarios:
+            folder, config = folders[scenario], settings[scenario]
+            for kind in kinds:
+                if (scenario, kind) not in extractors:
+                    finetuned = (
+                        dict(finetuned=folder / "dreambooth") if kind == "dreambooth" else dict(lora=folder / "lora")
+                    )
+                    extractors[scenario, kind] = Extractor(zoo / "base", **finetuned, device=device, backend=backend)
+                for method in methods:
                     t = time.perf_counter()
-                    run_seed = seed + repeat * scenario_n
+                    run_seed = seed + repeat * config["num_images"]
                     run_folder = out / f"{scenario}-{kind}-{method}-seed{repeat}"
-                    result = extractor.extract(
-                        caption,
-                        scenario_n0,
-                        num_images=scenario_n,
+                    result = extractors[scenario, kind].extract(
+                        config["caption"],
+                        config["n0"],
+                        num_images=config["num_images"],
                         method=method,
                         steps=steps,
                         seed=run_seed,
