@@ -60,7 +60,7 @@ SD_RECIPES = {
 # SD's rank 64 is 20% / 5% of its 320 / 1280.
 TINY_RECIPES = {
     "dreambooth": Recipe(steps=1200, lr=1e-4, batch_size=5),
-    "lora": Recipe(steps=1500, lr=2e-3, batch_size=5, rank=8, lora_modules="locon"),
+    "lora": Recipe(steps=1500, lr=3e-3, batch_size=5, rank=8, lora_modules="locon"),
 }
 
 
@@ -332,7 +332,7 @@ def finetune(
         method: "dreambooth" or "lora".
         steps: optimiser steps (>= 1); default from the recipe (SD: 800 DreamBooth / 2000 LoRA).
         lr: AdamW learning rate, constant; default from the recipe (SD: 5e-6 DreamBooth / 1e-4
-            LoRA, diffusers' example values; tiny: 1e-4 / 2e-3).
+            LoRA, diffusers' example values; tiny: 1e-4 / 3e-3).
         batch_size: images per step, drawn with replacement by the seeded generator (SD: 1, tiny: 5).
         rank: LoRA rank r (LoRA only; SD: 64, tiny: 8).
         lora_modules: "attention" or "locon" (`lora_target_modules`; SD: attention, tiny: locon).

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         "Conv2d of the UNet's blocks, through peft. Unset options take the model's defaults: SD 1.x values for an "
         "SD-size UNet (DreamBooth 800 steps at lr 5e-6, batch 1; LoRA rank 64 on attention, 2000 steps at 1e-4), "
         "the trained zoo's recipe for a tiny one (DreamBooth 1200 steps at 1e-4, batch 5; LoCon rank 8, 1500 steps "
-        "at 2e-3, batch 5). Warns when the loss has not fallen.",
+        "at 3e-3, batch 5). Warns when the loss has not fallen.",
     )
     parser.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x pipeline folder (safetensors)")
     parser.add_argument("--images", required=True, help="folder of training images (png/jpg/webp/bmp)")
