@@ -625,6 +625,7 @@ def build_trained_zoo(
     *,
     cache: str | Path | None = None,
     progress: bool = True,
+    scenarios: tuple[str, ...] = tuple(SCENARIOS),
 ) -> Path:
     """Build the trained tiny zoo into `out`: base/, the object scenario's dreambooth/ (bare unet/),
     lora/, train/ and caption.txt, the same in style/, and zoo.json.
@@ -640,6 +641,7 @@ def build_trained_zoo(
             each fine-tune) keyed by a hash of the recipe fields it depends on, so a rebuild that
             changes only the fine-tunes skips the rest.
         progress: tqdm bars.
+        scenarios: the scenarios to fine-tune (default both).
 
     Returns:
         `out`.
@@ -659,7 +661,10 @@ def build_trained_zoo(
     # 3. Each scenario's training set and its two fine-tunes
     metrics = {}
     saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
-    for scenario in SCENARIOS.values():
+    for name in scenarios:
+        if name not in SCENARIOS:
+            raise ValueError(f"--scenarios {name!r}: expected some of {','.join(SCENARIOS)}")
+    for scenario in (SCENARIOS[name] for name in scenarios):
         images = write_training_set(out, scenario.name, recipe.resolution)
         for method in ("dreambooth", "lora"):
             timings[f"{scenario.name}_{method}"] = build_finetune(
@@ -679,8 +684,7 @@ def build_trained_zoo(
     record = {
         "recipe": asdict(recipe),
         "scenarios": {
-            name: asdict(scenario) | {"images": finetune_set(name, recipe.resolution)[0]}
-            for name, scenario in SCENARIOS.items()
+            name: asdict(SCENARIOS[name]) | {"images": finetune_set(name, recipe.resolution)[0]} for name in scenarios
         },
         "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES],
         "metrics": metrics,

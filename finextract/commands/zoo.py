@@ -28,6 +28,11 @@ def register(subparsers) -> None:
         default=None,
         help="--trained: folder keeping each trained stage (VAE, base, fine-tunes), reused when its recipe matches",
     )
+    build.add_argument(
+        "--scenarios",
+        default="object,style",
+        help="--trained: the scenarios to fine-tune, comma-separated (default object,style)",
+    )
     build.set_defaults(func=run)
     path = actions.add_parser("path", help="print the folder of the committed trained zoo")
     path.set_defaults(func=run_path)
@@ -57,7 +62,9 @@ def run(args) -> int:
     if args.trained:
         from finextract.trained_zoo import TrainedZooRecipe, build_trained_zoo
 
-        out = build_trained_zoo(args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache)
+        out = build_trained_zoo(
+            args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache, scenarios=tuple(args.scenarios.split(","))
+        )
     else:
         out = build_zoo(args.out, seed=args.seed)
     logging.getLogger("finextract").info("zoo written to %s in %.1f s", out, time.perf_counter() - start)
