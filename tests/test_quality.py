@@ -44,10 +44,15 @@ def _as(extractor, folder, method, n0, num_images, seed=0):
 
 
 def test_committed_zoo_layout(zoo):
+    """Every scenario the committed zoo.json lists is complete (the object one at least)."""
+    import json
+
     from finextract.trained_zoo import SCENARIOS, scenario_folder
 
+    built = json.loads((zoo / "zoo.json").read_text())["scenarios"]
+    assert "object" in built and set(built) <= set(SCENARIOS)
     sizes = {"object": 5, "style": 10}
-    for name in SCENARIOS:
+    for name in built:
         folder = scenario_folder(zoo, name)
         assert (folder / "caption.txt").read_text().strip() == SCENARIOS[name].caption
         assert len(sorted((folder / "train").glob("*.png"))) == sizes[name]
@@ -55,6 +60,7 @@ def test_committed_zoo_layout(zoo):
         # DreamBooth: a bare unet/ folder; the VAE, text encoder and tokenizer are the base's
         assert (folder / "dreambooth" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         assert sorted(p.name for p in (folder / "dreambooth").iterdir()) == ["finetune.json", "unet"]
+        assert json.loads((folder / "lora" / "finetune.json").read_text())["lora_modules"] == "locon"
     total = sum(p.stat().st_size for p in zoo.rglob("*") if p.is_file())
     assert total < 25e6, f"committed weights are {total / 1e6:.1f} MB; keep them under 25 MB"
 
