@@ -9,13 +9,35 @@ from __future__ import annotations
 import pytest
 
 STEPS = 25
-# (scenario, kind) -> N for this test (a few images per training image) and the margin by which
-# FineXtract's AS must exceed CFG's. Measured with this file's settings over sampling seeds 0, N, 2N
-# (torch backend; see MEASURED): each margin is the smallest of the three FineXtract - CFG gaps minus
-# 3 x the gap's standard deviation over the seeds, floored at 0, so that the test catches FineXtract
-# falling to CFG's level while the noise of one small-N seed cannot fail it.
-CASES = {}
-MEASURED = {}
+# Measured with this file's settings (N, 25 DDIM steps, torch backend) on the committed zoo over the
+# sampling seeds 0, N, 2N (AS per seed; also in bench/results/demo.json, "after_probe"):
+MEASURED = {
+    ("object", "dreambooth"): {
+        "finextract": (0.5732, 0.4658, 0.5958),
+        "cfg": (0.3961, 0.3689, 0.4079),
+        "direct": (0.3202, 0.2936, 0.3881),
+    },
+    ("object", "lora"): {
+        "finextract": (0.5850, 0.4923, 0.5370),
+        "cfg": (0.4617, 0.4964, 0.4230),
+        "direct": (0.3614, 0.4181, 0.4958),
+    },
+}
+
+
+# (scenario, kind) -> (N, margin). The test runs seed 0; its margin is the mean FineXtract - CFG gap
+# over the three seeds minus twice the gap's standard deviation over them (0.154 - 2 x 0.050 on the
+# DreamBooth), so one small-N seed's noise does not fail it while FineXtract falling to CFG's level does.
+# On the LoRA that bound is negative (gap 0.078 ± 0.071: one seed tied), so the test only asks
+# FineXtract to stay ahead at seed 0 (measured gap 0.123). The style scenario is not built yet.
+def _margin(measured: dict) -> float:
+    import numpy as np
+
+    gaps = np.subtract(measured["finextract"], measured["cfg"])
+    return max(0.0, round(float(gaps.mean() - 2 * gaps.std(ddof=1)), 2))
+
+
+CASES = {case: (25, _margin(measured)) for case, measured in MEASURED.items()}  # DreamBooth 0.05, LoRA 0
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +91,8 @@ def test_committed_configs_hold_no_build_paths(zoo):
     import json
 
     configs = [p for p in zoo.rglob("*.json") if p.name in ("config.json", "model_index.json")]
-    assert len(configs) >= 6  # base: model_index, unet, vae, text_encoder; a unet per DreamBooth
+    built = json.loads((zoo / "zoo.json").read_text())["scenarios"]
+    assert len(configs) == 4 + len(built)  # base: model_index, unet, vae, text_encoder; a unet per DreamBooth
     for config in configs:
         assert "_name_or_path" not in json.loads(config.read_text()), f"{config} records its build folder"
 
