@@ -120,22 +120,18 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
 
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--num-images", "12", "--steps", "3", "--kinds", "lora"]
-    argv += ["--methods", "finextract,direct", "--scenarios", "object,style", "--seeds", "2", "--device", "cpu"]
+    argv += ["--methods", "finextract,direct", "--scenarios", "object", "--seeds", "2", "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for word in ("Object-driven", "Style-driven", "FineXtract", "Direct", "A-ESR0.6", "±", "report.html"):
+    for word in ("Object-driven", "FineXtract", "Direct", "A-ESR0.6", "±", "report.html"):
         assert word in printed, word
     summary = json.loads((out / "demo.json").read_text())
     # seed repeats outermost; repeat j starts at seed j * N (N = 12 here)
     assert [(r["scenario"], r["method"], r["seed"]) for r in summary["rows"]] == [
         ("object", "finextract", 0),
         ("object", "direct", 0),
-        ("style", "finextract", 0),
-        ("style", "direct", 0),
         ("object", "finextract", 12),
         ("object", "direct", 12),
-        ("style", "finextract", 12),
-        ("style", "direct", 12),
     ]
     assert summary["complete"] is True
     for row in summary["rows"]:
@@ -152,6 +148,18 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
         assert cell["runs"] == 2 and np.isclose(cell["AS"]["mean"], np.mean(values))
         assert np.isclose(cell["AS"]["std"], np.std(values, ddof=1))
     assert "object-lora-finextract-seed0/best_match/train0.png" in (out / "report.html").read_text()
+
+
+def test_demo_names_a_scenario_missing_from_the_zoo(tmp_path):
+    from finextract.commands.demo import run_demo
+
+    zoo = tmp_path / "zoo"
+    (zoo / "base").mkdir(parents=True)
+    (zoo / "base" / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="the style scenario is missing from the zoo"):
+        run_demo(tmp_path / "out", zoo, scenarios=("style",))
+    with pytest.raises(ValueError, match="--scenarios 'people'"):
+        run_demo(tmp_path / "out", zoo, scenarios=("people",))
 
 
 def test_committed_latents_have_unit_variance(zoo):
