@@ -138,3 +138,52 @@ def style_images() -> dict[str, np.ndarray]:
         draw_subject(ImageDraw.Draw(image))
         images[name] = np.asarray(image)
     return images
+
+
+def composition_images(seed: int, count: int = 10, size: tuple[int, int] = (240, 180)) -> dict[str, np.ndarray]:
+    """A new set of `count` drawings in one style, random for `seed`: a user's own training set.
+
+    The style comes from the seed: a dark ink for the outlines, five random fill colours and one
+    outline width; every image is then a different random composition of 3-6
+    outlined ellipses, rectangles and triangles in that palette on a ground of one palette colour.
+    The images are landscape (`size` = width, height), like the photographs users have, so a
+    fine-tune centre-crops them. Deterministic for a seed (numpy's PCG64 and Pillow's drawing).
+
+    Args:
+        seed: selects the style and the compositions; the same seed gives the same images.
+        count: number of images (>= 1).
+        size: (width, height) in pixels, each >= 32.
+
+    Returns:
+        name -> uint8 (height, width, 3) RGB, names "composition00" ... in order.
+
+    Raises:
+        ValueError: count < 1 or a side < 32.
+    """
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    if count < 1 or min(width, height) < 32:
+        raise ValueError(f"composition_images: count {count} must be >= 1 and size {size} at least 32 x 32")
+    rng = np.random.default_rng(seed)
+    ink = tuple(int(c) for c in rng.integers(0, 80, 3))  # dark, so the outlines read at 32 px
+    fills = [tuple(int(c) for c in rng.integers(40, 256, 3)) for _ in range(5)]
+    outline = int(rng.integers(3, 8))
+    images = {}
+    for index in range(count):
+        image = Image.new("RGB", size, fills[rng.integers(len(fills))])
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(3, 7)):
+            x0, y0 = rng.uniform(-0.1, 0.8) * width, rng.uniform(-0.1, 0.8) * height
+            w, h = rng.uniform(0.2, 0.6) * width, rng.uniform(0.2, 0.6) * height
+            fill = fills[rng.integers(len(fills))]
+            kind = rng.integers(3)
+            if kind == 0:
+                draw.ellipse([x0, y0, x0 + w, y0 + h], fill=fill, outline=ink, width=outline)
+            elif kind == 1:
+                draw.rectangle([x0, y0, x0 + w, y0 + h], fill=fill, outline=ink, width=outline)
+            else:
+                points = [(x0 + w / 2, y0), (x0 + w, y0 + h), (x0, y0 + h)]
+                draw.polygon(points, fill=fill, outline=ink, width=outline)
+        images[f"composition{index:02d}"] = np.asarray(image)
+    return images

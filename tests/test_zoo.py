@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -184,3 +185,19 @@ def test_missing_bpe_file_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
         zoo.clip_bpe_path()
+
+
+def test_composition_images_are_a_deterministic_new_set():
+    import numpy as np
+
+    from finextract.style_images import composition_images
+
+    first, again, other = composition_images(1), composition_images(1), composition_images(2)
+    assert list(first) == [f"composition{i:02d}" for i in range(10)]
+    assert all(image.shape == (180, 240, 3) and image.dtype == np.uint8 for image in first.values())
+    assert all(np.array_equal(first[name], again[name]) for name in first)  # same seed, same pixels
+    assert not any(np.array_equal(first[name], other[name]) for name in first)  # another seed, another set
+    images = list(first.values())
+    assert all(not np.array_equal(images[0], image) for image in images[1:])  # the compositions differ
+    with pytest.raises(ValueError, match="count 0"):
+        composition_images(1, count=0)
