@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--control-only", action="store_true", help="only the base's extractions (they need no fine-tune; resumable)"
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -91,11 +93,12 @@ def main(argv=None) -> int:
 
     def cell(label, name):
         values = np.array([r[name] for r in rows if r["model"] == label])
-        return {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4)}
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        return {"mean": round(float(values.mean()), 4), "std": round(std, 4), "runs": len(values)}
 
     gaps = np.subtract(*[[r["AS"] for r in rows if r["model"] == label] for label in ("finetuned", "base")])
     summary = {
-        "command": "python bench/finetune_defaults.py " + " ".join(argv or []),
+        "command": "python bench/finetune_defaults.py " + " ".join(argv),
         "finetune_command": "finextract " + " ".join(command),
         "images": f"finextract.style_images.composition_images({args.seed}): 10 drawings, 240 x 180",
         "finetune": {k: record[k] for k in ("method", "steps", "lr", "batch_size", "first_loss", "final_loss")}
