@@ -37,6 +37,11 @@ class ExtractionResult:
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
+        generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
+            generated images, as computed for the clustering, on the device they were computed on.
+        generated_indices: the M indices into the generated images of those rows.
+        similarity_histogram: `finextract.metrics.similarity_histogram` of `generated_descriptors` (the
+            off-diagonal values of the matrix the clustering thresholded), or None.
     """
 
     images: np.ndarray
@@ -49,6 +54,9 @@ class ExtractionResult:
     clustering: ClusteringResult | None = None
     num_degenerate: int = 0
     descriptors: object = None
+    generated_descriptors: object = None
+    generated_indices: list[int] = field(default_factory=list)
+    similarity_histogram: dict | None = None
 
 
 def embed_images(embedder, images, batch_size: int = 32):
@@ -85,15 +93,17 @@ def cluster_images(
         n0: N0, number of images to extract.
         embedder: an `finextract.sscd.Embedder`.
         budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
-        timings: dict to add "embed" and "cluster" seconds to.
+        timings: dict to add "embed", "cluster" and "histogram" seconds to.
 
     Returns:
-        ExtractionResult (no metrics); indices refer to the input images.
+        ExtractionResult (no metrics); indices refer to the input images; it keeps every usable image's
+        descriptor (`generated_descriptors`) and the similarity histogram for reports and metrics.
 
     Raises:
         ValueError: fewer usable (non-constant) images than N0.
     """
     from finextract.images import degenerate_mask
+    from finextract.metrics import similarity_histogram
 
     timings = timings if timings is not None else {}
     array_list = images if isinstance(images, list) else None
@@ -121,6 +131,9 @@ def cluster_images(
     start = time.perf_counter()
     clustering = cluster_descriptors(descriptors, n0, step=step, budget=budget, time_limit=time_limit)
     timings["cluster"] = time.perf_counter() - start
+    start = time.perf_counter()
+    histogram = similarity_histogram(descriptors) if len(descriptors) > 1 else None
+    timings["histogram"] = time.perf_counter() - start
     cliques = [[int(keep[i]) for i in c] for c in clustering.cliques]
     indices = [int(keep[i]) for i in clustering.representatives]
     if array_list is not None:
@@ -140,6 +153,9 @@ def cluster_images(
         clustering=clustering,
         num_degenerate=int(degenerate.sum()),
         descriptors=descriptors[list(clustering.representatives)],
+        generated_descriptors=descriptors,
+        generated_indices=[int(i) for i in keep],
+        similarity_histogram=histogram,
     )
 
 
@@ -154,31 +170,144 @@ def _index(indices, device):
     return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)
 
 
-def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tuple]:
-    """Metrics of extracted descriptors against a training folder or list of images; returns (metrics, (images, paths))."""
-    from finextract.images import read_images
-    from finextract.metrics import extraction_metrics
+def model_resolution(pair) -> int | None:
+    """Side in pixels of the images a model pair generates (and of the images it was fine-tuned on by
+    `finetune` and the usual DreamBooth / LoRA scripts): the UNet's latent `sample_size` times the VAE's
+    downsampling factor `2 ** (len(vae.config.block_out_channels) - 1)`, as diffusers' pipelines
+    compute their default height and width. None when the latent is not square.
+    """
+    size = pair.base_unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        return None
+    return int(height) * 2 ** (len(pair.vae.config.block_out_channels) - 1)
+
+
+def train_transform(resolution: int | None) -> dict:
+    """The record of what is done to the training images before SSCD (`metrics["train_transform"]`).
+
+    Args:
+        resolution: side of `finextract.images.center_crop_resize`, or None for the images as they are.
+    """
+    if resolution is None:
+        return {"name": "as-is"}
+    return {
+        "name": "center_crop_resize",
+        "resolution": int(resolution),
+        "crop": "largest centred square",
+        "resample": "bicubic",
+    }
+
+
+def read_training_images(train, resolution: int | None) -> tuple[list[np.ndarray], list[Path], list[list[int]]]:
+    """Training images as the fine-tune saw them: each centre-cropped to its largest square and resized
+    to `resolution` (`finextract.images.center_crop_resize`, the transform of `finetune` and of
+    diffusers' DreamBooth / LoRA scripts), or as they are when `resolution` is None.
+
+    Args:
+        train: a folder, a list of uint8 (H, W, 3) arrays, or the (images, paths) pair `read_images`
+            returns.
+        resolution: the model's image side (`model_resolution`), or None to keep the originals.
+
+    Returns:
+        (images as compared: uint8 (H, W, 3) arrays, their paths (`train_000.png`... for arrays),
+        the originals' [height, width]).
+
+    Raises:
+        FileNotFoundError: `train` is not a folder. ValueError: it holds no readable image, or
+        `resolution` < 1.
+    """
+    from finextract.images import center_crop_resize, read_images
 
     if isinstance(train, (str, Path)):
-        train_images, train_paths = read_images(train)
+        images, paths = read_images(train)
     elif isinstance(train, tuple) and len(train) == 2 and isinstance(train[1], list):  # (images, paths) read already
-        train_images, train_paths = train
+        images, paths = train
     else:
-        train_images = list(train)
-        train_paths = [Path(f"train_{i:03d}.png") for i in range(len(train_images))]
-    metrics = extraction_metrics(embed_images(embedder, train_images), extracted_descriptors)
-    for match in metrics["best_match"]:
-        match["train_file"] = train_paths[match["train"]].name
-    return metrics, (train_images, train_paths)
+        images = [np.asarray(image, dtype=np.uint8) for image in train]
+        paths = [Path(f"train_{i:03d}.png") for i in range(len(images))]
+    if not images:
+        raise ValueError("no training images given")
+    sizes = [[int(image.shape[0]), int(image.shape[1])] for image in images]
+    if resolution is not None:
+        if resolution < 1:
+            raise ValueError(f"resolution={resolution}: must be >= 1 (or None to compare the originals)")
+        images = [center_crop_resize(image, resolution) for image in images]
+    return list(images), list(paths), sizes
+
+
+def evaluate_against(
+    train,
+    extracted_descriptors,
+    embedder,
+    *,
+    resolution: int | None,
+    generated_descriptors=None,
+    generated_indices=None,
+) -> tuple[dict, tuple]:
+    """AS / A-ESR (paper Eq. 1, 2) of extracted images against the real training images.
+
+    The training images are first brought to the form the fine-tune saw (`read_training_images`):
+    a 32 px model's generations compared with 1000 px non-square originals score near 0 even when
+    they are the training images.
+
+    Args:
+        train: a folder, a list of uint8 (H, W, 3) arrays, or the (images, paths) pair `read_images`
+            returns.
+        extracted_descriptors: (M, D) SSCD descriptors of the extracted images.
+        embedder: the `finextract.sscd.Embedder` that made them.
+        resolution: the model's image side (`model_resolution(pair)`, `Extractor.resolution`): the
+            centre crop and resize applied to the training images; None compares them as they are.
+        generated_descriptors, generated_indices: optionally every usable generated image's descriptor
+            (`ExtractionResult.generated_descriptors`) and their image indices: adds `metrics["generated"]`,
+            each training image's best match among all of them (indices into the generated images).
+
+    Returns:
+        (metrics: `finextract.metrics.extraction_metrics` plus "train_transform" (`train_transform`),
+        each best match's "train_file" and "train_size" (the original's [height, width]);
+        (the training images as compared, their paths)).
+
+    Raises:
+        FileNotFoundError / ValueError: as `read_training_images`; mismatched descriptors.
+    """
+    from finextract.metrics import extraction_metrics
+
+    images, paths, sizes = read_training_images(train, resolution)
+    metrics = extraction_metrics(embed_images(embedder, images), extracted_descriptors, generated_descriptors)
+    metrics["train_transform"] = train_transform(resolution)
+    matches = metrics["best_match"] + metrics.get("generated", {}).get("best_match", [])
+    for match in matches:
+        match["train_file"] = paths[match["train"]].name
+        match["train_size"] = sizes[match["train"]]
+    if generated_indices is not None and "generated" in metrics:
+        for match in metrics["generated"]["best_match"]:
+            match["generated"] = int(generated_indices[match["generated"]])
+    return metrics, (images, paths)
 
 
 def write_output(
-    out: str | Path, result: ExtractionResult, record: dict, *, generated=None, train_data: tuple | None = None
+    out: str | Path,
+    result: ExtractionResult,
+    record: dict,
+    *,
+    generated=None,
+    save_generated: bool = False,
+    train_data: tuple | None = None,
 ) -> Path:
     """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`.
 
-    `record` holds what only the caller knows (e.g. "method"); the rest comes from `result`, its
-    `config` (`extraction_config`) included.
+    Args:
+        out: the output folder (created).
+        result: the extraction; its `config` (`extraction_config`), metrics and similarity histogram
+            go into result.json.
+        record: what only the caller knows (e.g. {"method": ...}), merged first.
+        generated: every generated image, uint8 (N, H, W, 3) tensor/ndarray (or a list of arrays): the
+            report shows each training image's best match among them.
+        save_generated: also write them all to `generated/` (N PNGs).
+        train_data: (the training images as compared, their paths), from `evaluate_against`.
+
+    Returns:
+        `out`.
     """
     from finextract.images import write_png
     from finextract.report import write_report
@@ -189,7 +318,7 @@ def write_output(
         write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
         for rank, (image, index) in enumerate(zip(result.images, result.indices))
     ]
-    if generated is not None:
+    if generated is not None and save_generated:
         for i, image in enumerate(generated):
             write_png(image, out / "generated" / f"{i:05d}.png")
     result.timings["write"] = time.perf_counter() - start
@@ -218,10 +347,12 @@ def write_output(
             "representatives": result.indices,
         }
         record["skipped"] = c.skipped
+    if result.similarity_histogram is not None:
+        record["similarity_histogram"] = result.similarity_histogram
     if result.metrics is not None:
         record["metrics"] = result.metrics
     (out / "result.json").write_text(json.dumps(record, indent=2))
-    write_report(out, record, paths, train_data)
+    write_report(out, record, paths, train_data, generated=generated)
     return out
 
 
@@ -246,6 +377,9 @@ class Extractor:
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
+
+    `resolution` (attribute): the side in pixels of the images the pair generates (`model_resolution`),
+    to which training images are centre-cropped and resized before they are scored.
 
     Raises:
         ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing
@@ -286,11 +420,13 @@ class Extractor:
         ).place(self.config)
         self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
+        self.resolution = model_resolution(self.pair)
         self.models = {
             "base": str(base),
             "finetuned": None if finetuned is None else str(finetuned),
             "lora": None if lora is None else str(lora),
             "kind": self.pair.kind,
+            "resolution": self.resolution,
         }
 
     def extract(
@@ -304,6 +440,7 @@ class Extractor:
         k: float | None = None,
         out=None,
         train=None,
+        train_as_is: bool = False,
         save_generated: bool = False,
         progress: bool = True,
         label: str | None = None,
@@ -317,7 +454,10 @@ class Extractor:
                 correction (None = paper defaults per model kind).
             out: output folder to write (extracted/, generation/, result.json, report.html), or None.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
-                (H, W, 3) arrays, or the (images, paths) pair `read_images` returns.
+                (H, W, 3) arrays, or the (images, paths) pair `read_images` returns. They are compared
+                as the fine-tune saw them: centre-cropped and resized to `self.resolution`
+                (`read_training_images`; the transform is recorded in `metrics["train_transform"]`).
+            train_as_is: compare the training images as they are, without that crop and resize.
             save_generated: also write all N generated images to out/generated/.
             progress: show progress bars. label: the generation bar's text.
             **run_options: settings of this extraction that differ from the Extractor's `config`
@@ -329,7 +469,8 @@ class Extractor:
 
         Raises:
             ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file, `train` holds no
-                readable image, or too few usable generations (all but the last checked before generating).
+                readable image, a non-square model without `train_as_is`, or too few usable generations
+                (all but the last checked before generating).
             FileNotFoundError: `train` is not a folder.
         """
         from finextract.generate import check_out_folder, generate
@@ -348,6 +489,12 @@ class Extractor:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
         if out is not None:
             check_out_folder(out)
+        resolution = None if train_as_is else self.resolution
+        if train is not None and resolution is None and not train_as_is:
+            raise ValueError(
+                "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
+                "training images as the fine-tune saw them yourself"
+            )
         if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
             train = read_images(train)
         timings = {"load": self.load_seconds}
@@ -388,11 +535,24 @@ class Extractor:
         train_data = None
         if train is not None:
             start = time.perf_counter()
-            result.metrics, train_data = evaluate_against(train, result.descriptors, self.embedder)
+            result.metrics, train_data = evaluate_against(
+                train,
+                result.descriptors,
+                self.embedder,
+                resolution=resolution,
+                generated_descriptors=result.generated_descriptors,
+                generated_indices=result.generated_indices,
+            )
             timings["evaluate"] = time.perf_counter() - start
         if out is not None:
-            generated = images.cpu() if save_generated else None
-            write_output(out, result, {"method": method}, generated=generated, train_data=train_data)
+            write_output(
+                out,
+                result,
+                {"method": method},
+                generated=generation.images,
+                save_generated=save_generated,
+                train_data=train_data,
+            )
         return result
 
 

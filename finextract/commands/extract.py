@@ -14,7 +14,17 @@ def register(subparsers) -> None:
     add_model_options(p)
     add_sampling_options(p)
     add_runtime_options(p)
-    p.add_argument("--train", default=None, help="folder of the real training images: adds AS / A-ESR")
+    p.add_argument(
+        "--train",
+        default=None,
+        help="folder of the real training images: adds AS / A-ESR (compared as the fine-tune saw them: centre-"
+        "cropped and resized to the model's resolution)",
+    )
+    p.add_argument(
+        "--train-as-is",
+        action="store_true",
+        help="compare the --train images as they are, without the centre crop and resize",
+    )
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/generated/")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
@@ -47,6 +57,7 @@ def run(args) -> int:
         k=args.k,
         out=args.out,
         train=train,
+        train_as_is=args.train_as_is,
         save_generated=args.save_generated,
     )
     log = logging.getLogger("finextract")
