@@ -8,9 +8,11 @@ downloaded: hub ids resolve from the local Hugging Face cache only. Pickles are 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import PickleRefusedError, file_sha256, read_safetensors_header, sniff, state_dict_keys
@@ -291,8 +293,68 @@ def _to_dtype(dtype):
     return None if dtype is None else torch_dtype(dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedBase:
+    """A pretrained model loaded once (`load_base`), to pair with many fine-tunes without reading it again.
+
+    `load_model_pair(loaded_base, finetuned or lora=...)` uses its models as they are: a DreamBooth
+    pair shares them (a pair changes no model), and a LoRA pair with UNet adapters gets its own
+    `copy.deepcopy` of the base UNet (the adapters are hooks on that UNet, and a UNet serves one
+    pair). The pair's `sources` and fingerprint are the same as when the base is loaded from disk.
+
+    Attributes:
+        spec: the base as given (path or hub id); `str()` and `os.fspath()` give its resolved path.
+        parts: unet, text_encoder, vae, tokenizer, scheduler_config (as `load_model_pair` loads them).
+        sources: where the base came from (`base`, `base_format`, ...).
+        folder: its pipeline folder (or the `base_config` folder of a single-file base), or None.
+    """
+
+    spec: str
+    parts: dict
+    sources: dict
+    folder: Path | None
+
+    def __fspath__(self) -> str:
+        return self.sources["base"]
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def load_base(
+    base: str | Path,
+    *,
+    base_config: str | Path | None = None,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    dtype=None,
+) -> LoadedBase:
+    """Load a pretrained model once, for `load_model_pair(LoadedBase, ...)` with many fine-tunes.
+
+    Args:
+        base, base_config, allow_pickle: as `load_model_pair`.
+        device: where the UNet, text encoder and VAE go. dtype: the UNet and text-encoder precision
+            (None keeps float32); the VAE keeps float32 (`ModelPair.place` sets the run's VAE precision).
+
+    Returns:
+        LoadedBase.
+
+    Raises:
+        FileNotFoundError / ValueError / RuntimeError: as `load_model_pair` for its base.
+    """
+    parts, sources, folder = _load_base(base, base_config, allow_pickle)
+    torch_dtype = _to_dtype(dtype)
+    for name in ("unet", "text_encoder", "vae"):
+        parts[name].to(device)
+        if name != "vae" and torch_dtype is not None and parts[name].dtype != torch_dtype:
+            parts[name].to(dtype=torch_dtype)
+    return LoadedBase(spec=str(base), parts=parts, sources=sources, folder=folder)
+
+
 def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict, Path | None]:
     """Base parts (unet, text_encoder, vae, tokenizer, scheduler_config), sources, and its pipeline folder."""
+    if isinstance(base, LoadedBase):  # loaded already: its models, shared (see LoadedBase)
+        return dict(base.parts), dict(base.sources), base.folder
     path = _resolve_path(base, "base")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -332,7 +394,8 @@ def load_model_pair(
 
     Args:
         base: a diffusers pipeline folder, a single-file SD checkpoint (`.safetensors`; `.ckpt`
-            with `allow_pickle`), or a hub id found in the local Hugging Face cache.
+            with `allow_pickle`), a hub id found in the local Hugging Face cache, or a `LoadedBase`
+            (`load_base`: loaded once for many fine-tunes; `base_config` is then not read).
         finetuned: the fine-tune: a full pipeline folder, a bare `unet/` folder (with or without
             `text_encoder/`), a single-file UNet state dict, a single-file SD checkpoint, or a LoRA
             (diffusers file/folder, PEFT adapter folder, kohya file). None when `lora` is given.
@@ -409,13 +472,13 @@ def load_model_pair(
     finetuned_unet, unet_lora, ft_text, vae = None, None, base_text, parts["vae"]
     # 3. the fine-tune
     if fmt.startswith("lora_"):
-        import copy
-
         from .lora import merge_lora
         from .lora_formats import read_lora
 
         weights = read_lora(ft_path, base_unet, base_text, format=fmt.removeprefix("lora_"), allow_pickle=allow_pickle)
         unet_lora = weights.unet or None
+        if unet_lora and isinstance(base, LoadedBase):  # the adapters hook this pair's own UNet
+            base_unet = copy.deepcopy(base_unet)
         if weights.text_encoder:
             ft_text = merge_lora(copy.deepcopy(base_text), weights.text_encoder)
         sources.update(lora_format=weights.format, lora_counts=weights.counts, lora_alpha_assumed=weights.alpha_assumed)
