@@ -194,6 +194,25 @@ def test_workers_keep_their_base():
     assert _next_base(queue, holds, 0) == "A"
 
 
+# --- a base loaded once, paired with many checkpoints ---
+
+
+def test_pairs_on_a_loaded_base_equal_pairs_loaded_from_disk(tiny_zoo):
+    from finextract.engine.loading import load_base, load_model_pair
+    from finextract.engine.lora import lora_gate_of
+
+    base = load_base(tiny_zoo / "base")
+    for checkpoint in ({"lora": tiny_zoo / "lora_peft"}, {"lora": tiny_zoo / "lora_kohya.safetensors"},
+                       {"finetuned": tiny_zoo / "dreambooth"}):  # fmt: skip
+        reused, fresh = load_model_pair(base, **checkpoint), load_model_pair(tiny_zoo / "base", **checkpoint)
+        # every weight byte, the adapters and the structure hash the same; the sources read the same
+        assert reused.fingerprint == fresh.fingerprint and reused.sources == fresh.sources
+        for mine, theirs in zip(reused.base_unet.parameters(), base.parts["unet"].parameters()):
+            assert mine.data_ptr() == theirs.data_ptr()  # the weights are shared, not copied
+        assert lora_gate_of(base.parts["unet"]) is None  # the LoRA hooks went on the pair's own modules
+        assert (reused.base_unet is base.parts["unet"]) == (reused.kind == "dreambooth")
+
+
 # --- end to end: local executor ---
 
 
@@ -209,7 +228,14 @@ def test_local_audit_summary(local_run):
     assert [rows[i]["status"] for i in COMPUTED] == ["done"] * 3
     assert all(row["status"] == "failed" and row["error"] for row in summary["rows"] if row["id"] in FAILING)
     assert "git-lfs pointer" in rows["broken"]["error"]
-    assert summary["audit"]["counts"] == {"done": 3, "skipped": 0, "failed": 5, "interrupted": 0, "pending": 0}
+    assert summary["audit"]["counts"] == {
+        "done": 3,
+        "skipped": 0,
+        "failed": 5,
+        "running": 0,
+        "interrupted": 0,
+        "pending": 0,
+    }
     # one worker: the base is loaded once, by the first row, and kept for the other four
     assert summary["audit"]["base_loads"] == 1
     assert [rows[i]["base_loaded"] for i in (*COMPUTED, "broken")] == [True, False, False, False]
@@ -231,6 +257,20 @@ def test_local_audit_summary(local_run):
     assert table[1]["AS"] == f"{lora_peft['AS']:.4g}" and table[1]["clique_sizes"] == " ".join(
         map(str, lora_peft["clique_sizes"])
     )
+
+
+def test_local_audit_images_equal_a_fresh_load(local_run, tiny_zoo):
+    # the fleet pairs each LoRA with a base loaded once; a pair loaded from disk gives the same images
+    from finextract.engine.config import RunConfig
+    from finextract.engine.loading import load_model_pair
+    from finextract.generate import generate
+
+    out, _ = local_run
+    config = RunConfig.resolve(**RUN)
+    pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft").place(config)
+    images = generate(pair, "a photo of sks", 8, config=config, progress=False).images.numpy()
+    chunks = sorted((out / "lora_peft" / "generation").glob("chunk_*.npz"))
+    assert np.array_equal(np.concatenate([np.load(chunk)["images"] for chunk in chunks]), images)
 
 
 def test_index_page_links_every_report_sorted_by_as(local_run):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .executors import EXECUTORS
 from .manifest import FIELDS, ManifestError, Row, RowError, read_manifest
+from .summary import counts
 
 __all__ = ["EXECUTORS", "FIELDS", "ManifestError", "Row", "RowError", "audit", "read_manifest"]
 
@@ -82,7 +83,7 @@ def audit(
         The summary, as written to OUT/summary.json: {"format", "audit": {manifest, out, executor,
         workers, run settings, counts per status, base_loads (bases this run loaded), seconds, ...},
         "rows": one entry per manifest row in manifest order (status done / skipped / failed /
-        interrupted / pending, AS, A-ESR0.6, A-ESR0.7, threshold, largest_clique, clique_sizes,
+        interrupted / pending (running only in the files written while the audit runs), AS, A-ESR0.6, A-ESR0.7, threshold, largest_clique, clique_sizes,
         timings, base_loaded, chunks_resumed, worker, report, extracted, error)}.
 
     Raises:
@@ -96,7 +97,7 @@ def audit(
     from finextract.generate import check_out_folder
 
     from .executors import run_local, run_ray
-    from .summary import counts, entry_from_result, failed_entry, is_complete, row_entry, write_summary
+    from .summary import entry_from_result, failed_entry, is_complete, row_entry, write_summary
     from .worker import TOKEN_FILE, FleetSettings, read_row_record, row_key
 
     if executor not in EXECUTORS:
@@ -155,7 +156,6 @@ def audit(
         elif entry["status"] == "skipped":
             logger.info("row %s: complete from an earlier run with the same configuration, skipped", entry["id"])
 
-    running: set[str] = set()
     bar = _Bar(len(entries), initial=entries, enabled=progress)
 
     def finish(final: dict | None = None) -> dict:
@@ -170,15 +170,14 @@ def audit(
         return {"format": "finextract-audit/1", "audit": audit_info, "rows": entries}
 
     def on_start(row: Row) -> None:
-        running.add(row.id)
-        bar.update(entries, len(running))
+        entries[position[row.id]]["status"] = "running"
+        bar.update(entries)
         logger.info("row %s (line %d): started", row.id, row.line)
 
     def on_done(entry: dict) -> None:
-        running.discard(entry["id"])
         entries[position[entry["id"]]] = entry
         _log_done(entry)
-        bar.update(entries, len(running), advance=1)
+        bar.update(entries, advance=1)
         write_summary(out, {**audit_info, "counts": counts(entries)}, entries)
 
     write_summary(out, {**audit_info, "counts": counts(entries)}, entries)
@@ -200,8 +199,9 @@ def audit(
                     init_options=ray_init_options,
                 )
     except KeyboardInterrupt:
-        for row_id in running:
-            entries[position[row_id]]["status"] = "interrupted"
+        for entry in entries:
+            if entry["status"] == "running":
+                entry["status"] = "interrupted"
         summary = finish({"interrupted": True})
         done = summary["audit"]["counts"]
         logger.warning(
@@ -247,7 +247,7 @@ class _Bar:
 
     def __init__(self, total: int, *, initial: list[dict], enabled: bool):
         self.total, self.enabled, self.bar = total, enabled, None
-        self.initial = sum(1 for e in initial if e["status"] != "pending")
+        self.initial = sum(1 for e in initial if e["status"] in ("done", "skipped", "failed"))
         self.entries = initial
 
     def __enter__(self):
@@ -258,15 +258,17 @@ class _Bar:
             self.redirect = logging_redirect_tqdm()
             self.redirect.__enter__()
             self.bar = tqdm(total=self.total, initial=self.initial, unit="row", desc="audit")
-            self.update(self.entries, 0)
+            self.update(self.entries)
         return self
 
-    def update(self, entries: list[dict], running: int, advance: int = 0) -> None:
+    def update(self, entries: list[dict], advance: int = 0) -> None:
         if self.bar is None:
             return
-        done = sum(1 for e in entries if e["status"] in ("done", "skipped"))
-        failed = sum(1 for e in entries if e["status"] == "failed")
-        self.bar.set_postfix_str(f"done {done}, failed {failed}, running {running}", refresh=False)
+        tally = counts(entries)
+        self.bar.set_postfix_str(
+            f"done {tally['done'] + tally['skipped']}, failed {tally['failed']}, running {tally['running']}",
+            refresh=False,
+        )
         self.bar.update(advance)
         self.bar.refresh()
 

@@ -156,6 +156,11 @@ def run_ray(
         except ray.exceptions.RayTaskError as error:  # the settings are unusable: stop before any row
             cause = getattr(error, "cause", None)
             raise (cause if isinstance(cause, Exception) else error) from None
+        except ray.exceptions.RayError as error:  # a worker process could not start at all
+            raise RuntimeError(
+                f"the Ray workers did not start ({type(error).__name__}: {error}); every node needs finextract "
+                "installed in the Python that Ray runs"
+            ) from None
         queue = by_base(jobs)
         holds: dict[int, str] = {}
         in_flight = {}

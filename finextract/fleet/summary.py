@@ -1,8 +1,9 @@
 """The audit's summary: one entry per manifest row, written as OUT/summary.json, summary.csv and index.html.
 
 An entry holds the row's status ("done": computed in this run; "skipped": complete from an earlier run
-with the same configuration; "failed": with its error; "interrupted": stopped by Ctrl-C, its finished
-chunks kept; "pending": not started), the metrics (AS / A-ESR0.6 / A-ESR0.7 when `train` is known),
+with the same configuration; "failed": with its error; "running": on a worker now (in the files written
+while the audit runs); "interrupted": stopped by Ctrl-C, its finished chunks kept; "pending": not
+started), the metrics (AS / A-ESR0.6 / A-ESR0.7 when `train` is known),
 the threshold and clique sizes, timings, whether this run loaded a base for it, and links to its files.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from .manifest import FIELDS, Row, RowError
 
 SUMMARY_FORMAT = "finextract-audit/1"
-STATUSES = ("done", "skipped", "failed", "interrupted", "pending")
+STATUSES = ("done", "skipped", "failed", "running", "interrupted", "pending")
 #: summary.csv columns (summary.json has every field, timings per stage included).
 CSV_COLUMNS = (
     "id", "line", "status", "kind", "method", "caption", "n0", "num_images", "AS", "A-ESR0.6", "A-ESR0.7",

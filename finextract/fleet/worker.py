@@ -2,8 +2,9 @@
 
 The same class runs in-process (`executor="local"`) and as a Ray actor (`executor="ray"`), so both
 write the same folders. A worker keeps one `LoadedBase` (the last base it loaded) and one SSCD
-embedder; a row with the same base pairs its checkpoint with the loaded base (a LoRA pair gets a
-`copy.deepcopy` of the base UNet, memory-to-memory, instead of a read from disk).
+embedder; a row with the same base pairs its checkpoint with the loaded base instead of reading the
+base again (a LoRA pair hooks its adapters on its own copy of the base UNet's modules, which shares
+the weight tensors: `finextract.engine.loading.copy_sharing_weights`).
 """
 
 from __future__ import annotations
@@ -177,13 +178,19 @@ class RowRunner:
 
         started = time.perf_counter()
         folder = Path(self.settings.out) / row.id
-        chunks = finished_chunks(folder / "generation")
+        attempt = {
+            "worker": self.worker,
+            "base_loaded": False,
+            "base_load_seconds": None,
+            "chunks_resumed": finished_chunks(folder / "generation"),
+            "seconds": None,
+        }
         extractor = None
-        base_seconds = None
         try:
             self.describe()
             self._check_out_folder()
             _, base_seconds = self._base_for(row)
+            attempt.update(base_loaded=base_seconds is not None, base_load_seconds=base_seconds)
             from finextract.extract import Extractor
 
             extractor = Extractor(
@@ -207,25 +214,13 @@ class RowRunner:
                 progress=False,
                 **{name: getattr(row, name) for name in ("steps", "seed") if getattr(row, name) is not None},
             )
-            run = {
-                "worker": self.worker,
-                "base_loaded": base_seconds is not None,
-                "base_load_seconds": base_seconds,
-                "chunks_resumed": chunks,
-                "seconds": time.perf_counter() - started,
-            }
-            _write_json(folder / ROW_RECORD, {"format": ROW_FORMAT, "key": key, "run": run})
-            return entry_from_result(row, folder, status="done", run=run)
+            attempt["seconds"] = time.perf_counter() - started
+            _write_json(folder / ROW_RECORD, {"format": ROW_FORMAT, "key": key, "run": attempt})
+            return entry_from_result(row, folder, status="done", run=attempt)
         except Exception as error:  # the row's own failure: recorded, and the audit goes on
             logger.debug("row %s failed", row.id, exc_info=True)
-            run = {
-                "worker": self.worker,
-                "base_loaded": base_seconds is not None,
-                "base_load_seconds": base_seconds,
-                "chunks_resumed": chunks,
-                "seconds": time.perf_counter() - started,
-            }
-            return failed_entry(row, _error_text(error), run=run)
+            attempt["seconds"] = time.perf_counter() - started
+            return failed_entry(row, _error_text(error), run=attempt)
         finally:
             del extractor
             gc.collect()
