@@ -4,7 +4,7 @@
 other page the same way (the demo's and the sweep's index pages, an audit's index), so all pages share
 one stylesheet, one way to show images and one way to embed plots. They are a stable API:
 
-- `page(title, body)` -> a whole HTML document; `write_page(path, title, body)` writes one.
+- `page(title, body, style=...)` -> a whole HTML document; `write_page(path, title, body)` writes one.
 - `esc(value)` -> HTML-escaped text of any value.
 - `image(source, out=..., side=...)` -> an `<img>` at a readable size: an image smaller than `side`
   CSS pixels is scaled up by a whole factor with nearest-neighbour sampling (a tiny model's 32 px
@@ -57,20 +57,21 @@ def esc(value) -> str:
     return html.escape(str(value))
 
 
-def page(title: str, body: str | Iterable[str]) -> str:
-    """A complete HTML5 document with the shared stylesheet; `body` is HTML (a string or fragments)."""
+def page(title: str, body: str | Iterable[str], *, style: str = "") -> str:
+    """A complete HTML5 document with the shared stylesheet plus the page's own CSS `style`; `body` is
+    HTML (a string or fragments); `title` (text) is escaped."""
     content = body if isinstance(body, str) else "\n".join(body)
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-        f"<style>{STYLE}</style></head>\n<body>\n{content}\n</body></html>\n"
+        f"<style>{STYLE}{style}</style></head>\n<body>\n{content}\n</body></html>\n"
     )
 
 
-def write_page(path: str | Path, title: str, body: str | Iterable[str]) -> Path:
-    """Write `page(title, body)` to `path` (UTF-8); returns the path."""
+def write_page(path: str | Path, title: str, body: str | Iterable[str], *, style: str = "") -> Path:
+    """Write `page(title, body, style=style)` to `path` (UTF-8); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page(title, body), encoding="utf-8")
+    path.write_text(page(title, body, style=style), encoding="utf-8")
     return path
 
 
