@@ -7,8 +7,9 @@ an unfinished one resumes from its generation chunks, so an interrupted sweep co
 stopped. It writes `out/sweep.json` after every point, then `out/sweep.png` (AS and A-ESR0.6 against
 the parameter, one line per method) and `out/report.html`.
 
-Parameters: `w` (guidance scale; FineXtract and CFG), `k` (Eq. 13's correction; FineXtract only),
-`N` (images generated; N0 fixed) and `N0` (images extracted; N = 50 x N0 unless fixed). N0 here is the
+Parameters, named as `Extractor.extract`'s arguments: `w` (guidance scale; FineXtract and CFG), `k`
+(Eq. 13's correction; FineXtract only), `num_images` (N, images generated; N0 fixed) and `n0` (N0, images
+extracted; N = 50 x N0 unless fixed); the paper's names `N` and `N0` are accepted too. N0 here is the
 number extracted from one fine-tune, scored against its whole training set; the paper's Fig. 4a also
 changes the training set's size, which takes one fine-tune per value.
 """
@@ -22,9 +23,17 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PARAMS = ("w", "k", "N", "N0")
+PARAMS = ("w", "k", "num_images", "n0")
+#: the paper's names of the swept settings, accepted as aliases
+PARAM_ALIASES = {"N": "num_images", "N0": "n0"}
 METRICS = ("AS", "A-ESR0.6", "A-ESR0.7")
-PARAM_NAMES = {"w": "guidance scale w", "k": "correction k", "N": "N (images generated)", "N0": "N0 (images extracted)"}
+PARAM_NAMES = {
+    "w": "guidance scale w",
+    "k": "correction k",
+    "num_images": "N (images generated)",
+    "n0": "N0 (images extracted)",
+}
+PARAM_SYMBOLS = {"w": "w", "k": "k", "num_images": "N", "n0": "N0"}
 METHOD_NAMES = {"finextract": "FineXtract", "finextract-uncond": "FineXtract (Eq. 6)", "cfg": "CFG", "direct": "Direct"}
 SWEEP_FORMAT = "finextract-sweep/1"
 
@@ -34,17 +43,19 @@ def point_folder(out: str | Path, method: str, param: str, value) -> Path:
     return Path(out) / f"{method}-{param}_{value:g}"
 
 
-def check_sweep(param: str, values, methods) -> tuple[list, list[str]]:
-    """Validate a sweep's parameter, values and methods; returns (values, methods) as lists.
+def check_sweep(param: str, values, methods) -> tuple[str, list, list[str]]:
+    """Validate a sweep's parameter, values and methods; returns (param, values, methods), the
+    parameter by its canonical name (`PARAMS`; "N" -> "num_images", "N0" -> "n0").
 
     Raises:
         ValueError: an unknown parameter or method, no values, repeated values, non-integer or < 1
-            values of N / N0, `k` with a method other than finextract, `w` with direct.
+            values of num_images / n0, `k` with a method other than finextract, `w` with direct.
     """
     from finextract.rules import METHODS
 
+    param = PARAM_ALIASES.get(param, param)
     if param not in PARAMS:
-        raise ValueError(f"--param {param!r}: expected one of {', '.join(PARAMS)}")
+        raise ValueError(f"--param {param!r}: expected one of {', '.join(PARAMS)} (or N, N0)")
     methods = list(methods)
     if not methods:
         raise ValueError("--methods: give at least one method")
@@ -56,7 +67,7 @@ def check_sweep(param: str, values, methods) -> tuple[list, list[str]]:
         raise ValueError(f"--values: give at least one value of {param}")
     if len(set(values)) != len(values):
         raise ValueError(f"--values {values}: each value once")
-    if param in ("N", "N0"):
+    if param in ("num_images", "n0"):
         if any(v != int(v) or v < 1 for v in values):
             raise ValueError(f"--values {values}: {param} takes integers >= 1")
         values = [int(v) for v in values]
@@ -66,18 +77,13 @@ def check_sweep(param: str, values, methods) -> tuple[list, list[str]]:
         )
     if param == "w" and "direct" in methods:
         raise ValueError("--param w: direct has no guidance scale; drop it from --methods")
-    return values, methods
+    return param, values, methods
 
 
 def _point_settings(param: str, value, *, n0: int, num_images: int | None, w, k) -> dict:
     """The extract arguments of one point: n0, num_images, w, k (the swept one set to `value`)."""
     settings = {"n0": n0, "num_images": num_images, "w": w, "k": k}
-    if param == "N0":
-        settings["n0"] = value
-    elif param == "N":
-        settings["num_images"] = value
-    else:
-        settings[param] = value
+    settings[param] = value
     if settings["num_images"] is None:
         from finextract.extract import IMAGES_PER_N0
 
@@ -141,7 +147,8 @@ def run_sweep(
     Args:
         extractor: a loaded `finextract.extract.Extractor`; every point is one `extractor.extract`.
         caption: the training caption.
-        param: "w", "k", "N" or "N0". values: the values to try (N, N0: integers >= 1).
+        param: "w", "k", "num_images" or "n0" (or "N", "N0"). values: the values to try (N, N0:
+            integers >= 1).
         methods: guidance rules to compare (k: finextract only).
         out: the sweep folder; point (method, value) goes to `point_folder(out, method, param, value)`.
         train: the real training images (a folder, arrays, or `read_images`' pair); AS needs them.
@@ -167,7 +174,7 @@ def run_sweep(
     from finextract.images import read_images
     from finextract.rules import rule_params
 
-    values, methods = check_sweep(param, values, methods)
+    param, values, methods = check_sweep(param, values, methods)
     out = check_out_folder(out)
     if train is None:
         raise ValueError("a sweep scores AS / A-ESR: give the training images (--train)")
@@ -297,7 +304,7 @@ def sweep_plot(summary: dict):
         ax.set_xlabel(PARAM_NAMES[param])
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        if param in ("N", "N0") and max(values) >= 10 * min(values):
+        if param in ("num_images", "n0") and max(values) >= 10 * min(values):
             ax.set_xscale("log")
         ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.minorticks_off()
@@ -305,13 +312,17 @@ def sweep_plot(summary: dict):
             ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
     kind = settings.get("models", {}).get("kind", "")
-    fixed = [f"{name} = {settings[key]:g}" for key, name in (("w", "w"), ("k", "k")) if settings.get(key) is not None]
-    if param != "N0":
+    fixed = [
+        f"{name} = {settings[key]:g}"
+        for key, name in (("w", "w"), ("k", "k"))
+        if settings.get(key) is not None and key != param
+    ]
+    if param != "n0":
         fixed.append(f"N0 = {settings['n0']}")
-    if param != "N":
+    if param != "num_images":
         fixed.append(f"N = {settings['num_images'] or '50 x N0'}")
     fixed.append(f"{settings['steps']} DDIM steps, seed {settings['seed']}")
-    fig.suptitle(f"{kind}: AS and A-ESR0.6 against {param} ({', '.join(fixed)})", fontsize=10)
+    fig.suptitle(f"{kind}: AS and A-ESR0.6 against {PARAM_SYMBOLS[param]} ({', '.join(fixed)})", fontsize=10)
     return fig
 
 
@@ -321,7 +332,7 @@ def write_sweep_report(out: str | Path, summary: dict) -> Path:
 
     out = Path(out)
     param = summary["param"]
-    title = f"finextract sweep: {param} \u2014 {', '.join(METHOD_NAMES.get(m, m) for m in summary['methods'])}"
+    title = f"finextract sweep: {PARAM_SYMBOLS[param]} \u2014 {', '.join(METHOD_NAMES.get(m, m) for m in summary['methods'])}"
     rows = []
     for p in sorted(summary["points"], key=lambda p: (p["method"], p["value"])):
         generated = p.get("generated", {})

@@ -8,7 +8,7 @@ from .options import add_model_options, add_runtime_options, positive_int
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep",
-        help="sensitivity sweep: AS / A-ESR against w, k, N or N0, with a plot",
+        help="sensitivity sweep: AS / A-ESR against w, k, N (num_images) or N0 (n0), with a plot",
         description="Run one extraction per (method, value) of one setting into OUT/<method>-<param>_<value>/ (normal "
         "extract output folders; finished ones are reused, unfinished ones resume), then write OUT/sweep.json, "
         "OUT/sweep.png (AS and A-ESR0.6 against the setting, one line per method) and OUT/report.html. "
@@ -21,14 +21,19 @@ def register(subparsers) -> None:
     p.add_argument(
         "--train-as-is", action="store_true", help="compare the training images as they are (no crop and resize)"
     )
-    p.add_argument("--param", required=True, choices=("w", "k", "N", "N0"), help="the setting to sweep")
-    p.add_argument("--values", required=True, help="comma-separated values, e.g. 1,2,3,5,7 (N, N0: integers)")
+    p.add_argument(
+        "--param",
+        required=True,
+        choices=("w", "k", "num_images", "n0", "N", "N0"),
+        help="the setting to sweep: w, k, num_images (N) or n0 (N0)",
+    )
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 1,2,3,5,7 (num_images, n0: integers)")
     p.add_argument(
         "--methods",
         default=None,
         help="comma-separated guidance rules (default finextract,cfg; for k: finextract, the only one with k)",
     )
-    p.add_argument("--n0", type=positive_int, required=True, help="N0, images extracted (swept with --param N0)")
+    p.add_argument("--n0", type=positive_int, required=True, help="N0, images extracted (swept with --param n0)")
     p.add_argument("--num-images", type=positive_int, default=None, help="N, images generated (default 50 x N0)")
     p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
     p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
@@ -61,7 +66,7 @@ def run(args) -> int:
     methods = (
         args.methods.split(",") if args.methods else (["finextract"] if args.param == "k" else ["finextract", "cfg"])
     )
-    check_sweep(args.param, _values(args.values), methods)  # before any model loads
+    param, values, methods = check_sweep(args.param, _values(args.values), methods)  # before any model loads
     config = run_config_from(args)
     check_out_folder(args.out)
     train = read_image_folder("--train", args.train)
@@ -78,8 +83,8 @@ def run(args) -> int:
     summary = run_sweep(
         extractor,
         args.caption,
-        param=args.param,
-        values=_values(args.values),
+        param=param,
+        values=values,
         methods=methods,
         out=args.out,
         train=train,
@@ -92,7 +97,7 @@ def run(args) -> int:
     out = Path(args.out)
     for point in summary["points"]:
         print(
-            f"{point['method']:<12} {args.param}={point['value']:<6g} AS {point['AS']:.3f}  "
+            f"{point['method']:<12} {param}={point['value']:<6g} AS {point['AS']:.3f}  "
             f"A-ESR0.6 {point['A-ESR0.6']:.2f}  A-ESR0.7 {point['A-ESR0.7']:.2f}"
             + ("  (reused)" if point["reused"] else "")
         )
