@@ -6,6 +6,21 @@ from __future__ import annotations
 #: A-ESR thresholds: loose (0.6) and strict (0.7), as in the paper's Table 1.
 ESR_THRESHOLDS = (0.6, 0.7)
 
+#: Decimals of every printed AS / A-ESR (commands, logs, reports): A-ESR is a share of N0 training
+#: images, so 3 decimals show it exactly up to N0 = 1000, and AS's sampling spread is ~0.01-0.05.
+SCORE_DECIMALS = 3
+
+
+def format_score(value: float) -> str:
+    """An AS or A-ESR value as every command and report prints it: `SCORE_DECIMALS` decimals."""
+    return f"{value:.{SCORE_DECIMALS}f}"
+
+
+def format_scores(metrics: dict) -> str:
+    """The scores of a metrics dict (`extraction_metrics`) on one line: "AS 0.524, A-ESR0.6 0.400, ..."."""
+    return ", ".join(f"{name} {format_score(metrics[name])}" for name in ("AS", "A-ESR0.6", "A-ESR0.7"))
+
+
 #: Bin width of `similarity_histogram`: the clustering's threshold step, so every threshold it tries
 #: is a bin edge.
 HISTOGRAM_STEP = 0.01

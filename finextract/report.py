@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finextract.metrics import ESR_THRESHOLDS
+from finextract.metrics import ESR_THRESHOLDS, format_score
 
 #: CSS pixels an image is shown at, at least (smaller images are scaled up by a whole factor).
 READABLE_SIDE = 128
@@ -180,7 +180,7 @@ def similarity_text(similarity: float) -> str:
     """The similarity with 3 digits, marked when it passes an A-ESR threshold (0.6: green, 0.7: bold)."""
     loose, strict = ESR_THRESHOLDS
     css = "strict" if similarity > strict else "loose" if similarity > loose else ""
-    text = f"{similarity:.3f}"
+    text = format_score(similarity)
     return f'<span class="{css}">{text}</span>' if css else text
 
 
@@ -312,7 +312,7 @@ def write_report(
         body.append(
             table(
                 ("compared with", "AS", "A-ESR0.6", "A-ESR0.7"),
-                [(esc(name), f"{m['AS']:.3f}", f"{m['A-ESR0.6']:.2f}", f"{m['A-ESR0.7']:.2f}") for name, m in rows],
+                [(esc(name), *(format_score(m[key]) for key in ("AS", "A-ESR0.6", "A-ESR0.7"))) for name, m in rows],
                 numeric=(1, 2, 3),
             )
         )

@@ -277,13 +277,19 @@ def _write_json(path: Path, value: dict) -> None:
     tmp.replace(path)
 
 
-def _series(summary: dict, method: str, metric: str) -> tuple[list, list]:
+def _series(summary: dict, method: str, metric: str, of: str | None = None) -> tuple[list, list]:
+    """(values, metric) of one method's points, sorted by value; `of="generated"`: the metric against
+    all generated images (points without it are left out)."""
     points = sorted((p for p in summary["points"] if p["method"] == method), key=lambda p: p["value"])
+    if of is not None:
+        points = [p for p in points if of in p]
+        return [p["value"] for p in points], [p[of][metric] for p in points]
     return [p["value"] for p in points], [p[metric] for p in points]
 
 
 def sweep_plot(summary: dict):
-    """AS (left) and A-ESR0.6 (right) against the swept parameter, one line per method.
+    """AS (left) and A-ESR0.6 (right) against the swept parameter, one line per method; dashed: the AS
+    of the best of all N generated images per training image (an upper bound on the extracted AS).
 
     Args:
         summary: `run_sweep`'s dict (or sweep.json).
@@ -300,7 +306,11 @@ def sweep_plot(summary: dict):
     for ax, metric in zip(axes, ("AS", "A-ESR0.6")):
         for method in summary["methods"]:
             x, y = _series(summary, method, metric)
-            ax.plot(x, y, marker="o", label=METHOD_NAMES.get(method, method))
+            (line,) = ax.plot(x, y, marker="o", label=METHOD_NAMES.get(method, method))
+            x, y = _series(summary, method, metric, of="generated")
+            if metric == "AS" and len(y) == len(x) and x:
+                # the best of all N generated images per training image: what a perfect pick reaches
+                ax.plot(x, y, linestyle="--", color=line.get_color(), alpha=0.6, label="  best of all N")
         ax.set_xlabel(PARAM_NAMES[param])
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -328,6 +338,7 @@ def sweep_plot(summary: dict):
 
 def write_sweep_report(out: str | Path, summary: dict) -> Path:
     """`out/report.html`: the sweep's plot, a table of every point (linking its own report) and the settings."""
+    from finextract.metrics import format_score
     from finextract.report import esc, image, settings_table, table, write_page
 
     out = Path(out)
@@ -340,10 +351,10 @@ def write_sweep_report(out: str | Path, summary: dict) -> Path:
             [
                 esc(METHOD_NAMES.get(p["method"], p["method"])),
                 f"{p['value']:g}",
-                f"{p['AS']:.3f}",
-                f"{p['A-ESR0.6']:.2f}",
-                f"{p['A-ESR0.7']:.2f}",
-                f"{generated['AS']:.3f}" if generated else "",
+                format_score(p["AS"]),
+                format_score(p["A-ESR0.6"]),
+                format_score(p["A-ESR0.7"]),
+                format_score(generated["AS"]) if generated else "",
                 f"{p['threshold']:.2f}",
                 esc(p["clique_sizes"]),
                 f"<a href='{esc(p['folder'])}/report.html'>{esc(p['folder'])}</a>",

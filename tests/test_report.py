@@ -180,3 +180,53 @@ def test_extraction_scored_against_large_originals_matches_its_score_against_the
     )
     assert as_is.metrics["train_transform"] == {"name": "as-is"}
     assert as_is.indices == result.indices  # the same generation and clustering; only the scoring differs
+
+
+def test_image_folder_finds_the_images_inside_output_folders(tmp_path):
+    from finextract.images import image_folder
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    generate = tmp_path / "gen"
+    generate.mkdir()
+    (generate / "manifest.json").write_text("{}")
+    run = tmp_path / "run"
+    for sub in ("extracted", "generation", "generated"):
+        (run / sub).mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    clustered = tmp_path / "clusters"
+    (clustered / "extracted").mkdir(parents=True)
+    (clustered / "result.json").write_text("{}")
+    assert image_folder(plain, "generated") == plain and image_folder(generate, "extracted") == generate
+    assert image_folder(run, "extracted") == run / "extracted"
+    assert image_folder(run, "generated") == run / "generation"  # the chunks, before --save-generated's PNGs
+    (run / "generation").rmdir()
+    assert image_folder(run, "generated") == run / "generated"
+    assert image_folder(clustered, "extracted") == clustered / "extracted"
+    with pytest.raises(ValueError, match=r"without generated images .* it has extracted/"):
+        image_folder(clustered, "generated")
+
+
+def test_cluster_and_evaluate_read_an_extract_output_folder(extractor, tmp_path, capsys):
+    train = tmp_path / "train"
+    train.mkdir()
+    for i, original in enumerate(_originals()):
+        Image.fromarray(original).save(train / f"t{i}.png")
+    run = tmp_path / "run"
+    result = extractor.extract(
+        "a photo of sks", 2, num_images=6, steps=2, batch_size=6, out=run, train=train, progress=False
+    )
+    capsys.readouterr()
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", "--extracted", str(run), "--train", str(train), "--json", str(metrics)]) == 0
+    printed = capsys.readouterr().out
+    assert f"written to {metrics}" in printed
+    scored = json.loads(metrics.read_text())
+    # run/extracted/ read, the resolution from run/result.json: the same images and crops as the extraction,
+    # so the same scores up to float32 rounding of SSCD's 512-term dot products
+    assert scored["train_transform"]["resolution"] == 32
+    assert scored["AS"] == pytest.approx(result.metrics["AS"], abs=1e-5)
+    assert f"AS {scored['AS']:.3f}, A-ESR0.6 {scored['A-ESR0.6']:.3f}, A-ESR0.7 {scored['A-ESR0.7']:.3f}" in printed
+    assert main(["cluster", "--images", str(run), "--n0", "2", "--out", str(tmp_path / "clusters")]) == 0
+    clustered = json.loads((tmp_path / "clusters" / "result.json").read_text())
+    assert clustered["num_images"] == 6  # all of run/generation, not the 2 extracted images

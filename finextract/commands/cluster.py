@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--images",
         required=True,
-        help="folder of generated images (PNG/JPEG), or a `finextract generate` output folder",
+        help="folder of generated images (PNG/JPEG), or the output folder of `finextract generate` or of "
+        "`extract` (its generation/ is read)",
     )
     p.add_argument("--n0", type=positive_int, required=True, help="N0: number of images to extract")
     p.add_argument("--out", required=True, help="output folder (extracted/, result.json, report.html)")
@@ -35,7 +36,7 @@ def run(args) -> int:
 
     check_out_folder(args.out)
     set_threads()
-    images, paths = read_image_folder("--images", args.images)
+    images, paths = read_image_folder("--images", args.images, want="generated")
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(

@@ -252,8 +252,9 @@ def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
 
 def _value(cell: dict, name: str, with_std: bool) -> str:
     mean, std = cell[name]["mean"], cell[name]["std"]
-    digits = 3 if name == "AS" else 2
-    return f"{mean:.{digits}f}±{std:.{digits}f}" if with_std else f"{mean:.{digits}f}"
+    from finextract.metrics import format_score
+
+    return f"{format_score(mean)}±{format_score(std)}" if with_std else format_score(mean)
 
 
 def format_table(cells: list[dict]) -> str:

@@ -20,7 +20,12 @@ def register(subparsers) -> None:
         "model's resolution (--resolution; by default read from the extract output folder the images come from, "
         "else the extracted images' own square size).",
     )
-    p.add_argument("--extracted", required=True, help="folder of extracted images (e.g. an extract run's extracted/)")
+    p.add_argument(
+        "--extracted",
+        required=True,
+        help="folder of extracted images, or an `extract` / `cluster` output folder (its extracted/ is read) or a "
+        "`generate` folder (all its images)",
+    )
     p.add_argument("--train", required=True, help="folder of the real training images")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -73,9 +78,10 @@ def infer_resolution(folder: str | Path, images) -> tuple[int, str]:
 def run(args) -> int:
     from finextract.engine.config import set_threads
     from finextract.extract import embed_images, evaluate_against
+    from finextract.metrics import format_scores
     from finextract.sscd import load_embedder
 
-    images, paths = read_image_folder("--extracted", args.extracted)
+    images, paths = read_image_folder("--extracted", args.extracted, want="extracted")
     train = read_image_folder("--train", args.train)  # both read before the embedder loads
     resolution = None
     if not args.train_as_is:
@@ -89,7 +95,8 @@ def run(args) -> int:
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name
     metrics["sscd"] = embedder.info
-    print(f"AS {metrics['AS']:.4f}  A-ESR0.6 {metrics['A-ESR0.6']:.4f}  A-ESR0.7 {metrics['A-ESR0.7']:.4f}")
+    print(format_scores(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"metrics and per-image best matches written to {args.json}")
     return 0

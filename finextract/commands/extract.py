@@ -63,12 +63,9 @@ def run(args) -> int:
     log = logging.getLogger("finextract")
     log.info("threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out)
     if result.metrics:
-        log.info(
-            "AS %.4f, A-ESR0.6 %.2f, A-ESR0.7 %.2f",
-            result.metrics["AS"],
-            result.metrics["A-ESR0.6"],
-            result.metrics["A-ESR0.7"],
-        )
+        from finextract.metrics import format_scores
+
+        log.info("%s", format_scores(result.metrics))
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from finextract.rules import METHODS  # plain data: importing it loads no torch
 
@@ -21,13 +23,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def read_image_folder(flag: str, folder: str):
+def read_image_folder(flag: str, folder: str, want: str | None = None):
     """`finextract.images.read_images(folder)` with its errors prefixed by the option that named the
-    folder ("--train: image folder x does not exist ..."). Raises FileNotFoundError / ValueError."""
-    from finextract.images import read_images
+    folder ("--train: image folder x does not exist ..."). With `want` ("extracted" / "generated"),
+    an output folder of `generate` or `extract` is looked into (`finextract.images.image_folder`) and
+    the folder actually read is logged. Raises FileNotFoundError / ValueError."""
+    from finextract.images import image_folder, read_images
 
     try:
-        return read_images(folder)
+        found = image_folder(folder, want) if want else Path(folder)
+        if found != Path(folder):
+            logging.getLogger("finextract").info("%s %s: reading the %s images in %s", flag, folder, want, found)
+        return read_images(found)
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"{flag}: {error}") from None
 

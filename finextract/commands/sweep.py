@@ -59,6 +59,7 @@ def run(args) -> int:
 
     from finextract.extract import Extractor
     from finextract.generate import check_out_folder
+    from finextract.metrics import format_scores
     from finextract.sweep import check_sweep, run_sweep
 
     from .options import read_image_folder, run_config_from
@@ -97,8 +98,7 @@ def run(args) -> int:
     out = Path(args.out)
     for point in summary["points"]:
         print(
-            f"{point['method']:<12} {param}={point['value']:<6g} AS {point['AS']:.3f}  "
-            f"A-ESR0.6 {point['A-ESR0.6']:.2f}  A-ESR0.7 {point['A-ESR0.7']:.2f}"
+            f"{point['method']:<12} {param}={point['value']:<6g} {format_scores(point)}"
             + ("  (reused)" if point["reused"] else "")
         )
     print(f"plot: {out / 'sweep.png'}; report: {out / 'report.html'}; numbers: {out / 'sweep.json'}")

@@ -19,6 +19,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from finextract.metrics import format_score
+
 from .executors import EXECUTORS
 from .manifest import FIELDS, ManifestError, Row, RowError, read_manifest
 from .summary import counts
@@ -229,7 +231,7 @@ def _log_done(entry: dict) -> None:
     if entry["status"] == "failed":
         logger.warning("row %s (line %d) failed: %s", entry["id"], entry["line"], entry["error"])
         return
-    metrics = f"AS {entry['AS']:.3f}, " if entry.get("AS") is not None else ""
+    metrics = f"AS {format_score(entry['AS'])}, " if entry.get("AS") is not None else ""
     logger.info(
         "row %s: done in %.1f s: %slargest clique %s, threshold %.2f%s%s",
         entry["id"],

@@ -232,7 +232,9 @@ def index_html(out: Path, audit: dict, entries: list[dict]) -> str:
 def _number(value) -> str:
     if value is None:
         return ""
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    from finextract.metrics import format_score
+
+    return format_score(value) if isinstance(value, float) else str(value)
 
 
 def _data(value) -> str:
