@@ -141,8 +141,9 @@ def extractor(tmp_path_factory):
 
 
 def test_extraction_scored_against_large_originals_matches_its_score_against_the_crops(extractor, tmp_path):
-    from finextract.extract import evaluate_against
+    from finextract.extract import embed_images, evaluate_against
     from finextract.images import center_crop_resize
+    from finextract.report import similarity_text
 
     assert extractor.resolution == 32  # the tiny zoo: 16 x 16 latents, a x2 VAE
     originals = _originals()
@@ -164,7 +165,24 @@ def test_extraction_scored_against_large_originals_matches_its_score_against_the
     assert result.generated_indices == list(range(6))
     assert record["metrics"]["generated"]["AS"] >= record["metrics"]["AS"] - 1e-6
     assert sum(record["similarity_histogram"]["counts"]) == 6 * 5 // 2
+    # each training image's best matches are the maxima of its similarity row: against all generated
+    # images and against the extracted ones (float32 dot products of 512 terms: 1e-5)
+    train_descriptors = embed_images(extractor.embedder, crops).cpu().numpy()
+    generated = result.generated_descriptors.cpu().numpy()
+    rows = train_descriptors @ generated.T
+    for i, match in enumerate(record["metrics"]["generated"]["best_match"]):
+        assert match["generated"] == int(rows[i].argmax())
+        assert match["similarity"] == pytest.approx(float(rows[i].max()), abs=1e-5)
+    rows = train_descriptors @ result.descriptors.cpu().numpy().T
+    for i, match in enumerate(record["metrics"]["best_match"]):
+        assert match["extracted"] == int(rows[i].argmax())
+        assert match["similarity"] == pytest.approx(float(rows[i].max()), abs=1e-5)
     report = (tmp_path / "run" / "report.html").read_text()
+    # the page shows those numbers (3 decimals), the clique sizes and the threshold
+    for match in record["metrics"]["best_match"] + record["metrics"]["generated"]["best_match"]:
+        assert f"similarity {similarity_text(match['similarity'])}" in report
+    assert f"clique sizes: {record['clique_sizes']}" in report and f"threshold {record['threshold']}" in report
+    assert f'<td class="num">{record["metrics"]["AS"]:.3f}</td>' in report
     for text in (
         "Each training image and its best matches",
         "best match among all N generated",
