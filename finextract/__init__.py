@@ -41,6 +41,7 @@ _EXPORTS = {
     "load_embedder": "finextract.sscd",
     "Extractor": "finextract.extract",
     "audit": "finextract.fleet",
+    "run_sweep": "finextract.sweep",
     "finetune": "finextract.finetune",
     "build_trained_zoo": "finextract.trained_zoo",
     "default_zoo_folder": "finextract.trained_zoo",
