@@ -27,7 +27,12 @@ def register(subparsers) -> None:
         choices=("w", "k", "num_images", "n0", "N", "N0"),
         help="the setting to sweep: w, k, num_images (N) or n0 (N0)",
     )
-    p.add_argument("--values", required=True, help="comma-separated values, e.g. 1,2,3,5,7 (num_images, n0: integers)")
+    p.add_argument(
+        "--values",
+        required=True,
+        help="comma-separated values, e.g. 1,2,3,5,7 (num_images, n0: integers); negative ones after an equals "
+        "sign: --values=-0.04,-0.02,0",
+    )
     p.add_argument(
         "--methods",
         default=None,
