@@ -322,10 +322,11 @@ def sweep_plot(summary: dict):
             ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
     kind = settings.get("models", {}).get("kind", "")
+    # w and k left unset take the paper's per-method defaults (FineXtract DreamBooth: w 3, k -0.02)
     fixed = [
-        f"{name} = {settings[key]:g}"
-        for key, name in (("w", "w"), ("k", "k"))
-        if settings.get(key) is not None and key != param
+        f"{key} = {settings[key]:g}" if settings.get(key) is not None else f"{key}: paper default"
+        for key in ("w", "k")
+        if key != param
     ]
     if param != "n0":
         fixed.append(f"N0 = {settings['n0']}")

@@ -56,8 +56,10 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     report = (out / "report.html").read_text()
     assert "similarity" in report
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
-    assert f"<code>{zoo / 'base'}</code>" in report and f"<code>{zoo / 'dreambooth'}</code>" in report
-    assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique size:" in report
+    # the model paths in the settings table, one row each
+    for key, path in (("base", zoo / "base"), ("finetuned", zoo / "dreambooth")):
+        assert f"<td><code>models.{key}</code></td><td>{path}</td>" in report
+    assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique: a set of generated images" in report
     with pytest.raises(ValueError, match="--batch-size 0: must be an integer >= 1"):
         extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=0, progress=False)
 
