@@ -319,6 +319,8 @@ def write_output(
         for rank, (image, index) in enumerate(zip(result.images, result.indices))
     ]
     if generated is not None and save_generated:
+        if hasattr(generated, "cpu"):  # one device-to-host copy, not one per image
+            generated = generated.cpu()
         for i, image in enumerate(generated):
             write_png(image, out / "generated" / f"{i:05d}.png")
     result.timings["write"] = time.perf_counter() - start
