@@ -98,7 +98,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"),
         default="auto",
         help="auto (default: onnxruntime on a CPU, its export cached in $FINEXTRACT_CACHE or ~/.cache/finextract; "
         "torch on CUDA), torch, onnxruntime or tensorrt",
