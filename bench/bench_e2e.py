@@ -23,7 +23,9 @@ that the extraction (cliques and extracted indices) is the same, records AS on t
 the generation's CPU MFU: UNet FLOPs (`FlopCounterMode`) over the generation's CPU seconds, as a
 share of this CPU's fp32 GEMM peak per thread (torch, measured in the same run).
 Summary: `bench/results/e2e_threads<T>.json`. `FINEXTRACT_BENCH_IMAGES` (default 10) and
-`FINEXTRACT_BENCH_ROUNDS` (default 3) size the run.
+`FINEXTRACT_BENCH_ROUNDS` (default 3) size the run. `FINEXTRACT_BENCH_DEVICE=cuda` (bench/device_check.sh)
+runs the torch backend against the diffusers way on the GPU instead (`$FINEXTRACT_BENCH_OUT/e2e_gpu.json`;
+no CPU MFU there).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baseline
 import headroom
 
+DEVICE = os.environ.get("FINEXTRACT_BENCH_DEVICE", "cpu")
 NUM_IMAGES = int(os.environ.get("FINEXTRACT_BENCH_IMAGES", "10"))
 ROUNDS = int(os.environ.get("FINEXTRACT_BENCH_ROUNDS", "3"))
 N0 = 2
 STEPS = 50
-WAYS = ("diffusers", "onnxruntime", "openvino")
+# on CUDA (bench/device_check.sh): the torch backend (CUDA graphs + the fused kernel) against diffusers on the GPU
+WAYS = ("diffusers", "onnxruntime", "openvino") if DEVICE == "cpu" else ("diffusers", "torch")
 CASES = [(zoo, kind) for zoo in ("random", "trained") for kind in ("dreambooth", "lora")]
 RESULTS: list[dict] = []
 
@@ -73,7 +77,7 @@ def peak():
 def embedder():
     from finextract.sscd import load_embedder
 
-    return load_embedder()
+    return load_embedder(device=DEVICE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +103,10 @@ def _summary(peak):
         "gemm_peak": peak,
         "results": RESULTS,
     }
-    (folder / f"e2e_threads{threads}.json").write_text(json.dumps(report, indent=2))
+    report["device"] = DEVICE
+    folder = Path(os.environ.get("FINEXTRACT_BENCH_OUT") or folder)
+    name = f"e2e_threads{threads}.json" if DEVICE == "cpu" else "e2e_gpu.json"
+    (folder / name).write_text(json.dumps(report, indent=2))
 
 
 def _load(zoo: Path, kind: str):
@@ -111,7 +118,7 @@ def _load(zoo: Path, kind: str):
         pair = load_model_pair(zoo / "base", zoo / "dreambooth")
     else:
         pair = load_model_pair(zoo / "base", lora=zoo / "lora" / "pytorch_lora_weights.safetensors")
-    return pair.place(RunConfig.resolve(device="cpu", backend="torch"))
+    return pair.place(RunConfig.resolve(device=DEVICE, backend="torch"))
 
 
 def _ways(pair, caption: str, cache_dir: Path):
@@ -123,7 +130,7 @@ def _ways(pair, caption: str, cache_dir: Path):
     ways = {"diffusers": lambda: baseline.baseline_generate(pair, caption, NUM_IMAGES, pipelines=pipelines)}
     for name in WAYS[1:]:
         config = RunConfig.resolve(
-            device="cpu", backend=name, batch_size=NUM_IMAGES, steps=STEPS, threads=torch.get_num_threads(),
+            device=DEVICE, backend=name, batch_size=NUM_IMAGES, steps=STEPS, threads=torch.get_num_threads(),
             cache_dir=cache_dir,
         )  # fmt: skip
         generate(pair, caption, 2, config=config.replace(steps=2), progress=False)  # export once (cached)
@@ -139,6 +146,8 @@ def _run(generate_images, embedder) -> dict:
     images = generate_images()
     generate_wall, generate_cpu = time.perf_counter() - wall, time.process_time() - cpu
     timings: dict = {}
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
     extraction = cluster_images(images, N0, embedder, timings=timings)
     return {
         "images": images,
@@ -186,13 +195,12 @@ def test_end_to_end(benchmark, zoos, peak, embedder, tmp_path, zoo_name, kind):
             "sscd_s": _spread([r["sscd_s"] for r in way_runs]),
             "cluster_s": _spread([r["cluster_s"] for r in way_runs], 4),
             "images_per_s": round(NUM_IMAGES / statistics.median(r["wall_s"] for r in way_runs), 3),
-            "generation_cpu_mfu": round(
-                NUM_IMAGES * flops_per_image / statistics.median(r["generate_cpu_s"] for r in way_runs) / peak["flops"],
-                4,
-            ),
             "cliques": way_runs[0]["extraction"].cliques,
             "extracted": way_runs[0]["extraction"].indices,
         }
+        if DEVICE == "cpu":
+            generate_cpu_s = statistics.median(r["generate_cpu_s"] for r in way_runs)
+            entry["generation_cpu_mfu"] = round(NUM_IMAGES * flops_per_image / generate_cpu_s / peak["flops"], 4)
         if way != "diffusers":
             entry["speedup_wall"] = _spread([b["wall_s"] / r["wall_s"] for b, r in zip(reference, way_runs)], 2)
             entry["speedup_cpu"] = _spread([b["cpu_s"] / r["cpu_s"] for b, r in zip(reference, way_runs)], 2)

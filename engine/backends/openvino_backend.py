@@ -60,7 +60,9 @@ class OpenVINOBackend:
         if config.device != "cpu":
             raise ValueError(f"--backend openvino runs on the CPU (got --device {config.device}); use --device cpu")
         if config.dtype != "fp32":
-            raise ValueError(f"--backend openvino exports fp32 graphs on the CPU (got --dtype {config.dtype}); use fp32")
+            raise ValueError(
+                f"--backend openvino exports fp32 graphs on the CPU (got --dtype {config.dtype}); use fp32"
+            )
         self.spec = ExportSpec.of(denoiser, conditioning, dtype="fp32")
         names = [name for name, _ in self.spec.conditioning]
         self._constants = {name: tensor.float().contiguous() for name, tensor in zip(names, conditioning)}
