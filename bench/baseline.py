@@ -44,7 +44,10 @@ def diffusers_pipelines(pair):
 
     base_unet = _plain_unet(pair.base_unet).float()
     if pair.finetuned_unet is None:
-        finetuned_unet = merge_lora(copy.deepcopy(base_unet), pair.unet_lora or {})
+        layers = pair.unet_lora or {}
+        lora_device = next((layer.down.device for layer in layers.values()), base_unet.device)
+        # merged where the adapters live (merge_lora adds in place), then on the pair's device
+        finetuned_unet = merge_lora(copy.deepcopy(base_unet).to(lora_device), layers).to(base_unet.device)
     else:
         finetuned_unet = _plain_unet(pair.finetuned_unet).float()
     pipelines = []
