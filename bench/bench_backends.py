@@ -163,12 +163,16 @@ def test_step(benchmark, zoo, onnx_cache, method, kind, way):
     # CPU MFU: the rule's UNet FLOPs per step (two terms per image) over the step's median process CPU
     # seconds, as a share of this CPU's fp32 GEMM peak per thread (measured once per run)
     flops = batch * 2 * headroom.unet_flops_per_image(pair.base_unet.config)
-    row["cpu_mfu"] = round(flops / statistics.median(cpu_seconds[-ROUNDS:]) / _peak()["flops"], 4)
+    step_cpu_s = statistics.median(cpu_seconds[-ROUNDS:])
+    row["step_cpu_ms"] = round(step_cpu_s * 1e3, 3)
+    row["images_per_cpu_s"] = round(batch / (STEPS_PER_IMAGE * step_cpu_s), 4)
+    row["cpu_mfu"] = round(flops / step_cpu_s / _peak()["flops"], 4)
     if way == "diffusers":
         for ours in ("torch", "onnxruntime", "openvino"):
-            measured = RESULTS.get((method, kind, ours), {}).get("images_per_s")
-            if measured:
-                row[f"{ours}_over_diffusers"] = round(measured / row["images_per_s"], 2)
+            measured = RESULTS.get((method, kind, ours), {})
+            if measured.get("images_per_s"):
+                row[f"{ours}_over_diffusers"] = round(measured["images_per_s"] / row["images_per_s"], 2)
+                row[f"{ours}_over_diffusers_cpu"] = round(measured["images_per_cpu_s"] / row["images_per_cpu_s"], 2)
     RESULTS[(method, kind, way)] = row
     benchmark.extra_info.update(row)
     assert row["images_per_s"] > 0
