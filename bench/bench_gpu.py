@@ -259,8 +259,9 @@ def test_sscd_shaped_descriptor_throughput(benchmark):
 
 @pytest.mark.parametrize("n", [500, 5000])
 def test_similarity_and_clustering(benchmark, n):
-    from finextract.clustering import cluster_descriptors, planted_descriptors
+    from finextract.clustering import cluster_descriptors
     from finextract.similarity import similarity_matrix
+    from tests.planted import planted_descriptors
 
     n0 = n // 50
     descriptors, labels = planted_descriptors(n, n0, 10, seed=0)

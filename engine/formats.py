@@ -171,10 +171,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     kind = sniff(path)
     if kind != "safetensors":
         if kind in ("pickle", "pickle-zip"):
-            raise CheckpointFormatError(
-                f"{path} is a PyTorch pickle, not safetensors, despite its name: rename it to .ckpt and pass "
-                "allow_pickle=True (--allow-pickle) only if you trust its source"
-            )
+            raise CheckpointFormatError(_misnamed_pickle_message(path))
         raise CheckpointFormatError(_not_weights_message(path, kind))
     size = path.stat().st_size
     with path.open("rb") as handle:
@@ -202,6 +199,67 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
             f"({size} bytes in all); download it again"
         )
     return header, metadata
+
+
+def _misnamed_pickle_message(path: Path) -> str:
+    return (
+        f"{path} is a misnamed pickle: a PyTorch pickle (torch.save) under a .safetensors name, which can run code "
+        "when loaded; it was refused. Get the real .safetensors file, or rename this one to .ckpt and pass "
+        "allow_pickle=True (--allow-pickle) only if you trust its source"
+    )
+
+
+def read_pickle(path: str | Path, *, allow_pickle: bool = False):
+    """Unpickle a checkpoint with `torch.load(weights_only=True)` (tensors and plain containers only).
+
+    Args:
+        path: a pickle file (`.ckpt`, `.bin`, `.pt`, `.pth`).
+        allow_pickle: must be True: pickles are refused otherwise.
+
+    Returns:
+        The unpickled object (usually a dict), tensors on the CPU.
+
+    Raises:
+        PickleRefusedError: `allow_pickle` is False (a `.safetensors` name is called a misnamed pickle).
+        CheckpointFormatError: the unpickling failed (corrupt, or more than tensors and containers).
+    """
+    import torch
+
+    path = Path(path)
+    if not allow_pickle:
+        if path.suffix == ".safetensors":
+            raise PickleRefusedError(_misnamed_pickle_message(path))
+        raise PickleRefusedError(
+            f"{path} is a pickle checkpoint, which can run code when loaded: refused. Use a .safetensors "
+            "version of it, or pass allow_pickle=True (CLI --allow-pickle) if you trust its source"
+        )
+    logger.warning("loading pickle %s with torch.load(weights_only=True) (allow_pickle=True)", path)
+    try:
+        with path.open("rb") as handle:  # a file object: torch.load dispatches on a `.safetensors` name otherwise
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise CheckpointFormatError(
+            f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}); the file is corrupt "
+            "or holds more than tensors (convert it to safetensors in a sandbox)"
+        ) from None
+
+
+def check_weights_file(path: str | Path, what: str) -> str:
+    """Sniff a file given as weights before any library parses it; return its kind
+    ("safetensors", "pickle" or "pickle-zip").
+
+    Raises:
+        CheckpointFormatError: an HTML page, git-lfs pointer, JSON, text, empty or unknown file,
+            named as such with `what` ("base", "fine-tuned checkpoint") in front.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    if kind not in ("safetensors", "pickle", "pickle-zip"):
+        raise CheckpointFormatError(f"{what}: {_not_weights_message(path, kind)}")
+    if kind == "safetensors":
+        read_safetensors_header(path)
+    return kind
 
 
 def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict:
@@ -234,19 +292,7 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict:
         except SafetensorError as error:
             raise CheckpointFormatError(f"{path}: corrupt safetensors file ({error}); download it again") from None
     if kind in ("pickle", "pickle-zip"):
-        if not allow_pickle:
-            raise PickleRefusedError(
-                f"{path} is a pickle checkpoint, which can run code when loaded: refused. Use a .safetensors "
-                "version of it, or pass allow_pickle=True (CLI --allow-pickle) if you trust its source"
-            )
-        logger.warning("loading pickle %s with torch.load(weights_only=True) (allow_pickle=True)", path)
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-            raise CheckpointFormatError(
-                f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}); the file is corrupt "
-                "or holds more than tensors (convert it to safetensors in a sandbox)"
-            ) from None
+        state = read_pickle(path, allow_pickle=allow_pickle)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -8,9 +8,11 @@ downloaded: hub ids resolve from the local Hugging Face cache only. Pickles are 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import PickleRefusedError, file_sha256, read_safetensors_header, sniff, state_dict_keys
@@ -28,6 +30,8 @@ FINETUNED_FORMATS = (
     "lora_diffusers",
     "lora_peft",
     "lora_kohya",
+    "lora_cloneofsimo",
+    "lora_embedding",
 )
 # UNet config entries that change the architecture (sample_size and the like do not)
 _UNET_ARCH_KEYS = (
@@ -48,12 +52,12 @@ _UNET_ARCH_KEYS = (
     "class_embed_type",
     "time_cond_proj_dim",
 )
+# vocab_size may differ: a fine-tune may add tokens (its tokenizer is then checked against it)
 _TEXT_ARCH_KEYS = (
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
-    "vocab_size",
     "max_position_embeddings",
 )
 _FAMILY_BY_CROSS_ATTENTION = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
@@ -155,7 +159,8 @@ def check_unet_configs(base: dict, finetuned: dict, where: str = "fine-tuned UNe
 
 
 def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned text encoder") -> None:
-    """Like `check_unet_configs` for CLIP text-encoder configs (a vocab_size change means added tokens)."""
+    """Like `check_unet_configs` for CLIP text-encoder configs. `vocab_size` is not compared: a
+    fine-tune may add tokens, and `load_model_pair` checks it against the fine-tune's tokenizer."""
     problems = [
         f"{where} has {key} {finetuned.get(key)}, base has {base.get(key)}"
         for key in _TEXT_ARCH_KEYS
@@ -254,45 +259,94 @@ def _load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...])
     return loaded
 
 
-def _load_single_file(path: Path, config: Path | None, allow_pickle: bool, what: str):
-    """A single-file SD checkpoint through diffusers' `from_single_file`, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    if sniff(path) in ("pickle", "pickle-zip") and not allow_pickle:
-        raise PickleRefusedError(
-            f"{what} {path} is a pickle checkpoint, which can run code when loaded: refused. Use a .safetensors "
-            "version, or pass allow_pickle=True (CLI --allow-pickle) if you trust its source"
-        )
-    if sniff(path) == "safetensors":
-        read_safetensors_header(path)
-    try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config) if config else None,
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except Exception as error:
-        hint = (
-            "pass base_config=<a local diffusers pipeline folder of the same architecture> (CLI --base-config)"
-            if config is None
-            else f"check that {config} is a pipeline folder of the same architecture"
-        )
-        raise RuntimeError(
-            f"{what} {path}: diffusers' from_single_file failed offline ({type(error).__name__}: {error}); "
-            f"its diffusers config must be local: {hint}"
-        ) from None
-
-
 def _to_dtype(dtype):
     from finextract.engine.config import torch_dtype
 
     return None if dtype is None else torch_dtype(dtype)
 
 
-def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict, Path | None]:
-    """Base parts (unet, text_encoder, vae, tokenizer, scheduler_config), sources, and its pipeline folder."""
+@dataclass(frozen=True, eq=False)
+class LoadedBase:
+    """A pretrained model loaded once (`load_base`), to pair with many fine-tunes without reading it again.
+
+    `load_model_pair(loaded_base, finetuned or lora=...)` uses its models as they are: a DreamBooth
+    pair shares them (a pair changes no model), and a LoRA pair with UNet adapters gets its own copy
+    of the base UNet's module tree holding the same weight tensors (`copy_sharing_weights`: the
+    adapters are hooks on that UNet's modules, and a UNet serves one pair; a full `copy.deepcopy` of
+    an SD 1.x UNet took 5x longer than loading it again from the page cache). The pair's `sources`
+    and fingerprint are the same as when the base is loaded from disk.
+
+    Attributes:
+        spec: the base as given (path or hub id); `str()` and `os.fspath()` give its resolved path.
+        parts: unet, text_encoder, vae, tokenizer, scheduler_config (as `load_model_pair` loads them).
+        sources: where the base came from (`base`, `base_format`, ...).
+    """
+
+    spec: str
+    parts: dict
+    sources: dict
+
+    def __fspath__(self) -> str:
+        return self.sources["base"]
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def copy_sharing_weights(module):
+    """A copy of `module`'s module tree (its own submodules, hooks and attributes) whose parameters and
+    buffers are the very tensors of `module`: no weight is copied, so it costs milliseconds at SD size.
+
+    Hooks added to the copy (a LoRA pair's gated adapters) leave `module` untouched; an in-place change
+    to a weight changes both.
+    """
+    import itertools
+
+    memo = {id(tensor): tensor for tensor in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def load_base(
+    base: str | Path,
+    *,
+    base_config: str | Path | None = None,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    dtype=None,
+) -> LoadedBase:
+    """Load a pretrained model once, for `load_model_pair(LoadedBase, ...)` with many fine-tunes.
+
+    Args:
+        base, base_config, allow_pickle: as `load_model_pair`.
+        device: where the UNet, text encoder and VAE go. dtype: the UNet and text-encoder precision
+            (None keeps float32); the VAE keeps float32 (`ModelPair.place` sets the run's VAE precision).
+
+    Returns:
+        LoadedBase.
+
+    Raises:
+        FileNotFoundError / ValueError / RuntimeError: as `load_model_pair` for its base.
+    """
+    parts, sources = _load_base(base, base_config, allow_pickle)
+    torch_dtype = _to_dtype(dtype)
+    for name in ("unet", "text_encoder", "vae"):
+        parts[name].to(device)
+        if name != "vae" and torch_dtype is not None and parts[name].dtype != torch_dtype:
+            parts[name].to(dtype=torch_dtype)
+    return LoadedBase(spec=str(base), parts=parts, sources=sources)
+
+
+def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
+    """Base parts (unet, text_encoder, vae, tokenizer, scheduler_config) and their sources.
+
+    A folder is a diffusers pipeline; a single file (sniffed before any library parses it) an
+    original-SD-layout checkpoint converted on `base_config`'s configs.
+    """
+    if isinstance(base, LoadedBase):  # loaded already: its models, shared (see LoadedBase)
+        return dict(base.parts), dict(base.sources)
+    from .formats import check_weights_file
+    from .single_file import load_ldm_parts
+
     path = _resolve_path(base, "base")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -300,21 +354,75 @@ def _load_base(base, base_config, allow_pickle: bool) -> tuple[dict, dict, Path 
         parts = _load_folder_parts(path, allow_pickle, ("unet", "text_encoder", "vae", "tokenizer"))
         parts["scheduler_config"] = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         fmt = "pipeline" if Path(base).expanduser().exists() else "hub-cache"
-        return parts, {"base": str(path), "base_format": fmt}, path
-    config = _resolve_path(base_config, "base_config") if base_config else None
-    pipeline = _load_single_file(path, config, allow_pickle, "base")
+        return parts, {"base": str(path), "base_format": fmt}
+    check_weights_file(path, "base")
+    if base_config is None:
+        raise ValueError(
+            f"base {path} is a single-file checkpoint: pass base_config=<a local diffusers pipeline folder of the same "
+            "architecture> (CLI --base-config) for its configs, tokenizer and scheduler (nothing is downloaded)"
+        )
+    config = _resolve_path(base_config, "base_config")
+    if not (config / "model_index.json").is_file():
+        raise ValueError(f"base_config {config}: not a diffusers pipeline folder (no model_index.json)")
+    template = _load_folder_parts(config, allow_pickle, ("text_encoder", "tokenizer"))
+    converted = load_ldm_parts(
+        path,
+        {
+            "unet": _read_config(config / "unet"),
+            "text_encoder": template["text_encoder"],
+            "vae": _read_config(config / "vae"),
+        },
+        allow_pickle=allow_pickle,
+        what="base",
+    )
+    missing = [part for part in ("text_encoder", "vae") if converted[part] is None]
+    if missing:
+        raise ValueError(f"base {path} lacks its {' and '.join(missing)}: a base checkpoint must be complete")
     parts = dict(
-        unet=pipeline.unet.eval(),
-        text_encoder=pipeline.text_encoder.eval(),
-        vae=pipeline.vae.eval(),
-        tokenizer=pipeline.tokenizer,
-        scheduler_config=dict(pipeline.scheduler.config),
+        converted,
+        tokenizer=template["tokenizer"],
+        scheduler_config=json.loads((config / "scheduler" / "scheduler_config.json").read_text()),
     )
-    return (
-        parts,
-        {"base": str(path), "base_format": "single-file", "base_config": str(config) if config else None},
-        config,
-    )
+    return parts, {"base": str(path), "base_format": "single-file", "base_config": str(config)}
+
+
+def _check_tokenizer(tokenizer, text_encoder, where: str) -> None:
+    """The tokenizer must have one entry per token-embedding row of the text encoder it feeds."""
+    rows = text_encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) != rows:
+        raise ValueError(
+            f"{where}: the text encoder has {rows} token-embedding rows but the tokenizer has {len(tokenizer)} entries; "
+            "a fine-tune that adds tokens (e.g. a DreamBooth identifier) must ship its tokenizer/ and text_encoder/ "
+            "folders together"
+        )
+
+
+def _finetuned_tokenizer(ft_path: Path, base_tokenizer):
+    """The fine-tune's own tokenizer (its `tokenizer/` folder), else the base's; and which it is."""
+    folder = ft_path / "tokenizer"
+    if ft_path.is_dir() and (folder / "tokenizer_config.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(folder)), "finetuned"
+    return base_tokenizer, "base"
+
+
+def _adapter_unet(base_unet, adapters: dict, sources: dict):
+    """(unet_lora, finetuned_unet): LoRA / LoCon stay a per-sample low-rank branch; any other type
+    (or DoRA) is merged, with the low-rank ones, into a copy of the base UNet."""
+    import copy
+
+    from .adapters import as_low_rank, merge_adapters
+
+    if not adapters:
+        return None, None
+    modules = dict(base_unet.named_modules())
+    low_rank = {path: as_low_rank(adapter, modules[path]) for path, adapter in adapters.items()}
+    if all(layer is not None for layer in low_rank.values()):
+        sources["unet_adapters"] = "low-rank branch (per sample, on the base UNet)"
+        return low_rank, None
+    sources["unet_adapters"] = "merged into a copy of the base UNet"
+    return None, merge_adapters(copy.deepcopy(base_unet), adapters)
 
 
 def load_model_pair(
@@ -322,6 +430,7 @@ def load_model_pair(
     finetuned: str | Path | None = None,
     *,
     lora: str | Path | None = None,
+    embeddings: list[str | Path] | tuple = (),
     finetuned_format: str = "auto",
     allow_pickle: bool = False,
     dtype=None,
@@ -331,32 +440,42 @@ def load_model_pair(
     """Load a pretrained model (theta) and a checkpoint fine-tuned from it (theta').
 
     Args:
-        base: a diffusers pipeline folder, a single-file SD checkpoint (`.safetensors`; `.ckpt`
-            with `allow_pickle`), or a hub id found in the local Hugging Face cache.
-        finetuned: the fine-tune: a full pipeline folder, a bare `unet/` folder (with or without
-            `text_encoder/`), a single-file UNet state dict, a single-file SD checkpoint, or a LoRA
-            (diffusers file/folder, PEFT adapter folder, kohya file). None when `lora` is given.
-        lora: a LoRA checkpoint (same as passing it as `finetuned`).
-        finetuned_format: "auto" or one of `FINETUNED_FORMATS` ("lora" = any LoRA format).
+        base: a diffusers pipeline folder, a single-file SD checkpoint in the original layout
+            (`.safetensors`; `.ckpt` with `allow_pickle`) with `base_config`, or a hub id found in
+            the local Hugging Face cache, or a `LoadedBase` (`load_base`: loaded once for many
+            fine-tunes; `base_config` is then not read).
+        finetuned: the fine-tune: a full pipeline folder (its own tokenizer when it ships one), a
+            bare `unet/` folder (with or without `text_encoder/`), a single-file UNet state dict, a
+            single-file SD checkpoint (`model.diffusion_model.*`, its missing text encoder / VAE
+            taken from the base), or any adapter `lora` accepts. None when `lora` is given.
+        lora: an adapter checkpoint: LoRA / LoCon / DoRA, LoHa, LoKr, OFT, OFTv2, BOFT, GLoRA, full
+            diff (kohya / LyCORIS, diffusers, PEFT, cloneofsimo layouts), or a textual-inversion
+            embedding file (see `lora_formats`).
+        embeddings: textual-inversion embedding files added to the fine-tune's tokenizer and text
+            encoder (`.safetensors`; pickles with `allow_pickle`).
+        finetuned_format: "auto" or one of `FINETUNED_FORMATS` ("lora" = any adapter layout).
         allow_pickle: allow pickle weights, read with `torch.load(weights_only=True)`.
         dtype: torch dtype (or "fp32"/"fp16"/"bf16") to cast every model to; None keeps float32.
         device: where the models go ("cpu", "cuda", "cuda:N").
-        base_config: a local diffusers pipeline folder whose configs describe a single-file base
-            (diffusers' `from_single_file(config=...)`), needed offline when the hub cache lacks it.
+        base_config: a local diffusers pipeline folder whose configs, tokenizer and scheduler
+            describe a single-file base.
 
     Returns:
-        ModelPair: kind "dreambooth" (two UNets; the checkpoint's text encoder when it ships one)
-        or "lora" (base UNet plus `unet_lora` adapters, not merged; a text-encoder LoRA is merged
-        into a copy of the base text encoder). `sources` records paths, formats, the LoRA key
-        counts, `lora_alpha_assumed` and the LoRA file's sha256.
+        ModelPair: kind "dreambooth" (two UNets; the checkpoint's text encoder and tokenizer when
+        it ships them) or "lora" (an adapter: LoRA / LoCon as `unet_lora` low-rank adapters on the
+        base UNet; any other type merged into `finetuned_unet`, a copy of the base UNet; text-encoder
+        adapters and embeddings in a copy of the base text encoder, embeddings' tokens in
+        `finetuned_tokenizer`). `sources` records paths, formats, `lora_counts` (per component and
+        adapter type), `lora_alpha_assumed`, `unet_adapters` (how they run), `embedding_tokens` and
+        the adapter file's sha256.
 
     Raises:
         FileNotFoundError: a path does not exist; a hub id is not in the local cache ("offline").
-        ValueError: incompatible base and fine-tune (names what differs), unknown format, a LoRA
-            key matching no module (`LoRAKeyError`), a file that is not weights
-            (`CheckpointFormatError`: HTML, git-lfs pointer, truncated), a refused pickle
-            (`PickleRefusedError`).
-        RuntimeError: diffusers could not convert a single-file checkpoint offline.
+        ValueError: incompatible base and fine-tune (names what differs), a tokenizer without one
+            entry per text-encoder row (naming both numbers), unknown format, an adapter key that
+            matches no module (`LoRAKeyError`), a file that is not weights (`CheckpointFormatError`:
+            HTML, git-lfs pointer, text, truncated, a misnamed pickle), a refused pickle
+            (`PickleRefusedError`), a partial single-file UNet (naming the missing tensors).
     """
     if finetuned is not None and lora is not None:
         raise ValueError("pass the fine-tune as `finetuned` or as `lora`, not both")
@@ -366,59 +485,40 @@ def load_model_pair(
         raise ValueError(f"finetuned_format {finetuned_format!r}: expected one of {', '.join(FINETUNED_FORMATS)}")
     torch_dtype = _to_dtype(dtype)
     ft_path = _resolve_path(finetuned if finetuned is not None else lora, "fine-tuned checkpoint")
-    fmt = finetuned_format
-    if lora is not None and fmt == "auto":
-        fmt = "lora"
-    if fmt in ("auto", "lora"):
-        if fmt == "lora" and ft_path.is_file() and sniff(ft_path) in ("pickle", "pickle-zip"):
-            fmt = "lora_diffusers"  # a pickle's keys are known only after loading, which allow_pickle governs
-        else:
-            detected = detect_finetuned_format(ft_path)
-            if fmt == "lora" and not detected.startswith("lora_"):
-                raise ValueError(
-                    f"{ft_path} is {_FULL_FINETUNE_WORDS[detected]}, not a LoRA checkpoint: pass it as --finetuned "
-                    "(finetuned=...) instead of --lora"
-                )
-            fmt = detected
-    elif not fmt.startswith("lora"):
-        from .lora_formats import detect_lora_format
-
-        if detect_lora_format(ft_path):
-            raise ValueError(
-                f"{ft_path} is a LoRA checkpoint, not a full fine-tune ({fmt}): pass it as --lora (lora=...), "
-                "or leave finetuned_format='auto'"
-            )
+    embedding_paths = [_resolve_path(path, "embedding") for path in embeddings]
+    fmt = _finetuned_format(ft_path, finetuned_format, lora is not None)
     # 1. cheap checks on configs and headers before loading weights
     base_path = _resolve_path(base, "base")
+    if base_path.is_file():
+        from .formats import check_weights_file
+
+        check_weights_file(base_path, "base")
     if base_path.is_dir() and (base_path / "unet" / "config.json").is_file():
-        base_unet_config = _read_config(base_path / "unet")
-        ft_unet_dir = None
-        if fmt == "pipeline" or (fmt == "unet_folder" and (ft_path / "unet").is_dir()):
-            ft_unet_dir = ft_path / "unet"
-        elif fmt == "unet_folder":
-            ft_unet_dir = ft_path
-        if ft_unet_dir is not None:
-            check_unet_configs(base_unet_config, _read_config(ft_unet_dir))
-        ft_text_dir = ft_path / "text_encoder" if fmt in ("pipeline", "unet_folder") else None
-        if ft_text_dir is not None and ft_text_dir.is_dir():
-            check_text_configs(_read_config(base_path / "text_encoder"), _read_config(ft_text_dir))
+        _check_folder_configs(base_path, ft_path, fmt)
     # 2. the base
-    parts, sources, base_folder = _load_base(base, base_config, allow_pickle)
+    parts, sources = _load_base(base, base_config, allow_pickle)
     sources.update(finetuned=str(ft_path), finetuned_format=fmt)
-    base_unet, base_text = parts["unet"], parts["text_encoder"]
-    finetuned_unet, unet_lora, ft_text, vae = None, None, base_text, parts["vae"]
+    base_unet, base_text, base_tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    finetuned_unet, unet_lora, ft_text, ft_tokenizer, vae = None, None, base_text, base_tokenizer, parts["vae"]
+    found_embeddings = []
     # 3. the fine-tune
     if fmt.startswith("lora_"):
-        import copy
-
-        from .lora import merge_lora
+        from .adapters import merge_adapters
         from .lora_formats import read_lora
 
         weights = read_lora(ft_path, base_unet, base_text, format=fmt.removeprefix("lora_"), allow_pickle=allow_pickle)
-        unet_lora = weights.unet or None
+        unet_lora, finetuned_unet = _adapter_unet(base_unet, weights.unet, sources)
+        if unet_lora and isinstance(base, LoadedBase):  # the hooks go on this pair's own UNet modules
+            base_unet = copy_sharing_weights(base_unet)
         if weights.text_encoder:
-            ft_text = merge_lora(copy.deepcopy(base_text), weights.text_encoder)
-        sources.update(lora_format=weights.format, lora_counts=weights.counts, lora_alpha_assumed=weights.alpha_assumed)
+            ft_text = merge_adapters(copy.deepcopy(base_text), weights.text_encoder)
+        found_embeddings = weights.embeddings
+        sources.update(
+            finetuned_format=f"lora_{weights.format}",
+            lora_format=weights.format,
+            lora_counts=weights.counts,
+            lora_alpha_assumed=weights.alpha_assumed,
+        )
         if ft_path.is_file():
             sources["lora_sha256"] = file_sha256(ft_path)
         kind = "lora"
@@ -431,17 +531,40 @@ def load_model_pair(
             if unet_dir != ft_path and (ft_path / "text_encoder").is_dir():
                 ft_text = _load_folder_parts(ft_path, allow_pickle, ("text_encoder",))["text_encoder"]
                 check_text_configs(base_text.config.to_dict(), ft_text.config.to_dict())
+            ft_tokenizer, sources["tokenizer"] = _finetuned_tokenizer(ft_path, base_tokenizer)
+            _check_tokenizer(ft_tokenizer, ft_text, f"fine-tune {ft_path}")
             if fmt == "pipeline" and (ft_path / "vae").is_dir():
                 vae = _load_folder_parts(ft_path, allow_pickle, ("vae",))["vae"]
         elif fmt == "unet_file":
-            finetuned_unet = _load_unet_file(ft_path, base_unet, allow_pickle)
-        else:  # "checkpoint": single-file SD checkpoint, converted with the base's configs
-            if base_folder is None:
-                raise ValueError(f"{ft_path}: a single-file fine-tune needs a base pipeline folder for its configs")
-            pipeline = _load_single_file(ft_path, base_folder, allow_pickle, "fine-tuned checkpoint")
-            check_unet_configs(dict(base_unet.config), dict(pipeline.unet.config))
-            finetuned_unet, ft_text = pipeline.unet.eval(), pipeline.text_encoder.eval()
+            finetuned_unet, converted = _load_unet_file(ft_path, base_unet, base_text, parts["vae"], allow_pickle)
+            if converted is not None:  # a pickle that held an original-SD-layout checkpoint
+                sources["finetuned_format"] = "checkpoint"
+                ft_text, vae = _reuse_missing(converted, base_text, parts["vae"], ft_path, sources)
+        else:  # "checkpoint": original SD layout, converted on the base's configs
+            from .single_file import load_ldm_parts
+
+            converted = load_ldm_parts(
+                ft_path,
+                {"unet": dict(base_unet.config), "text_encoder": base_text, "vae": dict(parts["vae"].config)},
+                allow_pickle=allow_pickle,
+                what="fine-tuned checkpoint",
+            )
+            finetuned_unet = converted["unet"]
+            ft_text, vae = _reuse_missing(converted, base_text, parts["vae"], ft_path, sources)
         sources["text_encoder"] = "finetuned" if ft_text is not base_text else "base"
+    # 4. textual-inversion embeddings: the adapter file's and the ones passed
+    if embedding_paths:
+        from .embeddings import read_embedding_file
+
+        for path in embedding_paths:
+            found_embeddings = found_embeddings + read_embedding_file(path, allow_pickle=allow_pickle)
+        sources["embedding_files"] = [str(path) for path in embedding_paths]
+    if found_embeddings:
+        from .embeddings import add_embeddings
+
+        ft_tokenizer, ft_text = add_embeddings(ft_tokenizer, ft_text, found_embeddings)
+        sources["embedding_tokens"] = [e.token for e in found_embeddings]
+        sources["tokenizer"] = "finetuned"
     pair = ModelPair(
         kind=kind,
         base_unet=base_unet,
@@ -449,7 +572,8 @@ def load_model_pair(
         unet_lora=unet_lora,
         base_text_encoder=base_text,
         finetuned_text_encoder=ft_text,
-        base_tokenizer=parts["tokenizer"],
+        base_tokenizer=base_tokenizer,
+        finetuned_tokenizer=ft_tokenizer,
         vae=vae,
         scheduler_config=parts["scheduler_config"],
         sources=sources,
@@ -459,6 +583,74 @@ def load_model_pair(
     return pair.to(device, torch_dtype)
 
 
+def _finetuned_format(ft_path: Path, finetuned_format: str, as_lora: bool) -> str:
+    """The fine-tune's format: `finetuned_format` checked against what the files are, or detected."""
+    fmt = finetuned_format
+    if as_lora and fmt == "auto":
+        fmt = "lora"
+    if fmt in ("auto", "lora"):
+        if fmt == "lora" and ft_path.is_file() and sniff(ft_path) in ("pickle", "pickle-zip"):
+            return "lora_auto"  # a pickle's keys are known only after loading, which allow_pickle governs
+        detected = detect_finetuned_format(ft_path)
+        if fmt == "lora" and not detected.startswith("lora_"):
+            raise ValueError(
+                f"{ft_path} is {_FULL_FINETUNE_WORDS[detected]}, not a LoRA checkpoint: pass it as --finetuned "
+                "(finetuned=...) instead of --lora"
+            )
+        return detected
+    if not fmt.startswith("lora"):
+        from .lora_formats import detect_lora_format
+
+        if detect_lora_format(ft_path):
+            raise ValueError(
+                f"{ft_path} is a LoRA checkpoint, not a full fine-tune ({fmt}): pass it as --lora (lora=...), "
+                "or leave finetuned_format='auto'"
+            )
+    return fmt
+
+
+def _check_folder_configs(base_path: Path, ft_path: Path, fmt: str) -> None:
+    """Config and tokenizer checks of a folder fine-tune against a base folder, before any weights load."""
+    base_unet_config = _read_config(base_path / "unet")
+    ft_unet_dir = None
+    if fmt == "pipeline" or (fmt == "unet_folder" and (ft_path / "unet").is_dir()):
+        ft_unet_dir = ft_path / "unet"
+    elif fmt == "unet_folder":
+        ft_unet_dir = ft_path
+    if ft_unet_dir is not None:
+        check_unet_configs(base_unet_config, _read_config(ft_unet_dir))
+    if fmt not in ("pipeline", "unet_folder"):
+        return
+    ft_text_dir = ft_path / "text_encoder"
+    text_config = _read_config(ft_text_dir if ft_text_dir.is_dir() else base_path / "text_encoder")
+    if ft_text_dir.is_dir():
+        check_text_configs(_read_config(base_path / "text_encoder"), text_config)
+    tokenizer_dir = ft_path / "tokenizer" if (ft_path / "tokenizer" / "tokenizer_config.json").is_file() else None
+    if tokenizer_dir is not None or text_config.get("vocab_size") != _read_config(base_path / "text_encoder").get(
+        "vocab_size"
+    ):
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir or base_path / "tokenizer"))
+        if len(tokenizer) != text_config.get("vocab_size"):
+            which = "its own" if tokenizer_dir else "the base's: the fine-tune ships none"
+            raise ValueError(
+                f"fine-tune {ft_path}: the text encoder has {text_config.get('vocab_size')} token-embedding rows "
+                f"but the tokenizer ({which}) has {len(tokenizer)} entries; a fine-tune that adds tokens (e.g. a "
+                "DreamBooth identifier) must ship its tokenizer/ and text_encoder/ folders together"
+            )
+
+
+def _reuse_missing(converted: dict, base_text, base_vae, ft_path: Path, sources: dict):
+    """The converted text encoder and VAE of a single-file fine-tune, the base's where it has none."""
+    text, vae = converted["text_encoder"], converted["vae"]
+    for part, model in (("text encoder", text), ("VAE", vae)):
+        if model is None:
+            logger.info("%s holds no %s: using the base's", ft_path, part)
+    sources["single_file_parts"] = ["unet"] + [name for name, m in (("text_encoder", text), ("vae", vae)) if m]
+    return text if text is not None else base_text, vae if vae is not None else base_vae
+
+
 def _load_unet_dir(folder: Path, allow_pickle: bool):
     from diffusers import UNet2DConditionModel
 
@@ -466,8 +658,10 @@ def _load_unet_dir(folder: Path, allow_pickle: bool):
     return UNet2DConditionModel.from_pretrained(str(folder), use_safetensors=use_safetensors).eval()
 
 
-def _load_unet_file(path: Path, base_unet, allow_pickle: bool):
-    """A single-file UNet state dict (diffusers names, optionally prefixed `unet.`) on the base's config."""
+def _load_unet_file(path: Path, base_unet, base_text, base_vae, allow_pickle: bool):
+    """A single-file UNet state dict (diffusers names, optionally prefixed `unet.`) on the base's
+    config; (unet, None), or (unet, converted parts) for a pickle that held an original-SD-layout
+    checkpoint (its layout is known only once it is read)."""
     from diffusers import UNet2DConditionModel
 
     from .formats import load_state_dict
@@ -478,10 +672,16 @@ def _load_unet_file(path: Path, base_unet, allow_pickle: bool):
         check_state_dict(expected, found, f"fine-tuned UNet file {path}")
     state = {k.removeprefix("unet."): v for k, v in load_state_dict(path, allow_pickle=allow_pickle).items()}
     if any(k.startswith("model.diffusion_model.") for k in state):
-        raise ValueError(
-            f"{path}: an LDM-layout SD checkpoint, not a UNet state dict: pass finetuned_format='checkpoint'"
+        from .single_file import load_ldm_parts
+
+        converted = load_ldm_parts(
+            path,
+            {"unet": dict(base_unet.config), "text_encoder": base_text, "vae": dict(base_vae.config)},
+            allow_pickle=allow_pickle,
+            what="fine-tuned checkpoint",
         )
+        return converted["unet"], converted
     check_state_dict(expected, {k: tuple(v.shape) for k, v in state.items()}, f"fine-tuned UNet file {path}")
     unet = UNet2DConditionModel.from_config(base_unet.config)
     unet.load_state_dict(state, strict=True)
-    return unet.eval()
+    return unet.eval(), None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +15,113 @@ GENERATE_MANIFEST = "manifest.json"
 GENERATE_FORMAT = "finextract-generate/1"
 
 
+# Transparent pixels are composited on white: the colour image viewers (and most shops' product
+# shots) show behind them; training scripts' `convert("RGB")` would keep whatever colour the
+# transparent pixels happen to store, often black.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Images over this many pixels are downscaled while decoding (JPEG by Pillow's `draft`, which
+# decodes at 1/2, 1/4 or 1/8 scale; other formats by `reduce` after decoding); the models see
+# at most 1024 x 1024 anyway. Over `MAX_DECODED_PIXELS` a file is refused as too large.
+MAX_PIXELS = 40_000_000
+MAX_DECODED_PIXELS = 16 * MAX_PIXELS
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode one image file as an RGB uint8 array: the one image reader of finextract.
 
+    On the way: the EXIF orientation is applied (as viewers show the photo); 16-bit images are
+    scaled to 8 bits (x 255 / 65535); palette, CMYK, 1-bit and grey images are converted to RGB;
+    transparency is composited on `ALPHA_BACKGROUND` (white), with a log line; images over
+    `MAX_PIXELS` (40 MP) are downscaled while decoding, with a log line (Pillow's decompression-bomb
+    warning is not shown: the size is handled here).
+
     Args:
-        path: any file Pillow opens (PNG, JPEG, WebP, BMP, ...).
+        path: any file Pillow opens (PNG, JPEG, WebP, BMP, TIFF, ...).
 
     Returns:
         uint8 ndarray (H, W, 3).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: Pillow cannot read it (the message names the file and Pillow's reason).
+        ValueError: Pillow cannot read it, or it is over `MAX_DECODED_PIXELS` (the message names
+            the file and the reason).
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_DECODED_PIXELS
+            try:
+                with Image.open(path) as image:
+                    return _to_rgb(_decoded(image, path), path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except Image.DecompressionBombError:
+        raise ValueError(
+            f"{path} is not a readable image (too large: over {MAX_DECODED_PIXELS // 10**6} MP); downscale it first"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ValueError(
             f"{path} is not a readable image ({type(error).__name__}: {error}); remove or re-save it"
         ) from None
+
+
+def _decoded(image, path: Path):
+    """The decoded image, oriented as its EXIF tag says, downscaled below `MAX_PIXELS` if needed."""
+    from PIL import ImageOps
+
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        factor = math.ceil(math.sqrt(width * height / MAX_PIXELS))
+        if image.format == "JPEG":  # decoded at 1/2 .. 1/8 scale: never held at full size
+            image.draft(image.mode, (math.ceil(width / factor), math.ceil(height / factor)))
+        image.load()
+        remaining = math.ceil(math.sqrt(image.width * image.height / MAX_PIXELS))
+        if remaining > 1:
+            image = image.reduce(remaining)
+        logger.info(
+            "%s: %dx%d (%.0f MP) downscaled to %dx%d while decoding (over %d MP)",
+            path.name,
+            width,
+            height,
+            width * height / 1e6,
+            image.width,
+            image.height,
+            MAX_PIXELS // 10**6,
+        )
+    return ImageOps.exif_transpose(image)
+
+
+def _to_rgb(image, path: Path) -> np.ndarray:
+    """uint8 RGB of any Pillow mode: 16- and 32-bit integer grey scaled to 8 bits, transparency
+    composited on `ALPHA_BACKGROUND`, palette / CMYK / 1-bit / grey converted."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":  # floating-point grey: 0..1 if it fits, else 0..255
+        values = np.asarray(image, dtype=np.float64)
+        values = values * 255.0 if values.max() <= 1.0 else values
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 255:
+            logger.info("%s: transparent pixels composited on white %s", path.name, ALPHA_BACKGROUND)
+            background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+            image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def center_crop_resize(image: np.ndarray, resolution: int) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Tiny Stable-Diffusion-format models, built offline and deterministically from a seed.
 
 No weights can be downloaded where this project is tested, so it builds its own SD 1.x-shaped
-models: a tiny UNet (16x16x4 latents), a slim x2 VAE (32x32 RGB), a tiny CLIP text encoder and a
-CLIP tokenizer whose vocabulary is generated here (byte-level characters, no merges). They are
+models: a tiny UNet (16x16x4 latents), a slim x2 VAE (32x32 RGB), a tiny CLIP text encoder and
+SD 1.x's own CLIP tokenizer (CLIP's BPE vocabulary, read from the file `open_clip` ships). They are
 saved with `save_pretrained` and loaded back by the same code that loads real checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # SD 1.x scheduler: scaled-linear betas 0.00085..0.012 over 1000 training steps (diffusers' config
@@ -60,10 +61,15 @@ TINY_TEXT_CONFIG = dict(
 )
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# OpenAI CLIP's BPE file (as open_clip ships it): a header line, then merges; CLIP uses the first
+# 49152 - 256 - 2 of them, so that bytes (256, twice) + merges + BOS/EOS make 49,408 tokens.
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
 
 
 def _byte_characters() -> list[str]:
-    """GPT-2's reversible byte -> unicode characters (the alphabet CLIP's BPE works on)."""
+    """GPT-2's reversible byte -> unicode characters (the alphabet CLIP's BPE works on), in CLIP's order."""
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
@@ -75,20 +81,68 @@ def _byte_characters() -> list[str]:
     return [chr(code) for code in codes]
 
 
-def write_tokenizer(folder: str | Path) -> Path:
-    """Write a character-level CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`.
+def clip_bpe_path() -> Path:
+    """The CLIP BPE merges file shipped inside the `open_clip` package (`open_clip_torch` on PyPI).
 
-    Every byte character appears alone and with CLIP's `</w>` end-of-word suffix; merges.txt holds
-    only its version header, so words tokenize to characters. Returns the folder.
+    Found without importing `open_clip` (its package import needs torchvision and more; only the
+    data file is used, so it is installed with `pip install --no-deps open_clip_torch`).
+
+    Raises:
+        FileNotFoundError: open_clip is not installed, or ships no BPE file (the message gives the fix).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / CLIP_BPE_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"CLIP's BPE vocabulary ({CLIP_BPE_FILE}) was not found: install it with "
+        "`pip install --no-deps open_clip_torch` (data only; `make install` does this)"
+    )
+
+
+def clip_vocabulary() -> tuple[list[str], list[str]]:
+    """CLIP's tokens and BPE merges, built from the BPE file the way CLIP's `SimpleTokenizer` does.
+
+    Tokens: the 256 byte characters, the same with the end-of-word suffix `</w>`, one token per merge
+    (its two halves joined), then `<|startoftext|>`, `<|endoftext|>`: 49,408 tokens, so token ids
+    equal SD 1.x's tokenizer (`openai/clip-vit-large-patch14`): "a</w>" 320, BOS 49406, EOS 49407.
+
+    Returns:
+        (tokens in id order, merges as "left right" lines in priority order).
+    """
+    import gzip
+
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    merges = lines[1 : CLIP_MERGES + 1]  # line 0 is the version header
+    characters = _byte_characters()
+    tokens = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    if len(tokens) != CLIP_VOCAB_SIZE or len(set(tokens)) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{clip_bpe_path()}: not CLIP's BPE file ({len(set(tokens))} distinct tokens, expected 49408)")
+    return tokens, merges
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """Write SD 1.x's CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`; return it.
+
+    The vocabulary and merges are CLIP's own (`clip_vocabulary`), so captions tokenise exactly as in
+    Stable Diffusion 1.x ("sks" is one token, 48136); the files are those of the Hugging Face
+    `CLIPTokenizer` (merges.txt with its `#version: 0.2` header), padded with EOS to 77 tokens.
+
+    Raises:
+        FileNotFoundError: the BPE file is not installed (see `clip_bpe_path`).
     """
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    characters = _byte_characters()
-    tokens = characters + [c + "</w>" for c in characters] + [BOS, EOS]
+    tokens, merges = clip_vocabulary()
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=EOS)
     tokenizer.model_max_length = TINY_TEXT_CONFIG["max_position_embeddings"]
     tokenizer.save_pretrained(folder)
@@ -352,3 +406,142 @@ def build_zoo(out: str | Path, seed: int = 0) -> Path:
     write_lora_kohya(out / "lora_kohya.safetensors", unet_layers, text_layers, no_alpha=(LORA_NO_ALPHA_MODULE,))
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     return out
+
+
+# --- writers of further checkpoint layouts, for tests (not part of `build_zoo`) ---
+
+
+def write_lora_cloneofsimo(path: str | Path, modules: dict[str, list], embeddings: dict | None = None) -> Path:
+    """Write a cloneofsimo (`lora_diffusion`, `save_safeloras_with_embeds`) safetensors file.
+
+    Args:
+        path: the file to write.
+        modules: component ("unet", "text_encoder") -> (targets, layers): the module classes the
+            LoRA was injected under (stored as the component's metadata), and the LoRALayers in the
+            order `lora_diffusion` enumerates their modules (written as `<component>:<i>:up` with
+            the scale folded into `up`, and `<component>:<i>:down`).
+        embeddings: token (e.g. "<s1>") -> (dim,) vector, flagged "<embed>" in the metadata.
+
+    Returns:
+        `path` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    tensors, metadata = {}, {}
+    for component, (targets, layers) in modules.items():
+        metadata[component] = json.dumps(list(targets))
+        for i, layer in enumerate(layers):
+            metadata[f"{component}:{i}:rank"] = str(layer.rank)
+            tensors[f"{component}:{i}:up"] = (layer.up * layer.scale).contiguous()
+            tensors[f"{component}:{i}:down"] = layer.down.contiguous()
+    for token, vector in (embeddings or {}).items():
+        metadata[token] = "<embed>"
+        tensors[token] = vector.contiguous()
+    save_file(tensors, str(path), metadata)
+    return Path(path)
+
+
+def _ldm_unet_names(config: dict, names) -> dict[str, str]:
+    """diffusers UNet tensor name -> original SD (LDM) name, the inverse of diffusers'
+    `convert_ldm_unet_checkpoint` for `UNet2DConditionModel` configs."""
+    per_block = config["layers_per_block"]
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    resnet = {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    }
+    up_has_attention = {i: "CrossAttn" in kind for i, kind in enumerate(config["up_block_types"])}
+    mapping = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        parts = module.split(".")
+        if module in fixed:
+            new = fixed[module]
+        elif parts[0] == "down_blocks":
+            i, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{(i + 1) * (per_block + 1)}.0.op"
+            else:
+                j, rest = int(parts[3]), parts[4:]
+                index = 1 + i * (per_block + 1) + j
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if kind == "resnets" else rest
+                new = ".".join([f"input_blocks.{index}.{0 if kind == 'resnets' else 1}", *rest])
+        elif parts[0] == "mid_block":
+            index = 2 * int(parts[2]) if parts[1] == "resnets" else 1
+            rest = parts[3:]
+            rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if parts[1] == "resnets" else rest
+            new = ".".join([f"middle_block.{index}", *rest])
+        else:  # up_blocks
+            i, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                new = f"output_blocks.{i * (per_block + 1) + per_block}.{2 if up_has_attention[i] else 1}.conv"
+            else:
+                j, rest = int(parts[3]), parts[4:]
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]] if kind == "resnets" else rest
+                new = ".".join([f"output_blocks.{i * (per_block + 1) + j}.{0 if kind == 'resnets' else 1}", *rest])
+        mapping[name] = f"{new}.{leaf}"
+    return mapping
+
+
+def _ldm_vae_names(config: dict, names) -> dict[str, str]:
+    """diffusers AutoencoderKL tensor name -> LDM name (the inverse of `convert_ldm_vae_checkpoint`)."""
+    blocks = len(config["up_block_types"])
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    mapping = {}
+    for name in names:
+        new = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.", new
+        )
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample.",
+            new,
+        )
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        for diffusers_name, ldm_name in attention.items():
+            new = new.replace(f"mid_block.attentions.0.{diffusers_name}.", f"mid.attn_1.{ldm_name}.")
+        mapping[name] = new
+    return mapping
+
+
+def write_ldm_checkpoint(path: str | Path, unet, text_encoder=None, vae=None, *, drop: tuple[str, ...] = ()) -> Path:
+    """Write models as one original-Stable-Diffusion-layout (LDM / CompVis) `.safetensors` file:
+    `model.diffusion_model.*` (UNet), `cond_stage_model.transformer.text_model.*` (CLIP, the
+    names of the original checkpoints), `first_stage_model.*` (VAE; attention projections as 1x1
+    convolutions, as the original VAE stores them). `drop` removes LDM tensor names (a partial file).
+    Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    state = unet.state_dict()
+    for name, ldm in _ldm_unet_names(dict(unet.config), state).items():
+        tensors["model.diffusion_model." + ldm] = state[name]
+    if text_encoder is not None:
+        for name, value in text_encoder.state_dict().items():
+            full = name if name.startswith("text_model.") else "text_model." + name
+            tensors["cond_stage_model.transformer." + full] = value
+    if vae is not None:
+        state = vae.state_dict()
+        for name, ldm in _ldm_vae_names(dict(vae.config), state).items():
+            value = state[name]
+            if ".mid.attn_1." in ldm and value.dim() == 2:
+                value = value[:, :, None, None]
+            tensors["first_stage_model." + ldm] = value
+    for name in drop:
+        del tensors[name]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return Path(path)

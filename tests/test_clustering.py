@@ -9,9 +9,11 @@ import threading
 import networkx as nx
 import numpy as np
 import pytest
+import torch
 
-from finextract.clustering import cluster_descriptors, cluster_similarity, planted_descriptors
+from finextract.clustering import cluster_descriptors, cluster_similarity
 from finextract.similarity import similarity_matrix
+from tests.planted import planted_descriptors
 
 
 def _key(members, weights):
@@ -157,9 +159,12 @@ def test_rejects_bad_input():
         cluster_similarity(np.zeros((3, 4)), 1)
 
 
-# --- speed-ups and the GPU hints never change the answer -------------------------------------------
+# --- the exact shortcuts never change the answer ---------------------------------------------------
 
-from finextract import clustering as C  # noqa: E402
+from finextract.clustering import graph as G  # noqa: E402
+from finextract.clustering import levels as LV  # noqa: E402
+from finextract.clustering import maxclique as M  # noqa: E402
+from finextract.clustering import sweep as S  # noqa: E402
 
 
 def _same(a, b):
@@ -173,31 +178,182 @@ def _same(a, b):
     )
 
 
-@pytest.mark.parametrize("budget", [None, 5_000])
-def test_cpu_twin_of_gpu_hints_gives_same_answer(monkeypatch, budget):
-    # The GPU path feeds cuGraph components and core numbers to the same search; its CPU twin (SciPy,
-    # NumPy) must leave the answer, the skips and even the work count unchanged, including under skips.
-    x, _ = planted_descriptors(200, 4, 20, dim=64, spread=0.6, seed=1)
-    s = similarity_matrix(x).numpy()
-    plain = cluster_similarity(s, 4, budget=budget)
-    monkeypatch.setattr(C, "_graph_cpu", C._graph_cpu_twin)
-    twin = cluster_similarity(s, 4, budget=budget)
-    _same(plain, twin)
-    if budget == 5_000:
-        assert twin.skipped
+def _random_graph(rng, n, density):
+    a = np.triu(rng.random((n, n)) < density, 1)
+    a = a | a.T
+    adj = np.zeros((n, G.words(n)), np.uint64)
+    G.pack_graph(a.astype(np.uint8), 1, adj)
+    return a, adj, nx.from_numpy_array(a.astype(np.uint8))
 
 
-def test_twin_hints_match_networkx():
-    rng = np.random.default_rng(5)
-    s = rng.random((60, 60)).astype(np.float32)
+def test_levels_give_exactly_the_thresholded_graphs():
+    # Entries exactly at each float32 threshold and one float32 step either side, plus random values:
+    # level >= k must equal the float comparison S >= float32(round(k * 0.01, 10)) for every k.
+    table = LV.threshold_table(0.01, 1.0)
+    at = table[1:]
+    values = np.concatenate(
+        [at, np.nextafter(at, np.float32(-2)), np.nextafter(at, np.float32(2)), np.linspace(-1, 1, 997)]
+    ).astype(np.float32)
+    n = 64
+    rng = np.random.default_rng(0)
+    s = rng.choice(values, (n, n)).astype(np.float32)
     s = np.triu(s, 1) + np.triu(s, 1).T
-    g = C._graph_cpu_twin(s, 0.93)
-    graph = nx.from_numpy_array((s >= np.float32(0.93)).astype(np.uint8))
-    assert g.core.tolist() == [nx.core_number(graph)[v] for v in range(60)]
-    parts = {frozenset(c) for c in nx.connected_components(graph)}
-    assert {frozenset(C._bits(c)) for c in C._initial_components(g, 60)} == parts
-    assert {frozenset(C._bits(c)) for c in C._components(g, (1 << 60) - 1)} == parts
-    assert g.edges == graph.number_of_edges()
+    lv = LV.from_matrix(s, 0.01)
+    original = lv.levels[np.ix_(np.argsort(lv.perm), np.argsort(lv.perm))]  # back to input order
+    off = ~np.eye(n, dtype=bool)
+    for k in range(1, len(lv.table)):
+        assert np.array_equal((original >= k)[off], (s >= lv.table[k])[off]), k
+        assert lv.table[k] == np.float32(round(k * 0.01, 10))
+        assert lv.edges(k) == int(np.triu(s >= lv.table[k], 1).sum())
+    assert np.array_equal(original, original.T) and not original.diagonal().any()
+
+
+def test_histogram_bins_and_start_threshold_match_numpy_percentile():
+    # The start threshold is floor(percentile_25 / step + 1e-9) of the off-diagonal entries; it is read
+    # from a histogram whose bins are exact float32 comparisons (checked against the float64 formula),
+    # and when the two order statistics straddle a bin edge the second pass must agree with NumPy.
+    step = 0.01
+    b_lo, edges = LV.bin_table(step, -1.05, 1.05)
+    v = np.concatenate([edges[1:], np.nextafter(edges[1:], np.float32(-3)), np.linspace(-1.04, 1.04, 1001)])
+    v = v.astype(np.float32)
+    exact = np.array([math.floor(float(x) / step + 1e-9) for x in v])
+    assert np.array_equal(np.searchsorted(edges[1:], v, side="right") + b_lo, exact)
+    rng = np.random.default_rng(2)
+    cases = [rng.normal(0.2, 0.1, (n, n)).astype(np.float32) for n in (2, 3, 7, 50, 301)]
+    # n = 6: 15 pairs, the percentile interpolates sorted pairs 3 and 4 (gamma 0.25): 0.094 | 0.101
+    pairs = np.array([0.05, 0.06, 0.07, 0.094, 0.101, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95])
+    straddle = np.zeros((6, 6), np.float32)
+    straddle[np.triu_indices(6, 1)] = pairs
+    cases.append(straddle + straddle.T)
+    for s in cases:
+        s = np.triu(s, 1) + np.triu(s, 1).T
+        n = len(s)
+        q = float(np.percentile(s[~np.eye(n, dtype=bool)], 25))
+        expected = max(math.floor(q / step + 1e-9), 1)
+        assert LV.from_matrix(s, step).start == expected, n
+    assert LV.from_matrix(cases[-1], step).start == 9  # q = 0.09575
+
+
+def test_torch_twin_of_the_gpu_path_gives_the_same_levels_graphs_and_answer(monkeypatch):
+    # On a CUDA input the levels are made by torch.bucketize and the graphs packed by torch; run that
+    # same code on CPU tensors: identical levels, counts, start, bitsets and clustering (work included).
+    x, _ = planted_descriptors(300, 4, 20, dim=64, spread=0.6, seed=1)
+    plain = LV.from_descriptors(torch.as_tensor(x), 0.01, block=128)
+    monkeypatch.setattr(LV, "_on_gpu", lambda device: True)
+    twin = LV.from_descriptors(torch.as_tensor(x), 0.01, block=128)
+    assert isinstance(twin.levels, torch.Tensor)
+    assert np.array_equal(twin.levels.numpy(), plain.levels)
+    assert np.array_equal(twin.pair_counts, plain.pair_counts) and twin.start == plain.start
+    for k in range(plain.start, plain.start + 15):
+        a = G.pack_graph(plain.levels, k, np.zeros((300, G.words(300)), np.uint64))
+        b = G.pack_graph_torch(twin.levels, k, np.zeros((300, G.words(300)), np.uint64), block=64)
+        assert np.array_equal(a, b), k
+    twin_answers = [cluster_descriptors(x, 4), cluster_descriptors(x, 4, budget=5_000)]
+    monkeypatch.undo()
+    answers = [cluster_descriptors(x, 4), cluster_descriptors(x, 4, budget=5_000)]
+    for a, b in zip(twin_answers, answers):
+        _same(a, b)
+    assert answers[1].skipped  # the budget case skips thresholds on both paths alike
+
+
+def _sign_descriptors(n: int, clusters: int, size: int, seed: int) -> np.ndarray:
+    """Unit descriptors with entries +-1/8 in 64 dimensions: every dot product is a multiple of 1/64,
+    exact in float32 whatever the summation order, so any blocking or device gives the same S."""
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], (n, 64))
+    for c in range(clusters):
+        centre = rng.choice([-1.0, 1.0], 64)
+        flip = rng.random((size, 64)) < 0.15
+        signs[c * size : (c + 1) * size] = np.where(flip, -centre, centre)
+    return (signs / 8).astype(np.float32)
+
+
+def test_blocking_does_not_change_the_answer():
+    x = _sign_descriptors(260, 4, 20, seed=5)
+    s = similarity_matrix(x).numpy()
+    assert np.array_equal(s * 64, np.round(s * 64))  # the premise: exact products
+    base = cluster_similarity(s, 4)
+    for block in (7, 64, 100, 2048):
+        levels = LV.from_descriptors(torch.as_tensor(x), 0.01, block)
+        _same(S._sweep(levels, 4, 0.01, None, 30.0, False, 0.0), base)
+    assert sorted(len(c) for c in base.cliques)[-1] >= 10  # a non-trivial answer
+
+
+def test_bitset_and_list_kernels_match_networkx():
+    rng = np.random.default_rng(5)
+    for n, density in [(60, 0.07), (150, 0.3), (130, 0.6)]:
+        a, adj, graph = _random_graph(rng, n, density)
+        everything = np.arange(n)
+        csr = G.to_csr(adj)
+        assert G.edge_count(adj) == graph.number_of_edges() == len(csr[1]) // 2
+        parts = {frozenset(c) for c in nx.connected_components(graph)}
+        for labels, count, parent in (G.components(adj, G.set_of(everything, n)), G.components_csr(*csr, everything)):
+            assert {frozenset(np.flatnonzero(labels == c).tolist()) for c in range(count)} == parts
+            firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(count)]
+            assert firsts == sorted(firsts)  # numbered by lowest vertex
+            roots = parent < 0
+            assert all(a[v, parent[v]] for v in everything[~roots])  # a spanning forest of the graph
+            assert roots.sum() == count
+        core_numbers = nx.core_number(graph)
+        for k in (0, 2, 5, 9):
+            expected = sorted(v for v, c in core_numbers.items() if c >= k)
+            assert G.members(G.k_core(adj, G.set_of(everything, n), k)).tolist() == expected
+            assert G.k_core_csr(*csr, everything, k).tolist() == expected
+        greedy = G.greedy_clique_size(adj, G.set_of(everything, n))
+        assert greedy == G.greedy_clique_size_csr(*csr, everything)
+        assert greedy <= max(len(c) for c in nx.find_cliques(graph))
+        sub = np.sort(rng.choice(n, n // 3, replace=False))
+        induced = np.unpackbits(G.induced(adj, sub).view(np.uint8), axis=1, bitorder="little")[:, : len(sub)]
+        assert np.array_equal(induced.astype(bool), a[np.ix_(sub, sub)])
+
+
+def test_all_maximum_cliques_match_networkx_and_honour_the_budget():
+    rng = np.random.default_rng(7)
+    for n, density in [(40, 0.2), (70, 0.5), (60, 0.8)]:
+        _, adj, graph = _random_graph(rng, n, density)
+        cliques = list(nx.find_cliques(graph))
+        omega = max(len(c) for c in cliques)
+        budget = M.SearchBudget(10**9, math.inf)
+        size, found = M.all_max_cliques(adj, G.set_of(np.arange(n), n), 1, budget)
+        assert size == omega
+        assert {frozenset(c.tolist()) for c in found} == {frozenset(c) for c in cliques if len(c) == omega}
+        assert budget.spent > 0 and budget.left == 10**9 - budget.spent
+    small = M.SearchBudget(budget.spent - 1, math.inf)  # one unit short of the last search's work
+    with pytest.raises(M.BudgetExceeded, match="budget"):
+        M.all_max_cliques(adj, G.set_of(np.arange(n), n), 1, small)
+
+
+def test_split_after_peeling_equals_a_fresh_search():
+    # Removing cliques (here: any vertex sets) from a component and splitting with the spanning forest
+    # gives the components networkx finds, in lowest-vertex order, with a forest that stays valid.
+    rng = np.random.default_rng(3)
+    for n, density in [(200, 0.012), (120, 0.05), (90, 0.2)]:
+        a, adj, graph = _random_graph(rng, n, density)
+        csr = G.to_csr(adj)
+        for use_csr in (False, True):
+            labels, count, parent = (
+                G.components_csr(*csr, np.arange(n)) if use_csr else G.components(adj, G.set_of(np.arange(n), n))
+            )
+            alive = np.ones(n, bool)
+            for _ in range(12):
+                comp = int(labels[rng.choice(np.flatnonzero(alive))])
+                verts = np.flatnonzero(alive & (labels == comp))
+                removed = np.zeros(n, bool)
+                removed[rng.choice(verts, min(len(verts), int(rng.integers(1, 4))), replace=False)] = True
+                rest = verts[~removed[verts]]
+                alive &= ~removed
+                if not len(rest):
+                    continue
+                if use_csr:
+                    sub, count = G.split_rest_csr(*csr, parent, rest, removed)
+                else:
+                    sub, count = G.split_rest(adj, parent, rest, removed)
+                expected = [sorted(c) for c in nx.connected_components(graph.subgraph(rest.tolist()))]
+                got = [rest[sub == c].tolist() for c in range(count)]
+                assert got == sorted(expected, key=lambda c: c[0])
+                assert all(a[v, parent[v]] for v in rest if parent[v] >= 0)
+                assert (parent[rest] < 0).sum() == count
+                labels[rest] = sub + labels.max() + 1
 
 
 def test_inherited_cliques_skip_searches_and_match_reference(monkeypatch):
@@ -213,54 +369,56 @@ def test_inherited_cliques_skip_searches_and_match_reference(monkeypatch):
             s[c * size - 1, c * size] = 0.55  # bridge to the previous group
     s = np.triu(s, 1)
     s = (s + s.T).astype(np.float32)
-    calls = []
-    search = C._all_max_cliques
-    monkeypatch.setattr(C, "_all_max_cliques", lambda *a: calls.append(1) or search(*a))
     ours = cluster_similarity(s, groups)
     threshold, cliques = reference_clustering(s, groups)
     assert ours.threshold == pytest.approx(threshold) and ours.cliques == cliques
     # At t = 0.5 the graph is exactly the chained cliques (plus lone vertices): peel it directly.
-    monkeypatch.setattr(C, "_all_max_cliques", search)
-    calls.clear()
-    g = C._graph_cpu(s, 0.5)
-    monkeypatch.setattr(C, "_all_max_cliques", lambda *a: calls.append(1) or search(*a))
+    levels = LV.from_matrix(s, 0.01)
+    adj = G.pack_graph(levels.levels, 50, np.zeros((n, G.words(n)), np.uint64))
+    calls = []
+    search = M.all_max_cliques
+    monkeypatch.setattr(M, "all_max_cliques", lambda *a: calls.append(1) or search(*a))
     n_cliques = groups + n - groups * size  # the planted cliques and the lone vertices
-    peeled, _ = C._peel(g, C._Keys(s, np.arange(n)), n_cliques, C._Search(10**9, math.inf))
+    peeled, _ = S._peel(adj, S._Keys(levels), n_cliques, M.SearchBudget(10**9, math.inf))
     assert sorted(list(k[2]) for k in peeled[:groups]) == [list(range(c * size, (c + 1) * size)) for c in range(groups)]
     assert len(peeled) == n_cliques
     assert len(calls) == 1  # one search listed all five maximum cliques; the rest were inherited
 
 
-def test_start_threshold_without_square_copy_matches_percentile():
-    rng = np.random.default_rng(2)
-    for n in (7, 50, 301):
-        s = rng.normal(0.2, 0.1, (n, n)).astype(np.float32)
-        s = np.triu(s, 1) + np.triu(s, 1).T
-        assert C._start_threshold(s, 0.01, exact_below=0) == C._start_threshold(s, 0.01)
-        assert C._start_threshold(s, 0.001, exact_below=0) == C._start_threshold(s, 0.001)
+def test_unnormalised_and_float64_descriptors_are_normalised_with_a_warning(caplog):
+    x, _ = planted_descriptors(120, 3, 15, dim=64, spread=0.5, seed=2)
+    expected = cluster_descriptors(x, 3)
+    scale = np.random.default_rng(0).uniform(2.0, 30.0, (len(x), 1)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="finextract.similarity"):
+        scaled = cluster_descriptors(x * scale, 3)
+    assert any("not L2-normalised" in r.getMessage() for r in caplog.records)
+    assert scaled.cliques == expected.cliques
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finextract.similarity"):
+        as64 = cluster_descriptors(x.astype(np.float64), 3)
+    assert any("float64" in r.getMessage() for r in caplog.records)
+    _same(as64, expected)  # float64 -> float32 is exact for float32 values: the same answer
+    x[5] = 0
+    with pytest.raises(ValueError, match="all-zero"):
+        cluster_descriptors(x, 3)
+    with pytest.raises(ValueError, match="floating point"):
+        cluster_descriptors(np.ones((4, 3), dtype=np.int64), 1)
 
 
 def test_default_budget_grows_with_n_and_is_reported():
-    assert C.default_budget(250) == 75_000 and C.default_budget(10**6) == C.BUDGET_CAP
+    assert S.default_budget(250) == 75_000 and S.default_budget(10**6) == S.BUDGET_CAP
     x, _ = planted_descriptors(100, 2, 20, dim=64, spread=0.5, seed=0)
-    assert cluster_descriptors(x, 2).budget == C.default_budget(100)
+    assert cluster_descriptors(x, 2).budget == S.default_budget(100)
 
 
 @pytest.mark.gpu
-def test_gpu_graph_matches_cpu_twin():
-    import torch
-
-    x, _ = planted_descriptors(300, 6, 20, dim=64, spread=0.6, seed=4)
-    s = similarity_matrix(x).numpy()
-    g_gpu = C._graph_gpu(torch.as_tensor(s, device="cuda"), 0.2)
-    assert g_gpu is not None, "CuPy/cuDF/cuGraph not importable on this CUDA machine"
-    g_cpu = C._graph_cpu_twin(s, 0.2)
-    assert np.array_equal(g_gpu.packed, g_cpu.packed) and g_gpu.edges == g_cpu.edges
-    assert np.array_equal(g_gpu.core, g_cpu.core)
-    assert {frozenset(C._bits(c)) for c in C._initial_components(g_gpu, 300)} == {
-        frozenset(C._bits(c)) for c in C._initial_components(g_cpu, 300)
-    }
-    _same(cluster_similarity(torch.as_tensor(s, device="cuda"), 6), cluster_similarity(s, 6))
+def test_gpu_levels_and_answer_match_cpu():
+    x = _sign_descriptors(3000, 6, 20, seed=4)  # exact products: the GPU's S equals the CPU's
+    cpu = LV.from_descriptors(torch.as_tensor(x), 0.01)
+    gpu = LV.from_descriptors(torch.as_tensor(x, device="cuda"), 0.01)
+    assert gpu.levels.is_cuda
+    assert np.array_equal(gpu.levels.cpu().numpy(), cpu.levels) and gpu.start == cpu.start
+    _same(cluster_descriptors(torch.as_tensor(x, device="cuda"), 6), cluster_descriptors(x, 6))
 
 
 def test_skips_log_one_info_summary_and_debug_details(caplog):

@@ -131,10 +131,13 @@ def test_allowed_pickle_still_refuses_code(tmp_path):
 def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
     path = tmp_path / "model.safetensors"
     torch.save(tensors, path)
-    with pytest.raises(CheckpointFormatError, match="is a PyTorch pickle"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"is a misnamed pickle: a PyTorch pickle .* under a \.safetensors name"
+    ):
         read_safetensors_header(path)
-    with pytest.raises(PickleRefusedError):
+    with pytest.raises(PickleRefusedError, match="is a misnamed pickle"):
         load_state_dict(path)
+    assert set(load_state_dict(path, allow_pickle=True)) == set(tensors)  # the user may still allow it
 
 
 def test_file_sha256_and_atomic_write(tmp_path):

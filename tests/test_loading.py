@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
+from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
 from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
 
 
@@ -282,7 +283,7 @@ def test_hub_id_resolves_only_from_local_cache(tiny_zoo, tmp_path, monkeypatch):
 
 
 def test_single_file_base_without_config_fails_clearly(tiny_zoo):
-    with pytest.raises(RuntimeError, match="base_config"):
+    with pytest.raises(ValueError, match=r"single-file checkpoint: pass base_config=.*\(CLI --base-config\)"):
         load_model_pair(tiny_zoo / "dreambooth_unet.safetensors", tiny_zoo / "lora")
 
 
@@ -313,3 +314,183 @@ def test_full_unet_as_lora_and_lora_as_full_are_named_in_plain_words(tiny_zoo):
     assert "unet_file" not in str(error.value)
     with pytest.raises(ValueError, match=r"is a LoRA checkpoint, not a full fine-tune .*pass it as --lora"):
         load_model_pair(tiny_zoo / "base", tiny_zoo / "lora_kohya.safetensors", finetuned_format="unet_file")
+
+
+# --- fine-tunes that add tokens, original-SD single files, bad bases ---
+
+
+def _dreambooth_with_tokens(tiny_zoo, folder, tokens=("sks",), rows_extra=0, ship_tokenizer=True):
+    """A DreamBooth pipeline folder whose tokenizer adds `tokens` and whose text encoder has one
+    row per tokenizer entry (+ `rows_extra`), as diffusers' training scripts save it."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    shutil.copytree(tiny_zoo / "dreambooth", folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tokenizer.add_tokens(list(tokens))
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    text_encoder.resize_token_embeddings(len(tokenizer) + rows_extra)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[-len(tokens) - rows_extra :] = 0.5
+    text_encoder.save_pretrained(folder / "text_encoder")
+    shutil.rmtree(folder / "tokenizer")
+    if ship_tokenizer:
+        tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def test_dreambooth_with_added_tokens_uses_its_own_tokenizer(tiny_zoo, tmp_path):
+    from finextract.engine.conditioning import encode_conditioning
+    from finextract.rules import rule_for
+
+    folder = _dreambooth_with_tokens(tiny_zoo, tmp_path / "db_tokens")
+    pair = load_model_pair(tiny_zoo / "base", folder)
+    assert len(pair.base_tokenizer) == CLIP_VOCAB and len(pair.finetuned_tokenizer) == CLIP_VOCAB + 1
+    assert pair.sources["tokenizer"] == "finetuned"
+    sks = pair.finetuned_tokenizer.convert_tokens_to_ids("sks")
+    assert sks == CLIP_VOCAB and sks in pair.finetuned_tokenizer("a photo of sks object").input_ids
+    assert CLIP_VOCAB not in pair.base_tokenizer("a photo of sks object").input_ids  # the base spells it out
+    # eps_ft's caption embedding comes from the fine-tune's own tokenizer and text encoder, eps_base's from the base's
+    conditioning = encode_conditioning(pair, rule_for("finextract", pair.kind), "a photo of sks object")
+    tokens = pair.finetuned_tokenizer(
+        "a photo of sks object", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        expected = pair.finetuned_text_encoder(tokens)[0]
+    assert torch.equal(conditioning[0], expected)  # term a of Eq. 13: eps_ft on the caption
+
+
+@pytest.mark.parametrize(
+    "ship_tokenizer, rows_extra, message",
+    [
+        (
+            True,
+            1,
+            rf"has {CLIP_VOCAB + 2} token-embedding rows but the tokenizer \(its own\) has {CLIP_VOCAB + 1} entries",
+        ),
+        (
+            False,
+            0,
+            rf"has {CLIP_VOCAB + 1} token-embedding rows but the tokenizer \(the base's: the fine-tune ships none\) "
+            rf"has {CLIP_VOCAB}",
+        ),
+    ],
+)
+def test_tokenizer_and_text_encoder_rows_must_agree(tiny_zoo, tmp_path, ship_tokenizer, rows_extra, message):
+    folder = _dreambooth_with_tokens(tiny_zoo, tmp_path / "db", rows_extra=rows_extra, ship_tokenizer=ship_tokenizer)
+    with pytest.raises(ValueError, match=message):
+        load_model_pair(tiny_zoo / "base", folder)
+
+
+@pytest.fixture(scope="module")
+def dreambooth_models(tiny_zoo):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (
+        UNet2DConditionModel.from_pretrained(str(tiny_zoo / "dreambooth/unet")),
+        CLIPTextModel.from_pretrained(str(tiny_zoo / "dreambooth/text_encoder")),
+        AutoencoderKL.from_pretrained(str(tiny_zoo / "base/vae")),
+    )
+
+
+@pytest.mark.parametrize("parts", ["unet", "unet+text_encoder", "unet+text_encoder+vae"])
+def test_original_sd_single_file_finetune(tiny_zoo, tmp_path, dreambooth_models, caplog, parts):
+    """An LDM-layout file (written by the zoo's inverse of diffusers' converters) loads, offline,
+    onto the base's configs; parts it lacks come from the base, with a log line each."""
+    import logging
+
+    from finextract.zoo import write_ldm_checkpoint
+
+    unet, text_encoder, vae = dreambooth_models
+    path = write_ldm_checkpoint(
+        tmp_path / "ft.safetensors",
+        unet,
+        text_encoder if "text_encoder" in parts else None,
+        vae if "vae" in parts else None,
+    )
+    with caplog.at_level(logging.INFO, logger="finextract.engine.loading"):
+        pair = load_model_pair(tiny_zoo / "base", path)
+    assert pair.kind == "dreambooth" and pair.sources["finetuned_format"] == "checkpoint"
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth/unet/diffusion_pytorch_model.safetensors")
+    if "text_encoder" in parts:
+        _assert_same(pair.finetuned_text_encoder, tiny_zoo / "dreambooth/text_encoder/model.safetensors")
+    else:
+        assert pair.finetuned_text_encoder is pair.base_text_encoder
+        assert "holds no text encoder: using the base's" in caplog.text
+    assert ("holds no VAE: using the base's" in caplog.text) == ("vae" not in parts)
+    _assert_same(pair.vae, tiny_zoo / "base/vae/diffusion_pytorch_model.safetensors")
+
+
+def test_partial_single_file_unet_is_refused_naming_the_missing(tiny_zoo, tmp_path, dreambooth_models):
+    from finextract.zoo import write_ldm_checkpoint
+
+    path = write_ldm_checkpoint(
+        tmp_path / "partial.safetensors",
+        dreambooth_models[0],
+        drop=("model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"),
+    )
+    with pytest.raises(
+        ValueError, match=r"\(UNet\) is partial: 2 of \d+ tensors are missing .*'conv_out.bias', 'conv_out.weight'"
+    ):
+        load_model_pair(tiny_zoo / "base", path)
+
+
+def test_single_file_pickle_finetune_and_single_file_base(tiny_zoo, tmp_path, dreambooth_models):
+    from safetensors.torch import load_file
+
+    from finextract.zoo import write_ldm_checkpoint
+
+    unet, _, vae = dreambooth_models
+    ckpt = tmp_path / "ft.ckpt"
+    torch.save({"state_dict": load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet)))}, ckpt)
+    with pytest.raises(PickleRefusedError):
+        load_model_pair(tiny_zoo / "base", ckpt)
+    pair = load_model_pair(tiny_zoo / "base", ckpt, allow_pickle=True)  # its layout shows once it is read
+    assert pair.sources["finetuned_format"] == "checkpoint"
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth/unet/diffusion_pytorch_model.safetensors")
+    # the base as an original-SD single file, with a pipeline folder for its configs
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    base_file = write_ldm_checkpoint(
+        tmp_path / "base.safetensors",
+        UNet2DConditionModel.from_pretrained(str(tiny_zoo / "base/unet")),
+        CLIPTextModel.from_pretrained(str(tiny_zoo / "base/text_encoder")),
+        vae,
+    )
+    pair = load_model_pair(base_file, tiny_zoo / "dreambooth_unet_only", base_config=tiny_zoo / "base")
+    assert pair.sources["base_format"] == "single-file"
+    _assert_same(pair.base_unet, tiny_zoo / "base/unet/diffusion_pytorch_model.safetensors")
+    _assert_same(pair.base_text_encoder, tiny_zoo / "base/text_encoder/model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks its text_encoder and vae: a base checkpoint must be complete"):
+        load_model_pair(tmp_path / "x.safetensors", tiny_zoo / "dreambooth_unet_only", base_config=tiny_zoo / "base")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("<!DOCTYPE html><html><title>Sign in</title></html>", r"base: .*is an HTML page"),
+        ("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 4265380512\n", r"base: .*git-lfs pointer"),
+        ("Repository not found\n", r"base: .*is a text file"),
+    ],
+)
+def test_bad_base_file_is_named_before_diffusers_sees_it(tiny_zoo, tmp_path, content, message):
+    path = tmp_path / "v1-5-pruned.safetensors"
+    path.write_text(content)
+    with pytest.raises(CheckpointFormatError, match=message):
+        load_model_pair(path, tiny_zoo / "dreambooth", base_config=tiny_zoo / "base")
+
+
+def test_misnamed_pickle_is_named(tiny_zoo, tmp_path):
+    path = tmp_path / "unet.safetensors"
+    torch.save(load_file(str(tiny_zoo / "dreambooth_unet.safetensors")), path)
+    for kwargs in ({"finetuned": path}, {"lora": path}):
+        with pytest.raises(PickleRefusedError, match="is a misnamed pickle"):
+            load_model_pair(tiny_zoo / "base", **kwargs)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_zoo / "base", base)
+    vae_file = base / "vae/diffusion_pytorch_model.safetensors"
+    state = {k: v.clone() for k, v in load_file(str(vae_file)).items()}  # load_file maps the file: copy first
+    torch.save(state, vae_file)
+    with pytest.raises(CheckpointFormatError, match="is a misnamed pickle"):
+        load_model_pair(base, tiny_zoo / "dreambooth")

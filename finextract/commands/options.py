@@ -48,7 +48,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--finetuned", help="full fine-tune (DreamBooth): pipeline folder, unet/ folder or file")
-    model.add_argument("--lora", help="LoRA checkpoint (diffusers, PEFT or kohya format)")
+    model.add_argument(
+        "--lora",
+        help="adapter checkpoint: LoRA/LoCon/DoRA, LoHa, LoKr, OFT/OFTv2/BOFT, GLoRA or full diff (kohya/LyCORIS, "
+        "diffusers, PEFT or cloneofsimo layout), or a textual-inversion embedding file",
+    )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
     )
