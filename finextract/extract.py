@@ -53,10 +53,15 @@ class ExtractionResult:
 
 def embed_images(embedder, images, batch_size: int = 32):
     """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import time
+
     import torch
 
+    started = time.perf_counter()
     if not isinstance(images, list):
-        return embedder.embed(images, batch_size=batch_size)
+        descriptors = embedder.embed(images, batch_size=batch_size)
+        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -65,6 +70,7 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
+    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
     return torch.stack(out)
 
 
