@@ -4,7 +4,7 @@ Two `StableDiffusionPipeline` objects (pretrained and fine-tuned), fp32, batch 5
 the two UNet calls of the rule run one after the other, the guidance is combined in eager torch and
 `DDIMScheduler.step(eta=0)` updates the latents; the VAE decodes each batch and the pipeline's image
 processor post-processes it. Start latents are the project's (`seed + i` per image), so the images
-can be compared with `finextract.generate` one for one.
+can be compared with `finextract.generation` one for one.
 
     images = baseline_generate(pair, caption, 20)             # uint8 (N, H, W, 3)
     figures = measure(method="finextract", kind="lora", zoo=Path("zoo"))   # images/s, for bench_backends
@@ -87,7 +87,7 @@ def baseline_generate(
 ) -> torch.Tensor:
     """Sample like the paper's code: uint8 images (N, H, W, 3), image i from seed `seed + i`.
 
-    Args mirror `finextract.generate.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
+    Args mirror `finextract.generation.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
     """
     from finextract.engine.sampler import start_latents
     from finextract.rules import rule_for

@@ -8,7 +8,7 @@ model pair, for FineXtract (Eq. 13) on the DreamBooth and the LoRA pair of the r
 (`finextract.zoo.build_zoo`) and of the committed trained zoo (`finextract.trained_zoo`):
 - `diffusers`: `bench/baseline.py` (two `StableDiffusionPipeline`s built once, the rule's UNet calls one
   after the other, `DDIMScheduler.step`, batch 5, fp32), then the same SSCD embedder and clustering;
-- `onnxruntime`, `openvino`: `finextract.generate` (the sampler built per call, as every extraction
+- `onnxruntime`, `openvino`: `finextract.generation` (the sampler built per call, as every extraction
   builds it: text encoding, the cached export loaded into a session / compiled, one batch of N), then
   `finextract.extract.cluster_images` (the extraction's own SSCD + clustering).
 SSCD and clustering are the same code on both sides (the plain way has no faster one), so the ratio
@@ -124,7 +124,7 @@ def _load(zoo: Path, kind: str):
 def _ways(pair, caption: str, cache_dir: Path):
     """way -> a function generating the NUM_IMAGES images (uint8 (N, H, W, 3)) the way it does."""
     from finextract.engine.config import RunConfig
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     pipelines = baseline.diffusers_pipelines(pair)
     ways = {"diffusers": lambda: baseline.baseline_generate(pair, caption, NUM_IMAGES, pipelines=pipelines)}

@@ -345,7 +345,7 @@ class Extractor:
                 readable image, or too few usable generations (all but the last checked before generating).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import check_out_folder, generate
+        from finextract.generation import check_out_folder, generate
         from finextract.images import read_images
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})

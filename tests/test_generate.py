@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from finextract.generate import MANIFEST, generate
+from finextract.generation import MANIFEST, generate
 from tests.tolerances import assert_same_images
 
 CAPTION = "a photo of sks dog"
@@ -137,7 +137,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
         from finextract.engine.config import set_threads
         set_threads(1)
         from finextract.engine.pair import ModelPair
-        from finextract.generate import generate
+        from finextract.generation import generate
         from finextract.zoo import tiny_components
         base = tiny_components(0, {str(tokenizer_dir)!r}); ft = tiny_components(100, {str(tokenizer_dir)!r})
         pair = ModelPair(kind="dreambooth", base_unet=base["unet"], finetuned_unet=ft["unet"], unet_lora=None,
@@ -194,7 +194,7 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
 
 
 def test_leaf_differences_wording():
-    from finextract.generate import _leaf_differences
+    from finextract.generation import _leaf_differences
 
     old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
     new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
@@ -281,7 +281,7 @@ def test_a_second_writer_of_one_folder_is_refused_with_the_holders_pid(dreamboot
     """Two processes never interleave chunks: the folder's lock is held while one writes it."""
     import os
 
-    from finextract.generate import _folder_lock
+    from finextract.generation import _folder_lock
 
     out = tmp_path / "gen"
     with _folder_lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another output folder"):

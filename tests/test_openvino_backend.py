@@ -98,7 +98,7 @@ def test_compiled_models_are_cached(dreambooth_pair, ov_config):
 
 def test_generate_end_to_end_matches_torch(dreambooth_pair, ov_config):
     """A small run through `generate`: the same uint8 images from the torch and OpenVINO backends."""
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     options = dict(method="finextract", steps=4, batch_size=3, seed=7, progress=False)
     ours = generate(dreambooth_pair, CAPTION, 3, config=ov_config, **options)
