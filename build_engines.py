@@ -24,7 +24,7 @@ from pathlib import Path
 from finextract.rules import METHODS  # plain data: loads no torch
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="pretrained model (diffusers folder or single file)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the run cache to fill (default $FINEXTRACT_CACHE or ~/.cache/finextract)",
     )
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f"--batch-sizes {args.batch_sizes}: batch sizes must be >= 1")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .formats import PickleRefusedError, file_sha256, read_safetensors_header, sniff, state_dict_keys
 from .pair import ModelPair
+from .quiet import logged_load
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ def copy_sharing_weights(module):
     return copy.deepcopy(module, memo)
 
 
+@logged_load("base")
 def load_base(
     base: str | Path,
     *,
@@ -425,6 +427,7 @@ def _adapter_unet(base_unet, adapters: dict, sources: dict):
     return None, merge_adapters(copy.deepcopy(base_unet), adapters)
 
 
+@logged_load("model pair")
 def load_model_pair(
     base: str | Path,
     finetuned: str | Path | None = None,

@@ -61,10 +61,15 @@ class ExtractionResult:
 
 def embed_images(embedder, images, batch_size: int = 32):
     """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import time
+
     import torch
 
+    started = time.perf_counter()
     if not isinstance(images, list):
-        return embedder.embed(images, batch_size=batch_size)
+        descriptors = embedder.embed(images, batch_size=batch_size)
+        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -73,6 +78,7 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
+    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
     return torch.stack(out)
 
 
@@ -368,7 +374,7 @@ class Extractor:
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
-            backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
+            backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no cache.
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
@@ -482,7 +488,7 @@ class Extractor:
                 (all but the last checked before generating).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import check_out_folder, generate
+        from finextract.generation import check_out_folder, generate
         from finextract.images import read_images
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})

@@ -170,7 +170,7 @@ def run_sweep(
     """
     from finextract.engine.config import run_config
     from finextract.extract import read_training_images, train_transform
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
     from finextract.images import read_images
     from finextract.rules import rule_params
 

@@ -454,7 +454,7 @@ CLI_CASES = ["lora", "loha", "embedding"]
 def base_images(tiny_zoo):
     """What the guided rule generates when the fine-tune equals the base (a null adapter)."""
     from finextract.engine.pair import ModelPair
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
     null = ModelPair(
@@ -478,7 +478,7 @@ def test_every_type_generates(tiny_zoo, adapter_files, base_images, tmp_path, mo
     """A few DDIM steps through `generate`, not the base's images; on onnxruntime (`ORT_CASES`) the
     same uint8 images as on torch (as tests/test_ort_backend.py requires: at most 1 level apart,
     > 99 % equal)."""
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     monkeypatch.setenv("FINEXTRACT_CACHE", str(tmp_path / "cache"))
     pair = load_model_pair(tiny_zoo / "base", lora=adapter_files[case])

@@ -153,7 +153,7 @@ def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypat
     taken.write_text("x")
     assert main(common + ["--out", str(taken)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--out {taken}: not a folder" in err
+    assert err.count("\n") == 1 and f"output folder {taken} (--out, out=): not a folder" in err
     with pytest.raises(SystemExit):
         main(common[:-1] + ["0", "--out", str(tmp_path / "o")])
     assert "argument --n0: 0: must be an integer >= 1" in capsys.readouterr().err

@@ -263,7 +263,7 @@ def test_local_audit_images_equal_a_fresh_load(local_run, tiny_zoo):
     # the fleet pairs each LoRA with a base loaded once; a pair loaded from disk gives the same images
     from finextract.engine.config import RunConfig
     from finextract.engine.loading import load_model_pair
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     out, _ = local_run
     config = RunConfig.resolve(**RUN)

@@ -77,7 +77,7 @@ def _check_inputs(args):
         (RunConfig, the training images as `read_images` returns them, or None).
     """
     from finextract.extract import IMAGES_PER_N0
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
 
     from .options import read_image_folder, run_config_from
 

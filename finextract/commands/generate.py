@@ -33,7 +33,7 @@ def run(args) -> int:
 
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
-    from finextract.generate import check_out_folder, generate
+    from finextract.generation import check_out_folder, generate
 
     from .options import run_config_from
 

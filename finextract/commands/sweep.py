@@ -63,7 +63,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from finextract.extract import Extractor
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
     from finextract.metrics import format_scores
     from finextract.sweep import check_sweep, run_sweep
 

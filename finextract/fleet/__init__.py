@@ -96,7 +96,7 @@ def audit(
         KeyboardInterrupt: after writing the summary (finished rows done, the running ones
             "interrupted", the rest "pending"); rerun the same call to continue.
     """
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
 
     from .executors import run_local, run_ray
     from .summary import entry_from_result, failed_entry, is_complete, row_entry, write_summary

@@ -99,7 +99,7 @@ def read_row_record(folder: Path) -> dict | None:
 
 def finished_chunks(generation: Path) -> int:
     """How many generation chunks of a row folder are finished already (read from its manifest)."""
-    from finextract.generate import MANIFEST
+    from finextract.generation import MANIFEST
 
     try:
         manifest = json.loads((generation / MANIFEST).read_text())
