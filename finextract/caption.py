@@ -185,7 +185,7 @@ def recover_caption(
     pair,
     *,
     max_tokens: int = 8,
-    lengths: int = 2,
+    lengths: int = 1,
     shortlist: int = 256,
     beam_width: int = 4,
     sweeps: int = 2,
