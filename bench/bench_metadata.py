@@ -39,34 +39,41 @@ def word_recall(true: str, recovered: str) -> float:
     return sum(w in found for w in words) / len(words)
 
 
-def caption_part(zoo: Path, record: dict, save) -> str:
+def caption_part(zoo: Path, record: dict, save, extra: list[str]) -> str:
     import torch
 
     from finextract.caption import CaptionScorer, cross_attention_deltas, recover_caption
     from finextract.engine.loading import load_model_pair
 
-    rows, recovered = [], {}
-    for kind in ("dreambooth", "lora"):
-        if kind == "dreambooth":
-            pair = load_model_pair(zoo / "base", zoo / "dreambooth")
-        else:
-            pair = load_model_pair(zoo / "base", lora=zoo / "lora")
+    recovered = {}
+    # with --extra, the zoo rows measured before are kept and the extra rows replaced
+    rows = [r for r in record.get("caption") or [] if r["fine_tune"].startswith("zoo")] if extra else []
+    runs = [("zoo dreambooth", zoo / "dreambooth", None, TRUE_CAPTION), ("zoo lora", None, zoo / "lora", TRUE_CAPTION)]
+    if extra:
+        runs = []
+        for item in extra:
+            folder, caption = item.split("=", 1)
+            runs.append((f"extra dreambooth {Path(folder).name}", Path(folder), None, caption))
+    for name, finetuned, lora, true_caption in runs:
+        pair = load_model_pair(zoo / "base", finetuned, lora=lora)
         pair.to("cpu", torch.float32)
+        kind = name
         result = recover_caption(pair)
         tokenizer = pair.finetuned_tokenizer
         scorer = CaptionScorer(cross_attention_deltas(pair), pair.finetuned_text_encoder, tokenizer)
-        true_score = float(scorer.score(torch.tensor([tokenizer(TRUE_CAPTION, add_special_tokens=False).input_ids])))
+        true_ids = torch.tensor([tokenizer(true_caption, add_special_tokens=False).input_ids])
+        true_score = float(scorer.score(true_ids))
         rows.append(
             {
-                "fine_tune": f"zoo {kind}",
-                "true_caption": TRUE_CAPTION,
+                "fine_tune": name,
+                "true_caption": true_caption,
                 "recovered": result.caption,
                 "runner_ups": [c["caption"] for c in result.candidates[1:]],
                 "score_recovered": result.score,
                 "score_true": true_score,
                 "baseline": result.baseline,
                 "length_scores": result.length_scores,
-                "word_recall": word_recall(TRUE_CAPTION, result.caption),
+                "word_recall": word_recall(true_caption, result.caption),
                 "trigger_recall": float(TRIGGER in result.caption.lower().split()),
                 "trigger_in_candidates": float(any(TRIGGER in c["caption"].split() for c in result.candidates)),
                 "seconds": result.seconds,
@@ -77,7 +84,7 @@ def caption_part(zoo: Path, record: dict, save) -> str:
         record["caption"] = rows
         save()
         print(json.dumps(rows[-1]), flush=True)
-    return recovered["dreambooth"]
+    return recovered.get("zoo dreambooth")
 
 
 def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
@@ -158,6 +165,12 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=50, help="N for the AS part (default 50)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps for the AS part (default 20)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "metadata.json"))
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="caption part on other DreamBooths of the zoo base instead: FOLDER=TRUE_CAPTION (trigger: 'sks')",
+    )
     args = parser.parse_args()
     from finextract.engine.config import set_threads
     from finextract.trained_zoo import default_zoo_folder
@@ -178,7 +191,7 @@ def main() -> int:
         n0_part(record)
         save()
     if "caption" in parts:
-        recovered = caption_part(zoo, record, save)
+        recovered = caption_part(zoo, record, save, args.extra) or recovered
         save()
     if "as" in parts:
         if recovered is None:

@@ -323,7 +323,7 @@ class Extractor:
     def extract(
         self,
         caption: str | None,
-        n0: int,
+        n0: int | str,
         *,
         num_images: int | None = None,
         method: str | None = None,
