@@ -169,7 +169,7 @@ def get_family(name: str | Family) -> Family:
     """
     if isinstance(name, Family):
         return name
-    key = str(name).lower().replace(" ", "").replace("-", "").replace(".x", "").replace("_", "")
+    key = str(name).lower().replace(" ", "").replace("-", "").replace(".x", "").replace("_", "").replace(".", "")
     aliases = {"sd1": "sd1", "sd15": "sd1", "sd14": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
     aliases.update(altdiffusion="altdiffusion", alt="altdiffusion")
     if key not in aliases:

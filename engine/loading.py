@@ -531,7 +531,7 @@ def load_model_pair(
     if base_path.is_dir() and (base_path / "unet" / "config.json").is_file():
         family, _ = folder_family(base_path, f"base {base_path}")
         _check_folder_configs(base_path, ft_path, fmt, family)
-        if fmt.startswith("lora_") and ft_path.is_file() and sniff(ft_path) == "safetensors":
+        if fmt.startswith("lora_"):
             _check_adapter_family(ft_path, family, _read_config(base_path / "unet"))
     # 2. the base
     parts, sources = _load_base(base, base_config, allow_pickle)
@@ -549,8 +549,7 @@ def load_model_pair(
         from .adapters import merge_adapters
         from .lora_formats import read_adapters
 
-        if ft_path.is_file() and sniff(ft_path) == "safetensors":
-            _check_adapter_family(ft_path, family, dict(base_unet.config))
+        _check_adapter_family(ft_path, family, dict(base_unet.config))
         weights = read_adapters(
             ft_path,
             {"unet": base_unet, **base_texts},
@@ -660,10 +659,31 @@ def load_model_pair(
     return pair.to(device, torch_dtype)
 
 
+def _adapter_headers(path: Path) -> tuple[dict, dict]:
+    """(tensor name -> shape, metadata) of an adapter's safetensors files, from headers only: the file, a
+    diffusers folder's `pytorch_lora_weights.safetensors`, or a PEFT folder's `adapter_model.safetensors`
+    files (their keys prefixed by the component folder, e.g. `text_encoder_2.`); empty for pickles."""
+    files = []
+    if path.is_file():
+        files = [("", path)]
+    elif path.is_dir():
+        files = [("", path / "pytorch_lora_weights.safetensors")]
+        files += [
+            (f"{sub}." if sub else "", path / sub / "adapter_model.safetensors")
+            for sub in ("", "unet", "text_encoder", "text_encoder_2")
+        ]
+    shapes, metadata = {}, {}
+    for prefix, file in files:
+        if file.is_file() and sniff(file) == "safetensors":
+            header, meta = read_safetensors_header(file)
+            shapes.update({prefix + key: tuple(info["shape"]) for key, info in header.items()})
+            metadata.update(meta)
+    return shapes, metadata
+
+
 def _check_adapter_family(path: Path, family: Family, unet_config: dict) -> None:
-    """Refuse an adapter file (safetensors) whose metadata, components or shapes say another family."""
-    header, metadata = read_safetensors_header(path)
-    evidence = adapter_evidence({k: tuple(v["shape"]) for k, v in header.items()}, metadata)
+    """Refuse an adapter whose metadata, components or shapes say another family (headers only)."""
+    evidence = adapter_evidence(*_adapter_headers(path))
     check_family(
         family,
         unet_config.get("cross_attention_dim"),
