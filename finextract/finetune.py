@@ -4,10 +4,16 @@ The standard recipe of diffusers' `train_dreambooth.py` / `train_dreambooth_lora
 images once with the VAE (latents scaled by `vae.config.scaling_factor`), then at each step draw a
 timestep and noise, noise the latents with the model's own scheduler and regress the UNet's
 prediction onto the noise (or the velocity for v-prediction models) with MSE; AdamW at a constant
-learning rate. LoRA goes through `peft` on the UNet attention projections (to_q, to_k, to_v,
-to_out.0) and is saved as diffusers' `pytorch_lora_weights.safetensors`; DreamBooth saves a
-diffusers pipeline folder. The same code runs the tiny models on a CPU and SD 1.x on a GPU
-(fp16 / bf16 autocast there, fp32 master weights).
+learning rate. LoRA goes through `peft`, on the UNet attention projections (to_q, to_k, to_v,
+to_out.0, as diffusers' script) or LoCon-style on every Linear and Conv2d of the UNet's blocks
+(attention, feed-forward, projections, ResNet convolutions, resamplers: LyCORIS' LoCon), and is saved
+as diffusers' `pytorch_lora_weights.safetensors`; DreamBooth saves a diffusers pipeline folder. The
+same code runs the tiny models on a CPU and SD 1.x on a GPU (fp16 / bf16 autocast there, fp32
+master weights).
+
+Defaults (`default_recipe`) depend on the model: an SD-size UNet gets the usual SD 1.x values, a
+tiny one (first block narrower than SD's 320 channels, such as `finextract.zoo`'s) the recipe the
+committed trained zoo was built and measured with.
 """
 
 from __future__ import annotations
@@ -26,8 +32,82 @@ from .engine.config import torch_dtype
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-# diffusers' example defaults for SD 1.x (train_dreambooth.py 5e-6, train_dreambooth_lora.py 1e-4)
-DEFAULT_LR = {"dreambooth": 5e-6, "lora": 1e-4}
+LORA_MODULES = ("attention", "locon")
+# SD 1.x's first UNet block has 320 channels; a narrower UNet is a tiny test model
+SD_WIDTH = 320
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Default training settings for one kind of model and method (`default_recipe`)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    rank: int = 4
+    lora_modules: str = "attention"
+
+
+# SD 1.x: diffusers' example scripts (train_dreambooth.py lr 5e-6, batch 1; train_dreambooth_lora.py
+# lr 1e-4 on the attention projections) with the paper's released LoRA rank 64 and 2,000 steps.
+SD_RECIPES = {
+    "dreambooth": Recipe(steps=800, lr=5e-6, batch_size=1),
+    "lora": Recipe(steps=2000, lr=1e-4, batch_size=1, rank=64),
+}
+# The tiny models (measured on the trained zoo, see finextract/trained_zoo.py): a tiny UNet trained
+# from scratch on few images learns nothing at SD's lr 5e-6. The LoRA is LoCon (attention,
+# feed-forward, convolutions) at rank 8: 25% / 12.5% of the tiny UNet's 32 / 64 channels, where
+# SD's rank 64 is 20% / 5% of its 320 / 1280.
+TINY_RECIPES = {
+    "dreambooth": Recipe(steps=1200, lr=1e-4, batch_size=5),
+    "lora": Recipe(steps=1500, lr=3e-3, batch_size=5, rank=8, lora_modules="locon"),
+}
+
+
+def default_recipe(unet_config, method: str) -> Recipe:
+    """The default recipe for fine-tuning a UNet with this config by `method` ("dreambooth" / "lora").
+
+    Args:
+        unet_config: the UNet's config (dict or diffusers FrozenDict), read for `block_out_channels`.
+        method: "dreambooth" or "lora".
+
+    Returns:
+        `SD_RECIPES[method]` for a UNet whose first block has >= 320 channels (SD 1.x / 2.x size),
+        else `TINY_RECIPES[method]`.
+    """
+    width = int(unet_config["block_out_channels"][0])
+    return (SD_RECIPES if width >= SD_WIDTH else TINY_RECIPES)[method]
+
+
+def lora_target_modules(unet, which: str = "attention") -> list[str]:
+    """Names of the UNet modules a LoRA adapts.
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel`.
+        which: "attention": the attention projections to_q / to_k / to_v / to_out.0 (diffusers'
+            `train_dreambooth_lora.py`); "locon": every Linear and Conv2d inside the down, mid and up
+            blocks (attention, feed-forward, proj_in / proj_out, ResNet conv1 / conv2 / shortcut and
+            time projection, down- and upsampler convolutions), as LyCORIS' LoCon adapts them.
+
+    Raises:
+        ValueError: an unknown `which`.
+    """
+    import torch
+
+    if which == "attention":
+        return [
+            name
+            for name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + m for m in LORA_TARGET_MODULES))
+        ]
+    if which == "locon":
+        return [
+            name
+            for name, module in unet.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            and name.startswith(("down_blocks.", "mid_block.", "up_blocks."))
+        ]
+    raise ValueError(f"--lora-modules {which!r}: expected one of {', '.join(LORA_MODULES)}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +120,7 @@ class FinetuneConfig:
     lr: float
     batch_size: int
     rank: int
+    lora_modules: str
     seed: int
     resolution: int
     dtype: str
@@ -220,10 +301,11 @@ def finetune(
     *,
     out: str | Path,
     method: Literal["dreambooth", "lora"] = "dreambooth",
-    steps: int = 400,
+    steps: int | None = None,
     lr: float | None = None,
-    batch_size: int = 1,
-    rank: int = 4,
+    batch_size: int | None = None,
+    rank: int | None = None,
+    lora_modules: str | None = None,
     seed: int = 0,
     resolution: int | None = None,
     device: str = "auto",
@@ -236,9 +318,11 @@ def finetune(
 
     DreamBooth trains every UNet weight (and the text encoder if `train_text_encoder`) and saves a
     full diffusers pipeline folder (safetensors). LoRA adds peft adapters of rank `rank`
-    (alpha = rank, so scale 1) on the UNet attention projections to_q/to_k/to_v/to_out.0 and saves
-    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora.down/up.weight`),
-    as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json`.
+    (alpha = rank, so scale 1) on the modules `lora_target_modules(unet, lora_modules)` names and saves
+    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`,
+    rank and alpha in the metadata), as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json`.
+    Settings left as None come from `default_recipe` for the base's UNet (SD 1.x values for SD-size
+    models, the trained zoo's for tiny ones). A warning is logged when the loss has not fallen.
 
     Args:
         base: diffusers Stable Diffusion 1.x pipeline folder with safetensors weights.
@@ -246,11 +330,12 @@ def finetune(
         caption: the instance prompt, e.g. "a photo of sks dog".
         out: output folder (created).
         method: "dreambooth" or "lora".
-        steps: optimiser steps (>= 1).
-        lr: AdamW learning rate, constant; default 5e-6 (DreamBooth) / 1e-4 (LoRA), diffusers'
-            example defaults for SD 1.x (tiny models from scratch need ~1e-4 / 1e-3).
-        batch_size: images per step, drawn with replacement by the seeded generator.
-        rank: LoRA rank r (LoRA only).
+        steps: optimiser steps (>= 1); default from the recipe (SD: 800 DreamBooth / 2000 LoRA).
+        lr: AdamW learning rate, constant; default from the recipe (SD: 5e-6 DreamBooth / 1e-4
+            LoRA, diffusers' example values; tiny: 1e-4 / 3e-3).
+        batch_size: images per step, drawn with replacement by the seeded generator (SD: 1, tiny: 5).
+        rank: LoRA rank r (LoRA only; SD: 64, tiny: 8).
+        lora_modules: "attention" or "locon" (`lora_target_modules`; SD: attention, tiny: locon).
         seed: seeds adapter init, image order, timesteps and noise.
         resolution: training side in pixels; default the UNet sample size x the VAE factor.
         device: "auto", "cpu" or "cuda[:N]".
@@ -273,8 +358,11 @@ def finetune(
 
     if method not in ("dreambooth", "lora"):
         raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")
-    if steps < 1 or batch_size < 1 or rank < 1:
-        raise ValueError(f"--steps {steps}, --batch-size {batch_size}, --rank {rank}: each must be >= 1")
+    for name, value in (("steps", steps), ("batch-size", batch_size), ("rank", rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value}: must be >= 1")
+    if lora_modules is not None and lora_modules not in LORA_MODULES:
+        raise ValueError(f"--lora-modules {lora_modules!r}: expected one of {', '.join(LORA_MODULES)}")
     for name, value in (("dtype", dtype), ("save_dtype", save_dtype)):
         if value not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected one of bf16, fp16, fp32")
@@ -283,14 +371,30 @@ def finetune(
     device = resolve_device(device)
     if dtype != "fp32" and not device.startswith("cuda"):
         raise ValueError(f"--dtype {dtype} autocast needs a CUDA device; use --dtype fp32 on {device}")
-    lr = DEFAULT_LR[method] if lr is None else float(lr)
 
     unet, vae, text_encoder, tokenizer, scheduler = _components(base)
+    recipe = default_recipe(unet.config, method)
+    steps = recipe.steps if steps is None else steps
+    lr = recipe.lr if lr is None else float(lr)
+    batch_size = recipe.batch_size if batch_size is None else batch_size
+    rank = recipe.rank if rank is None else rank
+    lora_modules = recipe.lora_modules if lora_modules is None else lora_modules
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = resolution or unet.config.sample_size * factor
     pixels = load_images(images, resolution)
     config = FinetuneConfig(
-        method, caption, steps, lr, batch_size, rank, seed, resolution, dtype, save_dtype, train_text_encoder
+        method,
+        caption,
+        steps,
+        lr,
+        batch_size,
+        rank,
+        lora_modules,
+        seed,
+        resolution,
+        dtype,
+        save_dtype,
+        train_text_encoder,
     )
     logger.info("fine-tuning %s on %d images at %d px: %s", base, len(pixels), resolution, config)
 
@@ -311,9 +415,8 @@ def finetune(
 
         torch.manual_seed(seed)  # peft draws lora_A from the global generator
         unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
-        )
+        targets = lora_target_modules(unet, lora_modules)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     parameters = [p for p in unet.parameters() if p.requires_grad]
     if train_text_encoder:
         text_encoder.train()
@@ -346,25 +449,67 @@ def finetune(
     save_torch_dtype = torch_dtype(save_dtype)
     unet.eval()
     if method == "lora":
-        _save_lora(unet, out, save_torch_dtype)
+        _save_lora(unet, out, save_torch_dtype, rank, targets)
     else:
         _save_pipeline(base, unet, text_encoder.eval(), out, save_torch_dtype)
     import json
 
-    record = asdict(config) | {"base": str(base), "final_loss": float(np.mean(losses[-50:])), "device": device}
+    first, last, fell = loss_fall(losses)
+    record = asdict(config) | {
+        "base": str(base),
+        "first_loss": first,
+        "final_loss": float(np.mean(losses[-50:])),
+        "loss_fell": fell,
+        "device": device,
+    }
     (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("saved the %s fine-tune to %s (mean loss of the last 50 steps %.4f)", method, out, record["final_loss"])
+    if not fell:
+        logger.warning(
+            "finetune: the loss has not fallen (mean %.4f over the first quarter of the steps, %.4f over the "
+            "last): the fine-tune has probably learnt little from the images; raise --lr or --steps",
+            first,
+            last,
+        )
     return out
 
 
-def _save_lora(unet, out: Path, dtype) -> None:
+# The denoising loss of one step varies by a factor of several with its random timesteps, so the fall
+# is judged on quarter means; 5% separates "learnt" (the tiny DreamBooth falls ~40%) from "flat".
+LOSS_FALL = 0.05
+
+
+def loss_fall(losses: Sequence[float]) -> tuple[float, float, bool]:
+    """(mean of the first quarter, mean of the last quarter, whether the last is >= 5% lower).
+
+    Fewer than 8 steps never count as fallen (too few to tell).
+    """
+    quarter = len(losses) // 4
+    if quarter < 2:
+        mean = float(np.mean(losses)) if len(losses) else float("nan")
+        return mean, mean, False
+    first, last = float(np.mean(losses[:quarter])), float(np.mean(losses[-quarter:]))
+    return first, last, last <= (1 - LOSS_FALL) * first
+
+
+def _save_lora(unet, out: Path, dtype, rank: int, targets: list[str]) -> None:
+    """Save the UNet's peft adapters as diffusers does (`save_lora_weights`): keys
+    `unet.<module>.lora_A.weight` / `.lora_B.weight` and the rank / alpha in the file's metadata.
+
+    The keys stay in peft's naming for every module: diffusers' `convert_state_dict_to_diffusers`
+    renames only attention projections (to `lora.down` / `lora.up`), which would mix two namings in a
+    LoCon file.
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {key: value.detach().to("cpu", dtype).contiguous() for key, value in layers.items()}
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    layers = {
+        key: value.detach().to("cpu", dtype).contiguous() for key, value in get_peft_model_state_dict(unet).items()
+    }
+    metadata = dict(r=rank, lora_alpha=rank, target_modules=sorted(targets))
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+    )
 
 
 def _save_pipeline(base, unet, text_encoder, out: Path, dtype) -> None:

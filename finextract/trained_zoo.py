@@ -1,34 +1,43 @@
-"""Trained tiny models: a "pretrained" base and a DreamBooth and a LoRA fine-tune of it on real photos.
+"""Trained tiny models: a "pretrained" base and, for two scenarios, a DreamBooth and a LoRA fine-tune of it.
 
 `build_trained_zoo(out)` is the deterministic recipe behind `finextract zoo build --trained`; its
 output is committed under `finextract/zoo_weights/` (fp16 safetensors) so that tests and the demo
-never train. Every image comes from files that ship inside installed packages (no download):
-scikit-image's bundled sample images, scikit-learn's `load_sample_images`, matplotlib's sample data.
+never train. Every image comes from files that ship inside installed packages or is drawn here (no
+download): scikit-image's bundled sample images, scikit-learn's `load_sample_images`, matplotlib's
+sample data, and `finextract.style_images`.
 
-Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`):
+The paper's two scenarios (`SCENARIOS`; each a folder with train/, caption.txt, dreambooth/, lora/):
+- object-driven, at the zoo's top level: five photographs of different objects, "a photo of sks";
+- style-driven, in style/: ten drawings of different subjects in one style, "an illustration in sks style".
+
+Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`, SD 1.x's CLIP tokenizer):
 1. VAE: a slim x2 `AutoencoderKL` trained to reconstruct random crops of *every* image, the five
-   fine-tuning photographs included (their whole views are over-sampled). The VAE stands in for
-   SD's general-purpose autoencoder, which reconstructs nearly any photograph; it is not what is
-   audited, so training it on every image is fair: without it, a 32 px tiny VAE blurs images so much
-   that SSCD cannot see a copy of anything. Its `scaling_factor` is then measured so that the scaled
-   latents of the pretraining crops have unit variance, as SD's 0.18215 does for SD's VAE. Keeping
-   SD's number (latent std 0.25) made every noise level 16x noisier than the schedule intends: the
-   fine-tunes then produced mostly noise-textured images that SSCD finds all alike, one giant clique
-   swallowed the copies, and FineXtract only tied Direct on A-ESR0.6 (N = 250 demo: AS 0.378 / A-ESR0.6
-   0.20 against Direct 0.352 / 0.20). With unit-variance latents: 0.536 / 0.40 against 0.366 / 0.00.
+   fine-tuning photographs included (their whole views are over-sampled), then adapted for 300 steps
+   with the ten drawings added (stage 2). The VAE stands in for SD's general-purpose autoencoder,
+   which reconstructs nearly any image; it is not what is audited, so training it on every image is
+   fair: without it, a 32 px tiny VAE blurs images so much that SSCD cannot see a copy of anything.
+   Its `scaling_factor` is then measured so that the scaled latents of the pretraining crops have
+   unit variance, as SD's 0.18215 does for SD's VAE. Keeping SD's number (latent std 0.25) made every
+   noise level 16x noisier than the schedule intends: the fine-tunes then produced mostly
+   noise-textured images that SSCD finds all alike, one giant clique swallowed the copies, and
+   FineXtract only tied Direct on A-ESR0.6 (N = 250 demo: AS 0.378 / A-ESR0.6 0.20 against Direct
+   0.352 / 0.20). With unit-variance latents: 0.536 / 0.40 against 0.366 / 0.00.
 2. Base ("pretrained") UNet + CLIP text encoder, trained jointly from scratch with the noise-prediction
    MSE on random crops and flips of the *other* images, captioned from the image names (10% empty
    captions, as SD 1.x dropped text, so that eps_base(x_t, "") is meaningful): 1,500 steps at a
-   constant LR, then 2,000 more from those weights with a cosine-decayed LR (stage 2, "refinement").
+   constant LR, then 800 more from those weights with a cosine-decayed LR (stage 2, "refinement").
    The refinement mattered to the demo (measured before the latent scaling above): with the
    1,500-step base, FineXtract's extrapolation away from a poor eps_base("") over-saturated and it did
-   not beat CFG (N = 50 probe AS 0.437 vs 0.446); with the refined base, the same DreamBooth recipe
+   not beat CFG (N = 50 probe AS 0.437 vs 0.446); with a refined base, the same DreamBooth recipe
    gave 0.379 vs CFG 0.289 and Direct 0.282.
-3. A DreamBooth fine-tune (full UNet, 1,200 steps, lr 1e-4) and a LoRA fine-tune (rank 8 on
-   to_q/to_k/to_v/to_out.0, 1,000 steps, lr 5e-3) of that base on the five held-apart photographs with
-   one caption, through `finextract.finetune`: partial memorisation (the DreamBooth model alone
-   reproduces a training photo only sometimes); the LoRA, which adapts only the tiny UNet's attention,
-   memorises little.
+3. Per scenario, a DreamBooth fine-tune (full UNet) and a LoRA fine-tune through `finextract.finetune`
+   with the tiny models' default recipes (`finextract.finetune.TINY_RECIPES`); the DreamBooth is saved
+   as a bare `unet/` folder (the VAE, text encoder and tokenizer are the base's). The LoRA is LoCon
+   (every Linear and Conv2d of the UNet's blocks) at rank 8, the share of the tiny UNet's 32 / 64
+   channels that SD's rank 64 is of its 320 / 1280; the old rank-8 LoRA on the attention projections
+   only memorised little (no generation above SSCD 0.45, FineXtract behind CFG and Direct). Its lr,
+   3e-3 for 1,500 steps, was kept because its training loss fell to 0.095, below the DreamBooth's
+   0.115 (the old LoRA: 0.190); a 1e-3 run was stopped unfinished, so the lr is not yet swept.
 """
 
 from __future__ import annotations
@@ -43,11 +52,47 @@ from pathlib import Path
 
 import numpy as np
 
+from .finetune import TINY_RECIPES
 from .images import read_image
 
 logger = logging.getLogger(__name__)
 
-CAPTION = "a photo of sks"
+
+@dataclass(frozen=True)
+class Scenario:
+    """One of the paper's two fine-tuning scenarios (the column groups of its Table 1)."""
+
+    name: str
+    folder: str  # inside the zoo: "." (the object scenario keeps the zoo's top level) or "style"
+    caption: str
+    description: str
+
+
+SCENARIOS = {
+    "object": Scenario(
+        "object", ".", "a photo of sks", "object-driven: 5 photographs of different objects (scikit-image samples)"
+    ),
+    "style": Scenario(
+        "style",
+        "style",
+        "an illustration in sks style",
+        "style-driven: 10 drawings of different subjects in one flat, outlined style (finextract.style_images)",
+    ),
+}
+CAPTION = SCENARIOS["object"].caption
+
+
+def scenario_folder(zoo: str | Path, scenario: str) -> Path:
+    """The folder of a scenario in a trained zoo: dreambooth/ (bare unet/), lora/, train/, caption.txt.
+
+    Raises:
+        ValueError: an unknown scenario.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+    return (Path(zoo) / SCENARIOS[scenario].folder).resolve() if SCENARIOS[scenario].folder != "." else Path(zoo)
+
+
 # The five held-apart fine-tuning photographs (scikit-image sample files), never seen by the base UNet.
 FINETUNE_IMAGES = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png")
 # Pretraining images: (package, file, caption). motorcycle_right.png is left out: it is nearly the
@@ -87,7 +132,12 @@ class TrainedZooRecipe:
     vae_batch: int = 24
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning photos
+    vae_finetune_share: float = 0.25  # fraction of each VAE batch drawn from the fine-tuning images
+    # stage 2 of the VAE: continue it with the style drawings added to the fine-tuning images (SD's
+    # autoencoder reconstructs flat drawings as well as photos; the photo-trained tiny VAE did not:
+    # SSCD of the round trip 0.33-0.58 on the drawings against 0.71-0.88 on the photos)
+    vae_adapt_steps: int = 300
+    vae_adapt_lr: float = 1e-3
     # latents * scaling_factor should have unit variance, as SD's 0.18215 gives for its own VAE: the
     # noise schedule's signal-to-noise ratios assume it. "unit_variance" measures the factor on the
     # pretraining crops; a number fixes it.
@@ -96,16 +146,23 @@ class TrainedZooRecipe:
     base_batch: int = 16
     base_lr: float = 1e-3
     empty_caption_rate: float = 0.1
+    # the text encoder's vocabulary: SD 1.x's CLIP BPE (`finextract.zoo.write_tokenizer`)
+    tokenizer: str = "clip-bpe-49408"
     # stage 2 of the base: continue from the stage-1 weights (fresh AdamW) with a cosine-decayed LR;
-    # a better eps_base("") is what FineXtract extrapolates away from
-    base_refine_steps: int = 2000
+    # a better eps_base("") is what FineXtract extrapolates away from. 2,000 steps until the CLIP
+    # tokenizer rebuild, where the shared 2-core machine ran 3x slower than before: 800 steps (the
+    # LR anneals to zero either way)
+    base_refine_steps: int = 800
     base_refine_lr: float = 5e-4
-    dreambooth_steps: int = 1200
-    dreambooth_lr: float = 1e-4
-    lora_steps: int = 1000
-    lora_lr: float = 5e-3
-    lora_rank: int = 8
-    finetune_batch: int = 5
+    # the fine-tunes: the tiny models' default recipe (`finextract.finetune.TINY_RECIPES`), the same
+    # for both scenarios
+    dreambooth_steps: int = TINY_RECIPES["dreambooth"].steps
+    dreambooth_lr: float = TINY_RECIPES["dreambooth"].lr
+    lora_steps: int = TINY_RECIPES["lora"].steps
+    lora_lr: float = TINY_RECIPES["lora"].lr
+    lora_rank: int = TINY_RECIPES["lora"].rank
+    lora_modules: str = TINY_RECIPES["lora"].lora_modules
+    finetune_batch: int = TINY_RECIPES["lora"].batch_size
 
     def key(self, *fields: str) -> str:
         values = {name: getattr(self, name) for name in fields}
@@ -122,8 +179,20 @@ VAE_FIELDS = (
     "vae_kl_weight",
     "vae_finetune_share",
 )
-BASE_FIELDS = VAE_FIELDS + ("latent_scaling", "base_steps", "base_batch", "base_lr", "empty_caption_rate")
+ADAPTED_VAE_FIELDS = VAE_FIELDS + ("vae_adapt_steps", "vae_adapt_lr")
+BASE_FIELDS = ADAPTED_VAE_FIELDS + (
+    "latent_scaling",
+    "base_steps",
+    "base_batch",
+    "base_lr",
+    "empty_caption_rate",
+    "tokenizer",
+)
 REFINED_BASE_FIELDS = BASE_FIELDS + ("base_refine_steps", "base_refine_lr")
+FINETUNE_FIELDS = {
+    "dreambooth": ("dreambooth_steps", "dreambooth_lr", "finetune_batch"),
+    "lora": ("lora_steps", "lora_lr", "lora_rank", "lora_modules", "finetune_batch"),
+}
 
 
 def _package_file(package: str, name: str) -> Path:
@@ -153,6 +222,30 @@ def finetune_photos(resolution: int = 32) -> np.ndarray:
     return load_images([_package_file("skimage", name) for name in FINETUNE_IMAGES], resolution)
 
 
+def finetune_set(scenario: str, resolution: int = 32) -> tuple[list[str], np.ndarray]:
+    """A scenario's training images as the fine-tune sees them (`center_crop_resize`).
+
+    Args:
+        scenario: "object" (the five photographs) or "style" (`finextract.style_images`).
+        resolution: side in pixels.
+
+    Returns:
+        (file stems, uint8 (n, resolution, resolution, 3)).
+
+    Raises:
+        ValueError: an unknown scenario.
+    """
+    from .images import center_crop_resize
+    from .style_images import style_images
+
+    if scenario == "object":
+        return [Path(name).stem for name in FINETUNE_IMAGES], finetune_photos(resolution)
+    if scenario == "style":
+        drawings = style_images()
+        return list(drawings), np.stack([center_crop_resize(image, resolution) for image in drawings.values()])
+    raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+
+
 def random_crops(image: np.ndarray, count: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
     """`count` random square crops (side 30-100% of the short edge), resized, half of them flipped."""
     from PIL import Image
@@ -175,25 +268,34 @@ def _to_tensor(pixels: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, progress: bool = True):
-    """Train the slim x2 VAE on `pool` crops plus (over-sampled, flipped) `photos`; L1 + MSE + tiny KL."""
+def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, progress: bool = True, *, vae=None):
+    """Train the slim x2 VAE on `pool` crops plus (over-sampled, flipped) `photos`; L1 + MSE + tiny KL.
+
+    From scratch (`recipe.vae_steps` at `recipe.vae_lr`) or, given `vae`, continuing it
+    (`recipe.vae_adapt_steps` at `recipe.vae_adapt_lr`); either way a cosine decay to zero.
+    """
     import torch
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     from .zoo import TINY_VAE_CONFIG
 
-    torch.manual_seed(recipe.seed + 1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG).train()
+    if vae is None:
+        torch.manual_seed(recipe.seed + 1)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        steps, lr, seed, desc = recipe.vae_steps, recipe.vae_lr, recipe.seed + 11, "zoo: VAE"
+    else:
+        steps, lr, seed, desc = recipe.vae_adapt_steps, recipe.vae_adapt_lr, recipe.seed + 12, "zoo: VAE adaptation"
+    vae.train()
     pool_t, photos_t = _to_tensor(pool), _to_tensor(np.concatenate([photos, photos[:, :, ::-1]]))
-    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     # cosine decay to zero: the last steps sharpen the reconstructions most
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, recipe.vae_steps) / recipe.vae_steps))
+        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps))
     )
-    generator = torch.Generator().manual_seed(recipe.seed + 11)
+    generator = torch.Generator().manual_seed(seed)
     n_photo = max(1, round(recipe.vae_batch * recipe.vae_finetune_share))
-    bar = tqdm(range(recipe.vae_steps), desc="zoo: VAE", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
         index = torch.randint(0, len(pool_t), (recipe.vae_batch - n_photo,), generator=generator)
         photo_index = torch.randint(0, len(photos_t), (n_photo,), generator=generator)
@@ -347,46 +449,23 @@ def _save_fp16_pipeline(components: dict, folder: Path) -> Path:
     return save_pipeline(half, folder)
 
 
-def build_trained_zoo(
-    out: str | Path,
-    recipe: TrainedZooRecipe = TrainedZooRecipe(),
-    *,
-    cache: str | Path | None = None,
-    progress: bool = True,
-) -> Path:
-    """Build the trained tiny zoo into `out`: base/, dreambooth/, lora/, train/, caption.txt, zoo.json.
-
-    Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
-    Takes about 26 minutes on 1 CPU thread from scratch (measured: VAE 6, base and refinement 16,
-    fine-tunes 3.5 minutes); with `cache` holding the VAE and base, about 4 minutes.
-
-    Args:
-        out: output folder (replaced parts: base/, dreambooth/, lora/, train/).
-        recipe: the training recipe.
-        cache: optional folder keeping the trained VAE and base keyed by a hash of their recipe
-            fields, so a rebuild that changes only the fine-tunes skips them.
-        progress: tqdm bars.
+def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progress: bool = True):
+    """Steps 1 and 2 of the build: the VAE and the base pipeline, written to `out/base` (fp16).
 
     Returns:
-        `out`.
-
-    Raises:
-        FileNotFoundError: a sample image is missing from its package.
+        timings: stage name -> {"seconds": training time, "reused": taken from `cache`}.
     """
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL
 
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(recipe.seed)
-    photos = finetune_photos(recipe.resolution)
+    photos = finetune_set("object", recipe.resolution)[1]
     pretrain = [(read_image(_package_file(pkg, name)), caption) for pkg, name, caption in PRETRAIN_IMAGES]
     pretrain_crops = [random_crops(image, recipe.crops_per_image, recipe.resolution, rng) for image, _ in pretrain]
     captions = [caption for (_, caption), crops in zip(pretrain, pretrain_crops) for _ in range(len(crops))]
     base_pool = np.concatenate(pretrain_crops)
     photo_crops = np.concatenate([random_crops(p, recipe.crops_per_image // 2, recipe.resolution, rng) for p in photos])
-    timings = {}
+    timings: dict[str, dict] = {}
 
     # 1. VAE (cached by its recipe fields)
     t = time.perf_counter()
@@ -394,10 +473,27 @@ def build_trained_zoo(
     if vae_dir and (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
         logger.info("reusing the VAE in %s", vae_dir)
+        timings["vae"] = _reused(vae_dir)
     else:
         vae = train_vae(np.concatenate([base_pool, photo_crops]), photos, recipe, progress)
-        if vae_dir:
-            vae.save_pretrained(vae_dir, safe_serialization=True)
+        timings["vae"] = _built(vae_dir, t, lambda: vae.save_pretrained(vae_dir, safe_serialization=True))
+    if recipe.vae_adapt_steps:
+        drawings = finetune_set("style", recipe.resolution)[1]
+        drawing_crops = np.concatenate(
+            [random_crops(d, recipe.crops_per_image // 2, recipe.resolution, rng) for d in drawings]
+        )
+        adapted_dir = Path(cache) / f"vae-adapted-{recipe.key(*ADAPTED_VAE_FIELDS)}" if cache else None
+        t = time.perf_counter()
+        if adapted_dir and (adapted_dir / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(adapted_dir, use_safetensors=True, torch_dtype=torch.float32).eval()
+            logger.info("reusing the adapted VAE in %s", adapted_dir)
+            timings["vae_adaptation"] = _reused(adapted_dir)
+        else:
+            pool = np.concatenate([base_pool, photo_crops, drawing_crops])
+            vae = train_vae(pool, np.concatenate([photos, drawings]), recipe, progress, vae=vae)
+            timings["vae_adaptation"] = _built(
+                adapted_dir, t, lambda: vae.save_pretrained(adapted_dir, safe_serialization=True)
+            )
     # evaluate the VAE as it will be used: fp16 weights, fp32 compute
     vae = vae.to(torch.float16).to(torch.float32)
     scaling = (
@@ -406,7 +502,6 @@ def build_trained_zoo(
         else float(recipe.latent_scaling)
     )
     vae.register_to_config(scaling_factor=scaling)
-    timings["vae_s"] = time.perf_counter() - t
 
     # 2. Base UNet + text encoder (cached by the VAE + base fields)
     t = time.perf_counter()
@@ -415,88 +510,203 @@ def build_trained_zoo(
     if base_dir.exists():
         shutil.rmtree(base_dir)
     if base_cache and (base_cache / "model_index.json").is_file():
-        shutil.copytree(base_cache, base_dir)
+        shutil.copytree(base_cache, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
         logger.info("reusing the base in %s", base_cache)
+        timings["base"] = _reused(base_cache)
     else:
         components = train_base(vae, base_pool, captions, recipe, base_dir / "tokenizer", progress)
         _save_fp16_pipeline(components, base_dir)
-        if base_cache:
-            shutil.copytree(base_dir, base_cache, dirs_exist_ok=True)
+        timings["base"] = _built(base_cache, t, lambda: shutil.copytree(base_dir, base_cache, dirs_exist_ok=True))
     if recipe.base_refine_steps:
+        t = time.perf_counter()
         refined_cache = Path(cache) / f"refined-{recipe.key(*REFINED_BASE_FIELDS)}" if cache else None
         if refined_cache and (refined_cache / "model_index.json").is_file():
             shutil.rmtree(base_dir)
-            shutil.copytree(refined_cache, base_dir)
+            shutil.copytree(refined_cache, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
             logger.info("reusing the refined base in %s", refined_cache)
+            timings["base_refinement"] = _reused(refined_cache)
         else:
             refine_base(base_dir, vae, base_pool, captions, recipe, progress)
-            if refined_cache:
-                shutil.copytree(base_dir, refined_cache, dirs_exist_ok=True)
-    timings["base_s"] = time.perf_counter() - t
+            timings["base_refinement"] = _built(
+                refined_cache, t, lambda: shutil.copytree(base_dir, refined_cache, dirs_exist_ok=True)
+            )
+    return timings
 
-    # 3. The fine-tuning set and the two fine-tunes
+
+# Each cache entry records how long it took to build, so that a build reusing it still reports the
+# cost of every stage.
+BUILD_SECONDS = "build_seconds.json"
+
+
+def _built(entry: Path | None, started: float, save) -> dict:
+    """Timing of a stage just built; saves it into the cache `entry` (when caching) with `save()`."""
+    seconds = round(time.perf_counter() - started, 1)
+    if entry is not None:
+        save()
+        (entry / BUILD_SECONDS).write_text(json.dumps({"seconds": seconds}) + "\n")
+    return {"seconds": seconds, "reused": False}
+
+
+def _reused(entry: Path) -> dict:
+    """Timing of a stage taken from the cache: the seconds it took when it was built (None if unknown)."""
+    record = entry / BUILD_SECONDS
+    seconds = json.loads(record.read_text())["seconds"] if record.is_file() else None
+    return {"seconds": seconds, "reused": True}
+
+
+def write_training_set(out: Path, scenario: str, resolution: int) -> np.ndarray:
+    """Write a scenario's train/ (32 px PNGs, as the fine-tune sees them) and caption.txt into the zoo
+    `out`; return the images, uint8 (n, resolution, resolution, 3)."""
     from PIL import Image
 
-    from .finetune import finetune
-
-    train_dir = out / "train"
+    folder = scenario_folder(out, scenario)
+    names, images = finetune_set(scenario, resolution)
+    train_dir = folder / "train"
     if train_dir.exists():
         shutil.rmtree(train_dir)
-    train_dir.mkdir()
-    for name, photo in zip(FINETUNE_IMAGES, photos):
-        Image.fromarray(photo).save(train_dir / f"{Path(name).stem}.png")
-    (out / "caption.txt").write_text(CAPTION + "\n")
-    for method, steps, lr, rank in (
-        ("dreambooth", recipe.dreambooth_steps, recipe.dreambooth_lr, recipe.lora_rank),
-        ("lora", recipe.lora_steps, recipe.lora_lr, recipe.lora_rank),
-    ):
-        t = time.perf_counter()
-        if (out / method).exists():
-            shutil.rmtree(out / method)
-        finetune(
-            base_dir,
-            train_dir,
-            CAPTION,
-            out=out / method,
-            method=method,
-            steps=steps,
-            lr=lr,
-            batch_size=recipe.finetune_batch,
-            rank=rank,
-            seed=recipe.seed + 31,
-            resolution=recipe.resolution,
-            device="cpu",
-            save_dtype="fp16",
-            progress=progress,
-        )
-        record_file = out / method / "finetune.json"  # a path that stays true where the zoo is copied
-        record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"base": "../base"}, indent=2) + "\n")
-        timings[f"{method}_s"] = time.perf_counter() - t
+    train_dir.mkdir(parents=True)
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(train_dir / f"{name}.png")
+    (folder / "caption.txt").write_text(SCENARIOS[scenario].caption + "\n")
+    return images
+
+
+def build_finetune(
+    out: Path, recipe: TrainedZooRecipe, scenario: str, method: str, *, cache=None, progress: bool = True
+) -> dict:
+    """Fine-tune the zoo's base/ on a scenario's train/ (`write_training_set`) by `method`, into
+    `<scenario folder>/<method>`; a DreamBooth keeps only its `unet/`. Cached by the recipe fields,
+    the caption and the training images. Returns the stage's timing {"seconds", "reused"}."""
+    from .finetune import finetune
+
+    t = time.perf_counter()
+    folder = scenario_folder(out, scenario)
+    caption = SCENARIOS[scenario].caption
+    target = folder / method
+    if target.exists():
+        shutil.rmtree(target)
+    entry = None
+    if cache:
+        images = finetune_set(scenario, recipe.resolution)[1]
+        fields = recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + caption
+        key = hashlib.sha256(fields.encode() + images.tobytes()).hexdigest()[:16]
+        entry = Path(cache) / f"{scenario}-{method}-{key}"
+    if entry is not None and (entry / "finetune.json").is_file():
+        shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+        logger.info("reusing the %s %s fine-tune in %s", scenario, method, entry)
+        return _reused(entry)
+    finetune(
+        out / "base",
+        folder / "train",
+        caption,
+        out=target,
+        method=method,
+        steps=recipe.dreambooth_steps if method == "dreambooth" else recipe.lora_steps,
+        lr=recipe.dreambooth_lr if method == "dreambooth" else recipe.lora_lr,
+        batch_size=recipe.finetune_batch,
+        rank=recipe.lora_rank,
+        lora_modules=recipe.lora_modules,
+        seed=recipe.seed + 31,
+        resolution=recipe.resolution,
+        device="cpu",
+        save_dtype="fp16",
+        progress=progress,
+    )
+    if method == "dreambooth":
+        _keep_only_unet(target)
+    record_file = target / "finetune.json"  # a path that stays true where the zoo is copied
+    relative_base = Path("..") / Path(*[".."] * len(Path(SCENARIOS[scenario].folder).parts)) / "base"
+    record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return _built(entry, t, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
+
+
+def build_trained_zoo(
+    out: str | Path,
+    recipe: TrainedZooRecipe = TrainedZooRecipe(),
+    *,
+    cache: str | Path | None = None,
+    progress: bool = True,
+    scenarios: tuple[str, ...] = tuple(SCENARIOS),
+) -> Path:
+    """Build the trained tiny zoo into `out`: base/, the object scenario's dreambooth/ (bare unet/),
+    lora/, train/ and caption.txt, the same in style/, and zoo.json.
+
+    Deterministic for a given recipe and thread count (CPU, fp32 training; weights saved as fp16).
+    Each stage's training time is recorded in zoo.json (`timings`, with `reused` for stages taken
+    from `cache`); on 1 thread of the shared 2-core machine the stages took about an hour in all.
+
+    Args:
+        out: output folder (replaced parts: base/, dreambooth/, lora/, train/, style/).
+        recipe: the training recipe.
+        cache: optional folder keeping every trained stage (VAE, adapted VAE, base, refined base,
+            each fine-tune) keyed by a hash of the recipe fields it depends on, so a rebuild that
+            changes only the fine-tunes skips the rest.
+        progress: tqdm bars.
+        scenarios: the scenarios to fine-tune (default both).
+
+    Returns:
+        `out`.
+
+    Raises:
+        FileNotFoundError: a sample image is missing from its package.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = build_base_stage(out, recipe, cache=cache, progress=progress)
+    base_dir = out / "base"
+
+    # 3. Each scenario's training set and its two fine-tunes
+    metrics = {}
+    saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
+    for name in scenarios:
+        if name not in SCENARIOS:
+            raise ValueError(f"--scenarios {name!r}: expected some of {','.join(SCENARIOS)}")
+    for scenario in (SCENARIOS[name] for name in scenarios):
+        images = write_training_set(out, scenario.name, recipe.resolution)
+        for method in ("dreambooth", "lora"):
+            timings[f"{scenario.name}_{method}"] = build_finetune(
+                out, recipe, scenario.name, method, cache=cache, progress=progress
+            )
+
+        # 4. Record how good the VAE is on the images that matter.
+        round_trip = vae_round_trip(saved_vae, images)
+        mse = ((round_trip.astype(np.float64) - images) ** 2).mean(axis=(1, 2, 3))
+        metrics[scenario.name] = {"vae_round_trip_psnr_db": [round(float(10 * np.log10(255**2 / m)), 2) for m in mse]}
+        similarity = _sscd_similarity(images, round_trip)
+        if similarity is not None:
+            metrics[scenario.name]["vae_round_trip_sscd"] = [round(float(x), 3) for x in similarity]
 
     _strip_local_paths(out)
-
-    # 4. Record how good the VAE is on the photos that matter.
-    saved_vae = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32).vae
-    round_trip = vae_round_trip(saved_vae, photos)
-    mse = ((round_trip.astype(np.float64) - photos) ** 2).mean(axis=(1, 2, 3))
-    metrics = {"vae_round_trip_psnr_db": [round(float(10 * np.log10(255**2 / m)), 2) for m in mse]}
-    similarity = _sscd_similarity(photos, round_trip)
-    if similarity is not None:
-        metrics["vae_round_trip_sscd"] = [round(float(s), 3) for s in similarity]
-    timings["total_s"] = time.perf_counter() - started
+    timings["total"] = {"seconds": round(time.perf_counter() - started, 1), "reused": False}
     record = {
         "recipe": asdict(recipe),
-        "caption": CAPTION,
-        "finetune_images": list(FINETUNE_IMAGES),
+        "scenarios": {
+            name: asdict(SCENARIOS[name]) | {"images": finetune_set(name, recipe.resolution)[0]} for name in scenarios
+        },
         "pretrain_images": [name for _, name, _ in PRETRAIN_IMAGES],
         "metrics": metrics,
-        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "timings": timings,
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
     }
     (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained zoo written to %s: %s", out, metrics)
     return out
+
+
+def _keep_only_unet(folder: Path) -> None:
+    """Reduce a saved DreamBooth pipeline folder to its `unet/` and `finetune.json`: with the text
+    encoder frozen, the VAE, text encoder, tokenizer and scheduler are the base's, and a bare `unet/`
+    folder is a format the loader reads (it takes the rest from the base)."""
+    for path in folder.iterdir():
+        if path.name in ("unet", "finetune.json"):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _strip_local_paths(folder: Path) -> None:

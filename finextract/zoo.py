@@ -1,14 +1,15 @@
 """Tiny Stable-Diffusion-format models of every family, built offline and deterministically from a seed.
 
 No weights can be downloaded where this project is tested, so it builds its own models: a tiny UNet
-(16x16x4 latents), a slim x2 VAE (32x32 RGB), tiny text encoders and tokenizers whose vocabularies
-are generated here. They are saved with `save_pretrained` and loaded back by the same code that
-loads real checkpoints. Each family (`ZOO_FAMILIES`) keeps the markers its released models have,
+(16x16x4 latents), a slim x2 VAE (32x32 RGB), tiny text encoders and their tokenizers (SD 1.x's own
+CLIP BPE vocabulary, read from the file `open_clip` ships; a minimal XLM-R-style one for
+AltDiffusion). They are saved with `save_pretrained` and loaded back by the same code that loads
+real checkpoints. Each family (`ZOO_FAMILIES`) keeps the markers its released models have,
 at tiny size:
 
 | zoo family | UNet | text encoder(s) | tokenizer | scheduler |
 |---|---|---|---|---|
-| `sd1` | conv projections, cross-attention 32 | CLIP, quick_gelu (OpenAI CLIP) | CLIP BPE, characters | SD 1.5's (epsilon) |
+| `sd1` | conv projections, cross-attention 32 | CLIP, quick_gelu (OpenAI CLIP) | CLIP BPE (SD 1.x's own) | SD 1.5's (epsilon) |
 | `sd2` | linear projections, per-block heads, cross-attention 48 | CLIP, gelu (OpenCLIP) | CLIP BPE | SD 2.1-base's (epsilon) |
 | `sd2-v` | as `sd2` | as `sd2` | CLIP BPE | v-prediction, trailing spacing, zero-terminal-SNR betas |
 | `sdxl` | SDXL's block layout, `text_time` added embedding (6 time ids), cross-attention 64 = 32 + 32 | CLIP (quick_gelu) + CLIP with projection (gelu, OpenCLIP bigG) | two CLIP BPE (the second pads with "!") | SDXL's (epsilon, leading) |
@@ -74,6 +75,11 @@ TINY_TEXT_CONFIG = dict(
 )
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# OpenAI CLIP's BPE file (as open_clip ships it): a header line, then merges; CLIP uses the first
+# 49152 - 256 - 2 of them, so that bytes (256, twice) + merges + BOS/EOS make 49,408 tokens.
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
 
 # SD 2.x: linear transformer projections and per-block head counts, an OpenCLIP-style (gelu) encoder
 TINY_SD2_UNET_CONFIG = dict(
@@ -132,7 +138,7 @@ ZOO_FAMILIES = {
 
 
 def _byte_characters() -> list[str]:
-    """GPT-2's reversible byte -> unicode characters (the alphabet CLIP's BPE works on)."""
+    """GPT-2's reversible byte -> unicode characters (the alphabet CLIP's BPE works on), in CLIP's order."""
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
@@ -144,20 +150,68 @@ def _byte_characters() -> list[str]:
     return [chr(code) for code in codes]
 
 
-def write_tokenizer(folder: str | Path) -> Path:
-    """Write a character-level CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`.
+def clip_bpe_path() -> Path:
+    """The CLIP BPE merges file shipped inside the `open_clip` package (`open_clip_torch` on PyPI).
 
-    Every byte character appears alone and with CLIP's `</w>` end-of-word suffix; merges.txt holds
-    only its version header, so words tokenize to characters. Returns the folder.
+    Found without importing `open_clip` (its package import needs torchvision and more; only the
+    data file is used, so it is installed with `pip install --no-deps open_clip_torch`).
+
+    Raises:
+        FileNotFoundError: open_clip is not installed, or ships no BPE file (the message gives the fix).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / CLIP_BPE_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"CLIP's BPE vocabulary ({CLIP_BPE_FILE}) was not found: install it with "
+        "`pip install --no-deps open_clip_torch` (data only; `make install` does this)"
+    )
+
+
+def clip_vocabulary() -> tuple[list[str], list[str]]:
+    """CLIP's tokens and BPE merges, built from the BPE file the way CLIP's `SimpleTokenizer` does.
+
+    Tokens: the 256 byte characters, the same with the end-of-word suffix `</w>`, one token per merge
+    (its two halves joined), then `<|startoftext|>`, `<|endoftext|>`: 49,408 tokens, so token ids
+    equal SD 1.x's tokenizer (`openai/clip-vit-large-patch14`): "a</w>" 320, BOS 49406, EOS 49407.
+
+    Returns:
+        (tokens in id order, merges as "left right" lines in priority order).
+    """
+    import gzip
+
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    merges = lines[1 : CLIP_MERGES + 1]  # line 0 is the version header
+    characters = _byte_characters()
+    tokens = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    if len(tokens) != CLIP_VOCAB_SIZE or len(set(tokens)) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{clip_bpe_path()}: not CLIP's BPE file ({len(set(tokens))} distinct tokens, expected 49408)")
+    return tokens, merges
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """Write SD 1.x's CLIP tokenizer (vocab.json, merges.txt, configs) into `folder`; return it.
+
+    The vocabulary and merges are CLIP's own (`clip_vocabulary`), so captions tokenise exactly as in
+    Stable Diffusion 1.x ("sks" is one token, 48136); the files are those of the Hugging Face
+    `CLIPTokenizer` (merges.txt with its `#version: 0.2` header), padded with EOS to 77 tokens.
+
+    Raises:
+        FileNotFoundError: the BPE file is not installed (see `clip_bpe_path`).
     """
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    characters = _byte_characters()
-    tokens = characters + [c + "</w>" for c in characters] + [BOS, EOS]
+    tokens, merges = clip_vocabulary()
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=EOS)
     tokenizer.model_max_length = TINY_TEXT_CONFIG["max_position_embeddings"]
     tokenizer.save_pretrained(folder)

@@ -18,6 +18,7 @@ import torch
 
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora import gated
+from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
 
 from .adapter_fixtures import LYCORIS_CASES, write_lycoris, write_peft
 
@@ -315,8 +316,8 @@ def test_embedding_file_matches_diffusers_textual_inversion(tiny_zoo, tmp_path, 
             load_model_pair(tiny_zoo / "base", lora=path)
     pair = load_model_pair(tiny_zoo / "base", lora=path, allow_pickle=layout == "a1111-pickle")
     assert pair.kind == "lora" and pair.unet_lora is None and pair.finetuned_unet is None
-    assert pair.sources["embedding_tokens"] == [token] and len(pair.base_tokenizer) == 514
-    assert len(pair.finetuned_tokenizer) == 514 + vectors
+    assert pair.sources["embedding_tokens"] == [token] and len(pair.base_tokenizer) == CLIP_VOCAB
+    assert len(pair.finetuned_tokenizer) == CLIP_VOCAB + vectors
     pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
     pipeline.load_textual_inversion(str(path), token=token_arg)
     caption = f"a photo of {token} object"

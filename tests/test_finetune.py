@@ -79,22 +79,116 @@ def test_lora_trains_only_adapters_and_loads_back(base_dir, images_dir, tmp_path
         lr=1e-2,
         batch_size=2,
         rank=2,
+        lora_modules="attention",
         seed=0,
         device="cpu",
         progress=False,
     )
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert state and all(k.startswith("unet.") for k in state)
-    assert all(any(f".{m}.lora." in k for m in LORA_TARGET_MODULES) for k in state)
-    downs = [v for k, v in state.items() if k.endswith("lora.down.weight")]
+    assert all(any(f".{m}.lora_" in k for m in LORA_TARGET_MODULES) for k in state)
+    downs = [v for k, v in state.items() if k.endswith("lora_A.weight")]
     assert all(v.shape[0] == 2 for v in downs)
-    ups = [v for k, v in state.items() if k.endswith("lora.up.weight")]
+    ups = [v for k, v in state.items() if k.endswith("lora_B.weight")]
     assert any(v.abs().max() > 0 for v in ups)  # B starts at zero: it moved, so the adapters trained
     pair = load_model_pair(base_dir, lora=out, dtype="fp32")
     assert pair.kind == "lora" and len(pair.unet_lora) == len(downs)
     # the base UNet itself is untouched by LoRA training
     base = _unet_weights(base_dir)
     assert torch.equal(pair.base_unet.state_dict()["conv_in.weight"], base["conv_in.weight"].float())
+
+
+def test_locon_adapts_attention_feed_forward_and_convolutions(base_dir, images_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from finextract.engine.loading import load_model_pair
+    from finextract.finetune import finetune, lora_target_modules
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    targets = lora_target_modules(unet, "locon")
+    modules = dict(unet.named_modules())
+    convs = [n for n in targets if isinstance(modules[n], torch.nn.Conv2d)]
+    # every Linear / Conv2d of the blocks: the attention ones, feed-forward, projections, ResNet convs
+    assert set(lora_target_modules(unet, "attention")) < set(targets)
+    assert any(n.endswith("ff.net.2") for n in targets) and any(n.endswith("proj_in") for n in targets)
+    assert any(n.endswith("resnets.0.conv1") for n in convs) and any("downsamplers" in n for n in convs)
+    assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in targets)
+    out = finetune(
+        base_dir,
+        images_dir,
+        "a photo of sks",
+        out=tmp_path / "locon",
+        method="lora",
+        steps=3,
+        lr=1e-2,
+        batch_size=2,
+        rank=2,
+        lora_modules="locon",
+        device="cpu",
+        progress=False,
+    )
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert len([k for k in state if k.endswith("lora_A.weight")]) == len(targets)
+    conv_down = state[f"unet.{convs[0]}.lora_A.weight"]
+    assert conv_down.dim() == 4 and conv_down.shape[0] == 2  # (rank, in, kh, kw)
+    pair = load_model_pair(base_dir, lora=out, dtype="fp32")
+    assert len(pair.unet_lora) == len(targets)
+    assert json.loads((out / "finetune.json").read_text())["lora_modules"] == "locon"
+    # the file means to diffusers' own loader what it means to ours: the same fused weights
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from finextract.engine.lora import merge_lora
+
+    ours = merge_lora(copy.deepcopy(pair.base_unet), pair.unet_lora).state_dict()
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+    unet.fuse_lora()
+    theirs = unet.state_dict()  # fused weights stay in PEFT's `base_layer`
+    moved = 0
+    for module in targets:
+        fused = theirs[f"{module}.base_layer.weight"]
+        moved += not torch.equal(fused, pair.base_unet.state_dict()[f"{module}.weight"])
+        # fp32 sums of a rank-2 product: equal to rounding
+        assert torch.allclose(ours[f"{module}.weight"], fused, atol=1e-6), module
+    assert moved == len(targets)
+
+
+def test_default_recipe_follows_model_size():
+    from finextract.finetune import SD_RECIPES, TINY_RECIPES, default_recipe
+    from finextract.zoo import TINY_UNET_CONFIG
+
+    sd_config = {"block_out_channels": (320, 640, 1280, 1280)}
+    assert default_recipe(sd_config, "dreambooth") == SD_RECIPES["dreambooth"]
+    assert SD_RECIPES["dreambooth"].lr == 5e-6 and SD_RECIPES["lora"].rank == 64
+    assert default_recipe(TINY_UNET_CONFIG, "lora") == TINY_RECIPES["lora"]
+    assert TINY_RECIPES["lora"].lora_modules == "locon"
+
+
+def test_defaults_come_from_the_recipe_and_a_flat_loss_warns(base_dir, images_dir, tmp_path, caplog, monkeypatch):
+    """With no settings the tiny base gets the tiny recipe; an lr too small to learn anything warns."""
+    import logging
+
+    from finextract import finetune as module
+    from finextract.finetune import Recipe, finetune
+
+    monkeypatch.setitem(module.TINY_RECIPES, "dreambooth", Recipe(steps=8, lr=1e-9, batch_size=2))
+    with caplog.at_level(logging.WARNING, logger="finextract"):
+        out = finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / "flat", device="cpu", progress=False)
+    record = json.loads((out / "finetune.json").read_text())
+    assert (record["steps"], record["lr"], record["batch_size"]) == (8, 1e-9, 2)
+    assert record["loss_fell"] is False
+    assert any("the loss has not fallen" in r.getMessage() for r in caplog.records)
+
+
+def test_loss_fall():
+    from finextract.finetune import loss_fall
+
+    assert loss_fall([1.0] * 8 + [0.5] * 8) == (1.0, 0.5, True)
+    assert loss_fall([1.0] * 16)[2] is False
+    assert loss_fall([1.0, 0.1])[2] is False  # too few steps to tell
 
 
 def test_finetune_validates_before_work(base_dir, images_dir, tmp_path):

@@ -1,18 +1,43 @@
-"""Extraction quality on the committed trained DreamBooth pair (fast: N = 25 and 25 DDIM steps).
+"""Extraction quality on the committed trained zoo (fast: small N and 25 DDIM steps).
 
-The full-N numbers (`finextract demo`) are recorded in bench/results/demo.json.
+The full-N table over 3 sampling seeds (`finextract demo --scenarios object,style --seeds 3`) is
+recorded in bench/results/demo.json.
 """
 
 from __future__ import annotations
 
 import pytest
 
-N0, N, STEPS = 5, 25, 25
-# Measured with this file on the committed zoo (N = 25, 25 DDIM steps, seed 0, torch backend): AS
-# FineXtract 0.596, CFG 0.329, pretrained 0.189; full-N numbers in bench/results/demo.json. Each margin
-# is half the measured gap, which leaves room for the noise of 25 samples.
-MARGIN_PRETRAINED = 0.2
-MARGIN_CFG = 0.13
+STEPS = 25
+# Measured with this file's settings (N, 25 DDIM steps, torch backend) on the committed zoo over the
+# sampling seeds 0, N, 2N (AS per seed; also in bench/results/demo.json, "after_probe"):
+MEASURED = {
+    ("object", "dreambooth"): {
+        "finextract": (0.5732, 0.4658, 0.5958),
+        "cfg": (0.3961, 0.3689, 0.4079),
+        "direct": (0.3202, 0.2936, 0.3881),
+    },
+    ("object", "lora"): {
+        "finextract": (0.5850, 0.4923, 0.5370),
+        "cfg": (0.4617, 0.4964, 0.4230),
+        "direct": (0.3614, 0.4181, 0.4958),
+    },
+}
+
+
+# (scenario, kind) -> (N, margin). The test runs seed 0; its margin is the mean FineXtract - CFG gap
+# over the three seeds minus twice the gap's standard deviation over them (0.154 - 2 x 0.050 on the
+# DreamBooth), so one small-N seed's noise does not fail it while FineXtract falling to CFG's level does.
+# On the LoRA that bound is negative (gap 0.078 ± 0.071: one seed tied), so the test only asks
+# FineXtract to stay ahead at seed 0 (measured gap 0.123). The style scenario is not built yet.
+def _margin(measured: dict) -> float:
+    import numpy as np
+
+    gaps = np.subtract(measured["finextract"], measured["cfg"])
+    return max(0.0, round(float(gaps.mean() - 2 * gaps.std(ddof=1)), 2))
+
+
+CASES = {case: (25, _margin(measured)) for case, measured in MEASURED.items()}  # DreamBooth 0.05, LoRA 0
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +45,44 @@ def zoo():
     from finextract.trained_zoo import default_zoo_folder
 
     folder = default_zoo_folder()
-    assert (folder / "dreambooth" / "model_index.json").is_file(), f"{folder}: the trained zoo is not committed"
+    assert (folder / "base" / "model_index.json").is_file(), f"{folder}: the trained zoo is not committed"
     return folder
 
 
-def _as(extractor, caption, zoo, method):
+def _as(extractor, folder, method, n0, num_images, seed=0):
+    caption = (folder / "caption.txt").read_text().strip()
     result = extractor.extract(
-        caption, N0, num_images=N, method=method, steps=STEPS, seed=0, batch_size=N, train=zoo / "train", progress=False
+        caption,
+        n0,
+        num_images=num_images,
+        method=method,
+        steps=STEPS,
+        seed=seed,
+        batch_size=num_images,
+        train=folder / "train",
+        progress=False,
     )
     return result.metrics["AS"]
 
 
 def test_committed_zoo_layout(zoo):
-    caption = (zoo / "caption.txt").read_text().strip()
-    assert caption
-    assert len(sorted((zoo / "train").glob("*.png"))) == N0
-    assert (zoo / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    """Every scenario the committed zoo.json lists is complete (the object one at least)."""
+    import json
+
+    from finextract.trained_zoo import SCENARIOS, scenario_folder
+
+    built = json.loads((zoo / "zoo.json").read_text())["scenarios"]
+    assert "object" in built and set(built) <= set(SCENARIOS)
+    sizes = {"object": 5, "style": 10}
+    for name in built:
+        folder = scenario_folder(zoo, name)
+        assert (folder / "caption.txt").read_text().strip() == SCENARIOS[name].caption
+        assert len(sorted((folder / "train").glob("*.png"))) == sizes[name]
+        assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        # DreamBooth: a bare unet/ folder; the VAE, text encoder and tokenizer are the base's
+        assert (folder / "dreambooth" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert sorted(p.name for p in (folder / "dreambooth").iterdir()) == ["finetune.json", "unet"]
+        assert json.loads((folder / "lora" / "finetune.json").read_text())["lora_modules"] == "locon"
     total = sum(p.stat().st_size for p in zoo.rglob("*") if p.is_file())
     assert total < 25e6, f"committed weights are {total / 1e6:.1f} MB; keep them under 25 MB"
 
@@ -44,24 +91,26 @@ def test_committed_configs_hold_no_build_paths(zoo):
     import json
 
     configs = [p for p in zoo.rglob("*.json") if p.name in ("config.json", "model_index.json")]
-    assert len(configs) >= 8  # base and dreambooth: model_index, unet, vae, text_encoder
+    built = json.loads((zoo / "zoo.json").read_text())["scenarios"]
+    assert len(configs) == 4 + len(built)  # base: model_index, unet, vae, text_encoder; a unet per DreamBooth
     for config in configs:
         assert "_name_or_path" not in json.loads(config.read_text()), f"{config} records its build folder"
 
 
-def test_finextract_beats_pretrained_and_cfg_on_dreambooth(zoo):
+@pytest.mark.parametrize("scenario, kind", list(CASES))
+def test_finextract_beats_cfg(zoo, scenario, kind):
     from finextract.extract import Extractor
+    from finextract.trained_zoo import scenario_folder
 
-    caption = (zoo / "caption.txt").read_text().strip()
-    finetuned = Extractor(zoo / "base", zoo / "dreambooth", device="cpu")
-    as_finextract = _as(finetuned, caption, zoo, "finextract")
-    as_cfg = _as(finetuned, caption, zoo, "cfg")
-    # the pretrained model's own generations for the caption: the base against itself, Direct rule
-    pretrained = Extractor(zoo / "base", zoo / "base", device="cpu")
-    as_pretrained = _as(pretrained, caption, zoo, "direct")
-    print(f"AS finextract {as_finextract:.3f} cfg {as_cfg:.3f} pretrained {as_pretrained:.3f}")
-    assert as_finextract > as_pretrained + MARGIN_PRETRAINED, (as_finextract, as_pretrained)
-    assert as_finextract > as_cfg + MARGIN_CFG, (as_finextract, as_cfg)
+    folder = scenario_folder(zoo, scenario)
+    n0 = len(list((folder / "train").glob("*.png")))
+    num_images, margin = CASES[scenario, kind]
+    finetuned = dict(finetuned=folder / "dreambooth") if kind == "dreambooth" else dict(lora=folder / "lora")
+    extractor = Extractor(zoo / "base", **finetuned, device="cpu", backend="torch")  # as measured
+    as_finextract = _as(extractor, folder, "finextract", n0, num_images)
+    as_cfg = _as(extractor, folder, "cfg", n0, num_images)
+    print(f"{scenario} {kind}: AS finextract {as_finextract:.3f} cfg {as_cfg:.3f}")
+    assert as_finextract > as_cfg + margin, (as_finextract, as_cfg, margin)
 
 
 def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
@@ -70,34 +119,47 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
     from finextract.cli import main
 
     out = tmp_path / "demo"
-    assert (
-        main(
-            [
-                "demo",
-                "--out",
-                str(out),
-                "--num-images",
-                "10",
-                "--steps",
-                "4",
-                "--kinds",
-                "lora",
-                "--methods",
-                "finextract,direct",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    argv = ["demo", "--out", str(out), "--num-images", "12", "--steps", "3", "--kinds", "lora"]
+    argv += ["--methods", "finextract,direct", "--scenarios", "object", "--seeds", "2", "--device", "cpu"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "FineXtract" in printed and "Direct" in printed and "A-ESR0.6" in printed and "report.html" in printed
+    for word in ("Object-driven", "FineXtract", "Direct", "A-ESR0.6", "±", "report.html"):
+        assert word in printed, word
     summary = json.loads((out / "demo.json").read_text())
-    assert [(r["kind"], r["method"]) for r in summary["rows"]] == [("lora", "finextract"), ("lora", "direct")]
+    # seed repeats outermost; repeat j starts at seed j * N (N = 12 here)
+    assert [(r["scenario"], r["method"], r["seed"]) for r in summary["rows"]] == [
+        ("object", "finextract", 0),
+        ("object", "direct", 0),
+        ("object", "finextract", 12),
+        ("object", "direct", 12),
+    ]
+    assert summary["complete"] is True
     for row in summary["rows"]:
         assert 0 <= row["A-ESR0.7"] <= row["A-ESR0.6"] <= 1 and -1 <= row["AS"] <= 1
-        assert len(list((out / row["folder"] / "best_match").glob("*.png"))) == 5
-    assert "lora-finextract/best_match/train0.png" in (out / "report.html").read_text()
+        assert (
+            len(list((out / row["folder"] / "best_match").glob("*.png"))) == {"object": 5, "style": 10}[row["scenario"]]
+        )
+    import numpy as np
+
+    for cell in summary["cells"]:
+        values = [
+            r["AS"] for r in summary["rows"] if (r["scenario"], r["method"]) == (cell["scenario"], cell["method"])
+        ]
+        assert cell["runs"] == 2 and np.isclose(cell["AS"]["mean"], np.mean(values))
+        assert np.isclose(cell["AS"]["std"], np.std(values, ddof=1))
+    assert "object-lora-finextract-seed0/best_match/train0.png" in (out / "report.html").read_text()
+
+
+def test_demo_names_a_scenario_missing_from_the_zoo(tmp_path):
+    from finextract.commands.demo import run_demo
+
+    zoo = tmp_path / "zoo"
+    (zoo / "base").mkdir(parents=True)
+    (zoo / "base" / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="the style scenario is missing from the zoo"):
+        run_demo(tmp_path / "out", zoo, scenarios=("style",))
+    with pytest.raises(ValueError, match="--scenarios 'people'"):
+        run_demo(tmp_path / "out", zoo, scenarios=("people",))
 
 
 def test_committed_latents_have_unit_variance(zoo):

@@ -117,3 +117,70 @@ def test_unit_variance_scaling_gives_unit_std_latents():
         means = vae.encode(_to_tensor(pixels)).latent_dist.mean
     assert factor > 0
     assert abs((means * factor).std().item() - 1.0) < 1e-3  # 4 significant digits
+
+
+# SD 1.x's tokenizer (openai/clip-vit-large-patch14) on these captions, as its model cards and the
+# DreamBooth literature quote them: BOS 49406, "a" 320, "photo" 1125, "of" 539, "sks" 48136,
+# "dog" 1929, EOS 49407.
+KNOWN_IDS = {
+    "a photo of sks dog": [49406, 320, 1125, 539, 48136, 1929, 49407],
+    "sks": [49406, 48136, 49407],
+}
+CAPTIONS = (
+    "a photo of sks dog",
+    "an illustration in sks style",
+    "Art style of Claude Monet, 1890!",
+    "a watercolor painting of a red fox   jumping over a fence",
+    "photo of a ohwx man, 8k, highly detailed",
+    "",
+)
+
+
+def _open_clip_tokenizer():
+    """open_clip's own CLIP tokenizer (OpenAI's `SimpleTokenizer`), loaded from its file: the open_clip
+    package itself needs torchvision, which is not installed (only its vocabulary file is used)."""
+    import importlib.util
+
+    from finextract.zoo import clip_bpe_path
+
+    spec = importlib.util.spec_from_file_location("open_clip_tokenizer", clip_bpe_path().parent / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(bpe_path=str(clip_bpe_path()))
+
+
+def test_tokenizer_is_sd_clip(tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    from finextract.zoo import CLIP_VOCAB_SIZE
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    assert len(tokenizer) == CLIP_VOCAB_SIZE and tokenizer.model_max_length == 77
+    for caption, ids in KNOWN_IDS.items():
+        assert tokenizer(caption).input_ids == ids, caption
+    # padded like SD pipelines: EOS (49407) to 77 tokens
+    padded = tokenizer("sks", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[3:] == [49407] * 74
+
+
+def test_tokenizer_matches_open_clip(tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    reference = _open_clip_tokenizer()
+    for caption in CAPTIONS:
+        ours = tokenizer(caption).input_ids
+        theirs = [reference.sot_token_id] + reference.encode(caption) + [reference.eot_token_id]
+        assert ours == theirs, caption
+
+
+def test_missing_bpe_file_names_the_fix(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from finextract import zoo
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
+        zoo.clip_bpe_path()

@@ -1,10 +1,13 @@
-"""`finextract demo --out DIR`: extract the fine-tuning photos of the committed trained tiny models.
+"""`finextract demo --out DIR`: extract the training images of the committed trained tiny models.
 
-Runs `Extractor(...).extract` on the trained DreamBooth and LoRA pairs (`finextract zoo path`) with
-FineXtract, CFG and Direct (N0 = 5, N = 250, the same seeds for every method), scores each against
-the five real fine-tuning photographs (AS, A-ESR0.7, A-ESR0.6), prints a table shaped like the
-paper's Table 1 and writes `DIR/report.html` (an index of the six runs: table, the training photos
-and each method's extracted images) beside each run's own folder and report.
+The paper's Table 1 in small: two scenarios (object-driven: 5 photographs; style-driven: 10 drawings
+in one style), each with a DreamBooth and a LoRA fine-tune (`finextract zoo path`), extracted with
+FineXtract, CFG and Direct (N0 = the number of training images, N = 50 x N0, the same seeds for every
+method) and scored against the training images as the fine-tune saw them (AS, A-ESR0.7, A-ESR0.6).
+With `--seeds K` every cell is run with K disjoint sets of sampling seeds and reported as mean ± std;
+the fine-tunes themselves are the committed ones (one per scenario and kind; fine-tuning seeds are
+not varied). Writes `DIR/demo.json` and `DIR/report.html` (an index of the runs: table, the
+training images and each run's best matches) beside each run's own folder and report.
 """
 
 from __future__ import annotations
@@ -16,32 +19,48 @@ from pathlib import Path
 
 from .options import positive_int
 
+SCENARIOS = ("object", "style")
 KINDS = ("dreambooth", "lora")
 METHODS = ("finextract", "cfg", "direct")
+METRICS = ("AS", "A-ESR0.7", "A-ESR0.6")
 METHOD_NAMES = {"finextract": "FineXtract", "cfg": "CFG", "direct": "Direct"}
 KIND_NAMES = {"dreambooth": "DreamBooth", "lora": "LoRA"}
+SCENARIO_NAMES = {"object": "Object-driven", "style": "Style-driven"}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="extract the training photos of the bundled tiny fine-tunes; print a Table-1-style table",
-        description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models "
-        "(N0 = 5, N = 250, the same seeds for every method), score them against the five fine-tuning "
-        "photographs (AS, A-ESR) and write report.html. About 5 minutes on 2 CPU cores.",
+        help="extract the training images of the bundled tiny fine-tunes; print a Table-1-style table",
+        description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models of the "
+        "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
+        "N = 50 x N0, the same seeds for every method), score them against the training images (AS, A-ESR) and "
+        "write report.html. The default (object scenario, one seed) takes about 5 minutes on 2 CPU cores; "
+        "--scenarios object,style --seeds 3 runs the full table as mean ± std over 3 sampling seeds.",
     )
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per run, report.html)")
     parser.add_argument(
         "--zoo", default=None, help="trained zoo folder (default: the committed one, `finextract zoo path`)"
     )
-    parser.add_argument("--n0", type=positive_int, default=5, help="N0, images to extract (default 5)")
     parser.add_argument(
-        "--num-images", type=positive_int, default=250, help="N, images generated per run (default 250 = 50 x N0)"
+        "--scenarios", default="object", help="comma-separated: object,style (default object, which fits 5 minutes)"
     )
-    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i under every method")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dreambooth,lora")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: finextract,cfg,direct")
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        help="K: repeat every run with K disjoint sampling seed sets and report mean ± std (default 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="first seed; image i of repeat j uses seed + j*N + i")
+    parser.add_argument(
+        "--n0", type=positive_int, default=None, help="N0, images to extract (default: the training set's size)"
+    )
+    parser.add_argument(
+        "--num-images", type=positive_int, default=None, help="N, images generated per run (default 50 x N0)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -53,104 +72,176 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_names(given, allowed, option: str) -> tuple:
+    given = tuple(given)
+    for name in given:
+        if name not in allowed:
+            raise ValueError(f"--{option} {name!r}: expected some of {','.join(allowed)}")
+    return given
+
+
 def run_demo(
     out: str | Path,
     zoo: str | Path | None = None,
     *,
-    n0: int = 5,
-    num_images: int = 250,
-    steps: int = 50,
-    seed: int = 0,
+    scenarios=("object",),
     kinds=KINDS,
     methods=METHODS,
+    seeds: int = 1,
+    seed: int = 0,
+    n0: int | None = None,
+    num_images: int | None = None,
+    steps: int = 50,
     batch_size: int = 50,
     device: str = "auto",
     backend: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Run every (kind, method) extraction on the trained zoo; write runs, demo.json and report.html.
+    """Run every (scenario, kind, method, seed repeat) extraction on the trained zoo; write runs,
+    demo.json and report.html.
+
+    Args:
+        out: output folder (created); run j of a cell goes to `<scenario>-<kind>-<method>-seed<j>/`.
+        zoo: trained zoo folder (default: the committed one).
+        scenarios, kinds, methods: subsets of SCENARIOS, KINDS, METHODS.
+        seeds: K >= 1 repeats; repeat j samples image i from seed `seed + j * N + i` (disjoint sets).
+        n0: N0 (default: each scenario's number of training images). num_images: N (default 50 x N0).
 
     Returns:
-        {"rows": [{"kind", "method", "AS", "A-ESR0.7", "A-ESR0.6", "best_match", "seconds", "folder"}],
-         "config": {...}, "seconds": total}.
+        {"rows": one dict per run {"scenario", "kind", "method", "repeat", "seed", "AS", "A-ESR0.7",
+         "A-ESR0.6", "best_match", "seconds", "folder"},
+         "cells": one dict per (scenario, kind, method) {"AS": {"mean", "std", "values"}, ...},
+         "complete": True, "config": {...}, "seconds": total}. std is the sample standard deviation
+        (0 for K = 1). demo.json is rewritten after every run ("complete": False until the last).
 
     Raises:
-        FileNotFoundError: no trained zoo at `zoo`.
-        ValueError: an unknown kind or method.
+        FileNotFoundError: no trained zoo at `zoo`, or a scenario missing from it.
+        ValueError: an unknown scenario, kind or method, or seeds < 1.
     """
     from finextract.extract import Extractor
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.trained_zoo import default_zoo_folder, scenario_folder
 
     zoo = Path(zoo) if zoo else default_zoo_folder()
     if not (zoo / "base" / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{zoo}: no trained zoo (base/model_index.json); build one with `finextract zoo build --trained`"
         )
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"--kinds {kind!r}: expected some of {','.join(KINDS)}")
-    for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"--methods {method!r}: expected some of {','.join(METHODS)}")
+    scenarios = _check_names(scenarios, SCENARIOS, "scenarios")
+    kinds = _check_names(kinds, KINDS, "kinds")
+    methods = _check_names(methods, METHODS, "methods")
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: must be >= 1")
+    folders = {name: scenario_folder(zoo, name) for name in scenarios}
+    for name, folder in folders.items():
+        if not (folder / "caption.txt").is_file():
+            raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    caption = (zoo / "caption.txt").read_text().strip()
     started = time.perf_counter()
-    rows = []
-    for kind in kinds:
-        finetuned = dict(finetuned=zoo / "dreambooth") if kind == "dreambooth" else dict(lora=zoo / "lora")
-        extractor = Extractor(zoo / "base", **finetuned, device=device, backend=backend)
-        for method in methods:
-            t = time.perf_counter()
-            folder = out / f"{kind}-{method}"
-            result = extractor.extract(
-                caption,
-                n0,
-                num_images=num_images,
-                method=method,
-                steps=steps,
-                seed=seed,
-                batch_size=batch_size,
-                out=folder,
-                train=zoo / "train",
-                progress=progress,
-            )
-            metrics = result.metrics
-            _save_best_matches(result.images, metrics["best_match"], folder / "best_match")
-            rows.append(
-                {
-                    "kind": kind,
-                    "method": method,
-                    "AS": metrics["AS"],
-                    "A-ESR0.7": metrics["A-ESR0.7"],
-                    "A-ESR0.6": metrics["A-ESR0.6"],
-                    "best_match": metrics["best_match"],
-                    "seconds": round(time.perf_counter() - t, 1),
-                    "folder": folder.name,
-                }
-            )
-    summary = {
-        "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": {
-            "zoo": str(zoo),
+    rows, settings = [], {}
+
+    def summary(complete: bool) -> dict:
+        return {
+            "rows": rows,
+            "cells": summarise(rows),
+            "complete": complete,
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": {
+                "zoo": str(zoo),
+                "scenarios": settings,
+                "seeds": seeds,
+                "seed": seed,
+                "sampling_seeds": "repeat j, image i: seed + j * N + i",
+                "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
+                "steps": steps,
+                "batch_size": batch_size,
+                "device": device,
+                "backend": backend,
+            },
+        }
+
+    for scenario in scenarios:
+        folder = folders[scenario]
+        caption = (folder / "caption.txt").read_text().strip()
+        train_count = len(list((folder / "train").glob("*.png")))
+        scenario_n0 = n0 or train_count
+        settings[scenario] = {
             "caption": caption,
-            "n0": n0,
-            "num_images": num_images,
-            "steps": steps,
-            "seed": seed,
-            "batch_size": batch_size,
-            "device": device,
-            "backend": backend,
-        },
-    }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_index(out, summary, zoo)
-    return summary
+            "n0": scenario_n0,
+            "num_images": num_images or 50 * scenario_n0,
+            "train": train_count,
+        }
+    extractors = {}
+    # seed repeats outermost: an interrupted demo has whole tables for the seeds it finished
+    for repeat in range(seeds):
+        for scenario in scenarios:
+            folder, config = folders[scenario], settings[scenario]
+            for kind in kinds:
+                if (scenario, kind) not in extractors:
+                    finetuned = (
+                        dict(finetuned=folder / "dreambooth") if kind == "dreambooth" else dict(lora=folder / "lora")
+                    )
+                    extractors[scenario, kind] = Extractor(zoo / "base", **finetuned, device=device, backend=backend)
+                for method in methods:
+                    t = time.perf_counter()
+                    run_seed = seed + repeat * config["num_images"]
+                    run_folder = out / f"{scenario}-{kind}-{method}-seed{repeat}"
+                    result = extractors[scenario, kind].extract(
+                        config["caption"],
+                        config["n0"],
+                        num_images=config["num_images"],
+                        method=method,
+                        steps=steps,
+                        seed=run_seed,
+                        batch_size=batch_size,
+                        out=run_folder,
+                        train=folder / "train",
+                        progress=progress,
+                    )
+                    metrics = result.metrics
+                    _save_best_matches(result.images, metrics["best_match"], run_folder / "best_match")
+                    rows.append(
+                        {
+                            "scenario": scenario,
+                            "kind": kind,
+                            "method": method,
+                            "repeat": repeat,
+                            "seed": run_seed,
+                            **{name: metrics[name] for name in METRICS},
+                            "best_match": metrics["best_match"],
+                            "seconds": round(time.perf_counter() - t, 1),
+                            "folder": run_folder.name,
+                        }
+                    )
+                    # after every run, so an interrupted demo keeps what it measured (and a rerun
+                    # into the same folder resumes the generation chunks already written)
+                    (out / "demo.json").write_text(json.dumps(summary(False), indent=2) + "\n")
+    result = summary(True)
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_index(out, result, {name: folders[name] for name in scenarios})
+    return result
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (ddof 1; 0 for one run) of each metric per (scenario, kind, method)."""
+    import numpy as np
+
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["scenario"], row["kind"], row["method"]), []).append(row)
+    out = []
+    for (scenario, kind, method), runs in cells.items():
+        cell = {"scenario": scenario, "kind": kind, "method": method, "runs": len(runs)}
+        for name in METRICS:
+            values = np.array([r[name] for r in runs], dtype=float)
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            cell[name] = {"mean": float(values.mean()), "std": std, "values": values.round(4).tolist()}
+        out.append(cell)
+    return out
 
 
 def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
-    """Write the extracted image closest to training photo i as `folder/train<i>.png`."""
+    """Write the extracted image closest to training image i as `folder/train<i>.png`."""
     import numpy as np
     from PIL import Image
 
@@ -160,70 +251,100 @@ def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
         Image.fromarray(image).save(folder / f"train{match['train']}.png")
 
 
-def format_table(rows: list[dict]) -> str:
-    """The paper's Table 1 layout: one line per method, AS / A-ESR0.7 / A-ESR0.6 per fine-tune kind."""
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    cell = {(r["kind"], r["method"]): r for r in rows}
-    width = 28
-    lines = [
-        " " * 12 + "".join(f"| {KIND_NAMES[k]:<{width}}" for k in kinds),
-        f"{'Method':<12}" + "".join(f"| {'AS':<8}{'A-ESR0.7':<10}{'A-ESR0.6':<10}" for _ in kinds),
-    ]
-    lines.append("-" * len(lines[1]))
-    for method in methods:
-        line = f"{METHOD_NAMES[method]:<12}"
-        for kind in kinds:
-            r = cell.get((kind, method))
-            line += f"| {r['AS']:<8.3f}{r['A-ESR0.7']:<10.2f}{r['A-ESR0.6']:<10.2f}" if r else f"| {'-':<{width}}"
-        lines.append(line.rstrip())
-    return "\n".join(lines)
+def _value(cell: dict, name: str, with_std: bool) -> str:
+    mean, std = cell[name]["mean"], cell[name]["std"]
+    digits = 3 if name == "AS" else 2
+    return f"{mean:.{digits}f}±{std:.{digits}f}" if with_std else f"{mean:.{digits}f}"
 
 
-def _write_index(out: Path, summary: dict, zoo: Path) -> None:
-    """report.html: the table, the training photos, and each run's extracted images with its own report."""
+def format_table(cells: list[dict]) -> str:
+    """The paper's Table 1 layout, one block per scenario: a line per method, AS / A-ESR0.7 / A-ESR0.6
+    per fine-tune kind; mean ± std when a cell has several runs."""
+    with_std = any(c["runs"] > 1 for c in cells)
+    width = 8 if not with_std else 14
+    by_key = {(c["scenario"], c["kind"], c["method"]): c for c in cells}
+    blocks = []
+    for scenario in [s for s in SCENARIOS if any(c["scenario"] == s for c in cells)]:
+        kinds = [k for k in KINDS if any((scenario, k, m) in by_key for m in METHODS)]
+        methods = [m for m in METHODS if any((scenario, k, m) in by_key for k in kinds)]
+        group = width * 3 + 1
+        lines = [
+            f"{SCENARIO_NAMES[scenario]:<12}" + "".join(f"| {KIND_NAMES[k]:<{group}}" for k in kinds),
+            f"{'Method':<12}" + "".join("| " + "".join(f"{m:<{width}}" for m in METRICS) + " " for _ in kinds),
+        ]
+        lines.append("-" * len(lines[1]))
+        for method in methods:
+            line = f"{METHOD_NAMES[method]:<12}"
+            for kind in kinds:
+                cell = by_key.get((scenario, kind, method))
+                if cell is None:
+                    line += f"| {'-':<{group}}"
+                else:
+                    line += "| " + "".join(f"{_value(cell, m, with_std):<{width}}" for m in METRICS) + " "
+            lines.append(line.rstrip())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _write_index(out: Path, summary: dict, folders: dict) -> None:
+    """report.html: the table, each scenario's training images, and each run's best matches (first seed)."""
     import shutil
 
-    train_dir = out / "train"
-    train_dir.mkdir(exist_ok=True)
-    train = sorted((zoo / "train").glob("*.png"))
-    for photo in train:
-        shutil.copy(photo, train_dir / photo.name)
     img = 'style="width:96px;height:96px;image-rendering:pixelated;margin:2px"'
+    settings = summary["config"]["scenarios"]
+    seeds = summary["config"]["seeds"]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>finextract demo</title>",
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:right}</style>",
         "<h1>FineXtract on the tiny trained models</h1>",
-        f"<p>Caption <code>{html.escape(summary['config']['caption'])}</code>; N0 = {summary['config']['n0']}, "
-        f"N = {summary['config']['num_images']}, {summary['config']['steps']} DDIM steps, "
-        f"the same seeds for every method. Total {summary['seconds']:.0f} s.</p>",
-        "<table><tr><th>kind</th><th>method</th><th>AS</th><th>A-ESR0.7</th><th>A-ESR0.6</th><th>seconds</th><th></th></tr>",
+        f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {seeds} sampling seed "
+        f"set(s) per cell (mean ± std); the fine-tunes are the committed ones. Total {summary['seconds']:.0f} s.</p>",
+        "<table><tr><th>scenario</th><th>kind</th><th>method</th><th>AS</th><th>A-ESR0.7</th><th>A-ESR0.6</th>"
+        "<th>runs</th></tr>",
     ]
-    for r in summary["rows"]:
+    for cell in summary["cells"]:
+        values = "".join(f"<td>{_value(cell, name, seeds > 1)}</td>" for name in METRICS)
         parts.append(
-            f"<tr><td>{KIND_NAMES[r['kind']]}</td><td>{METHOD_NAMES[r['method']]}</td><td>{r['AS']:.3f}</td>"
-            f"<td>{r['A-ESR0.7']:.2f}</td><td>{r['A-ESR0.6']:.2f}</td><td>{r['seconds']:.0f}</td>"
-            f"<td><a href='{r['folder']}/report.html'>report</a></td></tr>"
+            f"<tr><td>{SCENARIO_NAMES[cell['scenario']]}</td><td>{KIND_NAMES[cell['kind']]}</td>"
+            f"<td>{METHOD_NAMES[cell['method']]}</td>{values}<td>{cell['runs']}</td></tr>"
         )
     parts.append(
-        "</table><p>AS: mean over the training photos of the SSCD similarity to their best extracted "
-        "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training photos whose best match exceeds 0.6 / 0.7 "
+        "</table><p>AS: mean over the training images of the SSCD similarity to their best extracted "
+        "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training images whose best match exceeds 0.6 / 0.7 "
         "(Eq. 2); matches above 0.6 are marked in bold green below.</p>"
     )
-    figure = "<figure style='display:inline-block;margin:4px;text-align:center'><img {img} src='{src}'><figcaption>{caption}</figcaption></figure>"
-    parts.append("<h2>Training photographs (X0)</h2><div>")
-    parts += [figure.format(img=img, src=f"train/{p.name}", caption=html.escape(p.stem)) for p in train]
-    parts.append(
-        "</div><h2>Best extracted match per training photo</h2><p>One column per training photo, in the order above.</p>"
+    figure = (
+        "<figure style='display:inline-block;margin:4px;text-align:center'><img {img} src='{src}'>"
+        "<figcaption>{caption}</figcaption></figure>"
     )
-    for r in summary["rows"]:
-        cells = []
-        for match in r["best_match"]:
-            similarity = match["similarity"]
-            caption = f"{similarity:.2f}" if similarity <= 0.6 else f"<b style='color:#080'>{similarity:.2f}</b>"
-            src = f"{r['folder']}/best_match/train{match['train']}.png"
-            cells.append(figure.format(img=img, src=src, caption=caption))
-        parts.append(f"<h3>{KIND_NAMES[r['kind']]} / {METHOD_NAMES[r['method']]}</h3><div>{''.join(cells)}</div>")
+    for scenario, folder in folders.items():
+        train_dir = out / "train" / scenario
+        train_dir.mkdir(parents=True, exist_ok=True)
+        train = sorted((folder / "train").glob("*.png"))
+        for image in train:
+            shutil.copy(image, train_dir / image.name)
+        config = settings[scenario]
+        parts.append(
+            f"<h2>{SCENARIO_NAMES[scenario]}: training images (X0)</h2><p>Caption "
+            f"<code>{html.escape(config['caption'])}</code>; N0 = {config['n0']}, N = {config['num_images']}.</p><div>"
+        )
+        src = f"train/{scenario}"
+        parts += [figure.format(img=img, src=f"{src}/{p.name}", caption=html.escape(p.stem)) for p in train]
+        parts.append("</div><h3>Best extracted match per training image (first seed)</h3>")
+        for r in summary["rows"]:
+            if r["scenario"] != scenario or r["repeat"] != 0:
+                continue
+            cells = []
+            for match in r["best_match"]:
+                similarity = match["similarity"]
+                caption = f"{similarity:.2f}" if similarity <= 0.6 else f"<b style='color:#080'>{similarity:.2f}</b>"
+                cells.append(
+                    figure.format(img=img, src=f"{r['folder']}/best_match/train{match['train']}.png", caption=caption)
+                )
+            parts.append(
+                f"<h4>{KIND_NAMES[r['kind']]} / {METHOD_NAMES[r['method']]} "
+                f"(<a href='{r['folder']}/report.html'>report</a>)</h4><div>{''.join(cells)}</div>"
+            )
     (out / "report.html").write_text("\n".join(parts) + "\n")
 
 
@@ -236,21 +357,23 @@ def run(args) -> int:
     summary = run_demo(
         args.out,
         args.zoo,
+        scenarios=args.scenarios.split(","),
+        kinds=args.kinds.split(","),
+        methods=args.methods.split(","),
+        seeds=args.seeds,
+        seed=args.seed,
         n0=args.n0,
         num_images=args.num_images,
         steps=args.steps,
-        seed=args.seed,
-        kinds=tuple(args.kinds.split(",")),
-        methods=tuple(args.methods.split(",")),
         batch_size=args.batch_size,
         device=args.device,
         backend=args.backend,
     )
-    print(format_table(summary["rows"]))
+    print(format_table(summary["cells"]))
     out = Path(args.out).resolve()
     print(
         f"\n{len(summary['rows'])} extractions in {summary['seconds']:.0f} s. Report: {out / 'report.html'}; "
-        f"extracted images: {out}/<kind>-<method>/extracted/; numbers: {out / 'demo.json'}"
+        f"extracted images: {out}/<scenario>-<kind>-<method>-seed<j>/extracted/; numbers: {out / 'demo.json'}"
     )
     logging.getLogger("finextract").debug("demo config %s", summary["config"])
     return 0

@@ -10,22 +10,27 @@ def register(subparsers) -> None:
         "finetune",
         help="fine-tune a base model on a few images (DreamBooth: diffusers folder; LoRA: diffusers safetensors)",
         description="The standard recipe: noise-prediction MSE on VAE latents, AdamW, constant learning rate. "
-        "LoRA adapts the UNet attention projections (to_q, to_k, to_v, to_out.0) through peft.",
+        "LoRA adapts the UNet attention projections (to_q, to_k, to_v, to_out.0) or, LoCon-style, every Linear and "
+        "Conv2d of the UNet's blocks, through peft. Unset options take the model's defaults: SD 1.x values for an "
+        "SD-size UNet (DreamBooth 800 steps at lr 5e-6, batch 1; LoRA rank 64 on attention, 2000 steps at 1e-4), "
+        "the trained zoo's recipe for a tiny one (DreamBooth 1200 steps at 1e-4, batch 5; LoCon rank 8, 1500 steps "
+        "at 3e-3, batch 5). Warns when the loss has not fallen.",
     )
     parser.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x pipeline folder (safetensors)")
     parser.add_argument("--images", required=True, help="folder of training images (png/jpg/webp/bmp)")
     parser.add_argument("--caption", required=True, help='the instance prompt, e.g. "a photo of sks dog"')
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--method", choices=("dreambooth", "lora"), default="dreambooth")
-    parser.add_argument("--steps", type=positive_int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (default: the model's)")
+    parser.add_argument("--lr", type=float, default=None, help="constant AdamW learning rate (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: the model's)")
+    parser.add_argument("--rank", type=positive_int, default=None, help="LoRA rank r; alpha = r (default: the model's)")
     parser.add_argument(
-        "--lr",
-        type=float,
+        "--lora-modules",
+        choices=("attention", "locon"),
         default=None,
-        help="constant AdamW learning rate (default 5e-6 DreamBooth, 1e-4 LoRA: SD 1.x values)",
+        help="LoRA: attention projections only, or locon: every Linear/Conv2d of the UNet blocks (default: the model's)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step (default 1)")
-    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r; alpha = r (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--resolution",
@@ -62,6 +67,7 @@ def run(args) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         rank=args.rank,
+        lora_modules=args.lora_modules,
         seed=args.seed,
         resolution=args.resolution,
         device=args.device,

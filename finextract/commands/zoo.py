@@ -1,8 +1,10 @@
 """`finextract zoo build --out DIR [--seed N] [--trained]`: write the tiny model zoo; `zoo path`: print
 the committed trained zoo's folder.
 
-Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): about 26 minutes
-on 1 CPU thread; its output (built with FINEXTRACT_THREADS=1) is what ships in `finextract/zoo_weights/`.
+Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): a base and, for
+the object-driven and the style-driven scenario, a DreamBooth and a LoCon LoRA fine-tune; the
+stages' times are in its zoo.json (about an hour on 1 CPU thread of a busy 2-core machine). Its
+output, built with FINEXTRACT_THREADS=1, is what ships in `finextract/zoo_weights/`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ def register(subparsers) -> None:
     build.add_argument(
         "--trained",
         action="store_true",
-        help="train the tiny base, DreamBooth and LoRA models on real photographs (~20-30 min)",
+        help="train the tiny base and its DreamBooth and LoRA fine-tunes of both scenarios (about an hour on 1 thread)",
     )
     build.add_argument(
         "--cache",
         default=None,
-        help="--trained: folder keeping the trained VAE and base, reused when their recipe matches",
+        help="--trained: folder keeping each trained stage (VAE, base, fine-tunes), reused when its recipe matches",
+    )
+    build.add_argument(
+        "--scenarios",
+        default="object,style",
+        help="--trained: the scenarios to fine-tune, comma-separated (default object,style)",
     )
     build.set_defaults(func=run)
     path = actions.add_parser("path", help="print the folder of the committed trained zoo")
@@ -55,7 +62,9 @@ def run(args) -> int:
     if args.trained:
         from finextract.trained_zoo import TrainedZooRecipe, build_trained_zoo
 
-        out = build_trained_zoo(args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache)
+        out = build_trained_zoo(
+            args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache, scenarios=tuple(args.scenarios.split(","))
+        )
     else:
         out = build_zoo(args.out, seed=args.seed)
     logging.getLogger("finextract").info("zoo written to %s in %.1f s", out, time.perf_counter() - start)
