@@ -13,7 +13,9 @@ from finextract.engine.families import FamilyMismatchError, UnknownFamilyError, 
 from finextract.engine.loading import PredictionTypeMismatchError, load_model_pair
 from finextract.engine.sampler import start_latents
 from finextract.generate import generate
+from finextract.rules import METHODS
 from finextract.zoo import ZOO_CAPTION, ZOO_FAMILIES
+from tests import tolerances
 
 STEPS = 3
 W = 4.0
@@ -109,6 +111,53 @@ def test_cfg_and_finextract_k0_reproduce_the_familys_diffusers_pipeline(same_pai
     # not trivially equal: guidance changes the images (Direct, guidance scale 1, differs)
     direct = generate(pair, ZOO_CAPTION, len(SEEDS), method="direct", **dict(options, backend="torch")).images
     assert (direct.int() - pipeline_images[name].int()).abs().max().item() > 10
+
+
+# Every rule on every family on onnxruntime: the oracle test above runs CFG and Eq. 13 there end to end; this
+# adds Eq. 6 and Direct on the DreamBooth pairs (base == fine-tune: the oracle test's exported graphs, reused
+# from the session's export cache) and all four rules on each family's LoRA pair (gated adapters in the graph).
+# SD 1.x: tests/test_ort_backend.py; "sd2" shares "sd2-v"'s architecture (only the step weights differ).
+BACKEND_FAMILIES = [name for name in ZOO_FAMILIES if name not in ("sd1", "sd2")]
+
+
+@pytest.fixture(scope="module")
+def lora_pairs(tiny_zoo):
+    return {name: load_model_pair(tiny_zoo / name / "base", lora=tiny_zoo / name / "lora") for name in BACKEND_FAMILIES}
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [("dreambooth", "finextract-uncond"), ("dreambooth", "direct")] + [("lora", method) for method in METHODS],
+)
+@pytest.mark.parametrize("name", BACKEND_FAMILIES)
+def test_every_rule_steps_alike_on_torch_and_onnxruntime(same_pairs, lora_pairs, name, kind, method):
+    from finextract.engine.backends.ort_backend import OnnxRuntimeBackend
+    from finextract.engine.backends.torch_backend import TorchBackend
+    from finextract.engine.conditioning import encode_conditioning
+    from finextract.engine.config import RunConfig
+    from finextract.engine.ddim import DDIMTable
+    from finextract.engine.denoiser import GuidedDenoiser
+    from finextract.rules import rule_for
+
+    pair = same_pairs[name] if kind == "dreambooth" else lora_pairs[name]
+    assert pair.kind == kind and pair.family.name == FAMILY_OF_ZOO[name]
+    rule = rule_for(method, kind)
+    denoiser = GuidedDenoiser(pair, rule)
+    conditioning = encode_conditioning(pair, rule, ZOO_CAPTION)
+    config = RunConfig.resolve(device="cpu", backend="onnxruntime", threads=1)  # the session's export cache
+    ours, reference = OnnxRuntimeBackend(denoiser, conditioning, config), TorchBackend(denoiser, conditioning, config)
+    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
+    t, weights = table.timesteps_tensor()[10], table.weights(*rule.coefs)[10]
+    x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
+    assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32
+    # as in test_ort_backend: each term's UNet output within the network bound (other kernels, another
+    # summation order), weighted by |w_a|, |w_b|; twice, for the two evaluations
+    with torch.inference_mode():
+        outputs = reference.denoiser.term_outputs(x_t, t, *reference.conditioning)
+    bound = 2 * sum(w * tolerances.network(pair.base_unet, o) for w, o in zip(weights[1:].abs().tolist(), outputs))
+    assert (x_ours - x_ref).abs().max().item() <= bound
+    assert (x_ours - x_t).abs().max().item() > 1e-3  # the step moved x_t
 
 
 def test_sdxl_conditioning_is_the_pipelines(same_pairs, tiny_zoo):
