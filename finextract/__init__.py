@@ -40,6 +40,7 @@ _EXPORTS = {
     "extraction_metrics": "finextract.metrics",
     "load_embedder": "finextract.sscd",
     "Extractor": "finextract.extract",
+    "audit": "finextract.fleet",
     "finetune": "finextract.finetune",
     "build_trained_zoo": "finextract.trained_zoo",
     "default_zoo_folder": "finextract.trained_zoo",

@@ -229,7 +229,8 @@ class Extractor:
     """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`.
 
     Args:
-        base: pretrained model (diffusers folder or what `load_model_pair` accepts).
+        base: pretrained model (diffusers folder or what `load_model_pair` accepts, a `LoadedBase`
+            from `finextract.engine.loading.load_base` included: loaded once for many Extractors).
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
@@ -237,8 +238,9 @@ class Extractor:
             backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no cache.
-        embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
-        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
+        embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
+            `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
+        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
@@ -270,10 +272,12 @@ class Extractor:
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair
-        from finextract.sscd import load_embedder
+        from finextract.sscd import Embedder, load_embedder
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
+        if isinstance(embedder, Embedder) and preset is not None:
+            raise ValueError("preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own")
         self.config = run_config(config, **run_options)
         self.config.apply_threads()
         self.budget = budget
@@ -288,7 +292,10 @@ class Extractor:
             base_config=base_config,
             prediction_type=prediction_type,
         ).place(self.config)
-        self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
+        if isinstance(embedder, Embedder):
+            self.embedder = embedder
+        else:
+            self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
         self.models = {
             "base": str(base),
