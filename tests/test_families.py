@@ -473,3 +473,18 @@ def test_sdxl_export_spec_carries_the_added_inputs(same_pairs):
     profile = unet_profiles(spec, (8,))[8]
     assert profile["text_embeds_a"] == ((1, 32),) * 3 and profile["time_ids_b"] == ((1, 6),) * 3
     assert profile["encoder_hidden_states_a"][0] == (1, 77, 64) and profile["x_t"][0] == (8, 4, 16, 16)
+
+
+def test_pairs_on_a_loaded_sdxl_base_equal_pairs_loaded_from_disk(tiny_zoo):
+    """`load_base` keeps SDXL's second text encoder and tokenizer: the pairs built on it equal fresh ones."""
+    from finextract.engine.loading import load_base
+    from finextract.engine.lora import lora_gate_of
+
+    folder = tiny_zoo / "sdxl"
+    base = load_base(folder / "base")
+    for checkpoint in ({"lora": folder / "lora_kohya.safetensors"}, {"finetuned": folder / "dreambooth"}):
+        reused, fresh = load_model_pair(base, **checkpoint), load_model_pair(folder / "base", **checkpoint)
+        assert reused.family.name == "sdxl" and reused.fingerprint == fresh.fingerprint
+        assert reused.sources == fresh.sources
+        assert reused.base_text_encoder_2 is base.parts["text_encoder_2"]  # shared, not loaded again
+        assert lora_gate_of(base.parts["unet"]) is None  # a LoRA pair's hooks went on its own modules
