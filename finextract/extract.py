@@ -235,7 +235,7 @@ class Extractor:
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
-            backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
+            backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no cache.
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an

@@ -138,7 +138,7 @@ def test_generate_auto_backend_records_resolved_name(dreambooth_pair):
     from finextract.generate import generate
 
     result = generate(dreambooth_pair, CAPTION, 2, steps=2, batch_size=2, progress=False, backend="auto", threads=1)
-    assert result.manifest["config"]["backend"] == "onnxruntime"  # the CPU choice
+    assert result.manifest["config"]["backend"] == "openvino"  # the CPU choice
     reference = generate(dreambooth_pair, CAPTION, 2, progress=False, config=torch_config(steps=2, batch_size=2))
     assert_same_images(result.images, reference.images)
 
@@ -154,7 +154,7 @@ def test_cli_flags_parse_into_one_run_config():
         assert args.cuda_graphs is True and args.backend == "auto"
         assert parser.parse_args([command, *base, "--no-cuda-graphs"]).cuda_graphs is False
         config = run_config_from(parser.parse_args([command, *base, "--steps", "7", "--threads", "1"]))
-        assert (config.steps, config.threads, config.backend, config.device) == (7, 1, "onnxruntime", "cpu")
+        assert (config.steps, config.threads, config.backend, config.device) == (7, 1, "openvino", "cpu")
 
 
 # ------------------------------------------------------------------------------------ GPU --

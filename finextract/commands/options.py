@@ -115,16 +115,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"),
         default="auto",
-        help="auto (default: onnxruntime on a CPU, its export cached in $FINEXTRACT_CACHE or ~/.cache/finextract; "
-        "torch on CUDA), torch, onnxruntime or tensorrt",
+        help="auto (default: openvino on a CPU, compiling the ONNX export cached in $FINEXTRACT_CACHE or "
+        "~/.cache/finextract; torch on CUDA), torch, onnxruntime, openvino or tensorrt",
     )
     parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
-        help="torch / onnxruntime threads (default $FINEXTRACT_THREADS, else all cores)",
+        help="torch / onnxruntime threads, openvino streams (default $FINEXTRACT_THREADS, else all cores)",
     )
     parser.add_argument(
         "--cuda-graphs",
