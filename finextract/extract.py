@@ -250,6 +250,8 @@ class Extractor:
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
+        prediction_type: "epsilon" / "v_prediction" / "sample": sample both models as this, overriding
+            their scheduler configs (when they disagree; see `load_model_pair`). None: read from them.
         **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
@@ -272,6 +274,7 @@ class Extractor:
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
+        prediction_type: str | None = None,
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair
@@ -293,6 +296,7 @@ class Extractor:
             device=self.config.device,
             dtype=self.config.dtype,
             base_config=base_config,
+            prediction_type=prediction_type,
         ).place(self.config)
         if isinstance(embedder, Embedder):
             self.embedder = embedder
@@ -304,6 +308,8 @@ class Extractor:
             "finetuned": None if finetuned is None else str(finetuned),
             "lora": None if lora is None else str(lora),
             "kind": self.pair.kind,
+            "family": self.pair.family.name,
+            "prediction_type": self.pair.scheduler_config.get("prediction_type", "epsilon"),
         }
 
     def extract(

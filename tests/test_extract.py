@@ -53,6 +53,7 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert len(list((out / "extracted").glob("*.png"))) == 2
     assert len(list((out / "generated").glob("*.png"))) == 8
     assert record["config"]["num_images"] == 8 and record["config"]["n0"] == 2
+    assert record["config"]["models"]["family"] == "sd1" and record["config"]["models"]["prediction_type"] == "epsilon"
     report = (out / "report.html").read_text()
     assert "similarity" in report
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report

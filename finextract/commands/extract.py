@@ -37,6 +37,7 @@ def run(args) -> int:
         preset=args.preset,
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
+        prediction_type=args.prediction_type,
     )
     result = extractor.extract(
         args.caption,

@@ -52,6 +52,7 @@ def run(args) -> int:
         device=config.device,
         dtype=config.dtype,
         base_config=args.base_config,
+        prediction_type=args.prediction_type,
     ).place(config)
     result = generate(
         pair,

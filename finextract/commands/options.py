@@ -33,7 +33,7 @@ def read_image_folder(flag: str, folder: str):
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--base, --base-config, --finetuned | --lora, --allow-pickle."""
+    """--base, --base-config, --finetuned | --lora, --allow-pickle, --prediction-type."""
     parser.add_argument(
         "--base",
         required=True,
@@ -55,6 +55,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
+    )
+    add_prediction_type_option(parser)
+
+
+def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
+    """--prediction-type: the deliberate override of what the models' scheduler configs say."""
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="sample base and fine-tune as this parameterisation, overriding their scheduler configs (and v_pred "
+        "markers); needed when they disagree (e.g. an SD 2.x 768-v fine-tune over an epsilon base) and you know "
+        "which is right (default: read from the models, which must agree)",
     )
 
 
