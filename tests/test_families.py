@@ -122,7 +122,9 @@ BACKEND_FAMILIES = [name for name in ZOO_FAMILIES if name not in ("sd1", "sd2")]
 
 @pytest.fixture(scope="module")
 def lora_pairs(family_zoo):
-    return {name: load_model_pair(family_zoo / name / "base", lora=family_zoo / name / "lora") for name in BACKEND_FAMILIES}
+    return {
+        name: load_model_pair(family_zoo / name / "base", lora=family_zoo / name / "lora") for name in BACKEND_FAMILIES
+    }
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ def test_defaults_come_from_the_recipe_and_a_flat_loss_warns(base_dir, images_di
     """With no settings the tiny base gets the tiny recipe; an lr too small to learn anything warns."""
     import logging
 
-    from finextract import finetune as module
+    from finextract import finetuning as module
     from finextract.finetuning import Recipe, finetune
 
     monkeypatch.setitem(module.TINY_RECIPES, "dreambooth", Recipe(steps=8, lr=1e-9, batch_size=2))
