@@ -12,7 +12,7 @@ import torch
 from finextract.engine.families import FamilyMismatchError, UnknownFamilyError, detect_family, get_family
 from finextract.engine.loading import PredictionTypeMismatchError, load_model_pair
 from finextract.engine.sampler import start_latents
-from finextract.generate import generate
+from finextract.generation import generate
 from finextract.rules import METHODS
 from finextract.zoo import ZOO_CAPTION, ZOO_FAMILIES
 from tests import tolerances
