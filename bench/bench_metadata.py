@@ -92,7 +92,7 @@ def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
     `Extractor.extract` does it, with the descriptors kept for the estimate."""
     from finextract.clustering.n0 import estimate_n0
     from finextract.extract import Extractor, cluster_images, embed_images, evaluate_against
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch")
     rows = []

@@ -59,10 +59,15 @@ class ExtractionResult:
 
 def embed_images(embedder, images, batch_size: int = 32):
     """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import time
+
     import torch
 
+    started = time.perf_counter()
     if not isinstance(images, list):
-        return embedder.embed(images, batch_size=batch_size)
+        descriptors = embedder.embed(images, batch_size=batch_size)
+        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -71,6 +76,7 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
+    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
     return torch.stack(out)
 
 
@@ -256,19 +262,23 @@ class Extractor:
     """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`.
 
     Args:
-        base: pretrained model (diffusers folder or what `load_model_pair` accepts).
+        base: pretrained model (diffusers folder or what `load_model_pair` accepts, a `LoadedBase`
+            from `finextract.engine.loading.load_base` included: loaded once for many Extractors).
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
-            backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
+            backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no cache.
-        embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
-        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
+        embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
+            `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
+        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
+        prediction_type: "epsilon" / "v_prediction" / "sample": sample both models as this, overriding
+            their scheduler configs (when they disagree; see `load_model_pair`). None: read from them.
         **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
@@ -291,13 +301,16 @@ class Extractor:
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
+        prediction_type: str | None = None,
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair
-        from finextract.sscd import load_embedder
+        from finextract.sscd import Embedder, load_embedder
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
+        if isinstance(embedder, Embedder) and preset is not None:
+            raise ValueError("preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own")
         self.config = run_config(config, **run_options)
         self.config.apply_threads()
         self.budget = budget
@@ -310,14 +323,20 @@ class Extractor:
             device=self.config.device,
             dtype=self.config.dtype,
             base_config=base_config,
+            prediction_type=prediction_type,
         ).place(self.config)
-        self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
+        if isinstance(embedder, Embedder):
+            self.embedder = embedder
+        else:
+            self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
         self.models = {
             "base": str(base),
             "finetuned": None if finetuned is None else str(finetuned),
             "lora": None if lora is None else str(lora),
             "kind": self.pair.kind,
+            "family": self.pair.family.name,
+            "prediction_type": self.pair.scheduler_config.get("prediction_type", "epsilon"),
         }
 
     def extract(
@@ -373,7 +392,7 @@ class Extractor:
                 changes no `attn2.to_k` / `attn2.to_v` (nothing is generated).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import check_out_folder, generate
+        from finextract.generation import check_out_folder, generate
         from finextract.images import read_images
         from finextract.rules import rule_for
 

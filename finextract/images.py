@@ -10,7 +10,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# kept in step with finextract.generate (not imported: that module imports torch)
+# kept in step with finextract.generation (not imported: that module imports torch)
 GENERATE_MANIFEST = "manifest.json"
 GENERATE_FORMAT = "finextract-generate/1"
 

@@ -15,20 +15,33 @@ LEGEND = (
 )
 
 
-def _img(image, embed: bool, path: Path | None, out: Path) -> str:
-    if embed or path is None:
+def image_tag(out: Path, path: Path | None = None, image=None, *, width: int = 160) -> str:
+    """An `<img>` tag for a page written into `out`: a relative link to `path` when it lies below `out`
+    (a file URI when it lies elsewhere), or `image` (uint8 (H, W, 3)) embedded as a PNG data URI.
+
+    Raises:
+        ValueError: neither `path` nor `image` is given.
+    """
+    if path is None and image is None:
+        raise ValueError("image_tag needs a path or an image")
+    if image is not None:
         from PIL import Image
 
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     else:
-        src = html.escape(
-            Path(path).resolve().relative_to(out.resolve()).as_posix()
-            if Path(path).resolve().is_relative_to(out.resolve())
-            else Path(path).resolve().as_uri()
-        )
-    return f'<img src="{src}" width="160" style="image-rendering:pixelated">'
+        resolved, root = Path(path).resolve(), Path(out).resolve()
+        src = html.escape(resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.as_uri())
+    return f'<img src="{src}" width="{width}" style="image-rendering:pixelated">'
+
+
+def html_page(title: str, body: str, *, style: str = "") -> str:
+    """A whole HTML page (UTF-8, the reports' one style sheet plus `style`) around `body`; `title` is escaped."""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif}} td{{padding:6px;vertical-align:top;text-align:center}}{style}</style></head><body>
+<h1>{html.escape(title)}</h1>{body}</body></html>
+"""
 
 
 def metadata_html(result: dict) -> str:
@@ -83,11 +96,12 @@ def write_report(
     }
     rows = []
     for j, (path, clique) in enumerate(zip(extracted_paths, result["cliques"])):
-        cell = _img(None, False, path, out)
+        cell = image_tag(out, path)
         match = ""
         if metrics and train is not None and j in best_for_extracted:
             i, s = best_for_extracted[j]
-            match = f"{_img(train[0][i], embed_train, train[1][i], out)}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
+            tag = image_tag(out, image=train[0][i]) if embed_train else image_tag(out, train[1][i])
+            match = f"{tag}<br>{html.escape(train[1][i].name)}: similarity {s:.3f}"
         rows.append(
             f"<tr><td>{j}</td><td>{cell}<br>{html.escape(path.name)}</td><td>{len(clique)}</td><td>{match}</td></tr>"
         )
@@ -124,13 +138,13 @@ def write_report(
         summary.append(
             f"AS = {metrics['AS']:.3f}, A-ESR0.6 = {metrics['A-ESR0.6']:.2f}, A-ESR0.7 = {metrics['A-ESR0.7']:.2f}"
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif}} td{{padding:6px;vertical-align:top;text-align:center}}</style></head><body>
-<h1>{html.escape(title)}</h1><ul>{"".join(f"<li>{line}</li>" for line in summary)}</ul>{metadata_html(result)}
+    page = html_page(
+        title,
+        f"""<ul>{"".join(f"<li>{line}</li>" for line in summary)}</ul>{metadata_html(result)}
 <table border="1"><tr><th>#</th><th>extracted</th><th>clique size</th><th>best training match</th></tr>
 {"".join(rows)}</table>
-<p><small>{LEGEND}</small></p></body></html>
-"""
+<p><small>{LEGEND}</small></p>""",
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

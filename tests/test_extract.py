@@ -53,6 +53,7 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert len(list((out / "extracted").glob("*.png"))) == 2
     assert len(list((out / "generated").glob("*.png"))) == 8
     assert record["config"]["num_images"] == 8 and record["config"]["n0"] == 2
+    assert record["config"]["models"]["family"] == "sd1" and record["config"]["models"]["prediction_type"] == "epsilon"
     report = (out / "report.html").read_text()
     assert "similarity" in report
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
@@ -177,7 +178,7 @@ def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypat
     taken.write_text("x")
     assert main(common + ["--out", str(taken)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--out {taken}: not a folder" in err
+    assert err.count("\n") == 1 and f"output folder {taken} (--out, out=): not a folder" in err
     with pytest.raises(SystemExit):
         main(common[:-1] + ["0", "--out", str(tmp_path / "o")])
     assert "argument --n0: 0: must be an integer >= 1" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def run(args) -> int:
 
     from finextract.engine.config import resolve_device, set_threads
     from finextract.extract import cluster_images, extraction_config, write_output
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
     from finextract.sscd import load_embedder
 
     check_out_folder(args.out)

@@ -172,6 +172,7 @@ def run_demo(
             "train": train_count,
         }
     extractors = {}
+    runs, total = 0, seeds * len(scenarios) * len(kinds) * len(methods)
     # seed repeats outermost: an interrupted demo has whole tables for the seeds it finished
     for repeat in range(seeds):
         for scenario in scenarios:
@@ -186,6 +187,7 @@ def run_demo(
                     t = time.perf_counter()
                     run_seed = seed + repeat * config["num_images"]
                     run_folder = out / f"{scenario}-{kind}-{method}-seed{repeat}"
+                    runs += 1
                     result = extractors[scenario, kind].extract(
                         config["caption"],
                         config["n0"],
@@ -197,6 +199,7 @@ def run_demo(
                         out=run_folder,
                         train=folder / "train",
                         progress=progress,
+                        label=f"run {runs}/{total} {scenario} {kind} {method} seed {repeat}",
                     )
                     metrics = result.metrics
                     _save_best_matches(result.images, metrics["best_match"], run_folder / "best_match")

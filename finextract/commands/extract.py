@@ -37,6 +37,7 @@ def run(args) -> int:
         preset=args.preset,
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
+        prediction_type=args.prediction_type,
     )
     result = extractor.extract(
         args.caption,
@@ -75,7 +76,7 @@ def _check_inputs(args):
         (RunConfig, the training images as `read_images` returns them, or None).
     """
     from finextract.extract import AUTO, AUTO_NUM_IMAGES, IMAGES_PER_N0
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
 
     from .options import read_image_folder, run_config_from
 

@@ -38,7 +38,7 @@ def read_image_folder(flag: str, folder: str):
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--base, --base-config, --finetuned | --lora, --allow-pickle."""
+    """--base, --base-config, --finetuned | --lora, --allow-pickle, --prediction-type."""
     parser.add_argument(
         "--base",
         required=True,
@@ -60,6 +60,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
+    )
+    add_prediction_type_option(parser)
+
+
+def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
+    """--prediction-type: the deliberate override of what the models' scheduler configs say."""
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="sample base and fine-tune as this parameterisation, overriding their scheduler configs (and v_pred "
+        "markers); needed when they disagree (e.g. an SD 2.x 768-v fine-tune over an epsilon base) and you know "
+        "which is right (default: read from the models, which must agree)",
     )
 
 
@@ -116,16 +129,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"),
         default="auto",
-        help="auto (default: onnxruntime on a CPU, its export cached in $FINEXTRACT_CACHE or ~/.cache/finextract; "
-        "torch on CUDA), torch, onnxruntime or tensorrt",
+        help="auto (default: openvino on a CPU, compiling the ONNX export cached in $FINEXTRACT_CACHE or "
+        "~/.cache/finextract; torch on CUDA), torch, onnxruntime, openvino or tensorrt",
     )
     parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
-        help="torch / onnxruntime threads (default $FINEXTRACT_THREADS, else all cores)",
+        help="torch / onnxruntime threads, openvino streams (default $FINEXTRACT_THREADS, else all cores)",
     )
     parser.add_argument(
         "--cuda-graphs",
