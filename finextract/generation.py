@@ -281,10 +281,14 @@ def check_out_folder(out: str | Path) -> Path:
         if path.exists():
             if not path.is_dir():
                 where = "" if path == out else f" (its parent {path} is a file)"
-                raise ValueError(f"output folder {out} (--out, out=): not a folder{where}; give a folder path (it is created if missing)")
+                raise ValueError(
+                    f"output folder {out} (--out, out=): not a folder{where}; give a folder path (it is created if missing)"
+                )
             if not os.access(path, os.W_OK | os.X_OK):
                 where = "" if path == out else f" (its nearest existing parent {path})"
-                raise ValueError(f"output folder {out} (--out, out=): the folder{where} is not writable; choose another")
+                raise ValueError(
+                    f"output folder {out} (--out, out=): the folder{where} is not writable; choose another"
+                )
             break
     return out
 
@@ -330,9 +334,13 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); move the folder away or use another output folder (--out, out=)") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); move the folder away or use another output folder (--out, out=)"
+            ) from None
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a finextract generation manifest ({FORMAT}); use another output folder (--out, out=)")
+            raise ValueError(
+                f"{path} is not a finextract generation manifest ({FORMAT}); use another output folder (--out, out=)"
+            )
         differences = _leaf_differences(manifest["config"], config)
         if differences:
             shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
