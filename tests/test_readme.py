@@ -3,8 +3,8 @@
 - Its Python block is executed in a fresh folder.
 - Its command lines (`finextract ...`, `python build_engines.py ...`) are checked against the CLI's
   own parsers: every option exists for that command, and every `a|b|c` lists valid choices.
-- The extraction commands (zoo build, extract, generate, cluster, evaluate, finetune) then run in a
-  fresh folder as written and in order (each uses what the one before wrote), the optional `[...]`
+- The usage section's commands (zoo build, extract, generate, cluster, evaluate, finetune) then run
+  in a fresh folder as written and in order (each uses what the one before wrote), the optional `[...]`
   groups left out, with small counts appended (argparse keeps the last value: `--num-images 8
   --steps 2 --backend torch`, `finetune --steps 2`).
   `demo`, `bench` and `build_engines.py` (TensorRT) are parsed only; `make demo` runs them in CI.
@@ -37,10 +37,10 @@ def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
-def _command_lines() -> list[str]:
-    """Command lines of the shell blocks: continuations joined, trailing comments dropped."""
+def _command_lines(blocks: list[str]) -> list[str]:
+    """Command lines of shell blocks: continuations joined, trailing comments dropped."""
     lines = []
-    for block in _blocks("bash"):
+    for block in blocks:
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = re.split(r"\s+#\s", line)[0].strip()
             if line.startswith(("finextract ", "python build_engines.py ")):
@@ -68,7 +68,10 @@ def _parser_for(words: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
     return parser, rest
 
 
-LINES = _command_lines()
+LINES = _command_lines(_blocks("bash"))
+#: the usage section's block, run in order; the other sections' examples (the demo, caption recovery:
+#: minutes each) are option-checked above and run by their own tests (test_quality, test_caption)
+USAGE_LINES = _command_lines(re.findall(r"### Command line\n\n```bash\n(.*?)```", README.read_text(), re.S))
 
 
 @pytest.mark.parametrize("line", LINES, ids=[" ".join(line.split()[:3]) for line in LINES])
@@ -103,7 +106,7 @@ def test_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     ran = []
-    for line in LINES:
+    for line in USAGE_LINES:
         words = _runnable(line, default_zoo_folder())
         if words is None:
             continue
