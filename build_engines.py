@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--device", default="auto", help="device to trace the export on: auto, cpu, cuda")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin)")
+    parser.add_argument(
+        "--base-config", default=None, help="for a single-file --base: a local pipeline folder with its configs"
+    )
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="override the models' scheduler prediction type (when base and fine-tune disagree)",
+    )
     parser.add_argument("--onnx-only", action="store_true", help="export ONNX only; do not build engines")
     parser.add_argument(
         "--out",
@@ -95,6 +104,8 @@ def main(argv=None) -> int:
             args.finetuned,
             lora=args.lora,
             allow_pickle=args.allow_pickle,
+            base_config=args.base_config,
+            prediction_type=args.prediction_type,
             dtype=args.precision,
             device=device,
         ).place(config)

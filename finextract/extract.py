@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 #: The paper generates N = 50 x N0 images.
 IMAGES_PER_N0 = 50
+#: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
+AUTO = "auto"
+#: N generated when N0 is estimated and N is not given: the paper's 50 x N0 for N0 up to 10.
+AUTO_NUM_IMAGES = 500
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ExtractionResult:
         changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
+        n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
         generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
             generated images, as computed for the clustering, on the device they were computed on.
@@ -57,6 +62,7 @@ class ExtractionResult:
     generated_descriptors: object = None
     generated_indices: list[int] = field(default_factory=list)
     similarity_histogram: dict | None = None
+    n0_estimate: object = None
 
 
 def embed_images(embedder, images, batch_size: int = 32):
@@ -84,7 +90,7 @@ def embed_images(embedder, images, batch_size: int = 32):
 
 def cluster_images(
     images,
-    n0: int,
+    n0: int | str,
     embedder,
     *,
     budget: int | None = None,
@@ -96,7 +102,8 @@ def cluster_images(
 
     Args:
         images: uint8 (N, H, W, 3) tensor/ndarray, or a list of uint8 (H, W, 3) arrays.
-        n0: N0, number of images to extract.
+        n0: N0, number of images to extract, or "auto" to estimate it from the descriptors
+            (`finextract.clustering.n0.estimate_n0`; needs at least its `MIN_IMAGES` usable images).
         embedder: an `finextract.sscd.Embedder`.
         budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
         timings: dict to add "embed", "cluster" and "histogram" seconds to.
@@ -106,7 +113,8 @@ def cluster_images(
         descriptor (`generated_descriptors`) and the similarity histogram for reports and metrics.
 
     Raises:
-        ValueError: fewer usable (non-constant) images than N0.
+        ValueError: fewer usable (non-constant) images than N0 (or than an estimate needs), or no
+            clique larger than chance to estimate N0 from.
     """
     from finextract.images import degenerate_mask
     from finextract.metrics import similarity_histogram
@@ -123,7 +131,15 @@ def cluster_images(
             int(degenerate.sum()),
             len(degenerate),
         )
-    if len(keep) < n0:
+    if n0 == AUTO:
+        from finextract.clustering.n0 import MIN_IMAGES
+
+        if len(keep) < MIN_IMAGES:
+            raise ValueError(
+                f"only {len(keep)} usable images: estimating N0 needs at least {MIN_IMAGES}; generate more "
+                "(--num-images) or give --n0"
+            )
+    elif len(keep) < n0:
         raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
     start = time.perf_counter()
     if array_list is not None:
@@ -134,6 +150,15 @@ def cluster_images(
         usable = images[keep]
     descriptors = embed_images(embedder, usable)
     timings["embed"] = time.perf_counter() - start
+    estimate = None
+    if n0 == AUTO:
+        from finextract.clustering.n0 import estimate_n0
+
+        start = time.perf_counter()
+        estimate = estimate_n0(descriptors, step=step, budget=budget, time_limit=time_limit)
+        timings["estimate_n0"] = time.perf_counter() - start
+        n0 = estimate.n0
+        logger.info("estimated N0 = %d (interval %s, confidence %.2f)", n0, estimate.interval, estimate.confidence)
     start = time.perf_counter()
     clustering = cluster_descriptors(descriptors, n0, step=step, budget=budget, time_limit=time_limit)
     timings["cluster"] = time.perf_counter() - start
@@ -162,6 +187,7 @@ def cluster_images(
         generated_descriptors=descriptors,
         generated_indices=[int(i) for i in keep],
         similarity_histogram=histogram,
+        n0_estimate=estimate,
     )
 
 
@@ -340,6 +366,7 @@ def write_output(
         "extracted": result.indices,
         "extracted_files": [str(p.relative_to(out)) for p in paths],
         "num_degenerate": result.num_degenerate,
+        "n0_estimate": result.n0_estimate.to_dict() if result.n0_estimate is not None else {"source": "given"},
         "timings": result.timings,
         "config": result.config,
     }
@@ -383,6 +410,8 @@ class Extractor:
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
+        prediction_type: "epsilon" / "v_prediction" / "sample": sample both models as this, overriding
+            their scheduler configs (when they disagree; see `load_model_pair`). None: read from them.
         **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
@@ -408,6 +437,7 @@ class Extractor:
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
+        prediction_type: str | None = None,
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair
@@ -429,6 +459,7 @@ class Extractor:
             device=self.config.device,
             dtype=self.config.dtype,
             base_config=base_config,
+            prediction_type=prediction_type,
         ).place(self.config)
         if isinstance(embedder, Embedder):
             self.embedder = embedder
@@ -442,15 +473,17 @@ class Extractor:
             "lora": None if lora is None else str(lora),
             "kind": self.pair.kind,
             "resolution": self.resolution,
+            "family": self.pair.family.name,
+            "prediction_type": self.pair.scheduler_config.get("prediction_type", "epsilon"),
         }
 
     def extract(
         self,
-        caption: str,
-        n0: int,
+        caption: str | None,
+        n0: int | str,
         *,
         num_images: int | None = None,
-        method: str = "finextract",
+        method: str | None = None,
         w: float | None = None,
         k: float | None = None,
         out=None,
@@ -459,14 +492,23 @@ class Extractor:
         save_generated: bool = False,
         progress: bool = True,
         label: str | None = None,
+        recovery: dict | None = None,
         **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         Args:
-            caption: the training caption c. n0: N0 >= 1. num_images: N (default 50 x N0).
-            method: "finextract" | "finextract-uncond" | "cfg" | "direct". w, k: guidance scale and
-                correction (None = paper defaults per model kind).
+            caption: the training caption c; "auto" recovers it from the fine-tune's cross-attention
+                weight deltas first (`finextract.caption.recover_caption`; the recovered caption, its
+                score and the runner-ups go into `config["caption_recovery"]` and result.json); None
+                when it is unknown: then only "finextract-uncond" (Eq. 6, the default then) applies.
+            n0: N0 >= 1, or "auto" to estimate it from the generated images' SSCD descriptors
+                (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
+                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0; with
+                n0="auto" `AUTO_NUM_IMAGES`).
+            method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
+                "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
+                (None = paper defaults per model kind).
             out: output folder to write (extracted/, generation/, result.json, report.html), or None.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
                 (H, W, 3) arrays, or the (images, paths) pair `read_images` returns. They are compared
@@ -475,6 +517,8 @@ class Extractor:
             train_as_is: compare the training images as they are, without that crop and resize.
             save_generated: also write all N generated images to out/generated/.
             progress: show progress bars. label: the generation bar's text.
+            recovery: keyword arguments for `finextract.caption.recover_caption` with caption="auto"
+                (e.g. max_tokens=, vocabulary=); None = its defaults.
             **run_options: settings of this extraction that differ from the Extractor's `config`
                 (steps=, seed=, batch_size=, backend=, threads=, cuda_graphs=); the device and
                 precisions are fixed when the models load.
@@ -484,12 +528,16 @@ class Extractor:
 
         Raises:
             ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file, `train` holds no
-                readable image, a non-square model without `train_as_is`, or too few usable generations
-                (all but the last checked before generating).
+                readable image, a non-square model without `train_as_is`, a method that needs a caption
+                with `caption=None`, or too few usable generations (all but the last checked before
+                generating).
+            finextract.caption.CaptionRecoveryError (a ValueError): `caption="auto"` on a fine-tune that
+                changes no `attn2.to_k` / `attn2.to_v` (nothing is generated).
             FileNotFoundError: `train` is not a folder.
         """
         from finextract.generation import check_out_folder, generate
         from finextract.images import read_images
+        from finextract.rules import rule_for
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})
         if fixed:
@@ -497,10 +545,16 @@ class Extractor:
                 f"{', '.join(fixed)} are fixed when the Extractor loads the models; build another Extractor"
             )
         config = run_config(self.config, **run_options)
-        if n0 < 1:
-            raise ValueError(f"n0={n0}: must be >= 1")
+        if n0 == AUTO:
+            from finextract.clustering.n0 import MIN_IMAGES
+
+            num_images = AUTO_NUM_IMAGES if num_images is None else num_images
+            if num_images < MIN_IMAGES:
+                raise ValueError(f"num_images={num_images}: estimating N0 needs at least {MIN_IMAGES} images")
+        elif not isinstance(n0, int) or n0 < 1:
+            raise ValueError(f"n0={n0!r}: must be an int >= 1 or 'auto'")
         num_images = IMAGES_PER_N0 * n0 if num_images is None else num_images
-        if num_images < n0:
+        if n0 != AUTO and num_images < n0:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
         if out is not None:
             check_out_folder(out)
@@ -510,13 +564,28 @@ class Extractor:
                 "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
                 "training images as the fine-tune saw them yourself"
             )
+        method = method or ("finextract-uncond" if caption is None else "finextract")
+        if caption is None and any(term.caption == "prompt" for term in rule_for(method, self.pair.kind).terms):
+            raise ValueError(
+                f"method {method!r} needs the training caption: give caption=... (CLI --caption TEXT), "
+                "caption='auto' to recover it from the weights, or use method 'finextract-uncond' (Eq. 6)"
+            )
         if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
             train = read_images(train)
         timings = {"load": self.load_seconds}
+        caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
+        if caption == AUTO:
+            from finextract.caption import recover_caption
+
+            options = {"seed": config.seed, **(recovery or {})}
+            recovered = recover_caption(self.pair, progress=progress, **options)
+            timings["caption"] = recovered.seconds
+            caption = recovered.caption
+            caption_record = {"source": "recovered", **recovered.to_dict()}
         start = time.perf_counter()
         generation = generate(
             self.pair,
-            caption,
+            "" if caption is None else caption,
             num_images,
             method=method,
             w=w,
@@ -532,13 +601,14 @@ class Extractor:
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
-            n0=n0,
+            n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,
             num_images=num_images,
             embedder=self.embedder,
             budget=self.budget,
             models=self.models,
             generation={
                 "caption": caption,
+                "caption_recovery": caption_record,
                 "method": method,
                 "w": params.get("w"),
                 "k": params.get("k"),
@@ -563,7 +633,7 @@ class Extractor:
             write_output(
                 out,
                 result,
-                {"method": method},
+                {"method": method, "caption": caption_record},
                 generated=generation.images,
                 save_generated=save_generated,
                 train_data=train_data,

@@ -270,6 +270,35 @@ def _transform_text(metrics: dict, size: list[int]) -> str:
     return f"{original}, as is"
 
 
+def metadata_html(result: dict) -> str:
+    """HTML for how the training metadata was obtained: the caption (given, none, or recovered from the
+    weights with its score and runner-ups) and N0 (given, or estimated with its interval); "" when both
+    were simply given."""
+    parts = []
+    caption = result.get("caption") or {}
+    if caption.get("source") == "recovered":
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{html.escape(c['caption'])}</td><td>{c['score']:.3f}</td></tr>"
+            for i, c in enumerate(caption.get("candidates", []))
+        )
+        parts.append(
+            f"<h2>Caption recovered from the weights</h2><p>\u201c{html.escape(caption['caption'])}\u201d, score "
+            f"{caption['score']:.3f} (a random direction scores {caption.get('baseline', 0.0):.3f}; "
+            f"{caption.get('seconds', 0.0):.1f} s, from {len(caption.get('modules', []))} cross-attention "
+            f'projections)</p><table border="1"><tr><th>#</th><th>candidate</th><th>score</th></tr>{rows}</table>'
+        )
+    elif caption.get("source") == "none":
+        parts.append("<h2>Caption</h2><p>unknown: generated without a caption (Eq. 6)</p>")
+    n0 = result.get("n0_estimate") or {}
+    if n0.get("source") == "estimated":
+        low, high = n0["interval"]
+        parts.append(
+            f"<h2>N0 estimated from the generations</h2><p>N0 = {n0['n0']} (interval {low}..{high}, confidence "
+            f"{n0['confidence']:.2f}, from {n0.get('num_thresholds', 0)} thresholds; N = {n0.get('num_images')})</p>"
+        )
+    return "".join(parts)
+
+
 def write_report(
     out: str | Path,
     result: dict,
@@ -410,6 +439,7 @@ def write_report(
             + ", ".join(str(s["threshold"]) for s in result["skipped"])
         )
     body.append("<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>")
+    body.append(metadata_html(result))
     if result.get("similarity_histogram"):
         fig = histogram_plot(result["similarity_histogram"], result.get("threshold"), clustering.get("start_threshold"))
         body.append(f'<img src="{plot_data_uri(fig)}" alt="similarity histogram">')

@@ -409,11 +409,15 @@ def test_ctrl_c_keeps_finished_work_and_the_rerun_resumes(tiny_zoo, tmp_path, ca
         f"db_uncond,{tiny_zoo / 'base'},{tiny_zoo / 'dreambooth'},,,2,8,\n"
         f"long,{tiny_zoo / 'base'},,{tiny_zoo / 'lora_peft'},a photo of sks,2,16,4\n"
     )
-    chunk = out / "long" / "generation" / "chunk_00000.npz"
+    generation = out / "long" / "generation"
 
     def press_ctrl_c():  # SIGINT, as a terminal's Ctrl-C sends, once the long row has a finished chunk
+        from finextract.fleet.worker import finished_chunks
+
+        # finished = written AND in the manifest: a chunk file appears a moment before its manifest
+        # entry, and a Ctrl-C between the two (seen on a loaded machine) leaves nothing to resume
         deadline = time.monotonic() + 240
-        while not chunk.is_file() and time.monotonic() < deadline:
+        while finished_chunks(generation) < 1 and time.monotonic() < deadline:
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from finextract.engine.families import FamilyMismatchError
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
@@ -178,7 +179,8 @@ def test_cross_attention_dim_mismatch_is_named(tiny_zoo, tmp_path):
     config["cross_attention_dim"] = 1024
     (other / "unet/config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ValueError, match=r"fine-tuned UNet has cross_attention_dim 1024, base has 32: is the base SD 2\.x\?"
+        FamilyMismatchError,
+        match=r"is SD 2\.x \(cross-attention 1024\), told by its configs; the base is SD 1\.x \(32\)",
     ):
         load_model_pair(tiny_zoo / "base", other)
 
