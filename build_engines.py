@@ -24,7 +24,7 @@ from pathlib import Path
 from finextract.rules import METHODS  # plain data: loads no torch
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="pretrained model (diffusers folder or single file)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -42,6 +42,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--device", default="auto", help="device to trace the export on: auto, cpu, cuda")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin)")
+    parser.add_argument(
+        "--base-config", default=None, help="for a single-file --base: a local pipeline folder with its configs"
+    )
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="override the models' scheduler prediction type (when base and fine-tune disagree)",
+    )
     parser.add_argument("--onnx-only", action="store_true", help="export ONNX only; do not build engines")
     parser.add_argument(
         "--out",
@@ -49,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the run cache to fill (default $FINEXTRACT_CACHE or ~/.cache/finextract)",
     )
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f"--batch-sizes {args.batch_sizes}: batch sizes must be >= 1")
@@ -90,6 +104,8 @@ def main(argv=None) -> int:
             args.finetuned,
             lora=args.lora,
             allow_pickle=args.allow_pickle,
+            base_config=args.base_config,
+            prediction_type=args.prediction_type,
             dtype=args.precision,
             device=device,
         ).place(config)

@@ -4,7 +4,7 @@ Two `StableDiffusionPipeline` objects (pretrained and fine-tuned), fp32, batch 5
 the two UNet calls of the rule run one after the other, the guidance is combined in eager torch and
 `DDIMScheduler.step(eta=0)` updates the latents; the VAE decodes each batch and the pipeline's image
 processor post-processes it. Start latents are the project's (`seed + i` per image), so the images
-can be compared with `finextract.generate` one for one.
+can be compared with `finextract.generation` one for one.
 
     images = baseline_generate(pair, caption, 20)             # uint8 (N, H, W, 3)
     figures = measure(method="finextract", kind="lora", zoo=Path("zoo"))   # images/s, for bench_backends
@@ -34,7 +34,7 @@ def _plain_unet(unet):
 
 
 def diffusers_pipelines(pair):
-    """(pretrained, fine-tuned) `StableDiffusionPipeline`s on the CPU in fp32, DDIM from the model config.
+    """(pretrained, fine-tuned) `StableDiffusionPipeline`s on the pair's device in fp32, DDIM from the model config.
 
     A LoRA pair's fine-tuned UNet is a copy of the base UNet with the adapters merged in.
     """
@@ -44,7 +44,10 @@ def diffusers_pipelines(pair):
 
     base_unet = _plain_unet(pair.base_unet).float()
     if pair.finetuned_unet is None:
-        finetuned_unet = merge_lora(copy.deepcopy(base_unet), pair.unet_lora or {})
+        layers = pair.unet_lora or {}
+        lora_device = next((layer.down.device for layer in layers.values()), base_unet.device)
+        # merged where the adapters live (merge_lora adds in place), then on the pair's device
+        finetuned_unet = merge_lora(copy.deepcopy(base_unet).to(lora_device), layers).to(base_unet.device)
     else:
         finetuned_unet = _plain_unet(pair.finetuned_unet).float()
     pipelines = []
@@ -84,7 +87,7 @@ def baseline_generate(
 ) -> torch.Tensor:
     """Sample like the paper's code: uint8 images (N, H, W, 3), image i from seed `seed + i`.
 
-    Args mirror `finextract.generate.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
+    Args mirror `finextract.generation.generate`; `pipelines` reuses `diffusers_pipelines(pair)`.
     """
     from finextract.engine.sampler import start_latents
     from finextract.rules import rule_for
@@ -96,16 +99,17 @@ def baseline_generate(
     scheduler.set_timesteps(steps)
     unet_config = pipe_ft.unet.config
     shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    device = pipe_ft.unet.device
     outputs = []
     for start in range(0, num_images, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, num_images))
         embeddings = {
             term.key: by_model[term.model].encode_prompt(
-                caption if term.caption == "prompt" else "", "cpu", len(seeds), do_classifier_free_guidance=False
+                caption if term.caption == "prompt" else "", device, len(seeds), do_classifier_free_guidance=False
             )[0]
             for term in rule.terms
         }
-        latents = start_latents(seeds, shape)
+        latents = start_latents(seeds, shape).to(device)
         for t in scheduler.timesteps:
             eps = 0
             for term in rule.terms:  # sequential UNet calls, one per term
@@ -117,7 +121,7 @@ def baseline_generate(
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
         image = pipe_ft.vae.decode(latents / pipe_ft.vae.config.scaling_factor, return_dict=False)[0]
         image = pipe_ft.image_processor.postprocess(image, output_type="pt")  # (B, 3, H, W) in [0, 1]
-        outputs.append((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+        outputs.append((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(outputs)
 
 

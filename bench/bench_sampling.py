@@ -8,7 +8,7 @@ forward 20x slower here.)
 
 For a DreamBooth pair and a LoRA pair (the random tiny zoo), FineXtract (Eq. 13) generates N images
 with 50 DDIM steps, end to end (text encoding, UNet steps, VAE decode):
-- `ours_b<N>`: `finextract.generate` with the torch backend, one batch of N (LoRA: one UNet forward on
+- `ours_b<N>`: `finextract.generation` with the torch backend, one batch of N (LoRA: one UNet forward on
   2N per step);
 - `ours_b5`: the same at the baseline's batch of 5, to separate fusion from batching;
 - `diffusers_b5`: `bench/baseline.py` (two pipelines, two sequential UNet calls, batch 5, fp32).
@@ -57,7 +57,7 @@ def _one_run(benchmark, fn):
 @pytest.mark.parametrize("kind", ["dreambooth", "lora"])
 @pytest.mark.parametrize("way", ["ours_b20", "ours_b5", "diffusers_b5"])
 def test_sampling_images_per_s(benchmark, zoo, kind, way):
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     benchmark.group = f"sampling-{kind}"
     pair = baseline.load_zoo_pair(kind, zoo)

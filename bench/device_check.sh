@@ -7,7 +7,7 @@
 #   here (PyPI reachable):   bash bench/fetch_device_wheels.sh     # diffusers etc. into .whl/
 #   on the GPU machine:      bash bench/device_check.sh            # carry .whl with the tree
 #
-# Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT in seconds (150 / 300),
+# Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT in seconds (150 / 220 / 90),
 # FINEXTRACT_BENCH_BATCHES (8,16,32), FINEXTRACT_BENCH_ROUNDS (5), FINEXTRACT_PEAK_TFLOPS (790),
 # FINEXTRACT_SKIP_INSTALL=1 (use the finextract already installed, e.g. a dry run on a CPU machine).
 set -uo pipefail
@@ -60,12 +60,25 @@ tests_rc=$?
 tail -n 25 "$RESULTS/gpu_tests.log"
 
 # 5. GPU benchmarks (pytest-benchmark JSON + gpu_summary.json written by bench_gpu.py)
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m pytest -q bench/bench_gpu.py -p no:cacheprovider --benchmark-enable \
+timeout "${BENCH_TIMEOUT:-220}" "$PY" -m pytest -q bench/bench_gpu.py -p no:cacheprovider --benchmark-enable \
     --benchmark-json="$RESULTS/bench_gpu.json" --benchmark-columns=median,min,max,rounds >"$RESULTS/bench_gpu.log" 2>&1
 bench_rc=$?
 tail -n 30 "$RESULTS/bench_gpu.log"
 
-# 6. summary table, last
+# 6. end to end on the trained tiny zoo (text, 50 steps, decode, SSCD, clustering): the torch backend
+#    against the plain diffusers way, both on the GPU (bench/bench_e2e.py; e2e_gpu.json)
+if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    FINEXTRACT_BENCH_DEVICE=cuda FINEXTRACT_BENCH_IMAGES=16 FINEXTRACT_BENCH_ROUNDS=2 timeout "${E2E_TIMEOUT:-90}" \
+        "$PY" -m pytest -q bench/bench_e2e.py -k trained -p no:cacheprovider --benchmark-enable \
+        --benchmark-json="$RESULTS/bench_e2e_gpu.json" >"$RESULTS/bench_e2e_gpu.log" 2>&1
+    e2e_rc=$?
+    tail -n 5 "$RESULTS/bench_e2e_gpu.log"
+else
+    echo "no CUDA device: skipping the GPU end-to-end benchmark" | tee "$RESULTS/bench_e2e_gpu.log"
+    e2e_rc=0
+fi
+
+# 7. summary table, last
 "$PY" - "$RESULTS" "$tests_rc" "$bench_rc" "$(( $(date +%s) - started ))" <<'EOF' | tee "$RESULTS/summary.txt"
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -78,6 +91,17 @@ try:
           f"{skipped} skipped (pytest rc {tests_rc})")
 except Exception as error:
     print(f"gpu tests: no report ({error}); pytest rc {tests_rc}")
+try:
+    e2e = json.loads((results / "e2e_gpu.json").read_text())
+    for row in e2e["results"]:
+        ways = row["ways"]
+        ours = ways.get("torch", {})
+        print(f"e2e {row['zoo']} {row['kind']}: diffusers {ways['diffusers']['wall_s']['median']} s, torch "
+              f"{ours.get('wall_s', {}).get('median')} s, x{ours.get('speedup_wall', {}).get('median')} "
+              f"(range {ours.get('speedup_wall', {}).get('min')}-{ours.get('speedup_wall', {}).get('max')}), "
+              f"max pixel diff {ours.get('max_pixel_diff')}, same extraction {ours.get('same_extraction')}")
+except Exception as error:
+    print(f"e2e: no e2e_gpu.json ({error})")
 try:
     summary = json.loads((results / "gpu_summary.json").read_text())
 except Exception as error:
@@ -93,4 +117,4 @@ for name, row in summary["results"].items():
     if "step_ms" not in row:
         print(name, " ".join(f"{key}={value}" for key, value in row.items()))
 EOF
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || e2e_rc != 0 ))

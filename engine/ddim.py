@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: Model parameterisations the table folds into the update (diffusers' `prediction_type`).
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: Timestep spacings `DDIMScheduler.set_timesteps` implements.
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 StepFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,12 +42,24 @@ def make_scheduler(scheduler_config: dict, steps: int):
 
     Raises:
         ValueError: `steps` < 1, or a config the fused DDIM step cannot reproduce (dynamic
-            thresholding, an unknown prediction type).
+            thresholding, an unknown prediction type, timestep spacing or beta schedule).
     """
     from diffusers import DDIMScheduler
 
     if steps < 1:
         raise ValueError(f"--steps {steps}: must be >= 1 (the paper uses 50)")
+    spacing = scheduler_config.get("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"scheduler timestep_spacing={spacing!r}: the DDIM loop (diffusers' DDIMScheduler) spaces timesteps as "
+            f"{', '.join(TIMESTEP_SPACINGS)}; set one of them in the model's scheduler_config.json (SD's own: leading)"
+        )
+    beta_schedule = scheduler_config.get("beta_schedule", "linear")
+    if "trained_betas" not in scheduler_config and beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"scheduler beta_schedule={beta_schedule!r}: DDIM supports {', '.join(BETA_SCHEDULES)} (or trained_betas); "
+            "fix the model's scheduler_config.json"
+        )
     scheduler = DDIMScheduler.from_config(scheduler_config)
     config = scheduler.config
     if config.prediction_type not in PREDICTION_TYPES:

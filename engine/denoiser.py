@@ -26,13 +26,25 @@ import torch
 from torch import nn
 
 from ..kernels.guidance_ddim import guided_update
-from .conditioning import CONDITIONING_KEYS
+from .conditioning import conditioning_keys
+from .families import ADDED_CONDITIONING_KEYS
 from .lora import gated
 
 
 def _unet_output(unet: nn.Module, sample: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
-    """One diffusers UNet forward: its output tensor (noise, v or x0 prediction)."""
-    return unet(sample, t, encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+    """One diffusers UNet forward: its output tensor (noise, v or x0 prediction).
+
+    `conditioning` holds `encoder_hidden_states` and, for SDXL, the added conditioning
+    (`text_embeds`, `time_ids`), which diffusers' UNet takes as `added_cond_kwargs`.
+    """
+    added = {key: conditioning[key] for key in ADDED_CONDITIONING_KEYS if key in conditioning}
+    return unet(
+        sample,
+        t,
+        encoder_hidden_states=conditioning["encoder_hidden_states"],
+        added_cond_kwargs=added or None,
+        return_dict=False,
+    )[0]
 
 
 class GuidedDenoiser(nn.Module):
@@ -52,14 +64,15 @@ class GuidedDenoiser(nn.Module):
         t: (1,) float32 timestep (a row of `DDIMTable.timesteps_tensor`), the same for the whole batch.
         weights: (3,) float32 (w_x, w_a, w_b), a row of `DDIMTable.weights(*rule.coefs)` (`step` only).
         conditioning: `encode_conditioning(pair, rule, caption)`: per term, in term order, one tensor
-            per key of `CONDITIONING_KEYS`, each (1, ...) in the UNet dtype (expanded to the batch here).
+            per key of `conditioning_keys(pair.family)`, each (1, ...) in the UNet dtype (expanded to the
+            batch here).
     """
 
     def __init__(self, pair, rule) -> None:
         super().__init__()
         self.rule = rule
         self.coefs = tuple(float(coef) for coef in rule.coefs)[: len(rule.terms)]
-        self.conditioning_keys = CONDITIONING_KEYS
+        self.conditioning_keys = conditioning_keys(pair.family)
         unets: list[nn.Module] = []
         groups: list[tuple[int, list[int]]] = []
         for index, term in enumerate(rule.terms):

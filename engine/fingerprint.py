@@ -63,15 +63,27 @@ def pair_fingerprint(pair) -> str:
     digest = xxhash.xxh3_128()
     structure = {
         "kind": pair.kind,
+        "family": pair.family.name,
+        "force_zeros_for_empty_prompt": pair.force_zeros_for_empty_prompt,
         "finetuned_unet": pair.finetuned_unet is not None,
         "unet_lora": sorted((name, layer.alpha) for name, layer in (pair.unet_lora or {}).items()),
         "separate_text_encoder": pair.finetuned_text_encoder is not pair.base_text_encoder,
-        "tokenizers": [_tokenizer_identity(pair.base_tokenizer), _tokenizer_identity(pair.finetuned_tokenizer)],
+        "tokenizers": [
+            _tokenizer_identity(tokenizer)
+            for tokenizer in (
+                pair.base_tokenizer,
+                pair.finetuned_tokenizer,
+                pair.base_tokenizer_2,
+                pair.finetuned_tokenizer_2,
+            )
+        ],
         "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")},
     }
     digest.update(json.dumps(structure, sort_keys=True, default=str).encode())
     seen: set[int] = set()
-    for role in ("base_unet", "finetuned_unet", "base_text_encoder", "finetuned_text_encoder", "vae"):
+    roles = ("base_unet", "finetuned_unet", "base_text_encoder", "finetuned_text_encoder")
+    roles += ("base_text_encoder_2", "finetuned_text_encoder_2", "vae")
+    for role in roles:
         model = getattr(pair, role)
         if model is None or id(model) in seen:
             digest.update(f"{role}:same-or-none".encode())

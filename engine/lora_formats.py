@@ -26,8 +26,11 @@ them, never a silent skip. Each module keeps its own alpha / rank; where a file 
 alpha = rank is assumed and listed in `alpha_assumed`.
 
 Components are named by the prefix tables below and the `models` mapping the caller passes
-("unet", "text_encoder"); another model family adds its prefixes (`lora_te2_`, `text_encoder_2.`)
-and its models there.
+("unet", "text_encoder", and for SDXL "text_encoder_2": kohya's `lora_te1_` / `lora_te2_`, including
+`lora_te2_text_projection`, diffusers' `text_encoder_2.`, PEFT's `text_encoder_2/`). kohya-ss writes
+SDXL's UNet under its original (SGM) module names (`lora_unet_input_blocks_4_1_...`): they are mapped
+with diffusers' `_maybe_map_sgm_blocks_to_diffusers` on the base UNet's config, as diffusers' own
+SDXL LoRA loader does.
 """
 
 from __future__ import annotations
@@ -47,17 +50,22 @@ from .formats import load_state_dict, read_pickle, read_safetensors_header, snif
 logger = logging.getLogger(__name__)
 
 LORA_FORMATS = ("diffusers", "peft", "kohya", "cloneofsimo", "embedding")
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # file-key prefix -> component, for kohya's underscored module names and for dotted ones
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lycoris_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
-# prefixes of models an SD 1.x/2.x base does not have
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lycoris_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# prefixes of models no family finextract runs has
 OTHER_MODEL_PREFIXES = {
-    "lora_te2_": "SDXL's second text encoder",
-    "text_encoder_2.": "SDXL's second text encoder",
     "transformer.": "a DiT model (SD3, Flux)",
     "lora_transformer_": "a DiT model (SD3, Flux)",
 }
+_COMPONENT_WORDS = {"text_encoder_2": "SDXL's second text encoder (text_encoder_2)"}
 # PEFT / diffusers tensor suffixes -> LyCORIS'
 PEFT_SUFFIXES = {
     "lora_A.weight": "lora_down.weight",
@@ -169,7 +177,9 @@ def detect_lora_format(path: str | Path) -> str | None:
     """
     path = Path(path)
     if path.is_dir():
-        if any((path / sub / "adapter_config.json").is_file() for sub in ("", "unet", "text_encoder")):
+        if any(
+            (path / sub / "adapter_config.json").is_file() for sub in ("", "unet", "text_encoder", "text_encoder_2")
+        ):
             return "peft"
         files = [path / "pytorch_lora_weights.safetensors", path / "pytorch_lora_weights.bin"]
         return next((detect_lora_format(f) for f in files if f.is_file()), None)
@@ -230,7 +240,9 @@ def _read_kohya(path: Path, state: dict, metadata: dict) -> _Parsed:
         lora_name, _, suffix = key.partition(".")
         prefix = next((p for p in OTHER_MODEL_PREFIXES if lora_name.startswith(p)), None)
         if prefix:
-            raise LoRAKeyError(f"{path}: key {key!r} adapts {OTHER_MODEL_PREFIXES[prefix]}; the base is SD 1.x/2.x")
+            raise LoRAKeyError(
+                f"{path}: key {key!r} adapts {OTHER_MODEL_PREFIXES[prefix]}, which finextract does not run"
+            )
         prefix = next((p for p in KOHYA_PREFIXES if lora_name.startswith(p)), None)
         if prefix is None or not suffix:
             unknown.append(key)
@@ -259,13 +271,15 @@ def _read_diffusers(path: Path, allow_pickle: bool) -> _Parsed:
     state, metadata = _read_weights(file, allow_pickle)
     raw = metadata.get("lora_adapter_metadata")
     configs = json.loads(raw) if raw else {}
-    split = {"unet": {}, "text_encoder": {}}
+    split = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
     unknown = []
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
         other = next((p for p in OTHER_MODEL_PREFIXES if key.startswith(p)), None)
         if other:
-            raise LoRAKeyError(f"{file}: key {key!r} adapts {OTHER_MODEL_PREFIXES[other]}; the base is SD 1.x/2.x")
+            raise LoRAKeyError(
+                f"{file}: key {key!r} adapts {OTHER_MODEL_PREFIXES[other]}, which finextract does not run"
+            )
         if component in split:
             split[component][rest] = tensor
         elif re.match(r"(down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding)\b", key):
@@ -273,8 +287,9 @@ def _read_diffusers(path: Path, allow_pickle: bool) -> _Parsed:
         else:
             unknown.append(key)
     split["unet"] = convert_unet_state_dict_to_peft(split["unet"])
-    if any("lora_linear_layer" in k or "to_out_lora" in k for k in split["text_encoder"]):
-        split["text_encoder"] = convert_state_dict_to_peft(split["text_encoder"])
+    for component in ("text_encoder", "text_encoder_2"):
+        if any("lora_linear_layer" in k or "to_out_lora" in k for k in split[component]):
+            split[component] = convert_state_dict_to_peft(split[component])
     groups = []
     for component, part in split.items():
         prefixed = {f"{component}.{key}": tensor for key, tensor in part.items()}
@@ -341,7 +356,7 @@ def _read_peft(path: Path, allow_pickle: bool) -> _Parsed:
     groups, conventions, source = [], _PEFT_CONVENTIONS, path
     seen = {}
     unknown = []
-    for sub in ("", "unet", "text_encoder"):
+    for sub in ("", "unet", "text_encoder", "text_encoder_2"):
         folder = path / sub if sub else path
         if not (folder / "adapter_config.json").is_file():
             continue
@@ -445,16 +460,25 @@ def _kohya_names(model, prefixes: list[str]) -> dict[str, str]:
     return names
 
 
-def _kohya_fallback(lora_name: str) -> str | None:
-    """diffusers' heuristic for LDM-style kohya names (input_blocks_...), normalised to a module path."""
+def _kohya_fallback(lora_name: str, unet_config) -> str | None:
+    """diffusers' conversion of LDM / SGM-style kohya names (`input_blocks_4_1_...`, as sd-scripts names
+    SDXL's UNet) to a module path: `_maybe_map_sgm_blocks_to_diffusers` on the base UNet's config (the
+    block numbering depends on `layers_per_block`), then `_convert_unet_lora_key`."""
     try:
-        from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+        from diffusers.loaders.lora_conversion_utils import (
+            _convert_unet_lora_key,
+            _maybe_map_sgm_blocks_to_diffusers,
+        )
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-    except ImportError:  # private helper: absent in some diffusers versions
+    except ImportError:  # private helpers: absent in some diffusers versions
         return None
     for prefix in ("lora_unet_", "lycoris_"):
         if lora_name.startswith(prefix):
             lora_name = "lora_unet_" + lora_name.removeprefix(prefix)
+    try:
+        (lora_name,) = _maybe_map_sgm_blocks_to_diffusers({lora_name: None}, unet_config)
+    except (ValueError, IndexError):  # not a name the SGM mapping knows: no module
+        return None
     converted = _convert_unet_lora_key(lora_name + ".lora_down.weight")
     key = next(iter(convert_unet_state_dict_to_peft({converted: None})))
     return key.removesuffix(".lora_A.weight") if key.endswith(".lora_A.weight") else None
@@ -468,7 +492,7 @@ def _resolver(parsed: _Parsed, component: str, model):
     if parsed.naming == "kohya":
         names = _kohya_names(model, [p for p, c in KOHYA_PREFIXES.items() if c == component])
         if component == "unet":
-            return lambda name: names.get(name) or _kohya_fallback(name)
+            return lambda name: names.get(name) or _kohya_fallback(name, model.config)
         return names.get
 
     def dotted(name: str) -> str | None:
@@ -484,7 +508,9 @@ def _first_key(group: _Group) -> str:
     return next(iter(group.keys.values()), group.name)
 
 
-def _match(parsed: _Parsed, component: str, model, alpha_assumed: list) -> tuple[dict[str, Adapter], dict]:
+def _match(
+    parsed: _Parsed, component: str, model, alpha_assumed: list, base_label: str = "the base"
+) -> tuple[dict[str, Adapter], dict]:
     """The adapters of `component` keyed by module path, and their counts; raises LoRAKeyError."""
     groups = [g for g in parsed.groups if g.component == component]
     modules = dict(model.named_modules())
@@ -516,7 +542,8 @@ def _match(parsed: _Parsed, component: str, model, alpha_assumed: list) -> tuple
         if problem:
             raise LoRAKeyError(
                 f"{parsed.source}: {cls.type} module {group.name!r}: {problem}, the base {component}'s {path} is "
-                f"{type(module).__name__}{tuple(module.weight.shape)}: the adapter was trained for another base model"
+                f"{type(module).__name__}{tuple(module.weight.shape)} ({base_label}): the adapter was trained for another "
+                "base model"
             )
         if cls.uses_alpha and "alpha" not in group.tensors:
             alpha_assumed.append(f"{component}:{path}")
@@ -527,8 +554,8 @@ def _match(parsed: _Parsed, component: str, model, alpha_assumed: list) -> tuple
     if unmatched:
         raise LoRAKeyError(
             f"{parsed.source}: {len(unmatched)} of {total} {component} LoRA keys match no module of the base {component} "
-            f"that their type adapts, e.g. {unmatched[:3]}: is the adapter for another architecture (SDXL, SD 2.x), "
-            "or in a format variant not supported here?"
+            f"that their type adapts ({base_label}), e.g. {unmatched[:3]}: is the adapter for another family or "
+            "architecture, or in a format variant not supported here?"
         )
     counts = {
         "keys": total,
@@ -540,7 +567,7 @@ def _match(parsed: _Parsed, component: str, model, alpha_assumed: list) -> tuple
 
 
 def read_adapters(
-    path: str | Path, models: dict, *, format: str = "auto", allow_pickle: bool = False
+    path: str | Path, models: dict, *, format: str = "auto", allow_pickle: bool = False, family=None
 ) -> AdapterWeights:
     """Read an adapter checkpoint and match it onto the base models.
 
@@ -549,7 +576,8 @@ def read_adapters(
             LoRA folder (`pytorch_lora_weights.safetensors`, with embedding files beside it), or a
             PEFT adapter folder.
         models: component name -> base model (read only: module names and shapes), e.g.
-            {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}.
+            {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel} (SDXL: also "text_encoder_2").
+        family: the base's family (a `finextract.engine.families.Family` or name), named in messages.
         format: "auto" (detect) or one of `LORA_FORMATS`.
         allow_pickle: allow `.bin` / `.pt` files (read with `torch.load(weights_only=True)`).
 
@@ -600,12 +628,23 @@ def read_adapters(
             f"{list(unknown)[:3]}: an adapter type not supported here (known suffixes: "
             f"{', '.join(sorted(KNOWN_SUFFIXES | set(PEFT_SUFFIXES)))})"
         )
+    base_label = "the base"
+    if family is not None:
+        from .families import get_family
+
+        base_label = f"the base is {get_family(family).label}"
+    stray = sorted({g.component for g in parsed.groups} - set(models))
+    if stray:
+        words = ", ".join(_COMPONENT_WORDS.get(name, name) for name in stray)
+        hint = ": the LoRA is for SDXL" if "text_encoder_2" in stray else ""
+        raise LoRAKeyError(
+            f"{parsed.source}: adapters for {words}, which the base model does not have ({base_label}){hint}"
+        )
     weights = AdapterWeights(adapters={}, embeddings=parsed.embeddings, format=format)
     for component, model in models.items():
-        weights.adapters[component], weights.counts[component] = _match(parsed, component, model, weights.alpha_assumed)
-    stray = {g.component for g in parsed.groups} - set(models)
-    if stray:
-        raise LoRAKeyError(f"{parsed.source}: adapters for {sorted(stray)}, which the base model does not have")
+        weights.adapters[component], weights.counts[component] = _match(
+            parsed, component, model, weights.alpha_assumed, base_label
+        )
     tokens = [e.token for e in weights.embeddings]
     duplicates = sorted(t for t, n in Counter(tokens).items() if n > 1)
     if duplicates:
@@ -637,5 +676,5 @@ def _log(path: Path, weights: AdapterWeights) -> None:
 def read_lora(
     path: str | Path, unet, text_encoder, *, format: str = "auto", allow_pickle: bool = False
 ) -> AdapterWeights:
-    """`read_adapters` for an SD 1.x/2.x pair of models (the UNet and its CLIP text encoder)."""
+    """`read_adapters` for a pair of models with one text encoder (SD 1.x, SD 2.x, AltDiffusion)."""
     return read_adapters(path, {"unet": unet, "text_encoder": text_encoder}, format=format, allow_pickle=allow_pickle)

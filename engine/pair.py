@@ -39,18 +39,32 @@ class ModelPair:
         base_text_encoder: `transformers.CLIPTextModel` of the pretrained model.
         finetuned_text_encoder: the fine-tune's text encoder (LoRA merged in when the LoRA file
             adapts it); the same object as `base_text_encoder` when the checkpoint has none.
-        base_tokenizer: the pretrained model's `transformers.CLIPTokenizer` (for `eps_base`).
+        base_tokenizer: the pretrained model's tokenizer (`transformers.CLIPTokenizer`; AltDiffusion's
+            `XLMRobertaTokenizer`), for `eps_base`.
         finetuned_tokenizer: the fine-tune's own tokenizer (for `eps_ft`; it may add tokens such as a
             DreamBooth identifier or textual-inversion embeddings); None means `base_tokenizer`.
         vae: `diffusers.AutoencoderKL` of the pretrained model (the fine-tune's if it ships one).
         scheduler_config: the model's own scheduler config (dict, diffusers format).
         sources: where each part came from, file formats, hashes, and loading notes.
+        family: the model family (`finextract.engine.families`: "sd1", "sd2", "sdxl",
+            "altdiffusion", or a `Family`); stored as a `Family`. It says which text encoders the
+            pair has and which conditioning its UNets read.
+        base_text_encoder_2, finetuned_text_encoder_2: SDXL's second text encoder
+            (`CLIPTextModelWithProjection`, OpenCLIP bigG: its penultimate states and pooled
+            projection); the fine-tune's defaults to the base's. None for the other families.
+        base_tokenizer_2, finetuned_tokenizer_2: SDXL's second tokenizer; the fine-tune's defaults
+            to the base's.
+        force_zeros_for_empty_prompt: SDXL's pipeline option (`model_index.json`): the empty caption
+            is encoded as zeros (embeddings and pooled embedding), as `StableDiffusionXLPipeline`
+            does for its unconditional half. None: the family's default (True for SDXL, False otherwise).
         lora_gate: set when the pair is built with `unet_lora`: the per-sample gate shared by the
             gated adapters inserted into `base_unet` (`finextract.engine.lora`); None otherwise.
 
     Raises:
         ValueError: a DreamBooth pair without `finetuned_unet`, both `finetuned_unet` and `unet_lora`,
-            a LoRA pair that adapts nothing, or a `base_unet` that already carries another pair's adapters.
+            a LoRA pair that adapts nothing, a `base_unet` that already carries another pair's adapters,
+            or second text encoders / tokenizers that do not fit the family.
+        UnknownFamilyError: an unknown `family` name.
     """
 
     kind: Literal["dreambooth", "lora"]
@@ -64,10 +78,32 @@ class ModelPair:
     scheduler_config: dict
     sources: dict = field(default_factory=dict)
     finetuned_tokenizer: Any = None
+    family: Any = "sd1"
+    base_text_encoder_2: Any = None
+    finetuned_text_encoder_2: Any = None
+    base_tokenizer_2: Any = None
+    finetuned_tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool | None = None
 
     def __post_init__(self) -> None:
+        from .families import get_family
+
+        self.family = get_family(self.family)
         if self.finetuned_tokenizer is None:
             self.finetuned_tokenizer = self.base_tokenizer
+        if self.finetuned_text_encoder_2 is None:
+            self.finetuned_text_encoder_2 = self.base_text_encoder_2
+        if self.finetuned_tokenizer_2 is None:
+            self.finetuned_tokenizer_2 = self.base_tokenizer_2
+        if self.force_zeros_for_empty_prompt is None:
+            self.force_zeros_for_empty_prompt = self.family.name == "sdxl"
+        second = self.base_text_encoder_2 is not None and self.base_tokenizer_2 is not None
+        if len(self.family.text_encoders) == 2 and not second:
+            raise ValueError(f"an {self.family.label} pair needs base_text_encoder_2 and base_tokenizer_2")
+        if len(self.family.text_encoders) == 1 and (
+            self.base_text_encoder_2 is not None or self.base_tokenizer_2 is not None
+        ):
+            raise ValueError(f"an {self.family.label} pair has one text encoder; base_text_encoder_2 must be None")
         if self.kind == "dreambooth" and self.finetuned_unet is None:
             raise ValueError("a DreamBooth pair needs finetuned_unet")
         if self.finetuned_unet is not None and self.unet_lora:
@@ -77,11 +113,24 @@ class ModelPair:
             and not self.unet_lora
             and self.finetuned_unet is None
             and self.finetuned_text_encoder is self.base_text_encoder
+            and self.finetuned_text_encoder_2 is self.base_text_encoder_2
         ):
             raise ValueError("a LoRA pair needs unet_lora, a merged finetuned_unet or an adapted text encoder")
         self.lora_gate = None
         if self.unet_lora:
             self.lora_gate = inject_lora(self.base_unet, self.unet_lora)
+
+    def text_encoders_for(self, model: str) -> tuple[tuple[Any, Any], ...]:
+        """(text encoder, tokenizer) of each of the family's text encoders for `model` ("base" or
+        "finetuned"), in the family's order (SDXL: the CLIP ViT-L one, then OpenCLIP bigG)."""
+        if model == "base":
+            pairs = ((self.base_text_encoder, self.base_tokenizer), (self.base_text_encoder_2, self.base_tokenizer_2))
+        else:
+            pairs = (
+                (self.finetuned_text_encoder, self.finetuned_tokenizer),
+                (self.finetuned_text_encoder_2, self.finetuned_tokenizer_2),
+            )
+        return pairs[: len(self.family.text_encoders)]
 
     def unet_for(self, model: str):
         """The UNet module that evaluates `model` ("base" or "finetuned"): the fine-tuned UNet when the
@@ -126,6 +175,7 @@ class ModelPair:
         if dtype is not None and dtype != self.dtype:
             self.__dict__.pop("fingerprint", None)  # the bytes change with the dtype
         models = [self.base_unet, self.finetuned_unet, self.base_text_encoder, self.finetuned_text_encoder]
+        models += [self.base_text_encoder_2, self.finetuned_text_encoder_2]
         for model in {id(m): m for m in models if m is not None}.values():
             _move(model, device, dtype)
         _move(self.vae, device, vae_dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Sequence
 
 import torch
@@ -128,12 +127,9 @@ class Sampler:
         self.denoiser = GuidedDenoiser(pair, rule)
         self.conditioning = encode_conditioning(pair, rule, caption)
         self._backend_options = dict(backend_options or {})
-        started = time.perf_counter()
-        self.backend = get_backend_factory(config.backend)(
+        self.backend = get_backend_factory(config.backend)(  # exported backends log their readiness
             self.denoiser, self.conditioning, config, **self._backend_options
         )
-        if config.backend != "torch":
-            logger.info("%s backend ready in %.1f s", config.backend, time.perf_counter() - started)
         self.use_graph = config.is_cuda and config.cuda_graphs and self.backend.capturable
         self._loops: dict[tuple[int, ...], DDIMLoop] = {}
         self._graph_pool = None

@@ -1,12 +1,17 @@
-"""Original-SD-layout ("LDM", CompVis) single-file checkpoints, converted offline.
+"""Original-layout ("LDM" / CompVis, "SGM" for SDXL) single-file checkpoints, converted offline.
 
 A `.safetensors` / `.ckpt` of the original Stable Diffusion code holds `model.diffusion_model.*`
-(the UNet), and optionally `cond_stage_model.transformer.*` (the CLIP text encoder, SD 1.x) and
-`first_stage_model.*` (the VAE). Each part is renamed to diffusers' layout with diffusers' own
-single-file conversion functions (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
-`convert_ldm_clip_checkpoint`), on the configs of a model already known (the base, or a
-`base_config` folder), and loaded into a model built from that config. Nothing is downloaded:
-diffusers' `from_single_file` is not used, since it looks its configs up online.
+(the UNet), `first_stage_model.*` (the VAE) and the text encoder(s), per family:
+- SD 1.x: `cond_stage_model.transformer.*` (CLIP);
+- SD 2.x: `cond_stage_model.model.*` (OpenCLIP ViT-H);
+- SDXL: `conditioner.embedders.0.transformer.*` (CLIP) and `conditioner.embedders.1.model.*`
+  (OpenCLIP bigG with its `text_projection`).
+Each part is renamed to diffusers' layout with diffusers' own single-file conversion functions
+(`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
+`convert_open_clip_checkpoint`), on the configs of a model already known (the base, or a
+`base_config` folder), and loaded into a model built from that config. The checkpoint's family
+(its keys, `finextract.engine.families.checkpoint_evidence`) must be the base's. Nothing is
+downloaded: diffusers' `from_single_file` is not used, since it looks its configs up online.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ logger = logging.getLogger(__name__)
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 LDM_OPENCLIP_PREFIX = "cond_stage_model.model."
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SGM_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 LDM_VAE_PREFIX = "first_stage_model."
 
 
@@ -66,28 +73,12 @@ def convert_unet(state: dict, config: dict, what: str):
     return _load_part(UNet2DConditionModel.from_config(config), converted, what + " (UNet)")
 
 
-def convert_text_encoder(state: dict, template, what: str):
-    """The CLIP text encoder of `cond_stage_model.transformer.*`, in a copy of `template`'s architecture;
-    None when the checkpoint has none.
-
-    Raises:
-        ValueError: an OpenCLIP (SD 2.x) text encoder, or tensors that do not fit `template`.
-    """
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextModel
-
-    if any(key.startswith(LDM_OPENCLIP_PREFIX) for key in state):
-        raise ValueError(
-            f"{what} holds an OpenCLIP text encoder ({LDM_OPENCLIP_PREFIX}*, SD 2.x): its single-file conversion "
-            "is not supported here; convert the checkpoint to a diffusers folder"
-        )
-    if not any(key.startswith(LDM_CLIP_PREFIX) for key in state):
-        return None
-    converted = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_CLIP_PREFIX)})
-    model = CLIPTextModel(template.config)
+def _renamed(converted: dict, model) -> dict:
+    """diffusers' converted CLIP names onto `model`'s own (transformers 5 dropped `CLIPTextModel`'s
+    `text_model.` module prefix; `CLIPTextModelWithProjection` keeps it)."""
     names = set(model.state_dict())
     renamed = {}
-    for key, value in converted.items():  # transformers 5 dropped CLIP's `text_model.` module prefix
+    for key, value in converted.items():
         for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
             if candidate in names:
                 renamed[candidate] = value
@@ -95,7 +86,57 @@ def convert_text_encoder(state: dict, template, what: str):
         else:
             if not key.endswith("position_ids"):  # a buffer older transformers saved
                 renamed[key] = value
-    return _load_part(model, renamed, what + " (text encoder)")
+    return renamed
+
+
+def convert_text_encoder(state: dict, template, what: str, *, layout: str = "clip", prefix: str | None = None):
+    """A text encoder of an original-layout checkpoint, in a copy of `template`'s architecture; None when
+    the checkpoint has none.
+
+    Args:
+        state: the checkpoint's tensors.
+        template: a text encoder whose class and config the converted one takes.
+        what: how to name the file in messages.
+        layout: "clip" (CLIP's own names under `prefix`, diffusers' `convert_ldm_clip_checkpoint`) or
+            "openclip" (OpenCLIP's names, `convert_open_clip_checkpoint`).
+        prefix: where the encoder's tensors are (default: SD 1.x's `cond_stage_model.transformer.` /
+            SD 2.x's `cond_stage_model.model.`).
+
+    Raises:
+        ValueError: tensors that do not fit `template` (names and shapes that differ).
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    prefix = prefix or (LDM_OPENCLIP_PREFIX if layout == "openclip" else LDM_CLIP_PREFIX)
+    if not any(key.startswith(prefix) for key in state):
+        return None
+    model = type(template)(template.config)
+    if layout == "openclip":
+        converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
+    else:
+        converted = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
+    return _load_part(model, _renamed(converted, model), what + f" (text encoder {prefix}*)")
+
+
+def _text_encoders(state: dict, base: dict, family, what: str) -> dict:
+    """The family's text encoders of a checkpoint: name -> model or None (absent)."""
+    if family.name == "sdxl":
+        return {
+            "text_encoder": convert_text_encoder(state, base["text_encoder"], what, prefix=SGM_CLIP_PREFIX),
+            "text_encoder_2": convert_text_encoder(
+                state, base["text_encoder_2"], what, layout="openclip", prefix=SGM_OPENCLIP_PREFIX
+            ),
+        }
+    if family.name == "altdiffusion":
+        if any(key.startswith("cond_stage_model.") for key in state):
+            raise ValueError(
+                f"{what} holds a text encoder (cond_stage_model.*): converting AltDiffusion's XLM-R encoder from the "
+                "original layout is not supported here; pass the UNet alone, or convert the checkpoint to a "
+                "diffusers folder"
+            )
+        return {"text_encoder": None}
+    layout = "openclip" if family.name == "sd2" else "clip"
+    return {"text_encoder": convert_text_encoder(state, base["text_encoder"], what, layout=layout)}
 
 
 def convert_vae(state: dict, config: dict, what: str):
@@ -117,27 +158,46 @@ def read_ldm_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict
     return load_state_dict(path, allow_pickle=allow_pickle)
 
 
-def load_ldm_parts(path: str | Path, base: dict, *, allow_pickle: bool = False, what: str = "checkpoint") -> dict:
-    """The UNet, text encoder and VAE of an LDM checkpoint, on the architectures of `base`.
+def load_ldm_parts(
+    path: str | Path,
+    base: dict,
+    *,
+    family="sd1",
+    allow_pickle: bool = False,
+    what: str = "checkpoint",
+    fix: str = "pass the base model the checkpoint belongs to",
+) -> dict:
+    """The UNet, text encoder(s) and VAE of an original-layout checkpoint, on the architectures of `base`.
 
     Args:
         path: the checkpoint file.
-        base: {"unet": config dict, "text_encoder": a CLIPTextModel (its config is used),
-            "vae": config dict}.
+        base: {"unet": config dict, "text_encoder": a text encoder (its class and config are used),
+            SDXL also "text_encoder_2", "vae": config dict}.
+        family: the base's family (a `finextract.engine.families.Family` or its name).
         allow_pickle: allow a `.ckpt` pickle.
         what: how to name the file in messages ("fine-tuned checkpoint", "base").
+        fix: what a family mismatch should be fixed with (appended to its message).
 
     Returns:
-        {"unet": model, "text_encoder": model or None, "vae": model or None} (None: absent from the file).
+        {"unet": model, "text_encoder": model or None, SDXL also "text_encoder_2", "vae": model or
+        None, "evidence": `Evidence`} (None: absent from the file; `evidence` carries the `v_pred` /
+        `ztsnr` markers).
 
     Raises:
+        FamilyMismatchError: the checkpoint's keys say another family than `family` (names both).
         ValueError: no or a partial UNet, parts of another architecture (see the converters).
         CheckpointFormatError / PickleRefusedError: see `formats.load_state_dict`.
     """
-    what = f"{what} {path}"
+    from .families import check_family, checkpoint_evidence, get_family
+
+    family = get_family(family)
+    where = f"{what} {path}"
     state = read_ldm_checkpoint(path, allow_pickle=allow_pickle)
+    evidence = checkpoint_evidence({key: tuple(value.shape) for key, value in state.items()})
+    check_family(family, base["unet"].get("cross_attention_dim"), evidence, f"the {where}", fix, relation="is")
     return {
-        "unet": convert_unet(state, base["unet"], what),
-        "text_encoder": convert_text_encoder(state, base["text_encoder"], what),
-        "vae": convert_vae(state, base["vae"], what),
+        "unet": convert_unet(state, base["unet"], where),
+        **_text_encoders(state, base, family, where),
+        "vae": convert_vae(state, base["vae"], where),
+        "evidence": evidence,
     }

@@ -193,7 +193,7 @@ def sd1_random_pair(
 class StepRunner:
     """The sampler's DDIM step for one configuration, ready to be timed: `runner.step()` advances one step.
 
-    The step is exactly what `finextract.generate` runs: `Sampler.loop(batch).step(i)`, the one DDIM
+    The step is exactly what `finextract.generation` runs: `Sampler.loop(batch).step(i)`, the one DDIM
     loop (a CUDA graph replay on CUDA with a capturable backend, the backend's step eagerly otherwise).
     Steps cycle through the 50-step schedule. Built by `build_step`.
 

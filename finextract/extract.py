@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 #: The paper generates N = 50 x N0 images.
 IMAGES_PER_N0 = 50
+#: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
+AUTO = "auto"
+#: N generated when N0 is estimated and N is not given: the paper's 50 x N0 for N0 up to 10.
+AUTO_NUM_IMAGES = 500
 
 
 @dataclass
@@ -36,7 +40,13 @@ class ExtractionResult:
         changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
+        n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
+        generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
+            generated images, as computed for the clustering, on the device they were computed on.
+        generated_indices: the M indices into the generated images of those rows.
+        similarity_histogram: `finextract.metrics.similarity_histogram` of `generated_descriptors` (the
+            off-diagonal values of the matrix the clustering thresholded), or None.
     """
 
     images: np.ndarray
@@ -49,14 +59,23 @@ class ExtractionResult:
     clustering: ClusteringResult | None = None
     num_degenerate: int = 0
     descriptors: object = None
+    generated_descriptors: object = None
+    generated_indices: list[int] = field(default_factory=list)
+    similarity_histogram: dict | None = None
+    n0_estimate: object = None
 
 
 def embed_images(embedder, images, batch_size: int = 32):
     """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import time
+
     import torch
 
+    started = time.perf_counter()
     if not isinstance(images, list):
-        return embedder.embed(images, batch_size=batch_size)
+        descriptors = embedder.embed(images, batch_size=batch_size)
+        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
@@ -65,12 +84,13 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
+    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
     return torch.stack(out)
 
 
 def cluster_images(
     images,
-    n0: int,
+    n0: int | str,
     embedder,
     *,
     budget: int | None = None,
@@ -82,18 +102,22 @@ def cluster_images(
 
     Args:
         images: uint8 (N, H, W, 3) tensor/ndarray, or a list of uint8 (H, W, 3) arrays.
-        n0: N0, number of images to extract.
+        n0: N0, number of images to extract, or "auto" to estimate it from the descriptors
+            (`finextract.clustering.n0.estimate_n0`; needs at least its `MIN_IMAGES` usable images).
         embedder: an `finextract.sscd.Embedder`.
         budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
-        timings: dict to add "embed" and "cluster" seconds to.
+        timings: dict to add "embed", "cluster" and "histogram" seconds to.
 
     Returns:
-        ExtractionResult (no metrics); indices refer to the input images.
+        ExtractionResult (no metrics); indices refer to the input images; it keeps every usable image's
+        descriptor (`generated_descriptors`) and the similarity histogram for reports and metrics.
 
     Raises:
-        ValueError: fewer usable (non-constant) images than N0.
+        ValueError: fewer usable (non-constant) images than N0 (or than an estimate needs), or no
+            clique larger than chance to estimate N0 from.
     """
     from finextract.images import degenerate_mask
+    from finextract.metrics import similarity_histogram
 
     timings = timings if timings is not None else {}
     array_list = images if isinstance(images, list) else None
@@ -107,7 +131,15 @@ def cluster_images(
             int(degenerate.sum()),
             len(degenerate),
         )
-    if len(keep) < n0:
+    if n0 == AUTO:
+        from finextract.clustering.n0 import MIN_IMAGES
+
+        if len(keep) < MIN_IMAGES:
+            raise ValueError(
+                f"only {len(keep)} usable images: estimating N0 needs at least {MIN_IMAGES}; generate more "
+                "(--num-images) or give --n0"
+            )
+    elif len(keep) < n0:
         raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
     start = time.perf_counter()
     if array_list is not None:
@@ -118,9 +150,21 @@ def cluster_images(
         usable = images[keep]
     descriptors = embed_images(embedder, usable)
     timings["embed"] = time.perf_counter() - start
+    estimate = None
+    if n0 == AUTO:
+        from finextract.clustering.n0 import estimate_n0
+
+        start = time.perf_counter()
+        estimate = estimate_n0(descriptors, step=step, budget=budget, time_limit=time_limit)
+        timings["estimate_n0"] = time.perf_counter() - start
+        n0 = estimate.n0
+        logger.info("estimated N0 = %d (interval %s, confidence %.2f)", n0, estimate.interval, estimate.confidence)
     start = time.perf_counter()
     clustering = cluster_descriptors(descriptors, n0, step=step, budget=budget, time_limit=time_limit)
     timings["cluster"] = time.perf_counter() - start
+    start = time.perf_counter()
+    histogram = similarity_histogram(descriptors) if len(descriptors) > 1 else None
+    timings["histogram"] = time.perf_counter() - start
     cliques = [[int(keep[i]) for i in c] for c in clustering.cliques]
     indices = [int(keep[i]) for i in clustering.representatives]
     if array_list is not None:
@@ -140,6 +184,10 @@ def cluster_images(
         clustering=clustering,
         num_degenerate=int(degenerate.sum()),
         descriptors=descriptors[list(clustering.representatives)],
+        generated_descriptors=descriptors,
+        generated_indices=[int(i) for i in keep],
+        similarity_histogram=histogram,
+        n0_estimate=estimate,
     )
 
 
@@ -154,31 +202,144 @@ def _index(indices, device):
     return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)
 
 
-def evaluate_against(train, extracted_descriptors, embedder) -> tuple[dict, tuple]:
-    """Metrics of extracted descriptors against a training folder or list of images; returns (metrics, (images, paths))."""
-    from finextract.images import read_images
-    from finextract.metrics import extraction_metrics
+def model_resolution(pair) -> int | None:
+    """Side in pixels of the images a model pair generates (and of the images it was fine-tuned on by
+    `finetune` and the usual DreamBooth / LoRA scripts): the UNet's latent `sample_size` times the VAE's
+    downsampling factor `2 ** (len(vae.config.block_out_channels) - 1)`, as diffusers' pipelines
+    compute their default height and width. None when the latent is not square.
+    """
+    size = pair.base_unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        return None
+    return int(height) * 2 ** (len(pair.vae.config.block_out_channels) - 1)
+
+
+def train_transform(resolution: int | None) -> dict:
+    """The record of what is done to the training images before SSCD (`metrics["train_transform"]`).
+
+    Args:
+        resolution: side of `finextract.images.center_crop_resize`, or None for the images as they are.
+    """
+    if resolution is None:
+        return {"name": "as-is"}
+    return {
+        "name": "center_crop_resize",
+        "resolution": int(resolution),
+        "crop": "largest centred square",
+        "resample": "bicubic",
+    }
+
+
+def read_training_images(train, resolution: int | None) -> tuple[list[np.ndarray], list[Path], list[list[int]]]:
+    """Training images as the fine-tune saw them: each centre-cropped to its largest square and resized
+    to `resolution` (`finextract.images.center_crop_resize`, the transform of `finetune` and of
+    diffusers' DreamBooth / LoRA scripts), or as they are when `resolution` is None.
+
+    Args:
+        train: a folder, a list of uint8 (H, W, 3) arrays, or the (images, paths) pair `read_images`
+            returns.
+        resolution: the model's image side (`model_resolution`), or None to keep the originals.
+
+    Returns:
+        (images as compared: uint8 (H, W, 3) arrays, their paths (`train_000.png`... for arrays),
+        the originals' [height, width]).
+
+    Raises:
+        FileNotFoundError: `train` is not a folder. ValueError: it holds no readable image, or
+        `resolution` < 1.
+    """
+    from finextract.images import center_crop_resize, read_images
 
     if isinstance(train, (str, Path)):
-        train_images, train_paths = read_images(train)
+        images, paths = read_images(train)
     elif isinstance(train, tuple) and len(train) == 2 and isinstance(train[1], list):  # (images, paths) read already
-        train_images, train_paths = train
+        images, paths = train
     else:
-        train_images = list(train)
-        train_paths = [Path(f"train_{i:03d}.png") for i in range(len(train_images))]
-    metrics = extraction_metrics(embed_images(embedder, train_images), extracted_descriptors)
-    for match in metrics["best_match"]:
-        match["train_file"] = train_paths[match["train"]].name
-    return metrics, (train_images, train_paths)
+        images = [np.asarray(image, dtype=np.uint8) for image in train]
+        paths = [Path(f"train_{i:03d}.png") for i in range(len(images))]
+    if not images:
+        raise ValueError("no training images given")
+    sizes = [[int(image.shape[0]), int(image.shape[1])] for image in images]
+    if resolution is not None:
+        if resolution < 1:
+            raise ValueError(f"resolution={resolution}: must be >= 1 (or None to compare the originals)")
+        images = [center_crop_resize(image, resolution) for image in images]
+    return list(images), list(paths), sizes
+
+
+def evaluate_against(
+    train,
+    extracted_descriptors,
+    embedder,
+    *,
+    resolution: int | None,
+    generated_descriptors=None,
+    generated_indices=None,
+) -> tuple[dict, tuple]:
+    """AS / A-ESR (paper Eq. 1, 2) of extracted images against the real training images.
+
+    The training images are first brought to the form the fine-tune saw (`read_training_images`):
+    a 32 px model's generations compared with 1000 px non-square originals score near 0 even when
+    they are the training images.
+
+    Args:
+        train: a folder, a list of uint8 (H, W, 3) arrays, or the (images, paths) pair `read_images`
+            returns.
+        extracted_descriptors: (M, D) SSCD descriptors of the extracted images.
+        embedder: the `finextract.sscd.Embedder` that made them.
+        resolution: the model's image side (`model_resolution(pair)`, `Extractor.resolution`): the
+            centre crop and resize applied to the training images; None compares them as they are.
+        generated_descriptors, generated_indices: optionally every usable generated image's descriptor
+            (`ExtractionResult.generated_descriptors`) and their image indices: adds `metrics["generated"]`,
+            each training image's best match among all of them (indices into the generated images).
+
+    Returns:
+        (metrics: `finextract.metrics.extraction_metrics` plus "train_transform" (`train_transform`),
+        each best match's "train_file" and "train_size" (the original's [height, width]);
+        (the training images as compared, their paths)).
+
+    Raises:
+        FileNotFoundError / ValueError: as `read_training_images`; mismatched descriptors.
+    """
+    from finextract.metrics import extraction_metrics
+
+    images, paths, sizes = read_training_images(train, resolution)
+    metrics = extraction_metrics(embed_images(embedder, images), extracted_descriptors, generated_descriptors)
+    metrics["train_transform"] = train_transform(resolution)
+    matches = metrics["best_match"] + metrics.get("generated", {}).get("best_match", [])
+    for match in matches:
+        match["train_file"] = paths[match["train"]].name
+        match["train_size"] = sizes[match["train"]]
+    if generated_indices is not None and "generated" in metrics:
+        for match in metrics["generated"]["best_match"]:
+            match["generated"] = int(generated_indices[match["generated"]])
+    return metrics, (images, paths)
 
 
 def write_output(
-    out: str | Path, result: ExtractionResult, record: dict, *, generated=None, train_data: tuple | None = None
+    out: str | Path,
+    result: ExtractionResult,
+    record: dict,
+    *,
+    generated=None,
+    save_generated: bool = False,
+    train_data: tuple | None = None,
 ) -> Path:
     """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`.
 
-    `record` holds what only the caller knows (e.g. "method"); the rest comes from `result`, its
-    `config` (`extraction_config`) included.
+    Args:
+        out: the output folder (created).
+        result: the extraction; its `config` (`extraction_config`), metrics and similarity histogram
+            go into result.json.
+        record: what only the caller knows (e.g. {"method": ...}), merged first.
+        generated: every generated image, uint8 (N, H, W, 3) tensor/ndarray (or a list of arrays): the
+            report shows each training image's best match among them.
+        save_generated: also write them all to `generated/` (N PNGs).
+        train_data: (the training images as compared, their paths), from `evaluate_against`.
+
+    Returns:
+        `out`.
     """
     from finextract.images import write_png
     from finextract.report import write_report
@@ -189,7 +350,9 @@ def write_output(
         write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
         for rank, (image, index) in enumerate(zip(result.images, result.indices))
     ]
-    if generated is not None:
+    if generated is not None and save_generated:
+        if hasattr(generated, "cpu"):  # one device-to-host copy, not one per image
+            generated = generated.cpu()
         for i, image in enumerate(generated):
             write_png(image, out / "generated" / f"{i:05d}.png")
     result.timings["write"] = time.perf_counter() - start
@@ -203,6 +366,7 @@ def write_output(
         "extracted": result.indices,
         "extracted_files": [str(p.relative_to(out)) for p in paths],
         "num_degenerate": result.num_degenerate,
+        "n0_estimate": result.n0_estimate.to_dict() if result.n0_estimate is not None else {"source": "given"},
         "timings": result.timings,
         "config": result.config,
     }
@@ -218,10 +382,12 @@ def write_output(
             "representatives": result.indices,
         }
         record["skipped"] = c.skipped
+    if result.similarity_histogram is not None:
+        record["similarity_histogram"] = result.similarity_histogram
     if result.metrics is not None:
         record["metrics"] = result.metrics
     (out / "result.json").write_text(json.dumps(record, indent=2))
-    write_report(out, record, paths, train_data)
+    write_report(out, record, paths, train_data, generated=generated)
     return out
 
 
@@ -229,23 +395,30 @@ class Extractor:
     """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`.
 
     Args:
-        base: pretrained model (diffusers folder or what `load_model_pair` accepts).
+        base: pretrained model (diffusers folder or what `load_model_pair` accepts, a `LoadedBase`
+            from `finextract.engine.loading.load_base` included: loaded once for many Extractors).
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
-            backend is "auto", as in the CLI: onnxruntime on a CPU (its export of each pair is cached
+            backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no cache.
-        embedder: "default" (sscd_disc_mixup ONNX) or an SSCD TorchScript / ONNX file.
-        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd".
+        embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
+            `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
+        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
+        prediction_type: "epsilon" / "v_prediction" / "sample": sample both models as this, overriding
+            their scheduler configs (when they disagree; see `load_model_pair`). None: read from them.
         **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
+
+    `resolution` (attribute): the side in pixels of the images the pair generates (`model_resolution`),
+    to which training images are centre-cropped and resized before they are scored.
 
     Raises:
         ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing
@@ -264,13 +437,16 @@ class Extractor:
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
+        prediction_type: str | None = None,
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair
-        from finextract.sscd import load_embedder
+        from finextract.sscd import Embedder, load_embedder
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
+        if isinstance(embedder, Embedder) and preset is not None:
+            raise ValueError("preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own")
         self.config = run_config(config, **run_options)
         self.config.apply_threads()
         self.budget = budget
@@ -283,43 +459,66 @@ class Extractor:
             device=self.config.device,
             dtype=self.config.dtype,
             base_config=base_config,
+            prediction_type=prediction_type,
         ).place(self.config)
-        self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
+        if isinstance(embedder, Embedder):
+            self.embedder = embedder
+        else:
+            self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
+        self.resolution = model_resolution(self.pair)
         self.models = {
             "base": str(base),
             "finetuned": None if finetuned is None else str(finetuned),
             "lora": None if lora is None else str(lora),
             "kind": self.pair.kind,
+            "resolution": self.resolution,
+            "family": self.pair.family.name,
+            "prediction_type": self.pair.scheduler_config.get("prediction_type", "epsilon"),
         }
 
     def extract(
         self,
-        caption: str,
-        n0: int,
+        caption: str | None,
+        n0: int | str,
         *,
         num_images: int | None = None,
-        method: str = "finextract",
+        method: str | None = None,
         w: float | None = None,
         k: float | None = None,
         out=None,
         train=None,
+        train_as_is: bool = False,
         save_generated: bool = False,
         progress: bool = True,
         label: str | None = None,
+        recovery: dict | None = None,
         **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         Args:
-            caption: the training caption c. n0: N0 >= 1. num_images: N (default 50 x N0).
-            method: "finextract" | "finextract-uncond" | "cfg" | "direct". w, k: guidance scale and
-                correction (None = paper defaults per model kind).
+            caption: the training caption c; "auto" recovers it from the fine-tune's cross-attention
+                weight deltas first (`finextract.caption.recover_caption`; the recovered caption, its
+                score and the runner-ups go into `config["caption_recovery"]` and result.json); None
+                when it is unknown: then only "finextract-uncond" (Eq. 6, the default then) applies.
+            n0: N0 >= 1, or "auto" to estimate it from the generated images' SSCD descriptors
+                (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
+                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0; with
+                n0="auto" `AUTO_NUM_IMAGES`).
+            method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
+                "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
+                (None = paper defaults per model kind).
             out: output folder to write (extracted/, generation/, result.json, report.html), or None.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
-                (H, W, 3) arrays, or the (images, paths) pair `read_images` returns.
+                (H, W, 3) arrays, or the (images, paths) pair `read_images` returns. They are compared
+                as the fine-tune saw them: centre-cropped and resized to `self.resolution`
+                (`read_training_images`; the transform is recorded in `metrics["train_transform"]`).
+            train_as_is: compare the training images as they are, without that crop and resize.
             save_generated: also write all N generated images to out/generated/.
             progress: show progress bars. label: the generation bar's text.
+            recovery: keyword arguments for `finextract.caption.recover_caption` with caption="auto"
+                (e.g. max_tokens=, vocabulary=); None = its defaults.
             **run_options: settings of this extraction that differ from the Extractor's `config`
                 (steps=, seed=, batch_size=, backend=, threads=, cuda_graphs=); the device and
                 precisions are fixed when the models load.
@@ -329,11 +528,16 @@ class Extractor:
 
         Raises:
             ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file, `train` holds no
-                readable image, or too few usable generations (all but the last checked before generating).
+                readable image, a non-square model without `train_as_is`, a method that needs a caption
+                with `caption=None`, or too few usable generations (all but the last checked before
+                generating).
+            finextract.caption.CaptionRecoveryError (a ValueError): `caption="auto"` on a fine-tune that
+                changes no `attn2.to_k` / `attn2.to_v` (nothing is generated).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generate import check_out_folder, generate
+        from finextract.generation import check_out_folder, generate
         from finextract.images import read_images
+        from finextract.rules import rule_for
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})
         if fixed:
@@ -341,20 +545,47 @@ class Extractor:
                 f"{', '.join(fixed)} are fixed when the Extractor loads the models; build another Extractor"
             )
         config = run_config(self.config, **run_options)
-        if n0 < 1:
-            raise ValueError(f"n0={n0}: must be >= 1")
+        if n0 == AUTO:
+            from finextract.clustering.n0 import MIN_IMAGES
+
+            num_images = AUTO_NUM_IMAGES if num_images is None else num_images
+            if num_images < MIN_IMAGES:
+                raise ValueError(f"num_images={num_images}: estimating N0 needs at least {MIN_IMAGES} images")
+        elif not isinstance(n0, int) or n0 < 1:
+            raise ValueError(f"n0={n0!r}: must be an int >= 1 or 'auto'")
         num_images = IMAGES_PER_N0 * n0 if num_images is None else num_images
-        if num_images < n0:
+        if n0 != AUTO and num_images < n0:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
         if out is not None:
             check_out_folder(out)
+        resolution = None if train_as_is else self.resolution
+        if train is not None and resolution is None and not train_as_is:
+            raise ValueError(
+                "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
+                "training images as the fine-tune saw them yourself"
+            )
+        method = method or ("finextract-uncond" if caption is None else "finextract")
+        if caption is None and any(term.caption == "prompt" for term in rule_for(method, self.pair.kind).terms):
+            raise ValueError(
+                f"method {method!r} needs the training caption: give caption=... (CLI --caption TEXT), "
+                "caption='auto' to recover it from the weights, or use method 'finextract-uncond' (Eq. 6)"
+            )
         if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
             train = read_images(train)
         timings = {"load": self.load_seconds}
+        caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
+        if caption == AUTO:
+            from finextract.caption import recover_caption
+
+            options = {"seed": config.seed, **(recovery or {})}
+            recovered = recover_caption(self.pair, progress=progress, **options)
+            timings["caption"] = recovered.seconds
+            caption = recovered.caption
+            caption_record = {"source": "recovered", **recovered.to_dict()}
         start = time.perf_counter()
         generation = generate(
             self.pair,
-            caption,
+            "" if caption is None else caption,
             num_images,
             method=method,
             w=w,
@@ -370,13 +601,14 @@ class Extractor:
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
-            n0=n0,
+            n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,
             num_images=num_images,
             embedder=self.embedder,
             budget=self.budget,
             models=self.models,
             generation={
                 "caption": caption,
+                "caption_recovery": caption_record,
                 "method": method,
                 "w": params.get("w"),
                 "k": params.get("k"),
@@ -388,11 +620,24 @@ class Extractor:
         train_data = None
         if train is not None:
             start = time.perf_counter()
-            result.metrics, train_data = evaluate_against(train, result.descriptors, self.embedder)
+            result.metrics, train_data = evaluate_against(
+                train,
+                result.descriptors,
+                self.embedder,
+                resolution=resolution,
+                generated_descriptors=result.generated_descriptors,
+                generated_indices=result.generated_indices,
+            )
             timings["evaluate"] = time.perf_counter() - start
         if out is not None:
-            generated = images.cpu() if save_generated else None
-            write_output(out, result, {"method": method}, generated=generated, train_data=train_data)
+            write_output(
+                out,
+                result,
+                {"method": method, "caption": caption_record},
+                generated=generation.images,
+                save_generated=save_generated,
+                train_data=train_data,
+            )
         return result
 
 

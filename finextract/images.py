@@ -10,7 +10,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# kept in step with finextract.generate (not imported: that module imports torch)
+# kept in step with finextract.generation (not imported: that module imports torch)
 GENERATE_MANIFEST = "manifest.json"
 GENERATE_FORMAT = "finextract-generate/1"
 
@@ -183,6 +183,48 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     if bad:
         logger.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), folder, ", ".join(bad))
     return images, paths
+
+
+# an `extract` / `cluster` output folder: its record, and where it keeps which images
+EXTRACT_RECORD = "result.json"
+_EXTRACT_SUBFOLDERS = {"extracted": ("extracted",), "generated": ("generation", "generated")}
+
+
+def image_folder(folder: str | Path, want: str) -> Path:
+    """The folder that holds the images wanted from `folder`, which may be an output folder of
+    `finextract generate` or `extract` / `cluster` (or any folder of images).
+
+    - a `generate` folder (its `manifest.json`): `folder` itself, whatever is wanted;
+    - an `extract` / `cluster` folder (its `result.json`): `extracted/` for "extracted"; for
+      "generated" its generation chunks `generation/` (a `generate` folder), else the PNGs of
+      `--save-generated` in `generated/`;
+    - any other folder: itself.
+
+    Args:
+        folder: the folder given by the user.
+        want: "extracted" (the N0 extracted images) or "generated" (all N generated ones).
+
+    Returns:
+        The folder to pass to `read_images`.
+
+    Raises:
+        ValueError: `want` is neither, or `folder` is an extract / cluster output without the images
+            wanted (the message lists what it has).
+    """
+    if want not in _EXTRACT_SUBFOLDERS:
+        raise ValueError(f"want={want!r}: expected 'extracted' or 'generated'")
+    folder = Path(folder)
+    if (folder / GENERATE_MANIFEST).is_file() or not (folder / EXTRACT_RECORD).is_file():
+        return folder
+    for name in _EXTRACT_SUBFOLDERS[want]:
+        if (folder / name).is_dir():
+            return folder / name
+    has = sorted(p.name + "/" for p in folder.iterdir() if p.is_dir()) or ["no subfolder"]
+    raise ValueError(
+        f"{folder} is an extract / cluster output folder without {want} images (looked for "
+        f"{' or '.join(n + '/' for n in _EXTRACT_SUBFOLDERS[want])}; it has {', '.join(has)})"
+        + ("; `cluster` keeps no generated images: pass the folder it clustered" if want == "generated" else "")
+    )
 
 
 def _read_generate_folder(folder: Path) -> tuple[list[np.ndarray], list[Path]]:

@@ -9,13 +9,15 @@ def library_versions() -> dict:
     """Versions of finextract, Python and every library that changes generated images or their scores.
 
     Returns:
-        name -> version string for finextract, python, torch, diffusers, transformers, numpy, onnx and
-        onnxruntime (the exported graphs and the default SSCD model run in it).
+        name -> version string for finextract, python, torch, diffusers, transformers, numpy, onnx,
+        onnxruntime (the exported graphs and the default SSCD model run in it) and openvino (the CPU
+        default backend compiles the same graphs).
     """
     import diffusers
     import numpy
     import onnx
     import onnxruntime
+    import openvino
     import torch
     import transformers
 
@@ -30,4 +32,5 @@ def library_versions() -> dict:
         "numpy": numpy.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.__version__,
     }

@@ -30,8 +30,8 @@ Steps (32 px RGB images, 16x16x4 latents, the tiny configs of `finextract.zoo`, 
    1,500-step base, FineXtract's extrapolation away from a poor eps_base("") over-saturated and it did
    not beat CFG (N = 50 probe AS 0.437 vs 0.446); with a refined base, the same DreamBooth recipe
    gave 0.379 vs CFG 0.289 and Direct 0.282.
-3. Per scenario, a DreamBooth fine-tune (full UNet) and a LoRA fine-tune through `finextract.finetune`
-   with the tiny models' default recipes (`finextract.finetune.TINY_RECIPES`); the DreamBooth is saved
+3. Per scenario, a DreamBooth fine-tune (full UNet) and a LoRA fine-tune through `finextract.finetuning`
+   with the tiny models' default recipes (`finextract.finetuning.TINY_RECIPES`); the DreamBooth is saved
    as a bare `unet/` folder (the VAE, text encoder and tokenizer are the base's). The LoRA is LoCon
    (every Linear and Conv2d of the UNet's blocks) at rank 8, the share of the tiny UNet's 32 / 64
    channels that SD's rank 64 is of its 320 / 1280; the old rank-8 LoRA on the attention projections
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .finetune import TINY_RECIPES
+from .finetuning import TINY_RECIPES
 from .images import read_image
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class TrainedZooRecipe:
     # LR anneals to zero either way)
     base_refine_steps: int = 800
     base_refine_lr: float = 5e-4
-    # the fine-tunes: the tiny models' default recipe (`finextract.finetune.TINY_RECIPES`), the same
+    # the fine-tunes: the tiny models' default recipe (`finextract.finetuning.TINY_RECIPES`), the same
     # for both scenarios
     dreambooth_steps: int = TINY_RECIPES["dreambooth"].steps
     dreambooth_lr: float = TINY_RECIPES["dreambooth"].lr
@@ -217,7 +217,7 @@ def _package_file(package: str, name: str) -> Path:
 
 def finetune_photos(resolution: int = 32) -> np.ndarray:
     """The five fine-tuning photographs, centre-cropped and resized: uint8 (5, res, res, 3)."""
-    from .finetune import load_images
+    from .finetuning import load_images
 
     return load_images([_package_file("skimage", name) for name in FINETUNE_IMAGES], resolution)
 
@@ -349,7 +349,7 @@ def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions,
     """The pretraining loss on captioned crops (10% empty captions): a `loss_fn(generator)` for train_loop."""
     import torch
 
-    from .finetune import denoising_loss, tokenize
+    from .finetuning import denoising_loss, tokenize
 
     mean, logvar = _latent_parameters(vae, pool).chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
@@ -372,7 +372,7 @@ def train_base(
     vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, tokenizer_folder: Path, progress: bool = True
 ) -> dict:
     """Pretrain a tiny UNet + text encoder from scratch on captioned crops; return SD components."""
-    from .finetune import train_loop
+    from .finetuning import train_loop
     from .zoo import tiny_components
 
     components = tiny_components(recipe.seed, tokenizer_folder=tokenizer_folder)
@@ -407,7 +407,7 @@ def refine_base(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from .finetune import train_loop
+    from .finetuning import train_loop
 
     pipeline = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32)
     unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
@@ -577,7 +577,7 @@ def build_finetune(
     """Fine-tune the zoo's base/ on a scenario's train/ (`write_training_set`) by `method`, into
     `<scenario folder>/<method>`; a DreamBooth keeps only its `unet/`. Cached by the recipe fields,
     the caption and the training images. Returns the stage's timing {"seconds", "reused"}."""
-    from .finetune import finetune
+    from .finetuning import finetune
 
     t = time.perf_counter()
     folder = scenario_folder(out, scenario)

@@ -1,9 +1,23 @@
-"""Tiny Stable-Diffusion-format models, built offline and deterministically from a seed.
+"""Tiny Stable-Diffusion-format models of every family, built offline and deterministically from a seed.
 
-No weights can be downloaded where this project is tested, so it builds its own SD 1.x-shaped
-models: a tiny UNet (16x16x4 latents), a slim x2 VAE (32x32 RGB), a tiny CLIP text encoder and
-SD 1.x's own CLIP tokenizer (CLIP's BPE vocabulary, read from the file `open_clip` ships). They are
-saved with `save_pretrained` and loaded back by the same code that loads real checkpoints.
+No weights can be downloaded where this project is tested, so it builds its own models: a tiny UNet
+(16x16x4 latents), a slim x2 VAE (32x32 RGB), tiny text encoders and their tokenizers (SD 1.x's own
+CLIP BPE vocabulary, read from the file `open_clip` ships; a minimal XLM-R-style one for
+AltDiffusion). They are saved with `save_pretrained` and loaded back by the same code that loads
+real checkpoints. Each family (`ZOO_FAMILIES`) keeps the markers its released models have,
+at tiny size:
+
+| zoo family | UNet | text encoder(s) | tokenizer | scheduler |
+|---|---|---|---|---|
+| `sd1` | conv projections, cross-attention 32 | CLIP, quick_gelu (OpenAI CLIP) | CLIP BPE (SD 1.x's own) | SD 1.5's (epsilon) |
+| `sd2` | linear projections, per-block heads, cross-attention 48 | CLIP, gelu (OpenCLIP) | CLIP BPE | SD 2.1-base's (epsilon) |
+| `sd2-v` | as `sd2` | as `sd2` | CLIP BPE | v-prediction, trailing spacing, zero-terminal-SNR betas |
+| `sdxl` | SDXL's block layout, `text_time` added embedding (6 time ids), cross-attention 64 = 32 + 32 | CLIP (quick_gelu) + CLIP with projection (gelu, OpenCLIP bigG) | two CLIP BPE (the second pads with "!") | SDXL's (epsilon, leading) |
+| `altdiffusion` | as `sd1` | XLM-R (`RobertaSeriesModelWithTransformation`, pre-transformation) | XLM-R-style Unigram, characters | SD 1.5's |
+
+The XLM-R-style tokenizer is minimal (no package ships XLM-R's 250k-piece SentencePiece model): a
+Unigram vocabulary of XLM-R's special tokens and single characters of several scripts (each also
+with SentencePiece's word-start marker), built with `transformers.XLMRobertaTokenizer(vocab=...)`.
 """
 
 from __future__ import annotations
@@ -66,6 +80,61 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2
 CLIP_VOCAB_SIZE = 49408
+
+# SD 2.x: linear transformer projections and per-block head counts, an OpenCLIP-style (gelu) encoder
+TINY_SD2_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG, cross_attention_dim=48, use_linear_projection=True, attention_head_dim=(2, 4)
+)
+TINY_SD2_TEXT_CONFIG = dict(
+    TINY_TEXT_CONFIG, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=48
+)
+# SDXL base: no attention in the first block, more transformer layers deeper, the text_time added
+# embedding of 6 time ids x 8 + the pooled width 32 = 80, cross-attention 32 + 32 (both encoders)
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    cross_attention_dim=64,
+    norm_num_groups=32,
+)
+TINY_SDXL_TEXT_CONFIG_2 = dict(TINY_TEXT_CONFIG, hidden_act="gelu", projection_dim=32)
+TINY_XLMR_TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=80,  # XLM-R's positions start after the padding index: 77 + 2 needed
+    type_vocab_size=1,
+    project_dim=32,
+    has_pre_transformation=True,  # AltDiffusion's: penultimate states, layer norm, projection
+    # XLM-R's init (std 0.02) makes a tiny random encoder whose captions barely move the images (CFG and
+    # Direct 4 levels apart at 3 steps); at 0.3 they move them as the tiny CLIP encoders do (20 levels)
+    initializer_range=0.3,
+)
+SD2_SCHEDULER_CONFIG = dict(SD1_SCHEDULER_CONFIG)
+# SD 2.1-v with the zero-terminal-SNR recipe (Lin et al. 2024): trailing spacing, rescaled betas
+SD2_V_SCHEDULER_CONFIG = dict(
+    SD1_SCHEDULER_CONFIG, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True
+)
+SDXL_SCHEDULER_CONFIG = dict(SD1_SCHEDULER_CONFIG, timestep_spacing="leading")
+#: zoo family -> (finextract family, scheduler config); "sd2-v" is SD 2.x with v-prediction
+ZOO_FAMILIES = {
+    "sd1": ("sd1", SD1_SCHEDULER_CONFIG),
+    "sd2": ("sd2", SD2_SCHEDULER_CONFIG),
+    "sd2-v": ("sd2", SD2_V_SCHEDULER_CONFIG),
+    "sdxl": ("sdxl", SDXL_SCHEDULER_CONFIG),
+    "altdiffusion": ("altdiffusion", SD1_SCHEDULER_CONFIG),
+}
 
 
 def _byte_characters() -> list[str]:
@@ -149,49 +218,141 @@ def write_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None) -> dict:
-    """Random tiny SD components: `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`.
+def _xlmr_characters() -> list[str]:
+    """Single characters of several scripts for the minimal XLM-R-style vocabulary (ASCII, Latin-1,
+    Greek, Cyrillic, kana and the first CJK ideographs), in a fixed order."""
+    ranges = [(0x21, 0x7E), (0xA1, 0xFF), (0x391, 0x3C9), (0x410, 0x44F), (0x3041, 0x3096), (0x30A1, 0x30FA)]
+    ranges.append((0x4E00, 0x4EFF))
+    return [chr(code) for low, high in ranges for code in range(low, high + 1)]
 
-    Deterministic for a given seed (weights are drawn on the CPU generator). The tokenizer is
-    written to `tokenizer_folder` (a temporary folder when None) and loaded back.
+
+def write_xlmr_tokenizer(folder: str | Path) -> Path:
+    """Write a minimal XLM-R-style tokenizer (AltDiffusion's kind) into `folder` and return it.
+
+    A Unigram model (what XLM-R's SentencePiece model is) whose vocabulary is XLM-R's special tokens
+    in XLM-R's order (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last), the word-start marker
+    and every character of `_xlmr_characters` alone and after the marker; characters outside it
+    become `<unk>`. `model_max_length` 77, as AltDiffusion's tokenizer.
     """
-    import tempfile
+    from transformers import XLMRobertaTokenizer
 
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = _xlmr_characters()
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -2.5) for c in characters] + [(c, -3.0) for c in characters] + [("<mask>", 0.0)]
+    tokenizer = XLMRobertaTokenizer(vocab=vocab, model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"])
+    tokenizer.save_pretrained(folder)
+    return folder
 
-    if tokenizer_folder is None:
-        tokenizer_folder = tempfile.mkdtemp(prefix="finextract-tokenizer-")
-    write_tokenizer(tokenizer_folder)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    torch.manual_seed(seed + 2)
+
+def _clip_text_encoder(tokenizer, config: dict, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT_CONFIG,
+        **config,
     )
-    text_encoder = CLIPTextModel(text_config)
-    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_config)
+
+
+def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None, family: str = "sd1") -> dict:
+    """Random tiny components of a zoo family (`ZOO_FAMILIES`): `unet`, `vae`, `text_encoder`,
+    `tokenizer`, `scheduler`, and for SDXL `text_encoder_2`, `tokenizer_2`: the keyword arguments of
+    the family's diffusers pipeline.
+
+    Deterministic for a given seed (weights are drawn on the CPU generator). The tokenizer is
+    written to `tokenizer_folder` (a temporary folder when None; SDXL's second one beside it, in
+    `<folder>_2`) and loaded back.
+
+    Raises:
+        ValueError: an unknown `family`.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    if family not in ZOO_FAMILIES:
+        raise ValueError(f"zoo family {family!r}: expected one of {', '.join(ZOO_FAMILIES)}")
+    name, scheduler_config = ZOO_FAMILIES[family]
+    if tokenizer_folder is None:
+        tokenizer_folder = tempfile.mkdtemp(prefix="finextract-tokenizer-")
+    tokenizer_folder = Path(tokenizer_folder)
+    if name == "altdiffusion":
+        from transformers import XLMRobertaTokenizer
+
+        tokenizer = XLMRobertaTokenizer.from_pretrained(write_xlmr_tokenizer(tokenizer_folder))
+    else:
+        write_tokenizer(tokenizer_folder)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    unet_config = {"sd2": TINY_SD2_UNET_CONFIG, "sdxl": TINY_SDXL_UNET_CONFIG}.get(name, TINY_UNET_CONFIG)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    extra = {}
+    if name == "altdiffusion":
+        from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+            RobertaSeriesConfig,
+            RobertaSeriesModelWithTransformation,
+        )
+
+        text_encoder = RobertaSeriesModelWithTransformation(
+            RobertaSeriesConfig(vocab_size=len(tokenizer), **TINY_XLMR_TEXT_CONFIG)
+        )
+    else:
+        text_encoder = _clip_text_encoder(tokenizer, TINY_SD2_TEXT_CONFIG if name == "sd2" else TINY_TEXT_CONFIG)
+    if name == "sdxl":
+        second = tokenizer_folder.with_name(tokenizer_folder.name + "_2")
+        write_tokenizer(second)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(second, pad_token="!")  # as SDXL's OpenCLIP tokenizer pads
+        tokenizer_2.save_pretrained(second)
+        torch.manual_seed(seed + 3)
+        extra = dict(
+            text_encoder_2=_clip_text_encoder(tokenizer_2, TINY_SDXL_TEXT_CONFIG_2, with_projection=True).eval(),
+            tokenizer_2=tokenizer_2,
+        )
+    scheduler = DDIMScheduler.from_config(scheduler_config)
     return dict(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        **extra,
     )
+
+
+def family_of_components(components: dict) -> str:
+    """The finextract family of a component dict (`tiny_components`), from its text encoders."""
+    if "text_encoder_2" in components:
+        return "sdxl"
+    if type(components["text_encoder"]).__name__ == "RobertaSeriesModelWithTransformation":
+        return "altdiffusion"
+    return "sd2" if components["unet"].config.use_linear_projection else "sd1"
+
+
+def diffusers_pipeline(components: dict):
+    """The family's diffusers pipeline on `components` (no safety checker, no watermark)."""
+    from finextract.engine.families import get_family
+
+    family = get_family(family_of_components(components))
+    options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if family.name == "sdxl":
+        options = dict(force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return family.pipeline()(**components, **options)
 
 
 def save_pipeline(components: dict, folder: str | Path) -> Path:
-    """Save components as a diffusers `StableDiffusionPipeline` folder (safetensors); return it."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    """Save components as their family's diffusers pipeline folder (safetensors): `StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline` or `AltDiffusionPipeline`; return it."""
+    diffusers_pipeline(components).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 
@@ -214,7 +375,16 @@ LORA_ALPHA_PATTERN = {
 }
 LORA_NO_ALPHA_MODULE = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"
 _UNET_LORA_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
-_TEXT_LORA_TARGETS = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.v_proj")
+# CLIP's first layer (transformers 5 names it `encoder.layers...`, older ones `text_model.encoder...`),
+# and XLM-R's (AltDiffusion)
+_TEXT_LORA_TARGETS = (
+    "encoder.layers.0.self_attn.q_proj",
+    "encoder.layers.0.self_attn.v_proj",
+    "encoder.layer.0.attention.self.query",
+    "encoder.layer.0.attention.self.value",
+)
+# SDXL's second text encoder: its first layer and the pooled projection (`text_projection`)
+_TEXT_2_LORA_TARGETS = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.v_proj", "text_projection")
 
 
 def perturbed_copy(model, seed: int, relative_scale: float = 0.05):
@@ -237,42 +407,60 @@ def perturbed_copy(model, seed: int, relative_scale: float = 0.05):
     return model
 
 
-def zoo_lora(unet, text_encoder, seed: int = 0) -> tuple[dict, dict]:
-    """The zoo's random LoRA adapters: (UNet layers, text-encoder layers), module path -> LoRALayer.
-
-    UNet: every attention projection (to_q, to_k, to_v, to_out.0), rank 4, alpha 8, except the
-    modules in `LORA_RANK_PATTERN` / `LORA_ALPHA_PATTERN`. Text encoder: the first layer's q_proj and
-    v_proj. Deterministic for a seed; every format the zoo writes holds exactly these adapters.
-    """
+def _random_adapters(model, names, generator) -> dict:
     import torch
 
     from finextract.engine.pair import LoRALayer
 
+    layers = {}
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        rank = LORA_RANK_PATTERN.get(name, LORA_RANK)
+        down = torch.randn(rank, module.in_features, generator=generator) * 0.1
+        up = torch.randn(module.out_features, rank, generator=generator) * 0.1
+        layers[name] = LoRALayer(down=down, up=up, alpha=LORA_ALPHA_PATTERN.get(name, LORA_ALPHA))
+    return layers
+
+
+def zoo_lora(unet, text_encoder, seed: int = 0) -> tuple[dict, dict]:
+    """The zoo's random LoRA adapters: (UNet layers, text-encoder layers), module path -> LoRALayer.
+
+    UNet: every attention projection (to_q, to_k, to_v, to_out.0), rank 4, alpha 8, except the
+    modules in `LORA_RANK_PATTERN` / `LORA_ALPHA_PATTERN`. Text encoder: the first layer's query and
+    value projections (CLIP's q_proj / v_proj, XLM-R's query / value). Deterministic for a seed;
+    every format the zoo writes holds exactly these adapters.
+    """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
-
-    def adapters(model, names):
-        layers = {}
-        modules = dict(model.named_modules())
-        for name in names:
-            module = modules[name]
-            rank = LORA_RANK_PATTERN.get(name, LORA_RANK)
-            down = torch.randn(rank, module.in_features, generator=generator) * 0.1
-            up = torch.randn(module.out_features, rank, generator=generator) * 0.1
-            layers[name] = LoRALayer(down=down, up=up, alpha=LORA_ALPHA_PATTERN.get(name, LORA_ALPHA))
-        return layers
-
     unet_names = [
         name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(_UNET_LORA_TARGETS)
     ]
-    # transformers 5 names CLIP modules `encoder.layers...`, older ones `text_model.encoder.layers...`
     text_names = [name for name, _ in text_encoder.named_modules() if name.endswith(_TEXT_LORA_TARGETS)]
-    return adapters(unet, unet_names), adapters(text_encoder, text_names)
+    return _random_adapters(unet, unet_names, generator), _random_adapters(text_encoder, text_names, generator)
+
+
+def zoo_family_lora(components: dict, seed: int = 0) -> dict[str, dict]:
+    """`zoo_lora` for a family's components: component ("unet", "text_encoder", SDXL's
+    "text_encoder_2": its first layer's q_proj / v_proj and its `text_projection`) -> module path -> LoRALayer."""
+    import torch
+
+    unet_layers, text_layers = zoo_lora(components["unet"], components["text_encoder"], seed)
+    layers = {"unet": unet_layers, "text_encoder": text_layers}
+    if "text_encoder_2" in components:
+        model = components["text_encoder_2"]
+        names = [name for name, _ in model.named_modules() if name.endswith(_TEXT_2_LORA_TARGETS)]
+        layers["text_encoder_2"] = _random_adapters(model, names, torch.Generator().manual_seed(seed + 1))
+    return layers
 
 
 def _file_text_names(layers: dict) -> dict:
-    """Text-encoder layers under the names LoRA files use (`text_model.encoder...`, as in CLIP's
-    original checkpoints), whatever the installed transformers calls the modules."""
-    return {name if name.startswith("text_model.") else "text_model." + name: layer for name, layer in layers.items()}
+    """Text-encoder layers under the names LoRA files use: CLIP modules as `text_model.encoder...` (the
+    names of CLIP's original checkpoints), whatever the installed transformers calls them; XLM-R's
+    modules and `text_projection` as they are."""
+    clip = ("encoder.layers.", "embeddings.", "final_layer_norm")
+    return {"text_model." + name if name.startswith(clip) else name: layer for name, layer in layers.items()}
 
 
 def _peft_config(layers: dict) -> dict:
@@ -294,27 +482,41 @@ def _peft_tensors(layers: dict, prefix: str = "") -> dict:
     return tensors
 
 
-def write_lora_diffusers(folder: str | Path, unet_layers: dict, text_layers: dict) -> Path:
+def write_lora_diffusers(
+    folder: str | Path, unet_layers: dict, text_layers: dict, text_layers_2: dict | None = None
+) -> Path:
     """Write `pytorch_lora_weights.safetensors` the way diffusers' `save_lora_weights` does.
 
-    Keys `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`); ranks and alphas in
-    the file's `lora_adapter_metadata` (diffusers >= 0.34). Returns the file's path.
+    Keys `unet.<path>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`, with `text_layers_2`
+    SDXL's `text_encoder_2.`, written by `StableDiffusionXLPipeline.save_lora_weights`); ranks and
+    alphas in the file's `lora_adapter_metadata` (diffusers >= 0.34). Returns the file's path.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     text_layers = _file_text_names(text_layers)
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder),
+    options = dict(
         unet_lora_layers=_peft_tensors(unet_layers),
         text_encoder_lora_layers=_peft_tensors(text_layers),
         unet_lora_adapter_metadata=_peft_config(unet_layers),
         text_encoder_lora_adapter_metadata=_peft_config(text_layers),
     )
+    if text_layers_2:
+        text_layers_2 = _file_text_names(text_layers_2)
+        options.update(
+            text_encoder_2_lora_layers=_peft_tensors(text_layers_2),
+            text_encoder_2_lora_adapter_metadata=_peft_config(text_layers_2),
+        )
+        StableDiffusionXLPipeline.save_lora_weights(str(folder), **options)
+    else:
+        StableDiffusionPipeline.save_lora_weights(str(folder), **options)
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
 
-def write_lora_peft(folder: str | Path, unet_layers: dict, text_layers: dict) -> Path:
-    """Write a PEFT adapter folder: the UNet adapter at the top, the text encoder's in `text_encoder/`.
+def write_lora_peft(
+    folder: str | Path, unet_layers: dict, text_layers: dict, text_layers_2: dict | None = None
+) -> Path:
+    """Write a PEFT adapter folder: the UNet adapter at the top, the text encoder's in `text_encoder/`
+    (and SDXL's second one in `text_encoder_2/`).
 
     Each holds `adapter_config.json` (peft's `LoraConfig.save_pretrained`) and
     `adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight` keys, as
@@ -324,7 +526,10 @@ def write_lora_peft(folder: str | Path, unet_layers: dict, text_layers: dict) ->
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    for target, layers in ((folder, unet_layers), (folder / "text_encoder", _file_text_names(text_layers))):
+    targets = [(folder, unet_layers), (folder / "text_encoder", _file_text_names(text_layers))]
+    if text_layers_2:
+        targets.append((folder / "text_encoder_2", _file_text_names(text_layers_2)))
+    for target, layers in targets:
         target.mkdir(parents=True, exist_ok=True)
         LoraConfig(**_peft_config(layers)).save_pretrained(str(target))
         save_file(
@@ -335,27 +540,64 @@ def write_lora_peft(folder: str | Path, unet_layers: dict, text_layers: dict) ->
     return folder
 
 
-def write_lora_kohya(path: str | Path, unet_layers: dict, text_layers: dict, no_alpha: tuple[str, ...] = ()) -> Path:
+#: kohya-ss metadata (`ss_base_model_version`, and `modelspec.architecture` of the model-spec
+#: standard sd-scripts writes) per zoo family
+KOHYA_METADATA = {
+    "sd1": {"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1/lora"},
+    "sd2": {"ss_base_model_version": "sd_v2", "modelspec.architecture": "stable-diffusion-v2-512/lora"},
+    "sd2-v": {"ss_base_model_version": "sd_v2", "modelspec.architecture": "stable-diffusion-v2-768-v/lora"},
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+}
+
+
+def write_lora_kohya(
+    path: str | Path,
+    unet_layers: dict,
+    text_layers: dict,
+    no_alpha: tuple[str, ...] = (),
+    *,
+    text_layers_2: dict | None = None,
+    unet_config: dict | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """Write a kohya-ss (sd-scripts) LoRA file: `lora_unet_<path with _>.lora_down.weight`,
     `.lora_up.weight`, `.alpha` (and `lora_te_` for the text encoder). Modules named in `no_alpha`
     get no `.alpha` key (readers then assume alpha = rank). Returns the path.
+
+    SDXL, as sd-scripts trains it (`text_layers_2` given): UNet modules under their original (SGM)
+    names (`lora_unet_input_blocks_4_1_...`, from `unet_config`), the text encoders as `lora_te1_` /
+    `lora_te2_` (with `lora_te2_text_projection`). `metadata` is stored in the file's header.
     """
     import torch
     from safetensors.torch import save_file
 
+    unet_names = {name: name for name in unet_layers}
+    if text_layers_2 is not None:
+        if unet_config is None:
+            raise ValueError("write_lora_kohya: SDXL names (text_layers_2) need the UNet's unet_config")
+        weights = {f"{name}.weight": None for name in unet_layers}
+        unet_names = {
+            k.removesuffix(".weight"): v.removesuffix(".weight")
+            for k, v in _ldm_unet_names(unet_config, weights).items()
+        }
+    groups = [("lora_unet_", {unet_names[name]: layer for name, layer in unet_layers.items()})]
+    if text_layers_2 is None:
+        groups.append(("lora_te_", _file_text_names(text_layers)))
+    else:
+        groups += [("lora_te1_", _file_text_names(text_layers)), ("lora_te2_", _file_text_names(text_layers_2))]
     tensors = {}
-    for prefix, layers in (("lora_unet_", unet_layers), ("lora_te_", _file_text_names(text_layers))):
+    for prefix, layers in groups:
         for name, layer in layers.items():
             key = prefix + name.replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = layer.down.contiguous()
             tensors[f"{key}.lora_up.weight"] = layer.up.contiguous()
             if name not in no_alpha and name.removeprefix("text_model.") not in no_alpha:
                 tensors[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
     return Path(path)
 
 
-def build_zoo(out: str | Path, seed: int = 0) -> Path:
+def build_zoo(out: str | Path, seed: int = 0, families: tuple[str, ...] | None = None) -> Path:
     """Write the random tiny model zoo into `out`, deterministically from `seed` (a few seconds).
 
     Layout (others rely on it):
@@ -368,21 +610,34 @@ def build_zoo(out: str | Path, seed: int = 0) -> Path:
         lora_peft/                    the same adapters as PEFT adapter folders (UNet; text_encoder/)
         lora_kohya.safetensors        the same adapters, kohya keys, one module without `.alpha`
         caption.txt                   the fine-tuning caption
+        sd2/, sd2-v/, sdxl/, altdiffusion/   the other families (`build_family_zoo`), each with its
+                                      base, DreamBooth and LoRA variants (SD 1.x is the top level)
     The fine-tune is the base perturbed by seeded noise (`perturbed_copy`); "trained" weights are
     another issue's.
 
     Args:
         out: folder to create or fill (existing files are overwritten).
         seed: seed of every random weight.
+        families: the other zoo families to write (default all of `ZOO_FAMILIES` but "sd1").
 
     Returns:
         `out` as a Path.
+
+    Raises:
+        ValueError: an unknown family in `families`.
     """
     import logging
 
     from safetensors.torch import save_file
 
     log = logging.getLogger(__name__)
+    families = tuple(name for name in ZOO_FAMILIES if name != "sd1") if families is None else tuple(families)
+    unknown = [name for name in families if name not in ZOO_FAMILIES or name == "sd1"]
+    if unknown:
+        raise ValueError(
+            f"zoo families {unknown}: expected some of {', '.join(n for n in ZOO_FAMILIES if n != 'sd1')} "
+            "(SD 1.x is always written, at the top level)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log.info("zoo: base (seed %d)", seed)
@@ -405,6 +660,9 @@ def build_zoo(out: str | Path, seed: int = 0) -> Path:
     write_lora_peft(out / "lora_peft", unet_layers, text_layers)
     write_lora_kohya(out / "lora_kohya.safetensors", unet_layers, text_layers, no_alpha=(LORA_NO_ALPHA_MODULE,))
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
+    for family in families:
+        log.info("zoo: %s family", family)
+        build_family_zoo(out / family, family, seed)
     return out
 
 
@@ -448,6 +706,8 @@ def _ldm_unet_names(config: dict, names) -> dict[str, str]:
     fixed = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's added (text_time) embedding
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -517,23 +777,93 @@ def _ldm_vae_names(config: dict, names) -> dict[str, str]:
     return mapping
 
 
-def write_ldm_checkpoint(path: str | Path, unet, text_encoder=None, vae=None, *, drop: tuple[str, ...] = ()) -> Path:
-    """Write models as one original-Stable-Diffusion-layout (LDM / CompVis) `.safetensors` file:
-    `model.diffusion_model.*` (UNet), `cond_stage_model.transformer.text_model.*` (CLIP, the
-    names of the original checkpoints), `first_stage_model.*` (VAE; attention projections as 1x1
-    convolutions, as the original VAE stores them). `drop` removes LDM tensor names (a partial file).
+def _openclip_state(text_encoder) -> dict:
+    """A CLIP text encoder's tensors under OpenCLIP's names (SD 2.x's `cond_stage_model.model.*`, SDXL's
+    `conditioner.embedders.1.model.*`): the inverse of diffusers' `convert_open_clip_checkpoint`
+    (q, k, v projections joined into `attn.in_proj_*`, `text_projection` stored transposed)."""
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    fixed = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    out = {}
+    for name, value in state.items():
+        if name in fixed:
+            out[fixed[name]] = value
+        elif name == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif name.startswith("encoder.layers.") and ".self_attn." in name and "out_proj" not in name:
+            continue  # joined below
+        elif name.startswith("encoder.layers."):
+            new = "transformer.resblocks." + name.removeprefix("encoder.layers.")
+            for a, b in (
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                (".mlp.fc1.", ".mlp.c_fc."),
+                (".mlp.fc2.", ".mlp.c_proj."),
+            ):
+                new = new.replace(a, b)
+            out[new.replace(".self_attn.", ".attn.")] = value
+        elif not name.endswith("position_ids"):
+            raise ValueError(f"_openclip_state: no OpenCLIP name for {name}")
+    layers = {int(n.split(".")[2]) for n in state if n.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        for kind in ("weight", "bias"):
+            parts = [state[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts).contiguous()
+    return out
+
+
+def write_ldm_checkpoint(
+    path: str | Path,
+    unet,
+    text_encoder=None,
+    vae=None,
+    *,
+    drop: tuple[str, ...] = (),
+    text_encoder_2=None,
+    text_layout: str = "clip",
+    markers: tuple[str, ...] = (),
+) -> Path:
+    """Write models as one original-Stable-Diffusion-layout (LDM / CompVis, SGM for SDXL) `.safetensors`
+    file: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE; attention projections as 1x1
+    convolutions, as the original VAE stores them) and the text encoder(s):
+
+    - `text_layout="clip"` (SD 1.x): `cond_stage_model.transformer.text_model.*` (CLIP's names);
+    - `text_layout="openclip"` (SD 2.x): `cond_stage_model.model.*` (OpenCLIP's names);
+    - with `text_encoder_2` (SDXL): `conditioner.embedders.0.transformer.text_model.*` (CLIP) and
+      `conditioner.embedders.1.model.*` (OpenCLIP bigG, with `text_projection`).
+
+    `drop` removes LDM tensor names (a partial file); `markers` adds empty marker tensors
+    (`v_pred`, `ztsnr`) as trainers of v-prediction / zero-terminal-SNR models write them.
     Returns the path.
     """
+    import torch
     from safetensors.torch import save_file
 
     tensors = {}
     state = unet.state_dict()
     for name, ldm in _ldm_unet_names(dict(unet.config), state).items():
         tensors["model.diffusion_model." + ldm] = state[name]
-    if text_encoder is not None:
-        for name, value in text_encoder.state_dict().items():
+
+    def clip(prefix: str, model) -> None:
+        for name, value in model.state_dict().items():
             full = name if name.startswith("text_model.") else "text_model." + name
-            tensors["cond_stage_model.transformer." + full] = value
+            tensors[prefix + full] = value
+
+    if text_encoder_2 is not None:
+        clip("conditioner.embedders.0.transformer.", text_encoder)
+        for name, value in _openclip_state(text_encoder_2).items():
+            tensors["conditioner.embedders.1.model." + name] = value
+    elif text_encoder is not None and text_layout == "openclip":
+        for name, value in _openclip_state(text_encoder).items():
+            tensors["cond_stage_model.model." + name] = value
+    elif text_encoder is not None:
+        clip("cond_stage_model.transformer.", text_encoder)
     if vae is not None:
         state = vae.state_dict()
         for name, ldm in _ldm_vae_names(dict(vae.config), state).items():
@@ -543,5 +873,63 @@ def write_ldm_checkpoint(path: str | Path, unet, text_encoder=None, vae=None, *,
             tensors["first_stage_model." + ldm] = value
     for name in drop:
         del tensors[name]
+    for name in markers:
+        tensors[name] = torch.zeros(0)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return Path(path)
+
+
+def build_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
+    """Write one zoo family's tiny random models into `out` (seconds):
+
+        base/                        the family's pipeline folder (`<Pipeline>.from_pretrained` loads it)
+        dreambooth/                  full pipeline folder: fine-tuned UNet and text encoder(s)
+        lora/pytorch_lora_weights.safetensors   diffusers LoRA: UNet attention + text-encoder layers
+        lora_kohya.safetensors       the same adapters, kohya keys (SDXL: SGM UNet names, lora_te1_/te2_)
+        lora_peft/                   (SDXL) the same adapters as PEFT adapter folders
+        base.safetensors, dreambooth.safetensors   (SD 2.x, SDXL) original-layout single files; the
+                                     sd2-v fine-tune carries the `v_pred` and `ztsnr` markers
+        caption.txt
+
+    Raises:
+        ValueError: an unknown zoo family (`ZOO_FAMILIES`).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = tiny_components(seed, tokenizer_folder=out / "base" / "tokenizer", family=family)
+    save_pipeline(base, out / "base")
+    tuned = dict(base)
+    for offset, part in enumerate(("unet", "text_encoder", "text_encoder_2")):
+        if part in base:
+            tuned[part] = perturbed_copy(base[part], seed + 1000 + offset)
+    save_pipeline(tuned, out / "dreambooth")
+    layers = zoo_family_lora(base, seed + 2000)
+    second = layers.get("text_encoder_2")
+    write_lora_diffusers(out / "lora", layers["unet"], layers["text_encoder"], second)
+    write_lora_kohya(
+        out / "lora_kohya.safetensors",
+        layers["unet"],
+        layers["text_encoder"],
+        text_layers_2=second,
+        unet_config=dict(base["unet"].config),
+        metadata=KOHYA_METADATA.get(family),
+    )
+    if second is not None:
+        write_lora_peft(out / "lora_peft", layers["unet"], layers["text_encoder"], second)
+    if family in ("sd2", "sd2-v", "sdxl"):
+        layout = "openclip" if family.startswith("sd2") else "clip"
+        for name, parts, markers in (
+            ("base", base, ()),
+            ("dreambooth", tuned, ("v_pred", "ztsnr") if family == "sd2-v" else ()),
+        ):
+            write_ldm_checkpoint(
+                out / f"{name}.safetensors",
+                parts["unet"],
+                parts["text_encoder"],
+                parts["vae"],
+                text_encoder_2=parts.get("text_encoder_2"),
+                text_layout=layout,
+                markers=markers,
+            )
+    (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
+    return out

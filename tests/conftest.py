@@ -64,10 +64,18 @@ def tiny_finetuned(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The random tiny zoo (`finextract.zoo.build_zoo`, seed 0), built once per session; its Path."""
+    """The random tiny zoo, SD 1.x only (`finextract.zoo.build_zoo`, seed 0), built once per session."""
     from finextract.zoo import build_zoo
 
-    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, families=())
+
+
+@pytest.fixture(scope="session")
+def family_zoo(tmp_path_factory):
+    """The random tiny zoo with every family (sd2/, sd2-v/, sdxl/, altdiffusion/ beside SD 1.x's)."""
+    from finextract.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0)
 
 
 def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = None) -> dict:

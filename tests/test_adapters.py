@@ -18,6 +18,7 @@ import torch
 
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora import gated
+from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
 
 from .adapter_fixtures import LYCORIS_CASES, write_lycoris, write_peft
 
@@ -315,8 +316,8 @@ def test_embedding_file_matches_diffusers_textual_inversion(tiny_zoo, tmp_path, 
             load_model_pair(tiny_zoo / "base", lora=path)
     pair = load_model_pair(tiny_zoo / "base", lora=path, allow_pickle=layout == "a1111-pickle")
     assert pair.kind == "lora" and pair.unet_lora is None and pair.finetuned_unet is None
-    assert pair.sources["embedding_tokens"] == [token] and len(pair.base_tokenizer) == 514
-    assert len(pair.finetuned_tokenizer) == 514 + vectors
+    assert pair.sources["embedding_tokens"] == [token] and len(pair.base_tokenizer) == CLIP_VOCAB
+    assert len(pair.finetuned_tokenizer) == CLIP_VOCAB + vectors
     pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_zoo / "base"), safety_checker=None)
     pipeline.load_textual_inversion(str(path), token=token_arg)
     caption = f"a photo of {token} object"
@@ -453,7 +454,7 @@ CLI_CASES = ["lora", "loha", "embedding"]
 def base_images(tiny_zoo):
     """What the guided rule generates when the fine-tune equals the base (a null adapter)."""
     from finextract.engine.pair import ModelPair
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
     null = ModelPair(
@@ -477,7 +478,7 @@ def test_every_type_generates(tiny_zoo, adapter_files, base_images, tmp_path, mo
     """A few DDIM steps through `generate`, not the base's images; on onnxruntime (`ORT_CASES`) the
     same uint8 images as on torch (as tests/test_ort_backend.py requires: at most 1 level apart,
     > 99 % equal)."""
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     monkeypatch.setenv("FINEXTRACT_CACHE", str(tmp_path / "cache"))
     pair = load_model_pair(tiny_zoo / "base", lora=adapter_files[case])

@@ -8,6 +8,7 @@ import pytest
 
 from finextract import benchmarking
 from finextract.cli import main
+from finextract.engine.config import AUTO_BACKENDS
 
 
 def test_flop_and_mfu_arithmetic():
@@ -77,8 +78,8 @@ def test_bench_command_zoo_two_backends_two_methods(tmp_path, capsys):
     assert [(r["backend"], r["method"]) for r in rows] == [
         ("torch", "finextract"),
         ("torch", "cfg"),
-        ("onnxruntime", "finextract"),
-        ("onnxruntime", "cfg"),
+        (AUTO_BACKENDS["cpu"], "finextract"),  # "auto" on a CPU
+        (AUTO_BACKENDS["cpu"], "cfg"),
     ]
     for row in rows:
         assert row["kind"] == "dreambooth" and row["batch"] == 2 and row["dtype"] == "fp32" and row["mode"] == "eager"
@@ -87,7 +88,7 @@ def test_bench_command_zoo_two_backends_two_methods(tmp_path, capsys):
     assert rows[0]["forwards_per_step"] == 2 and rows[1]["forwards_per_step"] == 1  # DreamBooth pair vs CFG on 2B
     assert report["models"] == "zoo" and report["machine"]["threads"] >= 1
     table = capsys.readouterr().out
-    assert "onnxruntime" in table and "img/s (50 steps)" in table
+    assert AUTO_BACKENDS["cpu"] in table and "img/s (50 steps)" in table
 
 
 def test_bench_command_lora_kind_and_errors(tmp_path, capsys):

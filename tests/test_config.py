@@ -18,7 +18,7 @@ def test_resolve_fills_auto_and_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("FINEXTRACT_THREADS", "3")
     monkeypatch.setenv("FINEXTRACT_CACHE", str(tmp_path))
     config = RunConfig.resolve(device="cpu")
-    assert config.backend == "onnxruntime"  # "auto" on a CPU
+    assert config.backend == "openvino"  # "auto" on a CPU
     assert (config.threads, config.cache_dir, config.dtype, config.vae_dtype) == (3, str(tmp_path), "fp32", "fp32")
     assert (config.batch_size, config.steps, config.seed, config.cuda_graphs) == (16, 50, 0, True)
     assert RunConfig.resolve(device="cpu", backend="torch", dtype="float32").dtype == "fp32"

@@ -401,3 +401,44 @@ def test_tensorrt_backend_matches_torch(dreambooth_pair, tmp_path):
     graphed = DDIMLoop(backend.step, timesteps, weights, graph=True).run(torch.cat([x_T, x_T[:1] * 0]))
     eager = DDIMLoop(backend.step, timesteps, weights).run(torch.cat([x_T, x_T[:1] * 0]))
     assert torch.equal(graphed, eager)  # the same engine launches, captured or not
+
+
+def test_one_data_file_from_scattered_external_data(tmp_path):
+    """The exporter's layout above 2 GB (one file per tensor) gathers into one aligned data file, bytes unchanged."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finextract.engine.export import save_with_one_data_file
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("a", (2, 64)), ("c", (3, 5)))}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(weights["c"], "c")),
+            helper.make_node("Add", ["x", "a"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]), helper.make_tensor_value_info("c", 1, [3, 5])],
+        [numpy_helper.from_array(weights["a"], "a")],
+    )
+    scattered = tmp_path / "raw" / "model.onnx"
+    scattered.parent.mkdir()
+    onnx.save_model(
+        helper.make_model(graph), str(scattered), save_as_external_data=True, all_tensors_to_one_file=False,
+        size_threshold=0,
+    )  # fmt: skip
+    # the graph and one file per initializer, as the exporter writes them; the Constant stays inline
+    assert sorted(p.name for p in scattered.parent.iterdir()) == ["a", "model.onnx"]
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    save_with_one_data_file(scattered, out, size_threshold=0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    loaded = onnx.load(str(out), load_external_data=True)
+    # bytes copied as they are: from a data file (the initializer) and from the graph (the Constant)
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weights["a"])
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.node[0].attribute[0].t), weights["c"])
+    headers = onnx.load(str(out), load_external_data=False)
+    tensors = [headers.graph.initializer[0], headers.graph.node[0].attribute[0].t]
+    offsets = [int(entry.value) for tensor in tensors for entry in tensor.external_data if entry.key == "offset"]
+    assert len(offsets) == 2 and all(offset % 4096 == 0 for offset in offsets)

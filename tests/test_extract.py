@@ -53,13 +53,42 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert len(list((out / "extracted").glob("*.png"))) == 2
     assert len(list((out / "generated").glob("*.png"))) == 8
     assert record["config"]["num_images"] == 8 and record["config"]["n0"] == 2
+    assert record["config"]["models"]["family"] == "sd1" and record["config"]["models"]["prediction_type"] == "epsilon"
     report = (out / "report.html").read_text()
     assert "similarity" in report
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
-    assert f"<code>{zoo / 'base'}</code>" in report and f"<code>{zoo / 'dreambooth'}</code>" in report
-    assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique size:" in report
+    # the model paths in the settings table, one row each
+    for key, path in (("base", zoo / "base"), ("finetuned", zoo / "dreambooth")):
+        assert f"<td><code>models.{key}</code></td><td>{path}</td>" in report
+    assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique: a set of generated images" in report
     with pytest.raises(ValueError, match="--batch-size 0: must be an integer >= 1"):
         extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=0, progress=False)
+
+
+def test_extractor_caption_auto_and_none(zoo, tmp_path):
+    """caption="auto" recovers a caption first and records it; None runs Eq. 6 (and refuses Eq. 13)."""
+    from finextract.extract import Extractor
+
+    extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu")
+    out = tmp_path / "auto"
+    options = {"vocabulary": range(320, 336), "max_tokens": 2}  # a small vocabulary keeps it fast
+    result = extractor.extract(
+        "auto", 1, num_images=4, steps=2, batch_size=4, out=out, progress=False, recovery=options
+    )
+    record = json.loads((out / "result.json").read_text())
+    caption = record["caption"]
+    assert caption["source"] == "recovered" and caption["caption"] == record["config"]["caption"]
+    assert caption["candidates"][0]["caption"] == caption["caption"] and len(caption["candidates"]) >= 2
+    assert result.config["caption_recovery"]["source"] == "recovered" and "caption" in record["timings"]
+    assert record["n0_estimate"] == {"source": "given"}
+    report = (out / "report.html").read_text()
+    assert "Caption recovered from the weights" in report and caption["candidates"][1]["caption"] in report
+    result = extractor.extract(None, 1, num_images=4, steps=2, batch_size=4, out=tmp_path / "none", progress=False)
+    assert result.config["method"] == "finextract-uncond" and result.config["caption_recovery"]["source"] == "none"
+    with pytest.raises(ValueError, match="method 'cfg' needs the training caption"):
+        extractor.extract(None, 1, num_images=4, method="cfg", progress=False)
+    with pytest.raises(ValueError, match="estimating N0 needs at least 50"):
+        extractor.extract("a photo of sks", "auto", num_images=10, progress=False)
 
 
 def test_cluster_and_evaluate_commands(tmp_path, caplog):
@@ -151,7 +180,7 @@ def test_extract_checks_train_and_out_before_loading(tmp_path, capsys, monkeypat
     taken.write_text("x")
     assert main(common + ["--out", str(taken)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--out {taken}: not a folder" in err
+    assert err.count("\n") == 1 and f"output folder {taken} (--out, out=): not a folder" in err
     with pytest.raises(SystemExit):
         main(common[:-1] + ["0", "--out", str(tmp_path / "o")])
     assert "argument --n0: 0: must be an integer >= 1" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def _unet_weights(folder):
 
 def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
     from finextract.engine.loading import load_model_pair
-    from finextract.finetune import finetune
+    from finextract.finetuning import finetune
 
     out = finetune(
         base_dir,
@@ -67,7 +67,7 @@ def test_lora_trains_only_adapters_and_loads_back(base_dir, images_dir, tmp_path
     from safetensors.torch import load_file
 
     from finextract.engine.loading import load_model_pair
-    from finextract.finetune import LORA_TARGET_MODULES, finetune
+    from finextract.finetuning import LORA_TARGET_MODULES, finetune
 
     out = finetune(
         base_dir,
@@ -103,7 +103,7 @@ def test_locon_adapts_attention_feed_forward_and_convolutions(base_dir, images_d
     from safetensors.torch import load_file
 
     from finextract.engine.loading import load_model_pair
-    from finextract.finetune import finetune, lora_target_modules
+    from finextract.finetuning import finetune, lora_target_modules
 
     unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
     targets = lora_target_modules(unet, "locon")
@@ -157,7 +157,7 @@ def test_locon_adapts_attention_feed_forward_and_convolutions(base_dir, images_d
 
 
 def test_default_recipe_follows_model_size():
-    from finextract.finetune import SD_RECIPES, TINY_RECIPES, default_recipe
+    from finextract.finetuning import SD_RECIPES, TINY_RECIPES, default_recipe
     from finextract.zoo import TINY_UNET_CONFIG
 
     sd_config = {"block_out_channels": (320, 640, 1280, 1280)}
@@ -171,8 +171,8 @@ def test_defaults_come_from_the_recipe_and_a_flat_loss_warns(base_dir, images_di
     """With no settings the tiny base gets the tiny recipe; an lr too small to learn anything warns."""
     import logging
 
-    from finextract import finetune as module
-    from finextract.finetune import Recipe, finetune
+    from finextract import finetuning as module
+    from finextract.finetuning import Recipe, finetune
 
     monkeypatch.setitem(module.TINY_RECIPES, "dreambooth", Recipe(steps=8, lr=1e-9, batch_size=2))
     with caplog.at_level(logging.WARNING, logger="finextract"):
@@ -184,7 +184,7 @@ def test_defaults_come_from_the_recipe_and_a_flat_loss_warns(base_dir, images_di
 
 
 def test_loss_fall():
-    from finextract.finetune import loss_fall
+    from finextract.finetuning import loss_fall
 
     assert loss_fall([1.0] * 8 + [0.5] * 8) == (1.0, 0.5, True)
     assert loss_fall([1.0] * 16)[2] is False
@@ -192,7 +192,7 @@ def test_loss_fall():
 
 
 def test_finetune_validates_before_work(base_dir, images_dir, tmp_path):
-    from finextract.finetune import finetune
+    from finextract.finetuning import finetune
 
     with pytest.raises(ValueError, match="--method"):
         finetune(base_dir, images_dir, "c", out=tmp_path / "x", method="textual-inversion")
@@ -207,7 +207,7 @@ def test_finetune_validates_before_work(base_dir, images_dir, tmp_path):
 
 
 def test_load_images_crops_and_resizes():
-    from finextract.finetune import load_images
+    from finextract.finetuning import load_images
 
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, 10:30] = 255  # the centre square is white, the sides black
@@ -262,7 +262,7 @@ def test_cli_finetune(base_dir, images_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_finetune_mixed_precision_on_cuda(base_dir, images_dir, tmp_path):
-    from finextract.finetune import finetune
+    from finextract.finetuning import finetune
 
     for dtype in ("fp16", "bf16"):
         out = finetune(

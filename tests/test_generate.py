@@ -9,10 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy
+import onnxruntime
+import openvino
 import pytest
 import torch
+import transformers
 
-from finextract.generate import MANIFEST, generate
+from finextract.generation import MANIFEST, generate
 from tests.tolerances import assert_same_images
 
 CAPTION = "a photo of sks dog"
@@ -110,7 +114,10 @@ def test_changed_config_is_refused(dreambooth_pair, tmp_path):
     assert manifest["config"]["params"] == {"w": 3.0, "k": -0.02}
     assert manifest["config"]["model"]["scheduler"]["beta_end"] == dreambooth_pair.scheduler_config["beta_end"] != 0.02
     assert manifest["config"]["rule"]["terms"][1] == {"model": "base", "caption": "empty", "coef": pytest.approx(-2.02)}
-    assert set(manifest["versions"]) >= {"finextract", "torch", "diffusers"}
+    # every library that changes the images or their scores, named by its own __version__
+    expected = {"torch": torch.__version__, "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__}
+    expected.update(openvino=openvino.__version__, transformers=transformers.__version__)
+    assert {name: manifest["versions"].get(name) for name in expected} == expected
 
 
 def test_invalid_arguments(dreambooth_pair):
@@ -130,7 +137,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
         from finextract.engine.config import set_threads
         set_threads(1)
         from finextract.engine.pair import ModelPair
-        from finextract.generate import generate
+        from finextract.generation import generate
         from finextract.zoo import tiny_components
         base = tiny_components(0, {str(tokenizer_dir)!r}); ft = tiny_components(100, {str(tokenizer_dir)!r})
         pair = ModelPair(kind="dreambooth", base_unet=base["unet"], finetuned_unet=ft["unet"], unet_lora=None,
@@ -187,7 +194,7 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
 
 
 def test_leaf_differences_wording():
-    from finextract.generate import _leaf_differences
+    from finextract.generation import _leaf_differences
 
     old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
     new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
@@ -203,7 +210,7 @@ def test_out_that_is_a_file_is_refused_before_work(dreambooth_pair, tmp_path):
     file = tmp_path / "taken"
     file.write_text("x")
     for out in (file, file / "sub"):
-        with pytest.raises(ValueError, match=f"--out {out}: not a folder"):
+        with pytest.raises(ValueError, match=rf"output folder {out} \(--out, out=\): not a folder"):
             generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")
 
 
@@ -274,10 +281,10 @@ def test_a_second_writer_of_one_folder_is_refused_with_the_holders_pid(dreamboot
     """Two processes never interleave chunks: the folder's lock is held while one writes it."""
     import os
 
-    from finextract.generate import _folder_lock
+    from finextract.generation import _folder_lock
 
     out = tmp_path / "gen"
-    with _folder_lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another --out"):
+    with _folder_lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another output folder"):
         generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")
     assert not (out / MANIFEST).exists()  # refused before writing anything
     generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")  # free again

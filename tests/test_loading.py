@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from finextract.engine.families import FamilyMismatchError
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
+from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
 from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
 
 
@@ -177,7 +179,8 @@ def test_cross_attention_dim_mismatch_is_named(tiny_zoo, tmp_path):
     config["cross_attention_dim"] = 1024
     (other / "unet/config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ValueError, match=r"fine-tuned UNet has cross_attention_dim 1024, base has 32: is the base SD 2\.x\?"
+        FamilyMismatchError,
+        match=r"is SD 2\.x \(cross-attention 1024\), told by its configs; the base is SD 1\.x \(32\)",
     ):
         load_model_pair(tiny_zoo / "base", other)
 
@@ -343,11 +346,11 @@ def test_dreambooth_with_added_tokens_uses_its_own_tokenizer(tiny_zoo, tmp_path)
 
     folder = _dreambooth_with_tokens(tiny_zoo, tmp_path / "db_tokens")
     pair = load_model_pair(tiny_zoo / "base", folder)
-    assert len(pair.base_tokenizer) == 514 and len(pair.finetuned_tokenizer) == 515
+    assert len(pair.base_tokenizer) == CLIP_VOCAB and len(pair.finetuned_tokenizer) == CLIP_VOCAB + 1
     assert pair.sources["tokenizer"] == "finetuned"
     sks = pair.finetuned_tokenizer.convert_tokens_to_ids("sks")
-    assert sks == 514 and sks in pair.finetuned_tokenizer("a photo of sks object").input_ids
-    assert 514 not in pair.base_tokenizer("a photo of sks object").input_ids  # the base spells it out
+    assert sks == CLIP_VOCAB and sks in pair.finetuned_tokenizer("a photo of sks object").input_ids
+    assert CLIP_VOCAB not in pair.base_tokenizer("a photo of sks object").input_ids  # the base spells it out
     # eps_ft's caption embedding comes from the fine-tune's own tokenizer and text encoder, eps_base's from the base's
     conditioning = encode_conditioning(pair, rule_for("finextract", pair.kind), "a photo of sks object")
     tokens = pair.finetuned_tokenizer(
@@ -361,8 +364,17 @@ def test_dreambooth_with_added_tokens_uses_its_own_tokenizer(tiny_zoo, tmp_path)
 @pytest.mark.parametrize(
     "ship_tokenizer, rows_extra, message",
     [
-        (True, 1, r"has 516 token-embedding rows but the tokenizer \(its own\) has 515 entries"),
-        (False, 0, r"has 515 token-embedding rows but the tokenizer \(the base's: the fine-tune ships none\) has 514"),
+        (
+            True,
+            1,
+            rf"has {CLIP_VOCAB + 2} token-embedding rows but the tokenizer \(its own\) has {CLIP_VOCAB + 1} entries",
+        ),
+        (
+            False,
+            0,
+            rf"has {CLIP_VOCAB + 1} token-embedding rows but the tokenizer \(the base's: the fine-tune ships none\) "
+            rf"has {CLIP_VOCAB}",
+        ),
     ],
 )
 def test_tokenizer_and_text_encoder_rows_must_agree(tiny_zoo, tmp_path, ship_tokenizer, rows_extra, message):

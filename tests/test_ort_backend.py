@@ -88,7 +88,7 @@ def test_missing_gpu_provider_says_what_to_install():
 @pytest.mark.parametrize("pair_name", ["dreambooth_pair", "lora_pair"])
 def test_generate_end_to_end_matches_torch(request, ort_config, pair_name):
     """A small run through `generate`: the same uint8 images from the torch and onnxruntime backends."""
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     pair = request.getfixturevalue(pair_name)
     options = dict(method="finextract", steps=4, batch_size=3, seed=7, progress=False)

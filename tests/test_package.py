@@ -64,3 +64,17 @@ def test_every_zoo_weights_folder_is_a_listed_package():
         ".".join(p.relative_to(root).parts) for p in folders if not p.name.startswith((".", "__"))
     }
     assert expected <= packages, sorted(expected - packages)
+
+
+def test_public_names_stay_what_they_export_after_every_module_loads():
+    """A submodule named like an export (`finextract.generate` once was both) replaces the export on
+    the package when it is imported; each public name must be its object, whatever was imported."""
+    code = (
+        "import importlib, pkgutil, finextract\n"
+        "for m in pkgutil.walk_packages(finextract.__path__, 'finextract.'):\n"
+        "    if '.commands' not in m.name: importlib.import_module(m.name)\n"
+        "bad = [n for n, mod in finextract._EXPORTS.items()\n"
+        "       if getattr(finextract, n) is not getattr(importlib.import_module(mod), n)]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

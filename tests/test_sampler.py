@@ -123,7 +123,7 @@ def test_prepare_unet_for_cuda_keeps_the_function(tiny_base):
 def test_generate_device_images_and_option_plumbing(dreambooth_pair, tmp_path):
     """`images_on_device` returns the same images (here the device is the CPU), resumed chunks included;
     `cuda_graphs` is recorded in the manifest's run record, not in the resume key."""
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     out = tmp_path / "gen"
     options = dict(steps=2, batch_size=2, out=out, progress=False, config=torch_config())
@@ -135,10 +135,10 @@ def test_generate_device_images_and_option_plumbing(dreambooth_pair, tmp_path):
 
 
 def test_generate_auto_backend_records_resolved_name(dreambooth_pair):
-    from finextract.generate import generate
+    from finextract.generation import generate
 
     result = generate(dreambooth_pair, CAPTION, 2, steps=2, batch_size=2, progress=False, backend="auto", threads=1)
-    assert result.manifest["config"]["backend"] == "onnxruntime"  # the CPU choice
+    assert result.manifest["config"]["backend"] == "openvino"  # the CPU choice
     reference = generate(dreambooth_pair, CAPTION, 2, progress=False, config=torch_config(steps=2, batch_size=2))
     assert_same_images(result.images, reference.images)
 
@@ -154,7 +154,7 @@ def test_cli_flags_parse_into_one_run_config():
         assert args.cuda_graphs is True and args.backend == "auto"
         assert parser.parse_args([command, *base, "--no-cuda-graphs"]).cuda_graphs is False
         config = run_config_from(parser.parse_args([command, *base, "--steps", "7", "--threads", "1"]))
-        assert (config.steps, config.threads, config.backend, config.device) == (7, 1, "onnxruntime", "cpu")
+        assert (config.steps, config.threads, config.backend, config.device) == (7, 1, "openvino", "cpu")
 
 
 # ------------------------------------------------------------------------------------ GPU --
@@ -191,7 +191,7 @@ def test_extract_device_path_equals_cpu_path(dreambooth_pair):
     """Images generated on CUDA stay there; SSCD + clustering on them == on their CPU copy; and the
     CUDA images match the CPU generation to within rounding."""
     from finextract.extract import cluster_images
-    from finextract.generate import generate
+    from finextract.generation import generate
     from finextract.sscd import load_embedder
 
     options = dict(steps=4, batch_size=8, progress=False)

@@ -74,22 +74,32 @@ def test_base_runs_in_stable_diffusion_pipeline(tiny_zoo):
     assert image.shape == (1, 32, 32, 3) and image.min() >= 0 and image.max() <= 1
 
 
-def test_cli_build_is_deterministic(tiny_zoo, tmp_path):
+def test_cli_build_is_deterministic(family_zoo, tmp_path):
     from finextract.cli import main
 
-    assert main(["zoo", "build", "--out", str(tmp_path / "again"), "--seed", "0"]) == 0
+    assert main(["zoo", "build", "--out", str(tmp_path / "again"), "--seed", "0", "--families", "sdxl"]) == 0
+    assert not (tmp_path / "again" / "sd2").exists()  # only the families asked for
     for name in (
+        "sdxl/lora_kohya.safetensors",
+        "sdxl/base/text_encoder_2/model.safetensors",
         "dreambooth_unet.safetensors",
         "lora_kohya.safetensors",
         "lora/pytorch_lora_weights.safetensors",
         "lora_peft/adapter_model.safetensors",
         "base/text_encoder/model.safetensors",
     ):
-        again, first = tmp_path / "again" / name, tiny_zoo / name
+        again, first = tmp_path / "again" / name, family_zoo / name
         a, b = load_file(str(again)), load_file(str(first))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
         # safetensors orders metadata entries freely, so bytes may differ where metadata has 2+ entries
         assert safe_open(str(again), "pt").metadata() == safe_open(str(first), "pt").metadata(), name
+
+
+def test_cli_build_names_an_unknown_family(tmp_path, capsys):
+    from finextract.cli import main
+
+    assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--families", "sd3"]) != 0
+    assert "zoo families ['sd3']: expected some of sd2, sd2-v, sdxl, altdiffusion" in capsys.readouterr().err
 
 
 def test_seed_changes_weights():

@@ -1,4 +1,4 @@
-"""Backends by name, imported only when asked for: `torch`, `onnxruntime`, `tensorrt`.
+"""Backends by name, imported only when asked for: `torch`, `onnxruntime`, `openvino`, `tensorrt`.
 
 Each entry is "module:factory"; the factory takes `(denoiser, conditioning, config, **options)` and
 returns an object following `finextract.engine.backends.base.Backend`.
@@ -11,6 +11,7 @@ import importlib
 BACKENDS = {
     "torch": "finextract.engine.backends.torch_backend:TorchBackend",
     "onnxruntime": "finextract.engine.backends.ort_backend:OnnxRuntimeBackend",
+    "openvino": "finextract.engine.backends.openvino_backend:OpenVINOBackend",
     "tensorrt": "finextract.engine.backends.trt_backend:TensorRTBackend",
 }
 

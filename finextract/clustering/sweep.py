@@ -184,8 +184,13 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     return cache[0][0], cache[1][0], cache, part
 
 
-def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget, edges: int | None = None) -> tuple[list[tuple], bool]:
+def _peel(
+    adj: np.ndarray, keys: _Keys, n0: int, budget, edges: int | None = None, min_size: int | None = None
+) -> tuple[list[tuple], bool]:
     """Greedy maximum-clique peel of G_t; returns (keys of peeled cliques in order, >= N0 cliques?).
+
+    With `min_size`, N0 is ignored: the peel returns every clique of at least `min_size` vertices
+    (and True), stopping at the first smaller one.
 
     Exact shortcuts (none changes which cliques are peeled):
     - a maximum clique of G is the best of its components' maximum cliques; components are searched
@@ -235,11 +240,14 @@ def _peel(adj: np.ndarray, keys: _Keys, n0: int, budget, edges: int | None = Non
             heapq.heappush(heap, (key, counter, part, True, clique, cache))
             counter += 1
             continue
-        if len(peeled) >= n0 and -key[0] < -peeled[n0 - 1][0]:
+        if min_size is not None:
+            if -key[0] < min_size:
+                return peeled, True  # peel sizes never grow: no later clique is large enough
+        elif len(peeled) >= n0 and -key[0] < -peeled[n0 - 1][0]:
             return peeled, True  # the N0 largest are known: later cliques are smaller
         peeled.append(key)
         remaining -= -key[0]
-        if len(peeled) < n0 and len(peeled) + remaining < n0:
+        if min_size is None and len(peeled) < n0 and len(peeled) + remaining < n0:
             return peeled, False  # cannot reach N0 cliques
         frame = part.frame
         removed = np.zeros(len(frame.ids), dtype=bool)

@@ -14,7 +14,7 @@ import argparse
 
 from finextract.rules import METHODS
 
-from .options import positive_int
+from .options import add_prediction_type_option, positive_int
 
 
 def register(subparsers) -> None:
@@ -81,6 +81,7 @@ def register(subparsers) -> None:
         help="the GPU's dense fp16/bf16 TFLOP/s for MFU (default $FINEXTRACT_PEAK_TFLOPS or 790, an H200)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (only ones you trust)")
+    add_prediction_type_option(p)
     p.add_argument("--json", default=None, help="also write the rows and the machine to this JSON file")
     p.set_defaults(func=run)
 
@@ -143,6 +144,7 @@ def run(args) -> int:
                     lora=args.lora,
                     allow_pickle=args.allow_pickle,
                     base_config=args.base_config,
+                    prediction_type=args.prediction_type,
                 )
         pair.place(first)  # one pair for every backend: backends never change it
         for config in configs:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import positive_int, read_image_folder
+from .options import n0_or_auto, positive_int, read_image_folder
 
 
 def register(subparsers) -> None:
@@ -14,9 +14,15 @@ def register(subparsers) -> None:
     p.add_argument(
         "--images",
         required=True,
-        help="folder of generated images (PNG/JPEG), or a `finextract generate` output folder",
+        help="folder of generated images (PNG/JPEG), or the output folder of `finextract generate` or of "
+        "`extract` (its generation/ is read)",
     )
-    p.add_argument("--n0", type=positive_int, required=True, help="N0: number of images to extract")
+    p.add_argument(
+        "--n0",
+        type=n0_or_auto,
+        required=True,
+        help="N0: number of images to extract, or 'auto' to estimate it from the images (at least 50)",
+    )
     p.add_argument("--out", required=True, help="output folder (extracted/, result.json, report.html)")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
@@ -30,16 +36,16 @@ def run(args) -> int:
 
     from finextract.engine.config import resolve_device, set_threads
     from finextract.extract import cluster_images, extraction_config, write_output
-    from finextract.generate import check_out_folder
+    from finextract.generation import check_out_folder
     from finextract.sscd import load_embedder
 
     check_out_folder(args.out)
     set_threads()
-    images, paths = read_image_folder("--images", args.images)
+    images, paths = read_image_folder("--images", args.images, want="generated")
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(
-        n0=args.n0,
+        n0=result.n0_estimate.n0 if result.n0_estimate is not None else args.n0,
         num_images=len(images),
         embedder=embedder,
         budget=args.budget,

@@ -12,7 +12,6 @@ training images and each run's best matches) beside each run's own folder and re
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
@@ -172,6 +171,7 @@ def run_demo(
             "train": train_count,
         }
     extractors = {}
+    runs, total = 0, seeds * len(scenarios) * len(kinds) * len(methods)
     # seed repeats outermost: an interrupted demo has whole tables for the seeds it finished
     for repeat in range(seeds):
         for scenario in scenarios:
@@ -186,6 +186,7 @@ def run_demo(
                     t = time.perf_counter()
                     run_seed = seed + repeat * config["num_images"]
                     run_folder = out / f"{scenario}-{kind}-{method}-seed{repeat}"
+                    runs += 1
                     result = extractors[scenario, kind].extract(
                         config["caption"],
                         config["n0"],
@@ -197,6 +198,7 @@ def run_demo(
                         out=run_folder,
                         train=folder / "train",
                         progress=progress,
+                        label=f"run {runs}/{total} {scenario} {kind} {method} seed {repeat}",
                     )
                     metrics = result.metrics
                     _save_best_matches(result.images, metrics["best_match"], run_folder / "best_match")
@@ -253,8 +255,9 @@ def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
 
 def _value(cell: dict, name: str, with_std: bool) -> str:
     mean, std = cell[name]["mean"], cell[name]["std"]
-    digits = 3 if name == "AS" else 2
-    return f"{mean:.{digits}f}±{std:.{digits}f}" if with_std else f"{mean:.{digits}f}"
+    from finextract.metrics import format_score
+
+    return f"{format_score(mean)}±{format_score(std)}" if with_std else format_score(mean)
 
 
 def format_table(cells: list[dict]) -> str:
@@ -290,62 +293,64 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
     """report.html: the table, each scenario's training images, and each run's best matches (first seed)."""
     import shutil
 
-    img = 'style="width:96px;height:96px;image-rendering:pixelated;margin:2px"'
+    from finextract.report import esc, figure, image, similarity_text, table, write_page
+
     settings = summary["config"]["scenarios"]
     seeds = summary["config"]["seeds"]
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>finextract demo</title>",
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:right}</style>",
+    body = [
         "<h1>FineXtract on the tiny trained models</h1>",
         f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {seeds} sampling seed "
         f"set(s) per cell (mean ± std); the fine-tunes are the committed ones. Total {summary['seconds']:.0f} s.</p>",
-        "<table><tr><th>scenario</th><th>kind</th><th>method</th><th>AS</th><th>A-ESR0.7</th><th>A-ESR0.6</th>"
-        "<th>runs</th></tr>",
-    ]
-    for cell in summary["cells"]:
-        values = "".join(f"<td>{_value(cell, name, seeds > 1)}</td>" for name in METRICS)
-        parts.append(
-            f"<tr><td>{SCENARIO_NAMES[cell['scenario']]}</td><td>{KIND_NAMES[cell['kind']]}</td>"
-            f"<td>{METHOD_NAMES[cell['method']]}</td>{values}<td>{cell['runs']}</td></tr>"
-        )
-    parts.append(
-        "</table><p>AS: mean over the training images of the SSCD similarity to their best extracted "
+        table(
+            ("scenario", "kind", "method", *METRICS, "runs"),
+            [
+                (
+                    SCENARIO_NAMES[cell["scenario"]],
+                    KIND_NAMES[cell["kind"]],
+                    METHOD_NAMES[cell["method"]],
+                    *(_value(cell, name, seeds > 1) for name in METRICS),
+                    cell["runs"],
+                )
+                for cell in summary["cells"]
+            ],
+            numeric=(3, 4, 5, 6),
+        ),
+        "<p class='note'>AS: mean over the training images of the SSCD similarity to their best extracted "
         "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training images whose best match exceeds 0.6 / 0.7 "
-        "(Eq. 2); matches above 0.6 are marked in bold green below.</p>"
-    )
-    figure = (
-        "<figure style='display:inline-block;margin:4px;text-align:center'><img {img} src='{src}'>"
-        "<figcaption>{caption}</figcaption></figure>"
-    )
+        "(Eq. 2); such matches are green / bold green below.</p>",
+    ]
     for scenario, folder in folders.items():
         train_dir = out / "train" / scenario
         train_dir.mkdir(parents=True, exist_ok=True)
         train = sorted((folder / "train").glob("*.png"))
-        for image in train:
-            shutil.copy(image, train_dir / image.name)
+        for path in train:
+            shutil.copy(path, train_dir / path.name)
         config = settings[scenario]
-        parts.append(
+        body.append(
             f"<h2>{SCENARIO_NAMES[scenario]}: training images (X0)</h2><p>Caption "
-            f"<code>{html.escape(config['caption'])}</code>; N0 = {config['n0']}, N = {config['num_images']}.</p><div>"
+            f"<code>{esc(config['caption'])}</code>; N0 = {config['n0']}, N = {config['num_images']}.</p>"
         )
-        src = f"train/{scenario}"
-        parts += [figure.format(img=img, src=f"{src}/{p.name}", caption=html.escape(p.stem)) for p in train]
-        parts.append("</div><h3>Best extracted match per training image (first seed)</h3>")
+        body.append(
+            "<div>"
+            + "".join(figure(image(train_dir / p.name, out=out, side=96), esc(p.stem)) for p in train)
+            + "</div>"
+        )
+        body.append("<h3>Best extracted match per training image (first seed)</h3>")
         for r in summary["rows"]:
             if r["scenario"] != scenario or r["repeat"] != 0:
                 continue
-            cells = []
-            for match in r["best_match"]:
-                similarity = match["similarity"]
-                caption = f"{similarity:.2f}" if similarity <= 0.6 else f"<b style='color:#080'>{similarity:.2f}</b>"
-                cells.append(
-                    figure.format(img=img, src=f"{r['folder']}/best_match/train{match['train']}.png", caption=caption)
+            cells = [
+                figure(
+                    image(out / r["folder"] / "best_match" / f"train{m['train']}.png", out=out, side=96),
+                    similarity_text(m["similarity"]),
                 )
-            parts.append(
+                for m in r["best_match"]
+            ]
+            body.append(
                 f"<h4>{KIND_NAMES[r['kind']]} / {METHOD_NAMES[r['method']]} "
-                f"(<a href='{r['folder']}/report.html'>report</a>)</h4><div>{''.join(cells)}</div>"
+                f"(<a href='{esc(r['folder'])}/report.html'>report</a>)</h4><div>{''.join(cells)}</div>"
             )
-    (out / "report.html").write_text("\n".join(parts) + "\n")
+    write_page(out / "report.html", "finextract demo", body)
 
 
 def run(args) -> int:

@@ -2,40 +2,101 @@
 
 from __future__ import annotations
 
-from .options import read_image_folder
+import json
+import logging
+from pathlib import Path
+
+from .options import positive_int, read_image_folder
+
+logger = logging.getLogger("finextract")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="AS / A-ESR of extracted images against training images",
-        description="Score extracted images against the real training images (FineXtract Eq. 1, 2).",
+        description="Score extracted images against the real training images (FineXtract Eq. 1, 2). The training "
+        "images are compared as the fine-tune saw them: centre-cropped to their largest square and resized to the "
+        "model's resolution (--resolution; by default read from the extract output folder the images come from, "
+        "else the extracted images' own square size).",
     )
-    p.add_argument("--extracted", required=True, help="folder of extracted images")
+    p.add_argument(
+        "--extracted",
+        required=True,
+        help="folder of extracted images, or an `extract` / `cluster` output folder (its extracted/ is read) or a "
+        "`generate` folder (all its images)",
+    )
     p.add_argument("--train", required=True, help="folder of the real training images")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=None,
+        help="side in pixels the training images are centre-cropped and resized to before SSCD (default: the "
+        "model's, from result.json beside --extracted, else the extracted images' size)",
+    )
+    size.add_argument(
+        "--train-as-is", action="store_true", help="compare the training images as they are (no crop or resize)"
+    )
     p.add_argument("--json", default=None, help="write the metrics (with per-image best matches) to this file")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import json
-    from pathlib import Path
+def infer_resolution(folder: str | Path, images) -> tuple[int, str]:
+    """The model resolution for scoring the images of `folder`, and where it was read.
 
+    In order: the `config.models.resolution` of an extract run's `result.json` in `folder` or its
+    parent (`run/extracted` -> `run/result.json`); else the images' common side when they are all
+    square and of one size (what a model generates, e.g. a `generate` folder).
+
+    Raises:
+        ValueError: neither is there (the message asks for --resolution or --train-as-is).
+    """
+    folder = Path(folder)
+    for candidate in (folder / "result.json", folder.parent / "result.json"):
+        if candidate.is_file():
+            try:
+                resolution = json.loads(candidate.read_text()).get("config", {}).get("models", {}).get("resolution")
+            except (json.JSONDecodeError, AttributeError):
+                resolution = None
+            if isinstance(resolution, int) and resolution >= 1:
+                return resolution, str(candidate)
+    shapes = {tuple(image.shape[:2]) for image in images}
+    if len(shapes) == 1:
+        ((height, width),) = shapes
+        if height == width:
+            return int(height), f"the size of the images in {folder}"
+    raise ValueError(
+        f"--extracted {folder}: cannot tell the model's resolution (no result.json with it, and the images are not "
+        f"all one square size: {sorted(shapes)[:4]}); pass --resolution N, or --train-as-is to compare the "
+        "training images as they are"
+    )
+
+
+def run(args) -> int:
     from finextract.engine.config import set_threads
     from finextract.extract import embed_images, evaluate_against
+    from finextract.metrics import format_scores
     from finextract.sscd import load_embedder
 
-    images, paths = read_image_folder("--extracted", args.extracted)
+    images, paths = read_image_folder("--extracted", args.extracted, want="extracted")
     train = read_image_folder("--train", args.train)  # both read before the embedder loads
+    resolution = None
+    if not args.train_as_is:
+        resolution, source = (
+            (args.resolution, "--resolution") if args.resolution else infer_resolution(args.extracted, images)
+        )
+        logger.info("training images centre-cropped and resized to %d px (from %s)", resolution, source)
     set_threads()
     embedder = load_embedder(args.sscd, preset=args.preset)
-    metrics, _ = evaluate_against(train, embed_images(embedder, images), embedder)
+    metrics, _ = evaluate_against(train, embed_images(embedder, images), embedder, resolution=resolution)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name
     metrics["sscd"] = embedder.info
-    print(f"AS {metrics['AS']:.4f}  A-ESR0.6 {metrics['A-ESR0.6']:.4f}  A-ESR0.7 {metrics['A-ESR0.7']:.4f}")
+    print(format_scores(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"metrics and per-image best matches written to {args.json}")
     return 0

@@ -14,7 +14,17 @@ def register(subparsers) -> None:
     add_model_options(p)
     add_sampling_options(p)
     add_runtime_options(p)
-    p.add_argument("--train", default=None, help="folder of the real training images: adds AS / A-ESR")
+    p.add_argument(
+        "--train",
+        default=None,
+        help="folder of the real training images: adds AS / A-ESR (compared as the fine-tune saw them: centre-"
+        "cropped and resized to the model's resolution)",
+    )
+    p.add_argument(
+        "--train-as-is",
+        action="store_true",
+        help="compare the --train images as they are, without the centre crop and resize",
+    )
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/generated/")
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
@@ -37,6 +47,7 @@ def run(args) -> int:
         preset=args.preset,
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
+        prediction_type=args.prediction_type,
     )
     result = extractor.extract(
         args.caption,
@@ -47,17 +58,21 @@ def run(args) -> int:
         k=args.k,
         out=args.out,
         train=train,
+        train_as_is=args.train_as_is,
         save_generated=args.save_generated,
     )
     log = logging.getLogger("finextract")
+    recovery = result.config.get("caption_recovery") or {}
+    if recovery.get("source") == "recovered":
+        log.info("recovered caption %r (score %.3f)", recovery["caption"], recovery["score"])
+    if result.n0_estimate is not None:
+        e = result.n0_estimate
+        log.info("estimated N0 = %d (interval %d..%d, confidence %.2f)", e.n0, *e.interval, e.confidence)
     log.info("threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out)
     if result.metrics:
-        log.info(
-            "AS %.4f, A-ESR0.6 %.2f, A-ESR0.7 %.2f",
-            result.metrics["AS"],
-            result.metrics["A-ESR0.6"],
-            result.metrics["A-ESR0.7"],
-        )
+        from finextract.metrics import format_scores
+
+        log.info("%s", format_scores(result.metrics))
     return 0
 
 
@@ -68,12 +83,20 @@ def _check_inputs(args):
     Returns:
         (RunConfig, the training images as `read_images` returns them, or None).
     """
-    from finextract.extract import IMAGES_PER_N0
-    from finextract.generate import check_out_folder
+    from finextract.extract import AUTO, AUTO_NUM_IMAGES, IMAGES_PER_N0
+    from finextract.generation import check_out_folder
 
     from .options import read_image_folder, run_config_from
 
     config = run_config_from(args)
+    if args.n0 == AUTO:
+        from finextract.clustering.n0 import MIN_IMAGES
+
+        num_images = args.num_images if args.num_images is not None else AUTO_NUM_IMAGES
+        if num_images < MIN_IMAGES:
+            raise ValueError(f"--num-images {num_images}: estimating N0 (--n0 auto) needs at least {MIN_IMAGES} images")
+        check_out_folder(args.out)
+        return config, read_image_folder("--train", args.train) if args.train is not None else None
     num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
     if num_images < args.n0:
         raise ValueError(

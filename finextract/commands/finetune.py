@@ -54,7 +54,7 @@ def run(args) -> int:
     import logging
 
     from finextract.engine.config import set_threads
-    from finextract.finetune import finetune
+    from finextract.finetuning import finetune
 
     set_threads()
     out = finetune(

@@ -33,7 +33,7 @@ def run(args) -> int:
 
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
-    from finextract.generate import check_out_folder, generate
+    from finextract.generation import check_out_folder, generate
 
     from .options import run_config_from
 
@@ -52,10 +52,22 @@ def run(args) -> int:
         device=config.device,
         dtype=config.dtype,
         base_config=args.base_config,
+        prediction_type=args.prediction_type,
     ).place(config)
+    caption = args.caption
+    if caption == "auto":
+        from finextract.caption import recover_caption
+
+        recovery = recover_caption(pair, seed=config.seed, progress=not args.no_progress)
+        caption = recovery.caption
+        print(
+            f"recovered caption {caption!r} (score {recovery.score:.3f}; runner-ups: "
+            + ", ".join(repr(c["caption"]) for c in recovery.candidates[1:])
+            + ")"
+        )
     result = generate(
         pair,
-        args.caption,
+        caption,
         num_images,
         method=args.method,
         w=args.w,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from finextract.rules import METHODS  # plain data: importing it loads no torch
 
@@ -21,19 +23,29 @@ def positive_int(text: str) -> int:
     return value
 
 
-def read_image_folder(flag: str, folder: str):
+def n0_or_auto(text: str) -> int | str:
+    """argparse `type=` for --n0: "auto" (estimate N0 from the generated images) or an integer >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def read_image_folder(flag: str, folder: str, want: str | None = None):
     """`finextract.images.read_images(folder)` with its errors prefixed by the option that named the
-    folder ("--train: image folder x does not exist ..."). Raises FileNotFoundError / ValueError."""
-    from finextract.images import read_images
+    folder ("--train: image folder x does not exist ..."). With `want` ("extracted" / "generated"),
+    an output folder of `generate` or `extract` is looked into (`finextract.images.image_folder`) and
+    the folder actually read is logged. Raises FileNotFoundError / ValueError."""
+    from finextract.images import image_folder, read_images
 
     try:
-        return read_images(folder)
+        found = image_folder(folder, want) if want else Path(folder)
+        if found != Path(folder):
+            logging.getLogger("finextract").info("%s %s: reading the %s images in %s", flag, folder, want, found)
+        return read_images(found)
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"{flag}: {error}") from None
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--base, --base-config, --finetuned | --lora, --allow-pickle."""
+    """--base, --base-config, --finetuned | --lora, --allow-pickle, --prediction-type."""
     parser.add_argument(
         "--base",
         required=True,
@@ -56,6 +68,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
     )
+    add_prediction_type_option(parser)
+
+
+def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
+    """--prediction-type: the deliberate override of what the models' scheduler configs say."""
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="sample base and fine-tune as this parameterisation, overriding their scheduler configs (and v_pred "
+        "markers); needed when they disagree (e.g. an SD 2.x 768-v fine-tune over an epsilon base) and you know "
+        "which is right (default: read from the models, which must agree)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
@@ -63,13 +88,22 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
 
     `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
     """
-    parser.add_argument("--caption", required=True, help="the training caption c")
+    parser.add_argument(
+        "--caption",
+        required=True,
+        help="the training caption c, or 'auto' to recover it from the fine-tune's cross-attention weights "
+        "(needs a fine-tune or LoRA that changes attn2.to_k / attn2.to_v)",
+    )
     parser.add_argument(
         "--n0",
-        type=positive_int,
+        type=n0_or_auto if n0_required else positive_int,
         required=n0_required,
         help="N0, the number of training images"
-        + ("" if n0_required else " (sets the default N; or give --num-images)"),
+        + (
+            ", or 'auto' to estimate it from the generated images (then N defaults to 500)"
+            if n0_required
+            else " (sets the default N; or give --num-images)"
+        ),
     )
     parser.add_argument("--num-images", type=positive_int, default=None, help="N images to generate (default 50 x N0)")
     parser.add_argument(
@@ -102,16 +136,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"),
         default="auto",
-        help="auto (default: onnxruntime on a CPU, its export cached in $FINEXTRACT_CACHE or ~/.cache/finextract; "
-        "torch on CUDA), torch, onnxruntime or tensorrt",
+        help="auto (default: openvino on a CPU, compiling the ONNX export cached in $FINEXTRACT_CACHE or "
+        "~/.cache/finextract; torch on CUDA), torch, onnxruntime, openvino or tensorrt",
     )
     parser.add_argument(
         "--threads",
         type=positive_int,
         default=None,
-        help="torch / onnxruntime threads (default $FINEXTRACT_THREADS, else all cores)",
+        help="torch / onnxruntime threads, openvino streams (default $FINEXTRACT_THREADS, else all cores)",
     )
     parser.add_argument(
         "--cuda-graphs",

@@ -14,10 +14,18 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("zoo", help="build tiny Stable-Diffusion-format models for tests and demos")
     actions = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
     build = actions.add_parser(
-        "build", help="write a base pipeline and fine-tunes in every supported format (DreamBooth, LoRA x3)"
+        "build",
+        help="write a tiny random base pipeline of every model family and its fine-tunes in every supported format "
+        "(DreamBooth, LoRA x3, single files)",
     )
     build.add_argument("--out", required=True, help="folder to write (created if missing)")
     build.add_argument("--seed", type=int, default=0, help="seed of every random weight (default 0)")
+    build.add_argument(
+        "--families",
+        default=None,
+        help="the families besides SD 1.x (always written, at the top level), comma-separated: some of "
+        "sd2,sd2-v,sdxl,altdiffusion, each in its own subfolder (default all; an empty string: SD 1.x only)",
+    )
     build.add_argument(
         "--trained",
         action="store_true",
@@ -66,6 +74,7 @@ def run(args) -> int:
             args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache, scenarios=tuple(args.scenarios.split(","))
         )
     else:
-        out = build_zoo(args.out, seed=args.seed)
+        families = None if args.families is None else tuple(f for f in args.families.split(",") if f)
+        out = build_zoo(args.out, seed=args.seed, families=families)
     logging.getLogger("finextract").info("zoo written to %s in %.1f s", out, time.perf_counter() - start)
     return 0

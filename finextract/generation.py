@@ -253,7 +253,7 @@ def _folder_lock(folder: Path | None):
             holder = handle.read().strip() or "unknown"
             raise RuntimeError(
                 f"{folder} is being written by another finextract process (pid {holder}, lock file "
-                f"{folder / LOCK_FILE}); wait for it to finish, or write to another --out folder"
+                f"{folder / LOCK_FILE}); wait for it to finish, or write to another output folder (--out, out=)"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -281,10 +281,14 @@ def check_out_folder(out: str | Path) -> Path:
         if path.exists():
             if not path.is_dir():
                 where = "" if path == out else f" (its parent {path} is a file)"
-                raise ValueError(f"--out {out}: not a folder{where}; give a folder path (it is created if missing)")
+                raise ValueError(
+                    f"output folder {out} (--out, out=): not a folder{where}; give a folder path (it is created if missing)"
+                )
             if not os.access(path, os.W_OK | os.X_OK):
                 where = "" if path == out else f" (its nearest existing parent {path})"
-                raise ValueError(f"--out {out}: the folder{where} is not writable; choose another --out")
+                raise ValueError(
+                    f"output folder {out} (--out, out=): the folder{where} is not writable; choose another"
+                )
             break
     return out
 
@@ -330,15 +334,19 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); move the folder away or use another --out") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); move the folder away or use another output folder (--out, out=)"
+            ) from None
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a finextract generation manifest ({FORMAT}); use another --out")
+            raise ValueError(
+                f"{path} is not a finextract generation manifest ({FORMAT}); use another output folder (--out, out=)"
+            )
         differences = _leaf_differences(manifest["config"], config)
         if differences:
             shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
             raise ValueError(
                 f"{folder} holds a generation with a different config (there -> now: {shown}); "
-                "rerun with the original settings to resume it, or choose another --out folder"
+                "rerun with the original settings to resume it, or choose another output folder (--out, out=)"
             )
         return manifest
     if folder is not None:  # `generate` checked it with check_out_folder

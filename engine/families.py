@@ -1,0 +1,401 @@
+"""Model families: what differs between SD 1.x, SD 2.x, SDXL and AltDiffusion, in one table.
+
+A family fixes the parts of a pipeline that are not in the UNet's weights: which text encoders and
+tokenizers it has, which conditioning tensors its UNet reads, and which diffusers pipeline defines
+its sampling (the oracle the tests compare against). Everything else (sizes, prediction type,
+scheduler) is read from the model's own configs.
+
+| family | pipeline | text encoders | UNet conditioning |
+|---|---|---|---|
+| `sd1` SD 1.x | `StableDiffusionPipeline` | CLIP ViT-L (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sd2` SD 2.x (epsilon 512 px, v-prediction 768 px) | `StableDiffusionPipeline` | OpenCLIP ViT-H (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
+| `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
+
+Detection reads configs (`detect_family`), single-file checkpoint keys (`checkpoint_evidence`) or
+adapter keys and metadata (`adapter_evidence`); `check_family` refuses a fine-tune or adapter of
+another family with a message naming both ("the LoRA is for SDXL (cross-attention 2048); the base is
+SD 1.x (768)").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "ADDED_CONDITIONING_KEYS",
+    "FAMILIES",
+    "Evidence",
+    "Family",
+    "FamilyMismatchError",
+    "UnknownFamilyError",
+    "adapter_evidence",
+    "check_family",
+    "checkpoint_evidence",
+    "detect_family",
+    "get_family",
+]
+
+#: SDXL's added conditioning, passed to the UNet as `added_cond_kwargs` (diffusers' names).
+ADDED_CONDITIONING_KEYS = ("text_embeds", "time_ids")
+
+
+class UnknownFamilyError(ValueError):
+    """A model of no family finextract runs (an unknown name, a DiT, an inpainting UNet, a refiner...)."""
+
+
+class FamilyMismatchError(ValueError):
+    """A fine-tune or adapter of another family than its base."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    Attributes:
+        name: the identifier ("sd1", "sd2", "sdxl", "altdiffusion"), recorded in `result.json`.
+        label: how messages name it ("SD 1.x").
+        pipeline_class: the diffusers pipeline whose sampling the family follows.
+        text_encoder_classes: (library, class) of each text encoder, in order (`text_encoder`,
+            `text_encoder_2`), as a pipeline's `model_index.json` names them.
+        tokenizer_class: the transformers tokenizer class of every tokenizer of the family.
+        conditioning_keys: the UNet inputs one guidance term's conditioning holds, in order.
+        released_cross_attention_dim: the released models' UNet `cross_attention_dim` (messages only:
+            a tiny test model has its own).
+        shares_unet_with: families whose released UNets have the same architecture (an SD 1.x UNet
+            LoRA fits AltDiffusion's UNet).
+    """
+
+    name: str
+    label: str
+    pipeline_class: str
+    text_encoder_classes: tuple[tuple[str, str], ...]
+    tokenizer_class: str
+    conditioning_keys: tuple[str, ...]
+    released_cross_attention_dim: int
+    shares_unet_with: tuple[str, ...] = ()
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """Pipeline component names of the text encoders: ("text_encoder",) or (..., "text_encoder_2")."""
+        return ("text_encoder", "text_encoder_2")[: len(self.text_encoder_classes)]
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """Pipeline component names of the tokenizers, one per text encoder."""
+        return ("tokenizer", "tokenizer_2")[: len(self.text_encoder_classes)]
+
+    def text_encoder_class(self, index: int = 0):
+        """The class of text encoder `index` (imported on demand)."""
+        library, name = self.text_encoder_classes[index]
+        if library == "diffusers":  # AltDiffusion's encoder lives in diffusers (deprecated pipelines)
+            from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+                RobertaSeriesModelWithTransformation,
+            )
+
+            return {"RobertaSeriesModelWithTransformation": RobertaSeriesModelWithTransformation}[name]
+        import transformers
+
+        return getattr(transformers, name)
+
+    def tokenizer_class_object(self):
+        import transformers
+
+        return getattr(transformers, self.tokenizer_class)
+
+    def pipeline(self):
+        """The diffusers pipeline class of the family (the oracle its sampling follows)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def describe(self, cross_attention_dim: int | None) -> str:
+        """ "SD 1.x (768)": the label and a UNet's cross-attention width (when known)."""
+        return self.label if cross_attention_dim is None else f"{self.label} ({cross_attention_dim})"
+
+    def compatible(self, other: Family) -> bool:
+        return other.name == self.name or other.name in self.shares_unet_with
+
+
+SD1 = Family(
+    "sd1",
+    "SD 1.x",
+    "StableDiffusionPipeline",
+    (("transformers", "CLIPTextModel"),),
+    "CLIPTokenizer",
+    ("encoder_hidden_states",),
+    768,
+    ("altdiffusion",),
+)
+SD2 = Family(
+    "sd2",
+    "SD 2.x",
+    "StableDiffusionPipeline",
+    (("transformers", "CLIPTextModel"),),
+    "CLIPTokenizer",
+    ("encoder_hidden_states",),
+    1024,
+)
+SDXL = Family(
+    "sdxl",
+    "SDXL",
+    "StableDiffusionXLPipeline",
+    (("transformers", "CLIPTextModel"), ("transformers", "CLIPTextModelWithProjection")),
+    "CLIPTokenizer",
+    ("encoder_hidden_states", *ADDED_CONDITIONING_KEYS),
+    2048,
+)
+ALTDIFFUSION = Family(
+    "altdiffusion",
+    "AltDiffusion",
+    "AltDiffusionPipeline",
+    (("diffusers", "RobertaSeriesModelWithTransformation"),),
+    "XLMRobertaTokenizer",
+    ("encoder_hidden_states",),
+    768,
+    ("sd1",),
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION)}
+_BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
+_SUPPORTED = ", ".join(f"{f.name} ({f.label})" for f in FAMILIES.values())
+
+
+def get_family(name: str | Family) -> Family:
+    """The family called `name` ("sd1", "sd2", "sdxl", "altdiffusion"; a `Family` passes through).
+
+    Raises:
+        UnknownFamilyError: any other name (the message lists the families).
+    """
+    if isinstance(name, Family):
+        return name
+    key = str(name).lower().replace(" ", "").replace("-", "").replace(".x", "").replace("_", "").replace(".", "")
+    aliases = {"sd1": "sd1", "sd15": "sd1", "sd14": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
+    aliases.update(altdiffusion="altdiffusion", alt="altdiffusion")
+    if key not in aliases:
+        raise UnknownFamilyError(f"unknown model family {name!r}: finextract runs {_SUPPORTED}")
+    return FAMILIES[aliases[key]]
+
+
+# --- from configs ---------------------------------------------------------------------------------
+
+_OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in plain words
+    "StableDiffusion3Pipeline": "SD 3 (a DiT)",
+    "FluxPipeline": "Flux (a DiT)",
+    "PixArtAlphaPipeline": "PixArt (a DiT)",
+    "PixArtSigmaPipeline": "PixArt (a DiT)",
+    "KandinskyV22Pipeline": "Kandinsky 2.2",
+    "StableDiffusionUpscalePipeline": "an SD x4 upscaler",
+    "StableDiffusionInpaintPipeline": "an SD inpainting model",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model",
+    "StableCascadeDecoderPipeline": "Stable Cascade",
+}
+
+
+def detect_family(
+    unet_config: dict | None,
+    text_encoder_config: dict | None = None,
+    *,
+    text_encoder_2_config: dict | None = None,
+    pipeline_class: str | None = None,
+    requires_aesthetics_score: bool = False,
+    where: str = "the model",
+) -> Family:
+    """The family of a model from its configs (no weights read).
+
+    Args:
+        unet_config: the UNet's `config.json` (None: the pipeline has no UNet).
+        text_encoder_config: the (first) text encoder's config, when there is one.
+        text_encoder_2_config: the second text encoder's config (SDXL), when there is one.
+        pipeline_class: `model_index.json`'s `_class_name`, when there is one.
+        requires_aesthetics_score: `model_index.json`'s entry (SDXL refiners set it).
+        where: how to name the model in messages.
+
+    Rules, in order: a pipeline class of another family, or a UNet that is not a 4-channel
+    text-to-image UNet, is refused; `addition_embed_type == "text_time"` with six time ids is SDXL
+    base (five, with an aesthetic score, is the refiner: refused); an XLM-R (`xlm-roberta`) text encoder
+    or `AltDiffusionPipeline` is AltDiffusion; otherwise CLIP: cross-attention 1024, or linear
+    transformer projections (SD 2.x's `use_linear_projection`), is SD 2.x, else SD 1.x.
+
+    Raises:
+        UnknownFamilyError: naming what was found and the families finextract runs.
+    """
+    if pipeline_class in _OTHER_PIPELINES:
+        raise UnknownFamilyError(
+            f"{where} is a {pipeline_class} ({_OTHER_PIPELINES[pipeline_class]}), not a family finextract runs "
+            f"({_SUPPORTED}); use a text-to-image checkpoint of one of those"
+        )
+    if unet_config is None:
+        raise UnknownFamilyError(
+            f"{where} has no UNet (a transformer-based pipeline such as SD 3 or Flux?): finextract runs {_SUPPORTED}"
+        )
+    channels = (unet_config.get("in_channels"), unet_config.get("out_channels"))
+    if channels != (4, 4):
+        what = {9: "an inpainting UNet", 7: "an x4-upscaler UNet", 8: "an image-variation / depth UNet"}
+        raise UnknownFamilyError(
+            f"{where}: its UNet has {channels[0]} input and {channels[1]} output channels "
+            f"({what.get(channels[0], 'not a text-to-image UNet')}); finextract runs the 4-channel text-to-image "
+            f"UNets of {_SUPPORTED}"
+        )
+    addition = unet_config.get("addition_embed_type")
+    if addition == "text_time":
+        ids = _time_id_count(unet_config, text_encoder_2_config)
+        if requires_aesthetics_score or ids == 5:
+            raise UnknownFamilyError(
+                f"{where} is an SDXL refiner (one text encoder, an aesthetic score in its time ids): finextract runs "
+                "the SDXL base architecture; use the base model and its fine-tunes"
+            )
+        return SDXL
+    if addition is not None or unet_config.get("class_embed_type") is not None:
+        raise UnknownFamilyError(
+            f"{where}: its UNet has addition_embed_type {addition!r} / class_embed_type "
+            f"{unet_config.get('class_embed_type')!r}, which no family finextract runs has ({_SUPPORTED})"
+        )
+    text = text_encoder_config or {}
+    if (
+        pipeline_class == "AltDiffusionPipeline"
+        or text.get("model_type") in ("xlm-roberta", "roberta")
+        or "RobertaSeriesModelWithTransformation" in (text.get("architectures") or ())
+    ):
+        return ALTDIFFUSION
+    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        return SD2
+    return SD1
+
+
+def _time_id_count(unet_config: dict, text_encoder_2_config: dict | None) -> int | None:
+    """How many time ids an SDXL-style UNet's added embedding takes (6 base, 5 refiner), or None."""
+    total = unet_config.get("projection_class_embeddings_input_dim")
+    per_id = unet_config.get("addition_time_embed_dim")
+    pooled = (text_encoder_2_config or {}).get("projection_dim")
+    if not (total and per_id and pooled) or (total - pooled) % per_id:
+        return None
+    return (total - pooled) // per_id
+
+
+# --- evidence from tensor names -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a checkpoint's or adapter's tensors say about its family.
+
+    Attributes:
+        family: the family the tensors or metadata name, or None when they do not tell.
+        cross_attention_dim: the UNet's cross-attention width read from a tensor shape, or None.
+        reason: how it was told ("conditioner.embedders.1.* tensors", "lora_te2_* keys", ...).
+        prediction_type: "v_prediction" when a `v_pred` marker tensor is present, else None.
+        zero_terminal_snr: True when a `ztsnr` marker tensor is present.
+    """
+
+    family: Family | None
+    cross_attention_dim: int | None
+    reason: str = ""
+    prediction_type: str | None = None
+    zero_terminal_snr: bool = False
+
+    def describe(self) -> str:
+        """ "SDXL (cross-attention 2048)" / "a model with cross-attention 48" / "another family"."""
+        if self.family is not None:
+            dim = f" (cross-attention {self.cross_attention_dim})" if self.cross_attention_dim else ""
+            return f"{self.family.label}{dim}"
+        if self.cross_attention_dim is not None:
+            return f"a model with cross-attention {self.cross_attention_dim}"
+        return "another family"
+
+
+def _attn2_width(shapes: dict[str, tuple], pattern: str) -> int | None:
+    """The input width of the first cross-attention key projection (`attn2.to_k`) matched by `pattern`."""
+    for key in sorted(shapes):
+        if re.search(pattern, key) and len(shapes[key]) == 2:
+            return int(shapes[key][1])
+    return None
+
+
+def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
+    """The family of an original-layout (LDM / SGM) single-file checkpoint from its tensor names and shapes.
+
+    `conditioner.embedders.1.*` (a second, OpenCLIP bigG text encoder) or `label_emb` in the UNet is
+    SDXL; `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; `cond_stage_model.transformer.*` (CLIP)
+    is SD 1.x; `cond_stage_model.roberta.*` is AltDiffusion; a UNet alone is told by its
+    cross-attention width where that is a released one. The marker tensors `v_pred` and `ztsnr`
+    (written by trainers of v-prediction and zero-terminal-SNR models) set `prediction_type` and
+    `zero_terminal_snr`.
+    """
+    keys = list(shapes)
+    # the original layout's UNet, or a UNet state dict in diffusers' names
+    width = _attn2_width(shapes, r"^(model\.diffusion_model\.|unet\.)?.*attn2\.to_k\.weight$")
+    markers = dict(
+        prediction_type="v_prediction" if "v_pred" in shapes else None,
+        zero_terminal_snr="ztsnr" in shapes,
+    )
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has("conditioner.embedders.1.") or has("model.diffusion_model.label_emb."):
+        why = (
+            "conditioner.embedders.1.* tensors" if has("conditioner.embedders.1.") else "a label_emb (added) embedding"
+        )
+        return Evidence(SDXL, width, why, **markers)
+    if has("cond_stage_model.model."):
+        return Evidence(SD2, width, "an OpenCLIP text encoder (cond_stage_model.model.*)", **markers)
+    if has("cond_stage_model.roberta.") or has("cond_stage_model.transformation."):
+        return Evidence(ALTDIFFUSION, width, "an XLM-R text encoder (cond_stage_model.roberta.*)", **markers)
+    if has("cond_stage_model.transformer."):
+        return Evidence(SD1, width, "a CLIP text encoder (cond_stage_model.transformer.*)", **markers)
+    family = _BY_RELEASED_DIM.get(width) if width is not None else None
+    return Evidence(family, width, f"cross-attention width {width}" if family else "", **markers)
+
+
+_LORA_ARCHITECTURES = (  # kohya / modelspec metadata values -> family
+    (re.compile(r"xl", re.I), SDXL),
+    (re.compile(r"(^|[^a-z])v2|sd_?2|stable-diffusion-v2", re.I), SD2),
+    (re.compile(r"(^|[^a-z])v1|sd_?1|stable-diffusion-v1", re.I), SD1),
+)
+
+
+def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> Evidence:
+    """The family of an adapter file from its metadata, component prefixes and LoRA shapes.
+
+    In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; keys
+    for a second text encoder (`lora_te2_`, `text_encoder_2.`) mean SDXL. The cross-attention width
+    is the input width of a cross-attention `to_k` LoRA down projection (`lora_down` / `lora_A`).
+    """
+    metadata = metadata or {}
+    width = _attn2_width(shapes, r"attn2[._](processor[._])?to_k.*(lora_down|lora_A|lora\.down)")
+    for field in ("modelspec.architecture", "ss_base_model_version"):
+        value = str(metadata.get(field) or "")
+        for pattern, family in _LORA_ARCHITECTURES:
+            if value and pattern.search(value):
+                return Evidence(family, width, f"its metadata {field}={value!r}")
+    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes):
+        return Evidence(SDXL, width, "keys for a second text encoder (lora_te2_ / text_encoder_2.)")
+    family = _BY_RELEASED_DIM.get(width) if width is not None else None
+    return Evidence(family, width, f"cross-attention width {width}" if family else "")
+
+
+def check_family(
+    base: Family, base_cross_attention_dim: int, other: Evidence, what: str, fix: str, *, relation: str = "is for"
+) -> None:
+    """Refuse `other` (a fine-tune or adapter) when its evidence says another family than the base's.
+
+    Args:
+        base: the base model's family.
+        base_cross_attention_dim: the base UNet's `cross_attention_dim`.
+        other: the evidence of the fine-tune or adapter.
+        what: how to name it ("the LoRA", "the fine-tuned checkpoint x.safetensors").
+        fix: what to do instead, appended to the message.
+        relation: "is for" (an adapter) or "is" (a checkpoint).
+
+    Raises:
+        FamilyMismatchError: "the LoRA is for SDXL (cross-attention 2048); the base is SD 1.x (768): <fix>".
+    """
+    wrong_family = other.family is not None and not base.compatible(other.family)
+    wrong_width = other.cross_attention_dim is not None and other.cross_attention_dim != base_cross_attention_dim
+    if not (wrong_family or wrong_width):
+        return
+    told = f", told by {other.reason}" if other.reason else ""
+    raise FamilyMismatchError(
+        f"{what} {relation} {other.describe()}{told}; the base is {base.describe(base_cross_attention_dim)}: {fix}"
+    )

@@ -1,0 +1,106 @@
+"""`finextract audit`: extract every checkpoint of a manifest, on Ray (local by default) or in this process."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_runtime_options, positive_int
+
+_DESCRIPTION = """\
+Run FineXtract on every checkpoint of a manifest (CSV or JSON, one row per checkpoint) and sum them up.
+
+Columns: id, base, finetuned or lora, caption (empty: Eq. 6, unconditional), n0; optional train
+(folder of the real training images: adds AS / A-ESR), method, w, k, num_images, steps, seed.
+Relative paths are read from the manifest's folder.
+
+Exit status: 0 when every row was attempted (failed rows are listed in the summary with their
+error), 1 on an error before any row runs (the manifest cannot be parsed, invalid settings), 130 on
+Ctrl-C (finished rows and chunks are kept: rerun the same command to continue).
+
+Each row writes the usual extract output to OUT/<id>/; OUT/summary.csv, OUT/summary.json and
+OUT/index.html sum them up. Rerunning the same command skips finished rows and resumes cut-off ones
+from their generation chunks. A bad row (missing field, missing file, duplicate id, a checkpoint that
+does not load) is recorded in the summary and the other rows go on.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit",
+        help="extract many checkpoints from a manifest (Ray: many GPUs / machines; resumable)",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("manifest", help="CSV or JSON manifest, one row per checkpoint")
+    p.add_argument("--out", required=True, help="output folder (on a cluster: a path every node sees)")
+    p.add_argument(
+        "--executor",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default: a local Ray instance, or the cluster of --ray-address) or local (rows one after "
+        "another in this process, same outputs; no Ray needed)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="join a running Ray cluster (started with `ray start --head`); default: start Ray on this machine",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="Ray workers (default: one per GPU; on CPUs, the cluster's CPUs / --threads)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="how often Ray retries a row whose worker process died (default 2; the retry resumes its chunks)",
+    )
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50; a row's own wins)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0; a row's own wins)")
+    add_runtime_options(p)
+    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
+    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
+    )
+    p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/<id>/generated/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-row log lines remain)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import logging
+
+    from finextract.fleet import audit
+
+    try:
+        audit(
+            args.manifest,
+            args.out,
+            executor=args.executor,
+            ray_address=args.ray_address,
+            workers=args.workers,
+            retries=args.retries,
+            embedder=args.sscd,
+            preset=args.preset,
+            allow_pickle=args.allow_pickle,
+            save_generated=args.save_generated,
+            progress=not args.no_progress,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            seed=args.seed,
+            cuda_graphs=args.cuda_graphs,
+        )
+    except KeyboardInterrupt:
+        logging.getLogger("finextract").warning("stopped by Ctrl-C; %s/summary.json lists what finished", args.out)
+        return 130
+    # every row was attempted: failed rows are results (in the summary with their errors), not a failed command
+    return 0

@@ -1,0 +1,110 @@
+"""`finextract sweep`: AS and A-ESR against one setting (w, k, N or N0), one extraction per value, plotted."""
+
+from __future__ import annotations
+
+from .options import add_model_options, add_runtime_options, positive_int
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="sensitivity sweep: AS / A-ESR against w, k, N (num_images) or N0 (n0), with a plot",
+        description="Run one extraction per (method, value) of one setting into OUT/<method>-<param>_<value>/ (normal "
+        "extract output folders; finished ones are reused, unfinished ones resume), then write OUT/sweep.json, "
+        "OUT/sweep.png (AS and A-ESR0.6 against the setting, one line per method) and OUT/report.html. "
+        "Example: finextract sweep --base B --finetuned F --caption C --n0 5 --train T --param w --values 1,2,3,5,7 "
+        "--methods finextract,cfg --out sweep_w/",
+    )
+    add_model_options(p)
+    p.add_argument("--caption", required=True, help="the training caption c")
+    p.add_argument("--train", required=True, help="folder of the real training images (AS / A-ESR)")
+    p.add_argument(
+        "--train-as-is", action="store_true", help="compare the training images as they are (no crop and resize)"
+    )
+    p.add_argument(
+        "--param",
+        required=True,
+        choices=("w", "k", "num_images", "n0", "N", "N0"),
+        help="the setting to sweep: w, k, num_images (N) or n0 (N0)",
+    )
+    p.add_argument(
+        "--values",
+        required=True,
+        help="comma-separated values, e.g. 1,2,3,5,7 (num_images, n0: integers); negative ones after an equals "
+        "sign: --values=-0.04,-0.02,0",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated guidance rules (default finextract,cfg; for k: finextract, the only one with k)",
+    )
+    p.add_argument("--n0", type=positive_int, required=True, help="N0, images extracted (swept with --param n0)")
+    p.add_argument("--num-images", type=positive_int, default=None, help="N, images generated (default 50 x N0)")
+    p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
+    p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i, at every point (default 0)")
+    add_runtime_options(p)
+    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
+    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    p.add_argument("--out", required=True, help="sweep folder (one extract folder per point, sweep.json/.png)")
+    p.set_defaults(func=run)
+
+
+def _values(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--values {text!r}: expected comma-separated numbers, e.g. 1,2,3,5,7") from None
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from finextract.extract import Extractor
+    from finextract.generation import check_out_folder
+    from finextract.metrics import format_scores
+    from finextract.sweep import check_sweep, run_sweep
+
+    from .options import read_image_folder, run_config_from
+
+    methods = (
+        args.methods.split(",") if args.methods else (["finextract"] if args.param == "k" else ["finextract", "cfg"])
+    )
+    param, values, methods = check_sweep(args.param, _values(args.values), methods)  # before any model loads
+    config = run_config_from(args)
+    check_out_folder(args.out)
+    train = read_image_folder("--train", args.train)
+    extractor = Extractor(
+        args.base,
+        args.finetuned,
+        lora=args.lora,
+        config=config,
+        embedder=args.sscd,
+        preset=args.preset,
+        allow_pickle=args.allow_pickle,
+        base_config=args.base_config,
+    )
+    summary = run_sweep(
+        extractor,
+        args.caption,
+        param=param,
+        values=values,
+        methods=methods,
+        out=args.out,
+        train=train,
+        train_as_is=args.train_as_is,
+        n0=args.n0,
+        num_images=args.num_images,
+        w=args.w,
+        k=args.k,
+    )
+    out = Path(args.out)
+    for point in summary["points"]:
+        print(
+            f"{point['method']:<12} {param}={point['value']:<6g} {format_scores(point)}"
+            + ("  (reused)" if point["reused"] else "")
+        )
+    print(f"plot: {out / 'sweep.png'}; report: {out / 'report.html'}; numbers: {out / 'sweep.json'}")
+    return 0
