@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from finextract.cli import main as cli
     from finextract.engine.config import set_threads
     from finextract.extract import Extractor
-    from finextract.finetune import load_images
+    from finextract.finetuning import load_images
     from finextract.style_images import composition_images
     from finextract.trained_zoo import default_zoo_folder
 
