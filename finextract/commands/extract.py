@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_runtime_options, add_sampling_options
+from .options import add_model_options, add_runtime_options, add_sampling_options, extractor_from
 
 
 def register(subparsers) -> None:
@@ -35,20 +35,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
-    from finextract.extract import Extractor
-
     config, train = _check_inputs(args)  # before loading models or generating anything
-    extractor = Extractor(
-        args.base,
-        args.finetuned,
-        lora=args.lora,
-        config=config,
-        embedder=args.sscd,
-        preset=args.preset,
-        allow_pickle=args.allow_pickle,
-        base_config=args.base_config,
-        prediction_type=args.prediction_type,
-    )
+    extractor = extractor_from(args, config)
     result = extractor.extract(
         args.caption,
         args.n0,

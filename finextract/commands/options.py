@@ -71,6 +71,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_prediction_type_option(parser)
 
 
+def extractor_from(args: argparse.Namespace, config):
+    """The `finextract.extract.Extractor` that `add_model_options`' and the SSCD options name, on `config`."""
+    from finextract.extract import Extractor
+
+    return Extractor(
+        args.base,
+        args.finetuned,
+        lora=args.lora,
+        config=config,
+        embedder=args.sscd,
+        preset=args.preset,
+        allow_pickle=args.allow_pickle,
+        base_config=args.base_config,
+        prediction_type=args.prediction_type,
+    )
+
+
 def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
     """--prediction-type: the deliberate override of what the models' scheduler configs say."""
     parser.add_argument(

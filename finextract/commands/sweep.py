@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_runtime_options, positive_int
+from .options import add_model_options, add_runtime_options, extractor_from, positive_int
 
 
 def register(subparsers) -> None:
@@ -62,7 +62,6 @@ def _values(text: str) -> list[float]:
 def run(args) -> int:
     from pathlib import Path
 
-    from finextract.extract import Extractor
     from finextract.generation import check_out_folder
     from finextract.metrics import format_scores
     from finextract.sweep import check_sweep, run_sweep
@@ -76,16 +75,7 @@ def run(args) -> int:
     config = run_config_from(args)
     check_out_folder(args.out)
     train = read_image_folder("--train", args.train)
-    extractor = Extractor(
-        args.base,
-        args.finetuned,
-        lora=args.lora,
-        config=config,
-        embedder=args.sscd,
-        preset=args.preset,
-        allow_pickle=args.allow_pickle,
-        base_config=args.base_config,
-    )
+    extractor = extractor_from(args, config)
     summary = run_sweep(
         extractor,
         args.caption,
