@@ -264,7 +264,7 @@ def format_table(cells: list[dict]) -> str:
     """The paper's Table 1 layout, one block per scenario: a line per method, AS / A-ESR0.7 / A-ESR0.6
     per fine-tune kind; mean ± std when a cell has several runs."""
     with_std = any(c["runs"] > 1 for c in cells)
-    width = 8 if not with_std else 14
+    width = (14 if with_std else 8) + 2  # "A-ESR0.7" is 8 characters: two spaces between columns
     by_key = {(c["scenario"], c["kind"], c["method"]): c for c in cells}
     blocks = []
     for scenario in [s for s in SCENARIOS if any(c["scenario"] == s for c in cells)]:
