@@ -4,6 +4,7 @@ Tucker rebuild)."""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,7 +43,7 @@ class Conventions:
     oft_coft_eps: float = 6e-5
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """One module's adapter, as a file stores it; subclasses hold the tensors (float32, CPU).
 
     Class attributes:
@@ -66,17 +67,17 @@ class Adapter:
         return any(suffix in tensors for suffix in cls.detect)
 
     @classmethod
+    @abc.abstractmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], conventions: Conventions) -> Adapter:
         """Build the adapter from its tensors (suffix -> tensor). Raises AdapterError."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check(self, weight_shape: tuple[int, ...]) -> str | None:
         """None when the adapter fits a weight of `weight_shape`, else what does not fit (in words)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The adapted weight, float32, shaped like `weight` (the module's own weight, any dtype)."""
-        raise NotImplementedError
 
     def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The adapted bias (float32), or `bias` itself when the type leaves it alone."""
