@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
+import re
+from pathlib import Path
 
 
 def library_versions() -> dict:
@@ -34,3 +37,71 @@ def library_versions() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "openvino": openvino.__version__,
     }
+
+
+def canonical_name(name: str) -> str:
+    """A distribution name as PEP 503 normalises it (`Open_CLIP.torch` -> `open-clip-torch`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_versions() -> dict[str, str]:
+    """Every distribution installed in this environment: canonical name -> version (importlib.metadata).
+
+    The editable project itself is included (as "finextract")."""
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions.setdefault(canonical_name(name), dist.version)
+    return dict(sorted(versions.items()))
+
+
+def locked_versions(*locks: str | Path) -> dict[str, str]:
+    """The exact versions pinned by pip requirement files (the `name==version` lines of `make lock`'s output).
+
+    Args:
+        locks: requirement files; lines that pin no `==` version (comments, hashes, options) are skipped.
+
+    Returns:
+        canonical name -> version, local version labels kept (`torch` -> "2.13.0+cpu").
+
+    Raises:
+        FileNotFoundError: a lock file does not exist.
+    """
+    versions = {}
+    for lock in locks:
+        for line in Path(lock).read_text().splitlines():
+            match = _PIN.match(line)
+            if match:
+                versions[canonical_name(match["name"])] = match["version"]
+    return versions
+
+
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(?P<version>[^\s;\\]+)")
+
+
+def version_differences(locked: dict[str, str], installed: dict[str, str] | None = None) -> dict[str, dict]:
+    """The locked distributions whose installed version differs (or that are missing).
+
+    Args:
+        locked: `locked_versions(...)`. installed: `installed_versions()` (default: this environment).
+
+    Returns:
+        name -> {"locked": version, "installed": version or None}, sorted by name; empty when the
+        environment matches the lock. Installed distributions the lock does not name are not listed.
+    """
+    installed = installed_versions() if installed is None else installed
+    return {
+        name: {"locked": version, "installed": installed.get(name)}
+        for name, version in sorted(locked.items())
+        if installed.get(name) != version
+    }
+
+
+if __name__ == "__main__":  # `python -m finextract.records LOCK...`: what this environment runs that the lock does not
+    import sys
+
+    differences = version_differences(locked_versions(*sys.argv[1:]))
+    print(f"{len(differences)} locked distribution(s) differ from {', '.join(sys.argv[1:])}:")
+    for name, pair in differences.items():
+        print(f"  {name}: locked {pair['locked']}, installed {pair['installed'] or 'none'}")

@@ -145,6 +145,31 @@ def test_unparseable_manifest_stops_the_command_before_anything(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_audit_where_every_row_fails_exits_1_naming_the_shared_cause_once(tmp_path, tiny_zoo, caplog):
+    from finextract.cli import main
+
+    (tmp_path / "broken.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    rows = [f"{i},{tiny_zoo}/base,,broken.safetensors,a photo of sks,2" for i in ("a", "b", "c")]
+    (tmp_path / "m.csv").write_text("id,base,finetuned,lora,caption,n0\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    with caplog.at_level("ERROR", logger="finextract"):
+        assert main(["audit", str(tmp_path / "m.csv"), "--out", str(out), "--executor", "local", "--no-progress"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    errors = {row["error"] for row in summary["rows"]}
+    assert len(errors) == 1 and "git-lfs pointer" in next(iter(errors))
+    final = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(final) == 1 and final[0].startswith("every row failed with: ") and next(iter(errors)) in final[0]
+
+
+def test_common_failure_only_when_every_row_failed():
+    from finextract.fleet.summary import common_failure
+
+    failed = [{"status": "failed", "error": e} for e in ("x", "y", "x")]
+    assert common_failure(failed) == (2, "x")
+    assert common_failure(failed + [{"status": "done", "error": None}]) is None
+    assert common_failure([]) is None
+
+
 def test_audit_help_lists_the_options(capsys):
     from finextract.cli import main
 

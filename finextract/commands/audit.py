@@ -13,9 +13,11 @@ Columns: id, base, finetuned or lora, caption (empty: Eq. 6, unconditional), n0;
 (folder of the real training images: adds AS / A-ESR), method, w, k, num_images, steps, seed.
 Relative paths are read from the manifest's folder.
 
-Exit status: 0 when every row was attempted (failed rows are listed in the summary with their
-error), 1 on an error before any row runs (the manifest cannot be parsed, invalid settings), 130 on
-Ctrl-C (finished rows and chunks are kept: rerun the same command to continue).
+Exit status: 0 when every row was attempted and at least one finished (failed rows are listed in
+the summary with their error); 1 when every row failed (the most common error is printed once: a
+cause shared by all rows lies in the environment or the settings, not in the checkpoints) or on an
+error before any row runs (the manifest cannot be parsed, invalid settings); 130 on Ctrl-C (finished
+rows and chunks are kept: rerun the same command to continue).
 
 Each row writes the usual extract output to OUT/<id>/; OUT/summary.csv, OUT/summary.json and
 OUT/index.html sum them up. Rerunning the same command skips finished rows and resumes cut-off ones
@@ -76,9 +78,10 @@ def run(args) -> int:
     import logging
 
     from finextract.fleet import audit
+    from finextract.fleet.summary import common_failure
 
     try:
-        audit(
+        summary = audit(
             args.manifest,
             args.out,
             executor=args.executor,
@@ -102,5 +105,12 @@ def run(args) -> int:
     except KeyboardInterrupt:
         logging.getLogger("finextract").warning("stopped by Ctrl-C; %s/summary.json lists what finished", args.out)
         return 130
-    # every row was attempted: failed rows are results (in the summary with their errors), not a failed command
+    failure = common_failure(summary["rows"])
+    if failure is not None:
+        count, error = failure
+        rows = len(summary["rows"])
+        shared = "every row failed with" if count == rows else f"every row failed; {count} of {rows} with"
+        logging.getLogger("finextract").error("%s: %s (%s/summary.json lists each row)", shared, error, args.out)
+        return 1
+    # failed rows beside finished ones are results (in the summary with their errors), not a failed command
     return 0

@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 from .manifest import FIELDS, Row, RowError
@@ -108,6 +109,19 @@ def is_complete(folder: Path) -> bool:
         return False
     files = record.get("extracted_files") if isinstance(record, dict) else None
     return bool(files) and all((folder / f).is_file() for f in files) and (folder / "report.html").is_file()
+
+
+def common_failure(entries: list[dict]) -> tuple[int, str] | None:
+    """When every row failed: how many rows share the most common error, and that error; else None.
+
+    An audit in which every row failed points at the environment or the shared settings (a library that
+    does not import, a missing SSCD model), not at the checkpoints: the command names that cause once
+    and exits non-zero.
+    """
+    if not entries or any(e["status"] != "failed" for e in entries):
+        return None
+    ((error, count),) = Counter(str(e.get("error")) for e in entries).most_common(1)
+    return count, error
 
 
 def counts(entries: list[dict]) -> dict:
