@@ -175,3 +175,15 @@ def test_verify_refuses_what_is_not_an_extract_run(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"config": {"inputs": {}}, "extracted_files": []}))
     with pytest.raises(ValueError, match="no evidence block"):
         verify_run(tmp_path)
+
+
+def test_original_batch_follows_the_manifest_chunks():
+    """An image is regenerated inside the batch it was generated in (the batch shape changes the last bits
+    of a CPU matrix product): chunks of 6 images run in batches of 4 from each chunk's start."""
+    from finextract.verify import _original_batch
+
+    manifest = {"chunks": [{"start": 0, "stop": 6}, {"start": 6, "stop": 12}, {"start": 12, "stop": 13}]}
+    assert [_original_batch(i, manifest, 4) for i in (0, 3, 4, 5, 6, 9, 10, 12)] == [
+        (0, 4), (0, 4), (4, 6), (4, 6), (6, 10), (6, 10), (10, 12), (12, 13),
+    ]  # fmt: skip
+    assert _original_batch(5, {}, 4) == (4, 8)
