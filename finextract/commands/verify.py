@@ -29,7 +29,8 @@ def register(subparsers) -> None:
    --train / --base-config when they moved) and its size and sha256 compared; a file the record does
    not name fails too.
 2. images: RUN/extracted/ must hold exactly the images the record names; K of them (--images) are
-   regenerated from their seeds with the recorded settings and compared with the saved PNGs:
+   regenerated from their seeds with the recorded settings, each inside its original batch (up to
+   the recorded --batch-size images generated per checked image), and compared with the saved PNGs:
    bit-identical on the same backend, device, dtypes, machine kind and versions, else within
    --tolerance levels (default {PIXEL_TOLERANCE}: float32 reordering moves a decoded pixel by at most one
    rounding step). The output says which case applied.
