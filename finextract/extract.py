@@ -410,7 +410,8 @@ class Extractor:
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
             backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
-            Pass `backend="torch"` to write no cache.
+            Pass `backend="torch"` to write no export (the folder still gets `hashes.json`, the
+            input files' sha256 cached for the evidence records: `finextract.evidence.HashCache`).
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
             `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
         preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
@@ -425,11 +426,13 @@ class Extractor:
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
 
     `resolution` (attribute): the side in pixels of the images the pair generates (`model_resolution`),
-    to which training images are centre-cropped and resized before they are scored.
+    to which training images are centre-cropped and resized before they are scored. `inputs`: the
+    checkpoints' evidence records (`model_inputs`: each file's path, size and sha256, hashed once per
+    file and cached), and `call` this constructor's arguments: both go into every result's `evidence`.
 
     Raises:
         ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing
-            checkpoints).
+            checkpoints). OSError: a checkpoint file cannot be read for its sha256.
     """
 
     def __init__(
