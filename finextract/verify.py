@@ -51,6 +51,8 @@ PIXEL_TOLERANCE = 1
 #: descriptors themselves a little more. 1e-3 is 30x the reordering bound and 100x below the 0.1 that
 #: separates a copy (> 0.6) from a non-copy.
 SIMILARITY_TOLERANCE = 1e-3
+#: The `config` keys of result.json that verify reads (besides `models`).
+RECORD_KEYS = ("run", "seeds", "method", "w", "k", "caption", "sscd")
 #: Checks' kinds, in the order they are run and listed.
 KINDS = ("folder", "input", "image", "score")
 
@@ -155,10 +157,11 @@ def verify_run(
     files = _check_folder(run, record, verification)
     locations = {}
     for entry in record["evidence"]["inputs"]:
-        where = Path(overrides.get(entry["role"]) or entry["path"] or "")
+        given = overrides.get(entry["role"]) or entry.get("path")
+        where = Path(given) if given else None  # None: training images passed as arrays, no --train
         locations[entry["role"]] = where
         if entry["role"] == "train":
-            _check_train(entry, where, overrides["train"] is not None, verification)
+            _check_train(entry, where, verification)
         else:
             _check_model_input(entry, where, verification)
     count = len(files) if images is None else min(images, len(files))
@@ -181,6 +184,14 @@ def _read_record(run: Path) -> dict:
             f"{path}: no evidence block (written by `cluster`, or by a finextract before `verify` existed); "
             "only an extract run can be verified: re-run the extraction with this version"
         )
+    config, evidence = record["config"], record["evidence"]
+    missing = [f"config.{key}" for key in RECORD_KEYS if key not in config]
+    missing += [f"evidence.{key}" for key in ("inputs", "environment") if key not in evidence]
+    if missing or not isinstance(config.get("seeds"), list):
+        raise ValueError(f"{path}: the record lacks {', '.join(missing) or 'its seed list'}; it is damaged")
+    seeds = len(config["seeds"])
+    if not all(isinstance(i, int) and 0 <= i < seeds for i in record.get("extracted") or []):
+        raise ValueError(f"{path}: extracted indices {record.get('extracted')} are not all in 0..{seeds - 1}")
     return record
 
 
@@ -215,8 +226,11 @@ def _check_folder(run: Path, record: dict, verification: Verification) -> list[t
     return files
 
 
-def _check_model_input(entry: dict, where: Path, verification: Verification) -> None:
+def _check_model_input(entry: dict, where: Path | None, verification: Verification) -> None:
     role = entry["role"]
+    if where is None or not entry.get("files"):
+        verification.add("input", role, False, f"no path or files recorded; pass --{role.replace('_', '-')}")
+        return
     if entry["kind"] == "file":
         recorded = entry["files"][0]
         _compare_file(role, where, recorded, verification)
@@ -255,10 +269,10 @@ def _compare_file(role: str, path: Path, recorded: dict, verification: Verificat
         verification.add("input", f"{role} {path}", True, f"sha256 and size ({size} B) match")
 
 
-def _check_train(entry: dict, where: Path, given: bool, verification: Verification) -> None:
+def _check_train(entry: dict, where: Path | None, verification: Verification) -> None:
     from finextract.images import read_image
 
-    if entry.get("path") is None and not given:
+    if where is None:
         verification.add("input", "train", True, "passed as arrays, not files: give --train to re-check them")
         return
     if not where.is_dir():
@@ -434,7 +448,7 @@ def _check_scores(record, files, train_folder, sscd, verification) -> None:
     if not metrics:
         verification.add("score", "metrics", True, "none recorded (no training images): nothing to re-score")
         return
-    if train_folder is None or not train_folder.is_dir():
+    if train_folder is None or not train_folder.is_dir():  # (its input check names the missing folder)
         verification.add("score", "metrics", False, "the training images are not there to re-score; pass --train")
         return
     if len(files) != len(record.get("extracted_files", [])):
