@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
@@ -116,6 +117,8 @@ def test_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert {"extract --base", "generate --base", "cluster --images", "evaluate --extracted", "verify run/"} <= set(ran)
     assert {"finetune --base", "zoo build"} <= set(ran)
     assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "clusters" / "result.json").is_file()
+    command = json.loads((tmp_path / "run" / "result.json").read_text())["evidence"]["command"]
+    assert command["source"] == "cli" and command["argv"][:3] == ["finextract", "extract", "--base"]
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "ft").is_dir()
     assert (tmp_path / "gen_sdxl" / "manifest.json").is_file() and (tmp_path / "gen_v" / "manifest.json").is_file()
 

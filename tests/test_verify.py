@@ -187,3 +187,41 @@ def test_original_batch_follows_the_manifest_chunks():
         (0, 4), (0, 4), (4, 6), (4, 6), (6, 10), (6, 10), (10, 12), (12, 13),
     ]  # fmt: skip
     assert _original_batch(5, {}, 4) == (4, 8)
+
+
+def test_training_arrays_are_checked_by_their_pixels(tiny_zoo, tmp_path, capsys):
+    """Training images passed to the API as arrays are recorded by their pixels' sha256: verify asks for
+    them as files (`--train`), compares the pixels, and re-scores against them."""
+    from finextract.extract import Extractor
+
+    arrays = [np.asarray(_image(name)) for name in ("astronaut", "coffee")]
+    run = tmp_path / "run"
+    extractor = Extractor(tiny_zoo / "base", lora=tiny_zoo / "lora", device="cpu", backend="torch")
+    extractor.extract(CAPTION, 1, num_images=3, steps=1, batch_size=4, out=run, train=arrays, progress=False)
+    train = json.loads((run / "result.json").read_text())["evidence"]["inputs"][-1]
+    assert train["path"] is None and [f["sha256"] for f in train["files"]] == [None, None]
+    code, lines = _verify(capsys, run, "--images", "0")
+    assert code == 1 and "ok   input train: passed as arrays, not files: give --train to re-check them" in lines
+    assert "FAIL score metrics: the training images are not there to re-score; pass --train" in lines
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i, array in enumerate(arrays):  # saved under the names the record gives them (PNG: the same pixels)
+        Image.fromarray(array).save(folder / f"train_{i:03d}.png")
+    code, lines = _verify(capsys, run, "--images", "0", "--train", folder)
+    assert code == 0 and f"ok   input train {folder / 'train_001.png'}: pixels match" in lines
+    Image.fromarray(arrays[0][::-1].copy()).save(folder / "train_001.png")  # another picture
+    code, lines = _verify(capsys, run, "--images", "0", "--train", folder)
+    assert code == 1 and f"FAIL input train {folder / 'train_001.png'}: pixels changed" in lines
+
+
+def test_a_cuda_run_is_regenerated_on_the_cpu_in_fp32_where_there_is_no_gpu(monkeypatch):
+    from finextract import verify
+
+    monkeypatch.setattr("finextract.engine.config.resolve_device", lambda device: "cpu")
+    record = {"config": {"run": {"device": "cuda", "dtype": "fp16", "vae_dtype": "fp32", "backend": "tensorrt",
+                                 "threads": 8, "batch_size": 16, "steps": 50, "seed": 3, "cache_dir": "/x",
+                                 "cuda_graphs": True}}}  # fmt: skip
+    config = verify._run_config(record)
+    assert (config.device, config.dtype, config.backend, config.batch_size, config.steps, config.seed) == (
+        "cpu", "fp32", "torch", 16, 50, 3,
+    )  # fmt: skip
