@@ -70,6 +70,7 @@ class Check:
     detail: str
 
     def line(self) -> str:
+        """One line of `finextract verify`'s output, "ok   KIND SUBJECT: DETAIL" or "FAIL ..."."""
         return f"{'ok  ' if self.ok else 'FAIL'} {self.kind} {self.subject}: {self.detail}"
 
 
@@ -101,6 +102,7 @@ class Verification:
         return [check for check in self.checks if not check.ok]
 
     def add(self, kind: str, subject: str, ok: bool, detail: str) -> None:
+        """Append a `Check`."""
         self.checks.append(Check(kind, subject, bool(ok), detail))
 
     def case_line(self) -> str:
