@@ -13,7 +13,19 @@ import logging
 import sys
 
 # subcommand module names, in the order `--help` lists them
-COMMANDS = ("extract", "generate", "cluster", "evaluate", "sweep", "audit", "finetune", "zoo", "bench", "demo")
+COMMANDS = (
+    "extract",
+    "generate",
+    "cluster",
+    "evaluate",
+    "verify",
+    "sweep",
+    "audit",
+    "finetune",
+    "zoo",
+    "bench",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from finextract.evidence import command_line
+
     try:
-        return args.func(args) or 0
+        with command_line(["finextract", *(sys.argv[1:] if argv is None else argv)]):  # for the records
+            return args.func(args) or 0
     except (ValueError, OSError, RuntimeError) as error:  # OSError: FileNotFoundError, NotADirectoryError, ...
         # Library code raises; only the CLI turns errors into a message and an exit code.
         logging.getLogger("finextract").debug("traceback", exc_info=True)

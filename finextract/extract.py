@@ -16,6 +16,7 @@ import numpy as np
 
 from finextract.clustering import ClusteringResult, cluster_descriptors
 from finextract.engine.config import RunConfig, run_config
+from finextract.evidence import HashCache, command_record, environment_record, input_record, jsonable, train_record
 from finextract.records import library_versions
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class ExtractionResult:
         generated_indices: the M indices into the generated images of those rows.
         similarity_histogram: `finextract.metrics.similarity_histogram` of `generated_descriptors` (the
             off-diagonal values of the matrix the clustering thresholded), or None.
+        evidence: what the result was computed from (`finextract.evidence`): {"inputs": every input
+            file's path, size and sha256, "environment": Python, machine, versions, "command": command
+            line and API call}, or None (clustering existing images).
     """
 
     images: np.ndarray
@@ -63,6 +67,7 @@ class ExtractionResult:
     generated_indices: list[int] = field(default_factory=list)
     similarity_histogram: dict | None = None
     n0_estimate: object = None
+    evidence: dict | None = None
 
 
 def embed_images(embedder, images, batch_size: int = 32):
@@ -386,6 +391,8 @@ def write_output(
         record["similarity_histogram"] = result.similarity_histogram
     if result.metrics is not None:
         record["metrics"] = result.metrics
+    if result.evidence is not None:
+        record["evidence"] = result.evidence
     (out / "result.json").write_text(json.dumps(record, indent=2))
     write_report(out, record, paths, train_data, generated=generated)
     return out
@@ -403,7 +410,8 @@ class Extractor:
             size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
             backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
-            Pass `backend="torch"` to write no cache.
+            Pass `backend="torch"` to write no export (the folder still gets `hashes.json`, the
+            input files' sha256 cached for the evidence records: `finextract.evidence.HashCache`).
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
             `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
         preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
@@ -418,11 +426,13 @@ class Extractor:
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
 
     `resolution` (attribute): the side in pixels of the images the pair generates (`model_resolution`),
-    to which training images are centre-cropped and resized before they are scored.
+    to which training images are centre-cropped and resized before they are scored. `inputs`: the
+    checkpoints' evidence records (`model_inputs`: each file's path, size and sha256, hashed once per
+    file and cached), and `call` this constructor's arguments: both go into every result's `evidence`.
 
     Raises:
         ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing
-            checkpoints).
+            checkpoints). OSError: a checkpoint file cannot be read for its sha256.
     """
 
     def __init__(
@@ -467,6 +477,26 @@ class Extractor:
             self.embedder = load_embedder(embedder, preset=preset, device=self.config.device)
         self.load_seconds = time.perf_counter() - start
         self.resolution = model_resolution(self.pair)
+        self.inputs = model_inputs(
+            self.pair.sources, lora=lora is not None, base_config=base_config, config=self.config
+        )
+        self.call = {
+            "function": "finextract.Extractor",
+            "arguments": jsonable(
+                {
+                    "base": base,
+                    "finetuned": finetuned,
+                    "lora": lora,
+                    "config": self.config.to_dict(),
+                    "embedder": embedder,
+                    "preset": preset,
+                    "allow_pickle": allow_pickle,
+                    "budget": budget,
+                    "base_config": base_config,
+                    "prediction_type": prediction_type,
+                }
+            ),
+        }
         self.models = {
             "base": str(base),
             "finetuned": None if finetuned is None else str(finetuned),
@@ -570,6 +600,23 @@ class Extractor:
                 f"method {method!r} needs the training caption: give caption=... (CLI --caption TEXT), "
                 "caption='auto' to recover it from the weights, or use method 'finextract-uncond' (Eq. 6)"
             )
+        call = jsonable(
+            {
+                "caption": caption,
+                "n0": n0,
+                "num_images": num_images,
+                "method": method,
+                "w": w,
+                "k": k,
+                "out": out,
+                "train": train,
+                "train_as_is": train_as_is,
+                "save_generated": save_generated,
+                "recovery": recovery,
+                **run_options,
+            }
+        )
+        train_folder = Path(train) if isinstance(train, (str, Path)) else None
         if isinstance(train, (str, Path)):  # read (and so check) the training images before generating
             train = read_images(train)
         timings = {"load": self.load_seconds}
@@ -617,6 +664,14 @@ class Extractor:
                 "manifest": generation.manifest,
             },
         )
+        inputs = list(self.inputs)
+        if train is not None:
+            inputs.append(training_input(train, train_folder, config))
+        result.evidence = {
+            "inputs": inputs,
+            "environment": environment_record(),
+            "command": command_record({**self.call, "then": {"function": "extract", "arguments": call}}),
+        }
         train_data = None
         if train is not None:
             start = time.perf_counter()
@@ -639,6 +694,45 @@ class Extractor:
                 train_data=train_data,
             )
         return result
+
+
+def model_inputs(sources: dict, *, lora: bool, base_config=None, config: RunConfig) -> list[dict]:
+    """`finextract.evidence.input_record`s of a loaded pair's checkpoints: base, base_config (when
+    given), and the fine-tune (role "lora" for an adapter). Hashes come from the hash cache under
+    `config.cache_dir` (each file is read once per (path, size, mtime)).
+
+    Args:
+        sources: `ModelPair.sources` (the resolved "base" and "finetuned" paths).
+        lora: the fine-tune is an adapter. base_config: the `--base-config` folder, or None.
+        config: the run's `RunConfig`.
+
+    Raises:
+        OSError: a checkpoint file cannot be read.
+    """
+    cache = HashCache(config.cache_dir)
+    inputs = [input_record("base", sources["base"], cache)]
+    if base_config is not None and Path(base_config).exists():
+        inputs.append(input_record("base_config", base_config, cache))
+    inputs.append(input_record("lora" if lora else "finetuned", sources["finetuned"], cache))
+    cache.save()
+    return inputs
+
+
+def training_input(train, folder: Path | None, config: RunConfig) -> dict:
+    """The `finextract.evidence.train_record` of `Extractor.extract`'s `train` (a folder read already,
+    the (images, paths) pair of `read_images`, or a list of arrays), hashed through the hash cache."""
+    if isinstance(train, tuple) and len(train) == 2 and isinstance(train[1], list):
+        images, paths = train
+        parents = {Path(p).parent for p in paths}
+        if folder is None and len(parents) == 1 and all(Path(p).is_file() for p in paths):
+            folder = parents.pop()
+    else:
+        images = list(train)
+        paths = [Path(f"train_{i:03d}.png") for i in range(len(images))]
+    cache = HashCache(config.cache_dir)
+    record = train_record(images, paths, folder, cache)
+    cache.save()
+    return record
 
 
 def extraction_config(

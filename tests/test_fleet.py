@@ -273,6 +273,13 @@ def test_local_audit_summary(local_run):
         assert row["threshold"] == record["threshold"] and row["clique_sizes"] == record["clique_sizes"]
         assert row["largest_clique"] == max(record["clique_sizes"]) and len(row["extracted"]) == 2
         assert all((out / path).is_file() for path in row["extracted"]) and (out / row["report"]).is_file()
+        # the evidence: each input file's path, size and sha256, as the row's result.json records them
+        assert row["inputs"] == record["evidence"]["inputs"] and row["inputs"][0]["role"] == "base"
+        checkpoint = row["inputs"][1]  # the row's fine-tune or adapter, at its manifest path
+        assert checkpoint["role"] == record["config"]["models"]["kind"].replace("dreambooth", "finetuned")
+        assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in checkpoint["files"])
+    assert summary["audit"]["command"]["call"]["function"] == "finextract.audit"
+    assert summary["audit"]["environment"]["python"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     table = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
@@ -28,6 +29,7 @@ SMALL = {
     "generate": ["--num-images", "8", "--steps", "2", "--backend", "torch", "--no-progress"],
     "cluster": [],
     "evaluate": [],
+    "verify": ["--images", "1"],
     "finetune": ["--steps", "2"],
     "zoo": [],
 }
@@ -112,9 +114,11 @@ def test_commands_run_as_written(tmp_path, monkeypatch, capsys):
             continue
         assert main(words) == 0, f"README line failed: {line}\n{capsys.readouterr().err}"
         ran.append(" ".join(words[:2]))
-    assert {"extract --base", "generate --base", "cluster --images", "evaluate --extracted"} <= set(ran)
+    assert {"extract --base", "generate --base", "cluster --images", "evaluate --extracted", "verify run/"} <= set(ran)
     assert {"finetune --base", "zoo build"} <= set(ran)
     assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "clusters" / "result.json").is_file()
+    command = json.loads((tmp_path / "run" / "result.json").read_text())["evidence"]["command"]
+    assert command["source"] == "cli" and command["argv"][:3] == ["finextract", "extract", "--base"]
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "ft").is_dir()
     assert (tmp_path / "gen_sdxl" / "manifest.json").is_file() and (tmp_path / "gen_v" / "manifest.json").is_file()
 

@@ -86,7 +86,9 @@ def audit(
         workers, run settings, counts per status, base_loads (bases this run loaded), seconds, ...},
         "rows": one entry per manifest row in manifest order (status done / skipped / failed /
         interrupted / pending (running only in the files written while the audit runs), AS, A-ESR0.6, A-ESR0.7, threshold, largest_clique, clique_sizes,
-        timings, base_loaded, chunks_resumed, worker, report, extracted, error)}.
+        timings, base_loaded, chunks_resumed, worker, report, extracted, error, inputs (each input file's
+        path, size and sha256: `finextract.evidence`))}; the audit's "command" (command line and this
+        call) and "environment" (Python, machine, versions) are recorded too.
 
     Raises:
         ManifestError: the manifest cannot be parsed (names the line). FileNotFoundError: no manifest.
@@ -96,6 +98,7 @@ def audit(
         KeyboardInterrupt: after writing the summary (finished rows done, the running ones
             "interrupted", the rest "pending"); rerun the same call to continue.
     """
+    from finextract.evidence import command_record, environment_record, jsonable
     from finextract.generation import check_out_folder
 
     from .executors import run_local, run_ray
@@ -151,6 +154,17 @@ def audit(
         "sscd": {"model": settings.embedder, "preset": preset},
         "rows": len(entries),
         "to_run": len(jobs),
+        "command": command_record(
+            {
+                "function": "finextract.audit",
+                "arguments": jsonable(
+                    {"manifest": manifest, "out": out, "executor": executor, "ray_address": ray_address}
+                    | {"workers": workers, "retries": retries, "embedder": embedder, "preset": preset}
+                    | {"allow_pickle": allow_pickle, "save_generated": save_generated, **run_options}
+                ),
+            }
+        ),
+        "environment": environment_record(),
     }
     for entry in entries:
         if entry["status"] == "failed":

@@ -4,7 +4,9 @@ An entry holds the row's status ("done": computed in this run; "skipped": comple
 with the same configuration; "failed": with its error; "running": on a worker now (in the files written
 while the audit runs); "interrupted": stopped by Ctrl-C, its finished chunks kept; "pending": not
 started), the metrics (AS / A-ESR0.6 / A-ESR0.7 when `train` is known),
-the threshold and clique sizes, timings, whether this run loaded a base for it, and links to its files.
+the threshold and clique sizes, timings, whether this run loaded a base for it, links to its files, and
+its inputs' evidence (`inputs`: each checkpoint file's and training image's path, size and sha256, from
+its result.json; the row's environment and command are there too).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def row_entry(row: Row | RowError, status: str) -> dict:
         report=None,
         extracted=[],
         timings={},
+        inputs=None,
         seconds=None,
         base_loaded=False,
         base_load_seconds=None,
@@ -96,6 +99,7 @@ def entry_from_result(row: Row, folder: Path, *, status: str, run: dict) -> dict
         report=f"{row.id}/report.html",
         extracted=[f"{row.id}/{name}" for name in record.get("extracted_files", [])],
         timings=timings,
+        inputs=(record.get("evidence") or {}).get("inputs"),
     )
     entry.update(run)
     return entry
