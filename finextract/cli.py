@@ -13,7 +13,7 @@ import logging
 import sys
 
 # subcommand module names, in the order `--help` lists them
-COMMANDS = ("extract", "generate", "cluster", "evaluate", "sweep", "audit", "finetune", "zoo", "bench", "demo")
+COMMANDS = ("extract", "generate", "cluster", "evaluate", "sweep", "audit", "finetune", "zoo", "bench", "demo", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
