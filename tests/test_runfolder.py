@@ -73,6 +73,15 @@ def test_two_cluster_runs_into_one_out_never_mix(tmp_path, sources, capsys):
     assert _pngs(out) == ["extracted", "report.html", "result.json"]
     assert set(record["extracted_sources"]) <= set(_pngs(second))
 
+    # clustering a folder into itself (or into a folder holding it) would replace its own input
+    inner = tmp_path / "holder" / "images"
+    inner.parent.mkdir()
+    second.rename(inner)
+    for target in (inner, inner.parent):
+        assert main(["cluster", "--images", str(inner), "--n0", "2", "--out", str(target), "--overwrite"]) == 1
+        assert f"--out {target} holds --images {inner}: write the clusters to another folder" in capsys.readouterr().err
+    inner.rename(second)
+
     # the same settings again: allowed, the outputs replaced (not added to)
     assert main(["cluster", "--images", str(second), "--n0", "2", "--out", str(out)]) == 0
     assert len(_pngs(out / "extracted")) == 2
