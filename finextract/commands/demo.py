@@ -123,6 +123,7 @@ def run_demo(
             command's output (`finextract.runfolder.prepare`); a run folder holding a run with other
             settings, without `overwrite`.
     """
+    from finextract.engine.formats import atomic_write
     from finextract.extract import Extractor
     from finextract.runfolder import prepare
     from finextract.trained_zoo import default_zoo_folder, scenario_folder
@@ -225,9 +226,9 @@ def run_demo(
                     )
                     # after every run, so an interrupted demo keeps what it measured (and a rerun
                     # into the same folder resumes the generation chunks already written)
-                    (out / "demo.json").write_text(json.dumps(summary(False), indent=2) + "\n")
+                    atomic_write(out / "demo.json", json.dumps(summary(False), indent=2) + "\n")
     result = summary(True)
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "demo.json", json.dumps(result, indent=2) + "\n")
     _write_index(out, result, {name: folders[name] for name in scenarios})
     return result
 
