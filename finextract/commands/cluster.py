@@ -42,11 +42,11 @@ def run(args) -> int:
     from finextract.sscd import load_embedder
 
     check_out_folder(args.out)
+    set_threads()
+    images, paths = read_image_folder("--images", args.images, want="generated")
     images_folder, out = Path(args.images).resolve(), Path(args.out).resolve()
     if images_folder == out or out in images_folder.parents:
         raise ValueError(f"--out {args.out} holds --images {args.images}: write the clusters to another folder")
-    set_threads()
-    images, paths = read_image_folder("--images", args.images, want="generated")
     # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
     settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
     prepare(args.out, "cluster", settings, overwrite=args.overwrite)
