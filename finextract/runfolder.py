@@ -14,8 +14,9 @@ An extract / cluster run then writes its image folders into hidden staging folde
 `commit`s them: the old record (result.json, report.html) is removed, each staged folder replaces its
 namesake whole (so a re-run with fewer images leaves none of the old ones) and folders the run does not
 write are removed; result.json is then written atomically (`write_record`). At every moment the folder
-holds either one complete record or none. `recorded_extracted` lets `evaluate` score exactly the
-images a record names.
+holds either one complete record or none. A fine-tune replaces its whole folder the same way
+(`stage` + `replace_folder`). `recorded_extracted` lets `evaluate` score exactly the images a
+record names.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ MARKERS = {
     "demo": "demo.json",
     "finetune": "finetune.json",
 }
+#: The `format` those markers with a common name must hold to count (a user's own manifest.json does not).
+FORMATS = {"generate": "finextract-generate/", "audit": "finextract-audit/"}
 #: Commands whose runs are recorded in result.json; each may --overwrite the other's run.
 RECORDED = ("extract", "cluster")
 #: Commands that replace their whole output folder (`stage` + `replace_folder` on it).
@@ -109,7 +112,9 @@ def folder_kind(folder: str | Path) -> tuple[str, str] | None:
         return command, RECORD
     for command, marker in MARKERS.items():
         if (folder / marker).is_file():
-            return command, marker
+            fmt = FORMATS.get(command)
+            if fmt is None or str(_read_json(folder / marker).get("format", "")).startswith(fmt):
+                return command, marker
     return None
 
 

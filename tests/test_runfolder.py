@@ -189,7 +189,8 @@ def test_extract_cli_refuses_a_taken_out_before_loading(tmp_path, capsys, monkey
     ],
 )
 def test_another_commands_output_is_refused(tmp_path, marker, command):
-    (tmp_path / marker).write_text(json.dumps({"format": "x"}))
+    formats = {"manifest.json": "finextract-generate/1", "summary.json": "finextract-audit/1"}
+    (tmp_path / marker).write_text(json.dumps({"format": formats.get(marker, "x")}))
     for overwrite in (False, True):
         with pytest.raises(ValueError, match=r"holds the output of `finextract \w+`.*cannot share it"):
             prepare(tmp_path, command, {"n0": 1}, overwrite=overwrite)
@@ -208,6 +209,8 @@ def test_prepare_accepts_new_same_and_legacy_runs(tmp_path):
     with pytest.raises(ValueError, match="`finextract extract` -> `finextract cluster`"):
         prepare(tmp_path, "cluster", {"n0": 3})  # a legacy extract record still is an extract run
     (tmp_path / "result.json").unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": []}))  # a user's own, not a generate run's
+    assert prepare(tmp_path, "extract", {"n0": 3}) == tmp_path
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no `finextract finetune` output"):
         prepare(tmp_path, "finetune", {})
