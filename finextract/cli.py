@@ -25,6 +25,7 @@ COMMANDS = (
     "zoo",
     "bench",
     "demo",
+    "env",
 )
 
 

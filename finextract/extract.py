@@ -6,7 +6,6 @@ chunks), `result.json` (everything that changes the answer, timings, metrics) an
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -331,13 +330,17 @@ def write_output(
     save_generated: bool = False,
     train_data: tuple | None = None,
 ) -> Path:
-    """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`.
+    """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`, replacing
+    the previous run's whole (`finextract.runfolder.commit`): a re-run with fewer images, or without
+    `save_generated`, leaves none of the old ones; result.json is written atomically.
 
     Args:
-        out: the output folder (created).
+        out: the output folder (created); check it with `finextract.runfolder.prepare` first.
         result: the extraction; its `config` (`extraction_config`), metrics and similarity histogram
             go into result.json.
-        record: what only the caller knows (e.g. {"method": ...}), merged first.
+        record: what only the caller knows (e.g. {"method": ...}, "run_folder":
+            `finextract.runfolder.run_entry`), merged first. A cluster run's record also removes an
+            earlier extract run's generation/ (only reachable with --overwrite).
         generated: every generated image, uint8 (N, H, W, 3) tensor/ndarray (or a list of arrays): the
             report shows each training image's best match among them.
         save_generated: also write them all to `generated/` (N PNGs).
@@ -348,18 +351,24 @@ def write_output(
     """
     from finextract.images import write_png
     from finextract.report import write_report
+    from finextract.runfolder import commit, stage, write_record
 
     out = Path(out)
     start = time.perf_counter()
-    paths = [
-        write_png(image, out / "extracted" / f"{rank:03d}_gen{index:05d}.png")
-        for rank, (image, index) in enumerate(zip(result.images, result.indices))
-    ]
+    names = [f"{rank:03d}_gen{index:05d}.png" for rank, index in enumerate(result.indices)]
+    staged = {"extracted": stage(out / "extracted"), "generated": None}
+    for name, image in zip(names, result.images):
+        write_png(image, staged["extracted"] / name)
     if generated is not None and save_generated:
+        staged["generated"] = stage(out / "generated")
         if hasattr(generated, "cpu"):  # one device-to-host copy, not one per image
             generated = generated.cpu()
         for i, image in enumerate(generated):
-            write_png(image, out / "generated" / f"{i:05d}.png")
+            write_png(image, staged["generated"] / f"{i:05d}.png")
+    if record.get("run_folder", {}).get("command") == "cluster":
+        staged["generation"] = None  # an extract run's chunks, replaced by this cluster run (--overwrite)
+    commit(out, staged)
+    paths = [out / "extracted" / name for name in names]
     result.timings["write"] = time.perf_counter() - start
     record = {
         **record,
@@ -393,7 +402,7 @@ def write_output(
         record["metrics"] = result.metrics
     if result.evidence is not None:
         record["evidence"] = result.evidence
-    (out / "result.json").write_text(json.dumps(record, indent=2))
+    write_record(out, record)
     write_report(out, record, paths, train_data, generated=generated)
     return out
 
@@ -523,6 +532,7 @@ class Extractor:
         progress: bool = True,
         label: str | None = None,
         recovery: dict | None = None,
+        overwrite: bool = False,
         **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
@@ -549,6 +559,10 @@ class Extractor:
             progress: show progress bars. label: the generation bar's text.
             recovery: keyword arguments for `finextract.caption.recover_caption` with caption="auto"
                 (e.g. max_tokens=, vocabulary=); None = its defaults.
+            overwrite: replace a run in `out` made with other settings (`run_settings`), its
+                generation chunks included, instead of refusing it (`--overwrite`). A re-run with the
+                same settings resumes the chunks and replaces extracted/, generated/, result.json
+                and report.html whole either way.
             **run_options: settings of this extraction that differ from the Extractor's `config`
                 (steps=, seed=, batch_size=, backend=, threads=, cuda_graphs=); the device and
                 precisions are fixed when the models load.
@@ -557,7 +571,8 @@ class Extractor:
             ExtractionResult.
 
         Raises:
-            ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file, `train` holds no
+            ValueError: n0 < 1, num_images < n0, invalid settings, `out` is a file or holds another
+                command's output or (without `overwrite`) a run with other settings, `train` holds no
                 readable image, a non-square model without `train_as_is`, a method that needs a caption
                 with `caption=None`, or too few usable generations (all but the last checked before
                 generating).
@@ -565,9 +580,10 @@ class Extractor:
                 changes no `attn2.to_k` / `attn2.to_v` (nothing is generated).
             FileNotFoundError: `train` is not a folder.
         """
-        from finextract.generation import check_out_folder, generate
+        from finextract.generation import generate
         from finextract.images import read_images
         from finextract.rules import rule_for
+        from finextract.runfolder import prepare, run_entry
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})
         if fixed:
@@ -586,15 +602,16 @@ class Extractor:
         num_images = IMAGES_PER_N0 * n0 if num_images is None else num_images
         if n0 != AUTO and num_images < n0:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
+        method = method or ("finextract-uncond" if caption is None else "finextract")
+        settings = run_settings(self.models, caption, n0, num_images, method, w, k, config.steps, config.seed)
         if out is not None:
-            check_out_folder(out)
+            prepare(out, "extract", settings, overwrite=overwrite)
         resolution = None if train_as_is else self.resolution
         if train is not None and resolution is None and not train_as_is:
             raise ValueError(
                 "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
                 "training images as the fine-tune saw them yourself"
             )
-        method = method or ("finextract-uncond" if caption is None else "finextract")
         if caption is None and any(term.caption == "prompt" for term in rule_for(method, self.pair.kind).terms):
             raise ValueError(
                 f"method {method!r} needs the training caption: give caption=... (CLI --caption TEXT), "
@@ -642,6 +659,7 @@ class Extractor:
             label=label,
             images_on_device=config.is_cuda,
             out=None if out is None else Path(out) / "generation",  # resumable chunks
+            overwrite=overwrite,
         )
         timings["generate"] = time.perf_counter() - start
         images = generation.images
@@ -688,7 +706,7 @@ class Extractor:
             write_output(
                 out,
                 result,
-                {"method": method, "caption": caption_record},
+                {"method": method, "caption": caption_record, "run_folder": run_entry("extract", settings)},
                 generated=generation.images,
                 save_generated=save_generated,
                 train_data=train_data,
@@ -733,6 +751,36 @@ def training_input(train, folder: Path | None, config: RunConfig) -> dict:
     record = train_record(images, paths, folder, cache)
     cache.save()
     return record
+
+
+def run_settings(models: dict, caption, n0, num_images: int, method: str, w, k, steps: int, seed: int) -> dict:
+    """What defines an extract run, as given (w, k None = the paper's defaults): its output folder
+    refuses a re-run with other settings unless --overwrite (`finextract.runfolder.prepare`).
+
+    Args:
+        models: base / finetuned / lora paths (`Extractor.models`, or the CLI's options); existing
+            paths are made absolute, so a re-run from another working folder matches.
+        caption: as given ("auto", None or the text). n0: int or "auto". num_images: N as resolved.
+        method, w, k, steps, seed: as the extraction uses them.
+
+    Returns:
+        A JSON-ready dict.
+    """
+
+    def where(path):
+        return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+    return {
+        "models": {name: where(models.get(name)) for name in ("base", "finetuned", "lora")},
+        "caption": caption,
+        "method": method,
+        "w": w,
+        "k": k,
+        "n0": n0,
+        "num_images": num_images,
+        "steps": steps,
+        "seed": seed,
+    }
 
 
 def extraction_config(

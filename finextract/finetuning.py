@@ -313,6 +313,7 @@ def finetune(
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
     train_text_encoder: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Fine-tune the pipeline folder `base` on `images` with one caption and save the result.
 
@@ -343,18 +344,24 @@ def finetune(
         save_dtype: dtype of the saved weights.
         train_text_encoder: DreamBooth only: also train the text encoder.
         progress: show a tqdm bar with the running loss.
+        overwrite: replace a fine-tune in `out` made with other settings instead of refusing it
+            (`--overwrite`). The folder is written whole into a hidden sibling and swapped in, so no
+            file of an earlier fine-tune (e.g. a LoRA file beside a DreamBooth pipeline) remains.
 
     Returns:
         The output folder.
 
     Raises:
-        ValueError: bad method, steps, batch size, rank, dtype or images.
+        ValueError: bad method, steps, batch size, rank, dtype or images; `out` holding another
+            command's output, files of no finextract run, or (without `overwrite`) a fine-tune with
+            other settings (`finextract.runfolder.prepare`; checked before training).
         FileNotFoundError: `base` or an image is missing.
         RuntimeError: the loss became non-finite.
     """
     import torch
 
     from .engine.config import resolve_device
+    from .runfolder import prepare, replace_folder, run_entry, stage
 
     if method not in ("dreambooth", "lora"):
         raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")
@@ -371,6 +378,14 @@ def finetune(
     device = resolve_device(device)
     if dtype != "fp32" and not device.startswith("cuda"):
         raise ValueError(f"--dtype {dtype} autocast needs a CUDA device; use --dtype fp32 on {device}")
+    given = {  # what defines the run, as given (None: the recipe's default)
+        "base": str(Path(base).resolve()),
+        "images": str(Path(images).resolve()) if isinstance(images, (str, Path)) else f"{len(images)} given",
+        **dict(caption=caption, method=method, steps=steps, lr=lr, batch_size=batch_size, rank=rank),
+        **dict(lora_modules=lora_modules, seed=seed, resolution=resolution, dtype=dtype, save_dtype=save_dtype),
+        "train_text_encoder": train_text_encoder,
+    }
+    out = prepare(out, "finetune", given, overwrite=overwrite)
 
     unet, vae, text_encoder, tokenizer, scheduler = _components(base)
     recipe = default_recipe(unet.config, method)
@@ -443,15 +458,14 @@ def finetune(
         progress=progress,
     )
 
-    # 3. Save the format users download.
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # 3. Save the format users download, into a staging folder swapped in whole at the end.
+    staged = stage(out)
     save_torch_dtype = torch_dtype(save_dtype)
     unet.eval()
     if method == "lora":
-        _save_lora(unet, out, save_torch_dtype, rank, targets)
+        _save_lora(unet, staged, save_torch_dtype, rank, targets)
     else:
-        _save_pipeline(base, unet, text_encoder.eval(), out, save_torch_dtype)
+        _save_pipeline(base, unet, text_encoder.eval(), staged, save_torch_dtype)
     import json
 
     first, last, fell = loss_fall(losses)
@@ -461,8 +475,10 @@ def finetune(
         "final_loss": float(np.mean(losses[-50:])),
         "loss_fell": fell,
         "device": device,
+        "run_folder": run_entry("finetune", given),
     }
-    (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
+    (staged / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
+    replace_folder(out, staged)
     logger.info("saved the %s fine-tune to %s (mean loss of the last 50 steps %.4f)", method, out, record["final_loss"])
     if not fell:
         logger.warning(

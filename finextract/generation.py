@@ -28,6 +28,9 @@ import torch
 from .engine.config import RunConfig, run_config
 from .engine.formats import atomic_write, file_sha256
 from .records import library_versions
+from .runfolder import check_out_folder, differences, prepare  # noqa: F401  (check_out_folder: its old home)
+
+_leaf_differences = differences  # its old name
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def generate(
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
     images_on_device: bool = False,
     png: bool = False,
+    overwrite: bool = False,
     **run_options,
 ) -> GenerationResult:
     """Generate `num_images` images with guided DDIM sampling (FineXtract Eq. 13 by default).
@@ -92,6 +96,9 @@ def generate(
             moved to the device.
         png: with `out`, also write image i as `out/images/gen{i:05d}.png` as each chunk finishes
             (and any missing PNG of an already finished chunk on resume).
+        overwrite: when `out` holds a generation with another config, delete its chunks, manifest
+            and images/ and start anew, instead of refusing (`--overwrite`). The same config resumes
+            either way.
         **run_options: `RunConfig.resolve` settings (steps=, seed=, batch_size=, backend=, ...),
             applied to `config`.
 
@@ -100,8 +107,9 @@ def generate(
         `images_on_device`; seeds; manifest).
 
     Raises:
-        ValueError: invalid arguments or settings, a pair placed elsewhere than the run, or `out`
-            holding a run with another config (the message lists what differs).
+        ValueError: invalid arguments or settings, a pair placed elsewhere than the run, `out` holding
+            another command's output (`finextract.runfolder.prepare`), or a generation with another
+            config without `overwrite` (the message lists what differs).
         RuntimeError: another process is writing `out` (the message names its pid).
         NonFiniteError (a RuntimeError): non-finite latents even in fp32.
     """
@@ -111,7 +119,7 @@ def generate(
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1 (the paper uses 50 x N0)")
     if out is not None:
-        check_out_folder(out)
+        prepare(out, "generate")
     if png and out is None:
         raise ValueError("png=True needs an `out` folder to write images/ into")
     rule = rule_for(method, pair.kind, w, k)
@@ -148,6 +156,7 @@ def generate(
             on_chunk=on_chunk,
             images_on_device=images_on_device,
             png=png,
+            overwrite=overwrite,
         )
 
 
@@ -166,9 +175,10 @@ def _generate(
     on_chunk,
     images_on_device: bool,
     png: bool,
+    overwrite: bool,
 ) -> GenerationResult:
     """`generate` once its inputs are checked and `folder` (if any) is locked."""
-    manifest = _open_manifest(folder, identity, chunk_size)
+    manifest = _open_manifest(folder, identity, chunk_size, overwrite)
     manifest.update(
         versions=library_versions(),
         seeds=seeds,
@@ -265,34 +275,6 @@ def _folder_lock(folder: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_out_folder(out: str | Path) -> Path:
-    """Check, before heavy work, that `out` can be written as a folder: it (or its nearest existing
-    parent) is a folder this process may write into.
-
-    Returns:
-        `out` as a Path.
-
-    Raises:
-        ValueError: `out` or one of its parents is an existing file, or that folder is not writable; the
-            message names it.
-    """
-    out = Path(out)
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == out else f" (its parent {path} is a file)"
-                raise ValueError(
-                    f"output folder {out} (--out, out=): not a folder{where}; give a folder path (it is created if missing)"
-                )
-            if not os.access(path, os.W_OK | os.X_OK):
-                where = "" if path == out else f" (its nearest existing parent {path})"
-                raise ValueError(
-                    f"output folder {out} (--out, out=): the folder{where} is not writable; choose another"
-                )
-            break
-    return out
-
-
 def _write_pngs(folder: Path, images: torch.Tensor, start: int) -> None:
     """images/gen{start + j:05d}.png for each uint8 (H, W, 3) image j, each written atomically."""
     from PIL import Image
@@ -304,31 +286,9 @@ def _write_pngs(folder: Path, images: torch.Tensor, start: int) -> None:
         atomic_write(folder / "images" / f"gen{start + j:05d}.png", buffer.getvalue())
 
 
-def _leaf_differences(old, new, prefix: str = "") -> list[str]:
-    """`key.path[i]: old -> new` for every differing leaf of two JSON values (added/removed keys too)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        lines = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                lines.append(f"{path}: (absent) -> {new[key]!r}")
-            elif key not in new:
-                lines.append(f"{path}: {old[key]!r} -> (absent)")
-            else:
-                lines += _leaf_differences(old[key], new[key], path)
-        return lines
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _leaf_differences(a, b, f"{prefix}[{i}]")]
-    if old == new:
-        return []
-    show = lambda value: value if isinstance(value, (int, float, bool)) or value is None else repr(value)  # noqa: E731
-    if isinstance(old, str) and isinstance(new, str) and len(old) < 80 and len(new) < 80:
-        show = str  # plain words for short strings: "kind: dreambooth -> lora"
-    return [f"{prefix}: {show(old)} -> {show(new)}"]
-
-
-def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
-    """Load `folder`'s manifest and check its config, or start a new one."""
+def _open_manifest(folder: Path | None, config: dict, chunk_size: int, overwrite: bool = False) -> dict:
+    """Load `folder`'s manifest and check its config, or start a new one (also when the config differs
+    and `overwrite`: the old run's chunks, manifest and images/ are deleted first)."""
     path = folder / MANIFEST if folder is not None else None
     if path is not None and path.exists():
         try:
@@ -341,14 +301,18 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
             raise ValueError(
                 f"{path} is not a finextract generation manifest ({FORMAT}); use another output folder (--out, out=)"
             )
-        differences = _leaf_differences(manifest["config"], config)
-        if differences:
-            shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        changed = differences(manifest["config"], config)
+        if changed and not overwrite:
+            shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise ValueError(
                 f"{folder} holds a generation with a different config (there -> now: {shown}); "
-                "rerun with the original settings to resume it, or choose another output folder (--out, out=)"
+                "rerun with the original settings to resume it, pass --overwrite (overwrite=True) to replace it, "
+                "or choose another output folder (--out, out=)"
             )
-        return manifest
+        if not changed:
+            return manifest
+        logger.warning("%s: deleting the generation with another config there (overwrite)", folder)
+        _discard(folder, manifest)
     if folder is not None:  # `generate` checked it with check_out_folder
         folder.mkdir(parents=True, exist_ok=True)
     num_images = config["num_images"]
@@ -363,6 +327,16 @@ def _open_manifest(folder: Path | None, config: dict, chunk_size: int) -> dict:
         for i, start in enumerate(range(0, num_images, chunk_size))
     ]
     return {"format": FORMAT, "config": config, "chunk_size": chunk_size, "chunks": chunks}
+
+
+def _discard(folder: Path, manifest: dict) -> None:
+    """Delete a generation's manifest, chunk files and images/ (what `generate` wrote into `folder`)."""
+    import shutil
+
+    (folder / MANIFEST).unlink()
+    for chunk in manifest.get("chunks", []):
+        (folder / chunk["file"]).unlink(missing_ok=True)
+    shutil.rmtree(folder / "images", ignore_errors=True)
 
 
 def _adopt_finished(folder: Path, chunks: list[dict], seeds: list[int]) -> None:

@@ -93,11 +93,12 @@ def _point_settings(param: str, value, *, n0: int, num_images: int | None, w, k)
     return settings
 
 
-def _finished(folder: Path, expected: dict) -> dict | None:
-    """The `result.json` of a finished point that matches `expected`, None when the folder has none.
+def _finished(folder: Path, expected: dict, overwrite: bool = False) -> dict | None:
+    """The `result.json` of a finished point that matches `expected`, None when the folder has none
+    (or, with `overwrite`, holds another run, to be replaced).
 
     Raises:
-        ValueError: it holds another run (the message names the differing settings).
+        ValueError: it holds another run and not `overwrite` (the message names the differing settings).
     """
     path = folder / "result.json"
     if not path.is_file():
@@ -118,9 +119,12 @@ def _finished(folder: Path, expected: dict) -> dict | None:
         "train_files": sorted({m["train_file"] for m in (record.get("metrics") or {}).get("best_match", [])}),
     }
     differences = [f"{key}: {found[key]!r} -> {value!r}" for key, value in expected.items() if found.get(key) != value]
+    if differences and overwrite:
+        return None
     if differences:
         raise ValueError(
-            f"{folder} holds another run ({'; '.join(differences)}); remove it or sweep into another --out"
+            f"{folder} holds another run ({'; '.join(differences)}); pass --overwrite (overwrite=True) to replace it, "
+            "or sweep into another --out"
         )
     return record
 
@@ -140,6 +144,7 @@ def run_sweep(
     k: float | None = None,
     train_as_is: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
     **run_options,
 ) -> dict:
     """Run (or resume) a sweep of one setting and write sweep.json, sweep.png and report.html into `out`.
@@ -156,6 +161,7 @@ def run_sweep(
             and fine-tune kind).
         train_as_is: score against the training images without the centre crop and resize.
         progress: show progress bars.
+        overwrite: replace a point folder holding a run with other settings instead of refusing it.
         **run_options: per-extraction run settings (steps=, seed=, batch_size=, backend=, ...).
 
     Returns:
@@ -165,17 +171,18 @@ def run_sweep(
         "complete", "plot"}.
 
     Raises:
-        ValueError: as `check_sweep`; a point folder holding another run; from `Extractor.extract`.
+        ValueError: as `check_sweep`; `out` holding another command's output; a point folder holding
+            another run (without `overwrite`); from `Extractor.extract`.
         FileNotFoundError: `train` is not a folder.
     """
     from finextract.engine.config import run_config
     from finextract.extract import read_training_images, train_transform
-    from finextract.generation import check_out_folder
     from finextract.images import read_images
     from finextract.rules import rule_params
+    from finextract.runfolder import prepare
 
     param, values, methods = check_sweep(param, values, methods)
-    out = check_out_folder(out)
+    out = prepare(out, "sweep")
     if train is None:
         raise ValueError("a sweep scores AS / A-ESR: give the training images (--train)")
     if isinstance(train, (str, Path)):
@@ -227,7 +234,7 @@ def run_sweep(
             "train_transform": train_transform(resolution),
             "train_files": train_files,
         }
-        record = _finished(folder, expected)
+        record = _finished(folder, expected, overwrite)
         reused = record is not None
         if reused:
             logger.info("sweep point %s %s=%g: reusing %s", method, param, value, folder)
@@ -246,6 +253,7 @@ def run_sweep(
                 train_as_is=train_as_is,
                 progress=progress,
                 label=label,
+                overwrite=overwrite,
                 **run_options,
             )
             metrics, threshold, sizes = result.metrics, result.threshold, [len(c) for c in result.cliques]

@@ -617,6 +617,7 @@ def build_finetune(
     record_file = target / "finetune.json"  # a path that stays true where the zoo is copied
     relative_base = Path("..") / Path(*[".."] * len(Path(SCENARIOS[scenario].folder).parts)) / "base"
     record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
+    record.pop("run_folder", None)  # this machine's absolute paths: not in a committed record
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     return _built(entry, t, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
 

@@ -278,3 +278,29 @@ def test_finetune_mixed_precision_on_cuda(base_dir, images_dir, tmp_path):
             progress=False,
         )
         assert np.isfinite(json.loads((out / "finetune.json").read_text())["final_loss"])
+
+
+def test_a_second_finetune_into_one_folder_is_refused_or_replaces_it_whole(base_dir, images_dir, tmp_path):
+    """DreamBooth then LoRA into one folder would leave a pipeline beside a LoRA file: refused before
+    training, or with overwrite=True replaced whole (no unet/ left)."""
+    from finextract.finetuning import finetune
+
+    options = dict(steps=1, batch_size=1, seed=0, device="cpu", progress=False)
+    out = finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / "ft", **options)
+    assert (out / "unet").is_dir() and (out / "finetune.json").is_file()
+    lora = dict(method="lora", rank=2, lora_modules="attention", **options)
+    with pytest.raises(
+        ValueError,
+        match=r"holds another run \(there -> now: lora_modules: None -> 'attention'; method: dreambooth -> lora; rank: None -> 2\); .*--overwrite",
+    ):
+        finetune(base_dir, images_dir, "a photo of sks", out=out, **lora)
+    assert (out / "unet").is_dir() and json.loads((out / "finetune.json").read_text())["method"] == "dreambooth"
+    finetune(base_dir, images_dir, "a photo of sks", out=out, overwrite=True, **lora)
+    assert sorted(p.name for p in out.iterdir()) == ["finetune.json", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]  # no staging folder left beside it
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["method"] == "lora" and record["run_folder"]["settings"]["rank"] == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a fine-tune")
+    with pytest.raises(ValueError, match="not empty and holds no `finextract finetune` output"):
+        finetune(base_dir, images_dir, "a photo of sks", out=tmp_path / "mine", **options)

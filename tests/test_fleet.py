@@ -331,9 +331,12 @@ def test_local_rerun_regenerates_nothing(local_run, inputs):
     for row_id in COMPUTED:  # a skipped row reads as it was computed
         for name in ("AS", "threshold", "clique_sizes", "extracted", "timings"):
             assert rows[row_id][name] == _by_id(first)[row_id][name]
-    # another setting that changes the images makes the rows run again (and the old chunks refuse it)
+    # another setting that changes the images makes the rows run again, and the row folders refuse it
+    # (before loading a model: the run's record names its settings; --overwrite would replace them)
     changed = audit(inputs / "manifest.csv", out, executor="local", progress=False, **{**RUN, "seed": 1})
-    assert "different config" in _by_id(changed)["lora_peft"]["error"] and _chunk_times(out) == chunks
+    error = _by_id(changed)["lora_peft"]["error"]
+    assert "holds another run (there -> now: seed: 0 -> 1)" in error and "--overwrite" in error
+    assert _chunk_times(out) == chunks
 
 
 # --- end to end: Ray, 2 workers, a worker killed in the middle of a row ---

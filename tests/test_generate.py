@@ -289,3 +289,27 @@ def test_a_second_writer_of_one_folder_is_refused_with_the_holders_pid(dreamboot
     assert not (out / MANIFEST).exists()  # refused before writing anything
     generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")  # free again
     assert (out / MANIFEST).exists()
+
+
+def test_overwrite_replaces_a_generation_with_another_config_and_its_pngs(dreambooth_pair, tmp_path):
+    options = dict(steps=1, batch_size=2, out=tmp_path, progress=False, backend="torch", png=True)
+    generate(dreambooth_pair, CAPTION, 3, **options)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"gen0000{i}.png" for i in range(3)]
+    with pytest.raises(ValueError, match=r"num_images: 3 -> 2\); .*pass --overwrite \(overwrite=True\)"):
+        generate(dreambooth_pair, CAPTION, 2, **options)
+    assert len(list(tmp_path.glob("chunk_*.npz"))) == 2  # a refusal deletes nothing
+    result = generate(dreambooth_pair, CAPTION, 2, overwrite=True, **options)
+    assert json.loads((tmp_path / MANIFEST).read_text())["config"]["num_images"] == 2
+    assert sorted(p.name for p in tmp_path.glob("chunk_*.npz")) == ["chunk_00000.npz"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["gen00000.png", "gen00001.png"]
+    with UNetCalls(*_unets(dreambooth_pair)) as calls:  # the same config resumes, overwrite or not
+        again = generate(dreambooth_pair, CAPTION, 2, overwrite=True, **options)
+    assert calls.count == 0 and torch.equal(again.images, result.images)
+
+
+def test_generate_refuses_an_extract_or_cluster_folder(dreambooth_pair, tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"method": "cluster"}))
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"holds the output of `finextract cluster`.*another output folder"):
+            generate(dreambooth_pair, CAPTION, 2, steps=1, out=tmp_path, progress=False, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

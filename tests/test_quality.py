@@ -168,6 +168,12 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
         assert cell["runs"] == 2 and np.isclose(cell["AS"]["mean"], np.mean(values))
         assert np.isclose(cell["AS"]["std"], np.std(values, ddof=1))
     assert "object-lora-finextract-seed0/best_match/train0.png" in (out / "report.html").read_text()
+    # a rerun with other settings is refused by the first run folder (nothing replaced) unless --overwrite
+    before = (out / "object-lora-finextract-seed0" / "result.json").read_bytes()
+    assert main(argv[:6] + ["4"] + argv[7:]) == 1
+    err = capsys.readouterr().err
+    assert "object-lora-finextract-seed0 (--out, out=) holds another run (there -> now: steps: 3 -> 4)" in err
+    assert "--overwrite" in err and (out / "object-lora-finextract-seed0" / "result.json").read_bytes() == before
 
 
 def test_demo_names_a_scenario_missing_from_the_zoo(tmp_path):

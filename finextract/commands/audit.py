@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_runtime_options, positive_int
+from .options import add_overwrite_option, add_runtime_options, positive_int
 
 _DESCRIPTION = """\
 Run FineXtract on every checkpoint of a manifest (CSV or JSON, one row per checkpoint) and sum them up.
@@ -71,6 +71,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/<id>/generated/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-row log lines remain)")
+    add_overwrite_option(p, "a row's run (OUT/<id>/)")
     p.set_defaults(func=run)
 
 
@@ -92,6 +93,7 @@ def run(args) -> int:
             preset=args.preset,
             allow_pickle=args.allow_pickle,
             save_generated=args.save_generated,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
             device=args.device,
             dtype=args.dtype,

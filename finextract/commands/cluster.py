@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import n0_or_auto, positive_int, read_image_folder
+from .options import add_overwrite_option, n0_or_auto, positive_int, read_image_folder
 
 
 def register(subparsers) -> None:
@@ -28,20 +28,28 @@ def register(subparsers) -> None:
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
     p.add_argument("--budget", type=positive_int, default=None, help="clustering search budget per threshold")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_overwrite_option(p, "a cluster or extract run (other --images or --n0)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import logging
+    from pathlib import Path
 
     from finextract.engine.config import resolve_device, set_threads
     from finextract.extract import cluster_images, extraction_config, write_output
-    from finextract.generation import check_out_folder
+    from finextract.runfolder import check_out_folder, prepare, run_entry
     from finextract.sscd import load_embedder
 
     check_out_folder(args.out)
     set_threads()
     images, paths = read_image_folder("--images", args.images, want="generated")
+    images_folder, out = Path(args.images).resolve(), Path(args.out).resolve()
+    if images_folder == out or out in images_folder.parents:
+        raise ValueError(f"--out {args.out} holds --images {args.images}: write the clusters to another folder")
+    # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
+    settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
+    prepare(args.out, "cluster", settings, overwrite=args.overwrite)
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(
@@ -51,7 +59,12 @@ def run(args) -> int:
         budget=args.budget,
         inputs={"images": str(args.images), "files": [p.name for p in paths]},
     )
-    write_output(args.out, result, {"method": "cluster", "extracted_sources": [paths[i].name for i in result.indices]})
+    record = {
+        "method": "cluster",
+        "extracted_sources": [paths[i].name for i in result.indices],
+        "run_folder": run_entry("cluster", settings),
+    }
+    write_output(args.out, result, record)
     logging.getLogger("finextract").info(
         "threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out
     )

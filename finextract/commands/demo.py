@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from .options import positive_int
+from .options import add_overwrite_option, positive_int
 
 SCENARIOS = ("object", "style")
 KINDS = ("dreambooth", "lora")
@@ -68,6 +68,7 @@ def register(subparsers) -> None:
         help="auto (default: onnxruntime on a CPU, its export cached under FINEXTRACT_CACHE or "
         "~/.cache/finextract; torch on CUDA), torch, onnxruntime or tensorrt",
     )
+    add_overwrite_option(parser, "a run folder")
     parser.set_defaults(func=run)
 
 
@@ -95,6 +96,7 @@ def run_demo(
     device: str = "auto",
     backend: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run every (scenario, kind, method, seed repeat) extraction on the trained zoo; write runs,
     demo.json and report.html.
@@ -105,6 +107,8 @@ def run_demo(
         scenarios, kinds, methods: subsets of SCENARIOS, KINDS, METHODS.
         seeds: K >= 1 repeats; repeat j samples image i from seed `seed + j * N + i` (disjoint sets).
         n0: N0 (default: each scenario's number of training images). num_images: N (default 50 x N0).
+        overwrite: replace a run folder holding a run with other settings (e.g. other --steps)
+            instead of refusing it (`Extractor.extract(overwrite=)`, `--overwrite`).
 
     Returns:
         {"rows": one dict per run {"scenario", "kind", "method", "repeat", "seed", "AS", "A-ESR0.7",
@@ -115,9 +119,13 @@ def run_demo(
 
     Raises:
         FileNotFoundError: no trained zoo at `zoo`, or a scenario missing from it.
-        ValueError: an unknown scenario, kind or method, or seeds < 1.
+        ValueError: an unknown scenario, kind or method, or seeds < 1; `out` holding another
+            command's output (`finextract.runfolder.prepare`); a run folder holding a run with other
+            settings, without `overwrite`.
     """
+    from finextract.engine.formats import atomic_write
     from finextract.extract import Extractor
+    from finextract.runfolder import prepare
     from finextract.trained_zoo import default_zoo_folder, scenario_folder
 
     zoo = Path(zoo) if zoo else default_zoo_folder()
@@ -134,7 +142,7 @@ def run_demo(
     for name, folder in folders.items():
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
-    out = Path(out)
+    out = prepare(out, "demo")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, settings = [], {}
@@ -199,6 +207,7 @@ def run_demo(
                         train=folder / "train",
                         progress=progress,
                         label=f"run {runs}/{total} {scenario} {kind} {method} seed {repeat}",
+                        overwrite=overwrite,
                     )
                     metrics = result.metrics
                     _save_best_matches(result.images, metrics["best_match"], run_folder / "best_match")
@@ -217,9 +226,9 @@ def run_demo(
                     )
                     # after every run, so an interrupted demo keeps what it measured (and a rerun
                     # into the same folder resumes the generation chunks already written)
-                    (out / "demo.json").write_text(json.dumps(summary(False), indent=2) + "\n")
+                    atomic_write(out / "demo.json", json.dumps(summary(False), indent=2) + "\n")
     result = summary(True)
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "demo.json", json.dumps(result, indent=2) + "\n")
     _write_index(out, result, {name: folders[name] for name in scenarios})
     return result
 
@@ -373,6 +382,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         backend=args.backend,
+        overwrite=args.overwrite,
     )
     print(format_table(summary["cells"]))
     out = Path(args.out).resolve()

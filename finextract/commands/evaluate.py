@@ -23,8 +23,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--extracted",
         required=True,
-        help="folder of extracted images, or an `extract` / `cluster` output folder (its extracted/ is read) or a "
-        "`generate` folder (all its images)",
+        help="folder of extracted images, or an `extract` / `cluster` output folder (exactly the extracted/ images "
+        "its result.json records are scored; a folder that disagrees with its record is refused) or a `generate` "
+        "folder (all its images)",
     )
     p.add_argument("--train", required=True, help="folder of the real training images")
     size = p.add_mutually_exclusive_group()
@@ -75,13 +76,41 @@ def infer_resolution(folder: str | Path, images) -> tuple[int, str]:
     )
 
 
+def read_extracted(folder: str) -> tuple[list, list[Path]]:
+    """The images `--extracted` names: for an extract / cluster run folder (or its extracted/), exactly
+    the files its result.json records (`finextract.runfolder.recorded_extracted`), in clique order;
+    else every image of the folder (`read_image_folder`).
+
+    Returns:
+        (uint8 (H, W, 3) arrays, their paths).
+
+    Raises:
+        ValueError: the run's extracted/ holds an image its record does not name, or lacks one it
+            names (the message names the files and the fix); an unreadable image.
+        FileNotFoundError: no such folder.
+    """
+    from finextract.images import read_image
+    from finextract.runfolder import recorded_extracted
+
+    try:
+        recorded = recorded_extracted(folder)
+        if recorded is None:
+            return read_image_folder("--extracted", folder, want="extracted")
+        logger.info("--extracted %s: scoring the %d images its result.json records", folder, len(recorded))
+        return [read_image(path) for path in recorded], recorded
+    except ValueError as error:
+        if str(error).startswith("--extracted"):
+            raise
+        raise ValueError(f"--extracted: {error}") from None
+
+
 def run(args) -> int:
     from finextract.engine.config import set_threads
     from finextract.extract import embed_images, evaluate_against
     from finextract.metrics import format_scores
     from finextract.sscd import load_embedder
 
-    images, paths = read_image_folder("--extracted", args.extracted, want="extracted")
+    images, paths = read_extracted(args.extracted)
     train = read_image_folder("--train", args.train)  # both read before the embedder loads
     resolution = None
     if not args.train_as_is:

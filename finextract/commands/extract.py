@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_runtime_options, add_sampling_options, extractor_from
+from .options import (
+    add_model_options,
+    add_overwrite_option,
+    add_runtime_options,
+    add_sampling_options,
+    extractor_from,
+)
 
 
 def register(subparsers) -> None:
@@ -29,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
     p.add_argument("--out", required=True, help="output folder")
+    add_overwrite_option(p, "an extract or cluster run (its generation chunks included)")
     p.set_defaults(func=run)
 
 
@@ -48,6 +55,7 @@ def run(args) -> int:
         train=train,
         train_as_is=args.train_as_is,
         save_generated=args.save_generated,
+        overwrite=args.overwrite,
     )
     log = logging.getLogger("finextract")
     recovery = result.config.get("caption_recovery") or {}
@@ -66,13 +74,14 @@ def run(args) -> int:
 
 def _check_inputs(args):
     """Everything that needs no model, before any model loads: the run settings, N0 <= N, --out (a
-    writable folder) and --train (a folder with at least one readable image, read once).
+    writable folder holding no other run: `finextract.runfolder.prepare`) and --train (a folder with
+    at least one readable image, read once).
 
     Returns:
         (RunConfig, the training images as `read_images` returns them, or None).
     """
-    from finextract.extract import AUTO, AUTO_NUM_IMAGES, IMAGES_PER_N0
-    from finextract.generation import check_out_folder
+    from finextract.extract import AUTO, AUTO_NUM_IMAGES, IMAGES_PER_N0, run_settings
+    from finextract.runfolder import prepare
 
     from .options import read_image_folder, run_config_from
 
@@ -83,12 +92,15 @@ def _check_inputs(args):
         num_images = args.num_images if args.num_images is not None else AUTO_NUM_IMAGES
         if num_images < MIN_IMAGES:
             raise ValueError(f"--num-images {num_images}: estimating N0 (--n0 auto) needs at least {MIN_IMAGES} images")
-        check_out_folder(args.out)
-        return config, read_image_folder("--train", args.train) if args.train is not None else None
-    num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
-    if num_images < args.n0:
-        raise ValueError(
-            f"--num-images {num_images} is below --n0 {args.n0}: generate at least N0 images (the paper: 50 x N0)"
-        )
-    check_out_folder(args.out)
+    else:
+        num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
+        if num_images < args.n0:
+            raise ValueError(
+                f"--num-images {num_images} is below --n0 {args.n0}: generate at least N0 images (the paper: 50 x N0)"
+            )
+    models = {"base": args.base, "finetuned": args.finetuned, "lora": args.lora}
+    settings = run_settings(
+        models, args.caption, args.n0, num_images, args.method, args.w, args.k, config.steps, config.seed
+    )
+    prepare(args.out, "extract", settings, overwrite=args.overwrite)
     return config, read_image_folder("--train", args.train) if args.train is not None else None

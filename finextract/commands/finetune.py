@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import positive_int
+from .options import add_overwrite_option, positive_int
 
 
 def register(subparsers) -> None:
@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of saved weights")
     parser.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
+    add_overwrite_option(parser, "a fine-tune (the folder is replaced whole)")
     parser.set_defaults(func=run)
 
 
@@ -74,6 +75,7 @@ def run(args) -> int:
         dtype=args.dtype,
         save_dtype=args.save_dtype,
         train_text_encoder=args.train_text_encoder,
+        overwrite=args.overwrite,
     )
     logging.getLogger("finextract").info("fine-tuned model written to %s", out)
     return 0

@@ -7,7 +7,7 @@ Rerunning the same command after an interruption continues from the last finishe
 
 from __future__ import annotations
 
-from .options import add_model_options, add_runtime_options, add_sampling_options
+from .options import add_model_options, add_overwrite_option, add_runtime_options, add_sampling_options
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
         "--png", action="store_true", help="also write each image as OUT/images/gen00012.png, as each chunk finishes"
     )
     parser.add_argument("--out", required=True, help="output folder (chunks + manifest.json); reuse it to resume")
+    add_overwrite_option(parser, "a generation (its chunks and images/ are deleted)")
     parser.set_defaults(func=run)
 
 
@@ -33,7 +34,8 @@ def run(args) -> int:
 
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
-    from finextract.generation import check_out_folder, generate
+    from finextract.generation import generate
+    from finextract.runfolder import prepare
 
     from .options import run_config_from
 
@@ -41,7 +43,7 @@ def run(args) -> int:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
     num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
     out = Path(args.out)
-    check_out_folder(out)  # before loading anything
+    prepare(out, "generate")  # before loading anything; the manifest is compared once the model is known
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything
     config.apply_threads()
     pair = load_model_pair(
@@ -76,6 +78,7 @@ def run(args) -> int:
         out=out,
         progress=not args.no_progress,
         png=args.png,
+        overwrite=args.overwrite,
     )
     seconds = sum(chunk.get("seconds", 0.0) for chunk in result.manifest["chunks"])
     pngs = f", PNGs in {out / 'images'}" if args.png else ""

@@ -141,6 +141,16 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
     parser.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0)")
 
 
+def add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """--overwrite: replace a run of the same kind with other settings in --out (never another command's)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} in --out made with other settings (default: refuse it; a re-run with the same "
+        "settings resumes and replaces the outputs either way). Another command's output is always refused",
+    )
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --backend, --threads, --cuda-graphs (with --steps, --batch-size and --seed from
     `add_sampling_options`, the fields of `finextract.engine.config.RunConfig`)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_runtime_options, extractor_from, positive_int
+from .options import add_model_options, add_overwrite_option, add_runtime_options, extractor_from, positive_int
 
 
 def register(subparsers) -> None:
@@ -49,6 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
     p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
     p.add_argument("--out", required=True, help="sweep folder (one extract folder per point, sweep.json/.png)")
+    add_overwrite_option(p, "a point's run")
     p.set_defaults(func=run)
 
 
@@ -62,8 +63,8 @@ def _values(text: str) -> list[float]:
 def run(args) -> int:
     from pathlib import Path
 
-    from finextract.generation import check_out_folder
     from finextract.metrics import format_scores
+    from finextract.runfolder import prepare
     from finextract.sweep import check_sweep, run_sweep
 
     from .options import read_image_folder, run_config_from
@@ -73,7 +74,7 @@ def run(args) -> int:
     )
     param, values, methods = check_sweep(args.param, _values(args.values), methods)  # before any model loads
     config = run_config_from(args)
-    check_out_folder(args.out)
+    prepare(args.out, "sweep")
     train = read_image_folder("--train", args.train)
     extractor = extractor_from(args, config)
     summary = run_sweep(
@@ -89,6 +90,7 @@ def run(args) -> int:
         num_images=args.num_images,
         w=args.w,
         k=args.k,
+        overwrite=args.overwrite,
     )
     out = Path(args.out)
     for point in summary["points"]:

@@ -56,6 +56,7 @@ def audit(
     preset: str | None = None,
     allow_pickle: bool = False,
     save_generated: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     ray_init_options: dict | None = None,
     **run_options,
@@ -75,6 +76,8 @@ def audit(
         embedder, preset: the SSCD model ("default" or a TorchScript / ONNX file) and preprocessing.
         allow_pickle: allow pickled checkpoints (only for files you trust).
         save_generated: also write all N generated images of each row.
+        overwrite: a row folder holding a run with other settings is replaced (its chunks
+            included) instead of failing the row (`Extractor.extract(overwrite=)`, `--overwrite`).
         progress: one progress bar over the rows (done / failed / running).
         ray_init_options: more `ray.init` keywords when Ray is started here (num_cpus=, object_store_memory=, ...).
         **run_options: `RunConfig.resolve` settings for every row (device=, dtype=, backend=, threads=,
@@ -99,7 +102,7 @@ def audit(
             "interrupted", the rest "pending"); rerun the same call to continue.
     """
     from finextract.evidence import command_record, environment_record, jsonable
-    from finextract.generation import check_out_folder
+    from finextract.runfolder import prepare
 
     from .executors import run_local, run_ray
     from .summary import entry_from_result, failed_entry, is_complete, row_entry, write_summary
@@ -116,7 +119,7 @@ def audit(
         raise ValueError(f"--workers {workers!r}: must be an integer >= 1")
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     entries_in = read_manifest(manifest)  # ManifestError before anything starts
-    out = check_out_folder(out).resolve()
+    out = prepare(out, "audit").resolve()
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     (out / TOKEN_FILE).write_text(token)
@@ -127,6 +130,7 @@ def audit(
         preset=preset,
         allow_pickle=allow_pickle,
         save_generated=save_generated,
+        overwrite=overwrite,
         token=token,
     )
 

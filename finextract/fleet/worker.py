@@ -41,6 +41,7 @@ class FleetSettings:
             seed, ...); each worker resolves them on its own machine ("auto" finds its GPU).
         embedder, preset: the SSCD model ("default" or a file) and its preprocessing preset.
         allow_pickle: allow pickled checkpoints. save_generated: also write all N images per row.
+        overwrite: replace a row folder's run made with other settings (`Extractor.extract(overwrite=)`).
         token: the content of OUT/.audit-token for this run (see `TOKEN_FILE`).
     """
 
@@ -50,6 +51,7 @@ class FleetSettings:
     preset: str | None = None
     allow_pickle: bool = False
     save_generated: bool = False
+    overwrite: bool = False
     token: str = ""
 
 
@@ -211,6 +213,7 @@ class RowRunner:
                 out=folder,
                 train=row.train,
                 save_generated=self.settings.save_generated,
+                overwrite=self.settings.overwrite,
                 progress=False,
                 **{name: getattr(row, name) for name in ("steps", "seed") if getattr(row, name) is not None},
             )
