@@ -9,8 +9,8 @@
   digest cached by (real path, size, mtime_ns) in `<cache folder>/hashes.json` (`HashCache`). A cache
   is a speed-up for writing records only: `finextract verify` re-reads every byte.
 - The environment: Python, the machine kind, and every installed distribution (importlib.metadata); when
-  a lock file (`requirements.lock`, pip `name==version` lines) is found, its sha256 and only the
-  versions that differ from it.
+  the lock files (`LOCK_FILES`, pip `name==version` lines) are found, their sha256 and only the
+  versions that differ from them.
 - The command: the process's command line and, for API use, the call (function and arguments, as JSON).
 
 Records are data: nothing here executes or imports what a record names.
@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 from pathlib import Path
+
+from finextract.records import installed_versions, locked_versions, version_differences
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ CACHE_FILE = "hashes.json"
 CACHE_FORMAT = "finextract-hashes/1"
 #: Entries kept in the hash cache (the oldest are dropped beyond it).
 CACHE_ENTRIES = 4096
-#: The lock file the repository root holds (pip `name==version` lines).
-LOCK_FILE = "requirements.lock"
+#: The lock files the repository root holds (pip `name==version` lines; see docs/development.md).
+LOCK_FILES = ("requirements.lock", "requirements-data.lock")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -220,44 +221,10 @@ def train_record(images, paths, folder: str | Path | None, cache: HashCache | No
 # --- environment ---
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def installed_distributions() -> dict:
-    """Every installed distribution: canonical name (PEP 503) -> version, sorted by name."""
-    from importlib import metadata
-
-    found = {}
-    for dist in metadata.distributions():
-        name = dist.metadata["Name"] if dist.metadata else None
-        if name:
-            found.setdefault(_canonical(name), dist.version)
-    return dict(sorted(found.items()))
-
-
-def read_lock(path: str | Path) -> dict:
-    """The pinned versions of a pip lock file: canonical name -> version.
-
-    Reads `name==version` lines (pip-compile / `uv pip compile` output: comments, `\\` continuations,
-    `--hash` and other option lines, environment markers after `;` and extras are handled).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    text = Path(path).read_text().replace("\\\n", " ")
-    pinned = {}
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].split(";", 1)[0].strip()
-        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*===?\s*([^\s]+)", line)
-        if match:
-            pinned[_canonical(match.group(1))] = match.group(3)
-    return pinned
-
-
-def default_lock() -> Path:
-    """`requirements.lock` at the root of the checkout finextract runs from (it may not exist)."""
-    return Path(__file__).resolve().parent.parent / LOCK_FILE
+def default_locks() -> list[Path]:
+    """The lock files at the root of the checkout finextract runs from (`LOCK_FILES`; none outside one)."""
+    root = Path(__file__).resolve().parent.parent
+    return [root / name for name in LOCK_FILES if (root / name).is_file()]
 
 
 def machine_record() -> dict:
@@ -274,35 +241,33 @@ def machine_record() -> dict:
     return record
 
 
-def environment_record(lock: str | Path | None = None) -> dict:
+def environment_record(locks: list[str | Path] | None = None) -> dict:
     """Python, the machine and the installed versions.
 
     Args:
-        lock: a pip lock file; None = `default_lock()` when it exists.
+        locks: pip lock files (`finextract.records.locked_versions` reads them); None = `default_locks()`.
 
     Returns:
         {"python": version, "implementation", "machine": `machine_record()`, and either
-        "distributions": {name: version} (every installed one) or, with a lock, "lock": {"path",
-        "sha256", "differs": {name: {"lock": version or None, "installed": version or None}}}}: the
-        versions are then the lock's, except those listed in "differs".
+        "distributions": {name: version} (every installed one, when no lock file exists) or "lock":
+        {"files": [{"path", "sha256"}], "differs": `finextract.records.version_differences`}: the
+        versions are then the locks', except those listed in "differs" (changed, missing, or installed
+        but not locked).
     """
     record = {
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "machine": machine_record(),
     }
-    installed = installed_distributions()
-    lock = Path(lock) if lock is not None else default_lock()
-    if not lock.is_file():
+    installed = installed_versions()
+    locks = [Path(p) for p in (default_locks() if locks is None else locks) if Path(p).is_file()]
+    if not locks:
         record["distributions"] = installed
         return record
-    pinned = read_lock(lock)
-    differs = {
-        name: {"lock": pinned.get(name), "installed": installed.get(name)}
-        for name in sorted(set(pinned) | set(installed))
-        if pinned.get(name) != installed.get(name)
+    record["lock"] = {
+        "files": [{"path": str(p), "sha256": sha256_file(p)} for p in locks],
+        "differs": version_differences(locked_versions(*locks), installed),
     }
-    record["lock"] = {"path": str(lock), "sha256": sha256_file(lock), "differs": differs}
     return record
 
 

@@ -81,20 +81,21 @@ _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(?P<ve
 
 
 def version_differences(locked: dict[str, str], installed: dict[str, str] | None = None) -> dict[str, dict]:
-    """The locked distributions whose installed version differs (or that are missing).
+    """Where an environment and a lock disagree.
 
     Args:
         locked: `locked_versions(...)`. installed: `installed_versions()` (default: this environment).
 
     Returns:
-        name -> {"locked": version, "installed": version or None}, sorted by name; empty when the
-        environment matches the lock. Installed distributions the lock does not name are not listed.
+        name -> {"locked": version or None, "installed": version or None}, sorted by name, for each
+        distribution whose installed version differs from its pin, that is pinned but missing, or that
+        is installed but not pinned (the editable project itself among them); empty when they agree.
     """
     installed = installed_versions() if installed is None else installed
     return {
-        name: {"locked": version, "installed": installed.get(name)}
-        for name, version in sorted(locked.items())
-        if installed.get(name) != version
+        name: {"locked": locked.get(name), "installed": installed.get(name)}
+        for name in sorted(set(locked) | set(installed))
+        if locked.get(name) != installed.get(name)
     }
 
 
@@ -102,6 +103,6 @@ if __name__ == "__main__":  # `python -m finextract.records LOCK...`: what this 
     import sys
 
     differences = version_differences(locked_versions(*sys.argv[1:]))
-    print(f"{len(differences)} locked distribution(s) differ from {', '.join(sys.argv[1:])}:")
+    print(f"{len(differences)} distribution(s) differ from {', '.join(sys.argv[1:])}:")
     for name, pair in differences.items():
-        print(f"  {name}: locked {pair['locked']}, installed {pair['installed'] or 'none'}")
+        print(f"  {name}: locked {pair['locked'] or 'no'}, installed {pair['installed'] or 'no'}")

@@ -323,8 +323,8 @@ def _comparison_case(record: dict, run_config) -> list[str]:
     if ("lock" in environment) != ("lock" in now):
         reasons.append("versions recorded against a lock file on one side only")
     elif "lock" in environment:
-        if environment["lock"]["sha256"] != now["lock"]["sha256"]:
-            reasons.append("another lock file")
+        if [f["sha256"] for f in environment["lock"]["files"]] != [f["sha256"] for f in now["lock"]["files"]]:
+            reasons.append("other lock files")
         if environment["lock"]["differs"] != now["lock"]["differs"]:
             reasons.append("other versions (differences from the lock)")
     else:

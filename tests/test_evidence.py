@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from finextract import evidence
-from finextract.evidence import HashCache, command_line, command_record, environment_record, input_record, read_lock
+from finextract.evidence import HashCache, command_line, command_record, environment_record, input_record
+from finextract.records import locked_versions
 
 
 def test_sha256_file_crosses_block_boundaries(tmp_path):
@@ -89,20 +90,20 @@ def test_read_lock_and_environment_against_a_lock(tmp_path):
         "uvicorn[standard]==0.1  # via x\n"
         "not-installed-anywhere==1.0\n-e .\n"
     )
-    assert read_lock(lock) == {
+    assert locked_versions(lock) == {
         "numpy": "0.0.1",
         "torch": "2.13.0+cpu",
         "uvicorn": "0.1",
         "not-installed-anywhere": "1.0",
     }
-    record = environment_record(lock)
-    assert record["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    record = environment_record([lock])
+    assert record["lock"]["files"] == [{"path": str(lock), "sha256": hashlib.sha256(lock.read_bytes()).hexdigest()}]
     differs = record["lock"]["differs"]
-    assert differs["numpy"] == {"lock": "0.0.1", "installed": np.__version__}
-    assert differs["not-installed-anywhere"] == {"lock": "1.0", "installed": None}
-    assert differs["pytest"] == {"lock": None, "installed": pytest.__version__}  # installed, not locked
+    assert differs["numpy"] == {"locked": "0.0.1", "installed": np.__version__}
+    assert differs["not-installed-anywhere"] == {"locked": "1.0", "installed": None}
+    assert differs["pytest"] == {"locked": None, "installed": pytest.__version__}  # installed, not locked
     assert "distributions" not in record and record["machine"]["arch"]
-    full = environment_record(tmp_path / "no.lock")
+    full = environment_record([tmp_path / "no.lock"])
     assert full["distributions"]["numpy"] == np.__version__ and "lock" not in full
 
 

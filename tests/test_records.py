@@ -17,10 +17,11 @@ def test_locked_versions_read_pins_and_skip_the_rest(tmp_path):
     assert locked_versions(lock) == {"torch": "2.13.0+cpu", "open-clip-torch": "3.3.0", "uvicorn": "0.30.1"}
 
 
-def test_version_differences_name_changed_and_missing_distributions():
+def test_version_differences_name_changed_missing_and_unlocked_distributions():
     locked = {"torch": "2.13.0+cpu", "numpy": "2.1.0", "kernels": "0.19.1"}
     installed = {"torch": "2.13.0+cpu", "numpy": "2.2.0", "extra": "1.0"}
     assert version_differences(locked, installed) == {
+        "extra": {"locked": None, "installed": "1.0"},
         "kernels": {"locked": "0.19.1", "installed": None},
         "numpy": {"locked": "2.1.0", "installed": "2.2.0"},
     }
