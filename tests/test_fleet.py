@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from finextract.fleet import ManifestError, Row, RowError, audit, read_manifest
+from finextract.fleet.worker import finished_chunks
 
 # rows that extract (in manifest order) and rows that must fail, by id
 COMPUTED = ("lora_long", "lora_peft", "db_uncond")
@@ -352,7 +353,9 @@ def ray_cluster():
 
 
 class _Killer(threading.Thread):
-    """Kills (SIGKILL) the process writing OUT/<row>/generation once its first chunk is on disk."""
+    """Kills (SIGKILL) the process writing OUT/<row>/generation once its first chunk is finished: its file
+    on disk and marked done in the manifest (written just after the file; a kill between the two leaves
+    a chunk that a resume rightly recomputes)."""
 
     def __init__(self, out: Path, row_id: str):
         super().__init__(daemon=True)
@@ -362,7 +365,7 @@ class _Killer(threading.Thread):
     def run(self):
         chunk, lock = self.folder / "chunk_00000.npz", self.folder / ".lock"
         while not self.stop and self.killed_pid is None:
-            if chunk.is_file() and lock.is_file() and lock.read_text().strip():
+            if chunk.is_file() and finished_chunks(self.folder) >= 1 and lock.is_file() and lock.read_text().strip():
                 pid = int(lock.read_text())
                 if pid != os.getpid():
                     self.first_chunk = chunk.stat().st_mtime_ns
