@@ -45,11 +45,17 @@ def canonical_name(name: str) -> str:
 
 
 def installed_versions() -> dict[str, str]:
-    """Every distribution installed in this environment: canonical name -> version (importlib.metadata).
+    """Every distribution installed in this environment's site-packages: canonical name -> version
+    (importlib.metadata), the editable project itself included (as "finextract").
 
-    The editable project itself is included (as "finextract")."""
+    Only the site folders count, not every `sys.path` entry: a Ray worker's path also holds Ray's own
+    vendored packages, and a process started in a checkout its `*.egg-info`; neither is installed.
+    """
+    import site
+
+    folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
     versions = {}
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=[f for f in folders if Path(f).is_dir()]):
         name = dist.metadata["Name"]
         if name:
             versions.setdefault(canonical_name(name), dist.version)

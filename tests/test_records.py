@@ -34,3 +34,11 @@ def test_installed_versions_are_importlib_metadata_versions():
     assert versions["numpy"] == importlib.metadata.version("numpy")
     assert versions[canonical_name("PyYAML")] == importlib.metadata.version("PyYAML")
     assert list(versions) == sorted(versions)
+
+
+def test_installed_versions_ignore_distributions_outside_site_packages(tmp_path, monkeypatch):
+    # a Ray worker's sys.path holds Ray's vendored packages, a checkout its *.egg-info: not installed
+    (tmp_path / "vendored_only-1.0.dist-info").mkdir()
+    (tmp_path / "vendored_only-1.0.dist-info" / "METADATA").write_text("Name: vendored_only\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "vendored-only" not in installed_versions()
