@@ -14,12 +14,21 @@ def positive_int(text: str) -> int:
 
     One helper, so every command words the error the same way ("argument --n0: 0: must be an integer >= 1").
     """
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for counts where 0 means none (verify's --images, --tolerance): an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value}: must be an integer >= {minimum}")
     return value
 
 

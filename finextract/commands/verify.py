@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be an integer >= 0")
-    return value
+from .options import non_negative_int
 
 
 def register(subparsers) -> None:
@@ -48,14 +40,14 @@ holds, 1 otherwise.""",
     p.add_argument("--train", default=None, help="where the training-image folder is now")
     p.add_argument(
         "--images",
-        type=_count,
+        type=non_negative_int,
         default=None,
         metavar="K",
         help="regenerate the first K extracted images (default: all N0; 0: none)",
     )
     p.add_argument(
         "--tolerance",
-        type=_count,
+        type=non_negative_int,
         default=None,
         help=f"max |pixel difference| (levels of 255) when bit-identity is not expected (default {PIXEL_TOLERANCE})",
     )
