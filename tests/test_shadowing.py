@@ -48,7 +48,9 @@ def _import_from_root(name: str) -> dict:
 
 
 def _inside_repository(location: str) -> bool:
-    return Path(location).resolve().is_relative_to(ROOT) and ".venv" not in Path(location).resolve().parts
+    """A repository file, not one installed in an environment that lives in the checkout (.venv, .venv-latest)."""
+    path = Path(location).resolve()
+    return path.is_relative_to(ROOT) and not path.is_relative_to(Path(sys.prefix).resolve())
 
 
 def test_installed_names_win_over_the_repository_root():
