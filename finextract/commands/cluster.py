@@ -38,8 +38,8 @@ def run(args) -> int:
 
     from finextract.engine.config import resolve_device, set_threads
     from finextract.extract import cluster_images, extraction_config, write_output
-    from finextract.runfolder import check_out_folder, prepare, run_entry
     from finextract.sscd import load_embedder
+    from finextract.store.folders import check_out_folder, prepare, run_entry
 
     check_out_folder(args.out)
     set_threads()

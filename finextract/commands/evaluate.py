@@ -78,7 +78,7 @@ def infer_resolution(folder: str | Path, images) -> tuple[int, str]:
 
 def read_extracted(folder: str) -> tuple[list, list[Path]]:
     """The images `--extracted` names: for an extract / cluster run folder (or its extracted/), exactly
-    the files its result.json records (`finextract.runfolder.recorded_extracted`), in clique order;
+    the files its result.json records (`finextract.store.folders.recorded_extracted`), in clique order;
     else every image of the folder (`read_image_folder`).
 
     Returns:
@@ -90,7 +90,7 @@ def read_extracted(folder: str) -> tuple[list, list[Path]]:
         FileNotFoundError: no such folder.
     """
     from finextract.images import read_image
-    from finextract.runfolder import recorded_extracted
+    from finextract.store.folders import recorded_extracted
 
     try:
         recorded = recorded_extracted(folder)
