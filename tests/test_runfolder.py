@@ -261,9 +261,10 @@ def test_a_prepared_folder_is_checked_once(tmp_path, monkeypatch):
     assert prepare(folder, "extract", {"n0": 1}) is folder
     assert prepare(folder.part("generation", "generate"), "generate").path == tmp_path / "run" / "generation"
     assert checks == []
-    prepare(folder, "extract", {"n0": 2})  # other settings: checked again
-    prepare(folder, "extract", {"n0": 1}, overwrite=True)
-    assert len(checks) == 2
+    assert prepare(folder, "extract", {"n0": 2}).settings == {"n0": 2}  # other settings: compared only
+    assert checks == []
+    prepare(folder, "extract", {"n0": 1}, overwrite=True)  # checked for another overwrite: checked again
+    assert len(checks) == 1
 
 
 def test_the_store_imports_no_torch():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 
 from finextract.engine.formats import atomic_write, file_sha256
 
-from .files import differences, shown, write_json, write_png
+from .files import differences, load_json, shown, write_json, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +62,9 @@ def read_manifest(folder: Path, fix: str) -> dict | None:
         ValueError: it is not valid JSON, or not a finextract generation manifest (`FORMAT`).
     """
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    manifest = load_json(path, fix)
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a finextract generation manifest ({FORMAT}); {fix}")
     return manifest

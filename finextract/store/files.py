@@ -28,6 +28,24 @@ def write_json(path: str | Path, value, *, indent: int = 2, newline: bool = Fals
     return atomic_write(path, json.dumps(value, indent=indent, default=default) + ("\n" if newline else ""))
 
 
+def load_json(path: str | Path, fix: str):
+    """The JSON value in `path`, or None when there is no such file.
+
+    Args:
+        path: the file. fix: what the user should do about a broken file (ends the error message).
+
+    Raises:
+        ValueError: it exists but is not valid JSON (the message names it, the error and `fix`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
+
+
 def read_json(path: str | Path) -> dict:
     """`path` as a dict; {} when it is missing, unreadable, not JSON or not a JSON object (a lenient
     read of a marker file)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import chunks
-from .files import differences, read_json, shown, write_json
+from .files import differences, load_json, read_json, shown, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +90,7 @@ def read_record(folder: str | Path) -> dict | None:
     Raises:
         ValueError: it exists but is not valid JSON (the message names it and the fix).
     """
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); move the folder away or choose another output folder (--out, out=)"
-        ) from None
+    record = load_json(Path(folder) / RECORD, "move the folder away or choose another output folder (--out, out=)")
     return record if isinstance(record, dict) else None
 
 
@@ -164,8 +156,10 @@ def prepare(
     """Check, before any heavy work, that `command` may write its run into `out`; changes nothing.
 
     Args:
-        out: the output folder (need not exist); a `RunFolder` already prepared for this command, these
-            settings (or settings=None) and this `overwrite` is returned as it is, unchecked.
+        out: the output folder (need not exist); a `RunFolder` already prepared for this command and
+            this `overwrite` is not checked again: returned as it is for its own settings (or
+            settings=None), else only the settings are compared (e.g. `cluster` checks --out before
+            reading the images that define its settings).
         command: the writing command: "extract", "cluster", "generate", "sweep", "audit", "demo" or
             "finetune".
         settings: what defines the run (JSON-ready dict, recorded as `run_folder` by `run_entry`): an
@@ -187,7 +181,9 @@ def prepare(
     checked = isinstance(out, RunFolder) and (out.command, out.overwrite) == (command, overwrite)
     if checked and (wanted is None or wanted == out.settings):
         return out
-    path = check_out_folder(out)
+    if checked and overwrite:  # replaces a run with any settings: nothing left to check
+        return RunFolder(out.path, command, wanted, overwrite)
+    path = out.path if checked else check_out_folder(out)
     _check_run(path, command, wanted, overwrite)
     return RunFolder(path, command, wanted, overwrite)
 
