@@ -549,7 +549,8 @@ class Extractor:
             method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
                 "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
                 (None = paper defaults per model kind).
-            out: output folder to write (extracted/, generation/, result.json, report.html), or None.
+            out: output folder to write (extracted/, generation/, result.json, report.html), or None; a
+                `RunFolder` that `finextract.store.folders.prepare` checked (the CLI's) is not checked again.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
                 (H, W, 3) arrays, or the (images, paths) pair `read_images` returns. They are compared
                 as the fine-tune saw them: centre-cropped and resized to `self.resolution`

@@ -157,7 +157,8 @@ def run_sweep(
         param: "w", "k", "num_images" or "n0" (or "N", "N0"). values: the values to try (N, N0:
             integers >= 1).
         methods: guidance rules to compare (k: finextract only).
-        out: the sweep folder; point (method, value) goes to `point_folder(out, method, param, value)`.
+        out: the sweep folder (a `RunFolder` the CLI checked is not checked again); point (method,
+            value) goes to `point_folder(out, method, param, value)`.
         train: the real training images (a folder, arrays, or `read_images`' pair); AS needs them.
         n0, num_images, w, k: the settings held fixed (None: N = 50 x N0, the paper's w / k per method
             and fine-tune kind).

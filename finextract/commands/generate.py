@@ -30,7 +30,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
     from finextract.generation import generate
