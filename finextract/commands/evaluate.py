@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from finextract.store.files import write_json
+
 from .options import positive_int, read_image_folder
 
 logger = logging.getLogger("finextract")
@@ -126,6 +128,6 @@ def run(args) -> int:
     metrics["sscd"] = embedder.info
     print(format_scores(metrics))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
         print(f"metrics and per-image best matches written to {args.json}")
     return 0
