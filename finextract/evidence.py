@@ -119,14 +119,14 @@ class HashCache:
         """Write new entries (merged with the file's current ones) atomically; a failure is logged, not raised."""
         if self.path is None or not self._dirty:
             return
-        from finextract.engine.formats import atomic_write
+        from finextract.store.files import write_json
 
         mine, self._entries = self._entries or {}, None
         merged = {**self._load(), **mine}
         merged = dict(list(merged.items())[-CACHE_ENTRIES:])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, json.dumps({"format": CACHE_FORMAT, "files": merged}))
+            write_json(self.path, {"format": CACHE_FORMAT, "files": merged}, indent=None)
             self._dirty = False
         except OSError as error:
             logger.warning("could not write the hash cache %s (%s); files will be hashed again", self.path, error)

@@ -331,15 +331,15 @@ def write_output(
     train_data: tuple | None = None,
 ) -> Path:
     """Write `extracted/`, optional `generated/`, `result.json` and `report.html` into `out`, replacing
-    the previous run's whole (`finextract.runfolder.commit`): a re-run with fewer images, or without
+    the previous run's whole (`finextract.store.folders.commit`): a re-run with fewer images, or without
     `save_generated`, leaves none of the old ones; result.json is written atomically.
 
     Args:
-        out: the output folder (created); check it with `finextract.runfolder.prepare` first.
+        out: the output folder (created); check it with `finextract.store.folders.prepare` first.
         result: the extraction; its `config` (`extraction_config`), metrics and similarity histogram
             go into result.json.
         record: what only the caller knows (e.g. {"method": ...}, "run_folder":
-            `finextract.runfolder.run_entry`), merged first. A cluster run's record also removes an
+            `finextract.store.folders.run_entry`), merged first. A cluster run's record also removes an
             earlier extract run's generation/ (only reachable with --overwrite).
         generated: every generated image, uint8 (N, H, W, 3) tensor/ndarray (or a list of arrays): the
             report shows each training image's best match among them.
@@ -349,9 +349,9 @@ def write_output(
     Returns:
         `out`.
     """
-    from finextract.images import write_png
     from finextract.report import write_report
-    from finextract.runfolder import commit, stage, write_record
+    from finextract.store.files import write_png
+    from finextract.store.folders import commit, stage, write_record
 
     out = Path(out)
     start = time.perf_counter()
@@ -549,7 +549,8 @@ class Extractor:
             method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
                 "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
                 (None = paper defaults per model kind).
-            out: output folder to write (extracted/, generation/, result.json, report.html), or None.
+            out: output folder to write (extracted/, generation/, result.json, report.html), or None; a
+                `RunFolder` that `finextract.store.folders.prepare` checked (the CLI's) is not checked again.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8
                 (H, W, 3) arrays, or the (images, paths) pair `read_images` returns. They are compared
                 as the fine-tune saw them: centre-cropped and resized to `self.resolution`
@@ -583,7 +584,7 @@ class Extractor:
         from finextract.generation import generate
         from finextract.images import read_images
         from finextract.rules import rule_for
-        from finextract.runfolder import prepare, run_entry
+        from finextract.store.folders import prepare, run_entry
 
         fixed = sorted(set(run_options) & {"device", "dtype", "vae_dtype"})
         if fixed:
@@ -604,8 +605,8 @@ class Extractor:
             raise ValueError(f"num_images={num_images}: must be >= n0={n0}")
         method = method or ("finextract-uncond" if caption is None else "finextract")
         settings = run_settings(self.models, caption, n0, num_images, method, w, k, config.steps, config.seed)
-        if out is not None:
-            prepare(out, "extract", settings, overwrite=overwrite)
+        # checked once: a RunFolder the CLI checked already is passed through, and generation/ is its part
+        folder = prepare(out, "extract", settings, overwrite=overwrite) if out is not None else None
         resolution = None if train_as_is else self.resolution
         if train is not None and resolution is None and not train_as_is:
             raise ValueError(
@@ -658,7 +659,7 @@ class Extractor:
             progress=progress,
             label=label,
             images_on_device=config.is_cuda,
-            out=None if out is None else Path(out) / "generation",  # resumable chunks
+            out=None if folder is None else folder.part("generation", "generate"),  # resumable chunks
             overwrite=overwrite,
         )
         timings["generate"] = time.perf_counter() - start
@@ -755,7 +756,7 @@ def training_input(train, folder: Path | None, config: RunConfig) -> dict:
 
 def run_settings(models: dict, caption, n0, num_images: int, method: str, w, k, steps: int, seed: int) -> dict:
     """What defines an extract run, as given (w, k None = the paper's defaults): its output folder
-    refuses a re-run with other settings unless --overwrite (`finextract.runfolder.prepare`).
+    refuses a re-run with other settings unless --overwrite (`finextract.store.folders.prepare`).
 
     Args:
         models: base / finetuned / lora paths (`Extractor.models`, or the CLI's options); existing

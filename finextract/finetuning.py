@@ -354,14 +354,15 @@ def finetune(
     Raises:
         ValueError: bad method, steps, batch size, rank, dtype or images; `out` holding another
             command's output, files of no finextract run, or (without `overwrite`) a fine-tune with
-            other settings (`finextract.runfolder.prepare`; checked before training).
+            other settings (`finextract.store.folders.prepare`; checked before training).
         FileNotFoundError: `base` or an image is missing.
         RuntimeError: the loss became non-finite.
     """
     import torch
 
     from .engine.config import resolve_device
-    from .runfolder import prepare, replace_folder, run_entry, stage
+    from .store.files import write_json
+    from .store.folders import prepare, replace_folder, run_entry, stage
 
     if method not in ("dreambooth", "lora"):
         raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")
@@ -385,7 +386,7 @@ def finetune(
         **dict(lora_modules=lora_modules, seed=seed, resolution=resolution, dtype=dtype, save_dtype=save_dtype),
         "train_text_encoder": train_text_encoder,
     }
-    out = prepare(out, "finetune", given, overwrite=overwrite)
+    out = prepare(out, "finetune", given, overwrite=overwrite).path
 
     unet, vae, text_encoder, tokenizer, scheduler = _components(base)
     recipe = default_recipe(unet.config, method)
@@ -466,7 +467,6 @@ def finetune(
         _save_lora(unet, staged, save_torch_dtype, rank, targets)
     else:
         _save_pipeline(base, unet, text_encoder.eval(), staged, save_torch_dtype)
-    import json
 
     first, last, fell = loss_fall(losses)
     record = asdict(config) | {
@@ -477,7 +477,7 @@ def finetune(
         "device": device,
         "run_folder": run_entry("finetune", given),
     }
-    (staged / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(staged / "finetune.json", record, newline=True)
     replace_folder(out, staged)
     logger.info("saved the %s fine-tune to %s (mean loss of the last 50 steps %.4f)", method, out, record["final_loss"])
     if not fell:

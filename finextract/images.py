@@ -1,4 +1,4 @@
-"""Reading folders of images and writing PNGs."""
+"""Reading images and folders of images (PNGs are written by `finextract.store.files.write_png`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from .store import chunks
+from .store.folders import RECORD
 
-# kept in step with finextract.generation (not imported: that module imports torch)
-GENERATE_MANIFEST = "manifest.json"
-GENERATE_FORMAT = "finextract-generate/1"
+logger = logging.getLogger(__name__)
 
 
 # Transparent pixels are composited on white: the colour image viewers (and most shops' product
@@ -168,8 +167,8 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
-    if (folder / GENERATE_MANIFEST).is_file():
-        return _read_generate_folder(folder)
+    if (folder / chunks.MANIFEST).is_file():
+        return chunks.read_generation(folder)
     images, paths, bad = [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
@@ -185,8 +184,7 @@ def read_images(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]:
     return images, paths
 
 
-# an `extract` / `cluster` output folder: its record, and where it keeps which images
-EXTRACT_RECORD = "result.json"
+# where an `extract` / `cluster` output folder keeps which images
 _EXTRACT_SUBFOLDERS = {"extracted": ("extracted",), "generated": ("generation", "generated")}
 
 
@@ -214,7 +212,7 @@ def image_folder(folder: str | Path, want: str) -> Path:
     if want not in _EXTRACT_SUBFOLDERS:
         raise ValueError(f"want={want!r}: expected 'extracted' or 'generated'")
     folder = Path(folder)
-    if (folder / GENERATE_MANIFEST).is_file() or not (folder / EXTRACT_RECORD).is_file():
+    if (folder / chunks.MANIFEST).is_file() or not (folder / RECORD).is_file():
         return folder
     for name in _EXTRACT_SUBFOLDERS[want]:
         if (folder / name).is_dir():
@@ -225,54 +223,6 @@ def image_folder(folder: str | Path, want: str) -> Path:
         f"{' or '.join(n + '/' for n in _EXTRACT_SUBFOLDERS[want])}; it has {', '.join(has)})"
         + ("; `cluster` keeps no generated images: pass the folder it clustered" if want == "generated" else "")
     )
-
-
-def _read_generate_folder(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
-    """The images of a `finextract generate` folder, from its finished chunks in index order."""
-    import json
-
-    manifest_path = folder / GENERATE_MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
-    if manifest.get("format") != GENERATE_FORMAT:
-        raise ValueError(
-            f"{manifest_path} is not a finextract generate manifest ({GENERATE_FORMAT}); "
-            "remove it to read the folder's image files"
-        )
-    chunks = sorted(manifest.get("chunks", []), key=lambda c: c["start"])
-    done = [c for c in chunks if c.get("status") == "done" and (folder / c["file"]).is_file()]
-    if len(done) < len(chunks):
-        logger.warning(
-            "%s: %d of %d chunks are unfinished; reading the %d finished ones (rerun the same "
-            "`finextract generate` command to finish)",
-            folder,
-            len(chunks) - len(done),
-            len(chunks),
-            len(done),
-        )
-    images, paths = [], []
-    for chunk in done:
-        with np.load(folder / chunk["file"]) as data:
-            batch = data["images"]
-        for j, image in enumerate(batch):
-            images.append(image)
-            paths.append(folder / f"gen{chunk['start'] + j:05d}")
-    if not images:
-        raise ValueError(f"no finished chunk in {folder}; run `finextract generate` into it first")
-    return images, paths
-
-
-def write_png(image, path: str | Path) -> Path:
-    """Write one uint8 (H, W, 3) image (ndarray or tensor) as PNG; returns the path."""
-    from PIL import Image
-
-    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array.astype(np.uint8)).save(path)
-    return path
 
 
 def degenerate_mask(images) -> np.ndarray:

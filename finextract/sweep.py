@@ -21,6 +21,8 @@ import logging
 import time
 from pathlib import Path
 
+from finextract.store.files import write_json
+
 logger = logging.getLogger(__name__)
 
 PARAMS = ("w", "k", "num_images", "n0")
@@ -155,7 +157,8 @@ def run_sweep(
         param: "w", "k", "num_images" or "n0" (or "N", "N0"). values: the values to try (N, N0:
             integers >= 1).
         methods: guidance rules to compare (k: finextract only).
-        out: the sweep folder; point (method, value) goes to `point_folder(out, method, param, value)`.
+        out: the sweep folder (a `RunFolder` the CLI checked is not checked again); point (method,
+            value) goes to `point_folder(out, method, param, value)`.
         train: the real training images (a folder, arrays, or `read_images`' pair); AS needs them.
         n0, num_images, w, k: the settings held fixed (None: N = 50 x N0, the paper's w / k per method
             and fine-tune kind).
@@ -179,10 +182,10 @@ def run_sweep(
     from finextract.extract import read_training_images, train_transform
     from finextract.images import read_images
     from finextract.rules import rule_params
-    from finextract.runfolder import prepare
+    from finextract.store.folders import prepare
 
     param, values, methods = check_sweep(param, values, methods)
-    out = prepare(out, "sweep")
+    out = prepare(out, "sweep").path
     if train is None:
         raise ValueError("a sweep scores AS / A-ESR: give the training images (--train)")
     if isinstance(train, (str, Path)):
@@ -268,21 +271,15 @@ def run_sweep(
             reused=reused,
         )
         summary["points"].append(point)
-        _write_json(out / "sweep.json", summary)  # after every point: an interrupted sweep keeps them
+        write_json(out / "sweep.json", summary, newline=True)  # after every point: an interrupted sweep keeps them
     summary["complete"] = True
     summary["plot"] = "sweep.png"
     from finextract.report import save_plot
 
     save_plot(sweep_plot(summary), out / "sweep.png")
-    _write_json(out / "sweep.json", summary)
+    write_json(out / "sweep.json", summary, newline=True)
     write_sweep_report(out, summary)
     return summary
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _series(summary: dict, method: str, metric: str, of: str | None = None) -> tuple[list, list]:

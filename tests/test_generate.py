@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 
-from finextract.generation import MANIFEST, generate
+from finextract.generation import generate
+from finextract.store.chunks import MANIFEST
 from tests.tolerances import assert_same_images
 
 CAPTION = "a photo of sks dog"
@@ -193,19 +194,6 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_leaf_differences_wording():
-    from finextract.generation import _leaf_differences
-
-    old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
-    new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
-    assert _leaf_differences(old, new) == [
-        "kind: dreambooth -> lora",
-        "rule.terms[0].coef: 3.0 -> 4.0",
-        "x: [1] -> [1, 2]",
-        "y: (absent) -> 1",
-    ]
-
-
 def test_out_that_is_a_file_is_refused_before_work(dreambooth_pair, tmp_path):
     file = tmp_path / "taken"
     file.write_text("x")
@@ -281,10 +269,10 @@ def test_a_second_writer_of_one_folder_is_refused_with_the_holders_pid(dreamboot
     """Two processes never interleave chunks: the folder's lock is held while one writes it."""
     import os
 
-    from finextract.generation import _folder_lock
+    from finextract.store.chunks import lock
 
     out = tmp_path / "gen"
-    with _folder_lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another output folder"):
+    with lock(out), pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*another output folder"):
         generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")
     assert not (out / MANIFEST).exists()  # refused before writing anything
     generate(dreambooth_pair, CAPTION, 2, steps=1, out=out, progress=False, backend="torch")  # free again

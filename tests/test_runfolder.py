@@ -12,7 +12,8 @@ from PIL import Image
 from skimage import data
 
 from finextract.cli import main
-from finextract.runfolder import commit, prepare, recorded_extracted, run_entry, stage, write_record
+from finextract.store.files import differences
+from finextract.store.folders import commit, prepare, recorded_extracted, run_entry, stage, write_record
 
 
 def _tile(image, size=96):
@@ -198,19 +199,19 @@ def test_another_commands_output_is_refused(tmp_path, marker, command):
 
 
 def test_prepare_accepts_new_same_and_legacy_runs(tmp_path):
-    assert prepare(tmp_path / "new", "extract", {"n0": 1}) == tmp_path / "new" and not (tmp_path / "new").exists()
+    assert prepare(tmp_path / "new", "extract", {"n0": 1}).path == tmp_path / "new" and not (tmp_path / "new").exists()
     write_record(tmp_path, {"method": "finextract", "run_folder": run_entry("extract", {"n0": 2, "seed": 0})})
-    assert prepare(tmp_path, "extract", {"n0": 2, "seed": 0}) == tmp_path
+    assert prepare(tmp_path, "extract", {"n0": 2, "seed": 0}).path == tmp_path
     with pytest.raises(ValueError, match=r"there -> now: n0: 2 -> 3; seed: 0 -> 1\)"):
         prepare(tmp_path, "extract", {"n0": 3, "seed": 1})
-    assert prepare(tmp_path, "extract", {"n0": 3, "seed": 1}, overwrite=True) == tmp_path
+    assert prepare(tmp_path, "extract", {"n0": 3, "seed": 1}, overwrite=True).path == tmp_path
     write_record(tmp_path, {"method": "finextract"})  # from before run_folder was recorded: replaced
-    assert prepare(tmp_path, "extract", {"n0": 3}) == tmp_path
+    assert prepare(tmp_path, "extract", {"n0": 3}).path == tmp_path
     with pytest.raises(ValueError, match="`finextract extract` -> `finextract cluster`"):
         prepare(tmp_path, "cluster", {"n0": 3})  # a legacy extract record still is an extract run
     (tmp_path / "result.json").unlink()
     (tmp_path / "manifest.json").write_text(json.dumps({"files": []}))  # a user's own, not a generate run's
-    assert prepare(tmp_path, "extract", {"n0": 3}) == tmp_path
+    assert prepare(tmp_path, "extract", {"n0": 3}).path == tmp_path
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no `finextract finetune` output"):
         prepare(tmp_path, "finetune", {})
@@ -236,3 +237,39 @@ def test_commit_replaces_folders_whole_and_leaves_no_staging(tmp_path):
     write_record(out, {"extracted_files": ["extracted/000_d.png"]})
     assert recorded_extracted(out / "extracted") == [out / "extracted" / "000_d.png"]
     assert recorded_extracted(tmp_path) is None  # a plain folder
+
+
+def test_leaf_differences_wording():
+    old = {"kind": "dreambooth", "rule": {"terms": [{"coef": 3.0}, {"coef": -2.0}]}, "steps": 50, "x": [1]}
+    new = {"kind": "lora", "rule": {"terms": [{"coef": 4.0}, {"coef": -2.0}]}, "steps": 50, "x": [1, 2], "y": 1}
+    assert differences(old, new) == [
+        "kind: dreambooth -> lora",
+        "rule.terms[0].coef: 3.0 -> 4.0",
+        "x: [1] -> [1, 2]",
+        "y: (absent) -> 1",
+    ]
+
+
+def test_a_prepared_folder_is_checked_once(tmp_path, monkeypatch):
+    """The CLI checks --out before loading models and passes the `RunFolder` on: the extraction it runs
+    (and its generation/) do not check the folder again."""
+    from finextract.store import folders
+
+    folder = prepare(tmp_path / "run", "extract", {"n0": 1})
+    checks = []
+    monkeypatch.setattr(folders, "check_out_folder", lambda out: checks.append(out) or tmp_path)
+    assert prepare(folder, "extract", {"n0": 1}) is folder
+    assert prepare(folder.part("generation", "generate"), "generate").path == tmp_path / "run" / "generation"
+    assert checks == []
+    assert prepare(folder, "extract", {"n0": 2}).settings == {"n0": 2}  # other settings: compared only
+    assert checks == []
+    prepare(folder, "extract", {"n0": 1}, overwrite=True)  # checked for another overwrite: checked again
+    assert len(checks) == 1
+
+
+def test_the_store_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import finextract.store.folders, finextract.store.chunks, finextract.images, sys; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -96,7 +96,6 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
-    import json
     import logging
     import platform
     import tempfile
@@ -106,6 +105,7 @@ def run(args) -> int:
 
     from finextract.benchmarking import DEFAULT_PEAK_TFLOPS, format_table, measure_sampling, sd1_random_pair
     from finextract.engine.config import RunConfig, resolve_device
+    from finextract.store.files import write_json
 
     _check(args)
     device = resolve_device(args.device)
@@ -184,8 +184,6 @@ def run(args) -> int:
             else {"base": args.base, "finetuned": args.finetuned, "lora": args.lora}
         )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"machine": machine, "models": models, "steps_timed": args.steps, "rows": rows}, indent=2)
-        )
+        write_json(args.json, {"machine": machine, "models": models, "steps_timed": args.steps, "rows": rows})
         log.info("wrote %s", args.json)
     return 0

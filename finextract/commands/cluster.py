@@ -38,10 +38,10 @@ def run(args) -> int:
 
     from finextract.engine.config import resolve_device, set_threads
     from finextract.extract import cluster_images, extraction_config, write_output
-    from finextract.runfolder import check_out_folder, prepare, run_entry
     from finextract.sscd import load_embedder
+    from finextract.store.folders import prepare, run_entry
 
-    check_out_folder(args.out)
+    folder = prepare(args.out, "cluster", overwrite=args.overwrite)  # before reading the images
     set_threads()
     images, paths = read_image_folder("--images", args.images, want="generated")
     images_folder, out = Path(args.images).resolve(), Path(args.out).resolve()
@@ -49,7 +49,7 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out} holds --images {args.images}: write the clusters to another folder")
     # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
     settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
-    prepare(args.out, "cluster", settings, overwrite=args.overwrite)
+    prepare(folder, "cluster", settings, overwrite=args.overwrite)  # the settings only: --out was checked
     embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(

@@ -12,7 +12,6 @@ training images and each run's best matches) beside each run's own folder and re
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -120,12 +119,12 @@ def run_demo(
     Raises:
         FileNotFoundError: no trained zoo at `zoo`, or a scenario missing from it.
         ValueError: an unknown scenario, kind or method, or seeds < 1; `out` holding another
-            command's output (`finextract.runfolder.prepare`); a run folder holding a run with other
+            command's output (`finextract.store.folders.prepare`); a run folder holding a run with other
             settings, without `overwrite`.
     """
-    from finextract.engine.formats import atomic_write
     from finextract.extract import Extractor
-    from finextract.runfolder import prepare
+    from finextract.store.files import write_json
+    from finextract.store.folders import prepare
     from finextract.trained_zoo import default_zoo_folder, scenario_folder
 
     zoo = Path(zoo) if zoo else default_zoo_folder()
@@ -142,7 +141,7 @@ def run_demo(
     for name, folder in folders.items():
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
-    out = prepare(out, "demo")
+    out = prepare(out, "demo").path
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, settings = [], {}
@@ -226,9 +225,9 @@ def run_demo(
                     )
                     # after every run, so an interrupted demo keeps what it measured (and a rerun
                     # into the same folder resumes the generation chunks already written)
-                    atomic_write(out / "demo.json", json.dumps(summary(False), indent=2) + "\n")
+                    write_json(out / "demo.json", summary(False), newline=True)
     result = summary(True)
-    atomic_write(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    write_json(out / "demo.json", result, newline=True)
     _write_index(out, result, {name: folders[name] for name in scenarios})
     return result
 
@@ -253,13 +252,10 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
     """Write the extracted image closest to training image i as `folder/train<i>.png`."""
-    import numpy as np
-    from PIL import Image
+    from finextract.store.files import write_png
 
-    folder.mkdir(parents=True, exist_ok=True)
     for match in best_match:
-        image = np.asarray(images[match["extracted"]], dtype=np.uint8)
-        Image.fromarray(image).save(folder / f"train{match['train']}.png")
+        write_png(images[match["extracted"]], folder / f"train{match['train']}.png")
 
 
 def _value(cell: dict, name: str, with_std: bool) -> str:

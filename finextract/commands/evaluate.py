@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from finextract.store.files import write_json
+
 from .options import positive_int, read_image_folder
 
 logger = logging.getLogger("finextract")
@@ -78,7 +80,7 @@ def infer_resolution(folder: str | Path, images) -> tuple[int, str]:
 
 def read_extracted(folder: str) -> tuple[list, list[Path]]:
     """The images `--extracted` names: for an extract / cluster run folder (or its extracted/), exactly
-    the files its result.json records (`finextract.runfolder.recorded_extracted`), in clique order;
+    the files its result.json records (`finextract.store.folders.recorded_extracted`), in clique order;
     else every image of the folder (`read_image_folder`).
 
     Returns:
@@ -90,7 +92,7 @@ def read_extracted(folder: str) -> tuple[list, list[Path]]:
         FileNotFoundError: no such folder.
     """
     from finextract.images import read_image
-    from finextract.runfolder import recorded_extracted
+    from finextract.store.folders import recorded_extracted
 
     try:
         recorded = recorded_extracted(folder)
@@ -126,6 +128,6 @@ def run(args) -> int:
     metrics["sscd"] = embedder.info
     print(format_scores(metrics))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
         print(f"metrics and per-image best matches written to {args.json}")
     return 0

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
-    config, train = _check_inputs(args)  # before loading models or generating anything
+    config, folder, train = _check_inputs(args)  # before loading models or generating anything
     extractor = extractor_from(args, config)
     result = extractor.extract(
         args.caption,
@@ -51,7 +51,7 @@ def run(args) -> int:
         method=args.method,
         w=args.w,
         k=args.k,
-        out=args.out,
+        out=folder,  # checked: extract does not check it again
         train=train,
         train_as_is=args.train_as_is,
         save_generated=args.save_generated,
@@ -74,14 +74,15 @@ def run(args) -> int:
 
 def _check_inputs(args):
     """Everything that needs no model, before any model loads: the run settings, N0 <= N, --out (a
-    writable folder holding no other run: `finextract.runfolder.prepare`) and --train (a folder with
+    writable folder holding no other run: `finextract.store.folders.prepare`) and --train (a folder with
     at least one readable image, read once).
 
     Returns:
-        (RunConfig, the training images as `read_images` returns them, or None).
+        (RunConfig, the checked `RunFolder` of --out, the training images as `read_images` returns them
+        or None).
     """
     from finextract.extract import AUTO, AUTO_NUM_IMAGES, IMAGES_PER_N0, run_settings
-    from finextract.runfolder import prepare
+    from finextract.store.folders import prepare
 
     from .options import read_image_folder, run_config_from
 
@@ -102,5 +103,5 @@ def _check_inputs(args):
     settings = run_settings(
         models, args.caption, args.n0, num_images, args.method, args.w, args.k, config.steps, config.seed
     )
-    prepare(args.out, "extract", settings, overwrite=args.overwrite)
-    return config, read_image_folder("--train", args.train) if args.train is not None else None
+    folder = prepare(args.out, "extract", settings, overwrite=args.overwrite)
+    return config, folder, read_image_folder("--train", args.train) if args.train is not None else None

@@ -30,20 +30,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from finextract.engine.loading import load_model_pair
     from finextract.extract import IMAGES_PER_N0
     from finextract.generation import generate
-    from finextract.runfolder import prepare
+    from finextract.store.folders import prepare
 
     from .options import run_config_from
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
     num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
-    out = Path(args.out)
-    prepare(out, "generate")  # before loading anything; the manifest is compared once the model is known
+    folder = prepare(args.out, "generate")  # before loading anything; the manifest is compared once the model is known
+    out = folder.path
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything
     config.apply_threads()
     pair = load_model_pair(
@@ -75,7 +73,7 @@ def run(args) -> int:
         w=args.w,
         k=args.k,
         config=config,
-        out=out,
+        out=folder,  # checked: generate does not check it again
         progress=not args.no_progress,
         png=args.png,
         overwrite=args.overwrite,

@@ -64,7 +64,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from finextract.metrics import format_scores
-    from finextract.runfolder import prepare
+    from finextract.store.folders import prepare
     from finextract.sweep import check_sweep, run_sweep
 
     from .options import read_image_folder, run_config_from
@@ -74,7 +74,7 @@ def run(args) -> int:
     )
     param, values, methods = check_sweep(args.param, _values(args.values), methods)  # before any model loads
     config = run_config_from(args)
-    prepare(args.out, "sweep")
+    folder = prepare(args.out, "sweep")
     train = read_image_folder("--train", args.train)
     extractor = extractor_from(args, config)
     summary = run_sweep(
@@ -83,7 +83,7 @@ def run(args) -> int:
         param=param,
         values=values,
         methods=methods,
-        out=args.out,
+        out=folder,  # checked: run_sweep does not check it again
         train=train,
         train_as_is=args.train_as_is,
         n0=args.n0,

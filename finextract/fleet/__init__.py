@@ -102,7 +102,7 @@ def audit(
             "interrupted", the rest "pending"); rerun the same call to continue.
     """
     from finextract.evidence import command_record, environment_record, jsonable
-    from finextract.runfolder import prepare
+    from finextract.store.folders import prepare
 
     from .executors import run_local, run_ray
     from .summary import entry_from_result, failed_entry, is_complete, row_entry, write_summary
@@ -119,7 +119,7 @@ def audit(
         raise ValueError(f"--workers {workers!r}: must be an integer >= 1")
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     entries_in = read_manifest(manifest)  # ManifestError before anything starts
-    out = prepare(out, "audit").resolve()
+    out = prepare(out, "audit").path.resolve()
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     (out / TOKEN_FILE).write_text(token)

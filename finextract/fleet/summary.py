@@ -142,10 +142,9 @@ def write_summary(out: Path, audit: dict, entries: list[dict]) -> None:
         entries: one entry per manifest row, in manifest order.
     """
     from finextract.engine.formats import atomic_write
+    from finextract.store.files import write_json
 
-    atomic_write(
-        out / "summary.json", json.dumps({"format": SUMMARY_FORMAT, "audit": audit, "rows": entries}, indent=1)
-    )
+    write_json(out / "summary.json", {"format": SUMMARY_FORMAT, "audit": audit, "rows": entries}, indent=1)
     atomic_write(out / "summary.csv", summary_csv(entries))
     atomic_write(out / "index.html", index_html(out, audit, entries))
 

@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finextract.store.chunks import finished_count
+from finextract.store.files import write_json
+
 from .manifest import Row
 
 logger = logging.getLogger(__name__)
@@ -101,14 +104,7 @@ def read_row_record(folder: Path) -> dict | None:
 
 def finished_chunks(generation: Path) -> int:
     """How many generation chunks of a row folder are finished already (read from its manifest)."""
-    from finextract.generation import MANIFEST
-
-    try:
-        manifest = json.loads((generation / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return 0
-    chunks = manifest.get("chunks", []) if isinstance(manifest, dict) else []
-    return sum(1 for c in chunks if c.get("status") == "done" and (generation / c.get("file", "")).is_file())
+    return finished_count(generation)
 
 
 class RowRunner:
@@ -253,6 +249,4 @@ def _error_text(error: BaseException) -> str:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    from finextract.engine.formats import atomic_write
-
-    atomic_write(path, json.dumps(value, indent=1, default=str))
+    write_json(path, value, indent=1, default=str)

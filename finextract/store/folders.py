@@ -1,6 +1,7 @@
 """One run per output folder: what kind of run a folder holds, re-runs checked, outputs replaced whole.
 
-Every command that writes an output folder (`--out`, `out=`) calls `prepare` before any heavy work:
+Every command that writes an output folder (`--out`, `out=`) calls `prepare` before any heavy work
+(once: the `RunFolder` it returns is passed on, and not checked again):
 
 - a folder holding another command's output (`finextract generate`'s manifest.json, an `extract` or
   `cluster` result.json, a sweep / audit / demo / finetune record) is refused: choose another folder;
@@ -25,7 +26,11 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import chunks
+from .files import differences, load_json, read_json, shown, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +40,14 @@ RECORD = "result.json"
 REPORT = "report.html"
 #: The record file that marks a folder as the output of each other command.
 MARKERS = {
-    "generate": "manifest.json",
+    "generate": chunks.MANIFEST,
     "sweep": "sweep.json",
     "audit": "summary.json",
     "demo": "demo.json",
     "finetune": "finetune.json",
 }
 #: The `format` those markers with a common name must hold to count (a user's own manifest.json does not).
-FORMATS = {"generate": "finextract-generate/", "audit": "finextract-audit/"}
+FORMATS = {"generate": chunks.FORMAT.rpartition("/")[0] + "/", "audit": "finextract-audit/"}
 #: Commands whose runs are recorded in result.json; each may --overwrite the other's run.
 RECORDED = ("extract", "cluster")
 #: Commands that replace their whole output folder (`stage` + `replace_folder` on it).
@@ -85,15 +90,7 @@ def read_record(folder: str | Path) -> dict | None:
     Raises:
         ValueError: it exists but is not valid JSON (the message names it and the fix).
     """
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); move the folder away or choose another output folder (--out, out=)"
-        ) from None
+    record = load_json(Path(folder) / RECORD, "move the folder away or choose another output folder (--out, out=)")
     return record if isinstance(record, dict) else None
 
 
@@ -113,7 +110,7 @@ def folder_kind(folder: str | Path) -> tuple[str, str] | None:
     for command, marker in MARKERS.items():
         if (folder / marker).is_file():
             fmt = FORMATS.get(command)
-            if fmt is None or str(_read_json(folder / marker).get("format", "")).startswith(fmt):
+            if fmt is None or str(read_json(folder / marker).get("format", "")).startswith(fmt):
                 return command, marker
     return None
 
@@ -123,11 +120,46 @@ def run_entry(command: str, settings: dict | None) -> dict:
     return {"command": command, "settings": json.loads(json.dumps(settings, default=str))}
 
 
-def prepare(out: str | Path, command: str, settings: dict | None = None, *, overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class RunFolder:
+    """An output folder `prepare` checked for one run. Pass it on as `out=` (it is an `os.PathLike`) and
+    `prepare` does not check it again: the CLI checks `--out` before loading any model, and the
+    extraction it then runs (`Extractor.extract`, `generate`) skips its own check.
+
+    Attributes:
+        path: the folder (need not exist yet).
+        command: the command it was checked for ("extract", "generate", ...).
+        settings: the run's settings as checked (as JSON reads them back), or None (only the kind).
+        overwrite: whether a run there with other settings may be replaced.
+    """
+
+    path: Path
+    command: str
+    settings: dict | None = None
+    overwrite: bool = False
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def part(self, name: str, command: str) -> RunFolder:
+        """Subfolder `name` of this run, written by `command` as part of it (an extraction's generation/
+        by `generate`): checked with this folder, and replaced (`overwrite`) with it."""
+        return RunFolder(self.path / name, command, None, self.overwrite)
+
+
+def prepare(
+    out: str | Path | RunFolder, command: str, settings: dict | None = None, *, overwrite: bool = False
+) -> RunFolder:
     """Check, before any heavy work, that `command` may write its run into `out`; changes nothing.
 
     Args:
-        out: the output folder (need not exist).
+        out: the output folder (need not exist); a `RunFolder` already prepared for this command and
+            this `overwrite` is not checked again: returned as it is for its own settings (or
+            settings=None), else only the settings are compared (e.g. `cluster` checks --out before
+            reading the images that define its settings).
         command: the writing command: "extract", "cluster", "generate", "sweep", "audit", "demo" or
             "finetune".
         settings: what defines the run (JSON-ready dict, recorded as `run_folder` by `run_entry`): an
@@ -137,7 +169,7 @@ def prepare(out: str | Path, command: str, settings: dict | None = None, *, over
         overwrite: allow replacing a run of the same kind with other settings (`--overwrite`).
 
     Returns:
-        `out` as a Path.
+        The checked `RunFolder` (`.path`: `out` as a Path).
 
     Raises:
         ValueError: `out` is not a writable folder (`check_out_folder`); it holds another command's
@@ -145,9 +177,21 @@ def prepare(out: str | Path, command: str, settings: dict | None = None, *, over
             command that replaces its whole folder (finetune), it holds files of no finextract run.
             The message names the folder, what differs and the fix (`--overwrite`, or another `--out`).
     """
-    out = check_out_folder(out)
-    if not out.is_dir():
+    wanted = None if settings is None else run_entry(command, settings)["settings"]
+    checked = isinstance(out, RunFolder) and (out.command, out.overwrite) == (command, overwrite)
+    if checked and (wanted is None or wanted == out.settings):
         return out
+    if checked and overwrite:  # replaces a run with any settings: nothing left to check
+        return RunFolder(out.path, command, wanted, overwrite)
+    path = out.path if checked else check_out_folder(out)
+    _check_run(path, command, wanted, overwrite)
+    return RunFolder(path, command, wanted, overwrite)
+
+
+def _check_run(out: Path, command: str, settings: dict | None, overwrite: bool) -> None:
+    """`prepare`'s checks of what an existing folder holds (`settings` as JSON reads them back)."""
+    if not out.is_dir():
+        return
     found = folder_kind(out)
     if found is None:
         if command in WHOLE and any(out.iterdir()):
@@ -155,7 +199,7 @@ def prepare(out: str | Path, command: str, settings: dict | None = None, *, over
                 f"output folder {out} (--out, out=) is not empty and holds no `finextract {command}` output; "
                 f"`{command}` replaces its whole folder: choose a new or empty one"
             )
-        return out
+        return
     kind, marker = found
     if not (kind == command or (kind in RECORDED and command in RECORDED)):
         raise ValueError(
@@ -166,57 +210,20 @@ def prepare(out: str | Path, command: str, settings: dict | None = None, *, over
     if overwrite:
         if kind != command:
             logger.warning("%s: replacing the %s run there with this %s run (--overwrite)", out, kind, command)
-        return out
+        return
     if kind != command:
-        shown = f"`finextract {kind}` -> `finextract {command}`"
+        listed = f"`finextract {kind}` -> `finextract {command}`"
     else:
-        old = _read_json(out / marker).get("run_folder")
+        old = read_json(out / marker).get("run_folder")
         if settings is None or not isinstance(old, dict):
-            return out
-        shown = "; ".join(_shown(differences(old.get("settings"), run_entry(command, settings)["settings"])))
-        if not shown:
-            return out
+            return
+        listed = "; ".join(shown(differences(old.get("settings"), settings)))
+        if not listed:
+            return
     raise ValueError(
-        f"output folder {out} (--out, out=) holds another run (there -> now: {shown}); rerun with its settings, "
+        f"output folder {out} (--out, out=) holds another run (there -> now: {listed}); rerun with its settings, "
         "pass --overwrite (overwrite=True) to replace it, or choose another output folder"
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _shown(lines: list[str], limit: int = 8) -> list[str]:
-    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-def differences(old, new, prefix: str = "") -> list[str]:
-    """`key.path[i]: old -> new` for every differing leaf of two JSON values (added/removed keys too)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        lines = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                lines.append(f"{path}: (absent) -> {new[key]!r}")
-            elif key not in new:
-                lines.append(f"{path}: {old[key]!r} -> (absent)")
-            else:
-                lines += differences(old[key], new[key], path)
-        return lines
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in differences(a, b, f"{prefix}[{i}]")]
-    if old == new:
-        return []
-    show = lambda value: value if isinstance(value, (int, float, bool)) or value is None else repr(value)  # noqa: E731
-    if isinstance(old, str) and isinstance(new, str) and len(old) < 80 and len(new) < 80:
-        show = str  # plain words for short strings: "kind: dreambooth -> lora"
-    if isinstance(old, list) and isinstance(new, list) and len(old) + len(new) > 16:
-        return [f"{prefix}: {len(old)} entries -> {len(new)} entries"]
-    return [f"{prefix}: {show(old)} -> {show(new)}"]
 
 
 def stage(final: str | Path) -> Path:
@@ -278,9 +285,7 @@ def _remove_leftovers(final: Path) -> None:
 
 def write_record(out: str | Path, record: dict) -> Path:
     """Write `out/result.json` atomically (a temporary file renamed over it); returns its path."""
-    from finextract.engine.formats import atomic_write
-
-    return atomic_write(Path(out) / RECORD, json.dumps(record, indent=2))
+    return write_json(Path(out) / RECORD, record)
 
 
 def recorded_extracted(folder: str | Path) -> list[Path] | None:
@@ -314,8 +319,8 @@ def recorded_extracted(folder: str | Path) -> list[Path] | None:
     extra = sorted(p.name for p in present - set(named))
     missing = sorted(p.name for p in set(named) - present)
     if extra or missing:
-        parts = ([f"{len(extra)} not in its record: {', '.join(_shown(extra))}"] if extra else []) + (
-            [f"{len(missing)} recorded but missing: {', '.join(_shown(missing))}"] if missing else []
+        parts = ([f"{len(extra)} not in its record: {', '.join(shown(extra))}"] if extra else []) + (
+            [f"{len(missing)} recorded but missing: {', '.join(shown(missing))}"] if missing else []
         )
         raise ValueError(
             f"{run / 'extracted'} disagrees with {run / RECORD} ({'; '.join(parts)}): the folder mixes runs or was "
