@@ -33,15 +33,15 @@ def run(args) -> int:
     from pathlib import Path
 
     from finextract.engine.loading import load_model_pair
-    from finextract.extract import IMAGES_PER_N0
     from finextract.generation import generate
     from finextract.runfolder import prepare
+    from finextract.spec import default_num_images
 
     from .options import run_config_from
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
-    num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
+    num_images = args.num_images if args.num_images is not None else default_num_images(args.n0)
     out = Path(args.out)
     prepare(out, "generate")  # before loading anything; the manifest is compared once the model is known
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything
