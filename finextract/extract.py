@@ -182,7 +182,8 @@ def _index(indices, device):
 
 
 class Extractor:
-    """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`.
+    """FineXtract end to end: `Extractor(base, finetuned).extract(caption, n0, out="run")`, or
+    `.extract(spec=ExtractionSpec.resolve(caption, n0, ...), out="run")`.
 
     Args:
         base: pretrained model (diffusers folder or what `load_model_pair` accepts, a `LoadedBase`
@@ -208,10 +209,11 @@ class Extractor:
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
     matrix; only the N0 extracted images (and `generated/` when asked) are copied to the host.
 
-    `resolution` (attribute): the side in pixels of the images the pair generates (`model_resolution`),
-    to which training images are centre-cropped and resized before they are scored. `inputs`: the
-    checkpoints' evidence records (`model_inputs`: each file's path, size and sha256, hashed once per
-    file and cached), and `call` this constructor's arguments: both go into every result's `evidence`.
+    `resolution` (attribute): the side in pixels of the images the pair generates
+    (`finextract.evaluation.model_resolution`), to which training images are centre-cropped and resized
+    before they are scored. `inputs`: the checkpoints' evidence records (`finextract.output.model_inputs`:
+    each file's path, size and sha256, hashed once per file and cached), and `call` this constructor's
+    arguments: both go into every result's `evidence`.
 
     Raises:
         ValueError / FileNotFoundError: invalid settings, or from loading (incompatible or missing

@@ -45,7 +45,7 @@ def write_output(
         generated: every generated image, uint8 (N, H, W, 3) tensor/ndarray (or a list of arrays): the
             report shows each training image's best match among them.
         save_generated: also write them all to `generated/` (N PNGs).
-        train_data: (the training images as compared, their paths), from `evaluate_against`.
+        train_data: (the training images as compared, their paths), from `finextract.evaluation.evaluate_against`.
 
     Returns:
         `out`.

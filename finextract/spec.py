@@ -132,3 +132,16 @@ class ExtractionSpec:
             train_as_is=bool(train_as_is),
             preset=preset,
         )
+
+    @classmethod
+    def from_attributes(cls, source) -> ExtractionSpec:
+        """`resolve` of an object's attributes of the same names (parsed command-line options, a manifest
+        `finextract.fleet.manifest.Row`); those it lacks keep `resolve`'s defaults.
+
+        Raises:
+            ValueError: as `resolve`.
+        """
+        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "preset")
+        return cls.resolve(
+            source.caption, source.n0, **{name: getattr(source, name) for name in optional if hasattr(source, name)}
+        )

@@ -73,11 +73,12 @@ def _check_inputs(args):
 
     from finextract.output import run_settings
     from finextract.runfolder import prepare
+    from finextract.spec import ExtractionSpec
 
-    from .options import read_image_folder, run_config_from, spec_from
+    from .options import read_image_folder, run_config_from
 
     config = run_config_from(args)
-    spec = spec_from(args)
+    spec = ExtractionSpec.from_attributes(args)  # --caption, --n0, ..., --train, --train-as-is, --preset
     models = {"base": args.base, "finetuned": args.finetuned, "lora": args.lora}
     prepare(args.out, "extract", run_settings(models, spec, config), overwrite=args.overwrite)
     if args.train is not None:

@@ -1,4 +1,4 @@
-"""Command-line options shared by `generate`, `extract`, `cluster` and `bench` (one definition, one help text)."""
+"""Command-line options shared by the commands (one definition, one help text); run settings default to `RunConfig`'s."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
+from finextract.spec import AUTO
 from finextract.sscd import PRESETS
 
 #: The run settings' defaults, unresolved ("auto", None): every option below takes its default from here.
@@ -39,7 +40,7 @@ def _int_at_least(text: str, minimum: int) -> int:
 
 def n0_or_auto(text: str) -> int | str:
     """argparse `type=` for --n0: "auto" (estimate N0 from the generated images) or an integer >= 1."""
-    return "auto" if text == "auto" else positive_int(text)
+    return AUTO if text == AUTO else positive_int(text)
 
 
 def read_image_folder(flag: str, folder: str, want: str | None = None):
@@ -242,25 +243,3 @@ def run_config_from(args):
         ValueError: an invalid combination (e.g. --dtype fp16 on a CPU), naming the option.
     """
     return RunConfig.resolve(**{name: getattr(args, name, default) for name, default in RUN_DEFAULTS.items()})
-
-
-def spec_from(args):
-    """The `finextract.spec.ExtractionSpec` of `add_sampling_options`' and --train / --train-as-is /
-    --preset (those a command lacks are left out), validated before any model loads.
-
-    Raises:
-        ValueError: naming the option (e.g. --num-images below --n0).
-    """
-    from finextract.spec import ExtractionSpec
-
-    return ExtractionSpec.resolve(
-        args.caption,
-        args.n0,
-        num_images=args.num_images,
-        method=args.method,
-        w=args.w,
-        k=args.k,
-        train=getattr(args, "train", None),
-        train_as_is=getattr(args, "train_as_is", False),
-        preset=getattr(args, "preset", None),
-    )

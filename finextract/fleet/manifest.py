@@ -86,15 +86,7 @@ class Row:
     @property
     def spec(self) -> ExtractionSpec:
         """The row's extraction (`read_manifest` checked it already)."""
-        return ExtractionSpec.resolve(
-            self.caption,
-            self.n0,
-            num_images=self.num_images,
-            method=self.method,
-            w=self.w,
-            k=self.k,
-            train=self.train,
-        )
+        return ExtractionSpec.from_attributes(self)
 
     def fields(self) -> dict:
         """The manifest fields (no line number): what the row asks for."""
