@@ -211,7 +211,7 @@ def test_end_to_end(benchmark, zoos, peak, embedder, tmp_path, zoo_name, kind):
                 and way_runs[0]["extraction"].indices == reference[0]["extraction"].indices
             )
         if train is not None:
-            from finextract.extract import evaluate_against
+            from finextract.evaluation import evaluate_against
 
             metrics, _ = evaluate_against(train, way_runs[0]["extraction"].descriptors, embedder)
             entry["AS"] = round(metrics["AS"], 4)

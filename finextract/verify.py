@@ -443,10 +443,10 @@ def _original_batch(index: int, manifest: dict, batch_size: int) -> tuple[int, i
 
 def _check_scores(record, files, train_folder, sscd, verification) -> None:
     """Recompute AS / A-ESR and the best similarities from the saved PNGs and the training images."""
-    from finextract.extract import embed_images, read_training_images
+    from finextract.evaluation import read_training_images
     from finextract.images import read_image
     from finextract.metrics import extraction_metrics
-    from finextract.sscd import load_embedder
+    from finextract.sscd import embed_images, load_embedder
 
     metrics = record.get("metrics")
     if not metrics:

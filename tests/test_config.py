@@ -58,6 +58,37 @@ def test_resolve_names_the_bad_setting(options, match):
         RunConfig.resolve(**{"device": "cpu", **options})
 
 
+def test_field_defaults_are_resolves_and_the_options_and_fleet_take_them():
+    """One source of run settings: RunConfig's field defaults equal resolve()'s keyword defaults, and
+    the argparse options and the fleet's row settings read them from there."""
+    import argparse
+    import inspect
+
+    from finextract.commands.options import add_runtime_options, add_sampling_options
+    from finextract.fleet import RUN_DEFAULTS
+    from finextract.fleet.manifest import Row
+    from finextract.fleet.worker import FleetSettings, row_key
+
+    defaults = RunConfig.defaults()
+    keywords = {name: parameter.default for name, parameter in inspect.signature(RunConfig.resolve).parameters.items()}
+    assert defaults == keywords and defaults["device"] == "auto" and defaults["threads"] is None
+    assert RunConfig() == RunConfig(**defaults) and defaults == RUN_DEFAULTS
+    parser = argparse.ArgumentParser()
+    add_sampling_options(parser)
+    add_runtime_options(parser)
+    args = vars(parser.parse_args(["--caption", "c", "--n0", "1"]))
+    assert {name: args[name] for name in defaults if name in args} == {
+        name: value for name, value in defaults.items() if name in args
+    }
+    assert {"device", "dtype", "backend", "threads", "batch_size", "steps", "seed", "cuda_graphs"} <= set(args)
+    choices = {action.dest: action.choices for action in parser._actions}
+    assert choices["backend"] == ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+    assert choices["dtype"] == ("fp32", "fp16", "bf16")
+    # the fleet's key holds exactly the settings that change the images, as the generation manifest does
+    row = Row(line=2, id="a", base="b", finetuned=None, lora="l", caption="c", n0=1)
+    assert set(row_key(row, FleetSettings(out="o", run_options=RUN_DEFAULTS))["run"]) == set(IMAGE_SETTINGS)
+
+
 def test_replace_validates_again_and_run_config_is_the_one_entry():
     config = RunConfig.resolve(device="cpu", backend="torch", threads=1)
     assert config.replace(steps=10).steps == 10 and config.replace(steps=10).backend == "torch"

@@ -107,13 +107,13 @@ def test_manifest_json_rows_name_their_lines(tmp_path, tiny_zoo):
     a, b, c, d = read_manifest(path)
     assert isinstance(a, Row) and a.line == 2 and a.n0 == 2 and a.method == "finextract"
     # b starts after a's 7 lines; an empty caption with method cfg is refused (cfg needs the caption)
-    assert isinstance(b, RowError) and b.line == 9 and "method cfg needs the training caption" in b.error
+    assert isinstance(b, RowError) and b.line == 9 and "method 'cfg' needs the training caption" in b.error
     assert isinstance(c, RowError) and c.line == 9 + len(json.dumps(rows[1], indent=1).splitlines())
     for problem in (
         "unknown field(s) 'lroa'",
         "missing field 'caption'",
         "id 'c/d' cannot name a folder",
-        "n0 0: must be >= 1",
+        "--n0 0: must be an integer >= 1",
     ):
         assert problem in c.error
     assert isinstance(d, RowError) and "a row must be a JSON object, not list" in d.error

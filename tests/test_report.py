@@ -141,9 +141,10 @@ def extractor(tmp_path_factory):
 
 
 def test_extraction_scored_against_large_originals_matches_its_score_against_the_crops(extractor, tmp_path):
-    from finextract.extract import embed_images, evaluate_against
+    from finextract.evaluation import evaluate_against
     from finextract.images import center_crop_resize
     from finextract.report import similarity_text
+    from finextract.sscd import embed_images
 
     assert extractor.resolution == 32  # the tiny zoo: 16 x 16 latents, a x2 VAE
     originals = _originals()

@@ -87,3 +87,9 @@ def test_degenerate_mask():
     images = np.zeros((3, 4, 4, 3), dtype=np.uint8)
     images[1, 0, 0, 0] = 5
     assert degenerate_mask(images).tolist() == [True, False, True]
+
+
+def test_threads_reach_the_onnx_session():
+    """`--threads` (RunConfig.threads) sets the SSCD session's threads, not only torch's."""
+    embedder = load_embedder("default", threads=1)
+    assert embedder.session.get_session_options().intra_op_num_threads == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_overwrite_option, add_runtime_options, positive_int
+from .options import add_overwrite_option, add_runtime_options, add_sscd_options, add_step_options, positive_int
 
 _DESCRIPTION = """\
 Run FineXtract on every checkpoint of a manifest (CSV or JSON, one row per checkpoint) and sum them up.
@@ -60,12 +60,9 @@ def register(subparsers) -> None:
         default=2,
         help="how often Ray retries a row whose worker process died (default 2; the retry resumes its chunks)",
     )
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50; a row's own wins)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0; a row's own wins)")
+    add_step_options(p, note="; a row's own wins")
     add_runtime_options(p)
-    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
-    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    add_sscd_options(p)
     p.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
     )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .options import add_overwrite_option, n0_or_auto, positive_int, read_image_folder
+from .options import (
+    add_device_option,
+    add_overwrite_option,
+    add_sscd_options,
+    n0_or_auto,
+    positive_int,
+    read_image_folder,
+    run_config_from,
+)
 
 
 def register(subparsers) -> None:
@@ -24,10 +32,9 @@ def register(subparsers) -> None:
         help="N0: number of images to extract, or 'auto' to estimate it from the images (at least 50)",
     )
     p.add_argument("--out", required=True, help="output folder (extracted/, result.json, report.html)")
-    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
-    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    add_sscd_options(p)
     p.add_argument("--budget", type=positive_int, default=None, help="clustering search budget per threshold")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_device_option(p)
     add_overwrite_option(p, "a cluster or extract run (other --images or --n0)")
     p.set_defaults(func=run)
 
@@ -36,13 +43,14 @@ def run(args) -> int:
     import logging
     from pathlib import Path
 
-    from finextract.engine.config import resolve_device, set_threads
-    from finextract.extract import cluster_images, extraction_config, write_output
+    from finextract.extract import cluster_images
+    from finextract.output import extraction_config, write_output
     from finextract.sscd import load_embedder
     from finextract.store.folders import prepare, run_entry
 
     folder = prepare(args.out, "cluster", overwrite=args.overwrite)  # before reading the images
-    set_threads()
+    config = run_config_from(args)  # --device; the threads of torch and SSCD
+    config.apply_threads()
     images, paths = read_image_folder("--images", args.images, want="generated")
     images_folder, out = Path(args.images).resolve(), Path(args.out).resolve()
     if images_folder == out or out in images_folder.parents:
@@ -50,7 +58,7 @@ def run(args) -> int:
     # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
     settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
     prepare(folder, "cluster", settings, overwrite=args.overwrite)  # the settings only: --out was checked
-    embedder = load_embedder(args.sscd, preset=args.preset, device=resolve_device(args.device))
+    embedder = load_embedder(args.sscd, preset=args.preset, device=config.device, threads=config.threads)
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(
         n0=result.n0_estimate.n0 if result.n0_estimate is not None else args.n0,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .options import add_overwrite_option, positive_int
+from .options import RUN_DEFAULTS, add_backend_option, add_device_option, add_overwrite_option, positive_int
 
 SCENARIOS = ("object", "style")
 KINDS = ("dreambooth", "lora")
@@ -58,15 +58,16 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--num-images", type=positive_int, default=None, help="N, images generated per run (default 50 x N0)"
     )
-    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
-    parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--backend",
-        default="auto",
-        help="auto (default: onnxruntime on a CPU, its export cached under FINEXTRACT_CACHE or "
-        "~/.cache/finextract; torch on CUDA), torch, onnxruntime or tensorrt",
+        "--steps",
+        type=positive_int,
+        default=RUN_DEFAULTS["steps"],
+        help=f"DDIM steps (default {RUN_DEFAULTS['steps']})",
     )
+    # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
+    add_device_option(parser)
+    add_backend_option(parser)
     add_overwrite_option(parser, "a run folder")
     parser.set_defaults(func=run)
 
@@ -90,10 +91,10 @@ def run_demo(
     seed: int = 0,
     n0: int | None = None,
     num_images: int | None = None,
-    steps: int = 50,
+    steps: int = RUN_DEFAULTS["steps"],
     batch_size: int = 50,
-    device: str = "auto",
-    backend: str = "auto",
+    device: str = RUN_DEFAULTS["device"],
+    backend: str = RUN_DEFAULTS["backend"],
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
@@ -122,7 +123,9 @@ def run_demo(
             command's output (`finextract.store.folders.prepare`); a run folder holding a run with other
             settings, without `overwrite`.
     """
+    from finextract.engine.config import RunConfig
     from finextract.extract import Extractor
+    from finextract.spec import ExtractionSpec
     from finextract.store.files import write_json
     from finextract.store.folders import prepare
     from finextract.trained_zoo import default_zoo_folder, scenario_folder
@@ -141,6 +144,7 @@ def run_demo(
     for name, folder in folders.items():
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
+    config = RunConfig.resolve(device=device, backend=backend, steps=steps, batch_size=batch_size, seed=seed)
     out = prepare(out, "demo").path
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -166,44 +170,38 @@ def run_demo(
             },
         }
 
+    specs = {}  # (scenario, method) -> ExtractionSpec, every one checked before the first run
     for scenario in scenarios:
         folder = folders[scenario]
         caption = (folder / "caption.txt").read_text().strip()
         train_count = len(list((folder / "train").glob("*.png")))
-        scenario_n0 = n0 or train_count
-        settings[scenario] = {
-            "caption": caption,
-            "n0": scenario_n0,
-            "num_images": num_images or 50 * scenario_n0,
-            "train": train_count,
-        }
+        for method in methods:
+            specs[scenario, method] = ExtractionSpec.resolve(
+                caption, n0 or train_count, num_images=num_images, method=method, train=folder / "train"
+            )
+        spec = specs[scenario, methods[0]]
+        settings[scenario] = {"caption": caption, "n0": spec.n0, "num_images": spec.num_images, "train": train_count}
     extractors = {}
     runs, total = 0, seeds * len(scenarios) * len(kinds) * len(methods)
     # seed repeats outermost: an interrupted demo has whole tables for the seeds it finished
     for repeat in range(seeds):
         for scenario in scenarios:
-            folder, config = folders[scenario], settings[scenario]
+            folder, scenario_settings = folders[scenario], settings[scenario]
             for kind in kinds:
                 if (scenario, kind) not in extractors:
                     finetuned = (
                         dict(finetuned=folder / "dreambooth") if kind == "dreambooth" else dict(lora=folder / "lora")
                     )
-                    extractors[scenario, kind] = Extractor(zoo / "base", **finetuned, device=device, backend=backend)
+                    extractors[scenario, kind] = Extractor(zoo / "base", **finetuned, config=config)
                 for method in methods:
                     t = time.perf_counter()
-                    run_seed = seed + repeat * config["num_images"]
+                    run_seed = seed + repeat * scenario_settings["num_images"]
                     run_folder = out / f"{scenario}-{kind}-{method}-seed{repeat}"
                     runs += 1
                     result = extractors[scenario, kind].extract(
-                        config["caption"],
-                        config["n0"],
-                        num_images=config["num_images"],
-                        method=method,
-                        steps=steps,
+                        spec=specs[scenario, method],
                         seed=run_seed,
-                        batch_size=batch_size,
                         out=run_folder,
-                        train=folder / "train",
                         progress=progress,
                         label=f"run {runs}/{total} {scenario} {kind} {method} seed {repeat}",
                         overwrite=overwrite,
@@ -361,9 +359,6 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
 def run(args) -> int:
     import logging
 
-    from finextract.engine.config import set_threads
-
-    set_threads()
     summary = run_demo(
         args.out,
         args.zoo,

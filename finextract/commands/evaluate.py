@@ -8,7 +8,7 @@ from pathlib import Path
 
 from finextract.store.files import write_json
 
-from .options import positive_int, read_image_folder
+from .options import add_sscd_options, positive_int, read_image_folder
 
 logger = logging.getLogger("finextract")
 
@@ -42,8 +42,7 @@ def register(subparsers) -> None:
         "--train-as-is", action="store_true", help="compare the training images as they are (no crop or resize)"
     )
     p.add_argument("--json", default=None, help="write the metrics (with per-image best matches) to this file")
-    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
-    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    add_sscd_options(p)
     p.set_defaults(func=run)
 
 
@@ -107,10 +106,10 @@ def read_extracted(folder: str) -> tuple[list, list[Path]]:
 
 
 def run(args) -> int:
-    from finextract.engine.config import set_threads
-    from finextract.extract import embed_images, evaluate_against
+    from finextract.engine.config import RunConfig
+    from finextract.evaluation import evaluate_against
     from finextract.metrics import format_scores
-    from finextract.sscd import load_embedder
+    from finextract.sscd import embed_images, load_embedder
 
     images, paths = read_extracted(args.extracted)
     train = read_image_folder("--train", args.train)  # both read before the embedder loads
@@ -120,8 +119,9 @@ def run(args) -> int:
             (args.resolution, "--resolution") if args.resolution else infer_resolution(args.extracted, images)
         )
         logger.info("training images centre-cropped and resized to %d px (from %s)", resolution, source)
-    set_threads()
-    embedder = load_embedder(args.sscd, preset=args.preset)
+    config = RunConfig.resolve(device="cpu")  # SSCD on the CPU; the threads of torch and SSCD
+    config.apply_threads()
+    embedder = load_embedder(args.sscd, preset=args.preset, device=config.device, threads=config.threads)
     metrics, _ = evaluate_against(train, embed_images(embedder, images), embedder, resolution=resolution)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name

@@ -31,15 +31,15 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from finextract.engine.loading import load_model_pair
-    from finextract.extract import IMAGES_PER_N0
     from finextract.generation import generate
+    from finextract.spec import default_num_images
     from finextract.store.folders import prepare
 
     from .options import run_config_from
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
-    num_images = args.num_images if args.num_images is not None else IMAGES_PER_N0 * args.n0
+    num_images = args.num_images if args.num_images is not None else default_num_images(args.n0)
     folder = prepare(args.out, "generate")  # before loading anything; the manifest is compared once the model is known
     out = folder.path
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything

@@ -1,4 +1,4 @@
-"""Command-line options shared by `generate`, `extract`, `cluster` and `bench` (one definition, one help text)."""
+"""Command-line options shared by the commands (one definition, one help text); run settings default to `RunConfig`'s."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
+from finextract.spec import AUTO
+from finextract.sscd import PRESETS
+
+#: The run settings' defaults, unresolved ("auto", None): every option below takes its default from here.
+RUN_DEFAULTS = RunConfig.defaults()
 
 
 def positive_int(text: str) -> int:
@@ -34,7 +40,7 @@ def _int_at_least(text: str, minimum: int) -> int:
 
 def n0_or_auto(text: str) -> int | str:
     """argparse `type=` for --n0: "auto" (estimate N0 from the generated images) or an integer >= 1."""
-    return "auto" if text == "auto" else positive_int(text)
+    return AUTO if text == AUTO else positive_int(text)
 
 
 def read_image_folder(flag: str, folder: str, want: str | None = None):
@@ -82,7 +88,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def extractor_from(args: argparse.Namespace, config):
     """The `finextract.extract.Extractor` that `add_model_options`' and the SSCD options name, on `config`."""
-    from finextract.extract import Extractor
+    from finextract.extract import Extractor  # torch and diffusers
 
     return Extractor(
         args.base,
@@ -145,9 +151,35 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)",
     )
     parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
-    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default 0)")
+    add_step_options(parser)
+
+
+def add_step_options(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--steps, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and --seed help."""
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=RUN_DEFAULTS["steps"],
+        help=f"DDIM steps, eta = 0 (default {RUN_DEFAULTS['steps']}{note})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=RUN_DEFAULTS["batch_size"],
+        help=f"images per batch (default {RUN_DEFAULTS['batch_size']})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=RUN_DEFAULTS["seed"],
+        help=f"image i starts from seed + i (default {RUN_DEFAULTS['seed']}{note})",
+    )
+
+
+def add_sscd_options(parser: argparse.ArgumentParser) -> None:
+    """--sscd, --preset: the SSCD model and its preprocessing."""
+    parser.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="SSCD preprocessing (default sscd)")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -163,49 +195,51 @@ def add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --backend, --threads, --cuda-graphs (with --steps, --batch-size and --seed from
     `add_sampling_options`, the fields of `finextract.engine.config.RunConfig`)."""
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_device_option(parser)
     parser.add_argument(
         "--dtype",
-        choices=("fp32", "fp16", "bf16"),
-        default="fp32",
-        help="UNet precision; fp16/bf16 need CUDA (default fp32)",
+        choices=DTYPE_CHOICES,
+        default=RUN_DEFAULTS["dtype"],
+        help=f"UNet precision; fp16/bf16 need CUDA (default {RUN_DEFAULTS['dtype']})",
     )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "torch", "onnxruntime", "openvino", "tensorrt"),
-        default="auto",
-        help="auto (default: openvino on a CPU, compiling the ONNX export cached in $FINEXTRACT_CACHE or "
-        "~/.cache/finextract; torch on CUDA), torch, onnxruntime, openvino or tensorrt",
-    )
+    add_backend_option(parser)
     parser.add_argument(
         "--threads",
         type=positive_int,
-        default=None,
-        help="torch / onnxruntime threads, openvino streams (default $FINEXTRACT_THREADS, else all cores)",
+        default=RUN_DEFAULTS["threads"],
+        help="torch / onnxruntime threads (SSCD's too), openvino streams (default $FINEXTRACT_THREADS, else all cores)",
     )
     parser.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=RUN_DEFAULTS["cuda_graphs"],
         help="on CUDA, replay each DDIM step as a CUDA graph when the backend allows it (default on)",
     )
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device (default `RunConfig`'s: auto)."""
+    parser.add_argument(
+        "--device", default=RUN_DEFAULTS["device"], help=f"cpu, cuda, cuda:N or auto (default {RUN_DEFAULTS['device']})"
+    )
+
+
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    """--backend (default `RunConfig`'s: auto)."""
+    parser.add_argument(
+        "--backend",
+        choices=("auto", *BACKEND_NAMES),
+        default=RUN_DEFAULTS["backend"],
+        help="auto (default: openvino on a CPU, compiling the ONNX export cached in $FINEXTRACT_CACHE or "
+        "~/.cache/finextract; torch on CUDA), torch, onnxruntime, openvino or tensorrt",
+    )
+
+
 def run_config_from(args):
-    """The `RunConfig` of a command's parsed options, resolved and validated once (before any model loads).
+    """The `RunConfig` of a command's parsed options, resolved and validated once (before any model loads);
+    a setting the command has no option for keeps `RunConfig`'s default.
 
     Raises:
         ValueError: an invalid combination (e.g. --dtype fp16 on a CPU), naming the option.
     """
-    from finextract.engine.config import RunConfig
-
-    return RunConfig.resolve(
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        threads=args.threads,
-        batch_size=getattr(args, "batch_size", 16),
-        steps=getattr(args, "steps", 50),
-        seed=getattr(args, "seed", 0),
-        cuda_graphs=args.cuda_graphs,
-    )
+    return RunConfig.resolve(**{name: getattr(args, name, default) for name, default in RUN_DEFAULTS.items()})

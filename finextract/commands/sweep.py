@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_overwrite_option, add_runtime_options, extractor_from, positive_int
+from .options import (
+    add_model_options,
+    add_overwrite_option,
+    add_runtime_options,
+    add_sscd_options,
+    add_step_options,
+    extractor_from,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -42,12 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-images", type=positive_int, default=None, help="N, images generated (default 50 x N0)")
     p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
     p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps, eta = 0 (default 50)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i, at every point (default 0)")
+    add_step_options(p, note=", at every point")
     add_runtime_options(p)
-    p.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
-    p.add_argument("--preset", choices=("sscd", "paper"), default=None, help="SSCD preprocessing (default sscd)")
+    add_sscd_options(p)
     p.add_argument("--out", required=True, help="sweep folder (one extract folder per point, sweep.json/.png)")
     add_overwrite_option(p, "a point's run")
     p.set_defaults(func=run)

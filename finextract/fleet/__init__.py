@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from finextract.engine.config import RunConfig
 from finextract.metrics import format_score
 
 from .executors import EXECUTORS
@@ -30,18 +31,7 @@ __all__ = ["EXECUTORS", "FIELDS", "ManifestError", "Row", "RowError", "audit", "
 logger = logging.getLogger("finextract.audit")
 
 #: `RunConfig.resolve`'s keywords with its defaults: a row's run settings, unresolved (each worker resolves them).
-RUN_DEFAULTS = {
-    "device": "auto",
-    "dtype": "fp32",
-    "vae_dtype": "fp32",
-    "backend": "auto",
-    "threads": None,
-    "batch_size": 16,
-    "steps": 50,
-    "seed": 0,
-    "cache_dir": None,
-    "cuda_graphs": True,
-}
+RUN_DEFAULTS = RunConfig.defaults()
 
 
 def audit(

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finextract.rules import METHODS
+from finextract.spec import ExtractionSpec
 
 #: Every column a manifest may have, in the order the summary lists them.
 FIELDS = (
@@ -82,6 +82,11 @@ class Row:
     @property
     def checkpoint(self) -> str:
         return self.finetuned or self.lora
+
+    @property
+    def spec(self) -> ExtractionSpec:
+        """The row's extraction (`read_manifest` checked it already)."""
+        return ExtractionSpec.from_attributes(self)
 
     def fields(self) -> dict:
         """The manifest fields (no line number): what the row asks for."""
@@ -228,18 +233,24 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
             numbers[name], problem = _number(name, values[name], kind)
             if problem:
                 problems.append(problem)
-    for name in ("n0", "num_images", "steps"):
-        if numbers.get(name) is not None and numbers[name] < 1:
-            problems.append(f"{name} {numbers[name]}: must be >= 1")
-    if numbers.get("n0") and numbers.get("num_images") and numbers["num_images"] < numbers["n0"]:
-        problems.append(f"num_images {numbers['num_images']} is below n0 {numbers['n0']}: generate at least N0 images")
-    caption = given.get("caption") or ""
-    method = given.get("method") or ("finextract" if caption else "finextract-uncond")
-    if method not in METHODS:
-        problems.append(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    elif not caption and method != "finextract-uncond" and "caption" in values:
-        problems.append(f"method {method} needs the training caption; an empty caption runs finextract-uncond (Eq. 6)")
-    if problems:
+    if numbers.get("steps") is not None and numbers["steps"] < 1:
+        problems.append(f"steps {numbers['steps']}: must be >= 1")
+    caption = given.get("caption") or ""  # empty: no caption, FineXtract Eq. 6
+    spec = None
+    if "n0" in numbers and not any(p.startswith(("n0 ", "num_images ", "w ", "k ")) for p in problems):
+        try:
+            spec = ExtractionSpec.resolve(
+                caption,
+                numbers["n0"],
+                num_images=numbers.get("num_images"),
+                method=given.get("method"),
+                w=numbers.get("w"),
+                k=numbers.get("k"),
+                train=paths.get("train"),
+            )
+        except ValueError as error:
+            problems.append(str(error))
+    if problems or spec is None:
         return RowError(line, row_id, "; ".join(problems))
     return Row(
         line=line,
@@ -250,7 +261,7 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
         caption=caption,
         n0=numbers["n0"],
         train=paths.get("train"),
-        method=method,
+        method=spec.method,
         w=numbers.get("w"),
         k=numbers.get("k"),
         num_images=numbers.get("num_images"),

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finextract.engine.config import IMAGE_SETTINGS, RunConfig
 from finextract.store.chunks import finished_count
 from finextract.store.files import write_json
 
@@ -30,8 +31,6 @@ ROW_RECORD = "audit.json"
 ROW_FORMAT = "finextract-audit-row/1"
 #: Written into OUT by the driver at every start; a worker that reads another token sees another folder.
 TOKEN_FILE = ".audit-token"
-#: Run settings that do not change a row's images or scores (left out of its key).
-_NOT_IN_KEY = ("threads", "batch_size", "cache_dir", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,14 @@ class FleetSettings:
 
 
 def row_key(row: Row, settings: FleetSettings) -> dict:
-    """Everything that decides a row's output: its fields, the run settings that change images (with the
-    row's steps / seed in place of the audit's), the SSCD model, and each input's file sizes and
+    """Everything that decides a row's output: its fields, the run settings that change images
+    (`finextract.engine.config.IMAGE_SETTINGS`, with the row's steps / seed in place of the audit's), the SSCD model, and each input's file sizes and
     modification times (a checkpoint replaced in place runs again; its generation chunks are reused only
     if its weights hash the same)."""
     from finextract import __version__
 
-    run = {name: value for name, value in settings.run_options.items() if name not in _NOT_IN_KEY}
+    given = {**RunConfig.defaults(), **settings.run_options}
+    run = {name: given[name] for name in IMAGE_SETTINGS}
     for name in ("steps", "seed"):
         if getattr(row, name) is not None:
             run[name] = getattr(row, name)
@@ -119,8 +119,6 @@ class RowRunner:
     """
 
     def __init__(self, settings: FleetSettings):
-        from finextract.engine.config import RunConfig
-
         self.settings = settings
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.base = None  # the LoadedBase of the last row
@@ -148,7 +146,10 @@ class RowRunner:
             from finextract.sscd import load_embedder
 
             self.embedder = load_embedder(
-                self.settings.embedder, preset=self.settings.preset, device=self.config.device
+                self.settings.embedder,
+                preset=self.settings.preset,
+                device=self.config.device,
+                threads=self.config.threads,
             )
         return self.embedder
 
@@ -200,14 +201,8 @@ class RowRunner:
                 allow_pickle=self.settings.allow_pickle,
             )
             extractor.extract(
-                row.caption,
-                row.n0,
-                num_images=row.num_images,
-                method=row.method,
-                w=row.w,
-                k=row.k,
+                spec=row.spec,
                 out=folder,
-                train=row.train,
                 save_generated=self.settings.save_generated,
                 overwrite=self.settings.overwrite,
                 progress=False,

@@ -1,0 +1,147 @@
+"""The extraction spec: what one extraction asks for (caption, N0, N, method, w, k, training images,
+SSCD preset), validated once (`ExtractionSpec.resolve`), then only read.
+
+    spec = ExtractionSpec.resolve("a photo of sks", 5)     # N = 50 x N0 = 250, method finextract
+    Extractor(base, finetuned).extract(spec=spec, out="run")
+
+The CLI, `Extractor.extract`, the sweep, the demo and the fleet manifest build one; `RunConfig`
+(`finextract.engine.config`) holds where and how it runs. Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from finextract.rules import KINDS, METHODS, rule_for
+from finextract.sscd import PRESETS
+
+#: The paper generates N = 50 x N0 images.
+IMAGES_PER_N0 = 50
+#: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
+AUTO = "auto"
+#: N generated when N0 is estimated and N is not given: the paper's 50 x N0 for N0 up to 10.
+AUTO_NUM_IMAGES = 500
+#: Methods whose guidance reads the training caption (every one but Eq. 6); the terms are the same
+#: for both kinds of fine-tune, only the defaults of w and k differ.
+CAPTION_METHODS = tuple(m for m in METHODS if any(t.caption == "prompt" for t in rule_for(m, KINDS[0]).terms))
+
+
+def default_num_images(n0: int | str) -> int:
+    """N when it is not given: 50 x N0, or `AUTO_NUM_IMAGES` for n0="auto"."""
+    return AUTO_NUM_IMAGES if n0 == AUTO else IMAGES_PER_N0 * n0
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """What one extraction asks for, validated (`ExtractionSpec.resolve`).
+
+    Attributes:
+        caption: the training caption c; "auto" recovers it from the fine-tune's weights; None or ""
+            when it is unknown (then only "finextract-uncond", Eq. 6, applies).
+        n0: N0 >= 1, or "auto" to estimate it from the generated images.
+        num_images: N, resolved (default 50 x N0; `AUTO_NUM_IMAGES` with n0="auto").
+        method: "finextract" | "finextract-uncond" | "cfg" | "direct" (resolved).
+        w, k: guidance scale and Eq. 13 correction, as given (None = the paper's defaults per kind).
+        train: the real training images for AS / A-ESR (a folder, a list of uint8 (H, W, 3) arrays, or
+            the (images, paths) pair `finextract.images.read_images` returns), or None; not read here.
+        train_as_is: compare them as they are, without the centre crop and resize to the model's side.
+        preset: SSCD preprocessing preset ("sscd" / "paper"), None = "sscd" (used where SSCD loads).
+    """
+
+    caption: str | None
+    n0: int | str
+    num_images: int
+    method: str
+    w: float | None = None
+    k: float | None = None
+    train: object = field(default=None, compare=False, repr=False)
+    train_as_is: bool = False
+    preset: str | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        caption: str | None,
+        n0: int | str,
+        *,
+        num_images: int | None = None,
+        method: str | None = None,
+        w: float | None = None,
+        k: float | None = None,
+        train=None,
+        train_as_is: bool = False,
+        preset: str | None = None,
+    ) -> ExtractionSpec:
+        """Fill in the defaults (N = 50 x N0; the method by the caption) and validate every setting.
+
+        Args:
+            as the attributes; num_images None = `default_num_images(n0)`; method None = "finextract",
+            or "finextract-uncond" without a caption.
+
+        Returns:
+            A frozen `ExtractionSpec`.
+
+        Raises:
+            ValueError: the message names the CLI option and the fix: n0 not an integer >= 1 or "auto";
+                num_images < 1, below N0, or below `finextract.clustering.n0.MIN_IMAGES` with n0="auto";
+                an unknown method or preset; a method that needs a caption without one; w / k not
+                finite numbers, or given to a method that has none.
+        """
+        if n0 != AUTO and (isinstance(n0, bool) or not isinstance(n0, int) or n0 < 1):
+            raise ValueError(f"--n0 {n0!r}: must be an integer >= 1, or 'auto' to estimate it")
+        if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)):
+            raise ValueError(f"--num-images {num_images!r}: must be an integer >= 1")
+        num_images = default_num_images(n0) if num_images is None else num_images
+        if n0 == AUTO:
+            from finextract.clustering.n0 import MIN_IMAGES  # the clustering package loads numba
+
+            if num_images < MIN_IMAGES:
+                raise ValueError(
+                    f"--num-images {num_images}: estimating N0 needs at least {MIN_IMAGES} images (--n0 auto); "
+                    f"give --num-images {MIN_IMAGES} or more, or --n0 N"
+                )
+        elif num_images < n0:
+            raise ValueError(
+                f"--num-images {num_images} is below --n0 {n0}: generate at least N0 images (the paper: 50 x N0)"
+            )
+        method = method or ("finextract" if caption else "finextract-uncond")
+        if method not in METHODS:
+            raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+        if not caption and method in CAPTION_METHODS:
+            raise ValueError(
+                f"method {method!r} needs the training caption: give --caption TEXT (caption=...), --caption auto "
+                "to recover it from the weights, or use --method finextract-uncond (Eq. 6)"
+            )
+        for name, value in (("w", w), ("k", k)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise ValueError(f"--{name} {value!r}: must be a finite number (or leave it out for the paper's)")
+        rule_for(method, KINDS[0], w, k)  # w / k given to a method without them ("drop --k")
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        return cls(
+            caption=caption,
+            n0=n0,
+            num_images=num_images,
+            method=method,
+            w=w,
+            k=k,
+            train=train,
+            train_as_is=bool(train_as_is),
+            preset=preset,
+        )
+
+    @classmethod
+    def from_attributes(cls, source) -> ExtractionSpec:
+        """`resolve` of an object's attributes of the same names (parsed command-line options, a manifest
+        `finextract.fleet.manifest.Row`); those it lacks keep `resolve`'s defaults.
+
+        Raises:
+            ValueError: as `resolve`.
+        """
+        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "preset")
+        return cls.resolve(
+            source.caption, source.n0, **{name: getattr(source, name) for name in optional if hasattr(source, name)}
+        )
