@@ -69,8 +69,12 @@ class ExtractionResult:
     evidence: dict | None = None
 
 
-def embed_images(embedder, images, batch_size: int = 32):
-    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+def embed_images(embedder, images, label: str, batch_size: int = 32):
+    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor.
+
+    `label` names the set in the log line ("extracted", "training", "generated"), so two calls in one
+    command say which images each was about.
+    """
     import time
 
     import torch
@@ -78,7 +82,7 @@ def embed_images(embedder, images, batch_size: int = 32):
     started = time.perf_counter()
     if not isinstance(images, list):
         descriptors = embedder.embed(images, batch_size=batch_size)
-        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        logger.info("SSCD descriptors of %d %s images in %.1f s", len(images), label, time.perf_counter() - started)
         return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
@@ -88,7 +92,7 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
-    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+    logger.info("SSCD descriptors of %d %s images in %.1f s", len(images), label, time.perf_counter() - started)
     return torch.stack(out)
 
 
@@ -152,7 +156,7 @@ def cluster_images(
         usable = images if len(keep) == len(images) else images[_index(keep, images.device)]
     else:
         usable = images[keep]
-    descriptors = embed_images(embedder, usable)
+    descriptors = embed_images(embedder, usable, "generated")
     timings["embed"] = time.perf_counter() - start
     estimate = None
     if n0 == AUTO:
@@ -309,7 +313,9 @@ def evaluate_against(
     from finextract.metrics import extraction_metrics
 
     images, paths, sizes = read_training_images(train, resolution)
-    metrics = extraction_metrics(embed_images(embedder, images), extracted_descriptors, generated_descriptors)
+    metrics = extraction_metrics(
+        embed_images(embedder, images, "training"), extracted_descriptors, generated_descriptors
+    )
     metrics["train_transform"] = train_transform(resolution)
     matches = metrics["best_match"] + metrics.get("generated", {}).get("best_match", [])
     for match in matches:

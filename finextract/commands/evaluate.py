@@ -120,7 +120,7 @@ def run(args) -> int:
         logger.info("training images centre-cropped and resized to %d px (from %s)", resolution, source)
     set_threads()
     embedder = load_embedder(args.sscd, preset=args.preset)
-    metrics, _ = evaluate_against(train, embed_images(embedder, images), embedder, resolution=resolution)
+    metrics, _ = evaluate_against(train, embed_images(embedder, images, "extracted"), embedder, resolution=resolution)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name
     metrics["sscd"] = embedder.info
