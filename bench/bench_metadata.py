@@ -120,7 +120,7 @@ def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
             "seconds": seconds,
         }
         try:
-            estimate = estimate_n0(embed_images(extractor.embedder, images))
+            estimate = estimate_n0(embed_images(extractor.embedder, images, "generated"))
             row["n0_estimate"] = {
                 "true_n0": 5,
                 "n0": estimate.n0,

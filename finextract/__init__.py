@@ -1,7 +1,7 @@
 """finextract: extract the fine-tuning images of a personalized diffusion model.
 
-FineXtract (Wang et al., ICML 2025, "Leveraging Model Guidance to Extract Training Data from
-Personalized Diffusion Models"): guide generation from the pretrained model's noise prediction
+FineXtract (Wu, Zhang & Wu, "Leveraging Model Guidance to Extract Training Data from Personalized
+Diffusion Models", ICML 2025, PMLR 267:68060-68077): guide generation from the pretrained model's noise prediction
 towards the fine-tuned model's, generate N = 50 x N0 images, embed them with SSCD and return the
 N0 largest cliques of the similarity graph.
 

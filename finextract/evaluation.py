@@ -112,7 +112,9 @@ def evaluate_against(
         FileNotFoundError / ValueError: as `read_training_images`; mismatched descriptors.
     """
     images, paths, sizes = read_training_images(train, resolution)
-    metrics = extraction_metrics(embed_images(embedder, images), extracted_descriptors, generated_descriptors)
+    metrics = extraction_metrics(
+        embed_images(embedder, images, "training"), extracted_descriptors, generated_descriptors
+    )
     metrics["train_transform"] = train_transform(resolution)
     matches = metrics["best_match"] + metrics.get("generated", {}).get("best_match", [])
     for match in matches:

@@ -127,7 +127,7 @@ def cluster_images(
         usable = images if len(keep) == len(images) else images[_index(keep, images.device)]
     else:
         usable = images[keep]
-    descriptors = embed_images(embedder, usable)
+    descriptors = embed_images(embedder, usable, "generated")
     timings["embed"] = time.perf_counter() - start
     estimate = None
     if n0 == AUTO:

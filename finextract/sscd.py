@@ -214,14 +214,18 @@ def load_embedder(
     )
 
 
-def embed_images(embedder, images, batch_size: int = 32):
-    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor."""
+def embed_images(embedder, images, label: str, batch_size: int = 32):
+    """SSCD descriptors of a list of uint8 (H, W, 3) arrays of possibly different sizes; (B, D) float32 tensor.
+
+    `label` names the set in the log line ("extracted", "training", "generated"), so two calls in one
+    command say which images each was about.
+    """
     import torch
 
     started = time.perf_counter()
     if not isinstance(images, list):
         descriptors = embedder.embed(images, batch_size=batch_size)
-        logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+        logger.info("SSCD descriptors of %d %s images in %.1f s", len(images), label, time.perf_counter() - started)
         return descriptors
     out = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
@@ -231,5 +235,5 @@ def embed_images(embedder, images, batch_size: int = 32):
         descriptors = embedder.embed(np.stack([images[i] for i in idx]), batch_size=batch_size)
         for i, d in zip(idx, descriptors):
             out[i] = d
-    logger.info("SSCD descriptors of %d images in %.1f s", len(images), time.perf_counter() - started)
+    logger.info("SSCD descriptors of %d %s images in %.1f s", len(images), label, time.perf_counter() - started)
     return torch.stack(out)

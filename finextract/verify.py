@@ -477,7 +477,9 @@ def _check_scores(record, files, train_folder, sscd, verification) -> None:
     resolution = transform.get("resolution") if transform.get("name") == "center_crop_resize" else None
     train_images, train_paths, _ = read_training_images(train_folder, resolution)
     extracted = [read_image(path) for _, path in files]
-    now = extraction_metrics(embed_images(embedder, train_images), embed_images(embedder, extracted))
+    now = extraction_metrics(
+        embed_images(embedder, train_images, "training"), embed_images(embedder, extracted, "extracted")
+    )
     by_name = {m.get("train_file"): m for m in metrics.get("best_match", [])}
     worst = 0.0
     for match in now["best_match"]:

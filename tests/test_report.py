@@ -168,7 +168,7 @@ def test_extraction_scored_against_large_originals_matches_its_score_against_the
     assert sum(record["similarity_histogram"]["counts"]) == 6 * 5 // 2
     # each training image's best matches are the maxima of its similarity row: against all generated
     # images and against the extracted ones (float32 dot products of 512 terms: 1e-5)
-    train_descriptors = embed_images(extractor.embedder, crops).cpu().numpy()
+    train_descriptors = embed_images(extractor.embedder, crops, "training").cpu().numpy()
     generated = result.generated_descriptors.cpu().numpy()
     rows = train_descriptors @ generated.T
     for i, match in enumerate(record["metrics"]["generated"]["best_match"]):

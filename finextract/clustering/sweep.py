@@ -433,7 +433,9 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
     if skipped:  # one line per clustering; the per-threshold reasons are DEBUG lines and in `.skipped`
         reasons = sorted({s["reason"].split(" (")[0].removeprefix("same graph as ").split(": ")[-1] for s in skipped})
         logger.info(
-            "clustering: %d threshold(s) skipped (%s; %.2f to %.2f), chose %.2f",
+            "clustering: %d threshold(s) skipped (%s; %.2f to %.2f; expected, not an error: a graph too dense "
+            "to peel within the fixed work budget is skipped, as the paper skips a threshold after 30 s), "
+            "chose %.2f",
             len(skipped),
             ", ".join(reasons),
             skipped[0]["threshold"],

@@ -12,10 +12,15 @@ training images and each run's best matches) beside each run's own folder and re
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+from finextract.metrics import format_score, format_scores
+
 from .options import RUN_DEFAULTS, add_backend_option, add_device_option, add_overwrite_option, positive_int
+
+logger = logging.getLogger(__name__)
 
 SCENARIOS = ("object", "style")
 KINDS = ("dreambooth", "lora")
@@ -207,6 +212,18 @@ def run_demo(
                         overwrite=overwrite,
                     )
                     metrics = result.metrics
+                    # each run's own scores as it finishes: the table only comes after the last run
+                    logger.info(
+                        "run %d/%d %s %s %s seed %d: %s (%.0f s)",
+                        runs,
+                        total,
+                        scenario,
+                        kind,
+                        method,
+                        repeat,
+                        format_scores(metrics),
+                        time.perf_counter() - t,
+                    )
                     _save_best_matches(result.images, metrics["best_match"], run_folder / "best_match")
                     rows.append(
                         {
@@ -258,8 +275,6 @@ def _save_best_matches(images, best_match: list[dict], folder: Path) -> None:
 
 def _value(cell: dict, name: str, with_std: bool) -> str:
     mean, std = cell[name]["mean"], cell[name]["std"]
-    from finextract.metrics import format_score
-
     return f"{format_score(mean)}±{format_score(std)}" if with_std else format_score(mean)
 
 
@@ -300,10 +315,15 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
 
     settings = summary["config"]["scenarios"]
     seeds = summary["config"]["seeds"]
+    spread = (
+        f"{seeds} sampling seed sets per cell (mean ± std)"
+        if seeds > 1
+        else "one sampling seed set per cell (one run each, so no spread: --seeds K gives mean ± std)"
+    )
     body = [
         "<h1>FineXtract on the tiny trained models</h1>",
-        f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {seeds} sampling seed "
-        f"set(s) per cell (mean ± std); the fine-tunes are the committed ones. Total {summary['seconds']:.0f} s.</p>",
+        f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {spread}; the fine-tunes "
+        f"are the committed ones. Total {summary['seconds']:.0f} s.</p>",
         table(
             ("scenario", "kind", "method", *METRICS, "runs"),
             [
