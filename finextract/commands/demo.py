@@ -126,7 +126,8 @@ def run_demo(
     from finextract.engine.formats import atomic_write
     from finextract.extract import Extractor
     from finextract.runfolder import prepare
-    from finextract.trained_zoo import default_zoo_folder, scenario_folder
+    from finextract.zoo.scenarios import scenario_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     zoo = Path(zoo) if zoo else default_zoo_folder()
     if not (zoo / "base" / "model_index.json").is_file():
