@@ -46,6 +46,7 @@ from pathlib import Path
 
 from .adapters import KNOWN_SUFFIXES, Adapter, AdapterError, adapter_type, supports
 from .embeddings import Embedding, EmbeddingError, embeddings_from_state, is_embedding_header
+from .families import get_family
 from .formats import read_safetensors_header, sniff
 from .lora_layouts import (
     CLONEOFSIMO_KEY,
@@ -331,8 +332,6 @@ def read_adapters(
         )
     base_label = "the base"
     if family is not None:
-        from .families import get_family
-
         base_label = f"the base is {get_family(family).label}"
     stray = sorted({g.component for g in parsed.groups} - set(models))
     if stray:

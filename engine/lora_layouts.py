@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .adapters import KNOWN_SUFFIXES, Conventions
 from .adapters.base import FLOAT32_EPS
 from .embeddings import Embedding, embeddings_from_state, is_embedding_header
@@ -225,8 +228,6 @@ def _pattern_value(name: str, default, pattern: dict | None):
 def _with_config_alphas(groups, config: dict | None) -> list[Group]:
     """Give LoRA groups without an `alpha` tensor the alpha of a PEFT-style config (`lora_alpha`,
     `alpha_pattern`; rsLoRA's alpha / sqrt(rank) expressed as an alpha for alpha / rank)."""
-    import torch
-
     groups = list(groups)
     if config is None:
         return groups
@@ -286,8 +287,6 @@ def _cloneofsimo_modules(model, targets: list[str], convolutions: bool) -> list[
     """Module paths in cloneofsimo's order (`lora_diffusion.lora._find_modules_v2`): for each module
     whose class is in `targets` (in `model.modules()` order), its Linear (and Conv2d) descendants in
     `named_modules()` order."""
-    from torch import nn
-
     classes = (nn.Linear, nn.Conv2d) if convolutions else (nn.Linear,)
     paths = []
     for ancestor_path, ancestor in model.named_modules():
@@ -300,8 +299,6 @@ def _cloneofsimo_modules(model, targets: list[str], convolutions: bool) -> list[
 
 
 def read_cloneofsimo(path: Path, state: dict, metadata: dict, models: dict) -> Parsed:
-    import torch
-
     defaults = {"unet": ["CrossAttention", "Attention", "GEGLU"], "text_encoder": ["CLIPAttention"]}
     indexed: dict[str, dict[int, dict]] = {}
     embeddings, unknown = [], []

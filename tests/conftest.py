@@ -72,7 +72,7 @@ def tiny_finetuned(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The random tiny zoo, SD 1.x only (`finextract.zoo.build_zoo`, seed 0), built once per session."""
+    """The random tiny zoo, SD 1.x only (`finextract.zoo.build.build_zoo`, seed 0), built once per session."""
     from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, families=())

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from ..families import check_family, checkpoint_evidence, get_family
 from ..formats import load_state_dict
 from .checks import check_state_dict
@@ -51,8 +53,6 @@ def _check(expected: dict, found: dict, what: str) -> None:
 
 def _load_part(model, state: dict, what: str):
     """Load a converted state dict into `model` (strict) after checking names and shapes."""
-    import torch
-
     state = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     _check(_expected(model), {key: tuple(value.shape) for key, value in state.items()}, what)
     model.load_state_dict(state, strict=True)

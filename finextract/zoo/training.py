@@ -42,7 +42,7 @@ class TrainedZooRecipe:
     base_batch: int = 16
     base_lr: float = 1e-3
     empty_caption_rate: float = 0.1
-    # the text encoder's vocabulary: SD 1.x's CLIP BPE (`finextract.zoo.write_tokenizer`)
+    # the text encoder's vocabulary: SD 1.x's CLIP BPE (`finextract.zoo.tokenizers.write_tokenizer`)
     tokenizer: str = "clip-bpe-49408"
     # stage 2 of the base: continue from the stage-1 weights (fresh AdamW) with a cosine-decayed LR;
     # a better eps_base("") is what FineXtract extrapolates away from. 2,000 steps until the CLIP
@@ -183,6 +183,14 @@ def _base_loss_fn(unet, text_encoder, tokenizer, scheduler, vae, pool, captions,
     return loss_fn
 
 
+def _train_jointly(loss_args: tuple, **options) -> None:
+    """Train a base's UNet and text encoder together (CPU, fp32) on `_base_loss_fn(*loss_args)`;
+    `options`: `train_loop`'s steps, lr, seed, desc, progress, schedule."""
+    unet, text_encoder = loss_args[:2]
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    train_loop(parameters, _base_loss_fn(*loss_args), device="cpu", dtype="fp32", **options)
+
+
 def train_base(
     vae, pool: np.ndarray, captions: list[str], recipe: TrainedZooRecipe, tokenizer_folder: Path, progress: bool = True
 ) -> dict:
@@ -192,17 +200,10 @@ def train_base(
     unet, text_encoder = components["unet"], components["text_encoder"]
     unet.train()
     text_encoder.train()
-    loss_fn = _base_loss_fn(
-        unet, text_encoder, components["tokenizer"], components["scheduler"], vae, pool, captions, recipe
-    )
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    train_loop(
-        parameters,
-        loss_fn,
+    _train_jointly(
+        (unet, text_encoder, components["tokenizer"], components["scheduler"], vae, pool, captions, recipe),
         steps=recipe.base_steps,
         lr=recipe.base_lr,
-        device="cpu",
-        dtype="fp32",
         seed=recipe.seed + 21,
         desc="zoo: base UNet + text encoder",
         progress=progress,
@@ -220,15 +221,10 @@ def refine_base(
 
     pipeline = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True, torch_dtype=torch.float32)
     unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
-    loss_fn = _base_loss_fn(unet, text_encoder, pipeline.tokenizer, pipeline.scheduler, vae, pool, captions, recipe)
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    train_loop(
-        parameters,
-        loss_fn,
+    _train_jointly(
+        (unet, text_encoder, pipeline.tokenizer, pipeline.scheduler, vae, pool, captions, recipe),
         steps=recipe.base_refine_steps,
         lr=recipe.base_refine_lr,
-        device="cpu",
-        dtype="fp32",
         seed=recipe.seed + 22,
         desc="zoo: base refinement",
         progress=progress,
