@@ -71,6 +71,28 @@ def diffusers_pipelines(pair):
     return tuple(pipelines)
 
 
+def prompt_embeddings(pipelines, rule, caption: str, batch: int, device) -> dict:
+    """Each rule term's prompt embeddings, term key -> (batch, tokens, width), from its own side's
+    pipeline (`pipelines`: (pretrained, fine-tuned), as `diffusers_pipelines` returns them)."""
+    by_model = dict(zip(("base", "finetuned"), pipelines))
+    return {
+        term.key: by_model[term.model].encode_prompt(
+            caption if term.caption == "prompt" else "", device, batch, do_classifier_free_guidance=False
+        )[0]
+        for term in rule.terms
+    }
+
+
+def guided_step(unets: dict, rule, embeddings: dict, latents: torch.Tensor, t, scheduler) -> torch.Tensor:
+    """The plain diffusers guided DDIM step, the one reference every benchmark compares with: the rule's
+    UNet calls one after the other (`unets`: "base" / "finetuned" -> UNet), their guidance combined in
+    eager torch, then `DDIMScheduler.step(eta=0)`. Returns x_{t-1}, the shape of `latents`."""
+    eps = 0
+    for term in rule.terms:
+        eps = eps + term.coef * unets[term.model](latents, t, encoder_hidden_states=embeddings[term.key]).sample
+    return scheduler.step(eps, t, latents, eta=0.0).prev_sample
+
+
 @torch.no_grad()
 def baseline_generate(
     pair,
@@ -93,8 +115,8 @@ def baseline_generate(
     from finextract.rules import rule_for
 
     rule = rule_for(method, pair.kind, w, k)
-    pipe_base, pipe_ft = pipelines or diffusers_pipelines(pair)
-    by_model = {"base": pipe_base, "finetuned": pipe_ft}
+    pipe_base, pipe_ft = pipelines = pipelines or diffusers_pipelines(pair)
+    unets = {"base": pipe_base.unet, "finetuned": pipe_ft.unet}
     scheduler = pipe_ft.scheduler
     scheduler.set_timesteps(steps)
     unet_config = pipe_ft.unet.config
@@ -103,22 +125,10 @@ def baseline_generate(
     outputs = []
     for start in range(0, num_images, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, num_images))
-        embeddings = {
-            term.key: by_model[term.model].encode_prompt(
-                caption if term.caption == "prompt" else "", device, len(seeds), do_classifier_free_guidance=False
-            )[0]
-            for term in rule.terms
-        }
+        embeddings = prompt_embeddings(pipelines, rule, caption, len(seeds), device)
         latents = start_latents(seeds, shape).to(device)
         for t in scheduler.timesteps:
-            eps = 0
-            for term in rule.terms:  # sequential UNet calls, one per term
-                eps = (
-                    eps
-                    + term.coef
-                    * by_model[term.model].unet(latents, t, encoder_hidden_states=embeddings[term.key]).sample
-                )
-            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            latents = guided_step(unets, rule, embeddings, latents, t, scheduler)
         image = pipe_ft.vae.decode(latents / pipe_ft.vae.config.scaling_factor, return_dict=False)[0]
         image = pipe_ft.image_processor.postprocess(image, output_type="pt")  # (B, 3, H, W) in [0, 1]
         outputs.append((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
@@ -126,7 +136,7 @@ def baseline_generate(
 
 
 def load_zoo_pair(kind: str, zoo: Path):
-    """The random tiny zoo's DreamBooth or LoRA pair (`finextract.zoo.build_zoo` layout)."""
+    """The random tiny zoo's DreamBooth or LoRA pair (`finextract.zoo.build.build_zoo` layout)."""
     from finextract.engine.loading import load_model_pair
 
     zoo = Path(zoo)

@@ -46,7 +46,7 @@ FIDELITY: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 
@@ -248,7 +248,7 @@ def _relative_error(pair, reference_unet) -> float:
 def _cloneofsimo(folder: Path, unet):
     """A cloneofsimo file (the zoo's writer of `lora_diffusion`'s layout) and its reference, W + up @ down."""
     from finextract.engine.pair import LoRALayer
-    from finextract.zoo import write_lora_cloneofsimo
+    from finextract.zoo.writers import write_lora_cloneofsimo
     from tests.adapter_fixtures import Produced
 
     generator = torch.Generator().manual_seed(5)

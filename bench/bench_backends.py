@@ -57,7 +57,7 @@ def _peak() -> dict:
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 
@@ -96,28 +96,19 @@ def _diffusers_step(pair, method: str):
     from finextract.rules import rule_for
 
     rule = rule_for(method, pair.kind)
-    pipe_base, pipe_ft = baseline.diffusers_pipelines(pair)
-    by_model = {"base": pipe_base, "finetuned": pipe_ft}
+    pipelines = baseline.diffusers_pipelines(pair)
+    unets = {"base": pipelines[0].unet, "finetuned": pipelines[1].unet}
     batch = baseline.BATCH_SIZE
     with torch.no_grad():
-        embeddings = {
-            term.key: by_model[term.model].encode_prompt(
-                CAPTION if term.caption == "prompt" else "", "cpu", batch, do_classifier_free_guidance=False
-            )[0]
-            for term in rule.terms
-        }
-    scheduler = pipe_ft.scheduler
+        embeddings = baseline.prompt_embeddings(pipelines, rule, CAPTION, batch, "cpu")
+    scheduler = pipelines[1].scheduler
     scheduler.set_timesteps(STEPS_PER_IMAGE)
     state = {"x_t": start_latents(range(batch), (4, 16, 16)), "index": 0}
 
     @torch.no_grad()
     def step():
         t = scheduler.timesteps[state["index"] % STEPS_PER_IMAGE]
-        eps = 0
-        for term in rule.terms:
-            unet = by_model[term.model].unet
-            eps = eps + term.coef * unet(state["x_t"], t, encoder_hidden_states=embeddings[term.key]).sample
-        state["x_t"] = scheduler.step(eps, t, state["x_t"], eta=0.0).prev_sample
+        state["x_t"] = baseline.guided_step(unets, rule, embeddings, state["x_t"], t, scheduler)
         state["index"] += 1
 
     return step, batch

@@ -5,7 +5,7 @@
 
 End to end = text encoding, 50 DDIM steps, VAE decode (generation), SSCD and clustering, from a loaded
 model pair, for FineXtract (Eq. 13) on the DreamBooth and the LoRA pair of the random tiny zoo
-(`finextract.zoo.build_zoo`) and of the committed trained zoo (`finextract.trained_zoo`):
+(`finextract.zoo.build.build_zoo`) and of the committed trained zoo (`finextract.zoo.trained`):
 - `diffusers`: `bench/baseline.py` (two `StableDiffusionPipeline`s built once, the rule's UNet calls one
   after the other, `DDIMScheduler.step`, batch 5, fp32), then the same SSCD embedder and clustering;
 - `onnxruntime`, `openvino`: `finextract.generation` (the sampler built per call, as every extraction
@@ -58,8 +58,8 @@ RESULTS: list[dict] = []
 
 @pytest.fixture(scope="module")
 def zoos(tmp_path_factory):
-    from finextract.trained_zoo import default_zoo_folder
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
+    from finextract.zoo.trained import default_zoo_folder
 
     trained = default_zoo_folder()
     return {

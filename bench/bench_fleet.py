@@ -88,7 +88,9 @@ def _record(benchmark, table: dict, name: str, **extra) -> None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """The random tiny zoo's base, six LoRA files and their manifest."""
-    from finextract.zoo import build_zoo, tiny_components, write_lora_diffusers, zoo_lora
+    from finextract.zoo.build import build_zoo
+    from finextract.zoo.models import tiny_components, zoo_lora
+    from finextract.zoo.writers import write_lora_diffusers
 
     folder = tmp_path_factory.mktemp("fleet")
     zoo = build_zoo(folder / "zoo")

@@ -26,12 +26,18 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline
+
+from finextract.rules import rule_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -101,7 +107,7 @@ def sd1_unet(dtype: torch.dtype, seed: int = 0):
 @pytest.fixture(scope="module")
 def schedule():
     from finextract.engine.ddim import make_scheduler
-    from finextract.zoo import SD1_SCHEDULER_CONFIG
+    from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
 
     return SimpleNamespace(scheduler=make_scheduler(SD1_SCHEDULER_CONFIG, STEPS))
 
@@ -184,12 +190,13 @@ def test_plain_diffusers_step(benchmark, schedule, pair):
     x_t = torch.randn(batch, 4, 64, 64, generator=generator).cuda()
     t = schedule.scheduler.timesteps[STEPS // 2]
 
+    rule = rule_for("finextract", "dreambooth", w, k)  # Eq. 13
+    unets = {"finetuned": unet_ft, "base": unet_base}
+    embeddings = {term.key: text_c if term.caption == "prompt" else text_empty for term in rule.terms}
+
     @torch.no_grad()
     def one_step():
-        eps_ft = unet_ft(x_t, t, encoder_hidden_states=text_c).sample
-        eps_base = unet_base(x_t, t, encoder_hidden_states=text_empty).sample
-        eps = eps_ft + (w - 1) * (eps_ft - eps_base) + k * eps_base  # Eq. 13
-        return schedule.scheduler.step(eps, t, x_t, eta=0.0).prev_sample
+        return baseline.guided_step(unets, rule, embeddings, x_t, t, schedule.scheduler)
 
     benchmark.pedantic(_synchronized(one_step), rounds=max(3, ROUNDS // 2), iterations=1, warmup_rounds=1)
     step_s = benchmark.stats.stats.median

@@ -24,7 +24,7 @@ def unets() -> dict:
     from diffusers import UNet2DConditionModel
 
     from finextract.benchmarking import SD1_UNET_CONFIG
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     tiny = UNet2DConditionModel.load_config(str(default_zoo_folder() / "base" / "unet"))
     return {

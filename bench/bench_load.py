@@ -44,7 +44,8 @@ def write_models(folder: Path) -> Path:
     from diffusers import DDIMScheduler
 
     from finextract.benchmarking import sd1_random_pair
-    from finextract.zoo import save_pipeline, write_lora_diffusers
+    from finextract.zoo.models import save_pipeline
+    from finextract.zoo.writers import write_lora_diffusers
 
     done = folder / "done"
     if done.exists():

@@ -175,7 +175,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     from finextract.engine.config import set_threads
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     set_threads()
     zoo = default_zoo_folder()

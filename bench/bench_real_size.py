@@ -104,16 +104,11 @@ def worker_step(models: Path) -> dict:
     pair.base_unet.register_to_config(sample_size=64)  # the same weights at 512 px: 64x64 latents
     rule = rule_for("finextract", "lora")
     sampler = Sampler(pair, rule, "a photo of sks dog", config)
-    pipe_base, pipe_ft = baseline.diffusers_pipelines(pair)
-    by_model = {"base": pipe_base, "finetuned": pipe_ft}
+    pipelines = baseline.diffusers_pipelines(pair)
+    unets = {"base": pipelines[0].unet, "finetuned": pipelines[1].unet}
     with torch.no_grad():
-        embeddings = {
-            term.key: by_model[term.model].encode_prompt(
-                "a photo of sks dog" if term.caption == "prompt" else "", "cpu", 1, do_classifier_free_guidance=False
-            )[0]
-            for term in rule.terms
-        }
-    scheduler = pipe_ft.scheduler
+        embeddings = baseline.prompt_embeddings(pipelines, rule, "a photo of sks dog", 1, "cpu")
+    scheduler = pipelines[1].scheduler
     scheduler.set_timesteps(50)
     x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     loop = sampler.loop(1)
@@ -121,12 +116,7 @@ def worker_step(models: Path) -> dict:
 
     @torch.no_grad()
     def plain():
-        t = scheduler.timesteps[10]
-        eps = 0
-        for term in rule.terms:
-            unet = by_model[term.model].unet
-            eps = eps + term.coef * unet(x, t, encoder_hidden_states=embeddings[term.key]).sample
-        scheduler.step(eps, t, x, eta=0.0)
+        baseline.guided_step(unets, rule, embeddings, x, scheduler.timesteps[10], scheduler)
 
     ways = {"fused_torch": lambda: loop.step(10), "diffusers": plain}
     times = {name: [] for name in ways}

@@ -36,7 +36,7 @@ _results: dict[tuple[str, str], dict] = {}
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 

@@ -38,7 +38,7 @@ def _ways(tmp_path):
     from finextract.engine.denoiser import GuidedDenoiser
     from finextract.engine.loading import load_model_pair
     from finextract.rules import rule_for
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     zoo = default_zoo_folder()
     config = RunConfig.resolve(device="cpu", backend="openvino", threads=1, cache_dir=tmp_path)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from finextract.extract import Extractor
     from finextract.finetuning import load_images
     from finextract.style_images import composition_images
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     set_threads()
     out = Path(args.out)

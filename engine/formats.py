@@ -123,7 +123,7 @@ def _is_text(head: bytes) -> bool:
     return all(char.isprintable() or char in "\t\n\r" for char in decoded)
 
 
-def _not_weights_message(path: Path, kind: str) -> str:
+def not_weights_message(path: Path, kind: str) -> str:
     size = path.stat().st_size
     if kind == "git-lfs":
         pointer = path.read_text(errors="replace")
@@ -172,7 +172,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     if kind != "safetensors":
         if kind in ("pickle", "pickle-zip"):
             raise CheckpointFormatError(_misnamed_pickle_message(path))
-        raise CheckpointFormatError(_not_weights_message(path, kind))
+        raise CheckpointFormatError(not_weights_message(path, kind))
     size = path.stat().st_size
     with path.open("rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -256,7 +256,7 @@ def check_weights_file(path: str | Path, what: str) -> str:
     path = Path(path)
     kind = sniff(path)
     if kind not in ("safetensors", "pickle", "pickle-zip"):
-        raise CheckpointFormatError(f"{what}: {_not_weights_message(path, kind)}")
+        raise CheckpointFormatError(f"{what}: {not_weights_message(path, kind)}")
     if kind == "safetensors":
         read_safetensors_header(path)
     return kind
@@ -298,7 +298,7 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict:
         if not isinstance(state, dict):
             raise CheckpointFormatError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
         return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-    raise CheckpointFormatError(_not_weights_message(path, kind))
+    raise CheckpointFormatError(not_weights_message(path, kind))
 
 
 def state_dict_keys(path: str | Path, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model_pair": "finextract.engine.loading",
     "ModelPair": "finextract.engine.pair",
-    "build_zoo": "finextract.zoo",
+    "build_zoo": "finextract.zoo.build",
     "RunConfig": "finextract.engine.config",
     "ExtractionSpec": "finextract.spec",
     "GuidanceRule": "finextract.engine.guidance",
@@ -44,8 +44,8 @@ _EXPORTS = {
     "audit": "finextract.fleet",
     "run_sweep": "finextract.sweep",
     "finetune": "finextract.finetuning",
-    "build_trained_zoo": "finextract.trained_zoo",
-    "default_zoo_folder": "finextract.trained_zoo",
+    "build_trained_zoo": "finextract.zoo.trained",
+    "default_zoo_folder": "finextract.zoo.trained",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

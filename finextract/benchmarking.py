@@ -139,7 +139,8 @@ def sd1_random_pair(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from finextract.engine.pair import LoRALayer, ModelPair
-    from finextract.zoo import SD1_SCHEDULER_CONFIG, tiny_components
+    from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
+    from finextract.zoo.models import tiny_components
 
     if kind not in ("dreambooth", "lora"):
         raise ValueError(f"kind={kind!r}: expected 'dreambooth' or 'lora'")

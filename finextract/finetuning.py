@@ -54,7 +54,7 @@ SD_RECIPES = {
     "dreambooth": Recipe(steps=800, lr=5e-6, batch_size=1),
     "lora": Recipe(steps=2000, lr=1e-4, batch_size=1, rank=64),
 }
-# The tiny models (measured on the trained zoo, see finextract/trained_zoo.py): a tiny UNet trained
+# The tiny models (measured on the trained zoo, see finextract/zoo/trained.py): a tiny UNet trained
 # from scratch on few images learns nothing at SD's lr 5e-6. The LoRA is LoCon (attention,
 # feed-forward, convolutions) at rank 8: 25% / 12.5% of the tiny UNet's 32 / 64 channels, where
 # SD's rank 64 is 20% / 5% of its 320 / 1280.

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from finextract.zoo import write_tokenizer
+    from finextract.zoo.tokenizers import write_tokenizer
 
     return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
@@ -57,7 +57,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tokenizer_dir):
     """Random tiny SD components (seed 0): unet, vae, text_encoder, tokenizer, scheduler."""
-    from finextract.zoo import tiny_components
+    from finextract.zoo.models import tiny_components
 
     return tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
 
@@ -65,15 +65,15 @@ def tiny_base(tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_finetuned(tokenizer_dir):
     """Another random set (seed 100) standing in for a full fine-tune of `tiny_base`."""
-    from finextract.zoo import tiny_components
+    from finextract.zoo.models import tiny_components
 
     return tiny_components(seed=100, tokenizer_folder=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The random tiny zoo, SD 1.x only (`finextract.zoo.build_zoo`, seed 0), built once per session."""
-    from finextract.zoo import build_zoo
+    """The random tiny zoo, SD 1.x only (`finextract.zoo.build.build_zoo`, seed 0), built once per session."""
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, families=())
 
@@ -81,7 +81,7 @@ def tiny_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_zoo(tmp_path_factory):
     """The random tiny zoo with every family (sd2/, sd2-v/, sdxl/, altdiffusion/ beside SD 1.x's)."""
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("family_zoo"), seed=0)
 
@@ -125,7 +125,7 @@ def dreambooth_pair(tiny_base, tiny_finetuned):
 def lora_pair(tokenizer_dir):
     """A LoRA-kind ModelPair: its own copy of the seed-0 base UNet plus random rank-4 adapters."""
     from finextract.engine.pair import ModelPair
-    from finextract.zoo import tiny_components
+    from finextract.zoo.models import tiny_components
 
     base = tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
     return ModelPair(

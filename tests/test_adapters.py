@@ -18,7 +18,7 @@ import torch
 
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora import gated
-from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
+from finextract.zoo.tokenizers import CLIP_VOCAB_SIZE as CLIP_VOCAB
 
 from .adapter_fixtures import LYCORIS_CASES, write_lycoris, write_peft
 
@@ -241,7 +241,7 @@ def test_cloneofsimo_file_with_embedding(tiny_zoo, tmp_path, base, inputs):
     block by block; CLIP's k, v, q, out projections), independently of the loader's class walk."""
     import re
 
-    from finextract.zoo import write_lora_cloneofsimo
+    from finextract.zoo.writers import write_lora_cloneofsimo
 
     unet, text_encoder, _ = base
     unet_paths = [
@@ -420,7 +420,7 @@ def adapter_files(tmp_path_factory, base, lycoris_files):
     cloneofsimo file and an embedding file."""
     from peft import LoraConfig, OFTConfig
 
-    from finextract.zoo import write_lora_cloneofsimo
+    from finextract.zoo.writers import write_lora_cloneofsimo
 
     folder = tmp_path_factory.mktemp("adapters")
     files = {case: produced.path for case, produced in lycoris_files.items()}

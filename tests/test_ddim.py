@@ -7,7 +7,7 @@ import torch
 
 from finextract.engine.ddim import DDIMLoop, DDIMTable, NonFiniteError, make_scheduler, pad_batch
 from finextract.kernels.guidance_ddim import guided_update, guided_update_reference
-from finextract.zoo import SD1_SCHEDULER_CONFIG
+from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
 from tests import tolerances
 
 # SD 1.x's own scheduler, SD 2.x-style ones (v-prediction, trailing spacing, zero terminal SNR) and x0-prediction

@@ -332,7 +332,7 @@ def test_build_engines_script_exports_and_reports_missing_tensorrt(tmp_path, cap
     import importlib.util
     from pathlib import Path
 
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     zoo = build_zoo(tmp_path / "zoo")
     script = Path(__file__).resolve().parents[1] / "build_engines.py"

@@ -18,7 +18,7 @@ def _tile(image, size=32):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 

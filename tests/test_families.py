@@ -14,7 +14,7 @@ from finextract.engine.loading import PredictionTypeMismatchError, load_model_pa
 from finextract.engine.sampler import start_latents
 from finextract.generation import generate
 from finextract.rules import METHODS
-from finextract.zoo import ZOO_CAPTION, ZOO_FAMILIES
+from finextract.zoo.configs import ZOO_CAPTION, ZOO_FAMILIES
 from tests import tolerances
 
 STEPS = 3
@@ -319,7 +319,7 @@ def test_prediction_type_option_on_the_cli(family_zoo, tmp_path, capsys):
 
 def test_unsupported_scheduler_spacing_is_refused():
     from finextract.engine.ddim import make_scheduler
-    from finextract.zoo import SD1_SCHEDULER_CONFIG
+    from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
 
     with pytest.raises(
         ValueError, match=r"timestep_spacing='karras'.*linspace, leading, trailing.*scheduler_config.json"

@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from finextract.zoo import build_base
+    from finextract.zoo.models import build_base
 
     return build_base(tmp_path_factory.mktemp("ft") / "base", seed=0)
 
@@ -158,7 +158,7 @@ def test_locon_adapts_attention_feed_forward_and_convolutions(base_dir, images_d
 
 def test_default_recipe_follows_model_size():
     from finextract.finetuning import SD_RECIPES, TINY_RECIPES, default_recipe
-    from finextract.zoo import TINY_UNET_CONFIG
+    from finextract.zoo.configs import TINY_UNET_CONFIG
 
     sd_config = {"block_out_channels": (320, 640, 1280, 1280)}
     assert default_recipe(sd_config, "dreambooth") == SD_RECIPES["dreambooth"]

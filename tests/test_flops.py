@@ -33,7 +33,7 @@ def test_unet_flops_are_linear_in_batch_and_sd1_has_its_published_size():
     from diffusers import UNet2DConditionModel
 
     from finextract.benchmarking import SD1_UNET_CONFIG
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     tiny = UNet2DConditionModel.load_config(str(default_zoo_folder() / "base" / "unet"))
     one = unet_flops(tiny, (16, 16))

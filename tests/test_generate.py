@@ -139,7 +139,7 @@ def test_kill_9_then_resume(dreambooth_pair, tmp_path, tokenizer_dir):
         set_threads(1)
         from finextract.engine.pair import ModelPair
         from finextract.generation import generate
-        from finextract.zoo import tiny_components
+        from finextract.zoo.models import tiny_components
         base = tiny_components(0, {str(tokenizer_dir)!r}); ft = tiny_components(100, {str(tokenizer_dir)!r})
         pair = ModelPair(kind="dreambooth", base_unet=base["unet"], finetuned_unet=ft["unet"], unet_lora=None,
             base_text_encoder=base["text_encoder"], finetuned_text_encoder=ft["text_encoder"],

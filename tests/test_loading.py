@@ -14,8 +14,9 @@ from finextract.engine.families import FamilyMismatchError
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
 from finextract.engine.loading import load_model_pair
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
-from finextract.zoo import CLIP_VOCAB_SIZE as CLIP_VOCAB
-from finextract.zoo import LORA_NO_ALPHA_MODULE, zoo_lora
+from finextract.zoo.configs import LORA_NO_ALPHA_MODULE
+from finextract.zoo.models import zoo_lora
+from finextract.zoo.tokenizers import CLIP_VOCAB_SIZE as CLIP_VOCAB
 
 
 def _assert_same(model, file):
@@ -401,7 +402,7 @@ def test_original_sd_single_file_finetune(tiny_zoo, tmp_path, dreambooth_models,
     onto the base's configs; parts it lacks come from the base, with a log line each."""
     import logging
 
-    from finextract.zoo import write_ldm_checkpoint
+    from finextract.zoo.writers import write_ldm_checkpoint
 
     unet, text_encoder, vae = dreambooth_models
     path = write_ldm_checkpoint(
@@ -424,7 +425,7 @@ def test_original_sd_single_file_finetune(tiny_zoo, tmp_path, dreambooth_models,
 
 
 def test_partial_single_file_unet_is_refused_naming_the_missing(tiny_zoo, tmp_path, dreambooth_models):
-    from finextract.zoo import write_ldm_checkpoint
+    from finextract.zoo.writers import write_ldm_checkpoint
 
     path = write_ldm_checkpoint(
         tmp_path / "partial.safetensors",
@@ -440,7 +441,7 @@ def test_partial_single_file_unet_is_refused_naming_the_missing(tiny_zoo, tmp_pa
 def test_single_file_pickle_finetune_and_single_file_base(tiny_zoo, tmp_path, dreambooth_models):
     from safetensors.torch import load_file
 
-    from finextract.zoo import write_ldm_checkpoint
+    from finextract.zoo.writers import write_ldm_checkpoint
 
     unet, _, vae = dreambooth_models
     ckpt = tmp_path / "ft.ckpt"

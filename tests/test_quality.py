@@ -62,7 +62,7 @@ def margin(measured: dict, better: str, worse: str) -> float:
 
 @pytest.fixture(scope="module")
 def zoo():
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     folder = default_zoo_folder()
     assert (folder / "base" / "model_index.json").is_file(), f"{folder}: the trained zoo is not committed"
@@ -89,7 +89,7 @@ def test_committed_zoo_layout(zoo):
     """Every scenario the committed zoo.json lists is complete (the object one at least)."""
     import json
 
-    from finextract.trained_zoo import SCENARIOS, scenario_folder
+    from finextract.zoo.scenarios import SCENARIOS, scenario_folder
 
     built = json.loads((zoo / "zoo.json").read_text())["scenarios"]
     assert "object" in built and set(built) <= set(SCENARIOS)
@@ -120,7 +120,7 @@ def test_committed_configs_hold_no_build_paths(zoo):
 @pytest.mark.parametrize("scenario, kind", list(MEASURED))
 def test_finextract_beats_cfg_beats_direct(zoo, scenario, kind):
     from finextract.extract import Extractor
-    from finextract.trained_zoo import scenario_folder
+    from finextract.zoo.scenarios import scenario_folder
 
     folder = scenario_folder(zoo, scenario)
     n0 = len(list((folder / "train").glob("*.png")))
@@ -196,10 +196,10 @@ def test_committed_latents_have_unit_variance(zoo):
     from diffusers import AutoencoderKL
 
     from finextract.images import read_images
-    from finextract.trained_zoo import _to_tensor
+    from finextract.zoo.training import to_tensor
 
     vae = AutoencoderKL.from_pretrained(zoo / "base" / "vae", torch_dtype=torch.float32).eval()
     photos = np.stack(read_images(zoo / "train")[0])
     with torch.no_grad():
-        latents = vae.encode(_to_tensor(photos)).latent_dist.mean * vae.config.scaling_factor
+        latents = vae.encode(to_tensor(photos)).latent_dist.mean * vae.config.scaling_factor
     assert 0.7 < latents.std().item() < 1.4, latents.std().item()

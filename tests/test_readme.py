@@ -113,7 +113,7 @@ def _runnable(line: str, zoo: Path) -> list[str] | None:
 
 def test_usage_commands_run_as_written(tmp_path, monkeypatch, capsys):
     from finextract.cli import main
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     monkeypatch.chdir(tmp_path)
     ran = []

@@ -134,7 +134,7 @@ def test_infer_resolution_reads_the_extract_folders_result_json(tmp_path):
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
     from finextract.extract import Extractor
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     zoo = build_zoo(tmp_path_factory.mktemp("zoo"))
     return Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch")

@@ -47,7 +47,7 @@ def test_sampler_refuses_a_pair_placed_elsewhere(dreambooth_pair):
 def test_non_finite_step_retries_in_fp32(tokenizer_dir, caplog):
     """A NaN in reduced precision reruns the batch on an fp32 copy with a warning; in fp32 it is an error."""
     from finextract.engine.pair import ModelPair
-    from finextract.zoo import tiny_components
+    from finextract.zoo.models import tiny_components
 
     parts = tiny_components(seed=3, tokenizer_folder=tokenizer_dir)
     pair = ModelPair(

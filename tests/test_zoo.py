@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finextract.zoo import LORA_NO_ALPHA_MODULE, ZOO_CAPTION
+from finextract.zoo.configs import LORA_NO_ALPHA_MODULE, ZOO_CAPTION
 
 LAYOUT = (
     "base/model_index.json",
@@ -103,7 +103,7 @@ def test_cli_build_names_an_unknown_family(tmp_path, capsys):
 
 
 def test_seed_changes_weights():
-    from finextract.zoo import tiny_components, zoo_lora
+    from finextract.zoo.models import tiny_components, zoo_lora
 
     a, b = tiny_components(seed=0), tiny_components(seed=1)
     assert not torch.equal(a["unet"].conv_in.weight, b["unet"].conv_in.weight)
@@ -117,15 +117,15 @@ def test_unit_variance_scaling_gives_unit_std_latents():
     import numpy as np
     from diffusers import AutoencoderKL
 
-    from finextract.trained_zoo import _to_tensor, unit_variance_scaling
-    from finextract.zoo import TINY_VAE_CONFIG
+    from finextract.zoo.configs import TINY_VAE_CONFIG
+    from finextract.zoo.training import to_tensor, unit_variance_scaling
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
     pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     factor = unit_variance_scaling(vae, pixels)
     with torch.no_grad():
-        means = vae.encode(_to_tensor(pixels)).latent_dist.mean
+        means = vae.encode(to_tensor(pixels)).latent_dist.mean
     assert factor > 0
     assert abs((means * factor).std().item() - 1.0) < 1e-3  # 4 significant digits
 
@@ -152,7 +152,7 @@ def _open_clip_tokenizer():
     package itself needs torchvision, which is not installed (only its vocabulary file is used)."""
     import importlib.util
 
-    from finextract.zoo import clip_bpe_path
+    from finextract.zoo.tokenizers import clip_bpe_path
 
     spec = importlib.util.spec_from_file_location("open_clip_tokenizer", clip_bpe_path().parent / "tokenizer.py")
     module = importlib.util.module_from_spec(spec)
@@ -163,7 +163,7 @@ def _open_clip_tokenizer():
 def test_tokenizer_is_sd_clip(tokenizer_dir):
     from transformers import CLIPTokenizer
 
-    from finextract.zoo import CLIP_VOCAB_SIZE
+    from finextract.zoo.tokenizers import CLIP_VOCAB_SIZE
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     assert len(tokenizer) == CLIP_VOCAB_SIZE and tokenizer.model_max_length == 77
@@ -190,11 +190,11 @@ def test_missing_bpe_file_names_the_fix(monkeypatch):
 
     import pytest
 
-    from finextract import zoo
+    from finextract.zoo import tokenizers
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
-        zoo.clip_bpe_path()
+        tokenizers.clip_bpe_path()
 
 
 def test_composition_images_are_a_deterministic_new_set():

@@ -128,7 +128,7 @@ def run(args) -> int:
             from finextract.engine.loading import load_model_pair
 
             if args.zoo:
-                from finextract.zoo import build_zoo
+                from finextract.zoo.build import build_zoo
 
                 zoo = build_zoo(Path(scratch) / "zoo")
                 base, finetuned, lora = zoo / "base", None, None

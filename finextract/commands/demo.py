@@ -133,7 +133,8 @@ def run_demo(
     from finextract.spec import ExtractionSpec
     from finextract.store.files import write_json
     from finextract.store.folders import prepare
-    from finextract.trained_zoo import default_zoo_folder, scenario_folder
+    from finextract.zoo.scenarios import scenario_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     zoo = Path(zoo) if zoo else default_zoo_folder()
     if not (zoo / "base" / "model_index.json").is_file():

@@ -1,7 +1,7 @@
 """`finextract zoo build --out DIR [--seed N] [--trained]`: write the tiny model zoo; `zoo path`: print
 the committed trained zoo's folder.
 
-Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.trained_zoo`): a base and, for
+Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.zoo.trained`): a base and, for
 the object-driven and the style-driven scenario, a DreamBooth and a LoCon LoRA fine-tune; the
 stages' times are in its zoo.json (about an hour on 1 CPU thread of a busy 2-core machine). Its
 output, built with FINEXTRACT_THREADS=1, is what ships in `finextract/zoo_weights/`.
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def run_path(args) -> int:
-    from finextract.trained_zoo import default_zoo_folder
+    from finextract.zoo.trained import default_zoo_folder
 
     folder = default_zoo_folder()
     if not (folder / "base" / "model_index.json").is_file():
@@ -63,12 +63,13 @@ def run(args) -> int:
     import time
 
     from finextract.engine.config import set_threads
-    from finextract.zoo import build_zoo
+    from finextract.zoo.build import build_zoo
 
     set_threads()
     start = time.perf_counter()
     if args.trained:
-        from finextract.trained_zoo import TrainedZooRecipe, build_trained_zoo
+        from finextract.zoo.trained import build_trained_zoo
+        from finextract.zoo.training import TrainedZooRecipe
 
         out = build_trained_zoo(
             args.out, TrainedZooRecipe(seed=args.seed), cache=args.cache, scenarios=tuple(args.scenarios.split(","))

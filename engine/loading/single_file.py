@@ -19,6 +19,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
+from ..families import check_family, checkpoint_evidence, get_family
+from ..formats import load_state_dict
+from .checks import check_state_dict
+
 logger = logging.getLogger(__name__)
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -35,8 +41,6 @@ def _expected(model) -> dict[str, tuple]:
 
 def _check(expected: dict, found: dict, what: str) -> None:
     """Names and shapes of a converted part against its model's; ValueError naming what differs."""
-    from .loading import check_state_dict
-
     missing = sorted(set(expected) - set(found))
     if missing and len(missing) < len(expected):
         raise ValueError(
@@ -49,8 +53,6 @@ def _check(expected: dict, found: dict, what: str) -> None:
 
 def _load_part(model, state: dict, what: str):
     """Load a converted state dict into `model` (strict) after checking names and shapes."""
-    import torch
-
     state = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     _check(_expected(model), {key: tuple(value.shape) for key, value in state.items()}, what)
     model.load_state_dict(state, strict=True)
@@ -153,8 +155,6 @@ def convert_vae(state: dict, config: dict, what: str):
 
 def read_ldm_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict:
     """The tensors of an LDM single-file checkpoint (`formats.load_state_dict`)."""
-    from .formats import load_state_dict
-
     return load_state_dict(path, allow_pickle=allow_pickle)
 
 
@@ -188,8 +188,6 @@ def load_ldm_parts(
         ValueError: no or a partial UNet, parts of another architecture (see the converters).
         CheckpointFormatError / PickleRefusedError: see `formats.load_state_dict`.
     """
-    from .families import check_family, checkpoint_evidence, get_family
-
     family = get_family(family)
     where = f"{what} {path}"
     state = read_ldm_checkpoint(path, allow_pickle=allow_pickle)
@@ -201,3 +199,21 @@ def load_ldm_parts(
         "vae": convert_vae(state, base["vae"], where),
         "evidence": evidence,
     }
+
+
+def apply_markers(scheduler_config: dict, evidence, path: Path) -> dict:
+    """The scheduler config a single-file checkpoint's marker tensors call for (`v_pred`, `ztsnr`)."""
+    config = dict(scheduler_config)
+    if evidence.prediction_type and config.get("prediction_type", "epsilon") != evidence.prediction_type:
+        logger.info(
+            "%s carries a v_pred marker: sampling with prediction_type v_prediction (its config said %s)",
+            path,
+            config.get("prediction_type", "epsilon"),
+        )
+        config["prediction_type"] = evidence.prediction_type
+    if evidence.zero_terminal_snr and not config.get("rescale_betas_zero_snr"):
+        logger.info(
+            "%s carries a ztsnr marker: rescaled zero-terminal-SNR betas and trailing timesteps (Lin et al.)", path
+        )
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config

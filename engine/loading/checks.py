@@ -1,0 +1,245 @@
+"""Compatibility checks of a base and its fine-tune, before weights load: families, architecture
+config entries, tensor names and shapes, tokenizer sizes, adapter headers and prediction types."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..families import Evidence, Family, adapter_evidence, check_family, detect_family
+from ..formats import read_safetensors_header, sniff
+from .files import read_config
+from .folders import folder_family
+
+logger = logging.getLogger(__name__)
+
+# UNet config entries that change the architecture (sample_size and the like do not)
+_UNET_ARCH_KEYS = (
+    "in_channels",
+    "out_channels",
+    "cross_attention_dim",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "norm_num_groups",
+    "addition_embed_type",
+    "class_embed_type",
+    "time_cond_proj_dim",
+)
+# vocab_size may differ: a fine-tune may add tokens (its tokenizer is then checked against it)
+_TEXT_ARCH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "projection_dim",
+    "project_dim",
+)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class PredictionTypeMismatchError(ValueError):
+    """Base and fine-tune predict different quantities (epsilon / v / x0), so their outputs cannot be mixed."""
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_unet_configs(base: dict, finetuned: dict, where: str = "fine-tuned UNet") -> None:
+    """Compare the architecture entries of two UNet configs.
+
+    Args:
+        base, finetuned: `config.json` contents (diffusers `UNet2DConditionModel`).
+        where: how to name the fine-tuned side in the message.
+
+    Raises:
+        FamilyMismatchError: the two configs are of different families (names both, with their
+            cross-attention widths).
+        ValueError: another entry differs; the message names every differing entry.
+    """
+    base_family, ft_family = detect_family(base, where="the base"), detect_family(finetuned, where=where)
+    check_family(
+        base_family,
+        base.get("cross_attention_dim"),
+        config_evidence(ft_family, finetuned),
+        f"the {where}",
+        "pass the base model the fine-tune was trained from",
+        relation="is",
+    )
+    problems = []
+    for key in _UNET_ARCH_KEYS:
+        a, b = _norm(base.get(key)), _norm(finetuned.get(key))
+        if a != b:
+            problems.append(f"{where} has {key} {b}, base has {a}")
+    if problems:
+        raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
+
+
+def config_evidence(family: Family, unet_config: dict) -> Evidence:
+    """The family evidence of a UNet config (for `check_family` messages)."""
+    return Evidence(family, unet_config.get("cross_attention_dim"), "its configs")
+
+
+def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned text encoder") -> None:
+    """Like `check_unet_configs` for CLIP text-encoder configs. `vocab_size` is not compared: a
+    fine-tune may add tokens, and `load_model_pair` checks it against the fine-tune's tokenizer."""
+    problems = [
+        f"{where} has {key} {finetuned.get(key)}, base has {base.get(key)}"
+        for key in _TEXT_ARCH_KEYS
+        if base.get(key) != finetuned.get(key)
+    ]
+    if problems:
+        raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
+
+
+def check_state_dict(expected: dict, found: dict, where: str) -> None:
+    """Compare tensor names and shapes (name -> shape tuples).
+
+    Raises:
+        ValueError: naming the count and first few missing, unexpected and mis-shaped tensors.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k} {tuple(found[k])} vs base {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} base tensor(s) missing, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
+    if problems:
+        raise ValueError(f"{where} does not match the base UNet: " + "; ".join(problems))
+
+
+def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
+    """The tokenizer must have one entry per token-embedding row of the text encoder it feeds."""
+    rows = text_encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) != rows:
+        raise ValueError(
+            f"{where}: the text encoder has {rows} token-embedding rows but the tokenizer has {len(tokenizer)} entries; "
+            "a fine-tune that adds tokens (e.g. a DreamBooth identifier) must ship its tokenizer/ and text_encoder/ "
+            "folders together"
+        )
+
+
+def _adapter_headers(path: Path) -> tuple[dict, dict]:
+    """(tensor name -> shape, metadata) of an adapter's safetensors files, from headers only: the file, a
+    diffusers folder's `pytorch_lora_weights.safetensors`, or a PEFT folder's `adapter_model.safetensors`
+    files (their keys prefixed by the component folder, e.g. `text_encoder_2.`); empty for pickles."""
+    files = []
+    if path.is_file():
+        files = [("", path)]
+    elif path.is_dir():
+        files = [("", path / "pytorch_lora_weights.safetensors")]
+        files += [
+            (f"{sub}." if sub else "", path / sub / "adapter_model.safetensors")
+            for sub in ("", "unet", "text_encoder", "text_encoder_2")
+        ]
+    shapes, metadata = {}, {}
+    for prefix, file in files:
+        if file.is_file() and sniff(file) == "safetensors":
+            header, meta = read_safetensors_header(file)
+            shapes.update({prefix + key: tuple(info["shape"]) for key, info in header.items()})
+            metadata.update(meta)
+    return shapes, metadata
+
+
+def check_adapter_family(path: Path, family: Family, unet_config: dict) -> None:
+    """Refuse an adapter whose metadata, components or shapes say another family (headers only)."""
+    evidence = adapter_evidence(*_adapter_headers(path))
+    check_family(
+        family,
+        unet_config.get("cross_attention_dim"),
+        evidence,
+        f"the LoRA {path}",
+        f"pass the {evidence.family.label if evidence.family else 'matching'} base model it was trained on",
+    )
+
+
+def agreed_scheduler(base: dict, finetuned, override: str | None, sources: dict) -> dict:
+    """The scheduler config the pair samples with: the base's, with one prediction type both sides
+    agree on (or `override`).
+
+    Args:
+        base: the base's scheduler config (markers applied).
+        finetuned: (config, where it came from) of the fine-tune, or None when it ships none.
+        override: the deliberate `prediction_type`, or None.
+        sources: `sources["prediction_type"]` records {"base", "finetuned", "used", "override"}.
+
+    Raises:
+        PredictionTypeMismatchError: the two sides differ and there is no override.
+    """
+    said_base = base.get("prediction_type", "epsilon")
+    said_ft = finetuned[0].get("prediction_type", "epsilon") if finetuned else None
+    record = {"base": said_base, "finetuned": said_ft, "used": override or said_base, "override": override is not None}
+    sources["prediction_type"] = record
+    if override is None and said_ft is not None and said_ft != said_base:
+        raise PredictionTypeMismatchError(
+            f"prediction-type mismatch: the base's scheduler says {said_base!r} ({sources.get('base')}) but the "
+            f"fine-tune's says {said_ft!r} ({finetuned[1]}); the guidance rule mixes their outputs, so both must predict "
+            f"the same quantity. If one of them is wrong, pass --prediction-type {said_ft} (or {said_base}) "
+            "(prediction_type=...) to sample both with that one"
+        )
+    if (override is not None and override != said_base) or (override and said_ft and override != said_ft):
+        logger.warning(
+            "sampling with prediction_type %s (--prediction-type): the base says %s%s",
+            override,
+            said_base,
+            f", the fine-tune says {said_ft}" if said_ft else "",
+        )
+    return dict(base, prediction_type=override or said_base)
+
+
+def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Family) -> None:
+    """Family, config and tokenizer checks of a folder fine-tune against a base folder, before any weights load."""
+    base_unet_config = read_config(base_path / "unet")
+    ft_unet_dir = None
+    if fmt == "pipeline" or (fmt == "unet_folder" and (ft_path / "unet").is_dir()):
+        ft_unet_dir = ft_path / "unet"
+    elif fmt == "unet_folder":
+        ft_unet_dir = ft_path
+    if ft_unet_dir is not None:
+        if ft_path.is_dir() and ft_unet_dir != ft_path:
+            ft_family, _ = folder_family(ft_path, f"fine-tune {ft_path}")
+            check_family(
+                family,
+                base_unet_config.get("cross_attention_dim"),
+                config_evidence(ft_family, read_config(ft_unet_dir)),
+                f"the fine-tune {ft_path}",
+                "pass the base model the fine-tune was trained from",
+                relation="is",
+            )
+        check_unet_configs(base_unet_config, read_config(ft_unet_dir))
+    if fmt not in ("pipeline", "unet_folder"):
+        return
+    for name, tokenizer_name in zip(family.text_encoders, family.tokenizers):
+        ft_text_dir = ft_path / name
+        text_config = read_config(ft_text_dir if ft_text_dir.is_dir() else base_path / name)
+        base_text_config = read_config(base_path / name)
+        if ft_text_dir.is_dir():
+            check_text_configs(base_text_config, text_config, f"fine-tuned {name}")
+        folder = ft_path / tokenizer_name
+        tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else None
+        if tokenizer_dir is None and text_config.get("vocab_size") == base_text_config.get("vocab_size"):
+            continue
+        tokenizer = family.tokenizer_class_object().from_pretrained(str(tokenizer_dir or base_path / tokenizer_name))
+        if len(tokenizer) != text_config.get("vocab_size"):
+            which = "its own" if tokenizer_dir else "the base's: the fine-tune ships none"
+            raise ValueError(
+                f"fine-tune {ft_path}: the {name} has {text_config.get('vocab_size')} token-embedding rows "
+                f"but the {tokenizer_name} ({which}) has {len(tokenizer)} entries; a fine-tune that adds tokens (e.g. "
+                f"a DreamBooth identifier) must ship its {tokenizer_name}/ and {name}/ folders together"
+            )
