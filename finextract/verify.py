@@ -6,7 +6,8 @@ Three kinds of check, each a `Check` (one line of output):
    images) is read again at its recorded path (or under a folder the caller names instead: moved
    copies) and its size and sha256 compared; every byte is re-read (the hash cache is not used).
    Files of the input that the record does not name fail too.
-2. **Images.** The folder's `extracted/` must hold exactly the files the record names; K of them are
+2. **Images.** The folder's `extracted/` must hold exactly the files the record names, each with its
+   recorded sha256 (`extracted_sha256`, every file whatever K); K of them are
    regenerated from their seeds with the recorded settings (method, w, k, caption, steps, seed, device,
    dtypes, backend), each within its original batch (`_original_batch`: up to `batch_size` images per
    checked image), and compared pixel by pixel with the saved PNGs. On the same backend, device, dtypes,
@@ -221,6 +222,7 @@ def _check_folder(run: Path, record: dict, verification: Verification) -> list[t
             verification.add("folder", name, False, "named by result.json but missing")
         else:
             files.append((int(index), run / name))
+            _check_saved_file(name, run / name, record.get("extracted_sha256"), verification)
     if len(names) != len(indices) or len(names) != record.get("n0", len(names)):
         verification.add(
             "folder", "result.json", False, f"{len(names)} files for {len(indices)} indices, N0 {record.get('n0')}"
@@ -228,6 +230,17 @@ def _check_folder(run: Path, record: dict, verification: Verification) -> list[t
     elif len(files) == len(names) and not (present - named):
         verification.add("folder", "extracted/", True, f"exactly the {len(names)} recorded images")
     return files
+
+
+def _check_saved_file(name: str, path: Path, recorded: dict | None, verification: Verification) -> None:
+    """A saved extracted PNG against its sha256 in the record (every file, whatever `--images K`
+    regenerates). A record from before `extracted_sha256` existed only gets the regeneration check."""
+    if not isinstance(recorded, dict):
+        return
+    if name not in recorded:
+        verification.add("folder", name, False, "no sha256 for it in result.json")
+    elif sha256_file(path) != recorded[name]:
+        verification.add("folder", name, False, "sha256 differs from result.json: the file changed after the run")
 
 
 def _check_model_input(entry: dict, where: Path | None, verification: Verification) -> None:

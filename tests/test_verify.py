@@ -104,8 +104,12 @@ def test_verify_fails_on_an_altered_extracted_image(extraction, capsys, tmp_path
     code, lines = _verify(capsys, run)
     failures = [line for line in lines if line.startswith("FAIL")]
     assert code == 1
-    assert len(failures) == 1 and failures[0].startswith(f"FAIL image {name}: differs from its regeneration")
-    assert "max |difference| 1 levels (allowed 0)" in failures[0]
+    assert failures[0] == f"FAIL folder {name}: sha256 differs from result.json: the file changed after the run"
+    assert len(failures) == 2 and failures[1].startswith(f"FAIL image {name}: differs from its regeneration")
+    assert "max |difference| 1 levels (allowed 0)" in failures[1]
+    # regenerating none of the images (--images 0) still catches it: every saved PNG's sha256 is recorded
+    code, lines = _verify(capsys, run, "--images", "0")
+    assert code == 1 and [line for line in lines if line.startswith("FAIL")] == failures[:1]
 
 
 def test_verify_fails_on_a_swapped_training_image(extraction, capsys, tmp_path):
@@ -157,6 +161,10 @@ def test_verify_tolerance_case_on_another_machine(extraction, tmp_path, monkeypa
     pixels = np.asarray(Image.open(run / name).convert("RGB")).astype(int)
     pixels[0, 0, 1] = pixels[0, 0, 1] + 1 if pixels[0, 0, 1] < 255 else 254
     Image.fromarray(pixels.astype(np.uint8)).save(run / name)
+    # as if that PNG had been saved so on the other machine: its recorded sha256 is the file's
+    record = json.loads((run / "result.json").read_text())
+    record["extracted_sha256"][name] = hashlib.sha256((run / name).read_bytes()).hexdigest()
+    (run / "result.json").write_text(json.dumps(record))
     monkeypatch.setattr(verify, "machine_record", lambda: {"system": "Linux", "arch": "riscv64", "cpu": "other"})
     result = verify.verify_run(run)
     assert result.ok and result.case == "tolerance" and result.tolerance == verify.PIXEL_TOLERANCE == 1

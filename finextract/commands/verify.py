@@ -20,7 +20,8 @@ def register(subparsers) -> None:
    named in RUN/result.json is re-read at its recorded path (or under --base / --finetuned / --lora /
    --train / --base-config when they moved) and its size and sha256 compared; a file the record does
    not name fails too.
-2. images: RUN/extracted/ must hold exactly the images the record names; K of them (--images) are
+2. images: RUN/extracted/ must hold exactly the images the record names, each with its recorded
+   sha256 (every image, whatever K); K of them (--images) are
    regenerated from their seeds with the recorded settings, each inside its original batch (up to
    the recorded --batch-size images generated per checked image), and compared with the saved PNGs:
    bit-identical on the same backend, device, dtypes, machine kind and versions, else within
