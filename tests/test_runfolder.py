@@ -127,7 +127,9 @@ def test_extract_reruns_replace_or_refuse_and_keep_chunks(tiny_zoo, tmp_path):
     before = (out / "result.json").read_bytes()
 
     # another N0: refused before any work, nothing touched
-    with pytest.raises(ValueError, match=r"holds another run \(there -> now: n0: 3 -> 1\).*--overwrite"):
+    # (N0 alone changed: the message offers clustering the generated images again instead)
+    hint = r"to pick another N0 from its images: finextract cluster --images .* --n0 K --out NEW"
+    with pytest.raises(ValueError, match=r"holds another run \(there -> now: n0: 3 -> 1; " + hint + r"\).*--overwrite"):
         extractor.extract("a photo of sks", 1, out=out, **options)
     assert (out / "result.json").read_bytes() == before and len(_pngs(out / "extracted")) == 3
 

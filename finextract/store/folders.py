@@ -210,6 +210,8 @@ def _check_run(out: Path, command: str, settings: dict | None, overwrite: bool) 
     if overwrite:
         if kind != command:
             logger.warning("%s: replacing the %s run there with this %s run (--overwrite)", out, kind, command)
+        else:
+            logger.info("%s: this run replaces the %s run there when it finishes (--overwrite)", out, kind)
         return
     if kind != command:
         listed = f"`finextract {kind}` -> `finextract {command}`"
@@ -217,9 +219,13 @@ def _check_run(out: Path, command: str, settings: dict | None, overwrite: bool) 
         old = read_json(out / marker).get("run_folder")
         if settings is None or not isinstance(old, dict):
             return
-        listed = "; ".join(shown(differences(old.get("settings"), settings)))
+        changed = differences(old.get("settings"), settings)
+        listed = "; ".join(shown(changed))
         if not listed:
             return
+        if command == "extract" and all(line.startswith(("n0:", "num_images:")) for line in changed):
+            # N0 alone: the images generated already can be clustered again in seconds
+            listed += f"; to pick another N0 from its images: finextract cluster --images {out} --n0 K --out NEW"
     raise ValueError(
         f"output folder {out} (--out, out=) holds another run (there -> now: {listed}); rerun with its settings, "
         "pass --overwrite (overwrite=True) to replace it, or choose another output folder"
