@@ -51,6 +51,8 @@ class ExtractionResult:
         evidence: what the result was computed from (`finextract.evidence`): {"inputs": every input
             file's path, size and sha256, "environment": Python, machine, versions, "command": command
             line and API call}, or None (clustering existing images).
+        work: the generation's counted work (`finextract.generation.count_work`: UNet evaluations,
+            wall and CPU seconds), or an empty dict (clustering existing images).
     """
 
     images: np.ndarray
@@ -68,6 +70,7 @@ class ExtractionResult:
     similarity_histogram: dict | None = None
     n0_estimate: object = None
     evidence: dict | None = None
+    work: dict = field(default_factory=dict)
 
 
 def cluster_images(
@@ -440,8 +443,20 @@ class Extractor:
             overwrite=overwrite,
         )
         timings["generate"] = time.perf_counter() - start
+        work = generation.work
+        logger.info(
+            "%d UNet evaluations (%d images x %d steps x %d per step; %d computed now) in %.1f s wall, %.1f s CPU",
+            work["unet_evaluations"],
+            spec.num_images,
+            work["per_image"]["steps"],
+            work["per_image"]["terms"],
+            work["unet_evaluations_computed"],
+            work["wall_s"],
+            work["cpu_s"],
+        )
         images = generation.images
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
+        result.work = work
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
             n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +38,35 @@ class GenerationResult:
         seeds: the N start-latent seeds (`config.seed + i`).
         manifest: the run's manifest (`config`: what the images depend on, the resume key; `run`: the
             `RunConfig` record; versions, seeds, chunks); also `out/manifest.json`.
+        work: the counted work (`count_work`): "unet_evaluations", the (image, step, model) UNet forward
+            evaluations the N images cost, N x steps x the rule's terms; "unet_evaluations_computed",
+            those this call ran (resumed chunks cost none); "wall_s" and "cpu_s" (this process's CPU
+            seconds, all threads) of the sampling this call ran.
     """
 
     images: torch.Tensor
     seeds: list[int]
     manifest: dict
+    work: dict = field(default_factory=dict)
+
+
+def count_work(num_images: int, computed_images: int, steps: int, terms: int, wall_s: float, cpu_s: float) -> dict:
+    """The work record of a generation: UNet evaluations counted, seconds measured.
+
+    Args:
+        num_images: N. computed_images: those sampled by this call (N less the resumed ones).
+        steps: DDIM steps (one UNet evaluation per model term per step). terms: the rule's model terms
+            (2 for FineXtract, CFG and Eq. 6; 1 for Direct): a fused 2B LoRA forward counts as 2.
+        wall_s, cpu_s: wall-clock and process CPU seconds of the sampling.
+    """
+    per_image = steps * terms
+    return {
+        "unet_evaluations": num_images * per_image,
+        "unet_evaluations_computed": computed_images * per_image,
+        "per_image": {"steps": steps, "terms": terms},
+        "wall_s": round(wall_s, 3),
+        "cpu_s": round(cpu_s, 3),
+    }
 
 
 def generate(
@@ -183,6 +207,7 @@ def _generate(
         chunks.adopt_finished(folder, planned, seeds)
         chunks.write_manifest(folder, manifest)
     pending = [chunk for chunk in planned if chunk["status"] != "done"]
+    clock, cpu_clock = time.perf_counter(), time.process_time()
     if len(pending) < len(planned):
         logger.info("resuming %s: %d of %d chunks already done", folder, len(planned) - len(pending), len(planned))
 
@@ -229,7 +254,16 @@ def _generate(
         for chunk in planned:
             if chunk["index"] not in results and not chunks.pngs_complete(folder, chunk):
                 chunks.write_pngs(folder, images[chunk["start"] : chunk["stop"]].cpu().numpy(), chunk["start"])
-    return GenerationResult(images=images, seeds=seeds, manifest=manifest)
+    computed = sum(chunk["stop"] - chunk["start"] for chunk in pending)
+    work = count_work(
+        len(seeds),
+        computed,
+        config.steps,
+        len(rule.terms),
+        time.perf_counter() - clock,
+        time.process_time() - cpu_clock,
+    )
+    return GenerationResult(images=images, seeds=seeds, manifest=manifest, work=work)
 
 
 def _normalise(value, default=None):

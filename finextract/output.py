@@ -99,6 +99,8 @@ def write_output(
         record["similarity_histogram"] = result.similarity_histogram
     if result.metrics is not None:
         record["metrics"] = result.metrics
+    if result.work:
+        record["work"] = result.work
     if result.evidence is not None:
         record["evidence"] = result.evidence
     write_record(out, record)

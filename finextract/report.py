@@ -462,6 +462,14 @@ def write_report(
     )
     body.append("<h2>Settings</h2>")
     body.append(settings_table(settings, skip=("inputs.files",)))
+    work = result.get("work") or {}
+    if work:
+        per = work["per_image"]
+        body.append(
+            f"<p class='note'>Work: {work['unet_evaluations']:,} UNet evaluations ({result.get('num_images')} images "
+            f"x {per['steps']} steps x {per['terms']} models; {work['unet_evaluations_computed']:,} computed in "
+            f"this run, {work['wall_s']:.1f} s wall, {work['cpu_s']:.1f} s CPU).</p>"
+        )
     timings = result.get("timings") or {}
     if timings:
         body.append("<p class='note'>Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + "</p>")

@@ -301,3 +301,38 @@ def test_generate_refuses_an_extract_or_cluster_folder(dreambooth_pair, tmp_path
         with pytest.raises(ValueError, match=r"holds the output of `finextract cluster`.*another output folder"):
             generate(dreambooth_pair, CAPTION, 2, steps=1, out=tmp_path, progress=False, overwrite=overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+class ImageEvaluations:
+    """Counts (image, step, model) UNet evaluations as the UNets see them: the batch size of every
+    forward (a fused LoRA pair runs one forward on 2B images: 2B evaluations)."""
+
+    def __init__(self, *unets):
+        self.count = 0
+        self.handles = [unet.register_forward_pre_hook(self._hook) for unet in {id(u): u for u in unets}.values()]
+
+    def _hook(self, module, args):
+        self.count += int(args[0].shape[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("method, terms", [("finextract", 2), ("cfg", 2), ("direct", 1)])
+@pytest.mark.parametrize("pair_name", ["dreambooth_pair", "lora_pair"])
+def test_work_counts_the_unet_evaluations_the_unets_see(request, tmp_path, pair_name, method, terms):
+    pair = request.getfixturevalue(pair_name)
+    options = dict(steps=STEPS, batch_size=2, progress=False, backend="torch")
+    with ImageEvaluations(*_unets(pair)) as seen:
+        result = generate(pair, CAPTION, 5, method=method, out=tmp_path / "run", **options)
+    assert result.work["unet_evaluations"] == result.work["unet_evaluations_computed"] == seen.count
+    assert seen.count == 5 * STEPS * terms and result.work["per_image"] == {"steps": STEPS, "terms": terms}
+    assert result.work["wall_s"] > 0 and result.work["cpu_s"] > 0
+    with ImageEvaluations(*_unets(pair)) as seen:  # resumed: the same work recorded, none computed
+        again = generate(pair, CAPTION, 5, method=method, out=tmp_path / "run", **options)
+    assert seen.count == 0 == again.work["unet_evaluations_computed"]
+    assert again.work["unet_evaluations"] == result.work["unet_evaluations"]

@@ -154,8 +154,14 @@ def test_demo_runs_and_prints_table(zoo, tmp_path, capsys):
         ("object", "direct", 12),
     ]
     assert summary["complete"] is True
+    assert "evals" in printed
     for row in summary["rows"]:
         assert 0 <= row["A-ESR0.7"] <= row["A-ESR0.6"] <= 1 and -1 <= row["AS"] <= 1
+        # N = 12 images x 3 DDIM steps x the rule's models (FineXtract 2, Direct 1)
+        assert row["unet_evaluations"] == 12 * 3 * {"finextract": 2, "direct": 1}[row["method"]]
+        record = json.loads((out / row["folder"] / "result.json").read_text())
+        assert record["work"]["unet_evaluations"] == row["unet_evaluations"]
+        assert f"{row['unet_evaluations']:,} UNet evaluations" in (out / row["folder"] / "report.html").read_text()
         assert (
             len(list((out / row["folder"] / "best_match").glob("*.png"))) == {"object": 5, "style": 10}[row["scenario"]]
         )

@@ -234,6 +234,7 @@ def run_demo(
                             "repeat": repeat,
                             "seed": run_seed,
                             **{name: metrics[name] for name in METRICS},
+                            "unet_evaluations": result.work["unet_evaluations"],
                             "best_match": metrics["best_match"],
                             "seconds": round(time.perf_counter() - t, 1),
                             "folder": run_folder.name,
@@ -258,6 +259,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (scenario, kind, method), runs in cells.items():
         cell = {"scenario": scenario, "kind": kind, "method": method, "runs": len(runs)}
+        cell["unet_evaluations"] = int(np.mean([r.get("unet_evaluations", 0) for r in runs]))  # equal per run
         for name in METRICS:
             values = np.array([r[name] for r in runs], dtype=float)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -281,28 +283,33 @@ def _value(cell: dict, name: str, with_std: bool) -> str:
 
 def format_table(cells: list[dict]) -> str:
     """The paper's Table 1 layout, one block per scenario: a line per method, AS / A-ESR0.7 / A-ESR0.6
-    per fine-tune kind; mean ± std when a cell has several runs."""
+    and the UNet evaluations each extraction cost ("evals": images x steps x models) per fine-tune kind;
+    mean ± std when a cell has several runs."""
     with_std = any(c["runs"] > 1 for c in cells)
     width = (14 if with_std else 8) + 2  # "A-ESR0.7" is 8 characters: two spaces between columns
+    evals = 8  # "evals" column: up to 7 digits
     by_key = {(c["scenario"], c["kind"], c["method"]): c for c in cells}
     blocks = []
     for scenario in [s for s in SCENARIOS if any(c["scenario"] == s for c in cells)]:
         kinds = [k for k in KINDS if any((scenario, k, m) in by_key for m in METHODS)]
         methods = [m for m in METHODS if any((scenario, k, m) in by_key for k in kinds)]
-        group = width * 3 + 1
+        group = width * 3 + evals + 1
+        first = max(12, len(SCENARIO_NAMES[scenario]) + 1)  # "Object-driven" is 13 characters
         lines = [
-            f"{SCENARIO_NAMES[scenario]:<12}" + "".join(f"| {KIND_NAMES[k]:<{group}}" for k in kinds),
-            f"{'Method':<12}" + "".join("| " + "".join(f"{m:<{width}}" for m in METRICS) + " " for _ in kinds),
+            f"{SCENARIO_NAMES[scenario]:<{first}}" + "".join(f"| {KIND_NAMES[k]:<{group}}" for k in kinds),
+            f"{'Method':<{first}}"
+            + "".join("| " + "".join(f"{m:<{width}}" for m in METRICS) + f"{'evals':<{evals}} " for _ in kinds),
         ]
         lines.append("-" * len(lines[1]))
         for method in methods:
-            line = f"{METHOD_NAMES[method]:<12}"
+            line = f"{METHOD_NAMES[method]:<{first}}"
             for kind in kinds:
                 cell = by_key.get((scenario, kind, method))
                 if cell is None:
                     line += f"| {'-':<{group}}"
                 else:
-                    line += "| " + "".join(f"{_value(cell, m, with_std):<{width}}" for m in METRICS) + " "
+                    line += "| " + "".join(f"{_value(cell, m, with_std):<{width}}" for m in METRICS)
+                    line += f"{cell.get('unet_evaluations', 0):<{evals}} "
             lines.append(line.rstrip())
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -326,22 +333,24 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
         f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {spread}; the fine-tunes "
         f"are the committed ones. Total {summary['seconds']:.0f} s.</p>",
         table(
-            ("scenario", "kind", "method", *METRICS, "runs"),
+            ("scenario", "kind", "method", *METRICS, "UNet evaluations", "runs"),
             [
                 (
                     SCENARIO_NAMES[cell["scenario"]],
                     KIND_NAMES[cell["kind"]],
                     METHOD_NAMES[cell["method"]],
                     *(_value(cell, name, seeds > 1) for name in METRICS),
+                    cell.get("unet_evaluations", 0),
                     cell["runs"],
                 )
                 for cell in summary["cells"]
             ],
-            numeric=(3, 4, 5, 6),
+            numeric=(3, 4, 5, 6, 7),
         ),
         "<p class='note'>AS: mean over the training images of the SSCD similarity to their best extracted "
         "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training images whose best match exceeds 0.6 / 0.7 "
-        "(Eq. 2); such matches are green / bold green below.</p>",
+        "(Eq. 2); such matches are green / bold green below. UNet evaluations: what one extraction cost, "
+        "images x DDIM steps x models per step (2 for FineXtract and CFG, 1 for Direct).</p>",
     ]
     for scenario, folder in folders.items():
         train_dir = out / "train" / scenario
