@@ -77,11 +77,11 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
+    from finextract.commands.options import model_pair_from
     from finextract.engine.conditioning import encode_conditioning
     from finextract.engine.config import RunConfig, resolve_device
     from finextract.engine.denoiser import GuidedDenoiser
     from finextract.engine.export import ExportSpec, export_cached
-    from finextract.engine.loading import load_model_pair
     from finextract.engine.tensorrt import BuildConfig, build_unet_engine, require_tensorrt
     from finextract.rules import rule_for
 
@@ -99,16 +99,7 @@ def main(argv=None) -> int:
                     raise RuntimeError("TensorRT engines are built on the GPU they run on; no CUDA GPU is visible here")
             except RuntimeError as error:
                 trt_missing = str(error)
-        pair = load_model_pair(
-            args.base,
-            args.finetuned,
-            lora=args.lora,
-            allow_pickle=args.allow_pickle,
-            base_config=args.base_config,
-            prediction_type=args.prediction_type,
-            dtype=args.precision,
-            device=device,
-        ).place(config)
+        pair = model_pair_from(args, dtype=args.precision, device=device).place(config)
         cache = Path(config.cache_dir)
         manifest = {
             "pair": {"kind": pair.kind, "base": args.base, "finetuned": args.finetuned or args.lora},

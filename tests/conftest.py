@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.pairs import pair_from_parts
+
 # Deterministic and robust on a 2-core machine with busy neighbours: one thread unless told otherwise.
 os.environ.setdefault("FINEXTRACT_THREADS", "1")
 # ONNX exports (`--backend auto` on a CPU) go to a per-session temporary cache, never ~/.cache.
@@ -106,36 +108,15 @@ def random_unet_lora(unet, rank: int = 4, seed: int = 0, alpha: float | None = N
 @pytest.fixture(scope="session")
 def dreambooth_pair(tiny_base, tiny_finetuned):
     """A DreamBooth-kind ModelPair built directly from components (fine-tuned text encoder too)."""
-    from finextract.engine.pair import ModelPair
-
-    return ModelPair(
-        kind="dreambooth",
-        base_unet=tiny_base["unet"],
-        finetuned_unet=tiny_finetuned["unet"],
-        unet_lora=None,
-        base_text_encoder=tiny_base["text_encoder"],
-        finetuned_text_encoder=tiny_finetuned["text_encoder"],
-        base_tokenizer=tiny_base["tokenizer"],
-        vae=tiny_base["vae"],
-        scheduler_config=dict(tiny_base["scheduler"].config),
+    return pair_from_parts(
+        tiny_base, finetuned_unet=tiny_finetuned["unet"], finetuned_text_encoder=tiny_finetuned["text_encoder"]
     )
 
 
 @pytest.fixture(scope="session")
 def lora_pair(tokenizer_dir):
     """A LoRA-kind ModelPair: its own copy of the seed-0 base UNet plus random rank-4 adapters."""
-    from finextract.engine.pair import ModelPair
     from finextract.zoo.models import tiny_components
 
     base = tiny_components(seed=0, tokenizer_folder=tokenizer_dir)
-    return ModelPair(
-        kind="lora",
-        base_unet=base["unet"],
-        finetuned_unet=None,
-        unet_lora=random_unet_lora(base["unet"]),
-        base_text_encoder=base["text_encoder"],
-        finetuned_text_encoder=base["text_encoder"],
-        base_tokenizer=base["tokenizer"],
-        vae=base["vae"],
-        scheduler_config=dict(base["scheduler"].config),
-    )
+    return pair_from_parts(base, unet_lora=random_unet_lora(base["unet"]))

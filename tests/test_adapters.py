@@ -12,6 +12,7 @@ transposed rotation or a missing DoRA norm moves the outputs by 1e-2 .. 1 (measu
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -453,20 +454,12 @@ CLI_CASES = ["lora", "loha", "embedding"]
 @pytest.fixture(scope="module")
 def base_images(tiny_zoo):
     """What the guided rule generates when the fine-tune equals the base (a null adapter)."""
-    from finextract.engine.pair import ModelPair
     from finextract.generation import generate
 
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora")
-    null = ModelPair(
-        kind="lora",
-        base_unet=pair.base_unet,
-        finetuned_unet=pair.base_unet,
-        unet_lora=None,
-        base_text_encoder=pair.base_text_encoder,
-        finetuned_text_encoder=pair.base_text_encoder,
-        base_tokenizer=pair.base_tokenizer,
-        vae=pair.vae,
-        scheduler_config=pair.scheduler_config,
+    # the base on both sides: fine-tuned UNet and text encoder are the base's own
+    null = dataclasses.replace(
+        pair, finetuned_unet=pair.base_unet, unet_lora=None, finetuned_text_encoder=pair.base_text_encoder
     )
     return {
         caption: generate(null, caption, 2, steps=2, backend="torch", progress=False).images for caption in (CAPTION,)

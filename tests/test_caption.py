@@ -7,23 +7,15 @@ import copy
 import pytest
 import torch
 
+from tests.pairs import pair_from_parts
+
 CAPTION = "photo of sks"
 
 
 def _pair(components, finetuned_unet=None, unet_lora=None):
-    from finextract.engine.pair import ModelPair
-
-    return ModelPair(
-        kind="dreambooth" if finetuned_unet is not None else "lora",
-        base_unet=components["unet"] if finetuned_unet is not None else copy.deepcopy(components["unet"]),
-        finetuned_unet=finetuned_unet,
-        unet_lora=unet_lora,
-        base_text_encoder=components["text_encoder"],
-        finetuned_text_encoder=components["text_encoder"],
-        base_tokenizer=components["tokenizer"],
-        vae=components["vae"],
-        scheduler_config=dict(components["scheduler"].config),
-    )
+    if finetuned_unet is None:  # a LoRA pair: its own copy of the base UNet
+        components = {**components, "unet": copy.deepcopy(components["unet"])}
+    return pair_from_parts(components, finetuned_unet=finetuned_unet, unet_lora=unet_lora)
 
 
 def _planted(components, caption):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -183,20 +184,8 @@ def test_building_denoisers_and_backends_leaves_the_pair_unchanged(lora_pair, tm
 
 
 def test_one_unet_cannot_serve_two_lora_pairs(lora_pair):
-    from finextract.engine.pair import ModelPair
-
     with pytest.raises(ValueError, match="already carries the gated LoRA adapters"):
-        ModelPair(
-            kind="lora",
-            base_unet=lora_pair.base_unet,
-            finetuned_unet=None,
-            unet_lora=lora_pair.unet_lora,
-            base_text_encoder=lora_pair.base_text_encoder,
-            finetuned_text_encoder=lora_pair.base_text_encoder,
-            base_tokenizer=lora_pair.base_tokenizer,
-            vae=lora_pair.vae,
-            scheduler_config=lora_pair.scheduler_config,
-        )
+        dataclasses.replace(lora_pair)  # a second pair on the same UNet and adapters
 
 
 def test_conditioning_count_is_checked(dreambooth_pair):

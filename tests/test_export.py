@@ -17,6 +17,7 @@ from finextract.engine.export import ExportSpec, cache_key, export_cached, read_
 from finextract.engine.lora import GatedLoRA
 from finextract.rules import rule_for
 from tests import tolerances
+from tests.pairs import pair_from_parts
 
 CAPTION = "a photo of sks dog"
 
@@ -216,20 +217,8 @@ def test_fp16_export(tiny_base, tiny_finetuned, tmp_path):
 
     import onnx
 
-    from finextract.engine.pair import ModelPair
-
     parts = copy.deepcopy({**tiny_base, "finetuned_unet": tiny_finetuned["unet"]})  # cast below: copies only
-    pair = ModelPair(
-        kind="dreambooth",
-        base_unet=parts["unet"],
-        finetuned_unet=parts["finetuned_unet"],
-        unet_lora=None,
-        base_text_encoder=parts["text_encoder"],
-        finetuned_text_encoder=parts["text_encoder"],
-        base_tokenizer=parts["tokenizer"],
-        vae=parts["vae"],
-        scheduler_config=dict(parts["scheduler"].config),
-    )
+    pair = pair_from_parts(parts, finetuned_unet=parts["finetuned_unet"])
     rule = rule_for("finextract", "dreambooth")
     conditioning = encode_conditioning(pair, rule, CAPTION)
     inputs = _step_inputs(pair, rule, conditioning, batch=2)

@@ -15,7 +15,6 @@ from finextract.engine.sampler import start_latents
 from finextract.generation import generate
 from finextract.rules import METHODS
 from finextract.zoo.configs import ZOO_CAPTION, ZOO_FAMILIES
-from tests import tolerances
 
 STEPS = 3
 W = 4.0
@@ -143,32 +142,16 @@ _FAMILY_RULE_CASES = [("sdxl", kind, method) for kind, method in _RULE_CASES] + 
 @pytest.mark.parametrize("name, kind, method", _FAMILY_RULE_CASES)
 def test_every_rule_steps_alike_on_torch_and_onnxruntime(same_pairs, lora_pairs, name, kind, method):
     from finextract.engine.backends.ort_backend import OnnxRuntimeBackend
-    from finextract.engine.backends.torch_backend import TorchBackend
-    from finextract.engine.conditioning import encode_conditioning
     from finextract.engine.config import RunConfig
-    from finextract.engine.ddim import DDIMTable
-    from finextract.engine.denoiser import GuidedDenoiser
     from finextract.rules import rule_for
+    from tests.steps import assert_step_matches, backends
 
     pair = same_pairs[name] if kind == "dreambooth" else lora_pairs[name]
     assert pair.kind == kind and pair.family.name == FAMILY_OF_ZOO[name]
     rule = rule_for(method, kind)
-    denoiser = GuidedDenoiser(pair, rule)
-    conditioning = encode_conditioning(pair, rule, ZOO_CAPTION)
     config = RunConfig.resolve(device="cpu", backend="onnxruntime", threads=1)  # the session's export cache
-    ours, reference = OnnxRuntimeBackend(denoiser, conditioning, config), TorchBackend(denoiser, conditioning, config)
-    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
-    t, weights = table.timesteps_tensor()[10], table.weights(*rule.coefs)[10]
-    x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
-    assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32
-    # as in test_ort_backend: each term's UNet output within the network bound (other kernels, another
-    # summation order), weighted by |w_a|, |w_b|; twice, for the two evaluations
-    with torch.inference_mode():
-        outputs = reference.denoiser.term_outputs(x_t, t, *reference.conditioning)
-    bound = 2 * sum(w * tolerances.network(pair.base_unet, o) for w, o in zip(weights[1:].abs().tolist(), outputs))
-    assert (x_ours - x_ref).abs().max().item() <= bound
-    assert (x_ours - x_t).abs().max().item() > 1e-3  # the step moved x_t
+    ours, reference = backends(OnnxRuntimeBackend, pair, rule, config, ZOO_CAPTION)
+    assert_step_matches(ours, reference, pair.base_unet, pair, rule)
 
 
 def test_sdxl_conditioning_is_the_pipelines(same_pairs, family_zoo):

@@ -7,13 +7,12 @@ import torch
 
 from finextract.engine.backends import get_backend_factory
 from finextract.engine.backends.openvino_backend import OpenVINOBackend
-from finextract.engine.backends.torch_backend import TorchBackend
 from finextract.engine.conditioning import encode_conditioning
 from finextract.engine.config import RunConfig
-from finextract.engine.ddim import DDIMTable
 from finextract.engine.denoiser import GuidedDenoiser
 from finextract.rules import rule_for
 from tests import tolerances
+from tests.steps import assert_step_matches, backends, step_bound, step_row
 
 CAPTION = "a photo of sks dog"
 
@@ -25,22 +24,7 @@ def ov_config():
 
 
 def _backends(pair, rule, config):
-    denoiser = GuidedDenoiser(pair, rule)
-    conditioning = encode_conditioning(pair, rule, CAPTION)
-    return OpenVINOBackend(denoiser, conditioning, config), TorchBackend(denoiser, conditioning, config)
-
-
-def _row(pair, rule, index=10):
-    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
-    return table.timesteps_tensor()[index], table.weights(*rule.coefs)[index]
-
-
-def _bound(reference, x_t, t, weights):
-    """Each term's UNet output within the network bound (other kernels, other order), weighted by |w_a|, |w_b|."""
-    with torch.inference_mode():
-        outputs = reference.denoiser.term_outputs(x_t, t, *reference.conditioning)
-    unet = reference.denoiser.unets[0]
-    return 2 * sum(w * tolerances.network(unet, o) for w, o in zip(weights[1:].abs().tolist(), outputs))
+    return backends(OpenVINOBackend, pair, rule, config, CAPTION)
 
 
 # the graphs are the onnxruntime backend's (tested for every rule there): one and two UNets, gated or not
@@ -57,12 +41,7 @@ def test_step_matches_torch(request, ov_config, pair_name, method):
     pair = request.getfixturevalue(pair_name)
     rule = rule_for(method, pair.kind)
     ours, reference = _backends(pair, rule, ov_config)
-    x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t, weights = _row(pair, rule)
-    x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
-    assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32
-    assert (x_ours - x_ref).abs().max().item() <= _bound(reference, x_t, t, weights)
-    assert (x_ours - x_t).abs().max().item() > 1e-3  # the step moved the latents
+    assert_step_matches(ours, reference, reference.denoiser.unets[0], pair, rule)
 
 
 def test_two_streams_split_the_batch(lora_pair, ov_config):
@@ -71,8 +50,8 @@ def test_two_streams_split_the_batch(lora_pair, ov_config):
     one, reference = _backends(lora_pair, rule, ov_config)
     two, _ = _backends(lora_pair, rule, ov_config.replace(threads=2))
     x_t = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    t, weights = _row(lora_pair, rule, 40)
-    bound = _bound(reference, x_t, t, weights)
+    t, weights = step_row(lora_pair, rule, 40)
+    bound = step_bound(reference.denoiser.unets[0], reference, x_t, t, weights)
     split, whole = two.step(x_t, t, weights), one.step(x_t, t, weights)
     assert (split - reference.step(x_t, t, weights)).abs().max().item() <= bound
     assert (split - whole).abs().max().item() <= bound
@@ -88,11 +67,13 @@ def test_compiled_models_are_cached(dreambooth_pair, ov_config):
     rule = rule_for("finextract", "dreambooth")
     first, _ = _backends(dreambooth_pair, rule, ov_config)
     x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    first.step(x_t, *_row(dreambooth_pair, rule))
+    first.step(x_t, *step_row(dreambooth_pair, rule))
     blobs = set(os.listdir(Path(ov_config.cache_dir) / "openvino"))
     second, _ = _backends(dreambooth_pair, rule, ov_config)
     assert second.exported.meta["reused"]
-    assert torch.equal(second.step(x_t, *_row(dreambooth_pair, rule)), first.step(x_t, *_row(dreambooth_pair, rule)))
+    assert torch.equal(
+        second.step(x_t, *step_row(dreambooth_pair, rule)), first.step(x_t, *step_row(dreambooth_pair, rule))
+    )
     assert blobs and set(os.listdir(Path(ov_config.cache_dir) / "openvino")) == blobs  # imported, not recompiled
 
 

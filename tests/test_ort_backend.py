@@ -7,13 +7,12 @@ import torch
 
 from finextract.engine.backends import get_backend_factory
 from finextract.engine.backends.ort_backend import OnnxRuntimeBackend, providers_for
-from finextract.engine.backends.torch_backend import TorchBackend
 from finextract.engine.conditioning import encode_conditioning
 from finextract.engine.config import RunConfig
-from finextract.engine.ddim import DDIMTable
 from finextract.engine.denoiser import GuidedDenoiser
 from finextract.rules import METHODS, rule_for
 from tests import tolerances
+from tests.steps import assert_step_matches, backends, step_row
 
 CAPTION = "a photo of sks dog"
 
@@ -24,14 +23,7 @@ def ort_config(tmp_path_factory):
 
 
 def _backends(pair, rule, config):
-    denoiser = GuidedDenoiser(pair, rule)
-    conditioning = encode_conditioning(pair, rule, CAPTION)
-    return OnnxRuntimeBackend(denoiser, conditioning, config), TorchBackend(denoiser, conditioning, config)
-
-
-def _row(pair, rule, index=10):
-    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
-    return table.timesteps_tensor()[index], table.weights(*rule.coefs)[index]
+    return backends(OnnxRuntimeBackend, pair, rule, config, CAPTION)
 
 
 @pytest.mark.parametrize("pair_name", ["dreambooth_pair", "lora_pair"])
@@ -40,23 +32,14 @@ def test_step_matches_torch(request, ort_config, pair_name, method):
     pair = request.getfixturevalue(pair_name)
     rule = rule_for(method, pair.kind)
     ours, reference = _backends(pair, rule, ort_config)
-    x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t, weights = _row(pair, rule)
-    x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
-    assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32
-    # each term's UNet output within the network bound (other kernels, other order), weighted by |w_a|, |w_b|
-    with torch.inference_mode():
-        outputs = reference.denoiser.term_outputs(x_t, t, *reference.conditioning)
-    bound = 2 * sum(w * tolerances.network(pair.base_unet, o) for w, o in zip(weights[1:].abs().tolist(), outputs))
-    assert (x_ours - x_ref).abs().max().item() <= bound
-    assert (x_ours - x_t).abs().max().item() > 1e-3
+    assert_step_matches(ours, reference, pair.base_unet, pair, rule)
 
 
 def test_batch_size_can_change_between_calls(lora_pair, ort_config):
     rule = rule_for("finextract", "lora")
     backend, _ = _backends(lora_pair, rule, ort_config)
     x_t = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    t, weights = _row(lora_pair, rule, 40)
+    t, weights = step_row(lora_pair, rule, 40)
     full = backend.step(x_t, t, weights)
     part = backend.step(x_t[:2].clone(), t, weights)
     bound = 2 * float(weights[1:].abs().sum()) * tolerances.network(lora_pair.base_unet, full)
@@ -111,7 +94,7 @@ def test_cuda_io_binding_matches_torch(dreambooth_pair, ort_config):
     pair = copy.deepcopy(dreambooth_pair).place(config)
     rule = rule_for("finextract", "dreambooth")
     ours, reference = _backends(pair, rule, config)
-    t, weights = (v.cuda() for v in _row(pair, rule))
+    t, weights = (v.cuda() for v in step_row(pair, rule))
     x_t = torch.randn(4, 4, 16, 16, device="cuda")
     result = ours.step(x_t, t, weights)
     assert result.device.type == "cuda"

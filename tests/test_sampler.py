@@ -12,6 +12,7 @@ from finextract.engine.config import RunConfig
 from finextract.engine.ddim import NonFiniteError
 from finextract.engine.sampler import Sampler, start_latents
 from finextract.rules import rule_for
+from tests.pairs import pair_from_parts
 from tests.tolerances import assert_same_images
 
 CAPTION = "a photo of sks dog"
@@ -46,21 +47,10 @@ def test_sampler_refuses_a_pair_placed_elsewhere(dreambooth_pair):
 
 def test_non_finite_step_retries_in_fp32(tokenizer_dir, caplog):
     """A NaN in reduced precision reruns the batch on an fp32 copy with a warning; in fp32 it is an error."""
-    from finextract.engine.pair import ModelPair
     from finextract.zoo.models import tiny_components
 
     parts = tiny_components(seed=3, tokenizer_folder=tokenizer_dir)
-    pair = ModelPair(
-        kind="dreambooth",
-        base_unet=parts["unet"],
-        finetuned_unet=copy.deepcopy(parts["unet"]),
-        unet_lora=None,
-        base_text_encoder=parts["text_encoder"],
-        finetuned_text_encoder=parts["text_encoder"],
-        base_tokenizer=parts["tokenizer"],
-        vae=parts["vae"],
-        scheduler_config=dict(parts["scheduler"].config),
-    )
+    pair = pair_from_parts(parts, finetuned_unet=copy.deepcopy(parts["unet"]))
     rule = rule_for("direct", "dreambooth")
     clean = Sampler(pair, rule, CAPTION, torch_config(steps=3))([4, 5])
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_overwrite_option, add_runtime_options, add_sscd_options, add_step_options, positive_int
+from .options import (
+    add_command,
+    add_overwrite_option,
+    add_runtime_options,
+    add_sscd_options,
+    add_step_options,
+    options_of,
+    positive_int,
+)
 
 _DESCRIPTION = """\
 Run FineXtract on every checkpoint of a manifest (CSV or JSON, one row per checkpoint) and sum them up.
@@ -27,8 +35,10 @@ does not load) is recorded in the summary and the other rows go on.
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "audit",
+        run,
         help="extract many checkpoints from a manifest (Ray: many GPUs / machines; resumable)",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,7 +79,6 @@ def register(subparsers) -> None:
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/<id>/generated/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-row log lines remain)")
     add_overwrite_option(p, "a row's run (OUT/<id>/)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -82,24 +91,11 @@ def run(args) -> int:
         summary = audit(
             args.manifest,
             args.out,
-            executor=args.executor,
-            ray_address=args.ray_address,
-            workers=args.workers,
-            retries=args.retries,
             embedder=args.sscd,
-            preset=args.preset,
-            allow_pickle=args.allow_pickle,
-            save_generated=args.save_generated,
-            overwrite=args.overwrite,
             progress=not args.no_progress,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
-            threads=args.threads,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            seed=args.seed,
-            cuda_graphs=args.cuda_graphs,
+            **options_of(args, "executor", "ray_address", "workers", "retries", "preset", "allow_pickle"),
+            **options_of(args, "save_generated", "overwrite", "device", "dtype", "backend", "threads"),
+            **options_of(args, "batch_size", "steps", "seed", "cuda_graphs"),
         )
     except KeyboardInterrupt:
         logging.getLogger("finextract").warning("stopped by Ctrl-C; %s/summary.json lists what finished", args.out)

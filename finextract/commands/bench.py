@@ -14,12 +14,14 @@ import argparse
 
 from finextract.rules import METHODS
 
-from .options import add_prediction_type_option, positive_int
+from .options import add_command, add_prediction_type_option, model_pair_from, positive_int
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "bench",
+        run,
         help="measure step latency, images/s, peak memory (and MFU on a GPU)",
         description="Time the guided DDIM step per backend, method and batch size; print a table.",
     )
@@ -83,7 +85,6 @@ def register(subparsers) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints (only ones you trust)")
     add_prediction_type_option(p)
     p.add_argument("--json", default=None, help="also write the rows and the machine to this JSON file")
-    p.set_defaults(func=run)
 
 
 def _check(args) -> None:
@@ -138,14 +139,7 @@ def run(args) -> int:
                     lora = zoo / "lora" / "pytorch_lora_weights.safetensors"
                 pair = load_model_pair(base, finetuned, lora=lora)
             else:
-                pair = load_model_pair(
-                    args.base,
-                    args.finetuned,
-                    lora=args.lora,
-                    allow_pickle=args.allow_pickle,
-                    base_config=args.base_config,
-                    prediction_type=args.prediction_type,
-                )
+                pair = model_pair_from(args)
         pair.place(first)  # one pair for every backend: backends never change it
         for config in configs:
             for method in args.method:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .options import (
+    add_command,
     add_device_option,
     add_overwrite_option,
     add_sscd_options,
@@ -14,8 +15,10 @@ from .options import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "cluster",
+        run,
         help="cluster a folder of images into N0 cliques",
         description="Embed images with SSCD and return the N0 largest cliques (FineXtract Sec. 4.3).",
     )
@@ -36,7 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=positive_int, default=None, help="clustering search budget per threshold")
     add_device_option(p)
     add_overwrite_option(p, "a cluster or extract run (other --images or --n0)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from finextract.metrics import format_score, format_scores
 
-from .options import RUN_DEFAULTS, add_backend_option, add_device_option, add_overwrite_option, positive_int
+from .options import (
+    RUN_DEFAULTS,
+    add_backend_option,
+    add_command,
+    add_device_option,
+    add_overwrite_option,
+    options_of,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +40,10 @@ SCENARIO_NAMES = {"object": "Object-driven", "style": "Style-driven"}
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
+        run,
         help="extract the training images of the bundled tiny fine-tunes; print a Table-1-style table",
         description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models of the "
         "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
@@ -74,7 +84,6 @@ def register(subparsers) -> None:
     add_device_option(parser)
     add_backend_option(parser)
     add_overwrite_option(parser, "a run folder")
-    parser.set_defaults(func=run)
 
 
 def _check_names(given, allowed, option: str) -> tuple:
@@ -395,15 +404,9 @@ def run(args) -> int:
         scenarios=args.scenarios.split(","),
         kinds=args.kinds.split(","),
         methods=args.methods.split(","),
-        seeds=args.seeds,
-        seed=args.seed,
-        n0=args.n0,
-        num_images=args.num_images,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        device=args.device,
-        backend=args.backend,
-        overwrite=args.overwrite,
+        **options_of(
+            args, "seeds", "seed", "n0", "num_images", "steps", "batch_size", "device", "backend", "overwrite"
+        ),
     )
     print(format_table(summary["cells"]))
     out = Path(args.out).resolve()

@@ -16,6 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .options import add_command
+
 #: Libraries reported, in order: import name (their distributions differ for some, e.g. cupy-cuda12x).
 LIBRARIES = (
     "torch",
@@ -37,15 +39,16 @@ NOT_INSTALLED = "not installed"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "env",
+        run,
         help="versions, backends, machine and cache folder (paste it into a bug report)",
         description="Print finextract's, Python's and each library's version, the backends this machine offers "
         "(onnxruntime providers, OpenVINO devices, TensorRT, CUDA devices), the CPU and threads setting, and the "
         "cache folder with its size. A missing or broken library is reported, never fatal.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(func=run)
 
 
 def _error(error: BaseException) -> str:

@@ -8,14 +8,16 @@ from pathlib import Path
 
 from finextract.store.files import write_json
 
-from .options import add_sscd_options, positive_int, read_image_folder
+from .options import add_command, add_sscd_options, positive_int, read_image_folder
 
 logger = logging.getLogger("finextract")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "evaluate",
+        run,
         help="AS / A-ESR of extracted images against training images",
         description="Score extracted images against the real training images (FineXtract Eq. 1, 2). The training "
         "images are compared as the fine-tune saw them: centre-cropped to their largest square and resized to the "
@@ -43,7 +45,6 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json", default=None, help="write the metrics (with per-image best matches) to this file")
     add_sscd_options(p)
-    p.set_defaults(func=run)
 
 
 def infer_resolution(folder: str | Path, images) -> tuple[int, str]:

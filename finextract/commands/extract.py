@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .options import (
+    add_command,
     add_model_options,
     add_overwrite_option,
     add_runtime_options,
@@ -13,8 +14,10 @@ from .options import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "extract",
+        run,
         help="extract fine-tuning images (generate + SSCD + cliques)",
         description="FineXtract: generate N = 50 x N0 guided images, cluster them, write N0 extracted images.",
     )
@@ -36,7 +39,6 @@ def register(subparsers) -> None:
     add_sscd_options(p)
     p.add_argument("--out", required=True, help="output folder")
     add_overwrite_option(p, "an extract or cluster run (its generation chunks included)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .options import add_overwrite_option, positive_int
+from .options import add_command, add_overwrite_option, options_of, positive_int
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "finetune",
+        run,
         help="fine-tune a base model on a few images (DreamBooth: diffusers folder; LoRA: diffusers safetensors)",
         description="The standard recipe: noise-prediction MSE on VAE latents, AdamW, constant learning rate. "
         "LoRA adapts the UNet attention projections (to_q, to_k, to_v, to_out.0) or, LoCon-style, every Linear and "
@@ -48,7 +50,6 @@ def register(subparsers) -> None:
     parser.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of saved weights")
     parser.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
     add_overwrite_option(parser, "a fine-tune (the folder is replaced whole)")
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -62,20 +63,8 @@ def run(args) -> int:
         args.base,
         args.images,
         args.caption,
-        out=args.out,
-        method=args.method,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        rank=args.rank,
-        lora_modules=args.lora_modules,
-        seed=args.seed,
-        resolution=args.resolution,
-        device=args.device,
-        dtype=args.dtype,
-        save_dtype=args.save_dtype,
-        train_text_encoder=args.train_text_encoder,
-        overwrite=args.overwrite,
+        **options_of(args, "out", "method", "steps", "lr", "batch_size", "rank", "lora_modules", "seed"),
+        **options_of(args, "resolution", "device", "dtype", "save_dtype", "train_text_encoder", "overwrite"),
     )
     logging.getLogger("finextract").info("fine-tuned model written to %s", out)
     return 0

@@ -7,12 +7,14 @@ Rerunning the same command after an interruption continues from the last finishe
 
 from __future__ import annotations
 
-from .options import add_model_options, add_overwrite_option, add_runtime_options, add_sampling_options
+from .options import add_command, add_model_options, add_overwrite_option, add_runtime_options, add_sampling_options
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "generate",
+        run,
         help="generate N guided samples (FineXtract Eq. 13 by default), resumable",
         description="Generate N images guided from the pretrained towards the fine-tuned model, written in "
         "chunks with a manifest; rerun the same command to resume after an interruption.",
@@ -26,16 +28,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder (chunks + manifest.json); reuse it to resume")
     add_overwrite_option(parser, "a generation (its chunks and images/ are deleted)")
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from finextract.engine.loading import load_model_pair
     from finextract.generation import generate
     from finextract.spec import default_num_images
     from finextract.store.folders import prepare
 
-    from .options import run_config_from
+    from .options import model_pair_from, run_config_from
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
@@ -44,16 +44,7 @@ def run(args) -> int:
     out = folder.path
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything
     config.apply_threads()
-    pair = load_model_pair(
-        args.base,
-        args.finetuned,
-        lora=args.lora,
-        allow_pickle=args.allow_pickle,
-        device=config.device,
-        dtype=config.dtype,
-        base_config=args.base_config,
-        prediction_type=args.prediction_type,
-    ).place(config)
+    pair = model_pair_from(args, device=config.device, dtype=config.dtype).place(config)
     caption = args.caption
     if caption == "auto":
         from finextract.caption import recover_caption

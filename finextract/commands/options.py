@@ -15,6 +15,14 @@ from finextract.sscd import PRESETS
 RUN_DEFAULTS = RunConfig.defaults()
 
 
+def add_command(subparsers, name: str, run, **parser_options) -> argparse.ArgumentParser:
+    """Add subcommand `name` (`parser_options`: add_parser's help, description, formatter_class) and make
+    it call `run(args) -> int`; returns its parser for the options."""
+    parser = subparsers.add_parser(name, **parser_options)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def positive_int(text: str) -> int:
     """argparse `type=` for counts (--n0, --num-images, --batch-size, --steps): an integer >= 1.
 
@@ -101,6 +109,27 @@ def extractor_from(args: argparse.Namespace, config):
         base_config=args.base_config,
         prediction_type=args.prediction_type,
     )
+
+
+def model_pair_from(args: argparse.Namespace, **placement):
+    """`finextract.engine.loading.load_model_pair` of the models `add_model_options`' options name;
+    `placement`: its `device` / `dtype` keywords (default: CPU, float32)."""
+    from finextract.engine.loading import load_model_pair  # torch and diffusers
+
+    return load_model_pair(
+        args.base,
+        args.finetuned,
+        lora=args.lora,
+        allow_pickle=args.allow_pickle,
+        base_config=args.base_config,
+        prediction_type=args.prediction_type,
+        **placement,
+    )
+
+
+def options_of(args: argparse.Namespace, *names: str) -> dict:
+    """The parsed options `names` as keywords, for a function whose parameters are named like the options."""
+    return {name: getattr(args, name) for name in names}
 
 
 def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .options import (
+    add_command,
     add_model_options,
     add_overwrite_option,
     add_runtime_options,
@@ -14,8 +15,10 @@ from .options import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "sweep",
+        run,
         help="sensitivity sweep: AS / A-ESR against w, k, N (num_images) or N0 (n0), with a plot",
         description="Run one extraction per (method, value) of one setting into OUT/<method>-<param>_<value>/ (normal "
         "extract output folders; finished ones are reused, unfinished ones resume), then write OUT/sweep.json, "
@@ -55,7 +58,6 @@ def register(subparsers) -> None:
     add_sscd_options(p)
     p.add_argument("--out", required=True, help="sweep folder (one extract folder per point, sweep.json/.png)")
     add_overwrite_option(p, "a point's run")
-    p.set_defaults(func=run)
 
 
 def _values(text: str) -> list[float]:

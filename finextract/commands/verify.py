@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .options import non_negative_int
+from .options import add_command, non_negative_int, options_of
 
 
 def register(subparsers) -> None:
     from finextract.verify import PIXEL_TOLERANCE, SIMILARITY_TOLERANCE
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "verify",
+        run,
         help="re-check an extract run: input hashes, images regenerated from their seeds, AS / A-ESR",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""Re-check a finished `finextract extract` run from its folder alone, plus its input files.
@@ -56,7 +58,6 @@ holds, 1 otherwise.""",
     p.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle checkpoints (.ckpt/.bin): only for files you trust"
     )
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -64,14 +65,7 @@ def run(args) -> int:
 
     verification = verify_run(
         args.run,
-        base=args.base,
-        finetuned=args.finetuned,
-        lora=args.lora,
-        train=args.train,
-        base_config=args.base_config,
-        images=args.images,
-        sscd=args.sscd,
-        tolerance=args.tolerance,
+        **options_of(args, "base", "finetuned", "lora", "train", "base_config", "images", "sscd", "tolerance"),
         allow_pickle=args.allow_pickle,
     )
     for check in verification.checks:

@@ -9,12 +9,16 @@ output, built with FINEXTRACT_THREADS=1, is what ships in `finextract/zoo_weight
 
 from __future__ import annotations
 
+from .options import add_command
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("zoo", help="build tiny Stable-Diffusion-format models for tests and demos")
     actions = parser.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
-    build = actions.add_parser(
+    build = add_command(
+        actions,
         "build",
+        run,
         help="write a tiny random base pipeline of every model family and its fine-tunes in every supported format "
         "(DreamBooth, LoRA x3, single files)",
     )
@@ -41,9 +45,7 @@ def register(subparsers) -> None:
         default="object,style",
         help="--trained: the scenarios to fine-tune, comma-separated (default object,style)",
     )
-    build.set_defaults(func=run)
-    path = actions.add_parser("path", help="print the folder of the committed trained zoo")
-    path.set_defaults(func=run_path)
+    add_command(actions, "path", run_path, help="print the folder of the committed trained zoo")
 
 
 def run_path(args) -> int:

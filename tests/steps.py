@@ -1,0 +1,45 @@
+"""One guided DDIM step on a compiled backend against the torch backend (the reference), for the tests of
+the onnxruntime and OpenVINO backends."""
+
+from __future__ import annotations
+
+import torch
+
+from tests import tolerances
+
+
+def backends(backend_class, pair, rule, config, caption: str):
+    """(`backend_class`'s backend, the torch backend) of one `GuidedDenoiser(pair, rule)` on `caption`."""
+    from finextract.engine.backends.torch_backend import TorchBackend
+    from finextract.engine.conditioning import encode_conditioning
+    from finextract.engine.denoiser import GuidedDenoiser
+
+    denoiser = GuidedDenoiser(pair, rule)
+    conditioning = encode_conditioning(pair, rule, caption)
+    return backend_class(denoiser, conditioning, config), TorchBackend(denoiser, conditioning, config)
+
+
+def step_row(pair, rule, index: int = 10):
+    """(t, weights) of step `index` of a 50-step DDIM table on the pair's scheduler."""
+    from finextract.engine.ddim import DDIMTable
+
+    table = DDIMTable.from_scheduler_config(pair.scheduler_config, 50)
+    return table.timesteps_tensor()[index], table.weights(*rule.coefs)[index]
+
+
+def step_bound(unet, reference, x_t, t, weights) -> float:
+    """Each term's UNet output within the network bound of `unet` (other kernels, other order), weighted by
+    |w_a|, |w_b|; twice, for the two evaluations."""
+    with torch.inference_mode():
+        outputs = reference.denoiser.term_outputs(x_t, t, *reference.conditioning)
+    return 2 * sum(w * tolerances.network(unet, o) for w, o in zip(weights[1:].abs().tolist(), outputs))
+
+
+def assert_step_matches(ours, reference, unet, pair, rule) -> None:
+    """`ours` steps a seeded float32 batch of 3 as `reference` does, within `step_bound`, and moves it."""
+    x_t = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, weights = step_row(pair, rule)
+    x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
+    assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32
+    assert (x_ours - x_ref).abs().max().item() <= step_bound(unet, reference, x_t, t, weights)
+    assert (x_ours - x_t).abs().max().item() > 1e-3  # the step moved the latents
