@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import re
+import site
 from pathlib import Path
+
+from . import __version__
 
 
 def library_versions() -> dict:
@@ -23,8 +26,6 @@ def library_versions() -> dict:
     import openvino
     import torch
     import transformers
-
-    from . import __version__
 
     return {
         "finextract": __version__,
@@ -51,8 +52,6 @@ def installed_versions() -> dict[str, str]:
     Only the site folders count, not every `sys.path` entry: a Ray worker's path also holds Ray's own
     vendored packages, and a process started in a checkout its `*.egg-info`; neither is installed.
     """
-    import site
-
     folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
     versions = {}
     for dist in importlib.metadata.distributions(path=[f for f in folders if Path(f).is_dir()]):

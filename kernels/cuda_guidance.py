@@ -23,6 +23,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,6 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def _launch(x_t, output_a, output_b, out, weights) -> None:
-    import numpy as np
-
     cupy = _import_cupy()
     device = x_t.device
     index = device.index if device.index is not None else torch.cuda.current_device()
