@@ -200,6 +200,7 @@ def prepare_unet_for_cuda(unet: torch.nn.Module, *, channels_last: bool = True) 
     """
     unet.eval().requires_grad_(False)
     if hasattr(unet, "set_attn_processor"):
+        # heavy: diffusers; engine.pair imports without it (a UNet passed in has loaded it already)
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())

@@ -142,7 +142,7 @@ def sd1_random_pair(
     Raises:
         ValueError: an unknown kind.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: diffusers and transformers, only for the tiny benchmark pair
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if kind not in ("dreambooth", "lora"):

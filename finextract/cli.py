@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # lazy: `import finextract.cli` (and `finextract --help`) loads only argparse
     from finextract.evidence import command_line
 
     try:

@@ -173,6 +173,7 @@ def _is_device_tensor(images) -> bool:
 
 
 def _index(indices, device):
+    # heavy: torch and diffusers load with the models; the fleet driver imports extract.py torch-free
     import torch
 
     return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)

@@ -96,6 +96,7 @@ def lora_target_modules(unet, which: str = "attention") -> list[str]:
     Raises:
         ValueError: an unknown `which`.
     """
+    # heavy: torch, diffusers, transformers, peft load when training starts; zoo.scenarios imports this torch-free
     import torch
 
     if which == "attention":

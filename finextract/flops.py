@@ -37,7 +37,7 @@ SDXL_UNET_CONFIG = dict(
 
 
 def _meta_unet(config: dict):
-    import torch
+    import torch  # heavy: torch and diffusers; flops.py imports torch-free
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
@@ -171,7 +171,7 @@ def _threads(threads: int, library: str):
         finally:
             torch.set_num_threads(before)
     else:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # optional: threadpoolctl comes with scikit-learn (the [zoo] extra)
 
         with threadpool_limits(limits=threads, user_api="blas"):
             yield

@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 import re
 import site
+import sys
 from pathlib import Path
 
 from . import __version__
@@ -19,7 +20,7 @@ def library_versions() -> dict:
         onnxruntime (the exported graphs and the default SSCD model run in it) and openvino (the CPU
         default backend compiles the same graphs).
     """
-    import diffusers
+    import diffusers  # heavy: every library is imported only to read its version
     import numpy
     import onnx
     import onnxruntime
@@ -105,8 +106,6 @@ def version_differences(locked: dict[str, str], installed: dict[str, str] | None
 
 
 if __name__ == "__main__":  # `python -m finextract.records LOCK...`: what this environment runs that the lock does not
-    import sys
-
     differences = version_differences(locked_versions(*sys.argv[1:]))
     print(f"{len(differences)} distribution(s) differ from {', '.join(sys.argv[1:])}:")
     for name, pair in differences.items():

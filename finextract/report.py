@@ -183,7 +183,7 @@ def similarity_text(similarity: float) -> str:
 
 def new_figure(width: float = 7.0, height: float = 3.2):
     """A matplotlib `Figure` of `width` x `height` inches, made without pyplot (no global state)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: matplotlib (about a second), only when a plot is drawn
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 

@@ -357,6 +357,7 @@ def _run_config(record: dict):
 
 def _check_images(record, files, locations, verification, tolerance, allow_pickle) -> None:
     """Regenerate `files`' images from their seeds and compare them with the saved PNGs."""
+    # heavy: torch and diffusers, only when images are regenerated
     from finextract.engine.loading import load_model_pair
     from finextract.engine.sampler import Sampler
 

@@ -197,7 +197,7 @@ def check_inputs(x_t, output_a, output_b, out, weights) -> None:
 
 def _import_cupy():
     try:
-        import cupy
+        import cupy  # optional: CuPy, imported on the first CUDA call only (tests/test_kernels.py)
     except ImportError as error:
         raise RuntimeError(
             "the fused CUDA kernel needs CuPy: pip install cupy-cuda13x (or cupy-cuda12x to match "

@@ -104,7 +104,7 @@ def estimate_n0(
         ValueError: fewer than `MIN_IMAGES` descriptors (the message says how many are needed), bad
             descriptors, or no threshold with a clique larger than chance (no sign of memorisation).
     """
-    from . import graph
+    from . import graph  # heavy: numba (import and JIT) loads only when clustering runs; spec.py imports n0
     from .levels import from_descriptors
     from .maxclique import BudgetExceeded, SearchBudget
 

@@ -147,7 +147,7 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     the same search and work units). A part much smaller than its bitset frame moves to its own
     compacted frame first (returned, so that its rest is split there too).
     """
-    from . import graph
+    from . import graph  # heavy: numba (import and JIT) loads only when clustering runs; the package imports sweep
     from .maxclique import all_max_cliques
 
     frame, verts = part.frame, part.verts

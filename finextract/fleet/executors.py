@@ -131,7 +131,7 @@ def run_ray(
         KeyboardInterrupt: passed on after the workers are stopped; finished rows and chunks stay on disk.
     """
     try:
-        import ray
+        import ray  # optional: ray, the [fleet] extra
     except ImportError:
         raise RuntimeError(
             "--executor ray needs Ray: pip install 'finextract[fleet]' (or run the rows here with --executor local)"

@@ -157,6 +157,7 @@ class RowRunner:
         """The LoadedBase of `row.base` (loaded now, or kept from an earlier row) and the seconds a load took."""
         if self.base is not None and self.base.spec == row.base:
             return self.base, None
+        # heavy: torch and diffusers load in the workers only; the fleet driver imports this module torch-free
         from finextract.engine.loading import load_base
 
         self.base = None  # free the previous base before loading the next

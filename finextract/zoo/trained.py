@@ -74,7 +74,7 @@ def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progres
     Returns:
         timings: stage name -> {"seconds": training time, "reused": taken from `cache`}.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy: diffusers takes seconds; loaded when a pipeline is saved or read
 
     rng = np.random.default_rng(recipe.seed)
     photos = finetune_set("object", recipe.resolution)[1]
