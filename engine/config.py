@@ -69,7 +69,7 @@ def default_threads() -> int:
 
 def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads (inter-op to 1); return the count used (default `default_threads()`)."""
-    import torch
+    import torch  # heavy: torch; `import finextract.engine.config` stays torch-free (tests/test_config.py)
 
     threads = threads or default_threads()
     if torch.get_num_threads() != threads:

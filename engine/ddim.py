@@ -44,6 +44,7 @@ def make_scheduler(scheduler_config: dict, steps: int):
         ValueError: `steps` < 1, or a config the fused DDIM step cannot reproduce (dynamic
             thresholding, an unknown prediction type, timestep spacing or beta schedule).
     """
+    # heavy: diffusers takes seconds to import; only the scheduler config check needs it
     from diffusers import DDIMScheduler
 
     if steps < 1:

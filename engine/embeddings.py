@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .formats import load_state_dict, read_pickle, sniff
+
 logger = logging.getLogger(__name__)
 
 # keys of the container formats (the token is then the file's stem); "clip_g" marks SDXL files
@@ -92,8 +94,6 @@ def read_embedding_file(path: str | Path, *, allow_pickle: bool = False) -> list
     Raises:
         EmbeddingError, CheckpointFormatError, PickleRefusedError, FileNotFoundError.
     """
-    from .formats import load_state_dict, read_pickle, sniff
-
     path = Path(path)
     if sniff(path) in ("pickle", "pickle-zip"):
         state = read_pickle(path, allow_pickle=allow_pickle)

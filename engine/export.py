@@ -172,7 +172,7 @@ class StepGraph(nn.Module):
 
 def export_versions() -> dict[str, str]:
     """Versions that change an exported graph: torch, onnx, diffusers."""
-    import diffusers
+    import diffusers  # heavy: diffusers and onnx load only when a graph is exported
     import onnx
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__}

@@ -90,6 +90,7 @@ class Family:
         """The class of text encoder `index` (imported on demand)."""
         library, name = self.text_encoder_classes[index]
         if library == "diffusers":  # AltDiffusion's encoder lives in diffusers (deprecated pipelines)
+            # heavy: families.py is torch-free; the text-encoder classes load only when asked for
             from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
                 RobertaSeriesModelWithTransformation,
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import torch
+import xxhash
 
 
 def _update_with_tensor(digest, name: str, tensor: torch.Tensor) -> None:
@@ -32,8 +33,6 @@ def module_fingerprint(module: torch.nn.Module, digest=None):
     Returns:
         The digest (`.hexdigest()` gives 32 hex characters).
     """
-    import xxhash
-
     digest = digest if digest is not None else xxhash.xxh3_128()
     for name, tensor in module.state_dict(keep_vars=True).items():
         _update_with_tensor(digest, name, tensor)
@@ -58,8 +57,6 @@ def pair_fingerprint(pair) -> str:
     Returns:
         32 hex characters.
     """
-    import xxhash
-
     digest = xxhash.xxh3_128()
     structure = {
         "kind": pair.kind,

@@ -18,6 +18,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -223,7 +225,7 @@ def read_pickle(path: str | Path, *, allow_pickle: bool = False):
         PickleRefusedError: `allow_pickle` is False (a `.safetensors` name is called a misnamed pickle).
         CheckpointFormatError: the unpickling failed (corrupt, or more than tensors and containers).
     """
-    import torch
+    import torch  # heavy: torch; formats.py stays torch-free (the run-folder store imports it)
 
     path = Path(path)
     if not allow_pickle:
@@ -283,7 +285,6 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict:
     path = Path(path)
     kind = sniff(path)
     if kind == "safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         read_safetensors_header(path)  # truncation and header checks with a clear message

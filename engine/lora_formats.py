@@ -167,7 +167,7 @@ def _kohya_fallback(lora_name: str, unet_config) -> str | None:
     SDXL's UNet) to a module path: `_maybe_map_sgm_blocks_to_diffusers` on the base UNet's config (the
     block numbering depends on `layers_per_block`), then `_convert_unet_lora_key`."""
     try:
-        from diffusers.loaders.lora_conversion_utils import (
+        from diffusers.loaders.lora_conversion_utils import (  # heavy: diffusers, only for the kohya key fallback
             _convert_unet_lora_key,
             _maybe_map_sgm_blocks_to_diffusers,
         )

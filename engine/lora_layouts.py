@@ -153,6 +153,7 @@ def read_kohya(path: Path, state: dict, metadata: dict) -> Parsed:
 
 
 def read_diffusers(path: Path, allow_pickle: bool) -> Parsed:
+    # heavy: diffusers, only for the PEFT key conversion
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     folder = path if path.is_dir() else None

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from .families import get_family
+from .fingerprint import pair_fingerprint
 from .lora import LoRALayer, inject_lora
 
 __all__ = ["LoRALayer", "ModelPair", "prepare_unet_for_cuda"]
@@ -86,8 +88,6 @@ class ModelPair:
     force_zeros_for_empty_prompt: bool | None = None
 
     def __post_init__(self) -> None:
-        from .families import get_family
-
         self.family = get_family(self.family)
         if self.finetuned_tokenizer is None:
             self.finetuned_tokenizer = self.base_tokenizer
@@ -152,8 +152,6 @@ class ModelPair:
     def fingerprint(self) -> str:
         """A hash of every byte of every weight, tokenizer and config of the pair (`pair_fingerprint`),
         computed once (cheap at SD size: xxh3-128 runs at several GB/s); `to()` with a new dtype resets it."""
-        from .fingerprint import pair_fingerprint
-
         return pair_fingerprint(self)
 
     def to(
@@ -202,6 +200,7 @@ def prepare_unet_for_cuda(unet: torch.nn.Module, *, channels_last: bool = True) 
     """
     unet.eval().requires_grad_(False)
     if hasattr(unet, "set_attn_processor"):
+        # heavy: diffusers; engine.pair imports without it (a UNet passed in has loaded it already)
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())

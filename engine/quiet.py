@@ -19,6 +19,7 @@ logger = logging.getLogger("finextract.engine.loading")
 @contextlib.contextmanager
 def library_bars_hidden():
     """Disable transformers' and diffusers' progress bars inside the block; restore them after."""
+    # heavy: diffusers and transformers; engine.loading imports quiet.py before it needs them
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 

@@ -40,7 +40,7 @@ def require_tensorrt():
             or its version is older than 10 (the named-tensor API this module uses).
     """
     try:
-        import tensorrt
+        import tensorrt  # optional: TensorRT is an optional install
     except ImportError as error:
         raise RuntimeError(f"{INSTALL_HINT} (import error: {error})") from None
     major = int(str(tensorrt.__version__).split(".")[0])
@@ -88,7 +88,7 @@ class EngineArtifact:
 
 def gpu_identity(device: int = 0) -> dict:
     """Name and compute capability of CUDA device `device` (engines are specific to both)."""
-    import torch
+    import torch  # heavy: torch; the engine-cache bookkeeping above is torch-free
 
     if not torch.cuda.is_available():
         raise RuntimeError("building or loading a TensorRT engine needs a CUDA GPU; none is visible here")

@@ -23,6 +23,13 @@ from collections.abc import Callable
 
 import torch
 
+from finextract.engine.ddim import pad_batch
+from finextract.engine.pair import LoRALayer, ModelPair
+from finextract.engine.sampler import Sampler, start_latents
+from finextract.rules import rule_for
+from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
+from finextract.zoo.models import tiny_components
+
 logger = logging.getLogger(__name__)
 
 #: DDIM steps per generated image (the paper's 50): images/s = batch / (STEPS_PER_IMAGE x step latency).
@@ -135,12 +142,8 @@ def sd1_random_pair(
     Raises:
         ValueError: an unknown kind.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: diffusers and transformers, only for the tiny benchmark pair
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from finextract.engine.pair import LoRALayer, ModelPair
-    from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
-    from finextract.zoo.models import tiny_components
 
     if kind not in ("dreambooth", "lora"):
         raise ValueError(f"kind={kind!r}: expected 'dreambooth' or 'lora'")
@@ -204,9 +207,6 @@ class StepRunner:
     """
 
     def __init__(self, sampler, rule, batch_size: int):
-        from finextract.engine.ddim import pad_batch
-        from finextract.engine.sampler import start_latents
-
         self.sampler, self.rule, self.batch_size = sampler, rule, batch_size
         self.index = 0
         self.loop = sampler.loop(batch_size)
@@ -239,9 +239,6 @@ def build_step(
     Raises:
         ValueError: invalid arguments (see `Sampler`).
     """
-    from finextract.engine.sampler import Sampler
-    from finextract.rules import rule_for
-
     config = config.replace(steps=STEPS_PER_IMAGE)
     rule = rule_for(method, pair.kind)
     started = time.perf_counter()

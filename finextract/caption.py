@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +219,6 @@ def recover_caption(
         CaptionRecoveryError: the fine-tune changes no cross-attention projection.
         ValueError: invalid settings or an empty vocabulary.
     """
-    from tqdm.auto import tqdm
-
     tokenizer = pair.finetuned_tokenizer
     if not 1 <= max_tokens <= tokenizer.model_max_length - 2:
         raise ValueError(f"max_tokens={max_tokens}: must be in 1..{tokenizer.model_max_length - 2}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
 # subcommand module names, in the order `--help` lists them
 COMMANDS = (
@@ -82,12 +84,9 @@ def quiet_libraries() -> None:
     stay) unless HF_HUB_DISABLE_PROGRESS_BARS is set otherwise, diffusers' empty fp32-modules
     warning, and transformers' "requires torchvision" notices. Called by `main` only: the library itself changes no global logging.
     """
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # read at import time; catch up if already imported
         sys.modules["transformers"].utils.logging.disable_progress_bar()
-    import warnings
 
     warnings.filterwarnings("ignore", message=r"(?is).*requires.*torchvision")
     for name in _TORCHVISION_LOGGERS:
@@ -109,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # lazy: `import finextract.cli` (and `finextract --help`) loads only argparse
     from finextract.evidence import command_line
 
     try:

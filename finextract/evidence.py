@@ -28,7 +28,10 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from finextract.records import installed_versions, locked_versions, version_differences
+from finextract.store.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,6 @@ class HashCache:
         """Write new entries (merged with the file's current ones) atomically; a failure is logged, not raised."""
         if self.path is None or not self._dirty:
             return
-        from finextract.store.files import write_json
 
         mine, self._entries = self._entries or {}, None
         merged = {**self._load(), **mine}
@@ -184,8 +186,6 @@ def input_record(role: str, path: str | Path, cache: HashCache | None = None) ->
 
 def pixels_sha256(image) -> str:
     """sha256 of a uint8 (H, W, C) array's shape and bytes: identifies decoded pixels, whatever the file format."""
-    import numpy as np
-
     array = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
     digest = hashlib.sha256(repr(array.shape).encode())
     digest.update(array.tobytes())

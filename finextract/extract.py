@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from finextract.clustering import ClusteringResult, cluster_descriptors
+from finextract.clustering.n0 import MIN_IMAGES, estimate_n0
 from finextract.engine.config import RunConfig, run_config
 from finextract.evaluation import evaluate_against, model_resolution
 from finextract.evidence import command_record, environment_record, jsonable
@@ -114,8 +115,6 @@ def cluster_images(
             len(degenerate),
         )
     if n0 == AUTO:
-        from finextract.clustering.n0 import MIN_IMAGES
-
         if len(keep) < MIN_IMAGES:
             raise ValueError(
                 f"only {len(keep)} usable images: estimating N0 needs at least {MIN_IMAGES}; generate more "
@@ -134,8 +133,6 @@ def cluster_images(
     timings["embed"] = time.perf_counter() - start
     estimate = None
     if n0 == AUTO:
-        from finextract.clustering.n0 import estimate_n0
-
         start = time.perf_counter()
         estimate = estimate_n0(descriptors, step=step, budget=budget, time_limit=time_limit)
         timings["estimate_n0"] = time.perf_counter() - start
@@ -179,6 +176,7 @@ def _is_device_tensor(images) -> bool:
 
 
 def _index(indices, device):
+    # heavy: torch and diffusers load with the models; the fleet driver imports extract.py torch-free
     import torch
 
     return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)

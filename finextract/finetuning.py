@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .engine.config import torch_dtype
+from .engine.config import resolve_device, torch_dtype
+from .images import center_crop_resize, read_image, read_images
+from .store.files import write_json
+from .store.folders import prepare, replace_folder, run_entry, stage
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ def lora_target_modules(unet, which: str = "attention") -> list[str]:
     Raises:
         ValueError: an unknown `which`.
     """
+    # heavy: torch, diffusers, transformers, peft load when training starts; zoo.scenarios imports this torch-free
     import torch
 
     if which == "attention":
@@ -142,8 +147,6 @@ def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
         FileNotFoundError: the folder or a file does not exist.
         ValueError: no readable image, or a listed file that Pillow cannot read (the message names it).
     """
-    from .images import center_crop_resize, read_image, read_images
-
     if isinstance(images, (str, Path)):
         try:
             arrays = read_images(images)[0]
@@ -260,7 +263,6 @@ def train_loop(
         RuntimeError: the loss became non-finite (the message gives the step and the fix).
     """
     import torch
-    from tqdm.auto import tqdm
 
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule {schedule!r}: expected 'constant' or 'cosine'")
@@ -359,10 +361,6 @@ def finetune(
         RuntimeError: the loss became non-finite.
     """
     import torch
-
-    from .engine.config import resolve_device
-    from .store.files import write_json
-    from .store.folders import prepare, replace_folder, run_entry, stage
 
     if method not in ("dreambooth", "lora"):
         raise ValueError(f"--method {method!r}: expected 'dreambooth' or 'lora'")

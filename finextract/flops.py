@@ -10,7 +10,10 @@ products with torch or NumPy at a given thread count. MFU = achieved FLOP/s / pe
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
+
+import numpy as np
 
 #: Stable Diffusion XL base 1.0 UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json, as
 #: published; 2.57 B parameters): 128 x 128 latents, text width 2048 (two text encoders), pooled text
@@ -34,7 +37,7 @@ SDXL_UNET_CONFIG = dict(
 
 
 def _meta_unet(config: dict):
-    import torch
+    import torch  # heavy: torch and diffusers; flops.py imports torch-free
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
@@ -116,10 +119,6 @@ def gemm_peak_gflops(threads: int, library: str = "torch", *, size: int = 2048, 
     Raises:
         ValueError: unknown library, or threads / size / repeats < 1.
     """
-    import statistics
-
-    import numpy as np
-
     if library not in ("torch", "numpy"):
         raise ValueError(f"library={library!r}: expected 'torch' or 'numpy'")
     if threads < 1 or size < 1 or repeats < 1:
@@ -172,7 +171,7 @@ def _threads(threads: int, library: str):
         finally:
             torch.set_num_threads(before)
     else:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # optional: threadpoolctl comes with scikit-learn (the [zoo] extra)
 
         with threadpool_limits(limits=threads, user_api="blas"):
             yield

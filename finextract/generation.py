@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .engine.config import RunConfig, run_config
+from .engine.sampler import Sampler
 from .records import library_versions
+from .rules import rule_for, rule_params
 from .store import chunks
 from .store.folders import RunFolder, prepare
 
@@ -129,8 +132,6 @@ def generate(
         RuntimeError: another process is writing `out` (the message names its pid).
         NonFiniteError (a RuntimeError): non-finite latents even in fp32.
     """
-    from .rules import rule_for, rule_params
-
     config = run_config(config, **run_options)
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1 (the paper uses 50 x N0)")
@@ -212,10 +213,6 @@ def _generate(
         logger.info("resuming %s: %d of %d chunks already done", folder, len(planned) - len(pending), len(planned))
 
     if pending:
-        from tqdm.auto import tqdm
-
-        from .engine.sampler import Sampler
-
         sampler = Sampler(pair, rule, caption, config, images_on_device=images_on_device)
         done_images = sum(c["stop"] - c["start"] for c in planned if c["status"] == "done")
         batch_size = config.batch_size

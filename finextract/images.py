@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .store import chunks
 from .store.folders import RECORD
@@ -45,10 +47,6 @@ def read_image(path: str | Path) -> np.ndarray:
         ValueError: Pillow cannot read it, or it is over `MAX_DECODED_PIXELS` (the message names
             the file and the reason).
     """
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -73,8 +71,6 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _decoded(image, path: Path):
     """The decoded image, oriented as its EXIF tag says, downscaled below `MAX_PIXELS` if needed."""
-    from PIL import ImageOps
-
     width, height = image.size
     if width * height > MAX_PIXELS:
         factor = math.ceil(math.sqrt(width * height / MAX_PIXELS))
@@ -100,8 +96,6 @@ def _decoded(image, path: Path):
 def _to_rgb(image, path: Path) -> np.ndarray:
     """uint8 RGB of any Pillow mode: 16- and 32-bit integer grey scaled to 8 bits, transparency
     composited on `ALPHA_BACKGROUND`, palette / CMYK / 1-bit / grey converted."""
-    from PIL import Image
-
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
@@ -136,8 +130,6 @@ def center_crop_resize(image: np.ndarray, resolution: int) -> np.ndarray:
     Returns:
         uint8 ndarray (resolution, resolution, 3).
     """
-    from PIL import Image
-
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
     side = min(pil.size)
     left, top = (pil.width - side) // 2, (pil.height - side) // 2

@@ -54,7 +54,7 @@ def extraction_metrics(train_descriptors, extracted_descriptors, generated_descr
     Raises:
         ValueError: empty inputs or mismatched descriptor sizes.
     """
-    import torch
+    import torch  # heavy: torch; metrics' formatting is used by torch-free report and fleet code
 
     x0 = _matrix(train_descriptors)
     xhat = _matrix(extracted_descriptors).to(x0.device)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import re
+import site
+import sys
 from pathlib import Path
+
+from . import __version__
 
 
 def library_versions() -> dict:
@@ -16,15 +20,13 @@ def library_versions() -> dict:
         onnxruntime (the exported graphs and the default SSCD model run in it) and openvino (the CPU
         default backend compiles the same graphs).
     """
-    import diffusers
+    import diffusers  # heavy: every library is imported only to read its version
     import numpy
     import onnx
     import onnxruntime
     import openvino
     import torch
     import transformers
-
-    from . import __version__
 
     return {
         "finextract": __version__,
@@ -51,8 +53,6 @@ def installed_versions() -> dict[str, str]:
     Only the site folders count, not every `sys.path` entry: a Ray worker's path also holds Ray's own
     vendored packages, and a process started in a checkout its `*.egg-info`; neither is installed.
     """
-    import site
-
     folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
     versions = {}
     for dist in importlib.metadata.distributions(path=[f for f in folders if Path(f).is_dir()]):
@@ -106,8 +106,6 @@ def version_differences(locked: dict[str, str], installed: dict[str, str] | None
 
 
 if __name__ == "__main__":  # `python -m finextract.records LOCK...`: what this environment runs that the lock does not
-    import sys
-
     differences = version_differences(locked_versions(*sys.argv[1:]))
     print(f"{len(differences)} distribution(s) differ from {', '.join(sys.argv[1:])}:")
     for name, pair in differences.items():

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from finextract.metrics import ESR_THRESHOLDS, format_score
 
@@ -84,8 +85,6 @@ def as_array(image) -> np.ndarray:
 
 def image_data_uri(image) -> str:
     """A PNG data URI of a uint8 (H, W, 3) image; downscaled (Lanczos) to `EMBED_MAX_SIDE` if larger."""
-    from PIL import Image
-
     pil = Image.fromarray(as_array(image))
     if max(pil.size) > EMBED_MAX_SIDE:
         pil.thumbnail((EMBED_MAX_SIDE, EMBED_MAX_SIDE), Image.LANCZOS)
@@ -113,8 +112,6 @@ def image(source, *, out: str | Path | None = None, side: int = READABLE_SIDE, a
         alt: the alternative text.
     """
     if isinstance(source, (str, Path)):
-        from PIL import Image
-
         path = Path(source).resolve()
         with Image.open(path) as opened:
             width = opened.width
@@ -186,7 +183,7 @@ def similarity_text(similarity: float) -> str:
 
 def new_figure(width: float = 7.0, height: float = 3.2):
     """A matplotlib `Figure` of `width` x `height` inches, made without pyplot (no global state)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: matplotlib (about a second), only when a plot is drawn
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 

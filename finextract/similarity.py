@@ -30,7 +30,7 @@ def unit_descriptors(descriptors, *, name: str = "descriptors"):
     Raises:
         ValueError: not 2-D, no rows, non-finite values, or an all-zero row (its cosine is undefined).
     """
-    import torch
+    import torch  # heavy: torch, only for torch tensors; clustering is torch-free
 
     x = torch.as_tensor(descriptors)
     if x.ndim != 2 or x.shape[0] == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from finextract.clustering.n0 import MIN_IMAGES
 from finextract.rules import KINDS, METHODS, rule_for
 from finextract.sscd import PRESETS
 
@@ -94,8 +95,6 @@ class ExtractionSpec:
             raise ValueError(f"--num-images {num_images!r}: must be an integer >= 1")
         num_images = default_num_images(n0) if num_images is None else num_images
         if n0 == AUTO:
-            from finextract.clustering.n0 import MIN_IMAGES  # the clustering package loads numba
-
             if num_images < MIN_IMAGES:
                 raise ValueError(
                     f"--num-images {num_images}: estimating N0 needs at least {MIN_IMAGES} images (--n0 auto); "

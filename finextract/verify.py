@@ -28,13 +28,22 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
+from finextract.engine.config import BACKEND_NAMES, RunConfig, resolve_device
+from finextract.evaluation import read_training_images
 from finextract.evidence import (
     MODEL_SUFFIXES,
     environment_record,
     machine_record,
+    model_files,
     pixels_sha256,
     sha256_file,
 )
+from finextract.images import read_image
+from finextract.metrics import extraction_metrics
+from finextract.rules import rule_for
+from finextract.sscd import embed_images, load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +271,6 @@ def _check_model_input(entry: dict, where: Path | None, verification: Verificati
             verification.add("input", f"{role} {recorded['name']!r}", False, "not a relative file name")
             continue
         _compare_file(role, where / recorded["name"], recorded, verification)
-    from finextract.evidence import model_files
 
     for extra in model_files(where):
         name = extra.relative_to(where).as_posix()
@@ -287,8 +295,6 @@ def _compare_file(role: str, path: Path, recorded: dict, verification: Verificat
 
 
 def _check_train(entry: dict, where: Path | None, verification: Verification) -> None:
-    from finextract.images import read_image
-
     if where is None:
         verification.add("input", "train", True, "passed as arrays, not files: give --train to re-check them")
         return
@@ -351,8 +357,6 @@ def _comparison_case(record: dict, run_config) -> list[str]:
 
 def _run_config(record: dict):
     """The recorded RunConfig, on this machine: its device when available, else the CPU in fp32."""
-    from finextract.engine.config import BACKEND_NAMES, RunConfig, resolve_device
-
     recorded = dict(record["config"]["run"])
     recorded.pop("threads", None)  # this machine's own (threads do not change the images)
     recorded.pop("cache_dir", None)  # the default cache here
@@ -366,12 +370,9 @@ def _run_config(record: dict):
 
 def _check_images(record, files, locations, verification, tolerance, allow_pickle) -> None:
     """Regenerate `files`' images from their seeds and compare them with the saved PNGs."""
-    import numpy as np
-
+    # heavy: torch and diffusers, only when images are regenerated
     from finextract.engine.loading import load_model_pair
     from finextract.engine.sampler import Sampler
-    from finextract.images import read_image
-    from finextract.rules import rule_for
 
     config = record["config"]
     models = config["models"]
@@ -456,11 +457,6 @@ def _original_batch(index: int, manifest: dict, batch_size: int) -> tuple[int, i
 
 def _check_scores(record, files, train_folder, sscd, verification) -> None:
     """Recompute AS / A-ESR and the best similarities from the saved PNGs and the training images."""
-    from finextract.evaluation import read_training_images
-    from finextract.images import read_image
-    from finextract.metrics import extraction_metrics
-    from finextract.sscd import embed_images, load_embedder
-
     metrics = record.get("metrics")
     if not metrics:
         verification.add("score", "metrics", True, "none recorded (no training images): nothing to re-score")

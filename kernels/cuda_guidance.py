@@ -23,6 +23,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def check_inputs(x_t, output_a, output_b, out, weights) -> None:
 
 def _import_cupy():
     try:
-        import cupy
+        import cupy  # optional: CuPy, imported on the first CUDA call only (tests/test_kernels.py)
     except ImportError as error:
         raise RuntimeError(
             "the fused CUDA kernel needs CuPy: pip install cupy-cuda13x (or cupy-cuda12x to match "
@@ -240,8 +241,6 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def _launch(x_t, output_a, output_b, out, weights) -> None:
-    import numpy as np
-
     cupy = _import_cupy()
     device = x_t.device
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -19,6 +19,8 @@ import logging
 
 import torch
 
+from .cuda_guidance import guided_update_cuda, load_module
+
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "cuda", "reference")
@@ -32,8 +34,6 @@ def _load_cuda():
     global _cuda_update, _cuda_error
     if _cuda_update is None and _cuda_error is None:
         try:
-            from .cuda_guidance import guided_update_cuda, load_module
-
             load_module(torch.device("cuda", torch.cuda.current_device()))
             _cuda_update = guided_update_cuda
         except Exception as error:  # no CuPy, no compiler, kernel not built: the reference still works

@@ -226,6 +226,7 @@ def test_a_cuda_run_is_regenerated_on_the_cpu_in_fp32_where_there_is_no_gpu(monk
     from finextract import verify
 
     monkeypatch.setattr("finextract.engine.config.resolve_device", lambda device: "cpu")
+    monkeypatch.setattr(verify, "resolve_device", lambda device: "cpu")  # bound at verify's import
     record = {"config": {"run": {"device": "cuda", "dtype": "fp16", "vae_dtype": "fp32", "backend": "tensorrt",
                                  "threads": 8, "batch_size": 16, "steps": 50, "seed": 3, "cache_dir": "/x",
                                  "cuda_graphs": True}}}  # fmt: skip

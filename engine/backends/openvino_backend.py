@@ -30,7 +30,7 @@ INSTALL_HINT = "pip install openvino (the CPU runtime; it does not depend on tor
 def require_openvino():
     """The `openvino` module, or RuntimeError saying how to install it."""
     try:
-        import openvino
+        import openvino  # heavy: OpenVINO's runtime loads only when this backend is chosen
     except ImportError:
         raise RuntimeError(f"--backend openvino needs OpenVINO: {INSTALL_HINT}; or use --backend onnxruntime") from None
     return openvino

@@ -27,7 +27,7 @@ def session_options(threads: int):
     Intra-op threads = `threads`; inter-op 1 and sequential execution, because a UNet graph is one
     long chain and extra pools only contend for the cores.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: onnxruntime loads only when this backend is chosen
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

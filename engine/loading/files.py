@@ -17,7 +17,7 @@ def resolve_path(spec: str | Path, what: str) -> Path:
         return path
     text = str(spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")) and not path.suffix:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional: huggingface_hub, needed only for hub ids
         from huggingface_hub.constants import HF_HUB_CACHE
 
         try:

@@ -12,6 +12,7 @@ from .files import check_weight_files, optional_config
 def load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...], family: Family) -> dict:
     """Load the named parts ("unet", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
     of a pipeline folder, with the family's classes."""
+    # heavy: diffusers takes seconds to import; loaded when a model is built
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     loaded = {}

@@ -66,7 +66,7 @@ def convert_unet(state: dict, config: dict, what: str):
         ValueError: no UNet tensors, a partial UNet (naming the missing tensors) or one of another
             architecture (names and shapes that differ).
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: diffusers takes seconds to import; loaded when a model is built
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     if not any(key.startswith(LDM_UNET_PREFIX) for key in state):

@@ -84,7 +84,7 @@ def pack_graph_torch(levels, k: int, out: np.ndarray, block: int = 4096) -> np.n
 
     Same arguments and result as `pack_graph`; `levels` is an (n, n) torch.uint8/int16 tensor.
     """
-    import torch
+    import torch  # heavy: torch, only for GPU descriptors; clustering is torch-free
 
     n = levels.shape[0]
     out8 = out.view(np.uint8)

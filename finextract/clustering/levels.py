@@ -151,7 +151,7 @@ def _quantise_torch(block, diagonal: bool, table_t, edges_t, dtype):
     torch.bucketize(v, t_1..t_K, right=True) counts the thresholds <= v: the level, by the same float32
     comparisons (and likewise the histogram bin from the bin edges).
     """
-    import torch
+    import torch  # heavy: torch, only for GPU descriptors; clustering is torch-free
 
     upper = torch.ones(block.shape, dtype=torch.bool, device=block.device)
     if diagonal:

@@ -22,6 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from finextract.similarity import unit_descriptors
+
+from .sweep import _Keys, _peel, default_budget
 
 #: Fewest generated images to estimate from: the paper's N = 50 x N0 for N0 = 1.
 MIN_IMAGES = 50
@@ -99,12 +104,9 @@ def estimate_n0(
         ValueError: fewer than `MIN_IMAGES` descriptors (the message says how many are needed), bad
             descriptors, or no threshold with a clique larger than chance (no sign of memorisation).
     """
-    from finextract.similarity import unit_descriptors
-
-    from . import graph
+    from . import graph  # heavy: numba (import and JIT) loads only when clustering runs; spec.py imports n0
     from .levels import from_descriptors
     from .maxclique import BudgetExceeded, SearchBudget
-    from .sweep import _Keys, _peel, default_budget
 
     start = time.perf_counter()
     if not 0.0 < alpha < 1.0:
@@ -125,8 +127,6 @@ def estimate_n0(
     rows = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(desc="estimate N0", unit="thr")
     for k in range(levels.start, len(levels.table)):
         edges = levels.edges(k)

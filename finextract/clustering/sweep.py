@@ -9,6 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from finextract.similarity import unit_descriptors
 
 logger = logging.getLogger("finextract.clustering")
 
@@ -144,7 +147,7 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     the same search and work units). A part much smaller than its bitset frame moves to its own
     compacted frame first (returned, so that its rest is split there too).
     """
-    from . import graph
+    from . import graph  # heavy: numba (import and JIT) loads only when clustering runs; the package imports sweep
     from .maxclique import all_max_cliques
 
     frame, verts = part.frame, part.verts
@@ -347,8 +350,6 @@ def cluster_descriptors(
     Raises:
         ValueError: bad shapes, non-finite or all-zero descriptors, or n0, step, budget out of range.
     """
-    from finextract.similarity import unit_descriptors
-
     start = time.perf_counter()
     x = unit_descriptors(descriptors)
     _check(len(x), n0, step, budget, time_limit)
@@ -386,8 +387,6 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
     tried = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(desc="clustering thresholds", unit="thr")
     try:
         while True:

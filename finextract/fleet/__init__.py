@@ -19,12 +19,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from finextract.engine.config import RunConfig
-from finextract.metrics import format_score
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .executors import EXECUTORS
+from finextract.engine.config import RunConfig
+from finextract.evidence import command_record, environment_record, jsonable
+from finextract.metrics import format_score
+from finextract.store.folders import prepare
+
+from .executors import EXECUTORS, run_local, run_ray
 from .manifest import FIELDS, ManifestError, Row, RowError, read_manifest
-from .summary import counts
+from .summary import counts, entry_from_result, failed_entry, is_complete, row_entry, write_summary
+from .worker import TOKEN_FILE, FleetSettings, read_row_record, row_key
 
 __all__ = ["EXECUTORS", "FIELDS", "ManifestError", "Row", "RowError", "audit", "read_manifest"]
 
@@ -91,13 +97,6 @@ def audit(
         KeyboardInterrupt: after writing the summary (finished rows done, the running ones
             "interrupted", the rest "pending"); rerun the same call to continue.
     """
-    from finextract.evidence import command_record, environment_record, jsonable
-    from finextract.store.folders import prepare
-
-    from .executors import run_local, run_ray
-    from .summary import entry_from_result, failed_entry, is_complete, row_entry, write_summary
-    from .worker import TOKEN_FILE, FleetSettings, read_row_record, row_key
-
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     unknown = sorted(set(run_options) - set(RUN_DEFAULTS))
@@ -262,9 +261,6 @@ class _Bar:
 
     def __enter__(self):
         if self.enabled:
-            from tqdm.auto import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             self.redirect = logging_redirect_tqdm()
             self.redirect.__enter__()
             self.bar = tqdm(total=self.total, initial=self.initial, unit="row", desc="audit")

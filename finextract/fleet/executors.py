@@ -15,7 +15,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
 
+from finextract.cli import quiet_libraries
+from finextract.engine.config import default_threads
+
 from .manifest import Row
+from .summary import failed_entry
 from .worker import FleetSettings, RowRunner
 
 logger = logging.getLogger(__name__)
@@ -55,8 +59,6 @@ class _RayRowRunner(RowRunner):
     `finextract.cli.main` does for a command (the process is ours; its stderr is forwarded to the driver)."""
 
     def __init__(self, settings: FleetSettings):
-        from finextract.cli import quiet_libraries
-
         quiet_libraries()
         super().__init__(settings)
 
@@ -74,8 +76,6 @@ def plan_workers(resources: dict, run_options: dict, workers: int | None, rows: 
     Raises:
         ValueError: more workers than the cluster can hold, or a cluster without CPUs.
     """
-    from finextract.engine.config import default_threads
-
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     device = str(run_options.get("device") or "auto")
     threads = run_options.get("threads")
@@ -131,12 +131,11 @@ def run_ray(
         KeyboardInterrupt: passed on after the workers are stopped; finished rows and chunks stay on disk.
     """
     try:
-        import ray
+        import ray  # optional: ray, the [fleet] extra
     except ImportError:
         raise RuntimeError(
             "--executor ray needs Ray: pip install 'finextract[fleet]' (or run the rows here with --executor local)"
         ) from None
-    from .summary import failed_entry
 
     started_here = not ray.is_initialized()
     if started_here:

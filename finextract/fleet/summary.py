@@ -18,6 +18,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from finextract.engine.formats import atomic_write
+from finextract.metrics import format_score
+from finextract.report import LEGEND, image, page
+from finextract.store.files import write_json
+
 from .manifest import FIELDS, Row, RowError
 
 SUMMARY_FORMAT = "finextract-audit/1"
@@ -141,9 +146,6 @@ def write_summary(out: Path, audit: dict, entries: list[dict]) -> None:
         audit: what describes the whole run (manifest, executor, workers, settings, counts, base loads, times).
         entries: one entry per manifest row, in manifest order.
     """
-    from finextract.engine.formats import atomic_write
-    from finextract.store.files import write_json
-
     write_json(out / "summary.json", {"format": SUMMARY_FORMAT, "audit": audit, "rows": entries}, indent=1)
     atomic_write(out / "summary.csv", summary_csv(entries))
     atomic_write(out / "index.html", index_html(out, audit, entries))
@@ -193,8 +195,6 @@ def index_html(out: Path, audit: dict, entries: list[dict]) -> str:
     Each row links to its report.html; failed rows show their error. The rows come sorted by AS (when
     any row has it, else by largest clique), and buttons re-sort them in the browser.
     """
-    from finextract.report import LEGEND, image, page
-
     key = "as" if any(e.get("AS") is not None for e in entries) else "clique"
     field = {"as": "AS", "clique": "largest_clique"}[key]
     ordered = sorted(entries, key=lambda e: (e.get(field) is None, -(e.get(field) or 0), e["line"]))
@@ -249,7 +249,6 @@ def index_html(out: Path, audit: dict, entries: list[dict]) -> str:
 def _number(value) -> str:
     if value is None:
         return ""
-    from finextract.metrics import format_score
 
     return format_score(value) if isinstance(value, float) else str(value)
 

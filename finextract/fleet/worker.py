@@ -18,11 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finextract import __version__
 from finextract.engine.config import IMAGE_SETTINGS, RunConfig
+from finextract.extract import Extractor
+from finextract.sscd import load_embedder
 from finextract.store.chunks import finished_count
 from finextract.store.files import write_json
 
 from .manifest import Row
+from .summary import entry_from_result, failed_entry
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,6 @@ def row_key(row: Row, settings: FleetSettings) -> dict:
     (`finextract.engine.config.IMAGE_SETTINGS`, with the row's steps / seed in place of the audit's), the SSCD model, and each input's file sizes and
     modification times (a checkpoint replaced in place runs again; its generation chunks are reused only
     if its weights hash the same)."""
-    from finextract import __version__
-
     given = {**RunConfig.defaults(), **settings.run_options}
     run = {name: given[name] for name in IMAGE_SETTINGS}
     for name in ("steps", "seed"):
@@ -143,8 +145,6 @@ class RowRunner:
 
     def _embedder(self):
         if self.embedder is None:
-            from finextract.sscd import load_embedder
-
             self.embedder = load_embedder(
                 self.settings.embedder,
                 preset=self.settings.preset,
@@ -157,6 +157,7 @@ class RowRunner:
         """The LoadedBase of `row.base` (loaded now, or kept from an earlier row) and the seconds a load took."""
         if self.base is not None and self.base.spec == row.base:
             return self.base, None
+        # heavy: torch and diffusers load in the workers only; the fleet driver imports this module torch-free
         from finextract.engine.loading import load_base
 
         self.base = None  # free the previous base before loading the next
@@ -173,8 +174,6 @@ class RowRunner:
         An interrupted earlier attempt resumes from its finished generation chunks. KeyboardInterrupt
         propagates (what is finished stays on disk).
         """
-        from .summary import entry_from_result, failed_entry
-
         started = time.perf_counter()
         folder = Path(self.settings.out) / row.id
         attempt = {
@@ -190,7 +189,6 @@ class RowRunner:
             self._check_out_folder()
             _, base_seconds = self._base_for(row)
             attempt.update(base_loaded=base_seconds is not None, base_load_seconds=base_seconds)
-            from finextract.extract import Extractor
 
             extractor = Extractor(
                 self.base,

@@ -234,7 +234,7 @@ def lock(folder: Path | None):
     if folder is None:
         yield
         return
-    import fcntl  # POSIX only
+    import fcntl  # optional: fcntl is POSIX only
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_FILE, "a+") as handle:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from finextract.engine.formats import atomic_write
 
@@ -62,8 +63,6 @@ def png_bytes(image) -> bytes:
     Args:
         image: uint8 (H, W, 3) ndarray or CPU tensor (anything `np.asarray` takes).
     """
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -31,6 +31,7 @@ from .tokenizers import write_tokenizer, write_xlmr_tokenizer
 
 
 def _clip_text_encoder(tokenizer, config: dict, with_projection: bool = False):
+    # heavy: transformers and diffusers take seconds; loaded when a tiny model is built
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     text_config = CLIPTextConfig(

@@ -79,7 +79,7 @@ PRETRAIN_IMAGES = (
 
 def package_file(package: str, name: str) -> Path:
     if package == "skimage":
-        import skimage.data
+        import skimage.data  # optional: skimage, sklearn, matplotlib (the [zoo] extra)
 
         path = Path(skimage.data.__file__).parent / name
     elif package == "sklearn":

@@ -82,7 +82,7 @@ def write_tokenizer(folder: str | Path) -> Path:
     Raises:
         FileNotFoundError: the BPE file is not installed (see `clip_bpe_path`).
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy: transformers, only to write a tokenizer; models.py imports this
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

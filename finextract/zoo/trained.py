@@ -39,6 +39,7 @@ from PIL import Image
 
 from ..finetuning import finetune
 from ..images import read_image
+from ..sscd import load_embedder
 from .models import save_pipeline
 from .scenarios import PRETRAIN_IMAGES, SCENARIOS, finetune_set, package_file, random_crops, scenario_folder
 from .training import (
@@ -73,7 +74,7 @@ def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progres
     Returns:
         timings: stage name -> {"seconds": training time, "reused": taken from `cache`}.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy: diffusers takes seconds; loaded when a pipeline is saved or read
 
     rng = np.random.default_rng(recipe.seed)
     photos = finetune_set("object", recipe.resolution)[1]
@@ -337,8 +338,6 @@ def _strip_local_paths(folder: Path) -> None:
 def _sscd_similarity(a: np.ndarray, b: np.ndarray):
     """Cosine similarity of SSCD descriptors of paired uint8 images, or None when no SSCD model is installed."""
     try:
-        from ..sscd import load_embedder
-
         embedder = load_embedder()
     except ImportError:
         return None

@@ -101,7 +101,7 @@ def train_vae(pool: np.ndarray, photos: np.ndarray, recipe: TrainedZooRecipe, pr
     From scratch (`recipe.vae_steps` at `recipe.vae_lr`) or, given `vae`, continuing it
     (`recipe.vae_adapt_steps` at `recipe.vae_adapt_lr`); either way a cosine decay to zero.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy: diffusers takes seconds; loaded when a pipeline is built
 
     if vae is None:
         torch.manual_seed(recipe.seed + 1)

@@ -49,6 +49,7 @@ def write_lora_diffusers(
     SDXL's `text_encoder_2.`, written by `StableDiffusionXLPipeline.save_lora_weights`); ranks and
     alphas in the file's `lora_adapter_metadata` (diffusers >= 0.34). Returns the file's path.
     """
+    # heavy: diffusers and peft take seconds; loaded when a file is written
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     text_layers = _file_text_names(text_layers)
