@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from finextract.engine.formats import file_sha256
 from finextract.records import installed_versions, locked_versions, version_differences
 from finextract.store.files import write_json
 
 logger = logging.getLogger(__name__)
 
-#: Bytes per read when hashing (4 MiB: large enough that the syscall count is negligible).
-READ_BYTES = 4 << 20
 #: Files of a model folder that are recorded: weights, configs and tokenizer vocabularies.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 MODEL_SUFFIXES = WEIGHT_SUFFIXES + (".json", ".txt", ".model")
@@ -47,24 +46,6 @@ CACHE_FORMAT = "finextract-hashes/1"
 CACHE_ENTRIES = 4096
 #: The lock files the repository root holds (pip `name==version` lines; see docs/development.md).
 LOCK_FILES = ("requirements.lock", "requirements-data.lock")
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 (64 hex digits) of a file's bytes, read in `READ_BYTES` blocks into one reused buffer.
-
-    Raises:
-        FileNotFoundError / IsADirectoryError / PermissionError (OSError): the file cannot be read.
-    """
-    digest = hashlib.sha256()
-    buffer = bytearray(READ_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                break
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 class HashCache:
@@ -111,7 +92,7 @@ class HashCache:
         entry = entries.get(real)
         if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             return entry["sha256"], stat.st_size
-        digest = sha256_file(real)
+        digest = file_sha256(real)
         if self.path is not None:
             entries.pop(real, None)
             entries[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
@@ -265,7 +246,7 @@ def environment_record(locks: list[str | Path] | None = None) -> dict:
         record["distributions"] = installed
         return record
     record["lock"] = {
-        "files": [{"path": str(p), "sha256": sha256_file(p)} for p in locks],
+        "files": [{"path": str(p), "sha256": file_sha256(p)} for p in locks],
         "differs": version_differences(locked_versions(*locks), installed),
     }
     return record

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finextract.engine.config import RunConfig
-from finextract.evidence import HashCache, input_record, sha256_file, train_record
+from finextract.evidence import HashCache, input_record, train_record
 from finextract.records import library_versions
 from finextract.report import write_report
 from finextract.spec import ExtractionSpec
@@ -54,8 +54,10 @@ def write_output(
     start = time.perf_counter()
     names = [f"{rank:03d}_gen{index:05d}.png" for rank, index in enumerate(result.indices)]
     staged = {"extracted": stage(out / "extracted"), "generated": None}
-    for name, image in zip(names, result.images):
-        write_png(image, staged["extracted"] / name)
+    # each saved PNG's sha256: `finextract verify` checks every one, however few it regenerates
+    digests = {
+        f"extracted/{name}": write_png(image, staged["extracted"] / name) for name, image in zip(names, result.images)
+    }
     if generated is not None and save_generated:
         staged["generated"] = stage(out / "generated")
         if hasattr(generated, "cpu"):  # one device-to-host copy, not one per image
@@ -76,8 +78,7 @@ def write_output(
         "clique_sizes": [len(c) for c in result.cliques],
         "extracted": result.indices,
         "extracted_files": [str(p.relative_to(out)) for p in paths],
-        # each saved PNG's sha256: `finextract verify` checks every one, however few it regenerates
-        "extracted_sha256": {str(p.relative_to(out)): sha256_file(p) for p in paths},
+        "extracted_sha256": digests,
         "num_degenerate": result.num_degenerate,
         "n0_estimate": result.n0_estimate.to_dict() if result.n0_estimate is not None else {"source": "given"},
         "timings": result.timings,

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from finextract.engine.config import BACKEND_NAMES, RunConfig, resolve_device
+from finextract.engine.formats import file_sha256
 from finextract.evaluation import read_training_images
 from finextract.evidence import (
     MODEL_SUFFIXES,
@@ -38,12 +39,12 @@ from finextract.evidence import (
     machine_record,
     model_files,
     pixels_sha256,
-    sha256_file,
 )
 from finextract.images import read_image
 from finextract.metrics import extraction_metrics
 from finextract.rules import rule_for
 from finextract.sscd import embed_images, load_embedder
+from finextract.store.folders import extracted_present
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def _check_folder(run: Path, record: dict, verification: Verification) -> list[t
     names = record.get("extracted_files") or []
     indices = record.get("extracted") or []
     named = {n for n in names if isinstance(n, str)}
-    present = {f"extracted/{p.name}" for p in (run / "extracted").glob("*") if not p.name.startswith(".")}
+    present = extracted_present(run)
     for extra in sorted(present - named):
         verification.add("folder", extra, False, "not named by result.json (another run's image? a mixed folder)")
     files = []
@@ -248,7 +249,7 @@ def _check_saved_file(name: str, path: Path, recorded: dict | None, verification
         return
     if name not in recorded:
         verification.add("folder", name, False, "no sha256 for it in result.json")
-    elif sha256_file(path) != recorded[name]:
+    elif file_sha256(path) != recorded[name]:
         verification.add("folder", name, False, "sha256 differs from result.json: the file changed after the run")
 
 
@@ -282,7 +283,7 @@ def _compare_file(role: str, path: Path, recorded: dict, verification: Verificat
     if not path.is_file():
         verification.add("input", f"{role} {path}", False, "missing")
         return
-    size, digest = path.stat().st_size, sha256_file(path)
+    size, digest = path.stat().st_size, file_sha256(path)
     if size != recorded["size"] or digest != recorded["sha256"]:
         verification.add(
             "input",

@@ -10,25 +10,26 @@ import numpy as np
 import pytest
 
 from finextract import evidence
+from finextract.engine.formats import HASH_READ_BYTES
 from finextract.evidence import HashCache, command_line, command_record, environment_record, input_record
 from finextract.records import locked_versions
 
 
-def test_sha256_file_crosses_block_boundaries(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, 2 * evidence.READ_BYTES + 3, dtype=np.uint8).tobytes()
+def test_file_sha256_crosses_block_boundaries(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 2 * HASH_READ_BYTES + 3, dtype=np.uint8).tobytes()
     path = tmp_path / "weights.safetensors"
     path.write_bytes(data)
-    assert evidence.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert evidence.file_sha256(path) == hashlib.sha256(data).hexdigest()
     (tmp_path / "empty.bin").write_bytes(b"")
-    assert evidence.sha256_file(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
+    assert evidence.file_sha256(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
     with pytest.raises(FileNotFoundError):
-        evidence.sha256_file(tmp_path / "missing.bin")
+        evidence.file_sha256(tmp_path / "missing.bin")
 
 
 def test_hash_cache_hashes_once_per_path_size_mtime(tmp_path, monkeypatch):
     calls = []
-    real = evidence.sha256_file
-    monkeypatch.setattr(evidence, "sha256_file", lambda path: calls.append(path) or real(path))
+    real = evidence.file_sha256
+    monkeypatch.setattr(evidence, "file_sha256", lambda path: calls.append(path) or real(path))
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"abc")
     link = tmp_path / "link.safetensors"

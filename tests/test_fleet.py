@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from finextract.fleet import ManifestError, Row, RowError, audit, read_manifest
-from finextract.fleet.worker import finished_chunks
+from finextract.store.chunks import finished_count
 
 # rows that extract (in manifest order) and rows that must fail, by id
 COMPUTED = ("lora_long", "lora_peft", "db_uncond")
@@ -365,7 +365,7 @@ class _Killer(threading.Thread):
     def run(self):
         chunk, lock = self.folder / "chunk_00000.npz", self.folder / ".lock"
         while not self.stop and self.killed_pid is None:
-            if chunk.is_file() and finished_chunks(self.folder) >= 1 and lock.is_file() and lock.read_text().strip():
+            if chunk.is_file() and finished_count(self.folder) >= 1 and lock.is_file() and lock.read_text().strip():
                 pid = int(lock.read_text())
                 if pid != os.getpid():
                     self.first_chunk = chunk.stat().st_mtime_ns
@@ -450,12 +450,12 @@ def test_ctrl_c_keeps_finished_work_and_the_rerun_resumes(tiny_zoo, tmp_path, ca
     generation = out / "long" / "generation"
 
     def press_ctrl_c():  # SIGINT, as a terminal's Ctrl-C sends, once the long row has a finished chunk
-        from finextract.fleet.worker import finished_chunks
+        from finextract.store.chunks import finished_count
 
         # finished = written AND in the manifest: a chunk file appears a moment before its manifest
         # entry, and a Ctrl-C between the two (seen on a loaded machine) leaves nothing to resume
         deadline = time.monotonic() + 240
-        while finished_chunks(generation) < 1 and time.monotonic() < deadline:
+        while finished_count(generation) < 1 and time.monotonic() < deadline:
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
 

@@ -127,7 +127,7 @@ def run_demo(
     Returns:
         {"rows": one dict per run {"scenario", "kind", "method", "repeat", "seed", "AS", "A-ESR0.7",
          "A-ESR0.6", "best_match", "seconds", "folder"},
-         "cells": one dict per (scenario, kind, method) {"AS": {"mean", "std", "values"}, ...},
+         "cells": one dict per (scenario, kind, method) {"AS": {"mean", "std", "values"}, ..., "unet_evaluations"},
          "complete": True, "config": {...}, "seconds": total}. std is the sample standard deviation
         (0 for K = 1). demo.json is rewritten after every run ("complete": False until the last).
 
@@ -268,7 +268,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (scenario, kind, method), runs in cells.items():
         cell = {"scenario": scenario, "kind": kind, "method": method, "runs": len(runs)}
-        cell["unet_evaluations"] = int(np.mean([r.get("unet_evaluations", 0) for r in runs]))  # equal per run
+        cell["unet_evaluations"] = runs[0]["unet_evaluations"]  # N x steps x models: the same for every seed
         for name in METRICS:
             values = np.array([r[name] for r in runs], dtype=float)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -318,7 +318,7 @@ def format_table(cells: list[dict]) -> str:
                     line += f"| {'-':<{group}}"
                 else:
                     line += "| " + "".join(f"{_value(cell, m, with_std):<{width}}" for m in METRICS)
-                    line += f"{cell.get('unet_evaluations', 0):<{evals}} "
+                    line += f"{cell['unet_evaluations']:<{evals}} "
             lines.append(line.rstrip())
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -349,7 +349,7 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
                     KIND_NAMES[cell["kind"]],
                     METHOD_NAMES[cell["method"]],
                     *(_value(cell, name, seeds > 1) for name in METRICS),
-                    cell.get("unet_evaluations", 0),
+                    cell["unet_evaluations"],
                     cell["runs"],
                 )
                 for cell in summary["cells"]

@@ -104,11 +104,6 @@ def read_row_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("format") == ROW_FORMAT else None
 
 
-def finished_chunks(generation: Path) -> int:
-    """How many generation chunks of a row folder are finished already (read from its manifest)."""
-    return finished_count(generation)
-
-
 class RowRunner:
     """Runs rows one at a time; keeps the last loaded base and the SSCD embedder for the next row.
 
@@ -180,7 +175,7 @@ class RowRunner:
             "worker": self.worker,
             "base_loaded": False,
             "base_load_seconds": None,
-            "chunks_resumed": finished_chunks(folder / "generation"),
+            "chunks_resumed": finished_count(folder / "generation"),
             "seconds": None,
         }
         extractor = None

@@ -4,6 +4,7 @@ atomic_write` (engine writes its TensorRT plans with it too): one implementation
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -68,13 +69,20 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def write_png(image, path: str | Path) -> Path:
+def write_png(image, path: str | Path) -> str:
     """Write one uint8 (H, W, 3) image (ndarray or tensor, any device) as a PNG file, atomically; its
-    folder is created. Returns the path."""
+    folder is created.
+
+    Returns:
+        The sha256 (64 hex digits) of the bytes written, so a record can name the file without reading
+        it back.
+    """
     array = image.cpu().numpy() if hasattr(image, "cpu") else image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, png_bytes(array))
+    data = png_bytes(array)
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def differences(old, new, prefix: str = "") -> list[str]:

@@ -294,6 +294,14 @@ def write_record(out: str | Path, record: dict) -> Path:
     return write_json(Path(out) / RECORD, record)
 
 
+def extracted_present(run: str | Path) -> set[str]:
+    """The image files a run folder's `extracted/` holds, as the record names them ("extracted/<file>"),
+    staging and other hidden files left out: what `recorded_extracted` and `finextract verify` hold
+    against the record's `extracted_files`."""
+    folder = Path(run) / "extracted"
+    return {f"extracted/{p.name}" for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")}
+
+
 def recorded_extracted(folder: str | Path) -> list[Path] | None:
     """The extracted images an extract / cluster run's record names, checked against its extracted/.
 
@@ -321,7 +329,7 @@ def recorded_extracted(folder: str | Path) -> list[Path] | None:
     if record is None or not isinstance(record.get("extracted_files"), list):
         return None
     named = [run / name for name in record["extracted_files"]]
-    present = {path for path in (run / "extracted").glob("*") if path.is_file() and not path.name.startswith(".")}
+    present = {run / name for name in extracted_present(run)}
     extra = sorted(p.name for p in present - set(named))
     missing = sorted(p.name for p in set(named) - present)
     if extra or missing:
