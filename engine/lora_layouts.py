@@ -99,7 +99,7 @@ def read_weights(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     return load_state_dict(path), read_safetensors_header(path)[1]
 
 
-def _split_dotted(key: str) -> tuple[str, str] | None:
+def split_dotted(key: str) -> tuple[str, str] | None:
     """(module name, suffix) of a dotted key ending in a known suffix, else None."""
     for suffix in _DOTTED_SUFFIXES:
         if key.endswith("." + suffix):
@@ -112,7 +112,7 @@ def _group_dotted(state: dict, component_of, unknown: list) -> dict:
     groups: dict[tuple[str, str], Group] = {}
     for key, tensor in state.items():
         component, rest = component_of(key)
-        split = _split_dotted(rest)
+        split = split_dotted(rest)
         if split is None:
             unknown.append(key)
             continue

@@ -21,6 +21,7 @@ COMMANDS = (
     "cluster",
     "evaluate",
     "verify",
+    "inspect",
     "sweep",
     "audit",
     "finetune",

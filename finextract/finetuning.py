@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .engine.config import resolve_device, torch_dtype
+from .engine.metadata import add_safetensors_metadata, finetune_metadata, kohya_model_hashes
 from .images import center_crop_resize, read_image, read_images
 from .store.files import write_json
 from .store.folders import prepare, replace_folder, run_entry, stage
@@ -323,7 +324,9 @@ def finetune(
     full diffusers pipeline folder (safetensors). LoRA adds peft adapters of rank `rank`
     (alpha = rank, so scale 1) on the modules `lora_target_modules(unet, lora_modules)` names and saves
     `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`,
-    rank and alpha in the metadata), as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json`.
+    rank and alpha in the metadata), as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json` (with the
+    image count, caption, base name and hashes) and the same in kohya's `ss_*` and the model spec's keys
+    into the weights file's metadata (`finextract.engine.metadata.finetune_metadata`).
     Settings left as None come from `default_recipe` for the base's UNet (SD 1.x values for SD-size
     models, the trained zoo's for tiny ones). A warning is logged when the loss has not fallen.
 
@@ -467,14 +470,22 @@ def finetune(
         _save_pipeline(base, unet, text_encoder.eval(), staged, save_torch_dtype)
 
     first, last, fell = loss_fall(losses)
-    record = asdict(config) | {
-        "base": str(base),
-        "first_loss": first,
-        "final_loss": float(np.mean(losses[-50:])),
-        "loss_fell": fell,
-        "device": device,
-        "run_folder": run_entry("finetune", given),
-    }
+    trained = _trained_record(base, images, len(pixels), config)
+    for file in (staged / "pytorch_lora_weights.safetensors", staged / "unet" / "diffusion_pytorch_model.safetensors"):
+        if file.is_file():  # the trainers' keys, in the weights themselves
+            add_safetensors_metadata(file, finetune_metadata(**trained["keys"]))
+    record = (
+        asdict(config)
+        | trained["record"]
+        | {
+            "base": str(base),
+            "first_loss": first,
+            "final_loss": float(np.mean(losses[-50:])),
+            "loss_fell": fell,
+            "device": device,
+            "run_folder": run_entry("finetune", given),
+        }
+    )
     write_json(staged / "finetune.json", record, newline=True)
     replace_folder(out, staged)
     logger.info("saved the %s fine-tune to %s (mean loss of the last 50 steps %.4f)", method, out, record["final_loss"])
@@ -486,6 +497,22 @@ def finetune(
             last,
         )
     return out
+
+
+def _trained_record(base, images, num_images: int, config: FinetuneConfig) -> dict:
+    """What a fine-tune records of its training (`finextract.engine.metadata`): {"record": the fields
+    added to finetune.json (`num_images`, `base_name`, `base_unet_hash`, `base_unet_sha256`,
+    `base_family`), "keys": `finetune_metadata`'s arguments}. The base hashes are kohya's
+    (`kohya_model_hashes`) of the base's UNet weights file."""
+    unet_file = Path(base) / "unet" / "diffusion_pytorch_model.safetensors"
+    hashes = kohya_model_hashes(unet_file) if unet_file.is_file() else {}
+    folder = Path(images).name if isinstance(images, (str, Path)) else "images"
+    record = {"num_images": num_images, "base_name": Path(base).resolve().name, "base_family": "sd1"}
+    record |= {"base_unet_hash": hashes.get("ss_sd_model_hash"), "base_unet_sha256": hashes.get("ss_new_sd_model_hash")}
+    keys = dict(method=config.method, caption=config.caption, num_images=num_images, image_folder=folder)
+    keys |= dict(steps=config.steps, lr=config.lr, batch_size=config.batch_size, rank=config.rank, alpha=config.rank)
+    keys |= dict(resolution=config.resolution, seed=config.seed, dtype=config.dtype, base_name=record["base_name"])
+    return {"record": record, "keys": keys | {"base_hashes": hashes}}
 
 
 # The denoising loss of one step varies by a factor of several with its random timesteps, so the fall

@@ -1,0 +1,408 @@
+"""`finextract inspect`: what a checkpoint, adapter file or folder is, from its headers and configs, and
+what its trainer recorded (`finextract.engine.metadata`), without loading a model.
+
+    report = inspect_checkpoint("lora/pytorch_lora_weights.safetensors")
+    print(format_report(report))
+
+The weights are read from safetensors headers (names and shapes) and configs; only kohya's per-module
+`alpha` scalars are read as tensors. A pickle is never opened. Where the metadata contradicts the
+weights (the family, the rank, the alpha, the module list) the report says so, and the weights win.
+A family finextract does not run yet (FLUX.1, SD 3) is still named, from its keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from finextract.engine.families import FAMILIES, adapter_evidence, checkpoint_evidence, get_family
+from finextract.engine.formats import CheckpointFormatError, read_safetensors_header, sniff
+from finextract.engine.metadata import read_metadata, training_record
+
+# key patterns of diffusion transformers finextract does not run yet: (family name, label, pattern)
+_DIT_KEYS = (
+    ("flux1", "FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)[._]")),
+    ("sd3", "SD 3", re.compile(r"joint_blocks[._]|^(transformer|base_model\.model)\.transformer_blocks\.")),
+)
+_METADATA_DITS = (("flux1", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
+# what part of the network a module is, from its name (kohya's underscored or a dotted path)
+_MODULE_KINDS = (
+    ("cross-attention", r"attn2"),
+    ("self-attention", r"attn1|self_attn"),
+    ("feed-forward", r"(^|[._])ff[._]|mlp"),
+    ("projection", r"proj_in|proj_out"),
+    ("ResNet", r"resnets|conv_shortcut|time_emb_proj|conv[12]"),
+    ("resampler", r"samplers"),
+)
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Everything `finextract inspect` reports, JSON-ready.
+
+    Args:
+        path: a fine-tune or adapter as `extract` takes it (file or folder), or any safetensors model file.
+
+    Returns:
+        {"path", "kind" ("adapter" | "full" | "unknown"), "format", "family": {"name", "label", "told_by"}
+        (name None when the weights do not tell), "runs" (whether finextract runs the family),
+        "components": {component: {"modules", "keys", "types", "ranks", "alphas", "kinds"}} (adapters),
+        "training": `TrainingRecord.to_dict()`, "contradictions": [str], "warnings": [str]}.
+
+    Raises:
+        FileNotFoundError: `path` does not exist. (Malformed metadata never raises: it becomes a warning.)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    metadata = read_metadata(path)
+    record = training_record(metadata)
+    report = {"path": str(path), "kind": "unknown", "format": None, "family": _family(None, "", None)}
+    report |= {"runs": False, "components": {}, "warnings": []}
+    try:
+        _weights(path, report)
+    except (CheckpointFormatError, ValueError, OSError) as error:
+        report["warnings"].append(f"the weights: {error}")
+    report["training"] = record.to_dict()
+    report["warnings"] += record.warnings
+    report["contradictions"] = contradictions(report, record)
+    return report
+
+
+def _family(name: str | None, told_by: str, label: str | None = None) -> dict:
+    if name in FAMILIES:
+        label = FAMILIES[name].label
+    return {"name": name, "label": label, "told_by": told_by}
+
+
+def _dit(shapes: dict) -> dict | None:
+    for name, label, pattern in _DIT_KEYS:
+        key = next((k for k in sorted(shapes) if pattern.search(k.split(":", 1)[-1])), None)
+        if key is not None:
+            return _family(name, f"key {key!r}", label)
+    return None
+
+
+def _weights(path: Path, report: dict) -> None:
+    """Fill in kind, format, family, runs and components from headers and configs."""
+    from finextract.engine.loading import detect_finetuned_format, folder_family
+    from finextract.engine.loading.checks import adapter_headers
+    from finextract.engine.lora_formats import detect_lora_format
+
+    if path.is_file() and sniff(path) in ("pickle", "pickle-zip"):
+        report["format"] = "pickle"
+        report["warnings"].append("a pickle: not opened here (its keys are known only once unpickled)")
+        return
+    lora = detect_lora_format(path)
+    if lora is not None or (path.is_file() and _dit(_shapes(path))):
+        shapes, metadata = adapter_headers(path)
+        report["kind"], report["format"] = "adapter", lora or "kohya"
+        dit = _dit(shapes)
+        if dit is not None:
+            report["family"] = dit
+        else:
+            evidence = adapter_evidence(shapes, {})  # the weights alone: metadata is compared, not believed
+            report["family"] = _family(evidence.family.name if evidence.family else None, evidence.reason)
+            report["runs"] = True
+            if evidence.family is None and evidence.cross_attention_dim:
+                report["family"]["told_by"] = (
+                    f"cross-attention width {evidence.cross_attention_dim}, no released family's"
+                )
+        report["components"] = adapter_summary(path, shapes, report["format"], metadata)
+        return
+    fmt = detect_finetuned_format(path)
+    report["kind"], report["format"], report["runs"] = "full", fmt, True
+    if fmt in ("pipeline", "unet_folder"):
+        family, _ = folder_family(path, str(path))
+        report["family"] = _family(family.name, "its configs")
+        parts = [p for p in ("unet", "text_encoder", "text_encoder_2") if (path / p).is_dir()] or ["unet"]
+        report["components"] = {part: {"modules": "all", "kinds": {"full fine-tune": 1}} for part in parts}
+    else:
+        evidence = checkpoint_evidence(_shapes(path))
+        report["family"] = _family(evidence.family.name if evidence.family else None, evidence.reason)
+        report["components"] = {"unet": {"modules": "all", "kinds": {"full fine-tune": 1}}}
+
+
+def _shapes(path: Path) -> dict:
+    if not path.is_file() or sniff(path) != "safetensors":
+        return {}
+    header, _ = read_safetensors_header(path)
+    return {key: tuple(info["shape"]) for key, info in header.items()}
+
+
+def adapter_summary(path: Path, shapes: dict, fmt: str, metadata: dict) -> dict:
+    """Per component: adapted modules, keys, adapter types, ranks, alphas and module kinds, from the
+    header's names and shapes (kohya's `alpha` scalars read from the file).
+
+    Returns:
+        {component: {"modules": int, "keys": int, "types": {type: modules}, "ranks": {rank: modules},
+        "alphas": {alpha: modules}, "alpha_source": "tensors" | "config" | "assumed (alpha = rank)",
+        "kinds": {kind: modules}, "module_names": [name]}}; "unparsed" lists keys of no known suffix.
+    """
+    import torch
+
+    from finextract.engine.adapters import AdapterError, adapter_type
+    from finextract.engine.lora_layouts import CLONEOFSIMO_KEY, KOHYA_PREFIXES, PEFT_SUFFIXES, split_dotted
+
+    groups: dict[tuple[str, str], dict] = {}
+    unparsed = []
+    for key, shape in shapes.items():
+        if fmt == "kohya" or key.startswith(tuple(KOHYA_PREFIXES)):
+            name, _, suffix = key.partition(".")
+            prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
+            component = KOHYA_PREFIXES[prefix] if prefix else name.split("_", 2)[1] if name.count("_") > 1 else "?"
+            suffix = PEFT_SUFFIXES.get(suffix, suffix)
+        elif CLONEOFSIMO_KEY.fullmatch(key):
+            component, index, direction = key.split(":")
+            name, suffix = f"{component}:{index}", f"lora_{direction}.weight"
+        else:
+            first, _, rest = key.partition(".")
+            component = first if first in ("unet", "text_encoder", "text_encoder_2", "transformer") else ""
+            rest = (rest if component else key).removeprefix("base_model.model.")
+            if not component:  # a PEFT adapter at the top of its folder, or old attention-processor names
+                component = "text_encoder" if rest.startswith(("text_model.", "encoder.")) else "unet"
+            split = split_dotted(rest)
+            if split is None:
+                unparsed.append(key)
+                continue
+            name, suffix = split
+        groups.setdefault((component, name), {})[suffix] = shape
+    alphas = _kohya_alphas(path, [k for k in shapes if k.endswith(".alpha")]) if path.is_file() else {}
+    config_alpha = _config_alpha(path, metadata)
+    summary: dict = {}
+    for (component, name), tensors in groups.items():
+        entry = summary.setdefault(component, {"modules": 0, "keys": 0, "types": Counter(), "ranks": Counter()})
+        entry.setdefault("alphas", Counter())
+        entry.setdefault("kinds", Counter())
+        entry.setdefault("module_names", [])
+        entry["keys"] += len(tensors)
+        try:
+            kind = adapter_type({s: torch.empty(tuple(v), device="meta") for s, v in tensors.items()})
+        except AdapterError:
+            unparsed.extend(f"{name}.{s}" for s in tensors)
+            continue
+        entry["modules"] += 1
+        entry["types"][kind.type] += 1
+        rank = _rank(kind.type, tensors)
+        entry["ranks"][rank] += 1
+        alpha_key = next((k for k in (f"{name}.alpha", f"{component}.{name}.alpha") if k in alphas), None)
+        if alpha_key is not None:
+            entry["alphas"][alphas[alpha_key]] += 1
+            entry["alpha_source"] = "tensors"
+        elif config_alpha is not None and kind.uses_alpha:
+            entry["alphas"][config_alpha.get(component, rank)] += 1
+            entry.setdefault("alpha_source", "config")
+        elif kind.uses_alpha and isinstance(rank, int):
+            entry["alphas"][float(rank)] += 1
+            entry.setdefault("alpha_source", "assumed (alpha = rank)")
+        entry["kinds"][_module_kind(name)] += 1
+        entry["module_names"].append(name)
+    for entry in summary.values():
+        for counted in ("types", "ranks", "alphas", "kinds"):
+            entry[counted] = {str(k): v for k, v in sorted(entry[counted].items(), key=lambda kv: str(kv[0]))}
+        entry["module_names"].sort()
+    if unparsed:
+        summary["unparsed"] = {"keys": len(unparsed), "examples": sorted(unparsed)[:5]}
+    return summary
+
+
+def _rank(kind: str, tensors: dict) -> int | str:
+    """The rank r of one module's adapter from its shapes ("full" for full-rank deltas)."""
+    first = {  # the tensor whose first dimension is r, per type (engine.adapters' layouts)
+        "lora": "lora_down.weight",
+        "loha": "hada_w1_b",
+        "glora": "a2.weight",
+    }
+    if kind in first and first[kind] in tensors:
+        return int(tensors[first[kind]][0])
+    if kind == "lokr":
+        for name in ("lokr_w2_b", "lokr_w1_b"):
+            if name in tensors:
+                return int(tensors[name][0])
+        return "full"
+    if kind in ("oft", "boft", "oftv2"):
+        blocks = tensors.get("oft_blocks") or tensors.get("oft_R.weight")
+        return f"blocks {tuple(blocks)}" if blocks is not None else "?"
+    return "full"
+
+
+def _kohya_alphas(path: Path, keys: list[str]) -> dict[str, float]:
+    """kohya / LyCORIS `alpha` scalars (the only tensors inspect reads)."""
+    if not keys:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: round(float(handle.get_tensor(key).float().reshape(-1)[0]), 6) for key in keys}
+
+
+def _config_alpha(path: Path, metadata: dict) -> dict | None:
+    """lora_alpha per component: diffusers' `lora_adapter_metadata` ("<component>.lora_alpha"), or a PEFT
+    folder's `adapter_config.json` files (the top one adapts the UNet)."""
+    import json
+
+    found = {}
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        packed = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError:
+        packed = {}
+    if isinstance(packed, dict):
+        found = {k.split(".", 1)[0]: v for k, v in packed.items() if k.endswith(".lora_alpha")}
+    for sub in ("", "unet", "text_encoder", "text_encoder_2") if path.is_dir() else ():
+        config = path / sub / "adapter_config.json" if sub else path / "adapter_config.json"
+        try:
+            alpha = json.loads(config.read_text()).get("lora_alpha") if config.is_file() else None
+        except (ValueError, AttributeError):
+            alpha = None
+        if alpha is not None:
+            found[sub or "unet"] = alpha
+    found = {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return found or None
+
+
+def _module_kind(name: str) -> str:
+    for kind, pattern in _MODULE_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+# --- metadata against the weights -----------------------------------------------------------------
+
+
+def _metadata_family(record) -> tuple[str | None, str]:
+    for key in ("architecture", "version"):
+        entry = record.parent.get(key)
+        if entry is None:
+            continue
+        for name, pattern in _METADATA_DITS:
+            if pattern.search(str(entry.value)):
+                return name, f"{entry.source}={entry.value!r}"
+        evidence = adapter_evidence({}, {"ss_base_model_version": str(entry.value)})
+        if evidence.family is None:
+            try:
+                evidence = type(evidence)(get_family(str(entry.value)), None)
+            except ValueError:
+                continue
+        return evidence.family.name, f"{entry.source}={entry.value!r}"
+    return None, ""
+
+
+def contradictions(report: dict, record) -> list[str]:
+    """Where the metadata (`TrainingRecord`) says otherwise than the weights (`report`): family, rank,
+    alpha, module list. Each in words, ending with what is believed: the weights."""
+    found = []
+    meta_family, told = _metadata_family(record)
+    weights_family = report["family"]["name"]
+    if meta_family and weights_family and meta_family != weights_family:
+        compatible = meta_family in FAMILIES and weights_family in FAMILIES
+        if not (compatible and get_family(meta_family).compatible(get_family(weights_family))):
+            label = FAMILIES[meta_family].label if meta_family in FAMILIES else meta_family
+            found.append(
+                f"family: the metadata {told} says {label}; the weights are {report['family']['label']} "
+                f"({report['family']['told_by']}): the weights win"
+            )
+    adapters = {c: e for c, e in report["components"].items() if isinstance(e, dict) and "ranks" in e}
+    ranks = {r for e in adapters.values() for r in e["ranks"]}
+    dim = record.settings.get("network_dim")
+    if dim is not None and ranks and str(dim.value) not in ranks:
+        found.append(
+            f"rank: the metadata {dim.source}={dim.value} but the weights' ranks are {sorted(ranks)}: the weights win"
+        )
+    alphas = {a for e in adapters.values() if e.get("alpha_source") == "tensors" for a in e["alphas"]}
+    alpha = record.settings.get("network_alpha")
+    if alpha is not None and alphas and all(abs(float(a) - float(alpha.value)) > 1e-3 for a in alphas):
+        found.append(
+            f"alpha: the metadata {alpha.source}={alpha.value} but the weights' alphas are {sorted(alphas)}: the weights win"
+        )
+    targets = record.settings.get("target_modules")
+    names = [n for e in adapters.values() for n in e["module_names"] if ":" not in n]
+    if targets is not None and names and report["format"] in ("diffusers", "peft"):
+        missing, extra = _module_mismatch(targets.value, names)
+        if missing or extra:
+            found.append(
+                f"modules: the metadata {targets.source} names {len(missing)} module(s) the weights do not adapt "
+                f"{missing[:3]} and the weights adapt {len(extra)} it does not name {extra[:3]}: the weights win"
+            )
+    return found
+
+
+def _module_mismatch(targets, names: list[str]) -> tuple[list[str], list[str]]:
+    """(targets matching no adapted module, adapted modules no target matches), PEFT's matching rule:
+    a regex string must match the whole path; a list entry the path or its ending after a dot."""
+    if isinstance(targets, str):
+        try:
+            return [], [n for n in names if not re.fullmatch(targets, n)]
+        except re.error:
+            return [targets], []
+    if not isinstance(targets, list):
+        return [], []
+    targets = [str(t) for t in targets]
+
+    def hit(name, target):
+        return name == target or name.endswith("." + target)
+
+    return [t for t in targets if not any(hit(n, t) for n in names)], [
+        n for n in names if not any(hit(n, t) for t in targets)
+    ]
+
+
+# --- the text report ------------------------------------------------------------------------------
+
+
+def _value(entry: dict | None) -> str:
+    return "-" if not entry else f"{entry['value']}  [{entry['source']}]"
+
+
+def format_report(report: dict) -> str:
+    """`inspect_checkpoint`'s report as readable text (what `finextract inspect` prints)."""
+    family = report["family"]
+    label = family["label"] or "not told by the weights"
+    lines = [
+        f"{report['path']}",
+        f"  kind: {report['kind']} ({report['format']})",
+        f"  family: {label}" + (f" ({family['told_by']})" if family["told_by"] else ""),
+    ]
+    if not report["runs"] and report["kind"] != "unknown":
+        lines.append("  finextract does not run this family yet: inspected only")
+    for component, entry in report["components"].items():
+        if component == "unparsed":
+            lines.append(f"  unparsed keys: {entry['keys']}, e.g. {entry['examples']}")
+            continue
+        if entry.get("modules") == "all":
+            lines.append(f"  {component}: every weight (a full fine-tune)")
+            continue
+        kinds = ", ".join(f"{k} {v}" for k, v in entry["kinds"].items())
+        lines.append(f"  {component}: {entry['modules']} modules ({kinds}), {entry['keys']} tensors")
+        lines.append(
+            f"    types {entry['types']}, ranks {entry['ranks']}, alphas {entry['alphas']}"
+            + (f" ({entry['alpha_source']})" if entry.get("alpha_source") else "")
+        )
+    training = report["training"]
+    lines.append("  training (from the metadata; [the key each value came from]):")
+    if not training["producers"]:
+        lines.append("    no trainer metadata")
+    else:
+        lines.append(f"    producers: {', '.join(training['producers'])}")
+        lines.append(f"    N0 (distinct training images): {_value(training['n0'])}")
+        lines.append(f"    caption: {_value(training['caption'])}")
+        for candidate in training["caption_candidates"][1:6]:
+            lines.append(f"      also: {candidate['caption']!r} ({candidate['why']}) [{candidate['source']}]")
+        if training["tags"]:
+            top = ", ".join(f"{t['tag']} ({t['count']})" for t in training["tags"][:10])
+            more = len(training["tags"]) - 10
+            lines.append(f"    tags: {top}" + (f", ... {more} more" if more > 0 else ""))
+        for name, entry in training["parent"].items():
+            lines.append(f"    parent {name}: {_value(entry)}")
+        for name, entry in training["settings"].items():
+            if name != "target_modules":
+                lines.append(f"    {name}: {_value(entry)}")
+    if training["unknown"]:
+        lines.append(f"  other metadata keys ({len(training['unknown'])}, raw):")
+        lines += [f"    {key}: {value}" for key, value in sorted(training["unknown"].items())[:30]]
+    for contradiction in report["contradictions"]:
+        lines.append(f"  CONTRADICTION {contradiction}")
+    for warning in report["warnings"]:
+        lines.append(f"  warning: {warning}")
+    return "\n".join(lines)
