@@ -21,6 +21,7 @@ from finextract.engine.config import RunConfig, run_config
 from finextract.evaluation import evaluate_against, model_resolution
 from finextract.evidence import command_record, environment_record, jsonable
 from finextract.images import degenerate_mask, read_images
+from finextract.inspection import metadata_first
 from finextract.metrics import similarity_histogram
 from finextract.output import extraction_config, model_inputs, run_settings, training_input, write_output
 from finextract.spec import AUTO, ExtractionSpec
@@ -43,6 +44,8 @@ class ExtractionResult:
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
+        n0_source: {"source": "metadata", "key", "file", "n0"} when n0="auto" was read from the
+            fine-tune's trainer metadata (`finextract.inspection.metadata_first`), else None.
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
         generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
             generated images, as computed for the clustering, on the device they were computed on.
@@ -72,6 +75,7 @@ class ExtractionResult:
     n0_estimate: object = None
     evidence: dict | None = None
     work: dict = field(default_factory=dict)
+    n0_source: dict | None = None
 
 
 def cluster_images(
@@ -263,6 +267,7 @@ class Extractor:
                 embedder, preset=preset, device=self.config.device, threads=self.config.threads
             )
         self.load_seconds = time.perf_counter() - start
+        self.finetuned_path = Path(finetuned if finetuned is not None else lora)  # its metadata: --caption/--n0 auto
         self.resolution = model_resolution(self.pair)
         self.inputs = model_inputs(
             self.pair.sources, lora=lora is not None, base_config=base_config, config=self.config
@@ -320,11 +325,13 @@ class Extractor:
         (`ExtractionSpec.resolve(caption, n0, num_images=, method=, w=, k=, train=, train_as_is=)`):
 
         Args:
-            caption: the training caption c; "auto" recovers it from the fine-tune's cross-attention
-                weight deltas first (`finextract.caption.recover_caption`; the recovered caption, its
-                score and the runner-ups go into `config["caption_recovery"]` and result.json); None
+            caption: the training caption c; "auto" reads it from the fine-tune's trainer metadata
+                (`finextract.inspection.metadata_first`), else recovers it from its cross-attention
+                weight deltas first (`finextract.caption.recover_caption`; the caption, where it came
+                from, its score and the runner-ups go into `config["caption_recovery"]` and result.json); None
                 when it is unknown: then only "finextract-uncond" (Eq. 6, the default then) applies.
-            n0: N0 >= 1, or "auto" to estimate it from the generated images' SSCD descriptors
+            n0: N0 >= 1, or "auto": the fine-tune's trainer metadata when it records N0 (`result.n0_source`),
+                else estimated from the generated images' SSCD descriptors
                 (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
                 into `result.n0_estimate` and result.json). num_images: N (default 50 x N0; with
                 n0="auto" `finextract.spec.AUTO_NUM_IMAGES`).
@@ -417,14 +424,17 @@ class Extractor:
             train = read_images(train)
         timings = {"load": self.load_seconds}
         caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
-        if caption == AUTO:
+        caption, metadata_caption, n0, n0_source = metadata_first(self.finetuned_path, caption, n0, spec.num_images)
+        if metadata_caption is not None:
+            caption_record = metadata_caption
+        elif caption == AUTO:
             from finextract.caption import recover_caption
 
             options = {"seed": config.seed, **(recovery or {})}
             recovered = recover_caption(self.pair, progress=progress, **options)
             timings["caption"] = recovered.seconds
             caption = recovered.caption
-            caption_record = {"source": "recovered", **recovered.to_dict()}
+            caption_record = {"source": "recovered", "by": "weight-delta recovery", **recovered.to_dict()}
         start = time.perf_counter()
         generation = generate(
             self.pair,
@@ -455,6 +465,7 @@ class Extractor:
         images = generation.images
         result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
         result.work = work
+        result.n0_source = n0_source
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
             n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,

@@ -12,6 +12,7 @@ A family finextract does not run yet (FLUX.1, SD 3) is still named, from its key
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,8 @@ from finextract.engine.formats import CheckpointFormatError, read_safetensors_he
 from finextract.engine.metadata import read_metadata, training_record
 
 # key patterns of diffusion transformers finextract does not run yet: (family name, label, pattern)
+logger = logging.getLogger(__name__)
+
 _DIT_KEYS = (
     ("flux1", "FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)[._]")),
     ("sd3", "SD 3", re.compile(r"joint_blocks[._]|^(transformer|base_model\.model)\.transformer_blocks\.")),
@@ -406,3 +409,48 @@ def format_report(report: dict) -> str:
     for warning in report["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+# --- --caption auto / --n0 auto -------------------------------------------------------------------
+
+
+def metadata_first(path, caption, n0, num_images: int):
+    """`--caption auto` and `--n0 auto` from the fine-tune's trainer metadata, where it records them.
+
+    Args:
+        path: the fine-tune or adapter (file or folder); one that is not a local path gives nothing.
+        caption: the spec's caption ("auto" asks for it). n0: the spec's N0 ("auto" asks for it).
+        num_images: N, which a recorded N0 must not exceed.
+
+    Returns:
+        (caption, caption_record or None, n0, n0_record or None): an "auto" replaced by the metadata's
+        value, with its record {"source": "metadata", "key", "file", ...}; left as "auto" (records None)
+        when the metadata does not give it, for the estimates to take over.
+
+    Raises:
+        ValueError: the metadata's N0 exceeds N (the message names the key and the fix).
+    """
+    from finextract.spec import AUTO
+
+    path = Path(path)
+    if AUTO not in (caption, n0) or not path.exists():
+        return caption, None, n0, None
+    record = training_record(read_metadata(path))
+    for warning in record.warnings:
+        logger.warning("%s: trainer metadata: %s", path, warning)
+    caption_record = n0_record = None
+    if caption == AUTO and record.caption is not None:
+        caption = record.caption.value
+        caption_record = {"source": "metadata", "key": record.caption.source, "file": str(path), "caption": caption}
+        caption_record["candidates"] = record.caption_candidates
+        logger.info("--caption auto: %r from the trainer metadata (%s)", caption, record.caption.source)
+    if n0 == AUTO and record.n0 is not None:
+        if record.n0.value > num_images:
+            raise ValueError(
+                f"--n0 auto: the metadata of {path} records N0 = {record.n0.value} ({record.n0.source}), more than "
+                f"--num-images {num_images}: generate at least N0 images (the paper: 50 x N0), or give --n0"
+            )
+        n0 = record.n0.value
+        n0_record = {"source": "metadata", "key": record.n0.source, "file": str(path), "n0": n0}
+        logger.info("--n0 auto: N0 = %d from the trainer metadata (%s)", n0, record.n0.source)
+    return caption, caption_record, n0, n0_record

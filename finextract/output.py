@@ -80,7 +80,9 @@ def write_output(
         "extracted_files": [str(p.relative_to(out)) for p in paths],
         "extracted_sha256": digests,
         "num_degenerate": result.num_degenerate,
-        "n0_estimate": result.n0_estimate.to_dict() if result.n0_estimate is not None else {"source": "given"},
+        "n0_estimate": result.n0_estimate.to_dict()
+        if result.n0_estimate is not None
+        else result.n0_source or {"source": "given"},
         "timings": result.timings,
         "config": result.config,
     }

@@ -268,9 +268,9 @@ def _transform_text(metrics: dict, size: list[int]) -> str:
 
 
 def metadata_html(result: dict) -> str:
-    """HTML for how the training metadata was obtained: the caption (given, none, or recovered from the
-    weights with its score and runner-ups) and N0 (given, or estimated with its interval); "" when both
-    were simply given."""
+    """HTML for how the training metadata was obtained: the caption (given, none, read from the trainer
+    metadata with its key, or recovered from the weights with its score and runner-ups) and N0 (given,
+    read from the trainer metadata, or estimated with its interval); "" when both were simply given."""
     parts = []
     caption = result.get("caption") or {}
     if caption.get("source") == "recovered":
@@ -284,6 +284,11 @@ def metadata_html(result: dict) -> str:
             f"{caption.get('seconds', 0.0):.1f} s, from {len(caption.get('modules', []))} cross-attention "
             f'projections)</p><table border="1"><tr><th>#</th><th>candidate</th><th>score</th></tr>{rows}</table>'
         )
+    elif caption.get("source") == "metadata":
+        parts.append(
+            f"<h2>Caption from the trainer metadata</h2><p>\u201c{html.escape(caption['caption'])}\u201d, read from "
+            f"<code>{html.escape(caption['key'])}</code> of {html.escape(caption.get('file', ''))}</p>"
+        )
     elif caption.get("source") == "none":
         parts.append("<h2>Caption</h2><p>unknown: generated without a caption (Eq. 6)</p>")
     n0 = result.get("n0_estimate") or {}
@@ -292,6 +297,11 @@ def metadata_html(result: dict) -> str:
         parts.append(
             f"<h2>N0 estimated from the generations</h2><p>N0 = {n0['n0']} (interval {low}..{high}, confidence "
             f"{n0['confidence']:.2f}, from {n0.get('num_thresholds', 0)} thresholds; N = {n0.get('num_images')})</p>"
+        )
+    elif n0.get("source") == "metadata":
+        parts.append(
+            f"<h2>N0 from the trainer metadata</h2><p>N0 = {n0['n0']}, read from <code>{html.escape(n0['key'])}</code> "
+            f"of {html.escape(n0.get('file', ''))}</p>"
         )
     return "".join(parts)
 

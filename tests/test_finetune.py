@@ -52,6 +52,13 @@ def test_dreambooth_trains_saves_and_loads_back(base_dir, images_dir, tmp_path):
     record = json.loads((out / "finetune.json").read_text())
     assert np.isfinite(record["final_loss"]) and 0 < record["final_loss"] < 10
     assert record["resolution"] == 32 and record["steps"] == 6
+    assert record["num_images"] == 3 and record["caption"] == "a photo of sks" and record["base_name"] == base_dir.name
+    from finextract.engine.metadata import read_metadata, training_record
+
+    unet_keys = read_metadata(out / "unet")["sources"]["diffusion_pytorch_model.safetensors"]
+    assert unet_keys["modelspec.trigger_phrase"] == "a photo of sks" and unet_keys["ss_num_train_images"] == "3"
+    trained = training_record(read_metadata(out))
+    assert trained.n0.value == 3 and trained.n0.source == "finetune.json:num_images"
     before, after = _unet_weights(base_dir), _unet_weights(out)
     assert before.keys() == after.keys()
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
@@ -93,6 +100,18 @@ def test_lora_trains_only_adapters_and_loads_back(base_dir, images_dir, tmp_path
     assert any(v.abs().max() > 0 for v in ups)  # B starts at zero: it moved, so the adapters trained
     pair = load_model_pair(base_dir, lora=out, dtype="fp32")
     assert pair.kind == "lora" and len(pair.unet_lora) == len(downs)
+    # what it trained, in kohya's and the model spec's keys, read back as any kohya file is
+    from finextract.engine.metadata import kohya_model_hashes, read_metadata, training_record
+
+    metadata = read_metadata(out / "pytorch_lora_weights.safetensors")
+    record = training_record(metadata)
+    assert record.n0.value == 3 and record.n0.source == "ss_dataset_dirs"
+    assert json.loads(metadata["sources"][""]["ss_dataset_dirs"]) == {images_dir.name: {"n_repeats": 1, "img_count": 3}}
+    assert record.caption.value == "a photo of sks" and record.caption.source == "modelspec.trigger_phrase"
+    assert record.settings["network_dim"].value == 2 and record.settings["steps"].value == 6
+    hashes = kohya_model_hashes(base_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert record.parent["sha256"].value == hashes["ss_new_sd_model_hash"]
+    assert record.parent["hash"].value == hashes["ss_sd_model_hash"] and record.parent["name"].value == base_dir.name
     # the base UNet itself is untouched by LoRA training
     base = _unet_weights(base_dir)
     assert torch.equal(pair.base_unet.state_dict()["conv_in.weight"], base["conv_in.weight"].float())

@@ -56,7 +56,7 @@ class N0Estimate:
     def to_dict(self) -> dict:
         record = asdict(self)
         record["interval"] = list(self.interval)
-        return {"source": "estimated", **record}
+        return {"source": "estimated", "by": "clique statistics", **record}
 
 
 def random_clique_bound(n: int, density: float, alpha: float = 0.01) -> int:

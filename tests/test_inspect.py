@@ -1,0 +1,309 @@
+"""`finextract inspect` and the trainer metadata (`finextract.engine.metadata`): files built with each
+producer's documented keys and value formats (kohya-ss sd-scripts `train_network.py`, LyCORIS through
+kohya, PEFT's own `LoraConfig.save_pretrained`, diffusers' own `save_lora_weights`, finextract
+`finetune`), malformed metadata, and metadata contradicting the weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+RANK = 4
+# an SD 1.x UNet's cross-attention key projection reads the 768-wide CLIP states; its query 320 wide
+ATTN2 = "down_blocks_0_attentions_0_transformer_blocks_0_attn2"
+
+
+def _kohya_metadata(**extra) -> dict:
+    """What sd-scripts' train_network.py writes (every value str()), for two DreamBooth folders."""
+    values = {
+        "ss_sd_model_name": "anything-v3.safetensors",
+        "ss_sd_model_hash": "1a7df6b8",
+        "ss_new_sd_model_hash": "a" * 64,
+        "sshs_model_hash": "f" * 64,  # the LoRA file's own hash: never the parent's
+        "sshs_legacy_hash": "ffffffff",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(RANK),
+        "ss_network_alpha": "2.0",
+        "ss_num_train_images": "240",  # 12 x 16 + 3 x 16 repeats: not N0
+        "ss_dataset_dirs": json.dumps(
+            {
+                "16_smf girl": {"n_repeats": 16, "img_count": 12},
+                "16_smf girl outdoors": {"n_repeats": 16, "img_count": 3},
+            }
+        ),
+        "ss_tag_frequency": json.dumps(
+            {
+                "16_smf girl": {"smf girl": 12, "smile": 12, "red hair": 7},
+                "16_smf girl outdoors": {"smf girl": 3, "tree": 2},
+            }
+        ),
+        "ss_resolution": "(512, 512)",
+        "ss_steps": "1000",
+        "ss_learning_rate": "0.0001",
+        "ss_batch_size_per_device": "2",
+        "ss_seed": "42",
+        "ss_session_id": "123456",  # a key the record does not read: listed raw
+    }
+    return values | extra
+
+
+def _kohya_lora(path, metadata: dict, rank: int = RANK, alpha: float = 2.0):
+    tensors = {
+        f"lora_unet_{ATTN2}_to_k.lora_down.weight": torch.zeros(rank, 768),
+        f"lora_unet_{ATTN2}_to_k.lora_up.weight": torch.zeros(320, rank),
+        f"lora_unet_{ATTN2}_to_k.alpha": torch.tensor(alpha),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(rank, 768),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, rank),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(alpha),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _inspect(path):
+    from finextract.inspection import inspect_checkpoint
+
+    return inspect_checkpoint(path)
+
+
+def test_kohya_lora_training_block(tmp_path):
+    report = _inspect(_kohya_lora(tmp_path / "smf.safetensors", _kohya_metadata()))
+    training = report["training"]
+    # N0: the img_counts of ss_dataset_dirs summed (12 + 3), not ss_num_train_images (with repeats)
+    assert training["n0"] == {"value": 15, "source": "ss_dataset_dirs"}
+    assert training["settings"]["num_train_images_with_repeats"]["value"] == 240
+    assert [w["value"] for w in training["trigger_words"]] == ["smf girl", "smf girl outdoors"]
+    candidates = [(c["caption"], c["source"]) for c in training["caption_candidates"]]
+    # the tags every image of a folder carries, by frequency; then each folder's trigger words
+    assert candidates[0] == ("smf girl, smile", "ss_tag_frequency")
+    assert ("smf girl outdoors", "ss_dataset_dirs") in candidates
+    assert training["caption"] == {"value": "smf girl, smile", "source": "ss_tag_frequency"}
+    assert training["tags"][0] == {"tag": "smf girl", "count": 15}
+    parent = training["parent"]
+    assert parent["name"] == {"value": "anything-v3.safetensors", "source": "ss_sd_model_name"}
+    assert parent["hash"]["value"] == "1a7df6b8" and parent["sha256"]["value"] == "a" * 64
+    assert "f" * 64 not in json.dumps(parent)  # sshs_model_hash is the file's own
+    settings = training["settings"]
+    assert settings["steps"] == {"value": 1000, "source": "ss_steps"}
+    assert settings["resolution"]["value"] == [512, 512]
+    assert settings["learning_rate"]["value"] == pytest.approx(1e-4)
+    assert settings["network_dim"]["value"] == RANK and settings["network_alpha"]["value"] == 2.0
+    assert training["unknown"] == {"ss_session_id": "123456"}
+    assert training["producers"] == ["kohya"] and not report["warnings"] and not report["contradictions"]
+    # the weights: family from the 768-wide cross-attention input, LoRA rank 4 with alpha 2 on both parts
+    assert report["kind"] == "adapter" and report["format"] == "kohya"
+    assert report["family"]["name"] == "sd1"
+    unet, text = report["components"]["unet"], report["components"]["text_encoder"]
+    assert unet["types"] == {"lora": 1} and unet["ranks"] == {"4": 1} and unet["alphas"] == {"2.0": 1}
+    assert unet["kinds"] == {"cross-attention": 1} and text["kinds"] == {"self-attention": 1}
+
+
+def test_lycoris_loha_through_kohya(tmp_path):
+    """LyCORIS trained by sd-scripts: `ss_network_module` lycoris.kohya, the algorithm in ss_network_args."""
+    rank = 2
+    tensors = {
+        f"lora_unet_{ATTN2}_to_k.hada_w1_a": torch.zeros(320, rank),
+        f"lora_unet_{ATTN2}_to_k.hada_w1_b": torch.zeros(rank, 768),
+        f"lora_unet_{ATTN2}_to_k.hada_w2_a": torch.zeros(320, rank),
+        f"lora_unet_{ATTN2}_to_k.hada_w2_b": torch.zeros(rank, 768),
+        f"lora_unet_{ATTN2}_to_k.alpha": torch.tensor(1.0),
+    }
+    metadata = _kohya_metadata(
+        ss_network_module="lycoris.kohya",
+        ss_network_dim=str(rank),
+        ss_network_alpha="1.0",
+        ss_network_args=json.dumps({"algo": "loha", "conv_dim": "2", "conv_alpha": "1"}),
+    )
+    save_file(tensors, str(tmp_path / "loha.safetensors"), metadata=metadata)
+    report = _inspect(tmp_path / "loha.safetensors")
+    assert report["components"]["unet"]["types"] == {"loha": 1}
+    assert report["components"]["unet"]["ranks"] == {"2": 1}
+    settings = report["training"]["settings"]
+    assert settings["network_args"]["value"]["algo"] == "loha"
+    assert settings["network_module"] == {"value": "lycoris.kohya", "source": "ss_network_module"}
+    assert report["training"]["n0"]["value"] == 15 and not report["contradictions"]
+
+
+def test_peft_adapter_folder(tmp_path):
+    """adapter_config.json as PEFT itself writes it (`LoraConfig.save_pretrained`)."""
+    from peft import LoraConfig
+
+    folder = tmp_path / "peft"
+    LoraConfig(r=RANK, lora_alpha=8, target_modules=["to_k", "to_v"]).save_pretrained(str(folder))
+    prefix = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    tensors = {f"{prefix}.lora_A.weight": torch.zeros(RANK, 768), f"{prefix}.lora_B.weight": torch.zeros(320, RANK)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    report = _inspect(folder)
+    settings = report["training"]["settings"]
+    assert settings["network_dim"] == {"value": RANK, "source": "adapter_config.json:r"}
+    assert settings["network_alpha"] == {"value": 8.0, "source": "adapter_config.json:lora_alpha"}
+    assert report["training"]["producers"] == ["peft"] and report["training"]["n0"] is None
+    unet = report["components"]["unet"]
+    assert report["format"] == "peft" and unet["alphas"] == {"8.0": 1} and unet["alpha_source"] == "config"
+    # to_v is a target the weights do not adapt: said, and the weights win
+    (contradiction,) = report["contradictions"]
+    assert contradiction.startswith("modules:") and "to_v" in contradiction and "weights win" in contradiction
+
+
+def test_diffusers_lora_adapter_metadata(tmp_path):
+    """`lora_adapter_metadata` as diffusers' own `save_lora_weights` packs it ("unet.r", ...)."""
+    from diffusers import StableDiffusionPipeline
+
+    prefix = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    layers = {f"{prefix}.lora_A.weight": torch.zeros(RANK, 768), f"{prefix}.lora_B.weight": torch.zeros(320, RANK)}
+    config = {"r": RANK, "lora_alpha": 2, "target_modules": [prefix]}
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config, safe_serialization=True
+    )
+    report = _inspect(tmp_path / "pytorch_lora_weights.safetensors")
+    settings = report["training"]["settings"]
+    assert settings["network_dim"] == {"value": RANK, "source": "lora_adapter_metadata[unet.r]"}
+    assert settings["network_alpha"]["value"] == 2.0
+    assert report["components"]["unet"]["alphas"] == {"2.0": 1}
+    assert report["training"]["producers"] == ["diffusers"] and not report["contradictions"]
+
+
+@pytest.mark.parametrize(
+    "scenario, caption, n0", [(".", "a photo of sks", 5), ("style", "an illustration in sks style", 10)]
+)
+@pytest.mark.parametrize("kind", ["dreambooth", "dreambooth/unet", "lora", "lora/pytorch_lora_weights.safetensors"])
+def test_committed_zoo_finetunes_record_their_training(scenario, caption, n0, kind):
+    from finextract import default_zoo_folder
+
+    zoo = default_zoo_folder()
+    report = _inspect(zoo / scenario / kind)
+    training = report["training"]
+    assert training["n0"]["value"] == n0 and training["caption"]["value"] == caption, training
+    assert not report["warnings"] and not report["contradictions"]
+    # the parent: the zoo base's UNet file, hashed as kohya hashes a model file
+    from finextract.engine.metadata import kohya_model_hashes
+
+    hashes = kohya_model_hashes(zoo / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert training["parent"]["sha256"]["value"] == hashes["ss_new_sd_model_hash"]
+    assert training["parent"]["name"]["value"] == "base"
+
+
+def test_kohya_model_hashes_follow_their_definition(tmp_path):
+    """sd-scripts' `model_hash`: sha256 of the 64 KiB at offset 1 MiB, 8 hex digits; the new one: the whole file."""
+    import hashlib
+
+    from finextract.engine.metadata import kohya_model_hashes
+
+    data = bytes(range(256)) * 5000  # 1.28 MB
+    (tmp_path / "m.safetensors").write_bytes(data)
+    hashes = kohya_model_hashes(tmp_path / "m.safetensors")
+    assert hashes["ss_sd_model_hash"] == hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    assert hashes["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+
+
+def test_malformed_metadata_warns_and_the_rest_stands(tmp_path):
+    from finextract.engine.metadata import MAX_VALUE_CHARS
+
+    metadata = _kohya_metadata(
+        ss_dataset_dirs="{not json",
+        ss_tag_frequency="[1, 2]",
+        ss_network_dim="abc",
+        ss_steps="1e30",
+        ss_learning_rate="nan",
+        ss_training_comment="x" * (MAX_VALUE_CHARS + 1),
+    )
+    report = _inspect(_kohya_lora(tmp_path / "bad.safetensors", metadata))
+    warnings = "\n".join(report["warnings"])
+    for key in ("ss_dataset_dirs", "ss_tag_frequency", "ss_network_dim", "ss_steps", "ss_learning_rate"):
+        assert key in warnings, (key, warnings)
+    training = report["training"]
+    assert training["n0"] is None and "steps" not in training["settings"]
+    assert training["parent"]["name"]["value"] == "anything-v3.safetensors"  # the rest of the report
+    assert report["components"]["unet"]["ranks"] == {"4": 1}
+    assert len(training["unknown"]["ss_training_comment"]) < 300  # listed cut, not whole
+
+
+def test_malformed_json_files_warn(tmp_path):
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{'r': 4")  # not JSON
+    (folder / "finetune.json").write_text("[1, 2]")  # JSON, not an object
+    from finextract.engine.metadata import read_metadata, training_record
+
+    record = training_record(read_metadata(folder))
+    assert record.producers == [] and len(record.warnings) == 2
+    assert (
+        "adapter_config.json: not JSON" in record.warnings[0] or "adapter_config.json: not JSON" in record.warnings[1]
+    )
+
+
+def test_metadata_contradicting_the_weights(tmp_path):
+    # a FLUX.1 LoRA (diffusers keys) whose metadata says SD 1.5, as an ai-toolkit file did
+    prefix = "transformer.single_transformer_blocks.0.attn.to_k"
+    tensors = {f"{prefix}.lora_A.weight": torch.zeros(16, 3072), f"{prefix}.lora_B.weight": torch.zeros(3072, 16)}
+    save_file(tensors, str(tmp_path / "flux.safetensors"), metadata={"ss_base_model_version": "sd_1.5"})
+    report = _inspect(tmp_path / "flux.safetensors")
+    assert report["family"]["name"] == "flux1" and not report["runs"]
+    (contradiction,) = report["contradictions"]
+    assert "SD 1.x" in contradiction and "FLUX.1" in contradiction and "weights win" in contradiction
+    # a rank and an alpha the weights do not have
+    report = _inspect(
+        _kohya_lora(tmp_path / "r.safetensors", _kohya_metadata(ss_network_dim="8", ss_network_alpha="8"))
+    )
+    assert [c.split(":")[0] for c in report["contradictions"]] == ["rank", "alpha"]
+
+
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", (4, 3072)),  # kohya FLUX.1
+        ("double_blocks.0.img_attn.qkv.lora_A.weight", (4, 3072)),  # BFL names
+    ],
+)
+def test_flux_files_are_inspected(tmp_path, key, shape):
+    save_file({key: torch.zeros(shape)}, str(tmp_path / "f.safetensors"), metadata={"ss_network_dim": "4"})
+    report = _inspect(tmp_path / "f.safetensors")
+    assert report["family"]["name"] == "flux1" and report["training"]["settings"]["network_dim"]["value"] == 4
+
+
+def test_cli_inspect_text_and_json(tmp_path, capsys):
+    from finextract.cli import main
+
+    path = _kohya_lora(tmp_path / "smf.safetensors", _kohya_metadata())
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "N0 (distinct training images): 15  [ss_dataset_dirs]" in text and "smf girl" in text
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["n0"]["value"] == 15
+
+
+def test_auto_values_come_from_the_metadata_first(tmp_path):
+    from finextract import default_zoo_folder
+    from finextract.inspection import metadata_first
+
+    zoo = default_zoo_folder()
+    caption, caption_record, n0, n0_record = metadata_first(zoo / "lora", "auto", "auto", 500)
+    assert (caption, n0) == ("a photo of sks", 5)
+    assert caption_record["source"] == "metadata" and caption_record["key"] == "finetune.json:caption"
+    assert n0_record == {"source": "metadata", "key": "finetune.json:num_images", "file": str(zoo / "lora"), "n0": 5}
+    # given values stay; nothing recorded leaves "auto" for the estimates
+    assert metadata_first(zoo / "lora", "a cat", 3, 500) == ("a cat", None, 3, None)
+    bare = _kohya_lora(tmp_path / "bare.safetensors", {})
+    assert metadata_first(bare, "auto", "auto", 500) == ("auto", None, "auto", None)
+    with pytest.raises(ValueError, match=r"N0 = 5 .*--num-images 4"):
+        metadata_first(zoo / "lora", "auto", "auto", 4)
+
+
+def test_extract_auto_reads_caption_and_n0_from_the_committed_dreambooth(tmp_path):
+    """`extract --caption auto --n0 auto` on the committed DreamBooth: the true caption and N0, from its
+    metadata, recorded in result.json (a quick run: N = 50 at 2 DDIM steps)."""
+    from finextract import default_zoo_folder
+    from finextract.extract import Extractor
+
+    zoo = default_zoo_folder()
+    extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch")
+    result = extractor.extract("auto", "auto", num_images=50, steps=2, out=tmp_path / "run", progress=False)
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["caption"]["source"] == "metadata" and record["caption"]["caption"] == "a photo of sks"
+    assert record["n0_estimate"]["source"] == "metadata" and record["n0"] == 5 and len(result.cliques) == 5
+    assert record["config"]["caption"] == "a photo of sks"  # what the generation was guided with
