@@ -424,7 +424,9 @@ class Extractor:
             train = read_images(train)
         timings = {"load": self.load_seconds}
         caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
-        caption, metadata_caption, n0, n0_source = metadata_first(self.finetuned_path, caption, n0, spec.num_images)
+        caption, metadata_caption, n0, n0_source = metadata_first(
+            self.finetuned_path if spec.use_metadata else None, caption, n0, spec.num_images
+        )
         if metadata_caption is not None:
             caption_record = metadata_caption
         elif caption == AUTO:

@@ -418,7 +418,7 @@ def metadata_first(path, caption, n0, num_images: int):
     """`--caption auto` and `--n0 auto` from the fine-tune's trainer metadata, where it records them.
 
     Args:
-        path: the fine-tune or adapter (file or folder); one that is not a local path gives nothing.
+        path: the fine-tune or adapter (file or folder); None, or one that is not a local path, gives nothing.
         caption: the spec's caption ("auto" asks for it). n0: the spec's N0 ("auto" asks for it).
         num_images: N, which a recorded N0 must not exceed.
 
@@ -432,9 +432,9 @@ def metadata_first(path, caption, n0, num_images: int):
     """
     from finextract.spec import AUTO
 
-    path = Path(path)
-    if AUTO not in (caption, n0) or not path.exists():
+    if path is None or AUTO not in (caption, n0) or not Path(path).exists():
         return caption, None, n0, None
+    path = Path(path)
     record = training_record(read_metadata(path))
     for warning in record.warnings:
         logger.warning("%s: trainer metadata: %s", path, warning)

@@ -177,6 +177,7 @@ def run_settings(models: dict, spec: ExtractionSpec, config: RunConfig) -> dict:
         "num_images": spec.num_images,
         "steps": config.steps,
         "seed": config.seed,
+        **({} if spec.use_metadata else {"use_metadata": False}),  # absent: the default, as runs before it
     }
 
 

@@ -38,9 +38,10 @@ class ExtractionSpec:
     """What one extraction asks for, validated (`ExtractionSpec.resolve`).
 
     Attributes:
-        caption: the training caption c; "auto" recovers it from the fine-tune's weights; None or ""
+        caption: the training caption c; "auto" reads it from the fine-tune's trainer metadata, else
+            recovers it from the fine-tune's weights; None or ""
             when it is unknown (then only "finextract-uncond", Eq. 6, applies).
-        n0: N0 >= 1, or "auto" to estimate it from the generated images.
+        n0: N0 >= 1, or "auto": from the fine-tune's trainer metadata, else estimated from the generated images.
         num_images: N, resolved (default 50 x N0; `AUTO_NUM_IMAGES` with n0="auto").
         method: "finextract" | "finextract-uncond" | "cfg" | "direct" (resolved).
         w, k: guidance scale and Eq. 13 correction, as given (None = the paper's defaults per kind).
@@ -48,6 +49,8 @@ class ExtractionSpec:
             the (images, paths) pair `finextract.images.read_images` returns), or None; not read here.
         train_as_is: compare them as they are, without the centre crop and resize to the model's side.
         preset: SSCD preprocessing preset ("sscd" / "paper"), None = "sscd" (used where SSCD loads).
+        use_metadata: with caption / n0 "auto", read them from the fine-tune's trainer metadata first
+            (`finextract.inspection.metadata_first`); False recovers / estimates them regardless.
     """
 
     caption: str | None
@@ -59,6 +62,7 @@ class ExtractionSpec:
     train: object = field(default=None, compare=False, repr=False)
     train_as_is: bool = False
     preset: str | None = None
+    use_metadata: bool = True
 
     @classmethod
     def resolve(
@@ -73,6 +77,7 @@ class ExtractionSpec:
         train=None,
         train_as_is: bool = False,
         preset: str | None = None,
+        use_metadata: bool = True,
     ) -> ExtractionSpec:
         """Fill in the defaults (N = 50 x N0; the method by the caption) and validate every setting.
 
@@ -130,6 +135,7 @@ class ExtractionSpec:
             train=train,
             train_as_is=bool(train_as_is),
             preset=preset,
+            use_metadata=bool(use_metadata),
         )
 
     @classmethod
@@ -140,7 +146,7 @@ class ExtractionSpec:
         Raises:
             ValueError: as `resolve`.
         """
-        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "preset")
+        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "preset", "use_metadata")
         return cls.resolve(
             source.caption, source.n0, **{name: getattr(source, name) for name in optional if hasattr(source, name)}
         )

@@ -307,3 +307,18 @@ def test_extract_auto_reads_caption_and_n0_from_the_committed_dreambooth(tmp_pat
     assert record["caption"]["source"] == "metadata" and record["caption"]["caption"] == "a photo of sks"
     assert record["n0_estimate"]["source"] == "metadata" and record["n0"] == 5 and len(result.cliques) == 5
     assert record["config"]["caption"] == "a photo of sks"  # what the generation was guided with
+
+
+def test_ignore_metadata_leaves_auto_to_the_estimates():
+    from finextract import default_zoo_folder
+    from finextract.cli import build_parser
+    from finextract.inspection import metadata_first
+    from finextract.spec import ExtractionSpec
+
+    zoo = default_zoo_folder()
+    options = ["extract", "--base", "b", "--lora", str(zoo / "lora"), "--caption", "auto", "--n0", "auto", "--out", "o"]
+    assert ExtractionSpec.from_attributes(build_parser().parse_args(options)).use_metadata is True
+    spec = ExtractionSpec.from_attributes(build_parser().parse_args([*options, "--ignore-metadata"]))
+    assert spec.use_metadata is False
+    # the Extractor passes no path then: nothing is read
+    assert metadata_first(None, "auto", "auto", 500) == ("auto", None, "auto", None)

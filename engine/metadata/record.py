@@ -372,11 +372,13 @@ def _read_finetune(reader: _Reader, record: TrainingRecord) -> None:
     n0 = reader.field("num_images", "int")
     if n0 is not None:
         record.n0 = n0  # finextract records the distinct images it trained on: preferred
+    lora = reader.values.get("method") == "lora"  # a DreamBooth's recorded rank is the unused default
     for name, key in _FINETUNE_SETTINGS.items():
         kind = {"resolution": "resolution", "learning_rate": "float", "network_alpha": "float", "method": "str"}.get(
             name, "int"
         )
-        _set(record.settings, name, reader.field(key, kind))
+        if lora or not name.startswith("network_"):
+            _set(record.settings, name, reader.field(key, kind))
     _set(record.parent, "name", reader.field("base_name", "str"))
     _set(record.parent, "sha256", reader.field("base_unet_sha256", "str"))
     _set(record.parent, "hash", reader.field("base_unet_hash", "str"))

@@ -46,6 +46,12 @@ def run(args) -> int:
     config.apply_threads()
     pair = model_pair_from(args, device=config.device, dtype=config.dtype).place(config)
     caption = args.caption
+    if caption == "auto" and args.use_metadata:
+        from finextract.inspection import metadata_first
+
+        caption, recorded, _, _ = metadata_first(args.finetuned or args.lora, caption, None, num_images)
+        if recorded is not None:
+            print(f"caption {caption!r} from the trainer metadata ({recorded['key']})")
     if caption == "auto":
         from finextract.caption import recover_caption
 

@@ -145,15 +145,16 @@ def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
-    """--caption, --n0, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
+    """--caption, --n0, --ignore-metadata, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
 
     `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
     """
     parser.add_argument(
         "--caption",
         required=True,
-        help="the training caption c, or 'auto' to recover it from the fine-tune's cross-attention weights "
-        "(needs a fine-tune or LoRA that changes attn2.to_k / attn2.to_v)",
+        help="the training caption c, or 'auto': read from the fine-tune's trainer metadata (kohya ss_*, modelspec, "
+        "finetune.json), else recovered from its cross-attention weights (needs a fine-tune or LoRA that changes "
+        "attn2.to_k / attn2.to_v)",
     )
     parser.add_argument(
         "--n0",
@@ -161,10 +162,17 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         required=n0_required,
         help="N0, the number of training images"
         + (
-            ", or 'auto' to estimate it from the generated images (then N defaults to 500)"
+            ", or 'auto': read from the fine-tune's trainer metadata, else estimated from the generated images "
+            "(N defaults to 500)"
             if n0_required
             else " (sets the default N; or give --num-images)"
         ),
+    )
+    parser.add_argument(
+        "--ignore-metadata",
+        dest="use_metadata",
+        action="store_false",
+        help="with --caption auto / --n0 auto: leave the trainer metadata unread; recover and estimate instead",
     )
     parser.add_argument("--num-images", type=positive_int, default=None, help="N images to generate (default 50 x N0)")
     parser.add_argument(
