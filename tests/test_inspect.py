@@ -322,3 +322,62 @@ def test_ignore_metadata_leaves_auto_to_the_estimates():
     assert spec.use_metadata is False
     # the Extractor passes no path then: nothing is read
     assert metadata_first(None, "auto", "auto", 500) == ("auto", None, "auto", None)
+
+
+@pytest.mark.parametrize(
+    "algo, type_name, rank", [("locon", "lora", "4"), ("loha", "loha", "4"), ("lokr", "lokr", None)]
+)
+def test_files_lycoris_writes(tmp_path, tiny_zoo, algo, type_name, rank):
+    """Files written by LyCORIS itself (`lycoris.kohya.create_network(...).save_weights`, the kohya
+    layout) with kohya's metadata: inspect's module counts and types are LyCORIS' own."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+    from lycoris.kohya import create_network
+    from transformers import CLIPTextModel
+
+    from .adapter_fixtures import LYCORIS_PRESET
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_zoo / "base/unet")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(str(tiny_zoo / "base/text_encoder")).eval()
+    (tmp_path / "preset.toml").write_text(LYCORIS_PRESET)
+    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    network = create_network(
+        1.0,
+        4,
+        2.0,
+        None,
+        text_encoder,
+        unet,
+        algo=algo,
+        preset=str(tmp_path / "preset.toml"),
+        conv_dim=4,
+        conv_alpha=2.0,
+    )
+    network.apply_to(text_encoder, unet, apply_text_encoder=True, apply_unet=True)
+    metadata = _kohya_metadata(ss_network_module="lycoris.kohya", ss_network_args=json.dumps({"algo": algo}))
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, metadata)
+    report = _inspect(tmp_path / "l.safetensors")
+    components = report["components"]
+    assert "unparsed" not in components
+    assert components["unet"]["modules"] == len(network.unet_loras)
+    assert components["text_encoder"]["modules"] == len(network.text_encoder_loras)
+    assert components["unet"]["types"] == {type_name: len(network.unet_loras)}
+    if rank is not None:
+        assert set(components["unet"]["ranks"]) == {rank}
+    # the alphas are the file's alpha tensors (LyCORIS stores alpha = dim for a LoKr in full-matrix mode)
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    stored = Counter(
+        str(round(float(v), 6)) for k, v in load_file(str(tmp_path / "l.safetensors")).items() if k.endswith(".alpha")
+    )
+    found = Counter()
+    for entry in components.values():
+        found.update(entry["alphas"])
+        assert entry["alpha_source"] == "tensors"
+    assert found == stored
+    assert report["training"]["n0"]["value"] == 15 and report["training"]["settings"]["network_args"]["value"] == {
+        "algo": algo
+    }
