@@ -21,12 +21,13 @@ from finextract.engine.families import FAMILIES, adapter_evidence, checkpoint_ev
 from finextract.engine.formats import CheckpointFormatError, read_safetensors_header, sniff
 from finextract.engine.metadata import read_metadata, training_record
 
-# key patterns of diffusion transformers finextract does not run yet: (family name, label, pattern)
 logger = logging.getLogger(__name__)
 
+# key patterns of diffusion transformers finextract does not run yet: (family name, label, pattern)
 _DIT_KEYS = (
     ("flux1", "FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)[._]")),
-    ("sd3", "SD 3", re.compile(r"joint_blocks[._]|^(transformer|base_model\.model)\.transformer_blocks\.")),
+    ("sd3", "SD 3", re.compile(r"joint_blocks[._]")),
+    ("dit", "a diffusion transformer (SD 3, FLUX.1, PixArt, ...)", re.compile(r"^(transformer\.|lora_transformer_)")),
 )
 _METADATA_DITS = (("flux1", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
 # what part of the network a module is, from its name (kohya's underscored or a dotted path)
@@ -97,9 +98,13 @@ def _weights(path: Path, report: dict) -> None:
         report["warnings"].append("a pickle: not opened here (its keys are known only once unpickled)")
         return
     lora = detect_lora_format(path)
-    if lora is not None or (path.is_file() and _dit(_shapes(path))):
+    if lora is None and path.is_file() and _dit(_shapes(path)):  # a DiT checkpoint: named, not summarised
+        report["kind"], report["format"], report["family"] = "full", "single file", _dit(_shapes(path))
+        report["components"] = {"transformer": {"modules": "all", "kinds": {"full fine-tune": 1}}}
+        return
+    if lora is not None:
         shapes, metadata = adapter_headers(path)
-        report["kind"], report["format"] = "adapter", lora or "kohya"
+        report["kind"], report["format"] = "adapter", lora
         dit = _dit(shapes)
         if dit is not None:
             report["family"] = dit
@@ -444,7 +449,7 @@ def metadata_first(path, caption, n0, num_images: int):
         caption_record = {"source": "metadata", "key": record.caption.source, "file": str(path), "caption": caption}
         caption_record["candidates"] = record.caption_candidates
         logger.info("--caption auto: %r from the trainer metadata (%s)", caption, record.caption.source)
-    if n0 == AUTO and record.n0 is not None:
+    if n0 == AUTO and record.n0 is not None and record.n0.value >= 1:
         if record.n0.value > num_images:
             raise ValueError(
                 f"--n0 auto: the metadata of {path} records N0 = {record.n0.value} ({record.n0.source}), more than "

@@ -381,3 +381,9 @@ def test_files_lycoris_writes(tmp_path, tiny_zoo, algo, type_name, rank):
     assert report["training"]["n0"]["value"] == 15 and report["training"]["settings"]["network_args"]["value"] == {
         "algo": algo
     }
+
+
+def test_a_flux_checkpoint_is_named_not_summarised(tmp_path):
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 4)}, str(tmp_path / "flux1-dev.safetensors"))
+    report = _inspect(tmp_path / "flux1-dev.safetensors")
+    assert report["kind"] == "full" and report["family"]["name"] == "flux1" and not report["runs"]
