@@ -49,9 +49,7 @@ def run(args) -> int:
     if caption == "auto" and args.use_metadata:
         from finextract.inspection import metadata_first
 
-        caption, recorded, _, _ = metadata_first(args.finetuned or args.lora, caption, None, num_images)
-        if recorded is not None:
-            print(f"caption {caption!r} from the trainer metadata ({recorded['key']})")
+        caption = metadata_first(args.finetuned or args.lora, caption, None, num_images)[0]  # logs its key
     if caption == "auto":
         from finextract.caption import recover_caption
 
