@@ -387,3 +387,15 @@ def test_a_flux_checkpoint_is_named_not_summarised(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 4)}, str(tmp_path / "flux1-dev.safetensors"))
     report = _inspect(tmp_path / "flux1-dev.safetensors")
     assert report["kind"] == "full" and report["family"]["name"] == "flux1" and not report["runs"]
+
+
+def test_the_report_names_the_metadata_keys():
+    from finextract.report import metadata_html
+
+    result = {
+        "caption": {"source": "metadata", "key": "ss_tag_frequency", "file": "x.safetensors", "caption": "smf <girl>"},
+        "n0_estimate": {"source": "metadata", "key": "ss_dataset_dirs", "file": "x.safetensors", "n0": 15},
+    }
+    text = metadata_html(result)
+    assert "smf &lt;girl&gt;" in text and "<code>ss_tag_frequency</code>" in text  # escaped: metadata is data
+    assert "N0 = 15" in text and "<code>ss_dataset_dirs</code>" in text
