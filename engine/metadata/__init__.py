@@ -19,6 +19,12 @@ Metadata is data: nothing in it is executed, imported or used as a path. A value
 producer writes (not JSON, a wrong type, a count out of range, more than `MAX_VALUE_CHARS` characters)
 gives a warning and is left out; the rest of the record stands. Keys no producer above defines are
 kept raw in `TrainingRecord.unknown`. Importing this module loads no torch.
+
+| module | what it does |
+|---|---|
+| `files` | `read_metadata` (files, headers; never a pickle), `kohya_model_hashes` (the parent hashes kohya writes) |
+| `record` | `training_record`: `TrainingRecord` of `Field(value, source)`s, per producer |
+| `writing` | `finetune_metadata` (the `ss_*` / `modelspec.*` keys `finextract finetune` writes), `add_safetensors_metadata` |
 """
 
 from .files import FINETUNE_RECORD, MAX_VALUE_CHARS, kohya_model_hashes, read_metadata
