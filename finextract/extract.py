@@ -23,7 +23,7 @@ from finextract.evidence import command_record, environment_record, jsonable
 from finextract.images import degenerate_mask, read_images
 from finextract.metrics import similarity_histogram
 from finextract.output import extraction_config, model_inputs, run_settings, training_input, write_output
-from finextract.spec import AUTO, ExtractionSpec
+from finextract.spec import AUTO, DEFAULT_PRESET, ExtractionSpec, preset_record, preset_run_options
 from finextract.sscd import Embedder, embed_images, load_embedder
 from finextract.store.folders import prepare, run_entry
 
@@ -39,7 +39,7 @@ class ExtractionResult:
         indices: their indices into the generated images (length N0).
         cliques: N0 index lists into the generated images, largest first.
         threshold: the clustering threshold. timings: seconds per stage. config: everything that
-        changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
+        changes the answer (models, method, seeds, SSCD model hash + SSCD preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
@@ -192,14 +192,15 @@ class Extractor:
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
-            size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
+            size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)` with the default
+            procedure preset's run settings (`finextract.spec.preset_run_options`) where not given. The default
             backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no export (the folder still gets `hashes.json`, the
             input files' sha256 cached for the evidence records: `finextract.evidence.HashCache`).
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
             `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
-        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
+        sscd_preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
@@ -229,7 +230,7 @@ class Extractor:
         lora=None,
         config: RunConfig | None = None,
         embedder="default",
-        preset=None,
+        sscd_preset=None,
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
@@ -240,9 +241,13 @@ class Extractor:
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
-        if isinstance(embedder, Embedder) and preset is not None:
-            raise ValueError("preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own")
-        self.config = run_config(config, **run_options)
+        if isinstance(embedder, Embedder) and sscd_preset is not None:
+            raise ValueError(
+                "sscd_preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own"
+            )
+        self.config = run_config(
+            config, **(run_options if config is not None else preset_run_options(None, **run_options))
+        )
         self.config.apply_threads()
         self.budget = budget
         start = time.perf_counter()
@@ -260,7 +265,7 @@ class Extractor:
             self.embedder = embedder
         else:
             self.embedder = load_embedder(
-                embedder, preset=preset, device=self.config.device, threads=self.config.threads
+                embedder, sscd_preset=sscd_preset, device=self.config.device, threads=self.config.threads
             )
         self.load_seconds = time.perf_counter() - start
         self.resolution = model_resolution(self.pair)
@@ -276,7 +281,7 @@ class Extractor:
                     "lora": lora,
                     "config": self.config.to_dict(),
                     "embedder": embedder,
-                    "preset": preset,
+                    "sscd_preset": sscd_preset,
                     "allow_pickle": allow_pickle,
                     "budget": budget,
                     "base_config": base_config,
@@ -339,8 +344,12 @@ class Extractor:
                 (`finextract.evaluation.read_training_images`; the transform is recorded in
                 `metrics["train_transform"]`).
             train_as_is: compare the training images as they are, without that crop and resize.
-            spec: the `ExtractionSpec` instead of the keywords above (giving both is an error). Its
-                preset, when set, must be the Extractor's SSCD preset.
+            spec: the `ExtractionSpec` instead of the keywords above (giving both is an error). A spec
+                naming a procedure preset other than the default sets that preset's run settings
+                (`finextract.spec.RUN_PRESET_SETTINGS`: steps) over the Extractor's `config`; the same
+                settings given here in `**run_options` override the preset (recorded in result.json's
+                `config["preset"]["overrides"]`, `finextract.spec.preset_record`). Its
+                sscd_preset, when set, must be the Extractor's.
             save_generated: also write all N generated images to out/generated/.
             progress: show progress bars. label: the generation bar's text.
             recovery: keyword arguments for `finextract.caption.recover_caption` with caption="auto"
@@ -372,7 +381,6 @@ class Extractor:
             raise ValueError(
                 f"{', '.join(fixed)} are fixed when the Extractor loads the models; build another Extractor"
             )
-        config = run_config(self.config, **run_options)
         if spec is None:
             if n0 is None:
                 raise ValueError("give n0 (N0 >= 1 or 'auto') and the caption, or spec=ExtractionSpec.resolve(...)")
@@ -381,10 +389,13 @@ class Extractor:
             )
         elif train_as_is or any(value is not None for value in (caption, n0, num_images, method, w, k, train)):
             raise ValueError("give spec= or caption, n0, num_images, method, w, k, train, train_as_is; not both")
-        if spec.preset is not None and spec.preset != self.embedder.preset.name:
+        if spec.preset != DEFAULT_PRESET:  # the default's run settings are the Extractor's config already
+            run_options = preset_run_options(spec.preset, **run_options)
+        config = run_config(self.config, **run_options)
+        if spec.sscd_preset is not None and spec.sscd_preset != self.embedder.sscd_preset.name:
             raise ValueError(
-                f"--preset {spec.preset}: this Extractor's SSCD model uses preset {self.embedder.preset.name!r}; "
-                "the preset is fixed when the Extractor loads SSCD (Extractor(preset=...))"
+                f"--sscd-preset {spec.sscd_preset}: this Extractor's SSCD model uses "
+                f"{self.embedder.sscd_preset.name!r}; it is fixed when the Extractor loads SSCD (Extractor(sscd_preset=...))"
             )
         caption, n0, train = spec.caption, spec.n0, spec.train
         settings = run_settings(self.models, spec, config)
@@ -466,6 +477,7 @@ class Extractor:
                 "caption": caption,
                 "caption_recovery": caption_record,
                 "method": spec.method,
+                "preset": preset_record(spec, config),
                 "w": params.get("w"),
                 "k": params.get("k"),
                 "seeds": list(generation.seeds),
