@@ -317,12 +317,13 @@ class Extractor:
         recovery: dict | None = None,
         overwrite: bool = False,
         spec: ExtractionSpec | None = None,
+        preset: str | None = None,
         **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         What to extract is an `ExtractionSpec` (`spec=`), or the keywords it is built from
-        (`ExtractionSpec.resolve(caption, n0, num_images=, method=, w=, k=, train=, train_as_is=)`):
+        (`ExtractionSpec.resolve(caption, n0, num_images=, method=, w=, k=, train=, train_as_is=, preset=)`):
 
         Args:
             caption: the training caption c; "auto" recovers it from the fine-tune's cross-attention
@@ -344,6 +345,8 @@ class Extractor:
                 (`finextract.evaluation.read_training_images`; the transform is recorded in
                 `metrics["train_transform"]`).
             train_as_is: compare the training images as they are, without that crop and resize.
+            preset: the procedure preset (`finextract.spec.PRESETS`: "paper", "default"; None = the
+                default): its N and run settings where the keywords do not give them (see `spec`).
             spec: the `ExtractionSpec` instead of the keywords above (giving both is an error). A spec
                 naming a procedure preset other than the default sets that preset's run settings
                 (`finextract.spec.RUN_PRESET_SETTINGS`: steps) over the Extractor's `config`; the same
@@ -385,13 +388,24 @@ class Extractor:
             if n0 is None:
                 raise ValueError("give n0 (N0 >= 1 or 'auto') and the caption, or spec=ExtractionSpec.resolve(...)")
             spec = ExtractionSpec.resolve(
-                caption, n0, num_images=num_images, method=method, w=w, k=k, train=train, train_as_is=train_as_is
+                caption,
+                n0,
+                num_images=num_images,
+                method=method,
+                w=w,
+                k=k,
+                train=train,
+                train_as_is=train_as_is,
+                preset=preset,
             )
-        elif train_as_is or any(value is not None for value in (caption, n0, num_images, method, w, k, train)):
-            raise ValueError("give spec= or caption, n0, num_images, method, w, k, train, train_as_is; not both")
+        elif train_as_is or any(value is not None for value in (caption, n0, num_images, method, w, k, train, preset)):
+            raise ValueError(
+                "give spec= or caption, n0, num_images, method, w, k, train, train_as_is, preset; not both"
+            )
         if spec.preset != DEFAULT_PRESET:  # the default's run settings are the Extractor's config already
             run_options = preset_run_options(spec.preset, **run_options)
         config = run_config(self.config, **run_options)
+        logger.info("preset %s (overridden: %s)", spec.preset, preset_record(spec, config)["overrides"] or "nothing")
         if spec.sscd_preset is not None and spec.sscd_preset != self.embedder.sscd_preset.name:
             raise ValueError(
                 f"--sscd-preset {spec.sscd_preset}: this Extractor's SSCD model uses "
@@ -418,6 +432,7 @@ class Extractor:
                 "out": out,
                 "train": train,
                 "train_as_is": spec.train_as_is,
+                "preset": spec.preset,
                 "save_generated": save_generated,
                 "recovery": recovery,
                 **run_options,

@@ -82,6 +82,10 @@ def test_a_named_preset_sets_the_run_and_extract_keywords_override_it(zoo, monke
     assert result.config["run"]["steps"] == 1 and result.config["preset"]["overrides"] == {"steps": 1}
     default = extractor.extract("a photo of sks", 2, num_images=6, progress=False)  # the Extractor's own 3
     assert default.config["run"]["steps"] == 3 and default.config["preset"]["name"] == "default"
+    keywords = extractor.extract("a photo of sks", 2, preset="paper", progress=False)  # preset= as a keyword
+    assert keywords.config["preset"] == {"name": "paper", "overrides": {}} and keywords.config["run"]["steps"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        extractor.extract(spec=spec, preset="paper")
 
 
 def test_extractor_caption_auto_and_none(zoo, tmp_path):
