@@ -231,6 +231,9 @@ def summarise(runs: list[dict]) -> list[dict]:
     """One row per (cell, scheduler, steps, N): mean and sample std over seeds of AS, A-ESR0.6, best
     generated AS and seconds; UNet evaluations; `work` relative to the paper's setting (DDIM 50 at
     N = 50 x N0)."""
+    from finextract.spec import PRESETS
+
+    paper = PRESETS["paper"]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         for score in run["prefix_scores"]:
@@ -239,7 +242,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for (cell, scheduler, steps, n, n0), scores in sorted(groups.items()):
         evaluations = scores[0]["unet_evaluations"]
-        paper = 50 * n0 * 50 * evaluations // (n * steps)  # the same terms per step, at N = 50 x N0, 50 steps
+        terms = evaluations // (n * steps)  # UNet evaluations per image and step
+        paper_evaluations = paper["images_per_n0"] * n0 * paper["steps"] * terms
         rows.append(
             {
                 "cell": cell,
@@ -247,8 +251,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "N": n,
                 "seeds": len(scores),
                 "unet_evaluations": evaluations,
-                "work": evaluations / paper,
-                "paper": scheduler == "ddim" and steps == 50 and n == 50 * n0,
+                "work": evaluations / paper_evaluations,
+                "paper": scheduler == "ddim" and steps == paper["steps"] and n == paper["images_per_n0"] * n0,
                 **{
                     name: _stat([s[name] for s in scores])
                     for name in ("AS", "A-ESR0.6", "best_generated_AS", "seconds")
