@@ -24,7 +24,7 @@ from finextract.images import degenerate_mask, read_images
 from finextract.inspection import metadata_first
 from finextract.metrics import similarity_histogram
 from finextract.output import extraction_config, model_inputs, run_settings, training_input, write_output
-from finextract.spec import AUTO, ExtractionSpec
+from finextract.spec import AUTO, DEFAULT_PRESET, ExtractionSpec, preset_record, preset_run_options
 from finextract.sscd import Embedder, embed_images, load_embedder
 from finextract.store.folders import prepare, run_entry
 
@@ -40,7 +40,7 @@ class ExtractionResult:
         indices: their indices into the generated images (length N0).
         cliques: N0 index lists into the generated images, largest first.
         threshold: the clustering threshold. timings: seconds per stage. config: everything that
-        changes the answer (models, method, seeds, SSCD model hash + preset, clustering budget).
+        changes the answer (models, method, seeds, SSCD model hash + SSCD preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
@@ -196,14 +196,15 @@ class Extractor:
         finetuned: DreamBooth checkpoint (folder or single file), or None with `lora`.
         lora: LoRA weights (diffusers / PEFT / kohya), instead of `finetuned`.
         config: the `RunConfig` for every extraction (device, dtype, VAE dtype, backend, threads, batch
-            size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)`. The default
+            size, steps, seed, cache folder); None = `RunConfig.resolve(**run_options)` with the default
+            procedure preset's run settings (`finextract.spec.preset_run_options`) where not given. The default
             backend is "auto", as in the CLI: openvino on a CPU (the ONNX export of each pair is cached
             under `cache_dir`, default `~/.cache/finextract` or `$FINEXTRACT_CACHE`), torch on CUDA.
             Pass `backend="torch"` to write no export (the folder still gets `hashes.json`, the
             input files' sha256 cached for the evidence records: `finextract.evidence.HashCache`).
         embedder: "default" (sscd_disc_mixup ONNX), an SSCD TorchScript / ONNX file, or an
             `finextract.sscd.Embedder` loaded already (`load_embedder`; shared by many Extractors).
-        preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
+        sscd_preset: SSCD preprocessing preset ("sscd" / "paper"); None = "sscd" (a loaded Embedder keeps its own).
         allow_pickle: allow loading pickled (.bin/.ckpt) checkpoints; only for files you trust.
         budget: clustering search budget per threshold (None: `clustering.default_budget(N)`).
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
@@ -233,7 +234,7 @@ class Extractor:
         lora=None,
         config: RunConfig | None = None,
         embedder="default",
-        preset=None,
+        sscd_preset=None,
         allow_pickle=False,
         budget: int | None = None,
         base_config=None,
@@ -244,9 +245,13 @@ class Extractor:
 
         if finetuned is None and lora is None:
             raise ValueError("pass a fine-tuned checkpoint (finetuned=...) or LoRA weights (lora=...)")
-        if isinstance(embedder, Embedder) and preset is not None:
-            raise ValueError("preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own")
-        self.config = run_config(config, **run_options)
+        if isinstance(embedder, Embedder) and sscd_preset is not None:
+            raise ValueError(
+                "sscd_preset= applies when the Extractor loads the SSCD model; a loaded Embedder keeps its own"
+            )
+        self.config = run_config(
+            config, **(run_options if config is not None else preset_run_options(None, **run_options))
+        )
         self.config.apply_threads()
         self.budget = budget
         start = time.perf_counter()
@@ -264,7 +269,7 @@ class Extractor:
             self.embedder = embedder
         else:
             self.embedder = load_embedder(
-                embedder, preset=preset, device=self.config.device, threads=self.config.threads
+                embedder, sscd_preset=sscd_preset, device=self.config.device, threads=self.config.threads
             )
         self.load_seconds = time.perf_counter() - start
         self.finetuned_path = Path(finetuned if finetuned is not None else lora)  # its metadata: --caption/--n0 auto
@@ -281,7 +286,7 @@ class Extractor:
                     "lora": lora,
                     "config": self.config.to_dict(),
                     "embedder": embedder,
-                    "preset": preset,
+                    "sscd_preset": sscd_preset,
                     "allow_pickle": allow_pickle,
                     "budget": budget,
                     "base_config": base_config,
@@ -317,12 +322,13 @@ class Extractor:
         recovery: dict | None = None,
         overwrite: bool = False,
         spec: ExtractionSpec | None = None,
+        preset: str | None = None,
         **run_options,
     ) -> ExtractionResult:
         """Generate N images with guidance, cluster their SSCD descriptors and return N0 extracted images.
 
         What to extract is an `ExtractionSpec` (`spec=`), or the keywords it is built from
-        (`ExtractionSpec.resolve(caption, n0, num_images=, method=, w=, k=, train=, train_as_is=)`):
+        (`ExtractionSpec.resolve(caption, n0, num_images=, method=, w=, k=, train=, train_as_is=, preset=)`):
 
         Args:
             caption: the training caption c; "auto" reads it from the fine-tune's trainer metadata
@@ -346,8 +352,14 @@ class Extractor:
                 (`finextract.evaluation.read_training_images`; the transform is recorded in
                 `metrics["train_transform"]`).
             train_as_is: compare the training images as they are, without that crop and resize.
-            spec: the `ExtractionSpec` instead of the keywords above (giving both is an error). Its
-                preset, when set, must be the Extractor's SSCD preset.
+            preset: the procedure preset (`finextract.spec.PRESETS`: "paper", "default"; None = the
+                default): its N and run settings where the keywords do not give them (see `spec`).
+            spec: the `ExtractionSpec` instead of the keywords above (giving both is an error). A spec
+                naming a procedure preset other than the default sets that preset's run settings
+                (`finextract.spec.RUN_PRESET_SETTINGS`: steps) over the Extractor's `config`; the same
+                settings given here in `**run_options` override the preset (recorded in result.json's
+                `config["preset"]["overrides"]`, `finextract.spec.preset_record`). Its
+                sscd_preset, when set, must be the Extractor's.
             save_generated: also write all N generated images to out/generated/.
             progress: show progress bars. label: the generation bar's text.
             recovery: keyword arguments for `finextract.caption.recover_caption` with caption="auto"
@@ -379,19 +391,32 @@ class Extractor:
             raise ValueError(
                 f"{', '.join(fixed)} are fixed when the Extractor loads the models; build another Extractor"
             )
-        config = run_config(self.config, **run_options)
         if spec is None:
             if n0 is None:
                 raise ValueError("give n0 (N0 >= 1 or 'auto') and the caption, or spec=ExtractionSpec.resolve(...)")
             spec = ExtractionSpec.resolve(
-                caption, n0, num_images=num_images, method=method, w=w, k=k, train=train, train_as_is=train_as_is
+                caption,
+                n0,
+                num_images=num_images,
+                method=method,
+                w=w,
+                k=k,
+                train=train,
+                train_as_is=train_as_is,
+                preset=preset,
             )
-        elif train_as_is or any(value is not None for value in (caption, n0, num_images, method, w, k, train)):
-            raise ValueError("give spec= or caption, n0, num_images, method, w, k, train, train_as_is; not both")
-        if spec.preset is not None and spec.preset != self.embedder.preset.name:
+        elif train_as_is or any(value is not None for value in (caption, n0, num_images, method, w, k, train, preset)):
             raise ValueError(
-                f"--preset {spec.preset}: this Extractor's SSCD model uses preset {self.embedder.preset.name!r}; "
-                "the preset is fixed when the Extractor loads SSCD (Extractor(preset=...))"
+                "give spec= or caption, n0, num_images, method, w, k, train, train_as_is, preset; not both"
+            )
+        if spec.preset != DEFAULT_PRESET:  # the default's run settings are the Extractor's config already
+            run_options = preset_run_options(spec.preset, **run_options)
+        config = run_config(self.config, **run_options)
+        logger.info("preset %s (overridden: %s)", spec.preset, preset_record(spec, config)["overrides"] or "nothing")
+        if spec.sscd_preset is not None and spec.sscd_preset != self.embedder.sscd_preset.name:
+            raise ValueError(
+                f"--sscd-preset {spec.sscd_preset}: this Extractor's SSCD model uses "
+                f"{self.embedder.sscd_preset.name!r}; it is fixed when the Extractor loads SSCD (Extractor(sscd_preset=...))"
             )
         caption, n0, train = spec.caption, spec.n0, spec.train
         settings = run_settings(self.models, spec, config)
@@ -414,6 +439,7 @@ class Extractor:
                 "out": out,
                 "train": train,
                 "train_as_is": spec.train_as_is,
+                "preset": spec.preset,
                 "save_generated": save_generated,
                 "recovery": recovery,
                 **run_options,
@@ -479,6 +505,7 @@ class Extractor:
                 "caption": caption,
                 "caption_recovery": caption_record,
                 "method": spec.method,
+                "preset": preset_record(spec, config),
                 "w": params.get("w"),
                 "k": params.get("k"),
                 "seeds": list(generation.seeds),

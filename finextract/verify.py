@@ -470,7 +470,8 @@ def _check_scores(record, files, train_folder, sscd, verification) -> None:
         return
     info = record["config"]["sscd"]
     try:
-        embedder = load_embedder(sscd or "default", preset=info.get("preset"))
+        # "preset": the key's name in result.json files written before --sscd-preset
+        embedder = load_embedder(sscd or "default", sscd_preset=info.get("sscd_preset", info.get("preset")))
     except (OSError, ValueError, RuntimeError) as error:
         verification.add("score", "SSCD model", False, f"cannot load it: {error}")
         return

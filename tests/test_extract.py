@@ -54,6 +54,8 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert len(list((out / "generated").glob("*.png"))) == 8
     assert record["config"]["num_images"] == 8 and record["config"]["n0"] == 2
     assert record["config"]["models"]["family"] == "sd1" and record["config"]["models"]["prediction_type"] == "epsilon"
+    # no preset named: the default one, with what the keywords changed (50 x 2 images, 50 steps)
+    assert record["config"]["preset"] == {"name": "default", "overrides": {"num_images": 8, "steps": 2}}
     report = (out / "report.html").read_text()
     assert "similarity" in report
     assert "<title>finextract: dreambooth, finextract \u2014 \u201ca photo of sks\u201d</title>" in report
@@ -63,6 +65,27 @@ def test_extractor_writes_output_folder(zoo, tmp_path):
     assert "best match exceeds 0.6 / 0.7 (paper Eq. 2)" in report and "Clique: a set of generated images" in report
     with pytest.raises(ValueError, match="--batch-size 0: must be an integer >= 1"):
         extractor.extract("a photo of sks", 2, num_images=8, steps=2, batch_size=0, progress=False)
+
+
+def test_a_named_preset_sets_the_run_and_extract_keywords_override_it(zoo, monkeypatch):
+    from finextract.extract import Extractor
+    from finextract.spec import PRESETS, ExtractionSpec
+
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 3, "steps": 2})  # a tiny "paper" procedure
+    extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch", steps=3, batch_size=6)
+    spec = ExtractionSpec.resolve("a photo of sks", 2, preset="paper")
+    result = extractor.extract(spec=spec, progress=False)  # the preset's 2 steps over the Extractor's 3
+    assert (result.config["run"]["steps"], result.config["num_images"]) == (2, 6)
+    assert result.config["preset"] == {"name": "paper", "overrides": {}}
+    assert result.work["unet_evaluations"] == 6 * 2 * 2  # N x steps x 2 models (Eq. 13)
+    result = extractor.extract(spec=spec, steps=1, progress=False)
+    assert result.config["run"]["steps"] == 1 and result.config["preset"]["overrides"] == {"steps": 1}
+    default = extractor.extract("a photo of sks", 2, num_images=6, progress=False)  # the Extractor's own 3
+    assert default.config["run"]["steps"] == 3 and default.config["preset"]["name"] == "default"
+    keywords = extractor.extract("a photo of sks", 2, preset="paper", progress=False)  # preset= as a keyword
+    assert keywords.config["preset"] == {"name": "paper", "overrides": {}} and keywords.config["run"]["steps"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        extractor.extract(spec=spec, preset="paper")
 
 
 def test_extractor_caption_auto_and_none(zoo, tmp_path):

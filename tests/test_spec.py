@@ -1,4 +1,5 @@
-"""The extraction spec: defaults (N = 50 x N0), one validation with errors naming the option."""
+"""The extraction spec: defaults (N = 50 x N0), one validation with errors naming the option; the
+procedure presets (a named bundle of settings that explicit options override)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,37 @@ import dataclasses
 
 import pytest
 
-from finextract.spec import AUTO_NUM_IMAGES, IMAGES_PER_N0, ExtractionSpec, default_num_images
+from finextract import spec as spec_module
+from finextract.engine.config import RunConfig
+from finextract.spec import (
+    AUTO_NUM_IMAGES,
+    DEFAULT_PRESET,
+    IMAGES_PER_N0,
+    PRESETS,
+    ExtractionSpec,
+    default_num_images,
+    preset_record,
+    preset_run_options,
+)
 
 
 def test_defaults_n_is_50_n0_and_the_method_follows_the_caption():
     spec = ExtractionSpec.resolve("a photo of sks", 5)
     assert IMAGES_PER_N0 == 50 and spec.num_images == 50 * 5 == default_num_images(5)
-    assert (spec.method, spec.w, spec.k, spec.train, spec.train_as_is, spec.preset) == (
+    assert (spec.method, spec.w, spec.k, spec.train, spec.train_as_is, spec.sscd_preset, spec.preset) == (
         "finextract",
         None,
         None,
         None,
         False,
         None,
+        DEFAULT_PRESET,
     )
     auto = ExtractionSpec.resolve(None, "auto")
     assert auto.num_images == AUTO_NUM_IMAGES == default_num_images("auto") and auto.method == "finextract-uncond"
     assert ExtractionSpec.resolve("", 2).method == "finextract-uncond"  # an empty caption is no caption
-    given = ExtractionSpec.resolve("c", 2, num_images=7, method="cfg", w=2, train="photos", preset="paper")
-    assert (given.num_images, given.method, given.w, given.train, given.preset) == (7, "cfg", 2, "photos", "paper")
+    given = ExtractionSpec.resolve("c", 2, num_images=7, method="cfg", w=2, train="photos", sscd_preset="paper")
+    assert (given.num_images, given.method, given.w, given.train, given.sscd_preset) == (7, "cfg", 2, "photos", "paper")
     with pytest.raises(dataclasses.FrozenInstanceError):
         given.n0 = 3
 
@@ -45,7 +58,8 @@ def test_defaults_n_is_50_n0_and_the_method_follows_the_caption():
         (("c", 1), dict(k="0.1"), "--k '0.1': must be a finite number"),
         (("c", 1), dict(method="cfg", k=0.1), "has no k .* drop --k"),
         (("c", 1), dict(method="direct", w=2), "has no guidance scale; drop --w"),
-        (("c", 1), dict(preset="imagenet"), "--preset 'imagenet': expected one of sscd, paper"),
+        (("c", 1), dict(sscd_preset="imagenet"), "--sscd-preset 'imagenet': expected one of sscd, paper"),
+        (("c", 1), dict(preset="sscd"), "--preset 'sscd': expected one of paper, default"),
     ],
 )
 def test_resolve_names_the_option_and_the_fix(args, options, match):
@@ -62,3 +76,63 @@ def test_the_cli_builds_the_spec_before_any_model_loads(tmp_path, capsys):
         + ["--num-images", "3", "--device", "cpu", "--out", str(out)]
     )
     assert code != 0 and "--num-images 3 is below --n0 5" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_paper_preset_is_the_papers_procedure_and_the_default_is_todays():
+    # the paper: N = 50 x N0 and 50 DDIM steps (Sec. 5.1); RunConfig's own default is the same 50 steps
+    assert PRESETS["paper"] == {"images_per_n0": 50, "steps": 50}
+    assert PRESETS[DEFAULT_PRESET] == PRESETS["paper"] and RunConfig.defaults()["steps"] == 50
+    paper = ExtractionSpec.resolve("c", 5, preset="paper")
+    assert (paper.preset, paper.num_images) == ("paper", 250)
+    # every preset names every setting: a missing one would fall back silently to another preset's
+    assert all(set(settings) == set(PRESETS["paper"]) for settings in PRESETS.values())
+
+
+def test_a_preset_fills_in_what_is_not_given_and_explicit_options_override_it(monkeypatch):
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7})  # read from the dict, not copied
+    spec = ExtractionSpec.resolve("c", 3, preset="paper")
+    assert spec.num_images == 12 == default_num_images(3, "paper") and default_num_images(3) == 150
+    assert preset_run_options("paper") == {"steps": 7}
+    assert preset_run_options("paper", steps=20, seed=4, threads=None) == {"steps": 20, "seed": 4}
+    assert preset_run_options(None) == {"steps": 50}
+    config = RunConfig.resolve(device="cpu", backend="torch", **preset_run_options("paper"))
+    assert preset_record(spec, config) == {"name": "paper", "overrides": {}}
+    overridden = ExtractionSpec.resolve("c", 3, preset="paper", num_images=5)
+    assert preset_record(overridden, config.replace(steps=20)) == {
+        "name": "paper",
+        "overrides": {"num_images": 5, "steps": 20},
+    }
+    # a setting equal to the preset's is no override; N0 = "auto" keeps AUTO_NUM_IMAGES under any preset
+    assert preset_record(ExtractionSpec.resolve("c", 3, preset="paper", num_images=12), config)["overrides"] == {}
+    assert ExtractionSpec.resolve("c", "auto", preset="paper").num_images == AUTO_NUM_IMAGES
+
+
+def test_a_future_preset_setting_slots_in(monkeypatch):
+    """A new key in every preset and in RUN_PRESET_SETTINGS reaches RunConfig keywords and the record."""
+    monkeypatch.setattr(spec_module, "RUN_PRESET_SETTINGS", ("steps", "seed"))
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 50, "steps": 50, "seed": 9})
+    assert spec_module.preset_run_options("paper") == {"steps": 50, "seed": 9}
+    config = RunConfig.resolve(device="cpu", backend="torch", **spec_module.preset_run_options("paper", seed=1))
+    spec = ExtractionSpec.resolve("c", 5, preset="paper")
+    assert spec_module.preset_record(spec, config) == {"name": "paper", "overrides": {"seed": 1}}
+
+
+def test_the_cli_resolves_the_preset_once_and_explicit_options_override_it(monkeypatch):
+    from finextract.cli import build_parser
+    from finextract.commands.options import run_config_from
+
+    base = ["extract", "--base", "b", "--lora", "l", "--caption", "c", "--n0", "5", "--out", "o", "--device", "cpu"]
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7})
+    parse = build_parser().parse_args
+    args = parse(base + ["--preset", "paper"])
+    assert run_config_from(args).steps == 7 and ExtractionSpec.from_attributes(args).num_images == 20
+    args = parse(base + ["--preset", "paper", "--steps", "20", "--num-images", "30"])
+    spec, config = ExtractionSpec.from_attributes(args), run_config_from(args)
+    assert (config.steps, spec.num_images, spec.preset) == (20, 30, "paper")
+    assert preset_record(spec, config)["overrides"] == {"num_images": 30, "steps": 20}
+    args = parse(base)  # no --preset: the default preset's
+    assert run_config_from(args).steps == 50 and ExtractionSpec.from_attributes(args).preset == DEFAULT_PRESET
+    # --preset is the procedure, --sscd-preset the descriptor's preprocessing: each takes only its names
+    assert parse(base + ["--sscd-preset", "paper"]).sscd_preset == "paper"
+    with pytest.raises(SystemExit):
+        parse(base + ["--preset", "sscd"])

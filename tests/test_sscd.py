@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from finextract.images import degenerate_mask, read_images
-from finextract.sscd import PRESETS, load_embedder, resize_crop
+from finextract.sscd import SSCD_PRESETS, load_embedder, resize_crop
 
 
 def _jpeg(image: np.ndarray, quality=75) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_copy_scores_far_above_unrelated(embedder):
 
 
 def test_info_and_batching(embedder):
-    assert len(embedder.info["sha256"]) == 64 and embedder.info["preset"] == "sscd"
+    assert len(embedder.info["sha256"]) == 64 and embedder.info["sscd_preset"] == "sscd"
     images = np.stack([_square(data.astronaut(), 64), _square(data.coffee(), 64), _square(data.chelsea(), 64)])
     together = embedder.embed(images)
     apart = embedder.embed(images, batch_size=1)
@@ -54,12 +54,12 @@ def test_info_and_batching(embedder):
 
 def test_paper_preset_shape_and_torchscript_user_model(tmp_path):
     x = torch.from_numpy(np.stack([_square(data.astronaut(), 300)]))
-    y = resize_crop(x, PRESETS["paper"])
+    y = resize_crop(x, SSCD_PRESETS["paper"])
     assert tuple(y.shape) == (1, 3, 224, 224)
     # A user's TorchScript SSCD-like model: global-average-pool of the normalised image (3-D descriptor).
     script = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()))
     script.save(str(tmp_path / "tiny.pt"))
-    embedder = load_embedder(tmp_path / "tiny.pt", preset="paper")
+    embedder = load_embedder(tmp_path / "tiny.pt", sscd_preset="paper")
     d = embedder.embed(x)
     expected = torch.nn.functional.normalize(((y / 255 - 0.5) / 0.5).mean(dim=(2, 3)), dim=1)
     assert torch.allclose(d, expected, atol=1e-5)

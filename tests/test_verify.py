@@ -234,3 +234,28 @@ def test_a_cuda_run_is_regenerated_on_the_cpu_in_fp32_where_there_is_no_gpu(monk
     assert (config.device, config.dtype, config.backend, config.batch_size, config.steps, config.seed) == (
         "cpu", "fp32", "torch", 16, 50, 3,
     )  # fmt: skip
+
+
+def test_verify_reads_the_sscd_preset_under_its_old_key(extraction, capsys, tmp_path):
+    """result.json files written before --sscd-preset name it `config.sscd.preset`: verify re-scores
+    with that preset (the "paper" preprocessing gives other descriptors, so a wrong one fails the AS)."""
+    from finextract.extract import Extractor
+
+    run = tmp_path / "run"
+    extractor = Extractor(
+        extraction["base"], lora=extraction["lora"], device="cpu", backend="torch", sscd_preset="paper"
+    )
+    extractor.extract(
+        CAPTION, 2, num_images=6, steps=2, batch_size=4, out=run, train=extraction["train"], progress=False
+    )
+    path = run / "result.json"
+    record = json.loads(path.read_text())
+    assert record["config"]["sscd"]["sscd_preset"] == "paper"
+    record["config"]["sscd"]["preset"] = record["config"]["sscd"].pop("sscd_preset")  # the old layout
+    path.write_text(json.dumps(record))
+    code, lines = _verify(capsys, run, "--images", "0")
+    assert code == 0 and any(line.startswith("ok   score AS:") for line in lines), lines
+    record["config"]["sscd"]["preset"] = "sscd"  # the other preprocessing: the re-score must differ
+    path.write_text(json.dumps(record))
+    code, lines = _verify(capsys, run, "--images", "0")
+    assert code != 0 and any(line.startswith("FAIL score AS:") for line in lines), lines

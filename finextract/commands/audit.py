@@ -93,7 +93,7 @@ def run(args) -> int:
             args.out,
             embedder=args.sscd,
             progress=not args.no_progress,
-            **options_of(args, "executor", "ray_address", "workers", "retries", "preset", "allow_pickle"),
+            **options_of(args, "executor", "ray_address", "workers", "retries", "sscd_preset", "allow_pickle"),
             **options_of(args, "save_generated", "overwrite", "device", "dtype", "backend", "threads"),
             **options_of(args, "batch_size", "steps", "seed", "cuda_graphs"),
         )

@@ -60,7 +60,7 @@ def run(args) -> int:
     # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
     settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
     prepare(folder, "cluster", settings, overwrite=args.overwrite)  # the settings only: --out was checked
-    embedder = load_embedder(args.sscd, preset=args.preset, device=config.device, threads=config.threads)
+    embedder = load_embedder(args.sscd, sscd_preset=args.sscd_preset, device=config.device, threads=config.threads)
     result = cluster_images(images, args.n0, embedder, budget=args.budget)
     result.config = extraction_config(
         n0=result.n0_estimate.n0 if result.n0_estimate is not None else args.n0,

@@ -24,6 +24,7 @@ from .options import (
     add_command,
     add_device_option,
     add_overwrite_option,
+    add_preset_option,
     options_of,
     positive_int,
 )
@@ -70,15 +71,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--n0", type=positive_int, default=None, help="N0, images to extract (default: the training set's size)"
     )
+    add_preset_option(parser)
     parser.add_argument(
-        "--num-images", type=positive_int, default=None, help="N, images generated per run (default 50 x N0)"
-    )
-    parser.add_argument(
-        "--steps",
+        "--num-images",
         type=positive_int,
-        default=RUN_DEFAULTS["steps"],
-        help=f"DDIM steps (default {RUN_DEFAULTS['steps']})",
+        default=None,
+        help="N, images generated per run (default the preset's: 50 x N0)",
     )
+    parser.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default the preset's: 50)")
     # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     add_device_option(parser)
@@ -105,7 +105,8 @@ def run_demo(
     seed: int = 0,
     n0: int | None = None,
     num_images: int | None = None,
-    steps: int = RUN_DEFAULTS["steps"],
+    steps: int | None = None,
+    preset: str | None = None,
     batch_size: int = 50,
     device: str = RUN_DEFAULTS["device"],
     backend: str = RUN_DEFAULTS["backend"],
@@ -120,7 +121,9 @@ def run_demo(
         zoo: trained zoo folder (default: the committed one).
         scenarios, kinds, methods: subsets of SCENARIOS, KINDS, METHODS.
         seeds: K >= 1 repeats; repeat j samples image i from seed `seed + j * N + i` (disjoint sets).
-        n0: N0 (default: each scenario's number of training images). num_images: N (default 50 x N0).
+        n0: N0 (default: each scenario's number of training images). num_images: N, steps: DDIM steps
+            (None: the preset's, 50 x N0 and 50). preset: the procedure preset (`finextract.spec.PRESETS`;
+            None = the default); num_images and steps given override it.
         overwrite: replace a run folder holding a run with other settings (e.g. other --steps)
             instead of refusing it (`Extractor.extract(overwrite=)`, `--overwrite`).
 
@@ -139,7 +142,7 @@ def run_demo(
     """
     from finextract.engine.config import RunConfig
     from finextract.extract import Extractor
-    from finextract.spec import ExtractionSpec
+    from finextract.spec import RUN_PRESET_SETTINGS, ExtractionSpec, preset_run_options
     from finextract.store.files import write_json
     from finextract.store.folders import prepare
     from finextract.zoo.scenarios import scenario_folder
@@ -159,7 +162,10 @@ def run_demo(
     for name, folder in folders.items():
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
-    config = RunConfig.resolve(device=device, backend=backend, steps=steps, batch_size=batch_size, seed=seed)
+    config = RunConfig.resolve(
+        **preset_run_options(preset, device=device, backend=backend, steps=steps, batch_size=batch_size, seed=seed)
+    )
+    resolved = {name: getattr(config, name) for name in RUN_PRESET_SETTINGS}  # given to extract: kept
     out = prepare(out, "demo").path
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -178,7 +184,8 @@ def run_demo(
                 "seed": seed,
                 "sampling_seeds": "repeat j, image i: seed + j * N + i",
                 "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
-                "steps": steps,
+                "preset": specs[scenarios[0], methods[0]].preset,
+                "steps": config.steps,
                 "batch_size": batch_size,
                 "device": device,
                 "backend": backend,
@@ -192,7 +199,12 @@ def run_demo(
         train_count = len(list((folder / "train").glob("*.png")))
         for method in methods:
             specs[scenario, method] = ExtractionSpec.resolve(
-                caption, n0 or train_count, num_images=num_images, method=method, train=folder / "train"
+                caption,
+                n0 or train_count,
+                num_images=num_images,
+                method=method,
+                train=folder / "train",
+                preset=preset,
             )
         spec = specs[scenario, methods[0]]
         settings[scenario] = {"caption": caption, "n0": spec.n0, "num_images": spec.num_images, "train": train_count}
@@ -216,6 +228,7 @@ def run_demo(
                     result = extractors[scenario, kind].extract(
                         spec=specs[scenario, method],
                         seed=run_seed,
+                        **resolved,
                         out=run_folder,
                         progress=progress,
                         label=f"run {runs}/{total} {scenario} {kind} {method} seed {repeat}",
@@ -405,7 +418,7 @@ def run(args) -> int:
         kinds=args.kinds.split(","),
         methods=args.methods.split(","),
         **options_of(
-            args, "seeds", "seed", "n0", "num_images", "steps", "batch_size", "device", "backend", "overwrite"
+            args, "seeds", "seed", "n0", "num_images", "steps", "preset", "batch_size", "device", "backend", "overwrite"
         ),
     )
     print(format_table(summary["cells"]))

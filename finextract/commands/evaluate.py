@@ -122,7 +122,7 @@ def run(args) -> int:
         logger.info("training images centre-cropped and resized to %d px (from %s)", resolution, source)
     config = RunConfig.resolve(device="cpu")  # SSCD on the CPU; the threads of torch and SSCD
     config.apply_threads()
-    embedder = load_embedder(args.sscd, preset=args.preset, device=config.device, threads=config.threads)
+    embedder = load_embedder(args.sscd, sscd_preset=args.sscd_preset, device=config.device, threads=config.threads)
     metrics, _ = evaluate_against(train, embed_images(embedder, images, "extracted"), embedder, resolution=resolution)
     for match in metrics["best_match"]:
         match["extracted_file"] = paths[match["extracted"]].name

@@ -44,10 +44,16 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import logging
 
+    from finextract.spec import RUN_PRESET_SETTINGS
+
     config, folder, spec = _check_inputs(args)  # before loading models or generating anything
     extractor = extractor_from(args, config)
-    # out=folder: checked already, extract does not check it again
-    result = extractor.extract(spec=spec, out=folder, save_generated=args.save_generated, overwrite=args.overwrite)
+    # out=folder: checked already, extract does not check it again; the preset's run settings as the
+    # options resolved them (an explicit --steps overrides --preset): given, so extract keeps them
+    resolved = {name: getattr(config, name) for name in RUN_PRESET_SETTINGS}
+    result = extractor.extract(
+        spec=spec, out=folder, save_generated=args.save_generated, overwrite=args.overwrite, **resolved
+    )
     log = logging.getLogger("finextract")
     recovery = result.config.get("caption_recovery") or {}
     if recovery.get("source") == "recovered":
@@ -81,7 +87,7 @@ def _check_inputs(args):
     from .options import read_image_folder, run_config_from
 
     config = run_config_from(args)
-    spec = ExtractionSpec.from_attributes(args)  # --caption, --n0, ..., --train, --train-as-is, --preset
+    spec = ExtractionSpec.from_attributes(args)  # --caption, --n0, ..., --train, --train-as-is, --sscd-preset, --preset
     models = {"base": args.base, "finetuned": args.finetuned, "lora": args.lora}
     folder = prepare(args.out, "extract", run_settings(models, spec, config), overwrite=args.overwrite)
     if args.train is not None:

@@ -39,7 +39,7 @@ def run(args) -> int:
 
     if args.n0 is None and args.num_images is None:
         raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
-    num_images = args.num_images if args.num_images is not None else default_num_images(args.n0)
+    num_images = args.num_images if args.num_images is not None else default_num_images(args.n0, args.preset)
     folder = prepare(args.out, "generate")  # before loading anything; the manifest is compared once the model is known
     out = folder.path
     config = run_config_from(args)  # refuses e.g. fp16 on a CPU before loading anything

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
-from finextract.spec import AUTO
-from finextract.sscd import PRESETS
+from finextract.spec import AUTO, DEFAULT_PRESET, PRESETS, preset_run_options
+from finextract.sscd import SSCD_PRESETS
 
 #: The run settings' defaults, unresolved ("auto", None): every option below takes its default from here.
 RUN_DEFAULTS = RunConfig.defaults()
@@ -104,7 +104,7 @@ def extractor_from(args: argparse.Namespace, config):
         lora=args.lora,
         config=config,
         embedder=args.sscd,
-        preset=args.preset,
+        sscd_preset=args.sscd_preset,
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
         prediction_type=args.prediction_type,
@@ -145,7 +145,7 @@ def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
-    """--caption, --n0, --ignore-metadata, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
+    """--preset, --caption, --n0, --ignore-metadata, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
 
     `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
     """
@@ -174,7 +174,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         action="store_false",
         help="with --caption auto / --n0 auto: leave the trainer metadata unread; recover and estimate instead",
     )
-    parser.add_argument("--num-images", type=positive_int, default=None, help="N images to generate (default 50 x N0)")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=None, help="N images to generate (default the preset's: 50 x N0)"
+    )
     parser.add_argument(
         "--method",
         choices=METHODS,
@@ -188,16 +190,35 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)",
     )
     parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
-    add_step_options(parser)
+    add_preset_option(parser)
+    add_step_options(parser, preset=True)
 
 
-def add_step_options(parser: argparse.ArgumentParser, note: str = "") -> None:
-    """--steps, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and --seed help."""
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    """--preset: the procedure preset (`finextract.spec.PRESETS`), whose settings the explicit options override."""
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="procedure preset: paper (the paper's procedure: N = 50 x N0, 50 DDIM steps, no early stop, the "
+        f"paper's selection) or {DEFAULT_PRESET} (the default; today the same settings). Options given "
+        "explicitly (--num-images, --steps) override the preset's; result.json records which did",
+    )
+
+
+def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset: bool = False) -> None:
+    """--steps, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and --seed help.
+
+    `preset=True` (the command has --preset): --steps defaults to None, filled in from the preset by
+    `run_config_from`; otherwise to the default preset's steps.
+    """
+    steps = preset_run_options(None)["steps"]
+    default = f"the --preset's: {steps}" if preset else steps
     parser.add_argument(
         "--steps",
         type=positive_int,
-        default=RUN_DEFAULTS["steps"],
-        help=f"DDIM steps, eta = 0 (default {RUN_DEFAULTS['steps']}{note})",
+        default=None if preset else steps,
+        help=f"DDIM steps, eta = 0 (default {default}{note})",
     )
     parser.add_argument(
         "--batch-size",
@@ -214,9 +235,15 @@ def add_step_options(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def add_sscd_options(parser: argparse.ArgumentParser) -> None:
-    """--sscd, --preset: the SSCD model and its preprocessing."""
+    """--sscd, --sscd-preset: the SSCD model and its preprocessing."""
     parser.add_argument("--sscd", default="default", help="SSCD model: 'default' or a TorchScript/ONNX file")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="SSCD preprocessing (default sscd)")
+    parser.add_argument(
+        "--sscd-preset",
+        choices=tuple(SSCD_PRESETS),
+        default=None,
+        help="SSCD preprocessing: sscd (short edge 288, ImageNet mean/std; the default) or paper (the released "
+        "code's resize 256, crop 224); not the procedure --preset",
+    )
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -274,9 +301,12 @@ def add_backend_option(parser: argparse.ArgumentParser) -> None:
 
 def run_config_from(args):
     """The `RunConfig` of a command's parsed options, resolved and validated once (before any model loads);
-    a setting the command has no option for keeps `RunConfig`'s default.
+    a setting the command has no option for keeps `RunConfig`'s default, and a procedure preset setting
+    (steps) left out takes --preset's (`finextract.spec.preset_run_options`).
 
     Raises:
         ValueError: an invalid combination (e.g. --dtype fp16 on a CPU), naming the option.
     """
-    return RunConfig.resolve(**{name: getattr(args, name, default) for name, default in RUN_DEFAULTS.items()})
+    given = {name: getattr(args, name, default) for name, default in RUN_DEFAULTS.items()}
+    # --preset's run settings (steps) where the option was not given (None); explicit ones override it
+    return RunConfig.resolve(**{**given, **preset_run_options(getattr(args, "preset", None), **given)})

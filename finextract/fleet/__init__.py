@@ -49,7 +49,7 @@ def audit(
     workers: int | None = None,
     retries: int = 2,
     embedder: str = "default",
-    preset: str | None = None,
+    sscd_preset: str | None = None,
     allow_pickle: bool = False,
     save_generated: bool = False,
     overwrite: bool = False,
@@ -69,7 +69,7 @@ def audit(
         ray_address: None (start Ray here), "auto" or "HOST:PORT" (join a running cluster).
         workers: Ray workers (default: one per GPU, or the CPUs / threads). retries: how often Ray
             retries a row whose worker process died (the retry reuses the row's finished chunks).
-        embedder, preset: the SSCD model ("default" or a TorchScript / ONNX file) and preprocessing.
+        embedder, sscd_preset: the SSCD model ("default" or a TorchScript / ONNX file) and preprocessing.
         allow_pickle: allow pickled checkpoints (only for files you trust).
         save_generated: also write all N generated images of each row.
         overwrite: a row folder holding a run with other settings is replaced (its chunks
@@ -116,7 +116,7 @@ def audit(
         out=str(out),
         run_options={**RUN_DEFAULTS, **run_options},
         embedder=str(embedder),
-        preset=preset,
+        sscd_preset=sscd_preset,
         allow_pickle=allow_pickle,
         save_generated=save_generated,
         overwrite=overwrite,
@@ -144,7 +144,7 @@ def audit(
         "executor": executor,
         "started": started.isoformat(timespec="seconds"),
         "run": settings.run_options,
-        "sscd": {"model": settings.embedder, "preset": preset},
+        "sscd": {"model": settings.embedder, "sscd_preset": sscd_preset},
         "rows": len(entries),
         "to_run": len(jobs),
         "command": command_record(
@@ -152,7 +152,7 @@ def audit(
                 "function": "finextract.audit",
                 "arguments": jsonable(
                     {"manifest": manifest, "out": out, "executor": executor, "ray_address": ray_address}
-                    | {"workers": workers, "retries": retries, "embedder": embedder, "preset": preset}
+                    | {"workers": workers, "retries": retries, "embedder": embedder, "sscd_preset": sscd_preset}
                     | {"allow_pickle": allow_pickle, "save_generated": save_generated, **run_options}
                 ),
             }

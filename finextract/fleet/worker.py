@@ -45,7 +45,7 @@ class FleetSettings:
         out: the audit's output folder (absolute; on a cluster, the same path on every node).
         run_options: `RunConfig.resolve` keywords (device, dtype, backend, threads, batch_size, steps,
             seed, ...); each worker resolves them on its own machine ("auto" finds its GPU).
-        embedder, preset: the SSCD model ("default" or a file) and its preprocessing preset.
+        embedder, sscd_preset: the SSCD model ("default" or a file) and its preprocessing preset.
         allow_pickle: allow pickled checkpoints. save_generated: also write all N images per row.
         overwrite: replace a row folder's run made with other settings (`Extractor.extract(overwrite=)`).
         token: the content of OUT/.audit-token for this run (see `TOKEN_FILE`).
@@ -54,7 +54,7 @@ class FleetSettings:
     out: str
     run_options: dict = field(default_factory=dict)
     embedder: str = "default"
-    preset: str | None = None
+    sscd_preset: str | None = None
     allow_pickle: bool = False
     save_generated: bool = False
     overwrite: bool = False
@@ -75,7 +75,8 @@ def row_key(row: Row, settings: FleetSettings) -> dict:
     return {
         "row": row.fields(),
         "run": run,
-        "sscd": {"model": settings.embedder, "preset": settings.preset},
+        # "preset" names the SSCD preset in this key as in audits made before --sscd-preset: they resume
+        "sscd": {"model": settings.embedder, "preset": settings.sscd_preset},
         "inputs": inputs,
         "save_generated": settings.save_generated,
         "finextract": __version__,
@@ -142,7 +143,7 @@ class RowRunner:
         if self.embedder is None:
             self.embedder = load_embedder(
                 self.settings.embedder,
-                preset=self.settings.preset,
+                sscd_preset=self.settings.sscd_preset,
                 device=self.config.device,
                 threads=self.config.threads,
             )
