@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,9 +16,11 @@ from safetensors.torch import save_file
 from finextract.engine.formats import (
     CheckpointFormatError,
     PickleRefusedError,
+    TrainingState,
     atomic_write,
     file_sha256,
     load_state_dict,
+    read_pickle,
     read_safetensors_header,
     sniff,
     state_dict_keys,
@@ -124,8 +133,71 @@ class _Payload:  # an object weights_only unpickling must refuse
 def test_allowed_pickle_still_refuses_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"x": _Payload()}, path)
-    with pytest.raises(CheckpointFormatError, match="weights_only=True"):
+    with pytest.raises(CheckpointFormatError, match=r"names tests\.test_formats\._Payload, which is neither weights"):
         load_state_dict(path, allow_pickle=True)
+
+
+class _System:  # pickles as a call of os.system: loading it unrestricted would run the shell command
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_malicious_pickle_refused_by_name_without_running(tmp_path, tensors, zipped):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": tensors, "x": _System(f"touch {marker}")}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(
+        CheckpointFormatError, match=rf"names {os.system.__module__}\.system, .*nothing was run"
+    ) as error:
+        load_state_dict(path, allow_pickle=True)
+    assert "\x1b[" not in str(error.value) and not marker.exists()
+
+
+def _lightning_checkpoint(path: Path, tensors: dict, monkeypatch, zipped: bool) -> None:
+    """An original-SD-era `.ckpt`: weights under "state_dict" beside PyTorch Lightning's training state
+    (a `ModelCheckpoint` class as a dict key, one instance, numpy scalars), written with a stand-in
+    `pytorch_lightning` module that is gone again when it is read (Lightning is not installed here)."""
+    module = "pytorch_lightning.callbacks.model_checkpoint"
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+    model_checkpoint = type("ModelCheckpoint", (), {"__module__": module})
+    sys.modules[module].ModelCheckpoint = model_checkpoint
+    callback = model_checkpoint()
+    callback.__dict__.update(monitor=None, best_model_score=torch.tensor(0.25), dirpath="/fsx/stable-diffusion/ckpts")
+    checkpoint = {
+        "epoch": 6,
+        "global_step": 470000,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": tensors,
+        "callbacks": {model_checkpoint: {"monitor": None, "best_k_models": {}, "step": np.int64(470000)}},
+        "loops": {"callback": callback},
+    }
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zipped)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_lightning_checkpoint_loads_with_inert_stand_ins(tmp_path, tensors, monkeypatch, zipped):
+    path = tmp_path / "sd-v1-4.ckpt"
+    _lightning_checkpoint(path, tensors, monkeypatch, zipped)
+    assert "pytorch_lightning" not in sys.modules
+    with pytest.raises(pickle.UnpicklingError, match="ModelCheckpoint"):  # torch's own default refuses it
+        torch.load(path, weights_only=True)
+    with pytest.raises(PickleRefusedError, match=r"is a pickle checkpoint, which can run code when loaded: refused"):
+        load_state_dict(path)  # unchanged without allow_pickle
+    loaded = load_state_dict(path, allow_pickle=True)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)  # bit-exact
+    raw = read_pickle(path, allow_pickle=True)
+    (key,) = raw["callbacks"]
+    callback = raw["loops"]["callback"]
+    assert key.path == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" and issubclass(key, TrainingState)
+    assert isinstance(callback, TrainingState) and callback.state["dirpath"] == "/fsx/stable-diffusion/ckpts"
+    assert raw["callbacks"][key]["step"] == 470000 and "pytorch_lightning" not in sys.modules
 
 
 def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):
