@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import types
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -25,6 +22,8 @@ from finextract.engine.formats import (
     sniff,
     state_dict_keys,
 )
+
+from .pickles import MODEL_CHECKPOINT, save_lightning_checkpoint
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -157,34 +156,10 @@ def test_malicious_pickle_refused_by_name_without_running(tmp_path, tensors, zip
     assert "\x1b[" not in str(error.value) and not marker.exists()
 
 
-def _lightning_checkpoint(path: Path, tensors: dict, monkeypatch, zipped: bool) -> None:
-    """An original-SD-era `.ckpt`: weights under "state_dict" beside PyTorch Lightning's training state
-    (a `ModelCheckpoint` class as a dict key, one instance, numpy scalars), written with a stand-in
-    `pytorch_lightning` module that is gone again when it is read (Lightning is not installed here)."""
-    module = "pytorch_lightning.callbacks.model_checkpoint"
-    parts = module.split(".")
-    for depth in range(1, len(parts) + 1):
-        monkeypatch.setitem(sys.modules, ".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
-    model_checkpoint = type("ModelCheckpoint", (), {"__module__": module})
-    sys.modules[module].ModelCheckpoint = model_checkpoint
-    callback = model_checkpoint()
-    callback.__dict__.update(monitor=None, best_model_score=torch.tensor(0.25), dirpath="/fsx/stable-diffusion/ckpts")
-    checkpoint = {
-        "epoch": 6,
-        "global_step": 470000,
-        "pytorch-lightning_version": "1.4.2",
-        "state_dict": tensors,
-        "callbacks": {model_checkpoint: {"monitor": None, "best_k_models": {}, "step": np.int64(470000)}},
-        "loops": {"callback": callback},
-    }
-    torch.save(checkpoint, path, _use_new_zipfile_serialization=zipped)
-    monkeypatch.undo()
-
-
 @pytest.mark.parametrize("zipped", [True, False])
-def test_lightning_checkpoint_loads_with_inert_stand_ins(tmp_path, tensors, monkeypatch, zipped):
+def test_lightning_checkpoint_loads_with_inert_stand_ins(tmp_path, tensors, zipped):
     path = tmp_path / "sd-v1-4.ckpt"
-    _lightning_checkpoint(path, tensors, monkeypatch, zipped)
+    save_lightning_checkpoint(path, tensors, zipped=zipped)
     assert "pytorch_lightning" not in sys.modules
     with pytest.raises(pickle.UnpicklingError, match="ModelCheckpoint"):  # torch's own default refuses it
         torch.load(path, weights_only=True)
@@ -195,8 +170,8 @@ def test_lightning_checkpoint_loads_with_inert_stand_ins(tmp_path, tensors, monk
     raw = read_pickle(path, allow_pickle=True)
     (key,) = raw["callbacks"]
     callback = raw["loops"]["callback"]
-    assert key.path == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" and issubclass(key, TrainingState)
-    assert isinstance(callback, TrainingState) and callback.state["dirpath"] == "/fsx/stable-diffusion/ckpts"
+    assert key.path == MODEL_CHECKPOINT and issubclass(key, TrainingState)
+    assert isinstance(callback, TrainingState) and callback.state["dirpath"] == "/fsx/sd/ckpts"
     assert raw["callbacks"][key]["step"] == 470000 and "pytorch_lightning" not in sys.modules
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from finextract.engine.lora_formats import LoRAKeyError, read_lora
 from finextract.zoo.configs import LORA_NO_ALPHA_MODULE
 from finextract.zoo.models import zoo_lora
 from finextract.zoo.tokenizers import CLIP_VOCAB_SIZE as CLIP_VOCAB
+
+from .pickles import save_lightning_checkpoint
 
 
 def _assert_same(model, file):
@@ -207,6 +210,43 @@ def test_pickle_unet_refused_unless_allowed(tiny_zoo, tmp_path):
         load_model_pair(tiny_zoo / "base", path)
     pair = load_model_pair(tiny_zoo / "base", path, allow_pickle=True)
     _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth_unet.safetensors")
+
+
+def _pickled_folder(source: Path, out: Path, names: dict) -> Path:
+    """A copy of the pipeline folder `source` whose parts hold pickles: part -> pickle file name, each
+    an original-SD-era Lightning `.ckpt` (weights nested under "state_dict", training state beside)."""
+    shutil.copytree(source, out)
+    for part, name in names.items():
+        (weights,) = (out / part).glob("*.safetensors")
+        save_lightning_checkpoint(out / part / name, load_file(str(weights)))
+        weights.unlink()
+    return out
+
+
+def test_pickled_folder_parts_load_through_the_restricted_reader(tiny_zoo, tmp_path):
+    # diffusers' own reader initialised this UNet at random from a nested "state_dict" (a warning only),
+    # and refused the Lightning training state with "Unable to load weights from checkpoint file"
+    names = {"unet": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin", "vae": "vae.ckpt"}
+    folder = _pickled_folder(tiny_zoo / "dreambooth", tmp_path / "dreambooth", names)
+    with pytest.raises(PickleRefusedError, match="holds only pickle weights"):
+        load_model_pair(tiny_zoo / "base", folder)
+    pair = load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth" / "unet" / "diffusion_pytorch_model.safetensors")
+    _assert_same(pair.finetuned_text_encoder, tiny_zoo / "dreambooth" / "text_encoder" / "model.safetensors")
+    _assert_same(pair.vae, tiny_zoo / "dreambooth" / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def test_pickled_folder_errors_name_the_file(tiny_zoo, tmp_path):
+    folder = _pickled_folder(tiny_zoo / "dreambooth_unet_only", tmp_path / "two", {"unet": "a.bin"})
+    shutil.copy(folder / "unet" / "a.bin", folder / "unet" / "b.bin")
+    with pytest.raises(ValueError, match=r"holds 2 pickle weight files \(a.bin, b.bin\) and none is named"):
+        load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+    (folder / "unet" / "b.bin").unlink()
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    del state["conv_out.bias"]
+    torch.save(state, folder / "unet" / "a.bin")
+    with pytest.raises(ValueError, match=r"a.bin \(pickle weights of .*\) does not match the base UNet: 1 base tensor"):
+        load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
 
 
 def test_non_weights_files_are_named(tiny_zoo, tmp_path):
