@@ -4,6 +4,7 @@ and clear errors for mismatches, pickles, non-weights files and unmatched LoRA k
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from finextract.engine.families import FamilyMismatchError
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
-from finextract.engine.loading import load_model_pair
+from finextract.engine.loading import NonFiniteWeightsError, load_model_pair
+from finextract.engine.loading.checks import nonfinite_tensors
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
 from finextract.zoo.configs import LORA_NO_ALPHA_MODULE
 from finextract.zoo.models import zoo_lora
@@ -247,6 +249,48 @@ def test_pickled_folder_errors_name_the_file(tiny_zoo, tmp_path):
     torch.save(state, folder / "unet" / "a.bin")
     with pytest.raises(ValueError, match=r"a.bin \(pickle weights of .*\) does not match the base UNet: 1 base tensor"):
         load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+
+
+def test_nonfinite_tensors_exact_after_a_cheap_sum():
+    finite_overflow = torch.full((4,), 3e38)  # every value finite, their float32 sum overflows to inf
+    half = torch.zeros(8, dtype=torch.float16)
+    half[5] = float("nan")
+    named = [
+        ("big", finite_overflow),
+        ("half", half),
+        ("steps", torch.tensor([2**62])),
+        ("inf", torch.tensor([1.0, -float("inf")])),
+    ]
+    assert nonfinite_tensors(named) == [("half", 1, 8), ("inf", 1, 2)]
+
+
+def test_nonfinite_weights_named_at_load(tiny_zoo, tmp_path):
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    state["down_blocks.0.resnets.0.conv1.weight"][0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    save_file(state, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(
+        NonFiniteWeightsError,
+        match=r"fine-tune .*unet.safetensors: 1 tensor\(s\) hold NaN or Inf: unet down_blocks.0.resnets.0.conv1.weight "
+        r"\(2 of \d+ values\)",
+    ):
+        load_model_pair(tiny_zoo / "base", tmp_path / "unet.safetensors")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_zoo / "base", base)
+    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
+    vae = load_file(str(vae_file))
+    vae["decoder.conv_out.bias"][0] = float("nan")
+    save_file(vae, str(vae_file))
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"base .*base: 1 tensor\(s\) .*: vae decoder.conv_out.bias \(1 of 3"
+    ):
+        load_model_pair(base, tiny_zoo / "dreambooth_unet.safetensors")
+    lora = load_file(str(tiny_zoo / "lora" / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in sorted(lora) if k.startswith("unet.") and "lora_A" in k)
+    lora[key][0, 0] = float("inf")
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+    with pytest.raises(NonFiniteWeightsError, match=rf"unet LoRA {re.escape(module)}.down \(1 of"):
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "lora.safetensors")
 
 
 def test_non_weights_files_are_named(tiny_zoo, tmp_path):

@@ -19,6 +19,7 @@ from .assemble import load_model_pair
 from .base import LoadedBase, copy_sharing_weights, load_base
 from .checks import (
     PREDICTION_TYPES,
+    NonFiniteWeightsError,
     PredictionTypeMismatchError,
     check_state_dict,
     check_text_configs,
@@ -31,6 +32,7 @@ __all__ = [
     "FINETUNED_FORMATS",
     "PREDICTION_TYPES",
     "LoadedBase",
+    "NonFiniteWeightsError",
     "PredictionTypeMismatchError",
     "check_state_dict",
     "check_text_configs",

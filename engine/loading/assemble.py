@@ -15,10 +15,10 @@ from ..formats import check_weights_file
 from ..pair import ModelPair
 from ..quiet import logged_load
 from .base import LoadedBase, base_parts, to_dtype
-from .checks import PREDICTION_TYPES, agreed_scheduler, check_adapter_family, check_folder_configs
+from .checks import PREDICTION_TYPES, agreed_scheduler, check_adapter_family, check_finite, check_folder_configs
 from .detect import FINETUNED_FORMATS, resolve_format
 from .files import read_config, resolve_path
-from .finetunes import load_finetune
+from .finetunes import finetuned_models, load_finetune
 from .folders import folder_family
 
 
@@ -81,6 +81,8 @@ def load_model_pair(
         FamilyMismatchError: a fine-tune or adapter of another family than the base (names both).
         PredictionTypeMismatchError: base and fine-tune predict different quantities (names which
             side says what, and `prediction_type` as the deliberate override).
+        NonFiniteWeightsError: NaN or Inf weights in the base or the fine-tune (naming the file, the
+            part and the tensor; `checks.check_finite`).
         ValueError: incompatible base and fine-tune (names what differs), a tokenizer without one
             entry per text-encoder row (naming both numbers), unknown format or prediction type, an
             adapter key that matches no module (`LoRAKeyError`), a file that is not weights
@@ -116,6 +118,7 @@ def load_model_pair(
     sources.update(finetuned=str(ft_path), finetuned_format=fmt, family=family.name)
     # 3. the fine-tune, by its format
     tune = load_finetune(ft_path, fmt, parts, sources, allow_pickle=allow_pickle, shared=isinstance(base, LoadedBase))
+    check_finite(finetuned_models(tune, parts), f"fine-tune {ft_path}")
     if tune.kind == "dreambooth":
         for name in family.text_encoders:
             sources[name] = "finetuned" if tune.texts[name] is not parts[name] else "base"
