@@ -1,7 +1,7 @@
 """Cost of the load-time NaN/Inf check (`engine.loading.checks.check_finite`) on the zoo and at SD 1.x size.
 
     FINEXTRACT_THREADS=1 python bench/bench_finite.py            # writes bench/results/finite.json
-    FINEXTRACT_THREADS=1 python bench/bench_finite.py --dtype fp16
+    FINEXTRACT_THREADS=1 python bench/bench_finite.py --dtype fp16   # bench/results/finite_fp16.json
 
 "zoo": the tiny zoo's base (UNet, text encoder, VAE), built into a temporary folder. "sd1_unet": the
 tensors of an SD 1.x UNet (`UNet2DConditionModel` with cross_attention_dim 768: 859.5 M parameters,
@@ -56,8 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finite.json")
+    parser.add_argument(
+        "--out", type=Path, help="default bench/results/finite.json (finite_fp16.json with --dtype fp16)"
+    )
     args = parser.parse_args()
+    args.out = args.out or ROOT / "bench" / "results" / ("finite.json" if args.dtype == "fp32" else "finite_fp16.json")
     torch.set_num_threads(int(os.environ.get("FINEXTRACT_THREADS", "0")) or torch.get_num_threads())
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     from finextract.engine.loading import load_base
