@@ -188,7 +188,7 @@ def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
         )
 
 
-def _adapter_headers(path: Path) -> tuple[dict, dict]:
+def adapter_headers(path: Path) -> tuple[dict, dict]:
     """(tensor name -> shape, metadata) of an adapter's safetensors files, from headers only: the file, a
     diffusers folder's `pytorch_lora_weights.safetensors`, or a PEFT folder's `adapter_model.safetensors`
     files (their keys prefixed by the component folder, e.g. `text_encoder_2.`); empty for pickles."""
@@ -212,7 +212,7 @@ def _adapter_headers(path: Path) -> tuple[dict, dict]:
 
 def check_adapter_family(path: Path, family: Family, unet_config: dict) -> None:
     """Refuse an adapter whose metadata, components or shapes say another family (headers only)."""
-    evidence = adapter_evidence(*_adapter_headers(path))
+    evidence = adapter_evidence(*adapter_headers(path))
     check_family(
         family,
         unet_config.get("cross_attention_dim"),
