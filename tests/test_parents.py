@@ -101,3 +101,29 @@ def test_adapter_ranked_by_metadata_then_family(bases, tiny_zoo, tmp_path):
         named = [(c.path.name, c.match) for c in ranked if c.match]
         assert named == [first] + ([second] if second else []), metadata
         assert ranked[0].path.name == first[0]
+
+
+def test_base_folder_picks_the_parent(bases, tiny_zoo, tmp_path):
+    from finextract.engine.loading import load_model_pair
+
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    for name in ("parent", "seed1", "sd2"):
+        (folder / name).symlink_to(bases / name)
+    pair = load_model_pair(folder, tiny_zoo / "dreambooth")
+    assert pair.sources["base"] == str(folder / "parent")
+    assert [c["path"] for c in pair.sources["base_candidates"]] == [str(folder / n) for n in ("parent", "seed1", "sd2")]
+    with pytest.raises(
+        ValueError, match=r"2 candidate bases in .* fit .*lora_kohya.safetensors equally \(parent, seed1\)"
+    ):
+        load_model_pair(folder, lora=tiny_zoo / "lora_kohya.safetensors")
+    save_file(
+        load_file(str(tiny_zoo / "lora_kohya.safetensors")),
+        str(tmp_path / "lora.safetensors"),
+        {"ss_sd_model_name": "parent"},
+    )
+    pair = load_model_pair(folder, lora=tmp_path / "lora.safetensors")
+    assert (
+        pair.sources["base"] == str(folder / "parent")
+        and pair.sources["base_candidates"][0]["match"] == "ss_sd_model_name"
+    )

@@ -266,3 +266,28 @@ def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> Non
     candidate.distance = math.sqrt(difference / reference) if reference else math.inf
     if len(shared) < len(finetuned):
         candidate.notes.append(f"distance over {len(shared)} of the fine-tune's {len(finetuned)} UNet tensors")
+
+
+def choose_base(finetuned: str | Path, folder: str | Path, *, adapter: bool | None = None):
+    """The parent of `finetuned` among the candidate bases of `folder` (`rank_bases`' first), and the ranking.
+
+    Returns:
+        (the chosen base's path, list[BaseCandidate] best first).
+
+    Raises:
+        ValueError: no candidate fits (naming why each does not), or several fit and nothing tells
+            them apart (no metadata names one, no weight distance separates them): naming them and the fix.
+    """
+    ranked = rank_bases(finetuned, folder, adapter=adapter)
+    best = ranked[0]
+    if not best.compatible:
+        reasons = "; ".join(f"{c.path.name}: {' '.join(c.notes)}" for c in ranked)
+        raise ValueError(f"none of the {len(ranked)} candidate bases in {folder} fits {finetuned}: {reasons}")
+    tied = [c for c in ranked if _sort_key(c)[:3] == _sort_key(best)[:3]]
+    if len(tied) > 1:
+        raise ValueError(
+            f"{len(tied)} candidate bases in {folder} fit {finetuned} equally ({', '.join(c.path.name for c in tied)}): "
+            "no trainer metadata names one and no weight distance tells them apart; pass the base it was trained "
+            "from as --base"
+        )
+    return best.path, ranked
