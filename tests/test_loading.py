@@ -529,8 +529,9 @@ def test_single_file_pickle_finetune_and_single_file_base(tiny_zoo, tmp_path, dr
 
     unet, _, vae = dreambooth_models
     ckpt = tmp_path / "ft.ckpt"
-    torch.save({"state_dict": load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet)))}, ckpt)
-    with pytest.raises(PickleRefusedError):
+    # as the original SD releases were saved: Lightning's ModelCheckpoint pickled beside the weights
+    save_lightning_checkpoint(ckpt, load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet))))
+    with pytest.raises(PickleRefusedError, match="is a pickle checkpoint, which can run code when loaded: refused"):
         load_model_pair(tiny_zoo / "base", ckpt)
     pair = load_model_pair(tiny_zoo / "base", ckpt, allow_pickle=True)  # its layout shows once it is read
     assert pair.sources["finetuned_format"] == "checkpoint"
