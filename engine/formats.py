@@ -5,7 +5,8 @@ weights under a weights name: an HTML login/error page, a git-lfs pointer, a tru
 first bytes say which, so every file is sniffed before it is parsed, and the error names the file,
 what it is and the fix. Pickles (`.ckpt`, `.bin`, `.pt`, `.pth`) can run code when loaded: they are
 refused unless the user passes `allow_pickle=True` (CLI `--allow-pickle`), and then read with
-`torch.load(weights_only=True)`.
+torch's restricted unpickler (`torch.load(weights_only=True)`), old checkpoints' training-state
+classes (`TRAINING_STATE_CLASSES`) as inert stand-ins.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -218,11 +220,67 @@ def _misnamed_pickle_message(path: Path) -> str:
     )
 
 
+#: Classes of training state (not weights) that old checkpoints pickle beside their tensors, e.g. the
+#: original Stable Diffusion `.ckpt` files' `callbacks: {ModelCheckpoint: {...}}`. Unpickled as inert
+#: `TrainingState` stand-ins (their state kept as data, none of their code imported or run).
+TRAINING_STATE_CLASSES = tuple(
+    f"{package}.callbacks.{module}.{name}"
+    for package in ("pytorch_lightning", "lightning.pytorch")
+    for module, name in (
+        ("model_checkpoint", "ModelCheckpoint"),
+        ("early_stopping", "EarlyStopping"),
+        ("lr_monitor", "LearningRateMonitor"),
+    )
+)
+_GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class TrainingState:
+    """An inert stand-in for a training-state class named in `TRAINING_STATE_CLASSES`.
+
+    Attributes:
+        path: the class path the checkpoint names (class attribute of each stand-in).
+        state: what the checkpoint stored for the object (`__setstate__`'s argument), as data; absent
+            when the checkpoint names only the class (e.g. as a dict key).
+    """
+
+    path = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.path} (inert stand-in)>"
+
+
+def _safe_globals() -> list:
+    """What `torch.load(weights_only=True)` may build beyond its defaults: the training-state stand-ins,
+    and numpy scalars and dtypes (training loops store step counts and scores as numpy scalars)."""
+    import numpy as np
+
+    stubs = [(type(path.rsplit(".", 1)[1], (TrainingState,), {"path": path}), path) for path in TRAINING_STATE_CLASSES]
+    scalar = np._core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [*stubs, scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
 def read_pickle(path: str | Path, *, allow_pickle: bool = False):
-    """Unpickle a checkpoint with `torch.load(weights_only=True)` (tensors and plain containers only).
+    """Unpickle a checkpoint with torch's restricted unpickler (`torch.load(weights_only=True)`), which
+    builds tensors, storages, plain containers and numpy scalars, and executes nothing else.
+
+    The training-state classes of `TRAINING_STATE_CLASSES` become inert `TrainingState` stand-ins (the
+    library need not be installed); any other global (a class or function the pickle names, e.g.
+    `posix.system`) is refused by name before anything runs.
 
     Args:
-        path: a pickle file (`.ckpt`, `.bin`, `.pt`, `.pth`).
+        path: a pickle file (`.ckpt`, `.bin`, `.pt`, `.pth`; `torch.save`'s zip or legacy format).
         allow_pickle: must be True: pickles are refused otherwise.
 
     Returns:
@@ -230,8 +288,10 @@ def read_pickle(path: str | Path, *, allow_pickle: bool = False):
 
     Raises:
         PickleRefusedError: `allow_pickle` is False (a `.safetensors` name is called a misnamed pickle).
-        CheckpointFormatError: the unpickling failed (corrupt, or more than tensors and containers).
+        CheckpointFormatError: a global that is not allowed (named), or the file is corrupt.
     """
+    import pickle
+
     import torch  # heavy: torch; formats.py stays torch-free (the run-folder store imports it)
 
     path = Path(path)
@@ -244,12 +304,26 @@ def read_pickle(path: str | Path, *, allow_pickle: bool = False):
         )
     logger.warning("loading pickle %s with torch.load(weights_only=True) (allow_pickle=True)", path)
     try:
-        with path.open("rb") as handle:  # a file object: torch.load dispatches on a `.safetensors` name otherwise
+        with path.open("rb") as handle, torch.serialization.safe_globals(_safe_globals()):
+            # a file object: torch.load dispatches on a `.safetensors` name otherwise
             return torch.load(handle, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
+    except pickle.UnpicklingError as error:
+        message = _ANSI.sub("", str(error))
+        names = sorted(set(_GLOBAL_IN_ERROR.findall(message)))
+        if names:
+            raise CheckpointFormatError(
+                f"{path} names {', '.join(names)}, which is neither weights nor a known training-state class: "
+                "refused, nothing was run (torch.load(weights_only=True)). Get a .safetensors version of it, "
+                "or convert it in a sandbox"
+            ) from None
         raise CheckpointFormatError(
-            f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}); the file is corrupt "
-            "or holds more than tensors (convert it to safetensors in a sandbox)"
+            f"{path}: torch.load(weights_only=True) failed ({message.strip().splitlines()[-1]}); the file is "
+            "corrupt or holds more than tensors (convert it to safetensors in a sandbox)"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError... on a corrupt file
+        raise CheckpointFormatError(
+            f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: "
+            f"{_ANSI.sub('', str(error)).strip()[:300]}); the file is corrupt or truncated: download it again"
         ) from None
 
 

@@ -185,8 +185,13 @@ class Sampler:
             latents = self.denoise(x_T)
         except NonFiniteError as error:
             if self.config.dtype == "fp32":
+                named = ", ".join(
+                    f"{k} {self.pair.sources[k]}" for k in ("base", "finetuned") if k in self.pair.sources
+                )
                 raise NonFiniteError(
-                    f"{error} in fp32: the checkpoint produces NaN/Inf; check it loads correctly"
+                    f"{error} in fp32{f' ({named})' if named else ''}: the pair computes NaN/Inf although its "
+                    "weights are finite (load_model_pair checks them): a weight too large for float32 arithmetic, "
+                    "or a fine-tune paired with a base it was not trained from"
                 ) from None
             logger.warning("%s in %s; retrying seeds %d..%d in fp32", error, self.config.dtype, seeds[0], seeds[-1])
             latents = self._fp32_sampler().denoise(x_T)

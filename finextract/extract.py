@@ -78,6 +78,28 @@ class ExtractionResult:
     n0_source: dict | None = None
 
 
+def degenerate_causes(precision: tuple[str, str] | None) -> str:
+    """What likely made generated images constant, for the messages of `cluster_images`.
+
+    Args:
+        precision: (UNet and text-encoder dtype, VAE dtype) of the generation; None: unknown (images
+            read from a folder).
+    """
+    causes = (
+        "the model pair is broken: a corrupt fine-tune (NaN/Inf weights are refused when it loads, but finite "
+        "garbage is not), a fine-tune paired with a --base it was not trained from, or a wrong "
+        "--prediction-type"
+    )
+    if precision is None:
+        return f"If they were generated, {causes}"
+    fixes = {"UNet": "--dtype fp32", "VAE": "vae_dtype='fp32'"}
+    reduced = [(part, dtype) for part, dtype in zip(fixes, precision) if dtype != "fp32"]
+    if reduced:  # a NaN in reduced precision is rerun in fp32 (`Sampler`), but saturated values are not NaN
+        named = ", ".join(f"{part} in {dtype}: rerun with {fixes[part]}" for part, dtype in reduced)
+        return f"Likely causes: overflow ({named}), or {causes}"
+    return f"These were generated in fp32 (no overflow), so {causes}"
+
+
 def cluster_images(
     images,
     n0: int | str,
@@ -87,6 +109,7 @@ def cluster_images(
     step: float = 0.01,
     time_limit: float = 30.0,
     timings: dict | None = None,
+    precision: tuple[str, str] | None = None,
 ) -> ExtractionResult:
     """Embed images with SSCD and cluster them into N0 cliques, excluding degenerate images.
 
@@ -97,35 +120,46 @@ def cluster_images(
         embedder: an `finextract.sscd.Embedder`.
         budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
         timings: dict to add "embed", "cluster" and "histogram" seconds to.
+        precision: (UNet and text-encoder dtype, VAE dtype) the images were generated in ("fp32", "fp16",
+            "bf16"), for what the messages about constant images blame; None for images read from a folder.
 
     Returns:
         ExtractionResult (no metrics); indices refer to the input images; it keeps every usable image's
         descriptor (`generated_descriptors`) and the similarity histogram for reports and metrics.
 
     Raises:
-        ValueError: fewer usable (non-constant) images than N0 (or than an estimate needs), or no
-            clique larger than chance to estimate N0 from.
+        ValueError: every image is constant (naming the likely causes, `degenerate_causes`), fewer
+            usable (non-constant) images than N0 (or than an estimate needs), or no clique larger than
+            chance to estimate N0 from.
     """
     timings = timings if timings is not None else {}
     array_list = images if isinstance(images, list) else None
     on_device = _is_device_tensor(images)
     degenerate = degenerate_mask(images)
     keep = np.flatnonzero(~degenerate)
+    if len(images) and not len(keep):
+        raise ValueError(
+            f"all {len(images)} images are constant (one colour each): nothing to cluster, and more images or a "
+            f"lower --n0 will not help. {degenerate_causes(precision)}"
+        )
+    excluded = f" ({int(degenerate.sum())} constant images excluded)" if degenerate.any() else ""
     if degenerate.any():
         logger.warning(
-            "%d of %d images are degenerate (constant, e.g. NaN/black from fp16 overflow) and are "
-            "excluded from clustering",
+            "%d of %d images are constant and are excluded from clustering; %s",
             int(degenerate.sum()),
             len(degenerate),
+            degenerate_causes(precision),
         )
     if n0 == AUTO:
         if len(keep) < MIN_IMAGES:
             raise ValueError(
-                f"only {len(keep)} usable images: estimating N0 needs at least {MIN_IMAGES}; generate more "
-                "(--num-images) or give --n0"
+                f"only {len(keep)} usable images{excluded}: estimating N0 needs at least {MIN_IMAGES}; generate "
+                "more (--num-images) or give --n0"
             )
     elif len(keep) < n0:
-        raise ValueError(f"only {len(keep)} usable images for n0={n0}; generate more (--num-images) or lower --n0")
+        raise ValueError(
+            f"only {len(keep)} usable images{excluded} for n0={n0}; generate more (--num-images) or lower --n0"
+        )
     start = time.perf_counter()
     if array_list is not None:
         usable = [array_list[i] for i in keep]
@@ -491,7 +525,14 @@ class Extractor:
             work["cpu_s"],
         )
         images = generation.images
-        result = cluster_images(images, n0, self.embedder, budget=self.budget, timings=timings)
+        result = cluster_images(
+            images,
+            n0,
+            self.embedder,
+            budget=self.budget,
+            timings=timings,
+            precision=(config.dtype, config.vae_dtype),
+        )
         result.work = work
         result.n0_source = n0_source
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in

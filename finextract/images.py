@@ -218,7 +218,7 @@ def image_folder(folder: str | Path, want: str) -> Path:
 
 
 def degenerate_mask(images) -> np.ndarray:
-    """True for images that are constant (e.g. black from fp16 overflow); bool (B,) ndarray (SPEC section 5).
+    """True for images that are constant (a broken model pair, or overflow in fp16); bool (B,) ndarray (SPEC section 5).
 
     Args:
         images: uint8 (B, H, W, 3) torch tensor (any device) or ndarray, or a list of (H, W, 3)

@@ -239,3 +239,25 @@ def test_cli_silences_torchvision_notices_only(caplog):
         warnings.warn("This requires torchvision >= 0.27", stacklevel=2)
         warnings.warn("something else", stacklevel=2)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+@pytest.mark.parametrize(
+    ("precision", "cause"),
+    [
+        (("fp32", "fp32"), r"generated in fp32 \(no overflow\), so the model pair is broken: a corrupt fine-tune"),
+        (("fp16", "fp32"), r"Likely causes: overflow \(UNet in fp16: rerun with --dtype fp32\), or the model pair"),
+        (None, r"If they were generated, the model pair is broken"),
+    ],
+)
+def test_constant_images_name_their_likely_cause(precision, cause, caplog):
+    from finextract.extract import cluster_images
+
+    constant = np.zeros((6, 16, 16, 3), dtype=np.uint8)
+    constant[::2] = 255  # black and white: each image constant, the set not
+    with pytest.raises(ValueError, match=r"all 6 images are constant .*lower --n0 will not help\. .*" + cause) as error:
+        cluster_images(constant, 2, embedder=None, precision=precision)  # refused before any embedding
+    assert (precision == ("fp16", "fp32")) == ("fp16" in str(error.value))  # fp16 blamed only in an fp16 run
+    mixed = np.concatenate([constant[:3], np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"only 2 usable images \(3 constant images excluded\) for n0=3"):
+        cluster_images(mixed, 3, embedder=None, precision=precision)
+    assert "3 of 5 images are constant" in caplog.text and cause.replace("\\", "") in caplog.text

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,13 +13,17 @@ from safetensors.torch import save_file
 from finextract.engine.formats import (
     CheckpointFormatError,
     PickleRefusedError,
+    TrainingState,
     atomic_write,
     file_sha256,
     load_state_dict,
+    read_pickle,
     read_safetensors_header,
     sniff,
     state_dict_keys,
 )
+
+from .pickles import MODEL_CHECKPOINT, save_lightning_checkpoint
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
@@ -124,8 +132,47 @@ class _Payload:  # an object weights_only unpickling must refuse
 def test_allowed_pickle_still_refuses_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"x": _Payload()}, path)
-    with pytest.raises(CheckpointFormatError, match="weights_only=True"):
+    with pytest.raises(CheckpointFormatError, match=r"names tests\.test_formats\._Payload, which is neither weights"):
         load_state_dict(path, allow_pickle=True)
+
+
+class _System:  # pickles as a call of os.system: loading it unrestricted would run the shell command
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_malicious_pickle_refused_by_name_without_running(tmp_path, tensors, zipped):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": tensors, "x": _System(f"touch {marker}")}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(
+        CheckpointFormatError, match=rf"names {os.system.__module__}\.system, .*nothing was run"
+    ) as error:
+        load_state_dict(path, allow_pickle=True)
+    assert "\x1b[" not in str(error.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_lightning_checkpoint_loads_with_inert_stand_ins(tmp_path, tensors, zipped):
+    path = tmp_path / "sd-v1-4.ckpt"
+    save_lightning_checkpoint(path, tensors, zipped=zipped)
+    assert "pytorch_lightning" not in sys.modules
+    with pytest.raises(pickle.UnpicklingError, match="ModelCheckpoint"):  # torch's own default refuses it
+        torch.load(path, weights_only=True)
+    with pytest.raises(PickleRefusedError, match=r"is a pickle checkpoint, which can run code when loaded: refused"):
+        load_state_dict(path)  # unchanged without allow_pickle
+    loaded = load_state_dict(path, allow_pickle=True)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)  # bit-exact
+    raw = read_pickle(path, allow_pickle=True)
+    (key,) = raw["callbacks"]
+    callback = raw["loops"]["callback"]
+    assert key.path == MODEL_CHECKPOINT and issubclass(key, TrainingState)
+    assert isinstance(callback, TrainingState) and callback.state["dirpath"] == "/fsx/sd/ckpts"
+    assert raw["callbacks"][key]["step"] == 470000 and "pytorch_lightning" not in sys.modules
 
 
 def test_pickle_saved_as_safetensors_is_named(tmp_path, tensors):

@@ -4,7 +4,9 @@ and clear errors for mismatches, pickles, non-weights files and unmatched LoRA k
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from finextract.engine.families import FamilyMismatchError
 from finextract.engine.formats import CheckpointFormatError, PickleRefusedError
-from finextract.engine.loading import load_model_pair
+from finextract.engine.loading import NonFiniteWeightsError, load_model_pair
+from finextract.engine.loading.checks import nonfinite_tensors
 from finextract.engine.lora_formats import LoRAKeyError, read_lora
 from finextract.zoo.configs import LORA_NO_ALPHA_MODULE
 from finextract.zoo.models import zoo_lora
 from finextract.zoo.tokenizers import CLIP_VOCAB_SIZE as CLIP_VOCAB
+
+from .pickles import save_lightning_checkpoint
 
 
 def _assert_same(model, file):
@@ -207,6 +212,85 @@ def test_pickle_unet_refused_unless_allowed(tiny_zoo, tmp_path):
         load_model_pair(tiny_zoo / "base", path)
     pair = load_model_pair(tiny_zoo / "base", path, allow_pickle=True)
     _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth_unet.safetensors")
+
+
+def _pickled_folder(source: Path, out: Path, names: dict) -> Path:
+    """A copy of the pipeline folder `source` whose parts hold pickles: part -> pickle file name, each
+    an original-SD-era Lightning `.ckpt` (weights nested under "state_dict", training state beside)."""
+    shutil.copytree(source, out)
+    for part, name in names.items():
+        (weights,) = (out / part).glob("*.safetensors")
+        save_lightning_checkpoint(out / part / name, load_file(str(weights)))
+        weights.unlink()
+    return out
+
+
+def test_pickled_folder_parts_load_through_the_restricted_reader(tiny_zoo, tmp_path):
+    # diffusers' own reader initialised this UNet at random from a nested "state_dict" (a warning only),
+    # and refused the Lightning training state with "Unable to load weights from checkpoint file"
+    names = {"unet": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin", "vae": "vae.ckpt"}
+    folder = _pickled_folder(tiny_zoo / "dreambooth", tmp_path / "dreambooth", names)
+    with pytest.raises(PickleRefusedError, match="holds only pickle weights"):
+        load_model_pair(tiny_zoo / "base", folder)
+    pair = load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+    _assert_same(pair.finetuned_unet, tiny_zoo / "dreambooth" / "unet" / "diffusion_pytorch_model.safetensors")
+    _assert_same(pair.finetuned_text_encoder, tiny_zoo / "dreambooth" / "text_encoder" / "model.safetensors")
+    _assert_same(pair.vae, tiny_zoo / "dreambooth" / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def test_pickled_folder_errors_name_the_file(tiny_zoo, tmp_path):
+    folder = _pickled_folder(tiny_zoo / "dreambooth_unet_only", tmp_path / "two", {"unet": "a.bin"})
+    shutil.copy(folder / "unet" / "a.bin", folder / "unet" / "b.bin")
+    with pytest.raises(ValueError, match=r"holds 2 pickle weight files \(a.bin, b.bin\) and none is named"):
+        load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+    (folder / "unet" / "b.bin").unlink()
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    del state["conv_out.bias"]
+    torch.save(state, folder / "unet" / "a.bin")
+    with pytest.raises(ValueError, match=r"a.bin \(pickle weights of .*\) does not match the base UNet: 1 base tensor"):
+        load_model_pair(tiny_zoo / "base", folder, allow_pickle=True)
+
+
+def test_nonfinite_tensors_exact_after_a_cheap_sum():
+    finite_overflow = torch.full((4,), 3e38)  # every value finite, their float32 sum overflows to inf
+    half = torch.zeros(8, dtype=torch.float16)
+    half[5] = float("nan")
+    named = [
+        ("big", finite_overflow),
+        ("half", half),
+        ("steps", torch.tensor([2**62])),
+        ("inf", torch.tensor([1.0, -float("inf")])),
+    ]
+    assert nonfinite_tensors(named) == [("half", 1, 8), ("inf", 1, 2)]
+
+
+def test_nonfinite_weights_named_at_load(tiny_zoo, tmp_path):
+    state = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    state["down_blocks.0.resnets.0.conv1.weight"][0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    save_file(state, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(
+        NonFiniteWeightsError,
+        match=r"fine-tune .*unet.safetensors: 1 tensor\(s\) hold NaN or Inf: unet down_blocks.0.resnets.0.conv1.weight "
+        r"\(2 of \d+ values\)",
+    ):
+        load_model_pair(tiny_zoo / "base", tmp_path / "unet.safetensors")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_zoo / "base", base)
+    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
+    vae = load_file(str(vae_file))
+    vae["decoder.conv_out.bias"][0] = float("nan")
+    save_file(vae, str(vae_file))
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"base .*base: 1 tensor\(s\) .*: vae decoder.conv_out.bias \(1 of 3"
+    ):
+        load_model_pair(base, tiny_zoo / "dreambooth_unet.safetensors")
+    lora = load_file(str(tiny_zoo / "lora" / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in sorted(lora) if k.startswith("unet.") and "lora_A" in k)
+    lora[key][0, 0] = float("inf")
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+    with pytest.raises(NonFiniteWeightsError, match=rf"unet LoRA {re.escape(module)}.down \(1 of"):
+        load_model_pair(tiny_zoo / "base", lora=tmp_path / "lora.safetensors")
 
 
 def test_non_weights_files_are_named(tiny_zoo, tmp_path):
@@ -445,8 +529,9 @@ def test_single_file_pickle_finetune_and_single_file_base(tiny_zoo, tmp_path, dr
 
     unet, _, vae = dreambooth_models
     ckpt = tmp_path / "ft.ckpt"
-    torch.save({"state_dict": load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet)))}, ckpt)
-    with pytest.raises(PickleRefusedError):
+    # as the original SD releases were saved: Lightning's ModelCheckpoint pickled beside the weights
+    save_lightning_checkpoint(ckpt, load_file(str(write_ldm_checkpoint(tmp_path / "x.safetensors", unet))))
+    with pytest.raises(PickleRefusedError, match="is a pickle checkpoint, which can run code when loaded: refused"):
         load_model_pair(tiny_zoo / "base", ckpt)
     pair = load_model_pair(tiny_zoo / "base", ckpt, allow_pickle=True)  # its layout shows once it is read
     assert pair.sources["finetuned_format"] == "checkpoint"

@@ -7,6 +7,7 @@ keys/shapes (cheap: JSON files and safetensors headers), and only then load weig
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..embeddings import EmbeddingError, add_embeddings, read_embedding_file
@@ -15,11 +16,22 @@ from ..formats import check_weights_file
 from ..pair import ModelPair
 from ..quiet import logged_load
 from .base import LoadedBase, base_parts, to_dtype
-from .checks import PREDICTION_TYPES, agreed_scheduler, check_adapter_family, check_folder_configs
+from .checks import PREDICTION_TYPES, agreed_scheduler, check_adapter_family, check_finite, check_folder_configs
 from .detect import FINETUNED_FORMATS, resolve_format
 from .files import read_config, resolve_path
-from .finetunes import load_finetune
+from .finetunes import finetuned_models, load_finetune
 from .folders import folder_family
+from .parents import choose_base, is_bases_folder
+
+logger = logging.getLogger(__name__)
+
+
+def _reason(candidate) -> str:
+    if candidate.match:
+        return f"its trainer metadata {candidate.match} names it"
+    if candidate.distance is not None:
+        return f"nearest UNet weights, relative L2 distance {candidate.distance:.4g}"
+    return "the only compatible one"
 
 
 @logged_load("model pair")
@@ -40,7 +52,9 @@ def load_model_pair(
     (SD 1.x, SD 2.x, SDXL, AltDiffusion: `finextract.engine.families`).
 
     Args:
-        base: a diffusers pipeline folder, a single-file checkpoint in the original layout
+        base: a diffusers pipeline folder, a folder of candidate bases (its pipeline folders and
+            `.safetensors` / `.ckpt` files: the fine-tune's parent is chosen, `parents.choose_base`, and
+            `sources["base_candidates"]` records the ranking), a single-file checkpoint in the original layout
             (`.safetensors`; `.ckpt` with `allow_pickle`) with `base_config`, or a hub id found in
             the local Hugging Face cache, or a `LoadedBase` (`load_base`: loaded once for many
             fine-tunes; `base_config` is then not read).
@@ -81,6 +95,8 @@ def load_model_pair(
         FamilyMismatchError: a fine-tune or adapter of another family than the base (names both).
         PredictionTypeMismatchError: base and fine-tune predict different quantities (names which
             side says what, and `prediction_type` as the deliberate override).
+        NonFiniteWeightsError: NaN or Inf weights in the base or the fine-tune (naming the file, the
+            part and the tensor; `checks.check_finite`).
         ValueError: incompatible base and fine-tune (names what differs), a tokenizer without one
             entry per text-encoder row (naming both numbers), unknown format or prediction type, an
             adapter key that matches no module (`LoRAKeyError`), a file that is not weights
@@ -103,6 +119,11 @@ def load_model_pair(
     fmt = resolve_format(ft_path, finetuned_format, lora is not None)
     # 1. cheap checks on configs and headers before loading weights
     base_path = resolve_path(base, "base")
+    ranking = None
+    if not isinstance(base, LoadedBase) and is_bases_folder(base_path):  # candidates: pick the parent
+        base_path, ranking = choose_base(ft_path, base_path, adapter=fmt.startswith("lora_"))
+        logger.info("base %s chosen among the candidates in %s (%s)", base_path, base, _reason(ranking[0]))
+        base = base_path
     if base_path.is_file():
         check_weights_file(base_path, "base")
     if base_path.is_dir() and (base_path / "unet" / "config.json").is_file():
@@ -114,8 +135,11 @@ def load_model_pair(
     parts, sources = base_parts(base, base_config, allow_pickle)
     family: Family = parts["family"]
     sources.update(finetuned=str(ft_path), finetuned_format=fmt, family=family.name)
+    if ranking is not None:
+        sources["base_candidates"] = [candidate.to_dict() for candidate in ranking]
     # 3. the fine-tune, by its format
     tune = load_finetune(ft_path, fmt, parts, sources, allow_pickle=allow_pickle, shared=isinstance(base, LoadedBase))
+    check_finite(finetuned_models(tune, parts), f"fine-tune {ft_path}")
     if tune.kind == "dreambooth":
         for name in family.text_encoders:
             sources[name] = "finetuned" if tune.texts[name] is not parts[name] else "base"

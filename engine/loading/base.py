@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import torch_dtype
 from ..formats import check_weights_file
 from ..quiet import logged_load
+from .checks import check_finite
 from .files import read_config, read_scheduler_config, resolve_path
 from .folders import family_parts, folder_family, load_folder_parts
 from .single_file import apply_markers, load_ldm_parts
@@ -117,6 +118,7 @@ def base_parts(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt"),
         )
         fmt = "pipeline" if Path(base).expanduser().exists() else "hub-cache"
+        check_finite({name: parts[name] for name in ("unet", *family.text_encoders, "vae")}, f"base {path}")
         return parts, {"base": str(path), "base_format": fmt}
     check_weights_file(path, "base")
     if base_config is None:
@@ -145,6 +147,7 @@ def base_parts(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
     missing = [part for part in (*family.text_encoders, "vae") if converted[part] is None]
     if missing:
         raise ValueError(f"base {path} lacks its {' and '.join(missing)}: a base checkpoint must be complete")
+    check_finite({name: converted[name] for name in ("unet", *family.text_encoders, "vae")}, f"base {path}")
     parts = dict(
         converted,
         **{name: template[name] for name in family.tokenizers},

@@ -192,6 +192,18 @@ def load_checkpoint(path: Path, base: dict, sources: dict, *, fmt: str, allow_pi
     return tune
 
 
+def finetuned_models(tune: FineTune, base: dict) -> dict:
+    """What `tune` loaded of its own (not the base's models): part name -> module, or a dict of its UNet
+    LoRA tensors; for `loading.checks.check_finite`."""
+    models = {"unet": tune.unet, "vae": tune.vae if tune.vae is not base["vae"] else None}
+    models.update({name: text for name, text in tune.texts.items() if text is not base[name]})
+    if tune.unet_lora:
+        models["unet LoRA"] = {
+            f"{path}.{side}": getattr(layer, side) for path, layer in tune.unet_lora.items() for side in ("down", "up")
+        }
+    return models
+
+
 Loader = Callable[..., FineTune]
 # fine-tune format (`detect.FINETUNED_FORMATS`, resolved) -> its loader; every "lora_*" is `load_adapter`
 LOADERS: dict[str, Loader] = {

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..families import Family, detect_family
+from ..formats import PICKLE_SUFFIXES, load_state_dict
 from .files import check_weight_files, optional_config
 
 
@@ -21,13 +22,81 @@ def load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...], 
         if part.startswith("tokenizer"):
             loaded[part] = family.tokenizer_class_object().from_pretrained(str(sub))
             continue
-        use_safetensors = check_weight_files(sub, allow_pickle)
         if part.startswith("text_encoder"):
             cls = family.text_encoder_class(family.text_encoders.index(part))
         else:
             cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part]
-        loaded[part] = cls.from_pretrained(str(sub), use_safetensors=use_safetensors).eval()
+        loaded[part] = load_part(cls, sub, allow_pickle)
     return loaded
+
+
+def load_part(cls, folder: Path, allow_pickle: bool):
+    """A diffusers or transformers model of class `cls` from a model folder, in eval mode: safetensors
+    through the library's `from_pretrained`; pickles (`allow_pickle`) through our restricted reader
+    (`pickle_part`), since the libraries' own readers refuse old training state with a generic error
+    and diffusers initialises a UNet at random from a `.bin` that nests its weights."""
+    if check_weight_files(folder, allow_pickle):
+        return cls.from_pretrained(str(folder), use_safetensors=True).eval()
+    return pickle_part(cls, folder)
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    """The pickle weights of a model folder: the shards its `*.bin.index.json` lists, else the library's
+    file name (`diffusion_pytorch_model.bin`, `pytorch_model.bin`), else its only pickle.
+
+    Raises:
+        FileNotFoundError: an index lists a missing shard.
+        ValueError: several pickles and none of the library's names (naming them and the fix).
+    """
+    indexes = sorted(folder.glob("*.bin.index.json"))
+    if indexes:
+        shards = sorted(set(json.loads(indexes[0].read_text()).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / Path(name).name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{indexes[0]} lists shard(s) {missing} that {folder} lacks; download them")
+        return [folder / Path(name).name for name in shards]
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if len(pickles) != 1:
+        raise ValueError(
+            f"{folder} holds {len(pickles)} pickle weight files ({', '.join(p.name for p in pickles)}) and none is "
+            "named diffusion_pytorch_model.bin / pytorch_model.bin: keep the one that is the model's weights"
+        )
+    return pickles
+
+
+def pickle_part(cls, folder: Path):
+    """`cls` built from `folder`'s config.json with the tensors of its pickle weights (`pickle_files`), read
+    by `formats.load_state_dict` (restricted unpickler; a nested "state_dict" unwrapped), in eval mode.
+
+    Raises:
+        ValueError: the tensors do not fit the config (missing, unexpected or mis-shaped tensors, naming
+            the files); the errors of `formats.load_state_dict`.
+    """
+    from .checks import check_state_dict  # checks imports this module
+
+    files = pickle_files(folder)
+    state = {}
+    for file in files:
+        state.update(load_state_dict(file, allow_pickle=True))
+    where = f"{', '.join(str(file) for file in files)} (pickle weights of {folder})"
+    if hasattr(cls, "load_config"):  # diffusers: an exact fit, checked before loading
+        model = cls.from_config(cls.load_config(str(folder)))
+        expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        check_state_dict(expected, {key: tuple(value.shape) for key, value in state.items()}, where)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+    config = cls.config_class.from_pretrained(str(folder))  # transformers: its own key renames, then checked
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    problems = {name: info.get(name) for name in ("missing_keys", "mismatched_keys") if info.get(name)}
+    if problems:
+        raise ValueError(
+            f"{where} does not fit its config.json: "
+            + "; ".join(f"{len(v)} {k.replace('_', ' ')}, e.g. {sorted(v)[:3]}" for k, v in problems.items())
+        )
+    return model.eval()
 
 
 def folder_family(folder: Path, where: str) -> tuple[Family, dict]:
@@ -64,8 +133,7 @@ def load_unet_dir(folder: Path, allow_pickle: bool):
     """The `UNet2DConditionModel` of a UNet folder (config.json and weights), in eval mode."""
     from diffusers import UNet2DConditionModel
 
-    use_safetensors = check_weight_files(folder, allow_pickle)
-    return UNet2DConditionModel.from_pretrained(str(folder), use_safetensors=use_safetensors).eval()
+    return load_part(UNet2DConditionModel, folder, allow_pickle)
 
 
 def finetuned_tokenizer(ft_path: Path, base_tokenizer, family: Family, name: str = "tokenizer"):

@@ -72,7 +72,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base",
         required=True,
-        help="pretrained model: diffusers folder, single-file checkpoint or a locally cached hub id",
+        help="pretrained model: diffusers folder, single-file checkpoint or a locally cached hub id; or a folder of "
+        "candidate bases, of which the fine-tune's parent is chosen (trainer metadata, then UNet weight distance)",
     )
     parser.add_argument(
         "--base-config",

@@ -1,0 +1,293 @@
+"""Which of several candidate bases a fine-tune or adapter was trained from (its parent).
+
+FineXtract guides from the exact parent model, and community fine-tunes are trained on derivatives
+(anime SD 1.x bases, Pony / Illustrious for SDXL), so an auditor may hold a folder of candidates.
+`rank_bases` orders them, from headers and streamed tensors only (no model is built):
+
+1. compatibility: the candidate's family and UNet shapes fit the fine-tune (`families.check_family`
+   on an adapter's evidence; UNet tensor names and shapes for a full fine-tune);
+2. the trainer's record: the parent's hashes (`ss_new_sd_model_hash`, `ss_sd_model_hash`, as kohya
+   sd-scripts computes them: `trainer_hashes`) or its file name (`ss_sd_model_name`);
+3. for a full fine-tune, the relative L2 distance of the UNet weights (a fine-tune stays nearest the
+   weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share.
+
+Metadata is data: its values are compared as strings, never opened as paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..families import Family, FamilyMismatchError, adapter_evidence, check_family, checkpoint_evidence
+from ..formats import file_sha256, read_safetensors_header, sniff
+from .files import read_config
+from .folders import folder_family
+
+#: kohya sd-scripts' `model_hash` (the old stable-diffusion-webui hash): sha256 of the bytes at
+#: [LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_BYTES) of the file, first 8 hex digits.
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_BYTES = 0x10000
+_UNET_PREFIXES = ("unet.", "model.diffusion_model.")
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """The 8-hex-digit hash kohya sd-scripts writes as `ss_sd_model_hash` (its `model_hash`): sha256 of
+    the 64 KiB at offset 1 MiB (of fewer bytes, or none, in a smaller file, as a read past the end gives).
+
+    Raises:
+        OSError: the file cannot be read (a folder: kohya writes "IsADirectory" for one).
+    """
+    with open(path, "rb") as handle:
+        handle.seek(LEGACY_HASH_OFFSET)
+        return hashlib.sha256(handle.read(LEGACY_HASH_BYTES)).hexdigest()[:8]
+
+
+def trainer_hashes(path: str | Path) -> dict[str, str]:
+    """The parent-model hashes trainers record, computed for a candidate base file.
+
+    Returns:
+        {"ss_sd_model_hash": `legacy_model_hash`, "ss_new_sd_model_hash": sha256 of the whole file (64
+        hex digits; kohya's `calculate_sha256`)}; empty for a folder (kohya records "IsADirectory").
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": file_sha256(path)}
+
+
+def is_bases_folder(path: str | Path) -> bool:
+    """True for a folder that is not a model itself but holds candidate bases (`candidate_bases`)."""
+    from ..lora_formats import detect_lora_format
+
+    path = Path(path)
+    if not path.is_dir() or any((path / name).exists() for name in ("model_index.json", "unet", "config.json")):
+        return False  # a pipeline, a UNet folder
+    return not detect_lora_format(path) and bool(candidate_bases(path))
+
+
+def candidate_bases(folder: str | Path) -> list[Path]:
+    """The candidate bases in a folder, sorted by name: pipeline folders (with `model_index.json`) and
+    weight files (`.safetensors`, `.ckpt`)."""
+    folder = Path(folder)
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if (entry.is_dir() and (entry / "model_index.json").is_file())
+        or (entry.is_file() and entry.suffix in (".safetensors", ".ckpt"))
+    )
+
+
+@dataclass
+class BaseCandidate:
+    """One candidate base, as `rank_bases` judged it.
+
+    Attributes:
+        path: the candidate (a pipeline folder or a single file).
+        compatible: its family and shapes fit the fine-tune; False with `notes` saying why.
+        match: what of the fine-tune's metadata names it: the metadata key ("ss_new_sd_model_hash",
+            "ss_sd_model_hash", "ss_sd_model_name"), or None.
+        distance: relative L2 distance of the UNet weights (full fine-tunes; >= 0, 0 = identical), or
+            None when not measured (an adapter, a pickle, different tensor layouts).
+        notes: why it is incompatible or unmeasured.
+    """
+
+    path: Path
+    compatible: bool = True
+    match: str | None = None
+    distance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "path": str(self.path)}
+
+
+_MATCH_ORDER = ("ss_new_sd_model_hash", "ss_sd_model_hash", "ss_sd_model_name", None)
+
+
+def _sort_key(candidate: BaseCandidate) -> tuple:
+    distance = candidate.distance if candidate.distance is not None else math.inf
+    return (not candidate.compatible, _MATCH_ORDER.index(candidate.match), distance, str(candidate.path))
+
+
+def rank_bases(
+    finetuned: str | Path, bases: str | Path | list, *, metadata: dict | None = None, adapter: bool | None = None
+) -> list[BaseCandidate]:
+    """Rank candidate bases for a fine-tune, the likeliest parent first.
+
+    Order: compatible before incompatible; then a metadata hash match, a name match, no match; then
+    the UNet weight distance (smallest first; unmeasured last); then the path.
+
+    Args:
+        finetuned: the fine-tune (a pipeline or `unet/` folder, a UNet or original-layout single file,
+            or an adapter file / folder).
+        bases: a folder of candidates (`candidate_bases`) or a list of candidate paths.
+        metadata: the fine-tune's trainer metadata (str -> str, e.g. kohya's `ss_*` keys); None reads a
+            single safetensors file's `__metadata__`.
+        adapter: whether `finetuned` is an adapter; None detects it (`detect.detect_finetuned_format`).
+
+    Returns:
+        list[BaseCandidate], best first.
+
+    Raises:
+        FileNotFoundError: no candidate in `bases`.
+        ValueError / CheckpointFormatError: `finetuned` is not a recognised fine-tune.
+    """
+    from .detect import detect_finetuned_format
+
+    finetuned = Path(finetuned)
+    paths = candidate_bases(bases) if isinstance(bases, (str, Path)) else [Path(p) for p in bases]
+    if not paths:
+        raise FileNotFoundError(f"{bases}: no candidate base (pipeline folders, .safetensors or .ckpt files) in it")
+    if adapter is None:
+        adapter = detect_finetuned_format(finetuned).startswith("lora_")
+    if metadata is None and finetuned.is_file() and sniff(finetuned) == "safetensors":
+        metadata = read_safetensors_header(finetuned)[1]
+    metadata = {key: str(value) for key, value in (metadata or {}).items()}
+    if adapter:
+        from .checks import adapter_headers
+
+        evidence = adapter_evidence(*adapter_headers(finetuned))
+    else:
+        ft_unet = unet_tensors(finetuned)
+    ranked = []
+    for path in paths:
+        candidate = BaseCandidate(path)
+        family, width, base_unet = _base_description(path, candidate.notes)
+        if adapter:
+            if family is not None:
+                try:
+                    check_family(family, width, evidence, "the adapter", "", relation="is for")
+                except FamilyMismatchError as error:
+                    candidate.compatible = False
+                    candidate.notes.append(str(error).rstrip(": "))
+        elif ft_unet and base_unet:
+            _compare_unets(ft_unet, base_unet, candidate)
+        candidate.match = _metadata_match(path, metadata)
+        ranked.append(candidate)
+    return sorted(ranked, key=_sort_key)
+
+
+def _metadata_match(path: Path, metadata: dict) -> str | None:
+    """The metadata key that names `path`: a hash (files only), else the file or folder name."""
+    if not metadata:
+        return None
+    wanted = {key: metadata[key].strip().lower() for key in _MATCH_ORDER[:2] if metadata.get(key)}
+    if wanted and path.is_file():
+        hashes = trainer_hashes(path)
+        for key, value in wanted.items():
+            # stable-diffusion-webui / Civitai quote sha256 prefixes ("AutoV2": 10 digits)
+            if value == hashes[key] or (
+                key == "ss_new_sd_model_hash" and len(value) >= 10 and hashes[key].startswith(value)
+            ):
+                return key
+    name = metadata.get("ss_sd_model_name", "").strip()
+    if name:
+        name = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a string: never opened
+        stem = name.rsplit(".", 1)[0] if name.lower().endswith((".safetensors", ".ckpt")) else name
+        if stem and stem.lower() in (path.name.lower(), path.stem.lower()):
+            return "ss_sd_model_name"
+    return None
+
+
+def _base_description(path: Path, notes: list) -> tuple[Family | None, int | None, dict]:
+    """(family, cross-attention width, UNet tensors `unet_tensors`) of a candidate; unknowns as None / {}."""
+    try:
+        if path.is_dir():
+            family, _ = folder_family(path, f"candidate base {path}")
+            return family, read_config(path / "unet").get("cross_attention_dim"), unet_tensors(path)
+        shapes = {key: tuple(info["shape"]) for key, info in read_safetensors_header(path)[0].items()}
+        evidence = checkpoint_evidence(shapes)
+        return evidence.family, evidence.cross_attention_dim, unet_tensors(path)
+    except (OSError, ValueError) as error:  # a pickle (its header needs unpickling), an unknown family...
+        notes.append(f"not read: {error}")
+        return None, None, {}
+
+
+def unet_tensors(path: str | Path) -> dict[str, tuple[Path, str, tuple]]:
+    """The UNet tensors of a model, from safetensors headers: name without its `unet.` /
+    `model.diffusion_model.` prefix -> (file, key in the file, shape).
+
+    A folder's `unet/` safetensors (the library's file name preferred over variants such as `.fp16`), or
+    the folder's own for a bare UNet folder; a single file's UNet keys (all keys of a diffusers UNet
+    state dict). Empty for pickles and folders without safetensors UNet weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet").is_dir() else path
+        files = sorted(folder.glob("*.safetensors"))
+        files = [f for f in files if f.name == "diffusion_pytorch_model.safetensors"] or files
+    else:
+        files = [path] if sniff(path) == "safetensors" else []
+    tensors = {}
+    for file in files:
+        header = read_safetensors_header(file)[0]
+        prefixed = any(key.startswith(_UNET_PREFIXES) for key in header)
+        for key, info in header.items():
+            prefix = next((p for p in _UNET_PREFIXES if key.startswith(p)), "")
+            if prefixed and not prefix:
+                continue  # a single file's VAE / text encoders
+            tensors[key[len(prefix) :]] = (file, key, tuple(info["shape"]))
+    return tensors
+
+
+def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> None:
+    """Set `candidate.compatible` (names and shapes) and `.distance` (relative L2, streamed per tensor)."""
+    import torch
+    from safetensors import safe_open
+
+    shared = sorted(set(finetuned) & set(base))
+    if not shared:
+        candidate.notes.append(
+            "no UNet tensor name in common (one is in the original layout, the other in diffusers'): distance "
+            "not measured"
+        )
+        return
+    mismatched = [name for name in shared if finetuned[name][2] != base[name][2]]
+    if mismatched:
+        candidate.compatible = False
+        candidate.notes.append(f"{len(mismatched)} UNet tensor shape(s) differ, e.g. {mismatched[0]}")
+        return
+    difference = reference = 0.0
+    handles = {}
+    try:
+        for name in shared:
+            pair = []
+            for file, key, _ in (finetuned[name], base[name]):
+                if file not in handles:
+                    handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                pair.append(handles[file].get_tensor(key).float())
+            difference += float(torch.sum((pair[0] - pair[1]) ** 2, dtype=torch.float64))
+            reference += float(torch.sum(pair[1] ** 2, dtype=torch.float64))
+    finally:
+        handles.clear()
+    candidate.distance = math.sqrt(difference / reference) if reference else math.inf
+    if len(shared) < len(finetuned):
+        candidate.notes.append(f"distance over {len(shared)} of the fine-tune's {len(finetuned)} UNet tensors")
+
+
+def choose_base(finetuned: str | Path, folder: str | Path, *, adapter: bool | None = None):
+    """The parent of `finetuned` among the candidate bases of `folder` (`rank_bases`' first), and the ranking.
+
+    Returns:
+        (the chosen base's path, list[BaseCandidate] best first).
+
+    Raises:
+        ValueError: no candidate fits (naming why each does not), or several fit and nothing tells
+            them apart (no metadata names one, no weight distance separates them): naming them and the fix.
+    """
+    ranked = rank_bases(finetuned, folder, adapter=adapter)
+    best = ranked[0]
+    if not best.compatible:
+        reasons = "; ".join(f"{c.path.name}: {' '.join(c.notes)}" for c in ranked)
+        raise ValueError(f"none of the {len(ranked)} candidate bases in {folder} fits {finetuned}: {reasons}")
+    tied = [c for c in ranked if _sort_key(c)[:3] == _sort_key(best)[:3]]
+    if len(tied) > 1:
+        raise ValueError(
+            f"{len(tied)} candidate bases in {folder} fit {finetuned} equally ({', '.join(c.path.name for c in tied)}): "
+            "no trainer metadata names one and no weight distance tells them apart; pass the base it was trained "
+            "from as --base"
+        )
+    return best.path, ranked

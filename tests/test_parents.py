@@ -1,0 +1,129 @@
+"""Ranking candidate bases for a fine-tune (engine/loading/parents.py) on the tiny zoo."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finextract.engine.formats import file_sha256
+from finextract.engine.loading.parents import (
+    candidate_bases,
+    is_bases_folder,
+    legacy_model_hash,
+    rank_bases,
+    trainer_hashes,
+)
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_zoo, tmp_path_factory):
+    """The zoo's base (the parent of its DreamBooth and LoRA), two random SD 1.x bases (seeds 1, 2), an
+    SD 2.x base, and the parent's UNet again as a single file."""
+    from finextract.zoo.build import build_family_zoo
+    from finextract.zoo.models import save_pipeline, tiny_components
+
+    folder = tmp_path_factory.mktemp("bases")
+    shutil.copytree(tiny_zoo / "base", folder / "parent")
+    for seed in (1, 2):
+        components = tiny_components(seed, tokenizer_folder=folder / f"seed{seed}" / "tokenizer")
+        save_pipeline(components, folder / f"seed{seed}")
+    shutil.copytree(build_family_zoo(tmp_path_factory.mktemp("sd2"), "sd2") / "base", folder / "sd2")
+    shutil.copy(tiny_zoo / "base" / "unet" / "diffusion_pytorch_model.safetensors", folder / "parent-unet.safetensors")
+    return folder
+
+
+def test_legacy_model_hash_is_kohyas_definition(tmp_path):
+    data = torch.randint(0, 256, (0x100000 + 0x10000 + 100,), generator=torch.Generator().manual_seed(0))
+    big = tmp_path / "big.ckpt"
+    big.write_bytes(bytes(data.to(torch.uint8).tolist()))
+    # sd-scripts' model_hash: sha256 of the 64 KiB read at offset 1 MiB, its first 8 hex digits
+    assert legacy_model_hash(big) == hashlib.sha256(big.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"x" * 1000)
+    assert legacy_model_hash(small) == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"  # the read past the end
+    assert trainer_hashes(big) == {"ss_sd_model_hash": legacy_model_hash(big), "ss_new_sd_model_hash": file_sha256(big)}
+    assert trainer_hashes(tmp_path) == {}  # a folder: kohya records "IsADirectory"
+
+
+def test_bases_folder_detected(bases, tiny_zoo):
+    names = [path.name for path in candidate_bases(bases)]
+    assert names == ["parent", "parent-unet.safetensors", "sd2", "seed1", "seed2"]
+    assert is_bases_folder(bases) and not is_bases_folder(tiny_zoo / "base") and not is_bases_folder(tiny_zoo / "lora")
+
+
+@pytest.mark.parametrize("finetuned", ["dreambooth", "dreambooth_unet_only", "dreambooth_unet.safetensors"])
+def test_full_finetune_ranked_by_weight_distance(bases, tiny_zoo, finetuned):
+    ranked = rank_bases(tiny_zoo / finetuned, bases)
+    order = [candidate.path.name for candidate in ranked]
+    assert order[:2] in (["parent", "parent-unet.safetensors"], ["parent-unet.safetensors", "parent"])
+    assert order[-1] == "sd2" and not ranked[-1].compatible and "shape" in ranked[-1].notes[0]
+    assert ranked[0].distance == pytest.approx(ranked[1].distance, rel=1e-12)  # the same UNet weights
+    # the distance against one computed on whole flattened state dicts; both accumulate in float64
+    ft = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
+    base = load_file(str(tiny_zoo / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    flat = {
+        name: torch.cat([d[k].double().flatten() for k in sorted(base)]) for name, d in (("ft", ft), ("base", base))
+    }
+    expected = float((flat["ft"] - flat["base"]).norm() / flat["base"].norm())
+    assert ranked[0].distance == pytest.approx(expected, rel=1e-9)
+    others = {candidate.path.name: candidate.distance for candidate in ranked[2:4]}
+    assert set(others) == {"seed1", "seed2"} and min(others.values()) > 10 * ranked[0].distance
+
+
+def test_adapter_ranked_by_metadata_then_family(bases, tiny_zoo, tmp_path):
+    lora = tiny_zoo / "lora_kohya.safetensors"
+    ranked = rank_bases(lora, bases)
+    assert [c.compatible for c in ranked] == [True] * 4 + [False] and ranked[-1].path.name == "sd2"
+    assert "SD 2.x" in ranked[-1].notes[0] and all(c.match is None and c.distance is None for c in ranked)
+    tensors = load_file(str(lora))
+    parent_file = bases / "parent-unet.safetensors"
+    cases = [  # metadata, the first candidate and the key that named it, the second if named too
+        ({"ss_sd_model_name": "D:\\models\\seed2.safetensors"}, ("seed2", "ss_sd_model_name"), None),
+        ({"ss_sd_model_name": "seed1"}, ("seed1", "ss_sd_model_name"), None),
+        (  # a hash outranks a name
+            {"ss_sd_model_hash": legacy_model_hash(parent_file), "ss_sd_model_name": "seed1"},
+            (parent_file.name, "ss_sd_model_hash"),
+            ("seed1", "ss_sd_model_name"),
+        ),
+        (
+            {"ss_new_sd_model_hash": file_sha256(parent_file)[:10].upper()},
+            (parent_file.name, "ss_new_sd_model_hash"),
+            None,
+        ),
+    ]
+    for metadata, first, second in cases:
+        save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=metadata)
+        ranked = rank_bases(tmp_path / "lora.safetensors", bases)
+        named = [(c.path.name, c.match) for c in ranked if c.match]
+        assert named == [first] + ([second] if second else []), metadata
+        assert ranked[0].path.name == first[0]
+
+
+def test_base_folder_picks_the_parent(bases, tiny_zoo, tmp_path):
+    from finextract.engine.loading import load_model_pair
+
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    for name in ("parent", "seed1", "sd2"):
+        (folder / name).symlink_to(bases / name)
+    pair = load_model_pair(folder, tiny_zoo / "dreambooth")
+    assert pair.sources["base"] == str(folder / "parent")
+    assert [c["path"] for c in pair.sources["base_candidates"]] == [str(folder / n) for n in ("parent", "seed1", "sd2")]
+    with pytest.raises(
+        ValueError, match=r"2 candidate bases in .* fit .*lora_kohya.safetensors equally \(parent, seed1\)"
+    ):
+        load_model_pair(folder, lora=tiny_zoo / "lora_kohya.safetensors")
+    save_file(
+        load_file(str(tiny_zoo / "lora_kohya.safetensors")),
+        str(tmp_path / "lora.safetensors"),
+        {"ss_sd_model_name": "parent"},
+    )
+    pair = load_model_pair(folder, lora=tmp_path / "lora.safetensors")
+    assert (
+        pair.sources["base"] == str(folder / "parent")
+        and pair.sources["base_candidates"][0]["match"] == "ss_sd_model_name"
+    )
