@@ -96,7 +96,9 @@ def test_merged_joins_cliques_of_similar_representatives():
     s[:5, 5:10] = s[5:10, :5] = 0.3
     s[0, 5] = s[5, 0] = 0.9
     keys = _Keys(from_matrix(s, 0.01))
-    peeled = [keys.key(keys.inv[m]) for m in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12], *([v] for v in range(13, 20)))]
+    peeled = [
+        keys.key(keys.inv[m]) for m in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12], *([v] for v in range(13, 20)))
+    ]
     assert select("size", peeled, 2, 0.6, keys) == ([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], [0, 5])
     assert select("merged", peeled, 3, 0.6, keys) == ([list(range(10)), [10, 11, 12], [13]], [0, 10, 13])
     assert select("merged", peeled[:2], 2, 0.6, keys) is None  # one group: the sweep must go on

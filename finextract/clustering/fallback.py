@@ -16,9 +16,6 @@ from .graph import lowest_bit, popcount
 
 _ONE = np.uint64(1)
 
-#: What the sweep does at a threshold whose peel ran out of budget (`cluster_similarity`'s `on_budget`).
-ON_BUDGET = ("skip", "keep")
-
 
 @njit(cache=True)
 def greedy_clique(adj, verts):

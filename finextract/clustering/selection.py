@@ -19,6 +19,9 @@ import numpy as np
 
 #: The selection rules; "size" is the paper's (and the default).
 SELECTIONS = ("size", "density", "merged")
+#: What the sweep does at a threshold whose peel ran out of work budget (`cluster_similarity`'s
+#: `on_budget`): "skip" it (the paper's) or "keep" its approximate peel (`fallback`).
+ON_BUDGET = ("skip", "keep")
 
 
 def density_score(key: tuple) -> float:

@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from finextract.similarity import unit_descriptors
 
-from .fallback import ON_BUDGET
-from .selection import SELECTIONS, select
+from .selection import ON_BUDGET, SELECTIONS, select
 
 logger = logging.getLogger("finextract.clustering")
 
