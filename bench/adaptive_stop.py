@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finextract.adaptive import RoundTracker  # noqa: E402
-from finextract.clustering import cluster_descriptors  # noqa: E402
-from finextract.evaluation import read_training_images  # noqa: E402
-from finextract.metrics import extraction_metrics  # noqa: E402
-from finextract.sscd import embed_images, load_embedder  # noqa: E402
-from finextract.store import chunks  # noqa: E402
-from finextract.zoo.trained import default_zoo_folder  # noqa: E402
+from finextract.adaptive import RoundTracker
+from finextract.clustering import cluster_descriptors
+from finextract.evaluation import read_training_images
+from finextract.metrics import extraction_metrics
+from finextract.sscd import embed_images, load_embedder
+from finextract.store import chunks
+from finextract.zoo.trained import default_zoo_folder
 
 N0 = 5
 RULES = [(50, 1), (50, 2), (50, 3), (25, 2), (25, 3)]  # (round images, stable rounds)
@@ -63,7 +60,9 @@ def cell(folder: Path, train, embedder) -> dict:
     full = record["by_N"][n]["size"]
     record["stops"] = []
     for round_images, stable_rounds in RULES:
-        tracker = RoundTracker(N0, round_images, n, embed=lambda x: descriptors[x[:, 0, 0, 0].long()], stable_rounds=stable_rounds)
+        tracker = RoundTracker(
+            N0, round_images, n, embed=lambda x: descriptors[x[:, 0, 0, 0].long()], stable_rounds=stable_rounds
+        )
         coded = torch.zeros((n, 1, 1, 3), dtype=torch.uint8)
         coded[:, 0, 0, 0] = torch.arange(n) % 256  # n <= 256: the fake embedder's key
         coded[:, 0, 0, 1] = 1  # not constant
@@ -104,7 +103,12 @@ def main() -> None:
         print(folder.name, json.dumps(cells[folder.name]["stops"]))
     summary = {}
     for round_images, stable_rounds in RULES:
-        stops = [s for c in cells.values() for s in c["stops"] if (s["round_images"], s["stable_rounds"]) == (round_images, stable_rounds)]
+        stops = [
+            s
+            for c in cells.values()
+            for s in c["stops"]
+            if (s["round_images"], s["stable_rounds"]) == (round_images, stable_rounds)
+        ]
         summary[f"round {round_images}, stable {stable_rounds}"] = {
             "mean_stopped_at": float(np.mean([s["stopped_at"] for s in stops])),
             "mean_AS_at_stop": round(float(np.mean([s["AS_at_stop"] for s in stops])), 4),

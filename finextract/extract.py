@@ -440,6 +440,11 @@ class Extractor:
                 "save_generated": save_generated,
                 "recovery": recovery,
                 **run_options,
+                **{  # the adaptive and clustering fields of the spec, when not their defaults
+                    name: getattr(spec, name)
+                    for name in ("adaptive", "round_images", "stable_rounds", "selection", "on_budget")
+                    if getattr(spec, name) != getattr(ExtractionSpec, name)
+                },
             }
         )
         train_folder = Path(train) if isinstance(train, (str, Path)) else None
