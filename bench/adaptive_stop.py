@@ -43,6 +43,10 @@ def scores(train, descriptors, indices) -> dict:
     return {"AS": round(m["AS"], 4), "A-ESR0.6": round(m["A-ESR0.6"], 4)}
 
 
+def _as(value) -> float:
+    return value if isinstance(value, float) else value["AS"]
+
+
 def cell(folder: Path, train, embedder) -> dict:
     manifest = chunks.read_manifest(folder, "regenerate it")
     images = np.concatenate([chunks.read_chunk(folder / c["file"])[0] for c in manifest["chunks"]])
@@ -55,7 +59,10 @@ def cell(folder: Path, train, embedder) -> dict:
         row = {}
         for selection in SELECTIONS:
             c = cluster_descriptors(descriptors[:m], N0, selection=selection)
-            row[selection] = scores(train, descriptors, c.representatives)
+            row[selection] = {**scores(train, descriptors, c.representatives), "threshold": c.threshold}
+        c = cluster_descriptors(descriptors[:m], N0, on_budget="keep")
+        row["size, on_budget keep"] = {**scores(train, descriptors, c.representatives), "threshold": c.threshold}
+        row["bound_AS"] = round(extraction_metrics(train, descriptors[:m], descriptors[:m])["generated"]["AS"], 4)
         record["by_N"][m] = row
     full = record["by_N"][n]["size"]
     record["stops"] = []
@@ -116,15 +123,22 @@ def main() -> None:
             "too_early": sum(s["AS_loss"] > 0.03 for s in stops),
             "cells": len(stops),
         }
+    rules = (*SELECTIONS, "size, on_budget keep", "bound_AS")
+    selection_summary = {
+        m: {rule: round(float(np.mean([_as(c["by_N"][m][rule]) for c in cells.values()])), 4) for rule in rules}
+        for m in next(iter(cells.values()))["by_N"]
+    }
     out = {
         "what": "adaptive N stopping rules and selection rules replayed on N = 250 generations (N0 = 5, object scenario)",
         "too_early": "AS at the stop more than 0.03 below the AS at N = 250",
         "seconds": round(time.perf_counter() - started, 1),
         "summary": summary,
+        "mean_AS_by_N_and_selection": selection_summary,
         "cells": cells,
     }
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
+    print(json.dumps(selection_summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -333,7 +333,7 @@ def cluster_similarity(
         time_limit: wall-clock seconds per threshold, a safety net only (the paper's 30 s).
         progress: show a tqdm bar over thresholds.
         on_budget: "skip" (the paper's: such a threshold is skipped; a warning names a skipped one whose
-            approximate peel had no one-image clique when the answer has some) or "keep" (its
+            approximate peel had no one-image clique when the answer has only such cliques) or "keep" (its
             approximate peel counts like an exact one; `.approximate` records it).
         selection: which N0 cliques of the threshold's peel are returned (`selection.SELECTIONS`):
             "size" (the paper's), "density" or "merged".
@@ -428,7 +428,7 @@ def _sweep(levels, n0, step, budget, time_limit, progress, start, on_budget="ski
     k = levels.start
     skipped: list[dict] = []
     approximate: list[dict] = []
-    kept_sizes = None  # (threshold, N0 largest sizes) of the last skipped approximate peel without singletons
+    kept_sizes = None  # (threshold, N0 largest sizes) of the last skipped approximate peel without one-image cliques
     previous = None  # (edge count, outcome, threshold) of the last threshold, for unchanged graphs
     tried = 0
     bar = None
@@ -502,9 +502,9 @@ def _sweep(levels, n0, step, budget, time_limit, progress, start, on_budget="ski
             threshold,
         )
     cliques, representatives = picked
-    if kept_sizes is not None and min(len(c) for c in cliques) == 1:
+    if kept_sizes is not None and max(len(c) for c in cliques) == 1:
         logger.warning(
-            "clustering: the answer at %.2f holds one-image cliques, while the peel of the skipped threshold %.2f, "
+            "clustering: the answer at %.2f holds only one-image cliques, while the peel of the skipped threshold %.2f, "
             "finished approximately when its budget ran out, had cliques of sizes %s; --on-budget keep "
             "(on_budget='keep') keeps such a peel",
             threshold,
