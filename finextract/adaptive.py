@@ -9,7 +9,8 @@ Stopping rule: a round is *stable* when its N0 cliques match the previous round'
 pair sharing at least `OVERLAP` of the smaller clique's members (cliques of a round are a superset's
 peel, so an unchanged clique keeps its old members and gains new ones). The run stops after
 `stable_rounds` consecutive stable rounds, or at the cap (by default the paper's 50 x N0). The
-defaults (`finextract.spec.ROUND_PER_N0`, `STABLE_ROUNDS`) live with the spec.
+defaults (`finextract.spec.ROUND_PER_N0`, `STABLE_ROUNDS`) live with the spec; how often they stop
+too early on the committed zoo: docs/results.md ("Adaptive N").
 """
 
 from __future__ import annotations
@@ -101,7 +102,6 @@ class RoundTracker:
     _cliques: list = field(default_factory=list)
     _pending: list = field(default_factory=list)
     _seen: int = 0
-    _embed_seconds: float = 0.0
 
     @property
     def done(self) -> bool:
