@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finextract.adaptive import RoundTracker
 from finextract.clustering import ClusteringResult, cluster_descriptors
 from finextract.clustering.n0 import MIN_IMAGES, estimate_n0
 from finextract.engine.config import RunConfig, run_config
@@ -57,6 +58,8 @@ class ExtractionResult:
             line and API call}, or None (clustering existing images).
         work: the generation's counted work (`finextract.generation.count_work`: UNet evaluations,
             wall and CPU seconds), or an empty dict (clustering existing images).
+        adaptive: with adaptive N, the rounds (`finextract.adaptive.RoundTracker.record`: images so far,
+            extracted indices, stable or not, per round; where it stopped), else None.
     """
 
     images: np.ndarray
@@ -76,6 +79,13 @@ class ExtractionResult:
     evidence: dict | None = None
     work: dict = field(default_factory=dict)
     n0_source: dict | None = None
+    adaptive: dict | None = None
+
+    def adaptive_summary(self) -> str:
+        """One line on the adaptive rounds: "stopped at M of cap images after R rounds (stable|cap)"."""
+        a = self.adaptive
+        why = "stable" if a["stable"] else "cap reached, not stable"
+        return f"stopped at {a['stopped_at']} of {a['cap']} images after {len(a['rounds'])} rounds ({why})"
 
 
 def degenerate_causes(precision: tuple[str, str] | None) -> str:
@@ -110,6 +120,8 @@ def cluster_images(
     time_limit: float = 30.0,
     timings: dict | None = None,
     precision: tuple[str, str] | None = None,
+    on_budget: str = "skip",
+    selection: str = "size",
 ) -> ExtractionResult:
     """Embed images with SSCD and cluster them into N0 cliques, excluding degenerate images.
 
@@ -118,7 +130,7 @@ def cluster_images(
         n0: N0, number of images to extract, or "auto" to estimate it from the descriptors
             (`finextract.clustering.n0.estimate_n0`; needs at least its `MIN_IMAGES` usable images).
         embedder: an `finextract.sscd.Embedder`.
-        budget, step, time_limit: see `finextract.clustering.cluster_similarity`.
+        budget, step, time_limit, on_budget, selection: see `finextract.clustering.cluster_similarity`.
         timings: dict to add "embed", "cluster" and "histogram" seconds to.
         precision: (UNet and text-encoder dtype, VAE dtype) the images were generated in ("fp32", "fp16",
             "bf16"), for what the messages about constant images blame; None for images read from a folder.
@@ -177,8 +189,26 @@ def cluster_images(
         n0 = estimate.n0
         logger.info("estimated N0 = %d (interval %s, confidence %.2f)", n0, estimate.interval, estimate.confidence)
     start = time.perf_counter()
-    clustering = cluster_descriptors(descriptors, n0, step=step, budget=budget, time_limit=time_limit)
+    clustering = cluster_descriptors(
+        descriptors, n0, step=step, budget=budget, time_limit=time_limit, on_budget=on_budget, selection=selection
+    )
     timings["cluster"] = time.perf_counter() - start
+    return result_of(images, keep, descriptors, clustering, int(degenerate.sum()), timings, estimate)
+
+
+def result_of(
+    images, keep, descriptors, clustering: ClusteringResult, num_degenerate: int, timings: dict, estimate=None
+):
+    """The `ExtractionResult` of a clustering of the usable images' descriptors (no metrics, no config).
+
+    Args:
+        images: what `cluster_images` takes. keep: (M,) indices of the usable images into `images`.
+        descriptors: their (M, D) SSCD descriptors. clustering: the clustering of those M rows.
+        num_degenerate: images left out as constant. timings: gets "histogram" seconds.
+        estimate: the `N0Estimate`, or None.
+    """
+    array_list = images if isinstance(images, list) else None
+    on_device = _is_device_tensor(images)
     start = time.perf_counter()
     histogram = similarity_histogram(descriptors) if len(descriptors) > 1 else None
     timings["histogram"] = time.perf_counter() - start
@@ -199,7 +229,7 @@ def cluster_images(
         threshold=clustering.threshold,
         timings=timings,
         clustering=clustering,
-        num_degenerate=int(degenerate.sum()),
+        num_degenerate=num_degenerate,
         descriptors=descriptors[list(clustering.representatives)],
         generated_descriptors=descriptors,
         generated_indices=[int(i) for i in keep],
@@ -477,6 +507,11 @@ class Extractor:
                 "save_generated": save_generated,
                 "recovery": recovery,
                 **run_options,
+                **{  # the adaptive and clustering fields of the spec, when not their defaults
+                    name: getattr(spec, name)
+                    for name in ("adaptive", "round_images", "stable_rounds", "selection", "on_budget")
+                    if getattr(spec, name) != getattr(ExtractionSpec, name)
+                },
             }
         )
         train_folder = Path(train) if isinstance(train, (str, Path)) else None
@@ -498,6 +533,17 @@ class Extractor:
             caption = recovered.caption
             caption_record = {"source": "recovered", "by": "weight-delta recovery", **recovered.to_dict()}
         start = time.perf_counter()
+        clustering = {"budget": self.budget, "on_budget": spec.on_budget, "selection": spec.selection}
+        tracker = None
+        if spec.adaptive:  # embeds and clusters at each round's end, from inside the generation
+            tracker = RoundTracker(
+                n0,
+                spec.round_images,
+                spec.num_images,
+                embed=lambda batch: embed_images(self.embedder, batch, "generated"),
+                clustering=clustering,
+                stable_rounds=spec.stable_rounds,
+            )
         generation = generate(
             self.pair,
             "" if caption is None else caption,
@@ -511,13 +557,19 @@ class Extractor:
             images_on_device=config.is_cuda,
             out=None if folder is None else folder.part("generation", "generate"),  # resumable chunks
             overwrite=overwrite,
+            until=None if tracker is None else tracker.add,
+            # rounds end on chunk ends (a resumed folder keeps its manifest's chunks; then the last chunk
+            # of a round may hold a few images more, generated, counted and unused)
+            chunk_size=None
+            if tracker is None
+            else max(d for d in range(1, config.batch_size + 1) if spec.round_images % d == 0),
         )
         timings["generate"] = time.perf_counter() - start
         work = generation.work
         logger.info(
             "%d UNet evaluations (%d images x %d steps x %d per step; %d computed now) in %.1f s wall, %.1f s CPU",
             work["unet_evaluations"],
-            spec.num_images,
+            len(generation.seeds),
             work["per_image"]["steps"],
             work["per_image"]["terms"],
             work["unet_evaluations_computed"],
@@ -525,20 +577,25 @@ class Extractor:
             work["cpu_s"],
         )
         images = generation.images
-        result = cluster_images(
-            images,
-            n0,
-            self.embedder,
-            budget=self.budget,
-            timings=timings,
-            precision=(config.dtype, config.vae_dtype),
-        )
+        if tracker is None:
+            num_images = spec.num_images
+            result = cluster_images(
+                images, n0, self.embedder, timings=timings, precision=(config.dtype, config.vae_dtype), **clustering
+            )
+        else:
+            num_images = tracker.rounds[-1].images  # the last chunk may hold a few more, unused
+            images = images[:num_images]
+            timings["rounds"] = sum(r.seconds for r in tracker.rounds)  # embedding + clustering, within "generate"
+            keep = np.asarray(tracker.usable, dtype=np.int64)
+            result = result_of(images, keep, tracker.descriptors, tracker.result, tracker.num_degenerate, timings)
+            result.adaptive = tracker.record()
+            logger.info("adaptive N: %s", result.adaptive_summary())
         result.work = work
         result.n0_source = n0_source
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
             n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,
-            num_images=spec.num_images,
+            num_images=num_images,
             embedder=self.embedder,
             budget=self.budget,
             models=self.models,
@@ -549,7 +606,7 @@ class Extractor:
                 "preset": preset_record(spec, config),
                 "w": params.get("w"),
                 "k": params.get("k"),
-                "seeds": list(generation.seeds),
+                "seeds": list(generation.seeds[:num_images]),
                 "run": config.to_dict(),
                 "manifest": generation.manifest,
             },
@@ -557,6 +614,10 @@ class Extractor:
         inputs = list(self.inputs)
         if train is not None:
             inputs.append(training_input(train, train_folder, config))
+        if tracker is not None:
+            result.config["adaptive"] = {key: result.adaptive[key] for key in ("round_images", "cap", "stable_rounds")}
+        if spec.selection != "size" or spec.on_budget != "skip":
+            result.config["clustering"].update(selection=spec.selection, on_budget=spec.on_budget)
         result.evidence = {
             "inputs": inputs,
             "environment": environment_record(),
@@ -579,7 +640,7 @@ class Extractor:
                 out,
                 result,
                 {"method": spec.method, "caption": caption_record, "run_folder": run_entry("extract", settings)},
-                generated=generation.images,
+                generated=images,
                 save_generated=save_generated,
                 train_data=train_data,
             )

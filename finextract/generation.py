@@ -37,12 +37,13 @@ class GenerationResult:
     """What `generate` returns.
 
     Attributes:
-        images: uint8 tensor (N, H, W, 3) on the CPU, image i from seed `seeds[i]`.
-        seeds: the N start-latent seeds (`config.seed + i`).
+        images: uint8 tensor (M, H, W, 3) on the CPU, image i from seed `seeds[i]`; M = N unless `until`
+            ended the generation early.
+        seeds: the M start-latent seeds (`config.seed + i`).
         manifest: the run's manifest (`config`: what the images depend on, the resume key; `run`: the
             `RunConfig` record; versions, seeds, chunks); also `out/manifest.json`.
         work: the counted work (`count_work`): "unet_evaluations", the (image, step, model) UNet forward
-            evaluations the N images cost, N x steps x the rule's terms; "unet_evaluations_computed",
+            evaluations the M images cost, N x steps x the rule's terms; "unet_evaluations_computed",
             those this call ran (resumed chunks cost none); "wall_s" and "cpu_s" (this process's CPU
             seconds, all threads) of the sampling this call ran.
     """
@@ -57,13 +58,15 @@ def count_work(num_images: int, computed_images: int, steps: int, terms: int, wa
     """The work record of a generation: UNet evaluations counted, seconds measured.
 
     Args:
-        num_images: N. computed_images: those sampled by this call (N less the resumed ones).
+        num_images: N, the images generated (fewer than planned when adaptive N stopped early).
+        computed_images: those sampled by this call (N less the resumed ones).
         steps: DDIM steps (one UNet evaluation per model term per step). terms: the rule's model terms
             (2 for FineXtract, CFG and Eq. 6; 1 for Direct): a fused 2B LoRA forward counts as 2.
         wall_s, cpu_s: wall-clock and process CPU seconds of the sampling.
     """
     per_image = steps * terms
     return {
+        "images": num_images,
         "unet_evaluations": num_images * per_image,
         "unet_evaluations_computed": computed_images * per_image,
         "per_image": {"steps": steps, "terms": terms},
@@ -86,6 +89,7 @@ def generate(
     label: str | None = None,
     chunk_size: int | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    until: Callable[[int, torch.Tensor], bool] | None = None,
     images_on_device: bool = False,
     png: bool = False,
     overwrite: bool = False,
@@ -110,6 +114,10 @@ def generate(
         progress: show a tqdm bar (images/s). label: the bar's text (default "generate <method>").
         chunk_size: images per chunk file (default `config.batch_size`); fixed by the manifest once written.
         on_chunk: called as `on_chunk(chunk_index, images)` after each newly computed chunk is saved.
+        until: called as `until(stop, images)` after each chunk in order, resumed or computed, with the
+            number of images so far and the chunk's images; True ends the generation there (adaptive N,
+            `finextract.adaptive`): later chunks stay pending in the manifest, and the result holds
+            only the images so far.
         images_on_device: return the images on the run's device (kept there from the VAE decode on, for
             SSCD on the GPU); chunk files are still written from a CPU copy, and resumed chunks are
             moved to the device.
@@ -123,7 +131,7 @@ def generate(
 
     Returns:
         `GenerationResult` (images uint8 (N, H, W, 3) on the CPU, or on the device with
-        `images_on_device`; seeds; manifest).
+        `images_on_device`, fewer when `until` ended it; seeds; manifest; work).
 
     Raises:
         ValueError: invalid arguments or settings, a pair placed elsewhere than the run, `out` holding
@@ -171,6 +179,7 @@ def generate(
             progress=progress,
             label=label or f"generate {method}",
             on_chunk=on_chunk,
+            until=until,
             images_on_device=images_on_device,
             png=png,
             overwrite=overwrite,
@@ -190,6 +199,7 @@ def _generate(
     progress: bool,
     label: str,
     on_chunk,
+    until,
     images_on_device: bool,
     png: bool,
     overwrite: bool,
@@ -203,7 +213,6 @@ def _generate(
         run=config.to_dict(),
     )
     planned = manifest["chunks"]
-    results: dict[int, torch.Tensor] = {}
     if folder is not None:
         chunks.adopt_finished(folder, planned, seeds)
         chunks.write_manifest(folder, manifest)
@@ -212,21 +221,21 @@ def _generate(
     if len(pending) < len(planned):
         logger.info("resuming %s: %d of %d chunks already done", folder, len(planned) - len(pending), len(planned))
 
-    if pending:
-        sampler = Sampler(pair, rule, caption, config, images_on_device=images_on_device)
-        done_images = sum(c["stop"] - c["start"] for c in planned if c["status"] == "done")
-        batch_size = config.batch_size
-        with tqdm(total=len(seeds), initial=done_images, unit="img", desc=label, disable=not progress) as bar:
-            for chunk in pending:
-                started = time.perf_counter()
-                parts = []
-                for start in range(chunk["start"], chunk["stop"], batch_size):
-                    batch_seeds = seeds[start : min(start + batch_size, chunk["stop"])]
-                    parts.append(sampler(batch_seeds))
-                    bar.update(len(batch_seeds))
-                images = torch.cat(parts)
-                results[chunk["index"]] = images
-                chunk.update(status="done", seconds=round(time.perf_counter() - started, 3))
+    target = config.torch_device if images_on_device else torch.device("cpu")
+    sampler = None
+    parts, computed, stop = [], 0, 0
+    done_images = sum(c["stop"] - c["start"] for c in planned if c["status"] == "done")
+    with tqdm(total=len(seeds), initial=done_images, unit="img", desc=label, disable=not progress) as bar:
+        for chunk in planned:  # in order: `until` sees images 0, 1, ... whether resumed or computed
+            if chunk["status"] == "done":
+                images = torch.from_numpy(chunks.read_chunk(folder / chunk["file"])[0]).to(target)
+                if png and not chunks.pngs_complete(folder, chunk):  # finished earlier without --png
+                    chunks.write_pngs(folder, images.cpu().numpy(), chunk["start"])
+            else:
+                if sampler is None:
+                    sampler = Sampler(pair, rule, caption, config, images_on_device=images_on_device)
+                images = _sample_chunk(sampler, seeds, chunk, config.batch_size, bar)
+                computed += chunk["stop"] - chunk["start"]
                 if folder is not None:
                     on_cpu = images.cpu().numpy()
                     chunk["sha256"] = chunks.write_chunk(
@@ -237,30 +246,32 @@ def _generate(
                     chunks.write_manifest(folder, manifest)
                 if on_chunk is not None:
                     on_chunk(chunk["index"], images)
-
-    target = config.torch_device if images_on_device else torch.device("cpu")
-    images = torch.cat(
-        [
-            results[c["index"]]
-            if c["index"] in results
-            else torch.from_numpy(chunks.read_chunk(folder / c["file"])[0]).to(target)
-            for c in planned
-        ]
-    )
-    if png:  # chunks finished by an earlier run without --png (or whose PNGs were deleted)
-        for chunk in planned:
-            if chunk["index"] not in results and not chunks.pngs_complete(folder, chunk):
-                chunks.write_pngs(folder, images[chunk["start"] : chunk["stop"]].cpu().numpy(), chunk["start"])
-    computed = sum(chunk["stop"] - chunk["start"] for chunk in pending)
+            parts.append(images)
+            stop = chunk["stop"]
+            if until is not None and until(stop, images):
+                break
+    images = torch.cat(parts)
     work = count_work(
-        len(seeds),
+        stop,
         computed,
         config.steps,
         len(rule.terms),
         time.perf_counter() - clock,
         time.process_time() - cpu_clock,
     )
-    return GenerationResult(images=images, seeds=seeds, manifest=manifest, work=work)
+    return GenerationResult(images=images, seeds=seeds[:stop], manifest=manifest, work=work)
+
+
+def _sample_chunk(sampler, seeds: list[int], chunk: dict, batch_size: int, bar) -> torch.Tensor:
+    """Sample one chunk's images (uint8 (n, H, W, 3)), batch by batch; records its seconds in `chunk`."""
+    started = time.perf_counter()
+    parts = []
+    for start in range(chunk["start"], chunk["stop"], batch_size):
+        batch_seeds = seeds[start : min(start + batch_size, chunk["stop"])]
+        parts.append(sampler(batch_seeds))
+        bar.update(len(batch_seeds))
+    chunk.update(status="done", seconds=round(time.perf_counter() - started, 3))
+    return torch.cat(parts)
 
 
 def _normalise(value, default=None):

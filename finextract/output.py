@@ -104,6 +104,8 @@ def write_output(
         record["metrics"] = result.metrics
     if result.work:
         record["work"] = result.work
+    if result.adaptive is not None:
+        record["adaptive"] = result.adaptive
     if result.evidence is not None:
         record["evidence"] = result.evidence
     write_record(out, record)
@@ -178,6 +180,14 @@ def run_settings(models: dict, spec: ExtractionSpec, config: RunConfig) -> dict:
         "steps": config.steps,
         "seed": config.seed,
         **({} if spec.use_metadata else {"use_metadata": False}),  # absent: the default, as runs before it
+        # set only when not the default, so that the settings of earlier runs still match
+        **(
+            {"adaptive": {"round_images": spec.round_images, "stable_rounds": spec.stable_rounds}}
+            if spec.adaptive
+            else {}
+        ),
+        **({"selection": spec.selection} if spec.selection != "size" else {}),
+        **({"on_budget": spec.on_budget} if spec.on_budget != "skip" else {}),
     }
 
 

@@ -474,12 +474,43 @@ def write_report(
     if work:
         per = work["per_image"]
         body.append(
-            f"<p class='note'>Work: {work['unet_evaluations']:,} UNet evaluations ({result.get('num_images')} images "
+            f"<p class='note'>Work: {work['unet_evaluations']:,} UNet evaluations "
+            f"({work.get('images', result.get('num_images'))} images "
             f"x {per['steps']} steps x {per['terms']} models; {work['unet_evaluations_computed']:,} computed in "
             f"this run, {work['wall_s']:.1f} s wall, {work['cpu_s']:.1f} s CPU).</p>"
         )
+    if result.get("adaptive"):
+        body.append(adaptive_html(result["adaptive"]))
     timings = result.get("timings") or {}
     if timings:
         body.append("<p class='note'>Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + "</p>")
     body.append(f"<p class='note'>{LEGEND}</p>")
     return write_page(out / "report.html", _title(result), body)
+
+
+def adaptive_html(adaptive: dict) -> str:
+    """The adaptive-N rounds (`finextract.adaptive.RoundTracker.record`) as a heading, a line and a table."""
+    why = "its N0 cliques stable" if adaptive["stable"] else "the cap reached before they were stable"
+    rows = [
+        (
+            i + 1,
+            r["images"],
+            f"{r['threshold']:.2f}",
+            r["clique_sizes"],
+            r["extracted"],
+            f"{r['overlap']:.2f}",
+            "yes" if r["stable"] else "no",
+        )
+        for i, r in enumerate(adaptive["rounds"])
+    ]
+    return (
+        "<h2>Adaptive N</h2>"
+        f"<p>Stopped at {adaptive['stopped_at']} of at most {adaptive['cap']} images, {why} (rounds of "
+        f"{adaptive['round_images']} images; stable: each clique shares at least {adaptive['overlap']:.0%} of its "
+        f"members with one of the previous round's, {adaptive['stable_rounds']} round(s) in a row).</p>"
+        + table(
+            ("round", "images", "threshold", "clique sizes", "extracted", "overlap", "stable"),
+            rows,
+            numeric=(0, 1, 2, 5),
+        )
+    )

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from finextract.clustering.n0 import MIN_IMAGES
+from finextract.clustering.selection import ON_BUDGET, SELECTIONS
 from finextract.rules import KINDS, METHODS, rule_for
 from finextract.sscd import SSCD_PRESETS
 
@@ -41,6 +42,9 @@ DEFAULT_PRESET = "default"
 RUN_PRESET_SETTINGS = ("steps",)
 #: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
 AUTO = "auto"
+#: Adaptive N: images per round, per N0 (`finextract.adaptive`), and the stable rounds that stop it.
+ROUND_PER_N0 = 10
+STABLE_ROUNDS = 2
 #: N generated when N0 is estimated and N is not given: the paper's 50 x N0 for N0 up to 10.
 AUTO_NUM_IMAGES = 500
 #: Methods whose guidance reads the training caption (every one but Eq. 6); the terms are the same
@@ -116,6 +120,13 @@ class ExtractionSpec:
             `RunConfig` (`preset_run_options`; `Extractor.extract` applies a named one).
         use_metadata: with caption / n0 "auto", read them from the fine-tune's trainer metadata first
             (`finextract.inspection.metadata_first`); False recovers / estimates them regardless.
+        adaptive: generate in rounds and stop once the N0 extracted cliques are stable
+            (`finextract.adaptive`); `num_images` is then the cap. round_images: images per round
+            (resolved: 10 x N0 when adaptive, None otherwise). stable_rounds: consecutive stable rounds
+            that stop it.
+        selection: which N0 cliques are extracted (`finextract.clustering.selection`): "size" (the paper's),
+            "density" or "merged". on_budget: a threshold whose peel runs out of work budget is
+            "skip"ped (the paper's) or its approximate peel is "keep"t (`finextract.clustering.fallback`).
     """
 
     caption: str | None
@@ -129,6 +140,11 @@ class ExtractionSpec:
     sscd_preset: str | None = None
     preset: str = DEFAULT_PRESET
     use_metadata: bool = True
+    adaptive: bool = False
+    round_images: int | None = None
+    stable_rounds: int = STABLE_ROUNDS
+    selection: str = "size"
+    on_budget: str = "skip"
 
     @classmethod
     def resolve(
@@ -145,6 +161,11 @@ class ExtractionSpec:
         sscd_preset: str | None = None,
         preset: str | None = None,
         use_metadata: bool = True,
+        adaptive: bool = False,
+        round_images: int | None = None,
+        stable_rounds: int = STABLE_ROUNDS,
+        selection: str = "size",
+        on_budget: str = "skip",
     ) -> ExtractionSpec:
         """Fill in the defaults (the preset's N = 50 x N0; the method by the caption) and validate every setting.
 
@@ -160,7 +181,8 @@ class ExtractionSpec:
             ValueError: the message names the CLI option and the fix: n0 not an integer >= 1 or "auto";
                 num_images < 1, below N0, or below `finextract.clustering.n0.MIN_IMAGES` with n0="auto";
                 an unknown method, SSCD preset or procedure preset; a method that needs a caption without one; w / k not
-                finite numbers, or given to a method that has none.
+                finite numbers, or given to a method that has none; adaptive with n0 "auto", round_images
+                without adaptive or below 1, stable_rounds below 1; an unknown selection or on_budget.
         """
         if n0 != AUTO and (isinstance(n0, bool) or not isinstance(n0, int) or n0 < 1):
             raise ValueError(f"--n0 {n0!r}: must be an integer >= 1, or 'auto' to estimate it")
@@ -194,6 +216,11 @@ class ExtractionSpec:
         rule_for(method, KINDS[0], w, k)  # w / k given to a method without them ("drop --k")
         if sscd_preset is not None and sscd_preset not in SSCD_PRESETS:
             raise ValueError(f"--sscd-preset {sscd_preset!r}: expected one of {', '.join(SSCD_PRESETS)}")
+        round_images = _rounds(n0, num_images, adaptive, round_images, stable_rounds)
+        if selection not in SELECTIONS:
+            raise ValueError(f"--selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
+        if on_budget not in ON_BUDGET:
+            raise ValueError(f"--on-budget {on_budget!r}: expected one of {', '.join(ON_BUDGET)}")
         return cls(
             caption=caption,
             n0=n0,
@@ -206,6 +233,11 @@ class ExtractionSpec:
             sscd_preset=sscd_preset,
             preset=preset,
             use_metadata=bool(use_metadata),
+            adaptive=bool(adaptive),
+            round_images=round_images,
+            stable_rounds=stable_rounds,
+            selection=selection,
+            on_budget=on_budget,
         )
 
     @classmethod
@@ -217,6 +249,21 @@ class ExtractionSpec:
             ValueError: as `resolve`.
         """
         optional = ("num_images", "method", "w", "k", "train", "train_as_is", "sscd_preset", "preset", "use_metadata")
+        optional += ("adaptive", "round_images", "stable_rounds", "selection", "on_budget")
         return cls.resolve(
             source.caption, source.n0, **{name: getattr(source, name) for name in optional if hasattr(source, name)}
         )
+
+
+def _rounds(n0, num_images: int, adaptive: bool, round_images, stable_rounds) -> int | None:
+    """The resolved images per round (None without adaptive); see `ExtractionSpec.resolve`'s errors."""
+    for name, value in (("--round-images", round_images), ("--stable-rounds", stable_rounds)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value!r}: must be an integer >= 1")
+    if not adaptive:
+        if round_images is not None:
+            raise ValueError(f"--round-images {round_images}: rounds apply only with --adaptive; add it or drop this")
+        return None
+    if n0 == AUTO:
+        raise ValueError("--adaptive needs a given --n0 (its stopping rule compares N0 cliques); drop --n0 auto")
+    return ROUND_PER_N0 * n0 if round_images is None else round_images

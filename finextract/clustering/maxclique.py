@@ -31,14 +31,21 @@ class SearchBudget:
         self.left = units
         self.spent = 0
         self.deadline = deadline
+        #: why the budget ran out (the first `BudgetExceeded.reason`), or None while it lasts
+        self.exhausted: str | None = None
 
 
 class BudgetExceeded(Exception):
-    """A search ran out of work units (deterministic) or past the wall-clock deadline (safety net)."""
+    """A search ran out of work units (deterministic) or past the wall-clock deadline (safety net).
 
-    def __init__(self, reason: str):
+    `found`: (count, size) int64 array, the largest cliques the search had listed when it stopped (all of
+    one size, at least the `lower` it was given; cliques, maybe not maximum); count may be 0.
+    """
+
+    def __init__(self, reason: str, found: np.ndarray | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.found = np.zeros((0, 0), np.int64) if found is None else found
 
 
 def all_max_cliques(adj: np.ndarray, candidates: np.ndarray, lower: int, budget: SearchBudget):
@@ -55,15 +62,16 @@ def all_max_cliques(adj: np.ndarray, candidates: np.ndarray, lower: int, budget:
         clique's vertices; count is 0 when no clique of P is larger than or as large as `lower`.
 
     Raises:
-        BudgetExceeded: the budget ran out (or the wall-clock deadline passed) before the search ended.
+        BudgetExceeded: the budget ran out (or the wall-clock deadline passed) before the search ended;
+            its `found` holds the cliques listed by then.
     """
     status, spent, best, found = _search(adj, candidates, lower, budget.left, budget.deadline)
     budget.left -= spent
     budget.spent += spent
     if status == BUDGET:
-        raise BudgetExceeded("search budget exhausted")
+        raise BudgetExceeded("search budget exhausted", found)
     if status == TIME:
-        raise BudgetExceeded("wall-clock time limit (safety net; machine-dependent)")
+        raise BudgetExceeded("wall-clock time limit (safety net; machine-dependent)", found)
     return best, found
 
 
@@ -118,11 +126,11 @@ def _search(adj, p0, lower, units_left, deadline):
             for t in range(lo[d], hi[d]):
                 units += popcount(P[d, t])
             spent += units
-            if spent > units_left:
-                return BUDGET, spent, best, found[:0, :best]
+            if spent > units_left:  # what was listed so far: cliques of size best, maybe not maximum
+                return BUDGET, spent, best, found[:count, :best]
             nodes += 1
             if nodes & 1023 == 0 and _now() > deadline:
-                return TIME, spent, best, found[:0, :best]
+                return TIME, spent, best, found[:count, :best]
             base = start[d]
             if base + units > cap:
                 while base + units > cap:

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from finextract.similarity import unit_descriptors
 
+from .selection import ON_BUDGET, SELECTIONS, select
+
 logger = logging.getLogger("finextract.clustering")
 
 #: Work units per vertex of the default budget, and its cap (see `default_budget`).
@@ -56,6 +58,10 @@ class ClusteringResult:
         work: branch-and-bound work units spent at `threshold`.
         start_threshold: the first threshold of the sweep.
         budget: the per-threshold budget used (units).
+        approximate: [{"threshold": t, "reason": str}] when the answer's peel ran out of budget and was
+            finished approximately (`fallback`: its cliques are cliques, maybe not maximum); else [].
+        selection: the rule that picked the N0 cliques (`selection.SELECTIONS`).
+        on_budget: what the sweep did at a threshold whose peel ran out of budget ("skip" / "keep").
     """
 
     threshold: float
@@ -68,6 +74,9 @@ class ClusteringResult:
     work: int = 0
     start_threshold: float = 0.0
     budget: int = 0
+    approximate: list[dict] = field(default_factory=list)
+    selection: str = "size"
+    on_budget: str = "skip"
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +91,9 @@ class ClusteringResult:
             "thresholds_tried": self.thresholds_tried,
             "work": self.work,
             "budget": self.budget,
+            "approximate": self.approximate,
+            "selection": self.selection,
+            "on_budget": self.on_budget,
         }
 
 
@@ -146,9 +158,14 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     the subgraph induced by the core when that is much smaller than the frame (same vertex order, so
     the same search and work units). A part much smaller than its bitset frame moves to its own
     compacted frame first (returned, so that its rest is split there too).
+
+    When the threshold's budget runs out (now or in an earlier search), the part's clique is the best
+    of those the search had listed and the greedy clique (`fallback.fallback_clique`), with no cache;
+    `budget.exhausted` says why.
     """
     from . import graph  # heavy: numba (import and JIT) loads only when clustering runs; the package imports sweep
-    from .maxclique import all_max_cliques
+    from .fallback import fallback_clique
+    from .maxclique import BudgetExceeded, all_max_cliques
 
     frame, verts = part.frame, part.verts
     m = len(verts)
@@ -174,13 +191,22 @@ def _component_best(part: _Part, keys: _Keys, budget) -> tuple[tuple, np.ndarray
     if complete:
         key = keys.key(frame.ids[verts])
         return key, verts, ([key], verts[None, :]), part
-    if 4 * len(core) <= len(frame.ids):  # a small core: search its own compacted bitsets
-        _, found = all_max_cliques(
-            graph.induced(frame.adj, core), graph.set_of(np.arange(len(core)), len(core)), lower, budget
-        )
-        found = core[found]
-    else:
-        _, found = all_max_cliques(frame.adj, graph.set_of(core, len(frame.ids)), lower, budget)
+    small = 4 * len(core) <= len(frame.ids)  # a small core: search its own compacted bitsets
+    try:
+        if budget.exhausted:
+            raise BudgetExceeded(budget.exhausted)
+        if small:
+            _, found = all_max_cliques(
+                graph.induced(frame.adj, core), graph.set_of(np.arange(len(core)), len(core)), lower, budget
+            )
+            found = core[found]
+        else:
+            _, found = all_max_cliques(frame.adj, graph.set_of(core, len(frame.ids)), lower, budget)
+    except BudgetExceeded as error:  # keep what the search found, else a greedy clique (fallback.py)
+        budget.exhausted = budget.exhausted or error.reason
+        found = core[error.found] if small and error.found.size else error.found
+        key, clique = fallback_clique(frame.adj, verts, found, lambda c: keys.key(frame.ids[c]))
+        return key, clique, None, part
     found = np.sort(found, axis=1)
     ranked = sorted((keys.key(frame.ids[c]), i) for i, c in enumerate(found))
     cache = ([key for key, _ in ranked], found[[i for _, i in ranked]])
@@ -276,7 +302,8 @@ def _peel(
                     subcaches[c] = ([cache[0][i] for i in chosen], cache[1][chosen])
         omega = -key[0]
         for sub, subcache in zip(_groups(frame, rest, labels, count), subcaches):
-            push(sub, omega - 1, subcache)
+            # an approximate clique (budget spent) bounds nothing: the rest may hold larger ones
+            push(sub, len(sub.verts) if budget.exhausted else omega - 1, subcache)
     return peeled, len(peeled) >= n0
 
 
@@ -288,6 +315,8 @@ def cluster_similarity(
     budget: int | None = None,
     time_limit: float = 30.0,
     progress: bool = False,
+    on_budget: str = "skip",
+    selection: str = "size",
 ) -> ClusteringResult:
     """Cluster a similarity matrix by the FineXtract threshold sweep with greedy clique peeling.
 
@@ -298,28 +327,36 @@ def cluster_similarity(
         n0: N0, the number of cliques wanted, 1 <= n0 <= N.
         step: threshold increment (paper: 0.01), >= 1.6e-5 (levels must fit uint16).
         budget: deterministic per-threshold limit on branch-and-bound work (units: vertices coloured);
-            a threshold whose peel needs more is skipped and reported. None: `default_budget(N)`.
+            a peel that needs more is finished approximately (`fallback`: the cliques the search had
+            found, then greedy cliques) and, with on_budget="skip", skipped and reported. None:
+            `default_budget(N)`.
         time_limit: wall-clock seconds per threshold, a safety net only (the paper's 30 s).
         progress: show a tqdm bar over thresholds.
+        on_budget: "skip" (the paper's: such a threshold is skipped; a warning names a skipped one whose
+            approximate peel had no one-image clique when the answer has only such cliques) or "keep" (its
+            approximate peel counts like an exact one; `.approximate` records it).
+        selection: which N0 cliques of the threshold's peel are returned (`selection.SELECTIONS`):
+            "size" (the paper's), "density" or "merged".
 
     Returns:
         ClusteringResult (threshold, N0 cliques largest first, representatives, skipped thresholds).
 
     Raises:
-        ValueError: the matrix is not square / finite, or n0, step, budget or time_limit is out of range.
+        ValueError: the matrix is not square / finite, n0, step, budget or time_limit is out of range, or
+            on_budget / selection is unknown.
     """
     shape = tuple(similarity.shape)
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"similarity must be a square (N, N) matrix; got shape {shape}")
     n = shape[0]
-    _check(n, n0, step, budget, time_limit)
+    _check(n, n0, step, budget, time_limit, on_budget, selection)
     start = time.perf_counter()
     if n == 1:  # a single image is one clique
         return _single(start, budget)
     from .levels import from_matrix
 
     similarity = similarity if hasattr(similarity, "detach") else np.asarray(similarity)
-    return _sweep(from_matrix(similarity, step), n0, step, budget, time_limit, progress, start)
+    return _sweep(from_matrix(similarity, step), n0, step, budget, time_limit, progress, start, on_budget, selection)
 
 
 def cluster_descriptors(
@@ -330,6 +367,8 @@ def cluster_descriptors(
     budget: int | None = None,
     time_limit: float = 30.0,
     progress: bool = False,
+    on_budget: str = "skip",
+    selection: str = "size",
 ) -> ClusteringResult:
     """Cluster SSCD descriptors into N0 cliques (FineXtract Sec. 4.3), exactly and deterministically.
 
@@ -342,25 +381,30 @@ def cluster_descriptors(
             converted to float32 and unnormalised rows are normalised, each with a logged warning
             (`finextract.similarity.unit_descriptors`).
         n0: N0, number of images to extract, 1 <= n0 <= N.
-        step, budget, time_limit, progress: see `cluster_similarity`.
+        step, budget, time_limit, progress, on_budget, selection: see `cluster_similarity`.
 
     Returns:
         ClusteringResult with `.threshold`, `.cliques`, `.representatives`, `.skipped`, `.seconds`.
 
     Raises:
-        ValueError: bad shapes, non-finite or all-zero descriptors, or n0, step, budget out of range.
+        ValueError: bad shapes, non-finite or all-zero descriptors, n0, step, budget out of range, or an
+            unknown on_budget / selection.
     """
     start = time.perf_counter()
     x = unit_descriptors(descriptors)
-    _check(len(x), n0, step, budget, time_limit)
+    _check(len(x), n0, step, budget, time_limit, on_budget, selection)
     if len(x) == 1:
         return _single(start, budget)
     from .levels import from_descriptors
 
-    return _sweep(from_descriptors(x, step), n0, step, budget, time_limit, progress, start)
+    return _sweep(from_descriptors(x, step), n0, step, budget, time_limit, progress, start, on_budget, selection)
 
 
-def _check(n: int, n0: int, step: float, budget: int | None, time_limit: float) -> None:
+def _check(n: int, n0: int, step: float, budget: int | None, time_limit: float, on_budget: str, selection: str) -> None:
+    if on_budget not in ON_BUDGET:
+        raise ValueError(f"--on-budget {on_budget!r}: expected one of {', '.join(ON_BUDGET)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"--selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
     if not 1 <= n0 <= n:
         raise ValueError(f"n0={n0} must be between 1 and the number of images N={n}")
     if not step > 0 or (budget is not None and budget < 1) or not time_limit > 0:
@@ -372,9 +416,9 @@ def _single(start: float, budget: int | None) -> ClusteringResult:
     return ClusteringResult(0.0, [[0]], [0], [], time.perf_counter() - start, 1, 0, 0, 0.0, budget)
 
 
-def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, progress: bool, start: float):
+def _sweep(levels, n0, step, budget, time_limit, progress, start, on_budget="skip", selection="size"):
     from . import graph
-    from .maxclique import BudgetExceeded, SearchBudget
+    from .maxclique import SearchBudget
 
     n = levels.n
     budget = default_budget(n) if budget is None else budget
@@ -383,6 +427,8 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
     pack = graph.pack_graph if isinstance(levels.levels, np.ndarray) else graph.pack_graph_torch
     k = levels.start
     skipped: list[dict] = []
+    approximate: list[dict] = []
+    kept_sizes = None  # (threshold, N0 largest sizes) of the last skipped approximate peel without one-image cliques
     previous = None  # (edge count, outcome, threshold) of the last threshold, for unchanged graphs
     tried = 0
     bar = None
@@ -405,14 +451,20 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
                 began = time.perf_counter()
                 pack(levels.levels, k, adj)
                 search = SearchBudget(budget, time.perf_counter() + time_limit)
-                try:
-                    peeled, enough = _peel(adj, keys, n0, search, edges)
-                    outcome = ("done", peeled, enough, search.spent)
-                except BudgetExceeded as error:
-                    reason = f"{error.reason} ({search.spent} units, budget {budget})"
-                    skipped.append({"threshold": threshold, "reason": reason})
-                    logger.debug("threshold %.2f skipped: %s", threshold, reason)
-                    outcome = ("skipped", reason)
+                peeled, enough = _peel(adj, keys, n0, search, edges)
+                outcome = ("done", peeled, enough, search.spent)
+                if search.exhausted:  # the peel finished approximately (fallback.py)
+                    reason = f"{search.exhausted} ({search.spent} units, budget {budget})"
+                    sizes = [-key[0] for key in sorted(peeled)[:n0]]
+                    if on_budget == "skip":
+                        skipped.append({"threshold": threshold, "reason": reason, "approximate_sizes": sizes})
+                        logger.debug("threshold %.2f skipped: %s", threshold, reason)
+                        outcome = ("skipped", reason)
+                        if enough and min(sizes) > 1:
+                            kept_sizes = (threshold, sizes)
+                    else:
+                        approximate.append({"threshold": threshold, "reason": reason})
+                        logger.info("threshold %.2f: peel approximate, kept (%s)", threshold, reason)
                 previous = (edges, outcome, threshold)
                 logger.debug(
                     "threshold %.2f: %d edges, %s, %d units, %.2f s",
@@ -424,7 +476,15 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
                 )
             if outcome[0] == "done" and outcome[2]:
                 peeled = outcome[1]
-                break
+                if selection != "size":  # the rule ranks every clique of the peel, not only the N0 largest
+                    search = SearchBudget(budget, time.perf_counter() + time_limit)
+                    peeled, _ = _peel(adj, keys, n0, search, edges, min_size=1)
+                    if search.exhausted:
+                        reason = f"{search.exhausted} ({search.spent} units, budget {budget}; complete peel)"
+                        approximate.append({"threshold": threshold, "reason": reason})
+                picked = select(selection, peeled, n0, threshold, keys)
+                if picked is not None:
+                    break
             k += 1
     finally:
         if bar is not None:
@@ -441,12 +501,19 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
             skipped[-1]["threshold"],
             threshold,
         )
-    chosen = sorted(peeled)[:n0]  # (-size, -weight, members): largest, then higher mean similarity
-    cliques = [list(key[2]) for key in chosen]
+    cliques, representatives = picked
+    if kept_sizes is not None and max(len(c) for c in cliques) == 1:
+        logger.warning(
+            "clustering: the answer at %.2f holds only one-image cliques, while the peel of the skipped threshold %.2f, "
+            "finished approximately when its budget ran out, had cliques of sizes %s; --on-budget keep "
+            "(on_budget='keep') keeps such a peel",
+            threshold,
+            *kept_sizes,
+        )
     return ClusteringResult(
         threshold=threshold,
         cliques=cliques,
-        representatives=[keys.representative(c) for c in cliques],
+        representatives=representatives,
         skipped=skipped,
         seconds=time.perf_counter() - start,
         num_cliques=len(peeled),
@@ -454,4 +521,7 @@ def _sweep(levels, n0: int, step: float, budget: int | None, time_limit: float, 
         work=outcome[3],
         start_threshold=round(levels.start * step, 10),
         budget=budget,
+        approximate=[a for a in approximate if a["threshold"] == threshold],
+        selection=selection,
+        on_budget=on_budget,
     )

@@ -36,9 +36,51 @@ def register(subparsers) -> None:
         help="compare the --train images as they are, without the centre crop and resize",
     )
     p.add_argument("--save-generated", action="store_true", help="also write all N images to OUT/generated/")
+    add_selection_options(p)
     add_sscd_options(p)
     p.add_argument("--out", required=True, help="output folder")
     add_overwrite_option(p, "an extract or cluster run (its generation chunks included)")
+
+
+def add_selection_options(p) -> None:
+    """--adaptive, --round-images, --stable-rounds (adaptive N), --selection, --on-budget (the clustering)."""
+    from finextract.clustering.selection import ON_BUDGET, SELECTIONS
+    from finextract.spec import ROUND_PER_N0, STABLE_ROUNDS
+
+    from .options import positive_int
+
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="generate in rounds and stop once the N0 extracted cliques are stable; --num-images is then the cap "
+        "(default 50 x N0)",
+    )
+    p.add_argument(
+        "--round-images",
+        type=positive_int,
+        default=None,
+        help=f"with --adaptive: images per round (default {ROUND_PER_N0} x N0)",
+    )
+    p.add_argument(
+        "--stable-rounds",
+        type=positive_int,
+        default=STABLE_ROUNDS,
+        help=f"with --adaptive: consecutive stable rounds that stop it (default {STABLE_ROUNDS})",
+    )
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="size",
+        help="which N0 cliques are extracted: size (the paper's: the largest), density (size x mean similarity), "
+        "merged (cliques with similar representatives merged first)",
+    )
+    p.add_argument(
+        "--on-budget",
+        choices=ON_BUDGET,
+        default="skip",
+        help="a threshold whose clique search runs out of work budget: skip it (the paper's) or keep the cliques "
+        "found (recorded as approximate)",
+    )
 
 
 def run(args) -> int:
