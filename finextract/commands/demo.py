@@ -24,6 +24,7 @@ from .options import (
     add_command,
     add_device_option,
     add_overwrite_option,
+    add_scheduler_option,
     options_of,
     positive_int,
 )
@@ -77,8 +78,9 @@ def register(subparsers) -> None:
         "--steps",
         type=positive_int,
         default=RUN_DEFAULTS["steps"],
-        help=f"DDIM steps (default {RUN_DEFAULTS['steps']})",
+        help=f"sampler steps (default {RUN_DEFAULTS['steps']})",
     )
+    add_scheduler_option(parser)
     # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     add_device_option(parser)
@@ -106,6 +108,7 @@ def run_demo(
     n0: int | None = None,
     num_images: int | None = None,
     steps: int = RUN_DEFAULTS["steps"],
+    scheduler: str = RUN_DEFAULTS["scheduler"],
     batch_size: int = 50,
     device: str = RUN_DEFAULTS["device"],
     backend: str = RUN_DEFAULTS["backend"],
@@ -121,6 +124,7 @@ def run_demo(
         scenarios, kinds, methods: subsets of SCENARIOS, KINDS, METHODS.
         seeds: K >= 1 repeats; repeat j samples image i from seed `seed + j * N + i` (disjoint sets).
         n0: N0 (default: each scenario's number of training images). num_images: N (default 50 x N0).
+        steps, scheduler: the sampler (`RunConfig`'s; DDIM 50 by default).
         overwrite: replace a run folder holding a run with other settings (e.g. other --steps)
             instead of refusing it (`Extractor.extract(overwrite=)`, `--overwrite`).
 
@@ -159,7 +163,9 @@ def run_demo(
     for name, folder in folders.items():
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
-    config = RunConfig.resolve(device=device, backend=backend, steps=steps, batch_size=batch_size, seed=seed)
+    config = RunConfig.resolve(
+        device=device, backend=backend, steps=steps, scheduler=scheduler, batch_size=batch_size, seed=seed
+    )
     out = prepare(out, "demo").path
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -179,6 +185,7 @@ def run_demo(
                 "sampling_seeds": "repeat j, image i: seed + j * N + i",
                 "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
                 "steps": steps,
+                "scheduler": scheduler,
                 "batch_size": batch_size,
                 "device": device,
                 "backend": backend,
@@ -339,7 +346,7 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
     )
     body = [
         "<h1>FineXtract on the tiny trained models</h1>",
-        f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {spread}; the fine-tunes "
+        f"<p>{summary['config']['steps']} {summary['config'].get('scheduler', 'ddim')} steps, the same seeds for every method, {spread}; the fine-tunes "
         f"are the committed ones. Total {summary['seconds']:.0f} s.</p>",
         table(
             ("scenario", "kind", "method", *METRICS, "UNet evaluations", "runs"),
@@ -359,7 +366,7 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
         "<p class='note'>AS: mean over the training images of the SSCD similarity to their best extracted "
         "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training images whose best match exceeds 0.6 / 0.7 "
         "(Eq. 2); such matches are green / bold green below. UNet evaluations: what one extraction cost, "
-        "images x DDIM steps x models per step (2 for FineXtract and CFG, 1 for Direct).</p>",
+        "images x sampler steps x models per step (2 for FineXtract and CFG, 1 for Direct).</p>",
     ]
     for scenario, folder in folders.items():
         train_dir = out / "train" / scenario
@@ -405,8 +412,9 @@ def run(args) -> int:
         kinds=args.kinds.split(","),
         methods=args.methods.split(","),
         **options_of(
-            args, "seeds", "seed", "n0", "num_images", "steps", "batch_size", "device", "backend", "overwrite"
+            args, "seeds", "seed", "n0", "num_images", "steps", "scheduler", "batch_size", "device", "backend"
         ),
+        overwrite=args.overwrite,
     )
     print(format_table(summary["cells"]))
     out = Path(args.out).resolve()

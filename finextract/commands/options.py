@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, RunConfig
+from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, SCHEDULER_NAMES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
 from finextract.spec import AUTO
 from finextract.sscd import PRESETS
@@ -184,13 +184,15 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
 
 
 def add_step_options(parser: argparse.ArgumentParser, note: str = "") -> None:
-    """--steps, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and --seed help."""
+    """--steps, --scheduler, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and
+    --seed help."""
     parser.add_argument(
         "--steps",
         type=positive_int,
         default=RUN_DEFAULTS["steps"],
-        help=f"DDIM steps, eta = 0 (default {RUN_DEFAULTS['steps']}{note})",
+        help=f"sampler steps (default {RUN_DEFAULTS['steps']}{note})",
     )
+    add_scheduler_option(parser)
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -202,6 +204,17 @@ def add_step_options(parser: argparse.ArgumentParser, note: str = "") -> None:
         type=int,
         default=RUN_DEFAULTS["seed"],
         help=f"image i starts from seed + i (default {RUN_DEFAULTS['seed']}{note})",
+    )
+
+
+def add_scheduler_option(parser: argparse.ArgumentParser) -> None:
+    """--scheduler (default `RunConfig`'s: ddim)."""
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_NAMES,
+        default=RUN_DEFAULTS["scheduler"],
+        help="sampler: ddim (eta = 0, the paper's), dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC bh2), with the "
+        f"model's own scheduler config (default {RUN_DEFAULTS['scheduler']})",
     )
 
 
