@@ -135,6 +135,23 @@ def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
     assert (loop.result() - x_T).abs().max().item() > 0.1  # it sampled: not a trivially equal pair
 
 
+def test_the_step_bound_catches_a_slightly_wrong_weight():
+    """The per-step tolerance is tight: a 1e-4 relative change of one history weight (UniPC, 10 steps)
+    exceeds it, so the oracle test fails on any real mistake in a row."""
+    table = step_table("unipc", SD1_SCHEDULER_CONFIG, 10)
+    x_T = torch.randn(2, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(3))
+    _, record = diffusers_run("unipc", SD1_SCHEDULER_CONFIG, 10, x_T)
+    weights = table.weights(*COEFS)
+    weights[:, 3] *= 1 + 1e-4  # block 0's w_h1
+    terms: list[float] = []
+    step, worst = table_step(2, terms), 0.0
+    for index, (x, before, x_next, after) in enumerate(record):
+        ours = step(torch.cat([x, *before], 1), table.timesteps_tensor()[index], weights[index])
+        error = (ours - torch.cat([x_next, *after], 1)).abs().max().item()
+        worst = max(worst, error / (32 * tolerances.U * terms[-1]))
+    assert worst > 10
+
+
 def test_registry_names_history_and_refusals():
     assert tuple(SCHEDULERS) == SCHEDULER_NAMES == tuple(HISTORY)
     for name in SCHEDULER_NAMES:
