@@ -136,13 +136,13 @@ def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
 
 
 def test_the_step_bound_catches_a_slightly_wrong_weight():
-    """The per-step tolerance is tight: a 1e-4 relative change of one history weight (UniPC, 10 steps)
+    """The per-step tolerance is tight: a 1e-3 relative change of one history weight (UniPC, 10 steps)
     exceeds it, so the oracle test fails on any real mistake in a row."""
     table = step_table("unipc", SD1_SCHEDULER_CONFIG, 10)
     x_T = torch.randn(2, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(3))
     _, record = diffusers_run("unipc", SD1_SCHEDULER_CONFIG, 10, x_T)
     weights = table.weights(*COEFS)
-    weights[:, 3] *= 1 + 1e-4  # block 0's w_h1
+    weights[:, 3] *= 1 + 1e-3  # block 0's w_h1
     terms: list[float] = []
     step, worst = table_step(2, terms), 0.0
     for index, (x, before, x_next, after) in enumerate(record):
