@@ -116,6 +116,41 @@ class StepTable:
         return torch.tensor(self.timesteps, dtype=torch.float32, device=device).reshape(-1, 1)
 
 
+def check_steps_and_spacing(scheduler_config: dict, steps: int, name: str) -> None:
+    """Refuse `steps` < 1 and a timestep spacing diffusers' schedulers do not implement (`--scheduler name`).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: must be >= 1 (the paper uses 50)")
+    spacing = scheduler_config.get("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"scheduler timestep_spacing={spacing!r}: --scheduler {name} (diffusers' scheduler) spaces timesteps as "
+            f"{', '.join(TIMESTEP_SPACINGS)}; set one of them in the model's scheduler_config.json (SD's own: leading)"
+        )
+
+
+def check_linear(config, name: str) -> None:
+    """Refuse a built scheduler's config whose step a table cannot reproduce: an unknown prediction type, or
+    dynamic thresholding (not linear in the UNet output).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"scheduler prediction_type={config.prediction_type!r}: --scheduler {name} supports "
+            f"{', '.join(PREDICTION_TYPES)}; fix the model's scheduler_config.json"
+        )
+    if config.thresholding:
+        raise ValueError(
+            f"scheduler thresholding=True (dynamic thresholding) is not linear in the UNet output, so --scheduler "
+            f"{name} cannot reproduce it; set thresholding to false in the model's scheduler_config.json"
+        )
+
+
 def make_scheduler(scheduler_config: dict, steps: int):
     """A `diffusers.DDIMScheduler` from the model's own config, with `steps` timesteps set.
 
@@ -129,14 +164,7 @@ def make_scheduler(scheduler_config: dict, steps: int):
     # heavy: diffusers takes seconds to import; only the scheduler config check needs it
     from diffusers import DDIMScheduler
 
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: must be >= 1 (the paper uses 50)")
-    spacing = scheduler_config.get("timestep_spacing", "leading")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(
-            f"scheduler timestep_spacing={spacing!r}: the DDIM loop (diffusers' DDIMScheduler) spaces timesteps as "
-            f"{', '.join(TIMESTEP_SPACINGS)}; set one of them in the model's scheduler_config.json (SD's own: leading)"
-        )
+    check_steps_and_spacing(scheduler_config, steps, "ddim")
     beta_schedule = scheduler_config.get("beta_schedule", "linear")
     if "trained_betas" not in scheduler_config and beta_schedule not in BETA_SCHEDULES:
         raise ValueError(
@@ -145,16 +173,7 @@ def make_scheduler(scheduler_config: dict, steps: int):
         )
     scheduler = DDIMScheduler.from_config(scheduler_config)
     config = scheduler.config
-    if config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"scheduler prediction_type={config.prediction_type!r}: the DDIM loop supports "
-            f"{', '.join(PREDICTION_TYPES)}; fix the model's scheduler_config.json"
-        )
-    if config.thresholding:
-        raise ValueError(
-            "scheduler thresholding=True (dynamic thresholding) is not linear in the UNet output, so the fused "
-            "DDIM step cannot reproduce it; set thresholding to false in the model's scheduler_config.json"
-        )
+    check_linear(config, "ddim")
     if config.clip_sample:
         logger.warning(
             "the model's scheduler config sets clip_sample=True; sampling without clipping (the SD default), "

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .config import SCHEDULER_NAMES
-from .ddim import PREDICTION_TYPES, TIMESTEP_SPACINGS, DDIMTable, StepTable
+from .ddim import DDIMTable, StepTable, check_linear, check_steps_and_spacing
 
 
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -57,26 +57,10 @@ def _make(scheduler_class, scheduler_config: dict, steps: int, name: str, **over
     Raises:
         ValueError: `steps` < 1, or a config option the table cannot reproduce (named, with the fix).
     """
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: must be >= 1")
-    spacing = scheduler_config.get("timestep_spacing", "leading")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(
-            f"scheduler timestep_spacing={spacing!r}: --scheduler {name} spaces timesteps as "
-            f"{', '.join(TIMESTEP_SPACINGS)}; set one of them in the model's scheduler_config.json (SD's own: leading)"
-        )
+    check_steps_and_spacing(scheduler_config, steps, name)
     scheduler = scheduler_class.from_config(scheduler_config, **overrides)
     config = scheduler.config
-    if config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"scheduler prediction_type={config.prediction_type!r}: --scheduler {name} supports "
-            f"{', '.join(PREDICTION_TYPES)}; fix the model's scheduler_config.json or use --scheduler ddim"
-        )
-    if config.thresholding:
-        raise ValueError(
-            f"scheduler thresholding=True (dynamic thresholding) is not linear in the UNet output, so --scheduler "
-            f"{name} cannot reproduce it; set thresholding to false in the model's scheduler_config.json"
-        )
+    check_linear(config, name)
     if config.get("use_flow_sigmas", False):
         raise ValueError(f"scheduler use_flow_sigmas=True: --scheduler {name} samples DDPM models; use a DDPM config")
     scheduler.set_timesteps(steps)
