@@ -105,7 +105,7 @@ class OpenVINOBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         x_t = x_t.to(device="cpu", dtype=torch.float32).contiguous()
         t = t.to(device="cpu", dtype=torch.float32).reshape(1).contiguous()
         weights = weights.to(device="cpu", dtype=torch.float32).contiguous()

@@ -132,7 +132,7 @@ class OnnxRuntimeBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         feeds = dict(self._constants)
         feeds["x_t"] = x_t.to(device=self.device, dtype=torch.float32).contiguous()
         feeds["t"] = t.to(device=self.device, dtype=torch.float32).reshape(1).contiguous()
