@@ -30,6 +30,11 @@ AUTO_BACKENDS = {"cpu": "openvino", "cuda": "torch"}
 #: The one default, for the API and the CLI alike.
 DEFAULT_BACKEND = "auto"
 
+#: Samplers a run may ask for (`--scheduler`); `finextract.engine.solvers.SCHEDULERS` writes their step tables.
+SCHEDULER_NAMES = ("ddim", "dpmpp-2m", "unipc")
+#: The one default sampler (the paper's DDIM, eta = 0).
+DEFAULT_SCHEDULER = "ddim"
+
 #: Precision names accepted everywhere (CLI `--dtype`, API `dtype=`) -> torch dtype attribute.
 DTYPE_NAMES = {
     "fp32": "float32",
@@ -46,7 +51,7 @@ DTYPE_CHOICES = tuple(_SHORT_DTYPE.values())
 #: Settings that change the generated images: a run resumed in the same folder (the generation
 #: manifest) or an audit row (the fleet's key) must keep them. The device is not one: a run may
 #: resume on another GPU, and "auto" names none.
-IMAGE_SETTINGS = ("steps", "seed", "dtype", "vae_dtype", "backend")
+IMAGE_SETTINGS = ("steps", "scheduler", "seed", "dtype", "vae_dtype", "backend")
 
 
 def default_threads() -> int:
@@ -149,7 +154,9 @@ class RunConfig:
         threads: torch and onnxruntime intra-op threads (inter-op is 1); OpenVINO inference streams
             of one thread each (the batch is split between them).
         batch_size: images per denoising batch, >= 1 (does not change the images).
-        steps: DDIM steps, >= 1 (the paper uses 50).
+        steps: sampler steps, >= 1 (the paper uses 50 DDIM steps).
+        scheduler: the sampler, "ddim" (eta = 0, the paper's), "dpmpp-2m" (DPM-Solver++ 2M) or "unipc"
+            (UniPC bh2): the rows of one step table (`finextract.engine.solvers`).
         seed: image i starts from the standard-normal latent of seed `seed + i`.
         cache_dir: folder of the export / engine cache (`onnx/`, `engines/` below it).
         cuda_graphs: on CUDA, replay each DDIM step as a CUDA graph when the backend allows it.
@@ -162,6 +169,7 @@ class RunConfig:
     threads: int | None = None
     batch_size: int = 16
     steps: int = 50
+    scheduler: str = DEFAULT_SCHEDULER
     seed: int = 0
     cache_dir: str | None = None
     cuda_graphs: bool = True
@@ -183,6 +191,7 @@ class RunConfig:
         threads: int | None = None,
         batch_size: int = 16,
         steps: int = 50,
+        scheduler: str = DEFAULT_SCHEDULER,
         seed: int = 0,
         cache_dir: str | Path | None = None,
         cuda_graphs: bool = True,
@@ -198,6 +207,7 @@ class RunConfig:
             backend: "auto" (`AUTO_BACKENDS[device type]`), "torch", "onnxruntime", "openvino" or "tensorrt".
             threads: None = `default_threads()` (`$FINEXTRACT_THREADS`, else all cores).
             batch_size, steps: integers >= 1. seed: any integer.
+            scheduler: one of `SCHEDULER_NAMES`.
             cache_dir: None = `default_cache_dir()` (`$FINEXTRACT_CACHE` or ~/.cache/finextract).
             cuda_graphs: see the class attributes.
 
@@ -238,6 +248,8 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 hint = " (the paper uses 50)" if option == "steps" else ""
                 raise ValueError(f"--{option.replace('_', '-')} {value!r}: must be an integer >= 1{hint}")
+        if scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULER_NAMES)}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"--seed {seed!r}: must be an integer")
         threads = default_threads() if threads is None else threads
@@ -251,6 +263,7 @@ class RunConfig:
             threads=threads,
             batch_size=batch_size,
             steps=steps,
+            scheduler=scheduler,
             seed=seed,
             cache_dir=str(Path(cache_dir) if cache_dir is not None else default_cache_dir()),
             cuda_graphs=bool(cuda_graphs),

@@ -2,7 +2,7 @@
 
     denoiser = GuidedDenoiser(pair, rule)
     output = denoiser(x_t, t, *conditioning)                 # the rule's combined model output
-    x_prev = denoiser.step(x_t, t, weights, *conditioning)   # + the fused guidance/DDIM update
+    state = denoiser.step(state, t, weights, *conditioning)  # + the fused guidance/sampler update
 
 The rule's terms are grouped by the UNet module that evaluates them, and each group is ONE forward on
 a stacked batch:
@@ -48,7 +48,7 @@ def _unet_output(unet: nn.Module, sample: torch.Tensor, t: torch.Tensor, conditi
 
 
 class GuidedDenoiser(nn.Module):
-    """The rule's UNet terms for a batch of latents in one fused call, and the guided DDIM step on them.
+    """The rule's UNet terms for a batch of latents in one fused call, and the guided sampler step on them.
 
     The module holds the pair's UNets (shared, never copied or changed) and the rule's structure: which
     UNet evaluates each term, on which conditioning, with which LoRA gate. The rule's coefficients are
@@ -60,9 +60,11 @@ class GuidedDenoiser(nn.Module):
         rule: a `finextract.engine.guidance.GuidanceRule` (one or two terms).
 
     Inputs of `forward` / `step` (all on the pair's device):
-        x_t: (B, C, h, w) float32 latents (cast to the UNet dtype for the forward).
-        t: (1,) float32 timestep (a row of `DDIMTable.timesteps_tensor`), the same for the whole batch.
-        weights: (3,) float32 (w_x, w_a, w_b), a row of `DDIMTable.weights(*rule.coefs)` (`step` only).
+        x_t: (B, C, h, w) float32 latents (cast to the UNet dtype for the forward); for `step`, the loop's
+            state (B, (1 + K) * C, h, w): x_t, then the solver's K history tensors (K = 0 for DDIM).
+        t: (1,) float32 timestep (a row of `StepTable.timesteps_tensor`), the same for the whole batch.
+        weights: ((1 + K) * (3 + K),) float32, a row of `StepTable.weights(*rule.coefs)` (`step` only;
+            DDIM: (w_x, w_a, w_b)).
         conditioning: `encode_conditioning(pair, rule, caption)`: per term, in term order, one tensor
             per key of `conditioning_keys(pair.family)`, each (1, ...) in the UNet dtype (expanded to the
             batch here).
@@ -86,6 +88,7 @@ class GuidedDenoiser(nn.Module):
         self.unets = nn.ModuleList(unets)
         self.groups = tuple((unet_index, tuple(members)) for unet_index, members in groups)
         self.lora_gate = pair.lora_gate
+        self.latent_channels = int(unets[0].config.in_channels)
         parameter = next(unets[0].parameters())
         self.unet_dtype = parameter.dtype
         for number, (_, members) in enumerate(self.groups):  # LoRA pair: 1 = fine-tuned rows, 0 = base rows
@@ -158,10 +161,39 @@ class GuidedDenoiser(nn.Module):
         return combined
 
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, *conditioning: torch.Tensor):
-        """One guided DDIM step: `w_x * x_t + w_a * output_a + w_b * output_b` (float32 (B, C, h, w)).
+        """One guided sampler step on the state: the next state, float32 (B, (1 + K) * C, h, w).
 
-        The update is `finextract.kernels.guidance_ddim.guided_update`: the fused CUDA kernel on CUDA
-        tensors, its torch reference on a CPU and inside an export.
+        The UNets run on x (the state's first C channels); each output block r is
+        `w_x * x + w_a * output_a + w_b * output_b + sum_j w_hj * h_j` with block r's 3 + K weights
+        (DDIM, K = 0: x_prev). The update is `finextract.kernels.guidance_ddim.guided_update`: the fused
+        CUDA kernel on CUDA tensors, its torch reference on a CPU and inside an export.
+
+        Raises:
+            ValueError: a state that is not (1 + K) * C channels wide, or weights not (1 + K) * (3 + K).
         """
-        outputs = self.term_outputs(x_t, t, *conditioning)
-        return guided_update(x_t, outputs[0], outputs[1] if len(outputs) == 2 else None, weights)
+        channels = self.latent_channels
+        blocks = x_t.shape[1] // channels
+        history = blocks - 1
+        if x_t.shape[1] != blocks * channels or not 1 <= blocks <= 3:
+            raise ValueError(
+                f"GuidedDenoiser.step: a state of {x_t.shape[1]} channels; expected (1 + K) * {channels}, K <= 2"
+            )
+        width = 3 + history
+        if weights.numel() != blocks * width:
+            raise ValueError(
+                f"GuidedDenoiser.step: {weights.numel()} weights for K = {history} history tensors; expected "
+                f"{blocks * width}, a StepTable row"
+            )
+        if not history:  # DDIM: the state is x_t, one block
+            outputs = self.term_outputs(x_t, t, *conditioning)
+            return guided_update(x_t, outputs[0], outputs[1] if len(outputs) == 2 else None, weights)
+        # slices, not chunk(): exports cleanly with a dynamic batch
+        x = x_t[:, :channels]
+        past = tuple(x_t[:, (j + 1) * channels : (j + 2) * channels] for j in range(history))
+        outputs = self.term_outputs(x, t, *conditioning)
+        output_b = outputs[1] if len(outputs) == 2 else None
+        new = [
+            guided_update(x, outputs[0], output_b, weights[r * width : (r + 1) * width], history=past)
+            for r in range(blocks)
+        ]
+        return torch.cat(new, dim=1)

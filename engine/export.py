@@ -1,7 +1,8 @@
 """ONNX export of the guided denoiser's step: one spec, one graph per (pair, rule structure), cached by a key.
 
-The exported network is `GuidedDenoiser.step` unchanged (`finextract.engine.denoiser`): inputs `x_t`,
-`t`, the step's `weights` row and the run's conditioning; output `x_prev`. The rule's coefficients
+The exported network is `GuidedDenoiser.step` unchanged (`finextract.engine.denoiser`): inputs `x_t`
+(the loop's state: x_t, then a multistep solver's K history tensors along the channels), `t`, the
+step's `weights` row and the run's conditioning; output `x_prev` (the next state). The rule's coefficients
 live in the weights row, so one graph serves every w, k; the conditioning is an input, so one graph
 serves every caption. A LoRA pair's graph holds one UNet with gated low-rank branches, a full fine-tune
 pair's graph both UNets.
@@ -52,6 +53,8 @@ class ExportSpec:
         opset: ONNX opset, >= 17.
         batch_sizes: the batch sizes B TensorRT builds one static optimization profile for; the
             ONNX graph itself has a dynamic batch.
+        history: K, the solver's history tensors in the state (`finextract.engine.solvers.history_slots`;
+            0 for DDIM): `x_t` and `x_prev` are (B, (1 + K) * C, h, w), `weights` ((1 + K) * (3 + K),).
     """
 
     latent_shape: tuple[int, int, int]
@@ -59,8 +62,11 @@ class ExportSpec:
     dtype: str = "fp32"
     opset: int = 17
     batch_sizes: tuple[int, ...] = (8, 16)
+    history: int = 0
 
     def __post_init__(self) -> None:
+        if self.history not in (0, 1, 2):
+            raise ValueError(f"ExportSpec.history {self.history!r}: expected 0 (DDIM), 1 (dpmpp-2m) or 2 (unipc)")
         if self.dtype not in DTYPES:
             raise ValueError(f"ExportSpec.dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.opset < 17:
@@ -79,6 +85,7 @@ class ExportSpec:
         dtype: str | torch.dtype = "fp32",
         opset: int = 17,
         batch_sizes: tuple[int, ...] = (8, 16),
+        history: int = 0,
     ) -> ExportSpec:
         """The spec of `denoiser`'s step graph for a run's `conditioning` (shapes from the tensors).
 
@@ -86,7 +93,7 @@ class ExportSpec:
             denoiser: a `GuidedDenoiser`.
             conditioning: `encode_conditioning(pair, rule, caption)` (only shapes are read).
             dtype: "fp32" / "fp16" (or the torch dtypes): the UNet precision.
-            opset, batch_sizes: see the attributes.
+            opset, batch_sizes, history: see the attributes.
 
         Raises:
             ValueError: an unknown dtype, or a conditioning count that does not fit the denoiser.
@@ -98,7 +105,8 @@ class ExportSpec:
         size = config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         shapes = tuple((name, tuple(int(d) for d in tensor.shape)) for name, tensor in zip(names, conditioning))
-        return cls((int(config.in_channels), int(h), int(w)), shapes, dtype_name(dtype), opset, tuple(batch_sizes))
+        latent_shape = (int(config.in_channels), int(h), int(w))
+        return cls(latent_shape, shapes, dtype_name(dtype), opset, tuple(batch_sizes), int(history))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -116,16 +124,28 @@ class ExportSpec:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {"x_t": {0: "batch"}, "x_prev": {0: "batch"}}
 
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """((1 + K) * C, h, w): one latent's state (x_t, then the K history tensors)."""
+        channels, h, w = self.latent_shape
+        return ((1 + self.history) * channels, h, w)
+
+    @property
+    def weights_size(self) -> int:
+        """(1 + K) * (3 + K): floats in a step's weights row."""
+        return (1 + self.history) * (3 + self.history)
+
     def input_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         """Shape of every input at batch size `batch` (conditioning keeps its leading 1)."""
-        return {"x_t": (batch, *self.latent_shape), "t": (1,), "weights": (3,), **dict(self.conditioning)}
+        shapes = {"x_t": (batch, *self.state_shape), "t": (1,), "weights": (self.weights_size,)}
+        return {**shapes, **dict(self.conditioning)}
 
     def input_dtypes(self) -> dict[str, torch.dtype]:
         """torch dtype of every input: float32 for `x_t`, `t`, `weights`; the network dtype for conditioning."""
         return {name: torch.float32 if name in FLOAT32_INPUTS else self.torch_dtype for name in self.input_names}
 
     def output_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.latent_shape)
+        return (batch, *self.state_shape)
 
     def profile_shapes(self, batch: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT optimization profile for batch `batch`: name -> (min, opt, max), all equal (static)."""
@@ -140,7 +160,12 @@ class ExportSpec:
         values = {
             "x_t": torch.randn(shapes["x_t"], generator=generator),
             "t": torch.tensor([500.0]),
-            "weights": torch.tensor([1.02, -0.3, 0.2]),
+            # DDIM: a typical row; K > 0: every block that row plus small history weights
+            "weights": torch.tensor([1.02, -0.3, 0.2])
+            if not self.history
+            else torch.tensor(
+                [[1.02, -0.3, 0.2] + [0.1 * (j + 1) for j in range(self.history)]] * (1 + self.history)
+            ).reshape(-1),
         }
         for name, shape in self.conditioning:
             values[name] = torch.randn(shape, generator=generator)
@@ -163,7 +188,8 @@ class StepGraph(nn.Module):
         self.denoiser = denoiser
 
     def forward(self, x_t, t, weights, *conditioning):
-        """x_t (B, C, h, w) float32, t (1,) float32, weights (3,) float32, conditioning -> x_prev float32."""
+        """state (B, (1 + K) * C, h, w) float32, t (1,) float32, weights ((1 + K) * (3 + K),) float32,
+        conditioning -> the next state, float32."""
         return self.denoiser.step(x_t, t, weights, *conditioning)
 
 
@@ -189,6 +215,8 @@ def cache_key(spec: ExportSpec, denoiser_fingerprint: str, versions: dict[str, s
     }
     # batch_sizes only shape TensorRT profiles, never the ONNX graph: leave them out of the ONNX key
     payload["spec"].pop("batch_sizes")
+    if not spec.history:  # DDIM's graph is unchanged by the history field: its cached exports stay valid
+        payload["spec"].pop("history")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""Guided DDIM sampling of one model pair: conditioning once, paired start latents, the DDIM loop, VAE decode.
+"""Guided sampling of one model pair: conditioning once, paired start latents, the step-table loop, VAE decode.
 
     config = RunConfig.resolve(steps=50)
     sampler = Sampler(pair, rule_for("finextract", pair.kind), caption, config)
@@ -19,8 +19,9 @@ import torch
 
 from .backends import get_backend_factory
 from .conditioning import encode_conditioning
-from .ddim import DDIMLoop, DDIMTable, NonFiniteError, pad_batch
+from .ddim import DDIMLoop, NonFiniteError, pad_batch
 from .denoiser import GuidedDenoiser
+from .solvers import step_table
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ def decode_latents(vae, latents: torch.Tensor, *, on_device: bool = False) -> to
 
 
 class Sampler:
-    """Guided DDIM (eta = 0) sampling for one model pair, rule and caption, under one `RunConfig`.
+    """Guided sampling (`config.scheduler`: DDIM eta = 0, DPM-Solver++ 2M or UniPC) for one model pair, rule
+    and caption, under one `RunConfig`.
 
-    Built once per run: encodes the conditioning once, builds the DDIM table, the guided denoiser and
-    the backend. Each call samples a batch of seeds through the one DDIM loop (`DDIMLoop`): eagerly on a
+    Built once per run: encodes the conditioning once, builds the step table, the guided denoiser and
+    the backend. Each call samples a batch of seeds through the one loop (`DDIMLoop`): eagerly on a
     CPU; on CUDA with a capturable backend (torch, TensorRT) each step is one CUDA graph replay on a
     static batch (`config.batch_size`; the last batch is padded), with one finiteness check per batch
     and no host synchronisation inside the loop. The pair is never changed.
@@ -116,7 +118,7 @@ class Sampler:
         config.apply_threads()
         self.pair, self.rule, self.caption, self.config = pair, rule, caption, config
         self.images_on_device = images_on_device
-        self.table = DDIMTable.from_scheduler_config(pair.scheduler_config, config.steps)
+        self.table = step_table(config.scheduler, pair.scheduler_config, config.steps)
         device = config.torch_device
         self.timesteps = self.table.timesteps_tensor(device)
         self.weights = self.table.weights(*rule.coefs, device=device)
@@ -149,6 +151,7 @@ class Sampler:
                 self.backend.step,
                 self.timesteps,
                 self.weights,
+                history=self.table.history,
                 graph=self.use_graph,
                 pool=self._graph_pool,
                 check_every_step=not self.config.is_cuda,
@@ -156,7 +159,7 @@ class Sampler:
         return self._loops[size]
 
     def denoise(self, x_T: torch.Tensor) -> torch.Tensor:
-        """Run the DDIM loop from `x_T` (B, C, h, w) to x_0.
+        """Run the sampling loop from `x_T` (B, C, h, w) to x_0.
 
         Returns:
             (B, C, h, w) float32 latents x_0 on the run's device (padding rows dropped).

@@ -60,7 +60,7 @@ def count_work(num_images: int, computed_images: int, steps: int, terms: int, wa
     Args:
         num_images: N, the images generated (fewer than planned when adaptive N stopped early).
         computed_images: those sampled by this call (N less the resumed ones).
-        steps: DDIM steps (one UNet evaluation per model term per step). terms: the rule's model terms
+        steps: sampler steps, any scheduler (one UNet evaluation per model term per step). terms: the rule's model terms
             (2 for FineXtract, CFG and Eq. 6; 1 for Direct): a fused 2B LoRA forward counts as 2.
         wall_s, cpu_s: wall-clock and process CPU seconds of the sampling.
     """
@@ -157,7 +157,6 @@ def generate(
             "caption": caption,
             "num_images": num_images,
             **config.image_settings(),
-            "sampler": "DDIM eta=0",
             "model": {
                 "kind": pair.kind,
                 "weights": pair.fingerprint,

@@ -160,7 +160,7 @@ def run_settings(models: dict, spec: ExtractionSpec, config: RunConfig) -> dict:
         models: base / finetuned / lora paths (`Extractor.models`, or the CLI's options); existing
             paths are made absolute, so a re-run from another working folder matches.
         spec: the extraction (caption as given: "auto", None or the text; n0 an int or "auto").
-        config: the run's `RunConfig` (its steps and seed).
+        config: the run's `RunConfig` (its steps, scheduler and seed).
 
     Returns:
         A JSON-ready dict.
@@ -178,6 +178,7 @@ def run_settings(models: dict, spec: ExtractionSpec, config: RunConfig) -> dict:
         "n0": spec.n0,
         "num_images": spec.num_images,
         "steps": config.steps,
+        "scheduler": config.scheduler,
         "seed": config.seed,
         **({} if spec.use_metadata else {"use_metadata": False}),  # absent: the default, as runs before it
         # set only when not the default, so that the settings of earlier runs still match

@@ -473,10 +473,11 @@ def write_report(
     work = result.get("work") or {}
     if work:
         per = work["per_image"]
+        scheduler = (config.get("run") or {}).get("scheduler", "ddim")  # results before --scheduler: DDIM
         body.append(
             f"<p class='note'>Work: {work['unet_evaluations']:,} UNet evaluations "
             f"({work.get('images', result.get('num_images'))} images "
-            f"x {per['steps']} steps x {per['terms']} models; {work['unet_evaluations_computed']:,} computed in "
+            f"x {per['steps']} {scheduler} steps x {per['terms']} models; {work['unet_evaluations_computed']:,} computed in "
             f"this run, {work['wall_s']:.1f} s wall, {work['cpu_s']:.1f} s CPU).</p>"
         )
     if result.get("adaptive"):

@@ -32,14 +32,14 @@ IMAGES_PER_N0 = 50
 PRESETS = {
     # the paper's procedure exactly: N = 50 x N0, DDIM 50 steps, every image generated (no early stop),
     # the N0 largest cliques at the first threshold that yields N0 (the only selection rule so far)
-    "paper": {"images_per_n0": IMAGES_PER_N0, "steps": 50},
+    "paper": {"images_per_n0": IMAGES_PER_N0, "steps": 50, "scheduler": "ddim"},
     # what runs when no --preset is given: the paper's until issue 23's measurement chooses cheaper ones
-    "default": {"images_per_n0": IMAGES_PER_N0, "steps": 50},
+    "default": {"images_per_n0": IMAGES_PER_N0, "steps": 50, "scheduler": "ddim"},
 }
 #: The preset used when none is named (`--preset` left out, `preset=None`).
 DEFAULT_PRESET = "default"
 #: The preset settings that are `RunConfig` fields (the others are the spec's).
-RUN_PRESET_SETTINGS = ("steps",)
+RUN_PRESET_SETTINGS = ("steps", "scheduler")
 #: `caption` / `n0` value asking for it to be recovered / estimated from the fine-tune.
 AUTO = "auto"
 #: Adaptive N: images per round, per N0 (`finextract.adaptive`), and the stable rounds that stop it.

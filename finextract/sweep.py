@@ -108,6 +108,7 @@ def _finished(folder: Path, expected: dict, overwrite: bool = False) -> dict | N
         "w": config.get("w"),
         "k": config.get("k"),
         "steps": config.get("run", {}).get("steps"),
+        "scheduler": config.get("run", {}).get("scheduler", "ddim"),  # runs before --scheduler: DDIM
         "seed": config.get("run", {}).get("seed"),
         "models": {key: config.get("models", {}).get(key) for key in ("base", "finetuned", "lora")},
         "train_transform": (record.get("metrics") or {}).get("train_transform"),
@@ -210,6 +211,7 @@ def run_sweep(
             "models": extractor.models,
             "train_transform": train_transform(resolution),
             "steps": config.steps,
+            "scheduler": config.scheduler,
             "seed": config.seed,
             "backend": config.backend,
             "device": config.device,
@@ -230,6 +232,7 @@ def run_sweep(
             "w": params.get("w"),
             "k": params.get("k"),
             "steps": config.steps,
+            "scheduler": config.scheduler,
             "seed": config.seed,
             "models": {key: extractor.models[key] for key in ("base", "finetuned", "lora")},
             "train_transform": train_transform(resolution),
@@ -325,7 +328,7 @@ def sweep_plot(summary: dict):
         fixed.append(f"N0 = {settings['n0']}")
     if param != "num_images":
         fixed.append(f"N = {settings['num_images'] or '50 x N0'}")
-    fixed.append(f"{settings['steps']} DDIM steps, seed {settings['seed']}")
+    fixed.append(f"{settings['steps']} {settings.get('scheduler', 'ddim')} steps, seed {settings['seed']}")
     fig.suptitle(f"{kind}: AS and A-ESR0.6 against {PARAM_SYMBOLS[param]} ({', '.join(fixed)})", fontsize=10)
     return fig
 

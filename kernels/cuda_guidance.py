@@ -1,11 +1,12 @@
-"""CuPy loader and launcher of `guidance_ddim.cu`: guidance combination + DDIM update, one pass.
+"""CuPy loader and launcher of `guidance_ddim.cu`: guidance combination + sampler update, one pass.
 
 The kernel computes, elementwise and in fp32 whatever the storage type,
 
-    x_prev = w_x * x_t + w_a * output_a + w_b * output_b
+    out = w_x * x_t + w_a * output_a + w_b * output_b + w_h1 * h_1 + ... + w_hK * h_K   (K <= 2)
 
-with `(w_x, w_a, w_b)` read from three floats in device memory: one row of the per-step weights table
-(`finextract.engine.ddim.DDIMTable.weights`), so a captured CUDA graph serves every timestep. Its
+with `(w_x, w_a, w_b, w_h1..w_hK)` read from 3 + K floats in device memory: one output block of a row
+of the per-step weights table (`finextract.engine.ddim.StepTable.weights`; K history tensors for a
+multistep solver, none for DDIM), so a captured CUDA graph serves every timestep. Its
 definition is the torch reference `finextract.kernels.guidance_ddim.guided_update_reference`, whose
 dispatcher `guided_update` calls `guided_update_cuda` for CUDA tensors.
 
@@ -40,15 +41,18 @@ _modules: dict[tuple[str, tuple[int, int]], object] = {}
 _modules_lock = threading.Lock()
 
 
-def kernel_name(dtype: torch.dtype, has_output_b: bool) -> str:
-    """Entry point of `guidance_ddim.cu` for a storage dtype; the `_a` variant reads no `output_b`.
+def kernel_name(dtype: torch.dtype, has_output_b: bool, history: int = 0) -> str:
+    """Entry point of `guidance_ddim.cu` for a storage dtype; the `_a` variant reads no `output_b`, the
+    `_h1` / `_h2` variants one or two history tensors.
 
     Raises:
-        ValueError: `dtype` is not float32, float16 or bfloat16.
+        ValueError: `dtype` is not float32, float16 or bfloat16, or `history` is not 0, 1 or 2.
     """
     if dtype not in KERNEL_STEMS:
         raise ValueError(f"guided_update_cuda: dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    return KERNEL_STEMS[dtype] + ("" if has_output_b else "_a")
+    if history not in (0, 1, 2):
+        raise ValueError(f"guided_update_cuda: {history} history tensors; the kernel takes 0, 1 or 2")
+    return KERNEL_STEMS[dtype] + ("" if has_output_b else "_a") + (f"_h{history}" if history else "")
 
 
 def vector_elements(dtype: torch.dtype) -> int:
@@ -137,7 +141,7 @@ def match_layout(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torc
     return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def check_inputs(x_t, output_a, output_b, out, weights) -> None:
+def check_inputs(x_t, output_a, output_b, out, weights, history=()) -> None:
     """Validate the tensors of a fused step before touching the GPU.
 
     Inputs may have any strides (`guided_update_cuda` makes them dense like x_t); `out` must
@@ -145,16 +149,18 @@ def check_inputs(x_t, output_a, output_b, out, weights) -> None:
 
     Raises:
         TypeError: an argument that is not a torch.Tensor.
-        ValueError: shapes, dtypes or devices that differ; an unsupported dtype; `out` not dense
-            like x_t or overlapping an input; `weights` not a float32 tensor of 3 elements on x_t's
-            device; tensors not on a CUDA device.
+        ValueError: shapes, dtypes or devices that differ; an unsupported dtype; more than 2 history
+            tensors; `out` not dense like x_t or overlapping an input; `weights` not a float32 tensor of
+            3 + K elements on x_t's device; tensors not on a CUDA device.
     """
+    history = tuple(history)
     named = {"x_t": x_t, "output_a": output_a, "output_b": output_b, "out": out}
+    named.update({f"history[{index}]": h for index, h in enumerate(history)})
     named = {name: tensor for name, tensor in named.items() if tensor is not None}
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"guided_update_cuda: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    kernel_name(x_t.dtype, output_b is not None)  # dtype supported
+    kernel_name(x_t.dtype, output_b is not None, len(history))  # dtype and history count supported
     for name, tensor in named.items():
         if tensor.shape != x_t.shape:
             raise ValueError(
@@ -173,20 +179,21 @@ def check_inputs(x_t, output_a, output_b, out, weights) -> None:
         )
     if out is not None and x_t.numel():
         span = x_t.numel() * x_t.element_size()
-        for name in ("x_t", "output_a", "output_b"):
-            other = named.get(name)
+        for name, other in named.items():
+            if name == "out":
+                continue
             if other is not None and abs(out.data_ptr() - other.data_ptr()) < span:
                 raise ValueError(f"guided_update_cuda: out overlaps {name}; pass a separate output buffer")
     if (
         not isinstance(weights, torch.Tensor)
         or weights.dtype != torch.float32
-        or weights.numel() != 3
+        or weights.numel() != 3 + len(history)
         or not weights.is_contiguous()
         or weights.device != x_t.device
     ):
         raise ValueError(
-            "guided_update_cuda: weights must be a contiguous float32 tensor of 3 elements "
-            "(w_x, w_a, w_b) on x_t's device: a row of DDIMTable.weights(...)"
+            f"guided_update_cuda: weights must be a contiguous float32 tensor of {3 + len(history)} elements "
+            "(w_x, w_a, w_b, one per history tensor) on x_t's device: an output block of StepTable.weights(...)"
         )
     if x_t.device.type != "cuda":
         raise ValueError(
@@ -240,12 +247,12 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch(x_t, output_a, output_b, out, weights) -> None:
+def _launch(x_t, output_a, output_b, out, weights, history=()) -> None:
     cupy = _import_cupy()
     device = x_t.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = load_module(device).get_function(kernel_name(x_t.dtype, output_b is not None))
-    tensors = [out, x_t, output_a] + ([output_b] if output_b is not None else [])
+    kernel = load_module(device).get_function(kernel_name(x_t.dtype, output_b is not None, len(history)))
+    tensors = [out, x_t, output_a] + ([output_b] if output_b is not None else []) + list(history)
     numel = x_t.numel()
     head, n_vec = vector_plan([tensor.data_ptr() for tensor in tensors], numel, x_t.element_size())
     scalar_items = numel - n_vec * vector_elements(x_t.dtype)
@@ -263,8 +270,10 @@ def guided_update_cuda(
     output_b: torch.Tensor | None,
     weights: torch.Tensor,
     out: torch.Tensor | None = None,
+    *,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
-    """`x_prev = w_x * x_t + w_a * output_a + w_b * output_b`, fused into one CUDA kernel (fp32 arithmetic).
+    """`w_x * x_t + w_a * output_a + w_b * output_b + sum_j w_hj * h_j`, fused into one CUDA kernel (fp32 arithmetic).
 
     Args:
         x_t: (B, C, h, w) latents (any shape works: elementwise), float32 / float16 / bfloat16, CUDA.
@@ -272,10 +281,12 @@ def guided_update_cuda(
             channels-last inputs that match x_t are used in place).
         output_a, output_b: the rule's UNet outputs with x_t's shape, dtype and device; output_b may
             be None (the kernel then reads two inputs instead of three and ignores w_b).
-        weights: contiguous float32 CUDA tensor of 3 elements (w_x, w_a, w_b) on x_t's device, a row
-            of `DDIMTable.weights(...)` (read on the device: no host synchronisation).
+        weights: contiguous float32 CUDA tensor of 3 + K elements (w_x, w_a, w_b, w_h1..w_hK) on x_t's
+            device, an output block of a `StepTable.weights(...)` row (read on the device: no host
+            synchronisation).
         out: optional output buffer, dense and laid out like x_t, overlapping no input; allocated
             with `torch.empty_like(x_t)` when None.
+        history: K <= 2 history tensors like output_a (a multistep solver's; none for DDIM).
 
     Returns:
         x_prev: `out` (or a new tensor) with x_t's shape and dtype, written on torch's current stream.
@@ -284,12 +295,14 @@ def guided_update_cuda(
         ValueError / TypeError: see `check_inputs`.
         RuntimeError: CuPy is missing or the kernel does not compile.
     """
-    check_inputs(x_t, output_a, output_b, out, weights)
+    history = tuple(history)
+    check_inputs(x_t, output_a, output_b, out, weights, history)
     x_t = match_layout(x_t)
     output_a = match_layout(output_a, x_t)
     output_b = match_layout(output_b, x_t) if output_b is not None else None
+    history = tuple(match_layout(h, x_t) for h in history)
     if out is None:
         out = torch.empty_like(x_t)
     if x_t.numel():
-        _launch(x_t, output_a, output_b, out, weights)
+        _launch(x_t, output_a, output_b, out, weights, history)
     return out

@@ -1,26 +1,31 @@
-// Guidance combination + DDIM (eta = 0) update in one elementwise pass.
+// Guidance combination + sampler update (one output block of a step-table row) in one elementwise pass.
 //
-//   x_prev = w_x * x_t + w_a * out_a + w_b * out_b
+//   out = w_x * x_t + w_a * out_a + w_b * out_b + w_h1 * h1 + ... + w_hK * hK
 //
 // where out_a, out_b are the two UNet outputs of a guidance rule (model_output = coef_a * out_a +
-// coef_b * out_b) and (w_x, w_a, w_b) is one row of the per-step weights table that
-// `finextract.engine.ddim.DDIMTable.weights` computes in double precision from the scheduler's
-// alphas_cumprod, the model's prediction type and the rule's coefficients. For an epsilon model:
+// coef_b * out_b), h1..hK a multistep solver's history (K = 0 for DDIM, 1 for DPM-Solver++ 2M, 2 for
+// UniPC) and (w_x, w_a, w_b, w_h1..w_hK) one output block of a row of the per-step weights table that
+// `finextract.engine.ddim.StepTable.weights` computes in double precision from the scheduler's sigmas,
+// the model's prediction type and the rule's coefficients. For DDIM and an epsilon model:
 //   w_x = sqrt(a_prev / a_t),  w_a = c * coef_a,  w_b = c * coef_b,
 //   c   = sqrt(1 - a_prev) - sqrt(a_prev * (1 - a_t) / a_t)            (DDIM, Song et al. Eq. 12)
-// The row is read from three floats in device memory, so one captured CUDA graph replays every
+// The row is read from 3 + K floats in device memory, so one captured CUDA graph replays every
 // timestep: the loop copies the step's row into that buffer on the device (no host synchronisation).
-// The torch reference `finextract.kernels.guidance_ddim.guided_update_reference` defines the result.
+// The torch reference `finextract.kernels.guidance_ddim.guided_update_reference` defines the result
+// (the same terms, added in the same order).
 //
-// Storage types: fp32, fp16, bf16 (one type for all four tensors); arithmetic in fp32.
+// Storage types: fp32, fp16, bf16 (one type for all tensors); arithmetic in fp32.
 // Memory: every element is read once and written once, 16 bytes per thread per access on the aligned
 // body; a scalar head/tail covers unaligned starts and sizes that are not a multiple of the vector.
 // No CUDA headers are included so that the same source compiles under NVRTC (CuPy) and nvcc.
 //
 // Entry points (extern "C", looked up by name from finextract/kernels/cuda_guidance.py):
-//   guided_ddim_{f32,f16,bf16}     (out, x_t, out_a, out_b, n, head, n_vec, weights)
-//   guided_ddim_{f32,f16,bf16}_a   (out, x_t, out_a,        n, head, n_vec, weights)
-//                                   the one-term variant (w_b unused)
+//   guided_ddim_{f32,f16,bf16}       (out, x_t, out_a, out_b, n, head, n_vec, weights)
+//   guided_ddim_{f32,f16,bf16}_a     (out, x_t, out_a,        n, head, n_vec, weights)
+//                                     the one-term variant (w_b unused)
+//   guided_ddim_{f32,f16,bf16}[_a]_h1 (out, x_t, out_a, [out_b,] h1,     n, head, n_vec, weights)
+//   guided_ddim_{f32,f16,bf16}[_a]_h2 (out, x_t, out_a, [out_b,] h1, h2, n, head, n_vec, weights)
+//                                     with one or two history inputs (weights has 3 + K floats)
 // `head`: elements before the first 16-byte-aligned one (the same for every pointer, else n_vec = 0);
 // `n_vec`: 16-byte vectors in the aligned body; elements [head + n_vec*VEC, n) form the tail.
 
@@ -81,17 +86,21 @@ struct BF16 {
     }
 };
 
-// One pass over n elements. HAS_B is a compile-time switch so the eps_b-absent variant reads 3 streams.
-template <class S, bool HAS_B>
+// One pass over n elements. HAS_B and K are compile-time switches: each variant reads only its streams.
+template <class S, bool HAS_B, int K>
 __device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out,
                                                  const typename S::T* __restrict__ x_t,
                                                  const typename S::T* __restrict__ eps_a,
                                                  const typename S::T* __restrict__ eps_b,
+                                                 const typename S::T* __restrict__ h1,
+                                                 const typename S::T* __restrict__ h2,
                                                  i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {
-    // every thread reads the same three floats (one cache line, served from L1/L2)
+    // every thread reads the same 3 + K floats (one cache line, served from L1/L2)
     const float w_x = weights[0];
     const float w_a = weights[1];
     const float w_b = HAS_B ? weights[2] : 0.0f;
+    const float w_h1 = K >= 1 ? weights[3] : 0.0f;
+    const float w_h2 = K >= 2 ? weights[4] : 0.0f;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -99,18 +108,24 @@ __device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out
     const Vec16* vx = reinterpret_cast<const Vec16*>(x_t + head);
     const Vec16* va = reinterpret_cast<const Vec16*>(eps_a + head);
     const Vec16* vb = reinterpret_cast<const Vec16*>(HAS_B ? eps_b + head : eps_a + head);
+    const Vec16* v1 = reinterpret_cast<const Vec16*>(K >= 1 ? h1 + head : eps_a + head);
+    const Vec16* v2 = reinterpret_cast<const Vec16*>(K >= 2 ? h2 + head : eps_a + head);
     Vec16* vo = reinterpret_cast<Vec16*>(out + head);
     for (i64 v = tid; v < n_vec; v += stride) {
         const Vec16 x = vx[v];
         const Vec16 a = va[v];
-        Vec16 b;
+        Vec16 b, p, q;
         if (HAS_B) b = vb[v];
+        if (K >= 1) p = v1[v];
+        if (K >= 2) q = v2[v];
         Vec16 r;
 #pragma unroll
         for (int j = 0; j < S::VEC; ++j) {
             float acc = w_x * S::lane(x, j);
             acc = fmaf(w_a, S::lane(a, j), acc);
             if (HAS_B) acc = fmaf(w_b, S::lane(b, j), acc);
+            if (K >= 1) acc = fmaf(w_h1, S::lane(p, j), acc);
+            if (K >= 2) acc = fmaf(w_h2, S::lane(q, j), acc);
             S::set_lane(r, j, acc);
         }
         vo[v] = r;
@@ -125,20 +140,39 @@ __device__ __forceinline__ void guided_ddim_body(typename S::T* __restrict__ out
         float acc = w_x * S::load(x_t, i);
         acc = fmaf(w_a, S::load(eps_a, i), acc);
         if (HAS_B) acc = fmaf(w_b, S::load(eps_b, i), acc);
+        if (K >= 1) acc = fmaf(w_h1, S::load(h1, i), acc);
+        if (K >= 2) acc = fmaf(w_h2, S::load(h2, i), acc);
         S::store(out, i, acc);
     }
 }
 
+#define P(S) const S::T* __restrict__
+#define TAIL i64 n, i64 head, i64 n_vec, const float* __restrict__ weights
 #define GUIDED_DDIM_ENTRY(NAME, S)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                               \
-        S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
-        const S::T* __restrict__ eps_b, i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {   \
-        guided_ddim_body<S, true>(out, x_t, eps_a, eps_b, n, head, n_vec, weights);                        \
+    extern "C" __global__ void __launch_bounds__(256) NAME(S::T* __restrict__ out, P(S) x_t, P(S) eps_a,  \
+                                                           P(S) eps_b, TAIL) {                             \
+        guided_ddim_body<S, true, 0>(out, x_t, eps_a, eps_b, 0, 0, n, head, n_vec, weights);               \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) NAME##_a(                                           \
-        S::T* __restrict__ out, const S::T* __restrict__ x_t, const S::T* __restrict__ eps_a,              \
-        i64 n, i64 head, i64 n_vec, const float* __restrict__ weights) {                                   \
-        guided_ddim_body<S, false>(out, x_t, eps_a, (const S::T*)0, n, head, n_vec, weights);              \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_a(S::T* __restrict__ out, P(S) x_t,          \
+                                                               P(S) eps_a, TAIL) {                         \
+        guided_ddim_body<S, false, 0>(out, x_t, eps_a, 0, 0, 0, n, head, n_vec, weights);                  \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_h1(S::T* __restrict__ out, P(S) x_t,         \
+                                                                P(S) eps_a, P(S) eps_b, P(S) h1, TAIL) {   \
+        guided_ddim_body<S, true, 1>(out, x_t, eps_a, eps_b, h1, 0, n, head, n_vec, weights);              \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_a_h1(S::T* __restrict__ out, P(S) x_t,       \
+                                                                  P(S) eps_a, P(S) h1, TAIL) {             \
+        guided_ddim_body<S, false, 1>(out, x_t, eps_a, 0, h1, 0, n, head, n_vec, weights);                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_h2(S::T* __restrict__ out, P(S) x_t,         \
+                                                                P(S) eps_a, P(S) eps_b, P(S) h1,           \
+                                                                P(S) h2, TAIL) {                           \
+        guided_ddim_body<S, true, 2>(out, x_t, eps_a, eps_b, h1, h2, n, head, n_vec, weights);             \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_a_h2(S::T* __restrict__ out, P(S) x_t,       \
+                                                                  P(S) eps_a, P(S) h1, P(S) h2, TAIL) {    \
+        guided_ddim_body<S, false, 2>(out, x_t, eps_a, 0, h1, h2, n, head, n_vec, weights);                \
     }
 
 GUIDED_DDIM_ENTRY(guided_ddim_f32, F32)

@@ -21,6 +21,7 @@ def test_resolve_fills_auto_and_defaults(monkeypatch, tmp_path):
     assert config.backend == "openvino"  # "auto" on a CPU
     assert (config.threads, config.cache_dir, config.dtype, config.vae_dtype) == (3, str(tmp_path), "fp32", "fp32")
     assert (config.batch_size, config.steps, config.seed, config.cuda_graphs) == (16, 50, 0, True)
+    assert config.scheduler == "ddim" and "scheduler" in config.image_settings()  # it changes the images
     assert RunConfig.resolve(device="cpu", backend="torch", dtype="float32").dtype == "fp32"
     record = config.to_dict()
     assert set(record) == {
@@ -31,6 +32,7 @@ def test_resolve_fills_auto_and_defaults(monkeypatch, tmp_path):
         "threads",
         "batch_size",
         "steps",
+        "scheduler",
         "seed",
         "cache_dir",
         "cuda_graphs",
@@ -48,6 +50,7 @@ def test_resolve_fills_auto_and_defaults(monkeypatch, tmp_path):
         (dict(backend="tensorrt"), "tensorrt needs a CUDA device"),
         (dict(batch_size=0), "--batch-size 0"),
         (dict(steps=0), "the paper uses 50"),
+        (dict(scheduler="euler"), "--scheduler 'euler': expected one of ddim, dpmpp-2m, unipc"),
         (dict(seed="1"), "--seed"),
         (dict(threads=0), "threads=0"),
         (dict(device="tpu"), "--device 'tpu'"),

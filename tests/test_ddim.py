@@ -168,3 +168,24 @@ def test_graphed_loop_on_gpu_equals_eager(dtype):
     assert torch.equal(first, reference)  # the same kernels on the same inputs
     with pytest.raises(ValueError, match="pad the batch"):
         graphed.run(x_T[:1])
+
+
+@pytest.mark.gpu
+def test_graphed_multistep_loop_on_gpu_equals_eager():
+    """K = 2 (UniPC): the packed state (x_t and two history tensors) replays in a graph as it runs eagerly."""
+    from finextract.engine.solvers import step_table
+
+    table = step_table("unipc", SD1_SCHEDULER_CONFIG, 6)
+    timesteps, weights = table.timesteps_tensor("cuda"), table.weights(*COEFS, device="cuda")
+
+    def step(state, t, row):
+        x, past = state[:, :4], (state[:, 4:8], state[:, 8:])
+        out_a, out_b = 0.5 * x + t / 1000, -0.25 * x
+        return torch.cat([guided_update(x, out_a, out_b, row[5 * r : 5 * r + 5], history=past) for r in range(3)], 1)
+
+    x_T = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(7)).cuda()
+    graphed = DDIMLoop(step, timesteps, weights, history=2, graph=True)
+    eager = DDIMLoop(step, timesteps, weights, history=2)
+    first, reference = graphed.run(x_T), eager.run(x_T)
+    assert graphed.mode == "graph", graphed.eager_reason
+    assert first.shape == x_T.shape and torch.equal(first, reference)

@@ -3,6 +3,8 @@ external data, fp16; and the TensorRT path's CPU-side logic."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -13,7 +15,7 @@ from finextract.engine.conditioning import encode_conditioning
 from finextract.engine.config import RunConfig
 from finextract.engine.ddim import DDIMTable
 from finextract.engine.denoiser import GuidedDenoiser
-from finextract.engine.export import ExportSpec, cache_key, export_cached, read_valid_meta
+from finextract.engine.export import EXPORT_FORMAT, ExportSpec, cache_key, export_cached, read_valid_meta
 from finextract.engine.lora import GatedLoRA
 from finextract.rules import rule_for
 from tests import tolerances
@@ -188,9 +190,19 @@ def test_cache_key_covers_weights_structure_spec_versions_not_profiles(dreamboot
     key = cache_key(spec, denoiser.fingerprint, versions)
     assert cache_key(spec, "other", versions) != key
     assert cache_key(spec, denoiser.fingerprint, {**versions, "onnx": "2"}) != key
-    for change in (dict(dtype="fp16"), dict(opset=18), dict(latent_shape=(4, 8, 8))):
+    for change in (dict(dtype="fp16"), dict(opset=18), dict(latent_shape=(4, 8, 8)), dict(history=1), dict(history=2)):
         assert cache_key(ExportSpec(**{**spec.__dict__, **change}), denoiser.fingerprint, versions) != key
     assert cache_key(ExportSpec(**{**spec.__dict__, "batch_sizes": (32,)}), denoiser.fingerprint, versions) == key
+    # DDIM's (K = 0) key is the one before the history field existed: its cached exports stay valid
+    before = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("batch_sizes", "history")}
+    payload = {"format": EXPORT_FORMAT, "spec": before, "denoiser": denoiser.fingerprint, "versions": versions}
+    assert key == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    # K history tensors: the state and the weights row grow, the output is the next state
+    multistep = ExportSpec(**{**spec.__dict__, "history": 2})
+    assert multistep.input_shapes(3)["x_t"] == (3, 12, *spec.latent_shape[1:]) == multistep.output_shape(3)
+    assert multistep.input_shapes(3)["weights"] == (15,) and spec.input_shapes(3)["weights"] == (3,)
+    with pytest.raises(ValueError, match="history 3"):
+        ExportSpec(**{**spec.__dict__, "history": 3})
     # another rule structure (CFG: both terms on the fine-tune) or other weights: another fingerprint
     cfg = GuidedDenoiser(dreambooth_pair, rule_for("cfg", "dreambooth"))
     assert cfg.fingerprint != denoiser.fingerprint

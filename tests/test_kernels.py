@@ -31,10 +31,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = [(1.0631, 3.1788, -2.1406), (1.1416, -0.1512, 0.1018), (1.0004, -0.0203, 0.0137)]
 
 
-def reference_update(x_t, out_a, out_b, row):
+# history weights (w_h1, w_h2) of multistep rows (DPM-Solver++ 2M / UniPC magnitudes)
+HISTORY_WEIGHTS = (-0.4137, 0.0921)
+
+
+def reference_update(x_t, out_a, out_b, row, history=()):
     """The update in float64: the exact value both float32 implementations round."""
-    w_x, w_a, w_b = row
-    return w_x * x_t.double() + w_a * out_a.double() + (w_b * out_b.double() if out_b is not None else 0.0)
+    w_x, w_a, w_b = row[:3]
+    value = w_x * x_t.double() + w_a * out_a.double() + (w_b * out_b.double() if out_b is not None else 0.0)
+    for w_h, h in zip(row[3:], history):
+        value = value + w_h * h.double()
+    return value
 
 
 # ---------------------------------------------------------------- compilation (CPU, toolchains) --
@@ -54,8 +61,9 @@ def test_cu_compiles_for_sm90_with_nvcc(tmp_path):
     report = result.stderr
     for dtype in DTYPES:
         for has_b in (True, False):
-            assert f"'{cg.kernel_name(dtype, has_b)}'" in report
-    assert report.count("0 bytes stack frame") == 6, report  # nothing spilled to local memory
+            for history in (0, 1, 2):
+                assert f"'{cg.kernel_name(dtype, has_b, history)}'" in report
+    assert report.count("0 bytes stack frame") == 18, report  # nothing spilled to local memory
     subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-o", str(ptx), str(cg.KERNEL_SOURCE)], check=True)
     text = ptx.read_text()
     assert "ld.global.nc.v4" in text and "st.global.v4" in text  # 16-byte loads and stores
@@ -169,6 +177,12 @@ def test_check_inputs_names_the_bad_argument():
         cg.check_inputs(x, x.clone(), None, x, w)
     with pytest.raises(ValueError, match="weights must be"):
         cg.check_inputs(x, x.clone(), None, torch.empty_like(x), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="4 elements"):  # one history tensor: 3 + 1 weights
+        cg.check_inputs(x, x.clone(), None, torch.empty_like(x), torch.zeros(3), history=(x.clone(),))
+    with pytest.raises(ValueError, match=r"history\[0\] has shape"):
+        cg.check_inputs(x, x.clone(), None, None, torch.zeros(4), history=(x[:1].clone(),))
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        cg.kernel_name(torch.float32, True, 3)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         cg.guided_update_cuda(x, x.clone(), x.clone(), w)
 
@@ -191,10 +205,67 @@ def test_dispatcher_uses_the_reference_on_a_cpu_and_validates():
         guided_update(x_t, out_a[:1], None, torch.tensor(ROWS[0]))
     with pytest.raises(ValueError, match="weights has 2 elements"):
         guided_update(x_t, out_a, None, torch.zeros(2))
+    with pytest.raises(ValueError, match="weights has 3 elements; expected 3 \\+ 1"):
+        guided_update(x_t, out_a, None, torch.zeros(3), history=(x_t,))
+    with pytest.raises(ValueError, match="at most 2"):
+        guided_update(x_t, out_a, None, torch.zeros(6), history=(x_t,) * 3)
+    with pytest.raises(ValueError, match="one shape"):
+        guided_update(x_t, out_a, None, torch.zeros(4), history=(x_t[:1],))
     with pytest.raises(ValueError, match="impl"):
         guided_update(x_t, out_a, None, torch.zeros(3), impl="triton")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         guided_update(x_t, out_a, None, torch.zeros(3), impl="cuda")
+
+
+@pytest.mark.parametrize("history", [1, 2])
+@pytest.mark.parametrize("has_b", [True, False])
+def test_reference_adds_the_history_columns(history, has_b):
+    """The history column(s): `w_h1 * h_1 (+ w_h2 * h_2)` added to the DDIM terms, in float32 (one more
+    product and sum per history tensor: 3 + 2K roundings per term at most), in x_t's dtype."""
+    generator = torch.Generator().manual_seed(4)
+    x_t, out_a, out_b, h1, h2 = (torch.randn(2, 4, 5, 3, generator=generator) for _ in range(5))
+    out_b = out_b if has_b else None
+    past = (h1, h2)[:history]
+    for row in ROWS:
+        full = (*row, *HISTORY_WEIGHTS[:history])
+        value = guided_update(x_t, out_a, out_b, torch.tensor(full), history=past)
+        assert torch.equal(value, guided_update_reference(x_t, out_a, out_b, torch.tensor(full), past))
+        exact = reference_update(x_t, out_a, out_b, full, past)
+        terms = [full[0] * x_t, full[1] * out_a] + ([full[2] * out_b] if has_b else [])
+        terms += [w * h for w, h in zip(full[3:], past)]
+        bound = tolerances.elementwise(*terms, operations=3 + 2 * history)
+        assert ((value.double() - exact).abs() <= bound).all()
+        # the history column changes the result by exactly its term (to rounding): not ignored
+        without = guided_update_reference(x_t, out_a, out_b, torch.tensor(row))
+        assert ((value - without).double() - sum(w * h.double() for w, h in zip(full[3:], past))).abs().max() < 1e-5
+    assert guided_update(x_t.half(), out_a.half(), None, torch.tensor((*ROWS[0], 0.5)), history=(h1.half(),)).dtype == (
+        torch.float16
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("history", [1, 2])
+@pytest.mark.parametrize("numel, offset", [(7, 1), (4 * 4 * 33 * 17 + 5, 3), (2 * 4 * 64 * 64, 0)])
+def test_kernel_with_history_equals_reference_on_gpu(dtype, history, numel, offset):
+    generator = torch.Generator().manual_seed(numel + history)
+    x_t, out_a, out_b, out = _cuda_inputs(numel, dtype, offset, generator)
+    h1, h2, _, _ = _cuda_inputs(numel, dtype, offset, generator)
+    past = (h1, h2)[:history]
+    for has_b in (True, False):
+        b = out_b if has_b else None
+        full = (*ROWS[0], *HISTORY_WEIGHTS[:history])
+        out.fill_(float("nan"))
+        cg.guided_update_cuda(x_t, out_a, b, torch.tensor(full, device="cuda"), out=out, history=past)
+        torch.cuda.synchronize()
+        inputs = [v.cpu() if v is not None else None for v in (x_t, out_a, b)]
+        cpu_past = tuple(h.cpu() for h in past)
+        exact = reference_update(*inputs, full, cpu_past)
+        magnitude = sum(abs(w) * v.double().abs() for w, v in zip(full, [*inputs, *cpu_past]) if v is not None)
+        bound = (RELATIVE_BOUND[dtype] + (3 + 2 * history) * tolerances.U) * magnitude + 1e-30
+        assert ((out.cpu().double() - exact).abs() <= bound).all()
+        via_dispatch = guided_update(x_t, out_a, b, torch.tensor(full, device="cuda"), history=past)
+        assert torch.equal(via_dispatch, out)  # impl="auto" on CUDA runs the same kernel
 
 
 def test_match_layout_copies_only_when_the_memory_order_differs():

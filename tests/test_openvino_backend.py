@@ -44,6 +44,14 @@ def test_step_matches_torch(request, ov_config, pair_name, method):
     assert_step_matches(ours, reference, reference.denoiser.unets[0], pair, rule)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "unipc"])
+def test_multistep_step_matches_torch(lora_pair, ov_config, scheduler):
+    """The K = 1 / K = 2 graph (the state packs x_t and the history), compiled by OpenVINO, two streams."""
+    rule = rule_for("finextract", "lora")
+    ours, reference = _backends(lora_pair, rule, ov_config.replace(scheduler=scheduler, threads=2))
+    assert_step_matches(ours, reference, reference.denoiser.unets[0], lora_pair, rule, scheduler)
+
+
 def test_two_streams_split_the_batch(lora_pair, ov_config):
     """threads=2: the batch runs as two concurrent parts (3 + 2 rows here), each row as with one stream."""
     rule = rule_for("finextract", "lora")

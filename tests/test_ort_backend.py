@@ -35,6 +35,15 @@ def test_step_matches_torch(request, ort_config, pair_name, method):
     assert_step_matches(ours, reference, pair.base_unet, pair, rule)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "unipc"])
+def test_multistep_step_matches_torch(dreambooth_pair, ort_config, scheduler):
+    """The K = 1 / K = 2 export (the state packs x_t and the history) steps as the torch backend does."""
+    rule = rule_for("finextract", "dreambooth")
+    ours, reference = _backends(dreambooth_pair, rule, ort_config.replace(scheduler=scheduler))
+    assert ours.spec.state_shape == (4 * (1 + ours.spec.history), 16, 16) and ours.spec.history > 0
+    assert_step_matches(ours, reference, dreambooth_pair.base_unet, dreambooth_pair, rule, scheduler)
+
+
 def test_batch_size_can_change_between_calls(lora_pair, ort_config):
     rule = rule_for("finextract", "lora")
     backend, _ = _backends(lora_pair, rule, ort_config)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..export import ExportedModel, ExportSpec, export_cached
+from ..solvers import history_slots
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class OpenVINOBackend:
             raise ValueError(
                 f"--backend openvino exports fp32 graphs on the CPU (got --dtype {config.dtype}); use fp32"
             )
-        self.spec = ExportSpec.of(denoiser, conditioning, dtype="fp32")
+        self.spec = ExportSpec.of(denoiser, conditioning, dtype="fp32", history=history_slots(config.scheduler))
         names = [name for name, _ in self.spec.conditioning]
         self._constants = {name: tensor.float().contiguous() for name, tensor in zip(names, conditioning)}
         self.streams = max(1, int(config.threads))
@@ -82,7 +83,7 @@ class OpenVINOBackend:
         """`streams` infer requests of a model compiled for `rows` latents each (built on first use)."""
         if rows not in self._compiled:
             model = self._model.clone()
-            model.reshape({"x_t": [rows, *self.spec.latent_shape]})
+            model.reshape({"x_t": [rows, *self.spec.state_shape]})
             properties = {"INFERENCE_NUM_THREADS": self.streams, "INFERENCE_PRECISION_HINT": "f32"}
             if self.streams > 1:
                 properties.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=self.streams)
@@ -104,7 +105,7 @@ class OpenVINOBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         x_t = x_t.to(device="cpu", dtype=torch.float32).contiguous()
         t = t.to(device="cpu", dtype=torch.float32).reshape(1).contiguous()
         weights = weights.to(device="cpu", dtype=torch.float32).contiguous()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..export import ExportedModel, ExportSpec, export_cached
+from ..solvers import history_slots
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class OnnxRuntimeBackend:
         if config.dtype == "fp16" and self.device.type == "cpu":
             raise ValueError("dtype fp16 on device cpu: onnxruntime's CPU provider lacks fp16 kernels; use fp32")
         provider_list = providers_for(self.device, providers)  # fail before the export when missing
-        self.spec = ExportSpec.of(denoiser, conditioning, dtype=config.dtype)
+        self.spec = ExportSpec.of(denoiser, conditioning, dtype=config.dtype, history=history_slots(config.scheduler))
         dtypes = self.spec.input_dtypes()
         names = [name for name, _ in self.spec.conditioning]
         self._constants = {
@@ -131,7 +132,7 @@ class OnnxRuntimeBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         feeds = dict(self._constants)
         feeds["x_t"] = x_t.to(device=self.device, dtype=torch.float32).contiguous()
         feeds["t"] = t.to(device=self.device, dtype=torch.float32).reshape(1).contiguous()

@@ -31,5 +31,5 @@ class TorchBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         return self.denoiser.step(x_t, t, weights, *self.conditioning)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..export import ExportSpec, export_cached
+from ..solvers import history_slots
 from ..tensorrt import BuildConfig, build_unet_engine, load_engine, require_tensorrt
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class TensorRTBackend:
                 f"--backend tensorrt needs a CUDA device (got {config.device!r}); use --backend onnxruntime on a CPU"
             )
         batch_sizes = tuple(batch_sizes or (config.batch_size,))
-        self.spec = ExportSpec.of(denoiser, conditioning, dtype=config.dtype, batch_sizes=batch_sizes)
+        history = history_slots(config.scheduler)
+        self.spec = ExportSpec.of(denoiser, conditioning, dtype=config.dtype, batch_sizes=batch_sizes, history=history)
         dtypes = self.spec.input_dtypes()
         names = [name for name, _ in self.spec.conditioning]
         self._constants = {
@@ -126,7 +128,7 @@ class TensorRTBackend:
 
     @torch.inference_mode()
     def step(self, x_t: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x_prev (B, C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
+        """The next state (B, (1 + K) * C, h, w) float32 (see `finextract.engine.backends.base.Backend.step`)."""
         batch = x_t.shape[0]
         profile = self._profile(batch)
         buffers = profile.buffers

@@ -95,7 +95,7 @@ def run(args) -> int:
             progress=not args.no_progress,
             **options_of(args, "executor", "ray_address", "workers", "retries", "sscd_preset", "allow_pickle"),
             **options_of(args, "save_generated", "overwrite", "device", "dtype", "backend", "threads"),
-            **options_of(args, "batch_size", "steps", "seed", "cuda_graphs"),
+            **options_of(args, "batch_size", "steps", "scheduler", "seed", "cuda_graphs"),
         )
     except KeyboardInterrupt:
         logging.getLogger("finextract").warning("stopped by Ctrl-C; %s/summary.json lists what finished", args.out)

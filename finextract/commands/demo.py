@@ -25,6 +25,7 @@ from .options import (
     add_device_option,
     add_overwrite_option,
     add_preset_option,
+    add_scheduler_option,
     options_of,
     positive_int,
 )
@@ -78,7 +79,8 @@ def register(subparsers) -> None:
         default=None,
         help="N, images generated per run (default the preset's: 50 x N0)",
     )
-    parser.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default the preset's: 50)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default the preset's)")
+    add_scheduler_option(parser, preset=True)
     # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     add_device_option(parser)
@@ -106,6 +108,7 @@ def run_demo(
     n0: int | None = None,
     num_images: int | None = None,
     steps: int | None = None,
+    scheduler: str | None = None,
     preset: str | None = None,
     batch_size: int = 50,
     device: str = RUN_DEFAULTS["device"],
@@ -121,9 +124,9 @@ def run_demo(
         zoo: trained zoo folder (default: the committed one).
         scenarios, kinds, methods: subsets of SCENARIOS, KINDS, METHODS.
         seeds: K >= 1 repeats; repeat j samples image i from seed `seed + j * N + i` (disjoint sets).
-        n0: N0 (default: each scenario's number of training images). num_images: N, steps: DDIM steps
-            (None: the preset's, 50 x N0 and 50). preset: the procedure preset (`finextract.spec.PRESETS`;
-            None = the default); num_images and steps given override it.
+        n0: N0 (default: each scenario's number of training images). num_images: N, steps and scheduler:
+            the sampler (None: the preset's). preset: the procedure preset (`finextract.spec.PRESETS`;
+            None = the default); num_images, steps and scheduler given override it.
         overwrite: replace a run folder holding a run with other settings (e.g. other --steps)
             instead of refusing it (`Extractor.extract(overwrite=)`, `--overwrite`).
 
@@ -163,7 +166,9 @@ def run_demo(
         if not (folder / "caption.txt").is_file():
             raise FileNotFoundError(f"{folder}: the {name} scenario is missing from the zoo (no caption.txt)")
     config = RunConfig.resolve(
-        **preset_run_options(preset, device=device, backend=backend, steps=steps, batch_size=batch_size, seed=seed)
+        **preset_run_options(
+            preset, device=device, backend=backend, steps=steps, scheduler=scheduler, batch_size=batch_size, seed=seed
+        )
     )
     resolved = {name: getattr(config, name) for name in RUN_PRESET_SETTINGS}  # given to extract: kept
     out = prepare(out, "demo").path
@@ -186,6 +191,7 @@ def run_demo(
                 "finetune_seeds": "not varied: one committed fine-tune per scenario and kind",
                 "preset": specs[scenarios[0], methods[0]].preset,
                 "steps": config.steps,
+                "scheduler": config.scheduler,
                 "batch_size": batch_size,
                 "device": device,
                 "backend": backend,
@@ -352,7 +358,7 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
     )
     body = [
         "<h1>FineXtract on the tiny trained models</h1>",
-        f"<p>{summary['config']['steps']} DDIM steps, the same seeds for every method, {spread}; the fine-tunes "
+        f"<p>{summary['config']['steps']} {summary['config'].get('scheduler', 'ddim')} steps, the same seeds for every method, {spread}; the fine-tunes "
         f"are the committed ones. Total {summary['seconds']:.0f} s.</p>",
         table(
             ("scenario", "kind", "method", *METRICS, "UNet evaluations", "runs"),
@@ -372,7 +378,7 @@ def _write_index(out: Path, summary: dict, folders: dict) -> None:
         "<p class='note'>AS: mean over the training images of the SSCD similarity to their best extracted "
         "match (paper Eq. 1). A-ESR0.6 / 0.7: share of training images whose best match exceeds 0.6 / 0.7 "
         "(Eq. 2); such matches are green / bold green below. UNet evaluations: what one extraction cost, "
-        "images x DDIM steps x models per step (2 for FineXtract and CFG, 1 for Direct).</p>",
+        "images x sampler steps x models per step (2 for FineXtract and CFG, 1 for Direct).</p>",
     ]
     for scenario, folder in folders.items():
         train_dir = out / "train" / scenario
@@ -418,8 +424,9 @@ def run(args) -> int:
         kinds=args.kinds.split(","),
         methods=args.methods.split(","),
         **options_of(
-            args, "seeds", "seed", "n0", "num_images", "steps", "preset", "batch_size", "device", "backend", "overwrite"
+            args, "seeds", "seed", "n0", "num_images", "steps", "scheduler", "preset", "batch_size", "device", "backend"
         ),
+        overwrite=args.overwrite,
     )
     print(format_table(summary["cells"]))
     out = Path(args.out).resolve()

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, RunConfig
+from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, SCHEDULER_NAMES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
 from finextract.spec import AUTO, DEFAULT_PRESET, PRESETS, preset_run_options
 from finextract.sscd import SSCD_PRESETS
@@ -202,16 +202,17 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         choices=tuple(PRESETS),
         default=None,
         help="procedure preset: paper (the paper's procedure: N = 50 x N0, 50 DDIM steps, no early stop, the "
-        f"paper's selection) or {DEFAULT_PRESET} (the default; today the same settings). Options given "
-        "explicitly (--num-images, --steps) override the preset's; result.json records which did",
+        f"paper's selection) or {DEFAULT_PRESET} (the default). Options given explicitly (--num-images, "
+        "--steps, --scheduler) override the preset's; result.json records which did",
     )
 
 
 def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset: bool = False) -> None:
-    """--steps, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and --seed help.
+    """--steps, --scheduler, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and
+    --seed help.
 
-    `preset=True` (the command has --preset): --steps defaults to None, filled in from the preset by
-    `run_config_from`; otherwise to the default preset's steps.
+    `preset=True` (the command has --preset): --steps and --scheduler default to None, filled in from the
+    preset by `run_config_from`; otherwise to the default preset's.
     """
     steps = preset_run_options(None)["steps"]
     default = f"the --preset's: {steps}" if preset else steps
@@ -219,8 +220,9 @@ def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset:
         "--steps",
         type=positive_int,
         default=None if preset else steps,
-        help=f"DDIM steps, eta = 0 (default {default}{note})",
+        help=f"sampler steps (default {default}{note})",
     )
+    add_scheduler_option(parser, preset=preset)
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -232,6 +234,19 @@ def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset:
         type=int,
         default=RUN_DEFAULTS["seed"],
         help=f"image i starts from seed + i (default {RUN_DEFAULTS['seed']}{note})",
+    )
+
+
+def add_scheduler_option(parser: argparse.ArgumentParser, *, preset: bool = False) -> None:
+    """--scheduler (default the default preset's; None with `preset=True`, filled in from --preset)."""
+    scheduler = preset_run_options(None)["scheduler"]
+    default = f"the --preset's: {scheduler}" if preset else scheduler
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_NAMES,
+        default=None if preset else scheduler,
+        help="sampler: ddim (eta = 0, the paper's), dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC bh2), with the "
+        f"model's own scheduler config (default {default})",
     )
 
 
