@@ -71,7 +71,7 @@ def test_a_named_preset_sets_the_run_and_extract_keywords_override_it(zoo, monke
     from finextract.extract import Extractor
     from finextract.spec import PRESETS, ExtractionSpec
 
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 3, "steps": 2})  # a tiny "paper" procedure
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 3, "steps": 2, "scheduler": "ddim"})  # a tiny procedure
     extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch", steps=3, batch_size=6)
     spec = ExtractionSpec.resolve("a photo of sks", 2, preset="paper")
     result = extractor.extract(spec=spec, progress=False)  # the preset's 2 steps over the Extractor's 3

@@ -80,7 +80,7 @@ def test_the_cli_builds_the_spec_before_any_model_loads(tmp_path, capsys):
 
 def test_the_paper_preset_is_the_papers_procedure_and_the_default_is_todays():
     # the paper: N = 50 x N0 and 50 DDIM steps (Sec. 5.1); RunConfig's own default is the same 50 steps
-    assert PRESETS["paper"] == {"images_per_n0": 50, "steps": 50}
+    assert PRESETS["paper"] == {"images_per_n0": 50, "steps": 50, "scheduler": "ddim"}
     assert PRESETS[DEFAULT_PRESET] == PRESETS["paper"] and RunConfig.defaults()["steps"] == 50
     paper = ExtractionSpec.resolve("c", 5, preset="paper")
     assert (paper.preset, paper.num_images) == ("paper", 250)
@@ -89,12 +89,13 @@ def test_the_paper_preset_is_the_papers_procedure_and_the_default_is_todays():
 
 
 def test_a_preset_fills_in_what_is_not_given_and_explicit_options_override_it(monkeypatch):
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7})  # read from the dict, not copied
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7, "scheduler": "unipc"})  # read, not copied
     spec = ExtractionSpec.resolve("c", 3, preset="paper")
     assert spec.num_images == 12 == default_num_images(3, "paper") and default_num_images(3) == 150
-    assert preset_run_options("paper") == {"steps": 7}
-    assert preset_run_options("paper", steps=20, seed=4, threads=None) == {"steps": 20, "seed": 4}
-    assert preset_run_options(None) == {"steps": 50}
+    assert preset_run_options("paper") == {"steps": 7, "scheduler": "unipc"}
+    given = preset_run_options("paper", steps=20, seed=4, threads=None)
+    assert given == {"steps": 20, "scheduler": "unipc", "seed": 4}
+    assert preset_run_options(None) == {"steps": 50, "scheduler": "ddim"}
     config = RunConfig.resolve(device="cpu", backend="torch", **preset_run_options("paper"))
     assert preset_record(spec, config) == {"name": "paper", "overrides": {}}
     overridden = ExtractionSpec.resolve("c", 3, preset="paper", num_images=5)
@@ -122,7 +123,7 @@ def test_the_cli_resolves_the_preset_once_and_explicit_options_override_it(monke
     from finextract.commands.options import run_config_from
 
     base = ["extract", "--base", "b", "--lora", "l", "--caption", "c", "--n0", "5", "--out", "o", "--device", "cpu"]
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7})
+    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7, "scheduler": "unipc"})
     parse = build_parser().parse_args
     args = parse(base + ["--preset", "paper"])
     assert run_config_from(args).steps == 7 and ExtractionSpec.from_attributes(args).num_images == 20
