@@ -373,8 +373,8 @@ class Extractor:
             n0: N0 >= 1, or "auto": the fine-tune's trainer metadata when it records N0 (`result.n0_source`),
                 else estimated from the generated images' SSCD descriptors
                 (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
-                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0; with
-                n0="auto" `finextract.spec.AUTO_NUM_IMAGES`).
+                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0: with
+                n0="auto", 50 x the metadata's N0, else `finextract.spec.AUTO_NUM_IMAGES`).
             method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
                 "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
                 (None = paper defaults per model kind).
@@ -462,10 +462,18 @@ class Extractor:
                 "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
                 "training images as the fine-tune saw them yourself"
             )
+        given = {"caption": caption, "n0": n0}
+        caption, metadata_caption, n0, n0_source = metadata_first(
+            self.finetuned_path if spec.use_metadata else None,
+            caption,
+            n0,
+            spec.num_images if spec.num_images_given else None,
+        )
+        if n0_source is not None:  # N0 known before generating: N follows it (50 x N0) unless given
+            spec = spec.with_n0(n0)
         call = jsonable(
             {
-                "caption": caption,
-                "n0": n0,
+                **given,
                 "num_images": spec.num_images,
                 "method": spec.method,
                 "w": spec.w,
@@ -484,9 +492,6 @@ class Extractor:
             train = read_images(train)
         timings = {"load": self.load_seconds}
         caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
-        caption, metadata_caption, n0, n0_source = metadata_first(
-            self.finetuned_path if spec.use_metadata else None, caption, n0, spec.num_images
-        )
         if metadata_caption is not None:
             caption_record = metadata_caption
         elif caption == AUTO:

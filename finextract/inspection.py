@@ -471,13 +471,14 @@ def _bases_lines(bases: dict) -> list[str]:
 # --- --caption auto / --n0 auto -------------------------------------------------------------------
 
 
-def metadata_first(path, caption, n0, num_images: int):
+def metadata_first(path, caption, n0, num_images: int | None):
     """`--caption auto` and `--n0 auto` from the fine-tune's trainer metadata, where it records them.
 
     Args:
         path: the fine-tune or adapter (file or folder); None, or one that is not a local path, gives nothing.
         caption: the spec's caption ("auto" asks for it). n0: the spec's N0 ("auto" asks for it).
-        num_images: N, which a recorded N0 must not exceed.
+        num_images: N as given, which a recorded N0 must not exceed; None when N is not given (it then
+            follows N0: `ExtractionSpec.with_n0`).
 
     Returns:
         (caption, caption_record or None, n0, n0_record or None): an "auto" replaced by the metadata's
@@ -502,7 +503,7 @@ def metadata_first(path, caption, n0, num_images: int):
         caption_record["candidates"] = record.caption_candidates
         logger.info("--caption auto: %r from the trainer metadata (%s)", caption, record.caption.source)
     if n0 == AUTO and record.n0 is not None and record.n0.value >= 1:
-        if record.n0.value > num_images:
+        if num_images is not None and record.n0.value > num_images:
             raise ValueError(
                 f"--n0 auto: the metadata of {path} records N0 = {record.n0.value} ({record.n0.source}), more than "
                 f"--num-images {num_images}: generate at least N0 images (the paper: 50 x N0), or give --n0"

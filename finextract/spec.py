@@ -116,6 +116,8 @@ class ExtractionSpec:
             `RunConfig` (`preset_run_options`; `Extractor.extract` applies a named one).
         use_metadata: with caption / n0 "auto", read them from the fine-tune's trainer metadata first
             (`finextract.inspection.metadata_first`); False recovers / estimates them regardless.
+        num_images_given: N was given (--num-images); False when it is `default_num_images`', which
+            `with_n0` rescales once an "auto" N0 is read from the trainer metadata.
     """
 
     caption: str | None
@@ -129,6 +131,29 @@ class ExtractionSpec:
     sscd_preset: str | None = None
     preset: str = DEFAULT_PRESET
     use_metadata: bool = True
+    num_images_given: bool = True
+
+    def with_n0(self, n0: int) -> ExtractionSpec:
+        """This spec once N0 = `n0` is known before generating (from the trainer metadata): n0 set, and N
+        the preset's `default_num_images(n0, preset)` (50 x N0) unless N was given. (N0 estimated from
+        the generated images comes too late to change N: those keep `AUTO_NUM_IMAGES`.)
+
+        Raises:
+            ValueError: n0 not an integer >= 1, or above a given N (as `resolve`).
+        """
+        return ExtractionSpec.resolve(
+            self.caption,
+            n0,
+            num_images=self.num_images if self.num_images_given else None,
+            method=self.method,
+            w=self.w,
+            k=self.k,
+            train=self.train,
+            train_as_is=self.train_as_is,
+            sscd_preset=self.sscd_preset,
+            preset=self.preset,
+            use_metadata=self.use_metadata,
+        )
 
     @classmethod
     def resolve(
@@ -167,6 +192,7 @@ class ExtractionSpec:
         if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)):
             raise ValueError(f"--num-images {num_images!r}: must be an integer >= 1")
         preset = DEFAULT_PRESET if preset is None else preset
+        num_images_given = num_images is not None
         num_images = default_num_images(n0, preset) if num_images is None else num_images  # checks preset
         if n0 == AUTO:
             if num_images < MIN_IMAGES:
@@ -206,6 +232,7 @@ class ExtractionSpec:
             sscd_preset=sscd_preset,
             preset=preset,
             use_metadata=bool(use_metadata),
+            num_images_given=num_images_given,
         )
 
     @classmethod

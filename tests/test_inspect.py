@@ -357,6 +357,42 @@ def test_extract_auto_reads_caption_and_n0_from_the_committed_dreambooth(tmp_pat
     assert record["config"]["caption"] == "a photo of sks"  # what the generation was guided with
 
 
+class _Generated(Exception):
+    """Raised by a stand-in for `generate`: what it was asked for is all the test needs."""
+
+
+@pytest.mark.parametrize("num_images, expected", [(None, 50 * 5), (60, 60)])
+def test_extract_n0_from_the_metadata_sets_n_to_50_n0(tmp_path, monkeypatch, num_images, expected):
+    """`--n0 auto` with N0 = 5 in the committed LoRA's metadata: N = the preset's 50 x 5 = 250, not the
+    AUTO_NUM_IMAGES (500) of an N0 estimated from the generations, unless N is given."""
+    import finextract.generation
+    from finextract import default_zoo_folder
+    from finextract.cli import main
+
+    asked = {}
+
+    def generate(pair, caption, count, **options):
+        asked.update(caption=caption, num_images=count)
+        raise _Generated
+
+    monkeypatch.setattr(finextract.generation, "generate", generate)
+    zoo = default_zoo_folder()
+    options = ["extract", "--base", str(zoo / "base"), "--lora", str(zoo / "lora"), "--caption", "a photo of sks"]
+    options += ["--n0", "auto", "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "2"]
+    with pytest.raises(_Generated):
+        main(options + ([] if num_images is None else ["--num-images", str(num_images)]))
+    assert asked == {"caption": "a photo of sks", "num_images": expected}
+    # the run folder's settings (what a rerun must match) record N as given: "auto" follows N0
+    from finextract.cli import build_parser
+    from finextract.engine.config import RunConfig
+    from finextract.output import run_settings
+    from finextract.spec import ExtractionSpec
+
+    args = build_parser().parse_args(options + ([] if num_images is None else ["--num-images", str(num_images)]))
+    settings = run_settings({}, ExtractionSpec.from_attributes(args), RunConfig.resolve(device="cpu"))
+    assert settings["n0"] == "auto" and settings["num_images"] == ("auto" if num_images is None else num_images)
+
+
 def test_ignore_metadata_leaves_auto_to_the_estimates():
     from finextract import default_zoo_folder
     from finextract.cli import build_parser
