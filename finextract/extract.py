@@ -46,6 +46,8 @@ class ExtractionResult:
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
         n0_source: {"source": "metadata", "key", "file", "n0"} when n0="auto" was read from the
             fine-tune's trainer metadata (`finextract.inspection.metadata_first`), else None.
+        base_choice: when the base was a folder of candidates: {"folder", "chosen", "why", "ranking"
+            (`BaseCandidate.to_dict()`s, best first)} (`engine.loading.load_model_pair`'s sources), else None.
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
         generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
             generated images, as computed for the clustering, on the device they were computed on.
@@ -76,6 +78,7 @@ class ExtractionResult:
     evidence: dict | None = None
     work: dict = field(default_factory=dict)
     n0_source: dict | None = None
+    base_choice: dict | None = None
 
 
 def degenerate_causes(precision: tuple[str, str] | None) -> str:
@@ -540,6 +543,10 @@ class Extractor:
         )
         result.work = work
         result.n0_source = n0_source
+        sources = self.pair.sources
+        if "base_candidates" in sources:
+            result.base_choice = {"folder": sources["base_folder"], "chosen": sources["base"]}
+            result.base_choice |= {"why": sources["base_reason"], "ranking": sources["base_candidates"]}
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
             n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,

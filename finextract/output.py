@@ -86,6 +86,8 @@ def write_output(
         "timings": result.timings,
         "config": result.config,
     }
+    if result.base_choice is not None:
+        record["base_choice"] = result.base_choice
     if result.clustering is not None:
         c = result.clustering
         record["clustering"] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,25 @@ def test_committed_finetunes_rank_their_trained_base_first(bases, tmp_path, fine
     assert all(c.compatible for c in ranked)
     if "dreambooth" in finetuned:  # a full fine-tune: also nearest its parent's weights
         assert ranked[0].distance < min(c.distance for c in ranked[1:])
+
+
+def test_extract_records_and_reports_the_base_choice(bases, tiny_zoo, tmp_path):
+    """An extraction with a folder of candidates as its base: result.json's "base_choice" names the
+    chosen base, why, and the ranking; the report shows them (a quick run: N = 4 at 2 DDIM steps)."""
+    import json
+
+    from finextract.extract import Extractor
+
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    for name in ("parent", "seed1", "sd2"):
+        (folder / name).symlink_to(bases / name)
+    extractor = Extractor(folder, tiny_zoo / "dreambooth", device="cpu", backend="torch")
+    extractor.extract("a photo of sks", 2, num_images=4, steps=2, out=tmp_path / "run", progress=False)
+    choice = json.loads((tmp_path / "run" / "result.json").read_text())["base_choice"]
+    assert (choice["folder"], choice["chosen"]) == (str(folder), str(folder / "parent"))
+    assert choice["why"].startswith("nearest UNet weights, relative L2 distance")  # the random zoo records no parent
+    assert [Path(c["path"]).name for c in choice["ranking"]] == ["parent", "seed1", "sd2"]
+    assert [c["compatible"] for c in choice["ranking"]] == [True, True, False]
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Base chosen among the candidates</h2>" in report and f"<code>{folder / 'parent'}</code>" in report

@@ -104,6 +104,14 @@ class BaseCandidate:
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
 
+    def reason(self) -> str:
+        """Why this candidate ranks where it does, in words (said of the one `choose_base` chose)."""
+        if self.match:
+            return f"its trainer metadata {self.match} names it"
+        if self.distance is not None:
+            return f"nearest UNet weights, relative L2 distance {self.distance:.4g}"
+        return "the only compatible one"
+
 
 _MATCH_ORDER = ("ss_new_sd_model_hash", "ss_sd_model_hash", "ss_sd_model_name", None)
 
