@@ -15,7 +15,7 @@ The CLI, `Extractor.extract`, the sweep, the demo and the fleet manifest build o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from finextract.clustering.n0 import MIN_IMAGES
 from finextract.rules import KINDS, METHODS, rule_for
@@ -141,19 +141,8 @@ class ExtractionSpec:
         Raises:
             ValueError: n0 not an integer >= 1, or above a given N (as `resolve`).
         """
-        return ExtractionSpec.resolve(
-            self.caption,
-            n0,
-            num_images=self.num_images if self.num_images_given else None,
-            method=self.method,
-            w=self.w,
-            k=self.k,
-            train=self.train,
-            train_as_is=self.train_as_is,
-            sscd_preset=self.sscd_preset,
-            preset=self.preset,
-            use_metadata=self.use_metadata,
-        )
+        unresolved = replace(self, n0=n0, num_images=self.num_images if self.num_images_given else None)
+        return ExtractionSpec.from_attributes(unresolved)  # resolved, checked again
 
     @classmethod
     def resolve(
