@@ -5,8 +5,9 @@
 Candidates: the committed trained base (`finextract/zoo_weights/base`, the parent of every committed
 fine-tune), and two random tiny SD 1.x bases of the same architecture: seed 0 (the weights the trained
 base was pretrained from, so its "grandparent") and seed 1 (unrelated). Ranked for the committed
-DreamBooth UNets (object, style) by relative L2 UNet distance, and for the committed LoRAs, which carry
-no trainer metadata yet (so the ranking cannot tell the compatible candidates apart), with the time taken.
+DreamBooths (object, style) and LoRAs, with the time taken: each records the hashes of its parent's UNet
+file (`finextract finetune`'s kohya keys), which name the trained base; the DreamBooths also by relative
+L2 UNet distance.
 """
 
 from __future__ import annotations

@@ -135,6 +135,19 @@ def score_prefixes(result, extractor, train, n0: int, prefixes, num_images: int)
     return rows
 
 
+def save_descriptors(folder: Path, entry: dict, result) -> Path:
+    """`folder/<cell>-<seed>-<scheduler>-<steps>.npz`: the run's float32 (M, D) SSCD descriptors of its M
+    usable generated images ("descriptors") and their indices ("indices"), for replays."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{entry['cell'].replace(':', '-')}-{entry['seed']}-{entry['scheduler']}-{entry['steps']}.npz"
+    path = folder / name
+    descriptors = result.generated_descriptors.detach().cpu().numpy().astype(np.float32)
+    np.savez(path, descriptors=descriptors, indices=np.asarray(result.generated_indices, dtype=np.int64))
+    return path
+
+
 def run_key(entry: dict) -> tuple:
     """What makes two runs the same: a run with this key in the results is skipped."""
     return tuple(
@@ -217,6 +230,8 @@ def measure(args) -> None:
                     }
                 )
                 results["runs"].append(entry)
+                if args.descriptors:
+                    save_descriptors(args.descriptors, entry, result)
                 results["machine"] = environment_record()
                 write_json(args.json, results, newline=True)
                 done.add(run_key(entry))
@@ -340,6 +355,13 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", default=None, help="trained zoo folder (default: the committed one)")
     parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})"
+    )
+    parser.add_argument(
+        "--descriptors",
+        type=Path,
+        default=None,
+        help="also keep each run's SSCD descriptors of its generated images (an .npz per run) in this folder, "
+        "to replay adaptive N and selection rules without generating again (bench/replay_time_to_evidence.py)",
     )
     parser.add_argument("--plot", type=Path, default=PLOT, help=f"plot file (default {PLOT.relative_to(ROOT)})")
     parser.add_argument("--report", action="store_true", help="only print the table and write the plot")

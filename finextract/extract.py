@@ -47,6 +47,8 @@ class ExtractionResult:
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.
         n0_source: {"source": "metadata", "key", "file", "n0"} when n0="auto" was read from the
             fine-tune's trainer metadata (`finextract.inspection.metadata_first`), else None.
+        base_choice: when the base was a folder of candidates: {"folder", "chosen", "why", "ranking"
+            (`BaseCandidate.to_dict()`s, best first)} (`engine.loading.load_model_pair`'s sources), else None.
         descriptors: float32 (N0, D) SSCD descriptors of `images` (what the metrics compare), or None.
         generated_descriptors: float32 (M, D) tensor, the SSCD descriptors of the M usable (non-degenerate)
             generated images, as computed for the clustering, on the device they were computed on.
@@ -80,6 +82,7 @@ class ExtractionResult:
     work: dict = field(default_factory=dict)
     n0_source: dict | None = None
     adaptive: dict | None = None
+    base_choice: dict | None = None
 
     def adaptive_summary(self) -> str:
         """One line on the adaptive rounds: "stopped at M of cap images after R rounds (stable|cap)"."""
@@ -403,8 +406,8 @@ class Extractor:
             n0: N0 >= 1, or "auto": the fine-tune's trainer metadata when it records N0 (`result.n0_source`),
                 else estimated from the generated images' SSCD descriptors
                 (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
-                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0; with
-                n0="auto" `finextract.spec.AUTO_NUM_IMAGES`).
+                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0: with
+                n0="auto", 50 x the metadata's N0, else `finextract.spec.AUTO_NUM_IMAGES`).
             method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
                 "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
                 (None = paper defaults per model kind).
@@ -492,10 +495,18 @@ class Extractor:
                 "the model generates non-square images: pass train_as_is=True (--train-as-is) and crop the "
                 "training images as the fine-tune saw them yourself"
             )
+        given = {"caption": caption, "n0": n0}
+        caption, metadata_caption, n0, n0_source = metadata_first(
+            self.finetuned_path if spec.use_metadata else None,
+            caption,
+            n0,
+            spec.num_images if spec.num_images_given else None,
+        )
+        if n0_source is not None:  # N0 known before generating: N follows it (50 x N0) unless given
+            spec = spec.with_n0(n0)
         call = jsonable(
             {
-                "caption": caption,
-                "n0": n0,
+                **given,
                 "num_images": spec.num_images,
                 "method": spec.method,
                 "w": spec.w,
@@ -519,9 +530,6 @@ class Extractor:
             train = read_images(train)
         timings = {"load": self.load_seconds}
         caption_record = {"source": "given" if caption is not None else "none", "caption": caption}
-        caption, metadata_caption, n0, n0_source = metadata_first(
-            self.finetuned_path if spec.use_metadata else None, caption, n0, spec.num_images
-        )
         if metadata_caption is not None:
             caption_record = metadata_caption
         elif caption == AUTO:
@@ -592,6 +600,10 @@ class Extractor:
             logger.info("adaptive N: %s", result.adaptive_summary())
         result.work = work
         result.n0_source = n0_source
+        sources = self.pair.sources
+        if "base_candidates" in sources:
+            result.base_choice = {"folder": sources["base_folder"], "chosen": sources["base"]}
+            result.base_choice |= {"why": sources["base_reason"], "ranking": sources["base_candidates"]}
         params = generation.manifest["config"]["params"]  # the rule's w, k with the paper's defaults filled in
         result.config = extraction_config(
             n0=result.n0_estimate.n0 if result.n0_estimate is not None else n0,

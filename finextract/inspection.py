@@ -41,20 +41,24 @@ _MODULE_KINDS = (
 )
 
 
-def inspect_checkpoint(path: str | Path) -> dict:
+def inspect_checkpoint(path: str | Path, bases: str | Path | None = None) -> dict:
     """Everything `finextract inspect` reports, JSON-ready.
 
     Args:
         path: a fine-tune or adapter as `extract` takes it (file or folder), or any safetensors model file.
+        bases: a folder of candidate bases (`engine.loading.parents.candidate_bases`) to rank as the
+            parent (`rank_bases`, given the trainer metadata read here), or None.
 
     Returns:
         {"path", "kind" ("adapter" | "full" | "unknown"), "format", "family": {"name", "label", "told_by"}
         (name None when the weights do not tell), "runs" (whether finextract runs the family),
         "components": {component: {"modules", "keys", "types", "ranks", "alphas", "kinds"}} (adapters),
-        "training": `TrainingRecord.to_dict()`, "contradictions": [str], "warnings": [str]}.
+        "training": `TrainingRecord.to_dict()`, "contradictions": [str], "warnings": [str]}; with `bases`,
+        also "bases": `rank_parent`'s dict.
 
     Raises:
-        FileNotFoundError: `path` does not exist. (Malformed metadata never raises: it becomes a warning.)
+        FileNotFoundError: `path` does not exist, or `bases` holds no candidate. (Malformed metadata never
+            raises: it becomes a warning.)
     """
     path = Path(path)
     if not path.exists():
@@ -70,7 +74,36 @@ def inspect_checkpoint(path: str | Path) -> dict:
     report["training"] = record.to_dict()
     report["warnings"] += record.warnings
     report["contradictions"] = contradictions(report, record)
+    if bases is not None:
+        report["bases"] = rank_parent(path, bases, metadata, adapter=report["kind"] == "adapter")
     return report
+
+
+def rank_parent(path: Path, bases: str | Path, metadata: dict, *, adapter: bool) -> dict:
+    """The candidate bases of the folder `bases` ranked as `path`'s parent (`parents.rank_bases`, on the
+    safetensors metadata keys of `metadata`, `read_metadata`'s dict), and the one an extraction with
+    `--base bases` would choose (`parents.decided_base`).
+
+    Returns:
+        {"folder": str, "ranking": [`BaseCandidate.to_dict()`] best first, "chosen": path or None,
+        "undecided": why nothing is chosen (no candidate fits, a tie) or None}.
+
+    Raises:
+        FileNotFoundError: `bases` does not exist or holds no candidate.
+    """
+    from finextract.engine.loading.parents import decided_base, rank_bases
+    from finextract.engine.metadata import header_keys
+
+    bases = Path(bases)
+    if not bases.is_dir():
+        raise FileNotFoundError(f"--bases {bases}: not a folder (give a folder of candidate bases)")
+    ranked = rank_bases(path, bases, metadata=header_keys(metadata), adapter=adapter)
+    result = {"folder": str(bases), "ranking": [c.to_dict() for c in ranked], "chosen": None, "undecided": None}
+    try:
+        result["chosen"] = str(decided_base(ranked, bases, path))
+    except ValueError as error:
+        result["undecided"] = str(error)
+    return result
 
 
 def _family(name: str | None, told_by: str, label: str | None = None) -> dict:
@@ -409,6 +442,8 @@ def format_report(report: dict) -> str:
     if training["unknown"]:
         lines.append(f"  other metadata keys ({len(training['unknown'])}, raw):")
         lines += [f"    {key}: {value}" for key, value in sorted(training["unknown"].items())[:30]]
+    if "bases" in report:
+        lines += _bases_lines(report["bases"])
     for contradiction in report["contradictions"]:
         lines.append(f"  CONTRADICTION {contradiction}")
     for warning in report["warnings"]:
@@ -416,16 +451,34 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _bases_lines(bases: dict) -> list[str]:
+    lines = [f"  candidate bases in {bases['folder']} (the likeliest parent first):"]
+    for rank, candidate in enumerate(bases["ranking"], 1):
+        told = [f"named by {candidate['match']}"] if candidate["match"] else []
+        if candidate["distance"] is not None:
+            told.append(f"UNet distance {candidate['distance']:.4f}")
+        if not candidate["compatible"]:
+            told.insert(0, "INCOMPATIBLE")
+        lines.append(f"    {rank}. {Path(candidate['path']).name}: {', '.join(told) or 'nothing tells it apart'}")
+        lines += [f"       {note}" for note in candidate["notes"]]
+    if bases["chosen"]:
+        lines.append(f"    parent: {bases['chosen']} (what --base {bases['folder']} chooses)")
+    else:
+        lines.append(f"    no parent chosen: {bases['undecided']}")
+    return lines
+
+
 # --- --caption auto / --n0 auto -------------------------------------------------------------------
 
 
-def metadata_first(path, caption, n0, num_images: int):
+def metadata_first(path, caption, n0, num_images: int | None):
     """`--caption auto` and `--n0 auto` from the fine-tune's trainer metadata, where it records them.
 
     Args:
         path: the fine-tune or adapter (file or folder); None, or one that is not a local path, gives nothing.
         caption: the spec's caption ("auto" asks for it). n0: the spec's N0 ("auto" asks for it).
-        num_images: N, which a recorded N0 must not exceed.
+        num_images: N as given, which a recorded N0 must not exceed; None when N is not given (it then
+            follows N0: `ExtractionSpec.with_n0`).
 
     Returns:
         (caption, caption_record or None, n0, n0_record or None): an "auto" replaced by the metadata's
@@ -450,7 +503,7 @@ def metadata_first(path, caption, n0, num_images: int):
         caption_record["candidates"] = record.caption_candidates
         logger.info("--caption auto: %r from the trainer metadata (%s)", caption, record.caption.source)
     if n0 == AUTO and record.n0 is not None and record.n0.value >= 1:
-        if record.n0.value > num_images:
+        if num_images is not None and record.n0.value > num_images:
             raise ValueError(
                 f"--n0 auto: the metadata of {path} records N0 = {record.n0.value} ({record.n0.source}), more than "
                 f"--num-images {num_images}: generate at least N0 images (the paper: 50 x N0), or give --n0"

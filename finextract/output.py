@@ -14,7 +14,7 @@ from finextract.engine.config import RunConfig
 from finextract.evidence import HashCache, input_record, train_record
 from finextract.records import library_versions
 from finextract.report import write_report
-from finextract.spec import ExtractionSpec
+from finextract.spec import AUTO, ExtractionSpec
 from finextract.store.files import write_png
 from finextract.store.folders import commit, stage, write_record
 
@@ -86,6 +86,8 @@ def write_output(
         "timings": result.timings,
         "config": result.config,
     }
+    if result.base_choice is not None:
+        record["base_choice"] = result.base_choice
     if result.clustering is not None:
         c = result.clustering
         record["clustering"] = {
@@ -176,7 +178,8 @@ def run_settings(models: dict, spec: ExtractionSpec, config: RunConfig) -> dict:
         "w": spec.w,
         "k": spec.k,
         "n0": spec.n0,
-        "num_images": spec.num_images,
+        # N not given with N0 "auto": decided at run time (50 x a recorded N0, else AUTO_NUM_IMAGES)
+        "num_images": AUTO if spec.n0 == AUTO and not spec.num_images_given else spec.num_images,
         "steps": config.steps,
         "scheduler": config.scheduler,
         "seed": config.seed,

@@ -269,8 +269,9 @@ def _transform_text(metrics: dict, size: list[int]) -> str:
 
 def metadata_html(result: dict) -> str:
     """HTML for how the training metadata was obtained: the caption (given, none, read from the trainer
-    metadata with its key, or recovered from the weights with its score and runner-ups) and N0 (given,
-    read from the trainer metadata, or estimated with its interval); "" when both were simply given."""
+    metadata with its key, or recovered from the weights with its score and runner-ups), N0 (given,
+    read from the trainer metadata, or estimated with its interval) and the base (chosen among the
+    candidates of a folder, with the ranking); "" when all were simply given."""
     parts = []
     caption = result.get("caption") or {}
     if caption.get("source") == "recovered":
@@ -303,7 +304,27 @@ def metadata_html(result: dict) -> str:
             f"<h2>N0 from the trainer metadata</h2><p>N0 = {n0['n0']}, read from <code>{html.escape(n0['key'])}</code> "
             f"of {html.escape(n0.get('file', ''))}</p>"
         )
+    if result.get("base_choice"):
+        parts.append(base_choice_html(result["base_choice"]))
     return "".join(parts)
+
+
+def base_choice_html(choice: dict) -> str:
+    """HTML for result.json's "base_choice": the base chosen among a folder's candidates, why, and the ranking."""
+    rows = []
+    for i, candidate in enumerate(choice["ranking"], 1):
+        distance = "-" if candidate["distance"] is None else f"{candidate['distance']:.4f}"
+        cells = [str(i), f"<code>{html.escape(str(candidate['path']))}</code>"]
+        cells += ["yes" if candidate["compatible"] else "no", html.escape(str(candidate["match"] or "-"))]
+        cells += [distance, html.escape(" ".join(candidate["notes"]))]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    rows = "".join(rows)
+    return (
+        f"<h2>Base chosen among the candidates</h2><p><code>{html.escape(str(choice['chosen']))}</code>, of the "
+        f"candidates in <code>{html.escape(str(choice['folder']))}</code>: {html.escape(choice['why'])}</p>"
+        '<table border="1"><tr><th>#</th><th>candidate</th><th>compatible</th><th>named by (metadata key)</th>'
+        f"<th>UNet distance</th><th>notes</th></tr>{rows}</table>"
+    )
 
 
 def write_report(

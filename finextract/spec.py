@@ -15,7 +15,7 @@ The CLI, `Extractor.extract`, the sweep, the demo and the fleet manifest build o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from finextract.clustering.n0 import MIN_IMAGES
 from finextract.clustering.selection import ON_BUDGET, SELECTIONS
@@ -127,6 +127,8 @@ class ExtractionSpec:
         selection: which N0 cliques are extracted (`finextract.clustering.selection`): "size" (the paper's),
             "density" or "merged". on_budget: a threshold whose peel runs out of work budget is
             "skip"ped (the paper's) or its approximate peel is "keep"t (`finextract.clustering.fallback`).
+        num_images_given: N was given (--num-images); False when it is `default_num_images`', which
+            `with_n0` rescales once an "auto" N0 is read from the trainer metadata.
     """
 
     caption: str | None
@@ -145,6 +147,18 @@ class ExtractionSpec:
     stable_rounds: int = STABLE_ROUNDS
     selection: str = "size"
     on_budget: str = "skip"
+    num_images_given: bool = True
+
+    def with_n0(self, n0: int) -> ExtractionSpec:
+        """This spec once N0 = `n0` is known before generating (from the trainer metadata): n0 set, and N
+        the preset's `default_num_images(n0, preset)` (50 x N0) unless N was given. (N0 estimated from
+        the generated images comes too late to change N: those keep `AUTO_NUM_IMAGES`.)
+
+        Raises:
+            ValueError: n0 not an integer >= 1, or above a given N (as `resolve`).
+        """
+        unresolved = replace(self, n0=n0, num_images=self.num_images if self.num_images_given else None)
+        return ExtractionSpec.from_attributes(unresolved)  # resolved, checked again
 
     @classmethod
     def resolve(
@@ -189,6 +203,7 @@ class ExtractionSpec:
         if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)):
             raise ValueError(f"--num-images {num_images!r}: must be an integer >= 1")
         preset = DEFAULT_PRESET if preset is None else preset
+        num_images_given = num_images is not None
         num_images = default_num_images(n0, preset) if num_images is None else num_images  # checks preset
         if n0 == AUTO:
             if num_images < MIN_IMAGES:
@@ -238,6 +253,7 @@ class ExtractionSpec:
             stable_rounds=stable_rounds,
             selection=selection,
             on_budget=on_budget,
+            num_images_given=num_images_given,
         )
 
     @classmethod

@@ -94,6 +94,53 @@ def test_manifest_rows_and_row_errors(inputs):
     assert errors[("no_n0", 9)] == "missing field 'n0'"
 
 
+def test_manifest_base_auto_chooses_from_the_bases_folder(tmp_path, tiny_zoo):
+    """`base: auto` with `bases`: each row's base is chosen when the manifest is read (`choose_base`);
+    a row nothing decides for is a RowError naming the candidates, and the other rows stand."""
+    from safetensors.torch import load_file, save_file
+
+    from finextract.fleet.summary import row_entry
+    from finextract.zoo.models import save_pipeline, tiny_components
+
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    (bases / "parent").symlink_to(tiny_zoo / "base")
+    save_pipeline(tiny_components(1, tokenizer_folder=bases / "seed1" / "tokenizer"), bases / "seed1")
+    named = tmp_path / "named.safetensors"  # the random zoo's kohya LoRA, with its parent's name recorded
+    save_file(load_file(str(tiny_zoo / "lora_kohya.safetensors")), str(named), {"ss_sd_model_name": "parent"})
+    lines = [
+        "id,base,bases,finetuned,lora,caption,n0",
+        f"db,auto,bases,{tiny_zoo}/dreambooth,,a photo of sks,2",  # nearest its parent's weights
+        f"named,AUTO,bases,,{named},a photo of sks,2",  # named by its metadata
+        f"tie,auto,bases,,{tiny_zoo}/lora_kohya.safetensors,a photo of sks,2",  # nothing tells them apart
+        f"no_bases,auto,,,{named},a photo of sks,2",
+        f"stray,{tiny_zoo}/base,bases,,{named},a photo of sks,2",
+        f"not_a_folder,auto,{named},,{named},a photo of sks,2",
+    ]
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    entries = {e.id: e for e in read_manifest(tmp_path / "manifest.csv")}
+    for row_id in ("db", "named"):
+        row = entries[row_id]
+        assert isinstance(row, Row) and row.base == str(bases / "parent") and row.bases == str(bases), row
+        assert [Path(c["path"]).name for c in row.base_ranking] == ["parent", "seed1"]
+        fields = row_entry(row, "pending")
+        assert fields["base"] == str(bases / "parent") and fields["base_ranking"] == list(row.base_ranking)
+    assert entries["named"].base_ranking[0]["match"] == "ss_sd_model_name"
+    db = entries["db"].base_ranking
+    assert db[0]["match"] is None and db[0]["distance"] < db[1]["distance"]
+    errors = {e.id: (e.line, e.error) for e in entries.values() if isinstance(e, RowError)}
+    assert set(errors) == {"tie", "no_bases", "stray", "not_a_folder"}
+    assert errors["tie"][0] == 4 and errors["tie"][1].startswith(
+        f"base 'auto': 2 candidate bases in {bases} fit {tiny_zoo}/lora_kohya.safetensors equally (parent, seed1)"
+    )
+    assert errors["no_bases"][1] == "base 'auto' needs 'bases': a folder of candidate bases to choose the parent from"
+    assert errors["stray"][1].startswith("bases 'bases' is read only with base 'auto'")
+    assert errors["not_a_folder"][1] == f"bases {str(named)!r}: not a folder (give the folder of candidate bases)"
+    # a row without bases keeps the fields (and so the resume key) of audits made before `base: auto`
+    plain = Row(line=2, id="p", base="b", finetuned=None, lora="l", caption="c", n0=2)
+    assert "bases" not in plain.fields() and "base_ranking" not in plain.fields()
+
+
 def test_manifest_json_rows_name_their_lines(tmp_path, tiny_zoo):
     rows = [
         {"id": "a", "base": str(tiny_zoo / "base"), "lora": str(tiny_zoo / "lora"), "caption": "c", "n0": 2},

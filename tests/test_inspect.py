@@ -277,6 +277,54 @@ def test_cli_inspect_text_and_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["training"]["n0"]["value"] == 15
 
 
+@pytest.fixture(scope="module")
+def zoo_candidates(tmp_path_factory):
+    """The committed trained base (renamed "trained": its recorded name "base" names nothing, so the
+    hash decides) and two random tiny SD 1.x bases (seeds 1, 2), as candidate parents."""
+    from finextract import default_zoo_folder
+    from finextract.zoo.models import save_pipeline, tiny_components
+
+    folder = tmp_path_factory.mktemp("candidates")
+    (folder / "trained").symlink_to(default_zoo_folder() / "base")
+    for seed in (1, 2):
+        save_pipeline(
+            tiny_components(seed, tokenizer_folder=folder / f"seed{seed}" / "tokenizer"), folder / f"seed{seed}"
+        )
+    return folder
+
+
+@pytest.mark.parametrize("finetuned", ["lora", "style/lora/pytorch_lora_weights.safetensors", "dreambooth"])
+def test_cli_inspect_ranks_the_candidate_bases(zoo_candidates, finetuned, capsys):
+    from finextract import default_zoo_folder
+    from finextract.cli import main
+
+    path = default_zoo_folder() / finetuned
+    assert main(["inspect", str(path), "--bases", str(zoo_candidates), "--json"]) == 0
+    bases = json.loads(capsys.readouterr().out)["bases"]
+    assert bases["chosen"] == str(zoo_candidates / "trained") and bases["undecided"] is None
+    first, *others = bases["ranking"]
+    assert (first["path"], first["match"]) == (str(zoo_candidates / "trained"), "ss_new_sd_model_hash")
+    assert sorted((c["path"], c["match"], c["compatible"]) for c in others) == [
+        (str(zoo_candidates / f"seed{seed}"), None, True) for seed in (1, 2)
+    ]
+    # weight distances for the full fine-tune only; an adapter has no weights of its parent to compare
+    assert (first["distance"] is not None) == (finetuned == "dreambooth")
+    assert main(["inspect", str(path), "--bases", str(zoo_candidates)]) == 0
+    text = capsys.readouterr().out
+    assert "1. trained: named by ss_new_sd_model_hash" in text
+    assert f"parent: {zoo_candidates / 'trained'} (what --base {zoo_candidates} chooses)" in text
+
+
+def test_cli_inspect_bases_undecided_and_missing(zoo_candidates, tiny_zoo, tmp_path, capsys):
+    from finextract.cli import main
+
+    # the random zoo's kohya LoRA records no parent: its compatible candidates tie, and inspect says so
+    assert main(["inspect", str(tiny_zoo / "lora_kohya.safetensors"), "--bases", str(zoo_candidates)]) == 0
+    assert "no parent chosen: 3 candidate bases in" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_zoo / "lora_kohya.safetensors"), "--bases", str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: no candidate base" in capsys.readouterr().err
+
+
 def test_auto_values_come_from_the_metadata_first(tmp_path):
     from finextract import default_zoo_folder
     from finextract.inspection import metadata_first
@@ -307,6 +355,42 @@ def test_extract_auto_reads_caption_and_n0_from_the_committed_dreambooth(tmp_pat
     assert record["caption"]["source"] == "metadata" and record["caption"]["caption"] == "a photo of sks"
     assert record["n0_estimate"]["source"] == "metadata" and record["n0"] == 5 and len(result.cliques) == 5
     assert record["config"]["caption"] == "a photo of sks"  # what the generation was guided with
+
+
+class _Generated(Exception):
+    """Raised by a stand-in for `generate`: what it was asked for is all the test needs."""
+
+
+@pytest.mark.parametrize("num_images, expected", [(None, 50 * 5), (60, 60)])
+def test_extract_n0_from_the_metadata_sets_n_to_50_n0(tmp_path, monkeypatch, num_images, expected):
+    """`--n0 auto` with N0 = 5 in the committed LoRA's metadata: N = the preset's 50 x 5 = 250, not the
+    AUTO_NUM_IMAGES (500) of an N0 estimated from the generations, unless N is given."""
+    import finextract.generation
+    from finextract import default_zoo_folder
+    from finextract.cli import main
+
+    asked = {}
+
+    def generate(pair, caption, count, **options):
+        asked.update(caption=caption, num_images=count)
+        raise _Generated
+
+    monkeypatch.setattr(finextract.generation, "generate", generate)
+    zoo = default_zoo_folder()
+    options = ["extract", "--base", str(zoo / "base"), "--lora", str(zoo / "lora"), "--caption", "a photo of sks"]
+    options += ["--n0", "auto", "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "2"]
+    with pytest.raises(_Generated):
+        main(options + ([] if num_images is None else ["--num-images", str(num_images)]))
+    assert asked == {"caption": "a photo of sks", "num_images": expected}
+    # the run folder's settings (what a rerun must match) record N as given: "auto" follows N0
+    from finextract.cli import build_parser
+    from finextract.engine.config import RunConfig
+    from finextract.output import run_settings
+    from finextract.spec import ExtractionSpec
+
+    args = build_parser().parse_args(options + ([] if num_images is None else ["--num-images", str(num_images)]))
+    settings = run_settings({}, ExtractionSpec.from_attributes(args), RunConfig.resolve(device="cpu"))
+    assert settings["n0"] == "auto" and settings["num_images"] == ("auto" if num_images is None else num_images)
 
 
 def test_ignore_metadata_leaves_auto_to_the_estimates():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,26 +82,24 @@ def test_adapter_ranked_by_metadata_then_family(bases, tiny_zoo, tmp_path):
     assert "SD 2.x" in ranked[-1].notes[0] and all(c.match is None and c.distance is None for c in ranked)
     tensors = load_file(str(lora))
     parent_file = bases / "parent-unet.safetensors"
-    cases = [  # metadata, the first candidate and the key that named it, the second if named too
-        ({"ss_sd_model_name": "D:\\models\\seed2.safetensors"}, ("seed2", "ss_sd_model_name"), None),
-        ({"ss_sd_model_name": "seed1"}, ("seed1", "ss_sd_model_name"), None),
+    # the parent's UNet file hashes the same alone and as the `unet/` weights file of the parent folder
+    hashed = ["parent", parent_file.name]
+    cases = [  # metadata, the candidates it names (best first) with the key that named each
+        ({"ss_sd_model_name": "D:\\models\\seed2.safetensors"}, [("seed2", "ss_sd_model_name")]),
+        ({"ss_sd_model_name": "seed1"}, [("seed1", "ss_sd_model_name")]),
         (  # a hash outranks a name
             {"ss_sd_model_hash": legacy_model_hash(parent_file), "ss_sd_model_name": "seed1"},
-            (parent_file.name, "ss_sd_model_hash"),
-            ("seed1", "ss_sd_model_name"),
+            [(name, "ss_sd_model_hash") for name in hashed] + [("seed1", "ss_sd_model_name")],
         ),
         (
             {"ss_new_sd_model_hash": file_sha256(parent_file)[:10].upper()},
-            (parent_file.name, "ss_new_sd_model_hash"),
-            None,
+            [(name, "ss_new_sd_model_hash") for name in hashed],
         ),
     ]
-    for metadata, first, second in cases:
+    for metadata, named in cases:
         save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=metadata)
         ranked = rank_bases(tmp_path / "lora.safetensors", bases)
-        named = [(c.path.name, c.match) for c in ranked if c.match]
-        assert named == [first] + ([second] if second else []), metadata
-        assert ranked[0].path.name == first[0]
+        assert [(c.path.name, c.match) for c in ranked if c.match] == named, metadata
 
 
 def test_base_folder_picks_the_parent(bases, tiny_zoo, tmp_path):
@@ -127,3 +126,51 @@ def test_base_folder_picks_the_parent(bases, tiny_zoo, tmp_path):
         pair.sources["base"] == str(folder / "parent")
         and pair.sources["base_candidates"][0]["match"] == "ss_sd_model_name"
     )
+
+
+@pytest.mark.parametrize(
+    "finetuned",
+    ["lora/pytorch_lora_weights.safetensors", "style/lora", "dreambooth", "style/dreambooth", "dreambooth/unet"],
+)
+def test_committed_finetunes_rank_their_trained_base_first(bases, tmp_path, finetuned):
+    """The committed zoo's fine-tunes record the hashes of their parent's UNet file (`finetune`'s
+    metadata): among the trained base and random tiny bases of the same family, the trained base is
+    named by its hash (its folder renamed, so `ss_sd_model_name` "base" names nothing) and chosen."""
+    from finextract.engine.loading.parents import choose_base
+    from finextract.zoo.trained import default_zoo_folder
+
+    zoo = default_zoo_folder()
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    (folder / "trained").symlink_to(zoo / "base")
+    for name in ("seed1", "seed2"):
+        (folder / name).symlink_to(bases / name)
+    chosen, ranked = choose_base(zoo / finetuned, folder)
+    assert chosen == folder / "trained"
+    assert (ranked[0].path.name, ranked[0].match) == ("trained", "ss_new_sd_model_hash")
+    assert {(c.path.name, c.match) for c in ranked[1:]} == {("seed1", None), ("seed2", None)}
+    assert all(c.compatible for c in ranked)
+    if "dreambooth" in finetuned:  # a full fine-tune: also nearest its parent's weights
+        assert ranked[0].distance < min(c.distance for c in ranked[1:])
+
+
+def test_extract_records_and_reports_the_base_choice(bases, tiny_zoo, tmp_path):
+    """An extraction with a folder of candidates as its base: result.json's "base_choice" names the
+    chosen base, why, and the ranking; the report shows them (a quick run: N = 4 at 2 DDIM steps)."""
+    import json
+
+    from finextract.extract import Extractor
+
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    for name in ("parent", "seed1", "sd2"):
+        (folder / name).symlink_to(bases / name)
+    extractor = Extractor(folder, tiny_zoo / "dreambooth", device="cpu", backend="torch")
+    extractor.extract("a photo of sks", 2, num_images=4, steps=2, out=tmp_path / "run", progress=False)
+    choice = json.loads((tmp_path / "run" / "result.json").read_text())["base_choice"]
+    assert (choice["folder"], choice["chosen"]) == (str(folder), str(folder / "parent"))
+    assert choice["why"].startswith("nearest UNet weights, relative L2 distance")  # the random zoo records no parent
+    assert [Path(c["path"]).name for c in choice["ranking"]] == ["parent", "seed1", "sd2"]
+    assert [c["compatible"] for c in choice["ranking"]] == [True, True, False]
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Base chosen among the candidates</h2>" in report and f"<code>{folder / 'parent'}</code>" in report

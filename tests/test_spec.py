@@ -18,6 +18,7 @@ from finextract.spec import (
     default_num_images,
     preset_record,
     preset_run_options,
+    preset_settings,
 )
 
 
@@ -106,6 +107,22 @@ def test_a_preset_fills_in_what_is_not_given_and_explicit_options_override_it(mo
     # a setting equal to the preset's is no override; N0 = "auto" keeps AUTO_NUM_IMAGES under any preset
     assert preset_record(ExtractionSpec.resolve("c", 3, preset="paper", num_images=12), config)["overrides"] == {}
     assert ExtractionSpec.resolve("c", "auto", preset="paper").num_images == AUTO_NUM_IMAGES
+
+
+@pytest.mark.parametrize("preset", [None, "paper"])
+def test_n0_known_before_generating_sets_the_presets_n(preset):
+    """An "auto" N0 read from the trainer metadata (`with_n0`): N becomes the preset's images per N0 x N0,
+    not AUTO_NUM_IMAGES (used when N0 is estimated from the generated images); a given N stays."""
+    auto = ExtractionSpec.resolve("c", "auto", preset=preset)
+    assert (auto.num_images, auto.num_images_given) == (AUTO_NUM_IMAGES, False)
+    known = auto.with_n0(5)
+    assert (known.n0, known.num_images) == (5, default_num_images(5, preset))
+    assert known.num_images == 5 * preset_settings(preset)["images_per_n0"] and not known.num_images_given
+    assert (known.caption, known.method, known.preset) == (auto.caption, auto.method, auto.preset)
+    given = ExtractionSpec.resolve("c", "auto", num_images=60, preset=preset)
+    assert given.num_images_given and given.with_n0(5).num_images == 60
+    with pytest.raises(ValueError, match="--num-images 60 is below --n0 61"):
+        given.with_n0(61)
 
 
 def test_a_future_preset_setting_slots_in(monkeypatch):

@@ -26,14 +26,6 @@ from .parents import choose_base, is_bases_folder
 logger = logging.getLogger(__name__)
 
 
-def _reason(candidate) -> str:
-    if candidate.match:
-        return f"its trainer metadata {candidate.match} names it"
-    if candidate.distance is not None:
-        return f"nearest UNet weights, relative L2 distance {candidate.distance:.4g}"
-    return "the only compatible one"
-
-
 @logged_load("model pair")
 def load_model_pair(
     base: str | Path,
@@ -54,7 +46,8 @@ def load_model_pair(
     Args:
         base: a diffusers pipeline folder, a folder of candidate bases (its pipeline folders and
             `.safetensors` / `.ckpt` files: the fine-tune's parent is chosen, `parents.choose_base`, and
-            `sources["base_candidates"]` records the ranking), a single-file checkpoint in the original layout
+            `sources["base_candidates"]` records the ranking, `"base_folder"` the folder and
+            `"base_reason"` why its first was chosen), a single-file checkpoint in the original layout
             (`.safetensors`; `.ckpt` with `allow_pickle`) with `base_config`, or a hub id found in
             the local Hugging Face cache, or a `LoadedBase` (`load_base`: loaded once for many
             fine-tunes; `base_config` is then not read).
@@ -121,8 +114,9 @@ def load_model_pair(
     base_path = resolve_path(base, "base")
     ranking = None
     if not isinstance(base, LoadedBase) and is_bases_folder(base_path):  # candidates: pick the parent
-        base_path, ranking = choose_base(ft_path, base_path, adapter=fmt.startswith("lora_"))
-        logger.info("base %s chosen among the candidates in %s (%s)", base_path, base, _reason(ranking[0]))
+        folder = base_path
+        base_path, ranking = choose_base(ft_path, folder, adapter=fmt.startswith("lora_"))
+        logger.info("base %s chosen among the candidates in %s (%s)", base_path, folder, ranking[0].reason())
         base = base_path
     if base_path.is_file():
         check_weights_file(base_path, "base")
@@ -137,6 +131,7 @@ def load_model_pair(
     sources.update(finetuned=str(ft_path), finetuned_format=fmt, family=family.name)
     if ranking is not None:
         sources["base_candidates"] = [candidate.to_dict() for candidate in ranking]
+        sources.update(base_folder=str(folder), base_reason=ranking[0].reason())
     # 3. the fine-tune, by its format
     tune = load_finetune(ft_path, fmt, parts, sources, allow_pickle=allow_pickle, shared=isinstance(base, LoadedBase))
     check_finite(finetuned_models(tune, parts), f"fine-tune {ft_path}")

@@ -7,7 +7,8 @@ FineXtract guides from the exact parent model, and community fine-tunes are trai
 1. compatibility: the candidate's family and UNet shapes fit the fine-tune (`families.check_family`
    on an adapter's evidence; UNet tensor names and shapes for a full fine-tune);
 2. the trainer's record: the parent's hashes (`ss_new_sd_model_hash`, `ss_sd_model_hash`, as kohya
-   sd-scripts computes them: `trainer_hashes`) or its file name (`ss_sd_model_name`);
+   sd-scripts computes them: `trainer_hashes`; of a single-file candidate, or of a folder candidate's
+   UNet weights file, which `finextract finetune` hashes) or its file name (`ss_sd_model_name`);
 3. for a full fine-tune, the relative L2 distance of the UNet weights (a fine-tune stays nearest the
    weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share.
 
@@ -103,6 +104,14 @@ class BaseCandidate:
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
 
+    def reason(self) -> str:
+        """Why this candidate ranks where it does, in words (said of the one `choose_base` chose)."""
+        if self.match:
+            return f"its trainer metadata {self.match} names it"
+        if self.distance is not None:
+            return f"nearest UNet weights, relative L2 distance {self.distance:.4g}"
+        return "the only compatible one"
+
 
 _MATCH_ORDER = ("ss_new_sd_model_hash", "ss_sd_model_hash", "ss_sd_model_name", None)
 
@@ -124,8 +133,9 @@ def rank_bases(
         finetuned: the fine-tune (a pipeline or `unet/` folder, a UNet or original-layout single file,
             or an adapter file / folder).
         bases: a folder of candidates (`candidate_bases`) or a list of candidate paths.
-        metadata: the fine-tune's trainer metadata (str -> str, e.g. kohya's `ss_*` keys); None reads a
-            single safetensors file's `__metadata__`.
+        metadata: the fine-tune's trainer metadata (str -> str, e.g. kohya's `ss_*` keys); None reads
+            the safetensors metadata of the file, or of the folder's weights files
+            (`engine.metadata.header_keys`).
         adapter: whether `finetuned` is an adapter; None detects it (`detect.detect_finetuned_format`).
 
     Returns:
@@ -143,8 +153,10 @@ def rank_bases(
         raise FileNotFoundError(f"{bases}: no candidate base (pipeline folders, .safetensors or .ckpt files) in it")
     if adapter is None:
         adapter = detect_finetuned_format(finetuned).startswith("lora_")
-    if metadata is None and finetuned.is_file() and sniff(finetuned) == "safetensors":
-        metadata = read_safetensors_header(finetuned)[1]
+    if metadata is None:
+        from ..metadata import header_keys, read_metadata
+
+        metadata = header_keys(read_metadata(finetuned))
     metadata = {key: str(value) for key, value in (metadata or {}).items()}
     if adapter:
         from .checks import adapter_headers
@@ -171,12 +183,13 @@ def rank_bases(
 
 
 def _metadata_match(path: Path, metadata: dict) -> str | None:
-    """The metadata key that names `path`: a hash (files only), else the file or folder name."""
+    """The metadata key that names `path`: a hash (of the file, or of a folder's UNet weights file), else
+    the file or folder name."""
     if not metadata:
         return None
     wanted = {key: metadata[key].strip().lower() for key in _MATCH_ORDER[:2] if metadata.get(key)}
-    if wanted and path.is_file():
-        hashes = trainer_hashes(path)
+    for file in _hashed_files(path) if wanted else ():
+        hashes = trainer_hashes(file)
         for key, value in wanted.items():
             # stable-diffusion-webui / Civitai quote sha256 prefixes ("AutoV2": 10 digits)
             if value == hashes[key] or (
@@ -190,6 +203,15 @@ def _metadata_match(path: Path, metadata: dict) -> str | None:
         if stem and stem.lower() in (path.name.lower(), path.stem.lower()):
             return "ss_sd_model_name"
     return None
+
+
+def _hashed_files(path: Path) -> list[Path]:
+    """The files whose hashes a trainer may have recorded for a candidate: the file itself; a folder's
+    UNet weights file (`unet/diffusion_pytorch_model.safetensors`, what `finextract finetune` hashes)."""
+    if path.is_file():
+        return [path]
+    unet = path / "unet" / "diffusion_pytorch_model.safetensors"
+    return [unet] if unet.is_file() else []
 
 
 def _base_description(path: Path, notes: list) -> tuple[Family | None, int | None, dict]:
@@ -275,10 +297,19 @@ def choose_base(finetuned: str | Path, folder: str | Path, *, adapter: bool | No
         (the chosen base's path, list[BaseCandidate] best first).
 
     Raises:
+        ValueError: no candidate fits, or several fit and nothing tells them apart (`decided_base`).
+    """
+    ranked = rank_bases(finetuned, folder, adapter=adapter)
+    return decided_base(ranked, folder, finetuned), ranked
+
+
+def decided_base(ranked: list[BaseCandidate], folder, finetuned) -> Path:
+    """The first of a `rank_bases` ranking, when it decides.
+
+    Raises:
         ValueError: no candidate fits (naming why each does not), or several fit and nothing tells
             them apart (no metadata names one, no weight distance separates them): naming them and the fix.
     """
-    ranked = rank_bases(finetuned, folder, adapter=adapter)
     best = ranked[0]
     if not best.compatible:
         reasons = "; ".join(f"{c.path.name}: {' '.join(c.notes)}" for c in ranked)
@@ -290,4 +321,4 @@ def choose_base(finetuned: str | Path, folder: str | Path, *, adapter: bool | No
             "no trainer metadata names one and no weight distance tells them apart; pass the base it was trained "
             "from as --base"
         )
-    return best.path, ranked
+    return best.path

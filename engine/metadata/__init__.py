@@ -22,12 +22,12 @@ kept raw in `TrainingRecord.unknown`. Importing this module loads no torch.
 
 | module | what it does |
 |---|---|
-| `files` | `read_metadata` (files, headers; never a pickle), `kohya_model_hashes` (the parent hashes kohya writes) |
+| `files` | `read_metadata` (files, headers; never a pickle), `header_keys` (their safetensors keys merged), `kohya_model_hashes` (the parent hashes kohya writes) |
 | `record` | `training_record`: `TrainingRecord` of `Field(value, source)`s, per producer |
 | `writing` | `finetune_metadata` (the `ss_*` / `modelspec.*` keys `finextract finetune` writes), `add_safetensors_metadata` |
 """
 
-from .files import FINETUNE_RECORD, MAX_VALUE_CHARS, kohya_model_hashes, read_metadata
+from .files import FINETUNE_RECORD, MAX_VALUE_CHARS, header_keys, kohya_model_hashes, read_metadata
 from .record import Field, TrainingRecord, training_record, trigger_words
 from .writing import add_safetensors_metadata, caption_tags, finetune_metadata
 
@@ -39,6 +39,7 @@ __all__ = [
     "add_safetensors_metadata",
     "caption_tags",
     "finetune_metadata",
+    "header_keys",
     "kohya_model_hashes",
     "read_metadata",
     "training_record",

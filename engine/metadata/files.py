@@ -63,6 +63,23 @@ def read_metadata(path: str | Path) -> dict:
     return {"path": str(path), "sources": sources, "warnings": warnings}
 
 
+def header_keys(metadata: dict) -> dict[str, str]:
+    """The safetensors header keys of `read_metadata`'s dict merged into one (kohya's `ss_*`,
+    `modelspec.*`, ...): the weights file's own first, then the folder's safetensors files by name;
+    the first file to give a key wins. JSON files (`finetune.json`, `adapter_config.json`) are left out.
+
+    Returns:
+        {key: str value}; empty when no safetensors file carries metadata.
+    """
+    merged: dict[str, str] = {}
+    sources = metadata.get("sources", {})
+    for source in sorted(sources, key=lambda s: (s != "", s)):
+        if source == "" or source.endswith(".safetensors"):
+            for key, value in sources[source].items():
+                merged.setdefault(key, str(value))
+    return merged
+
+
 def _read_header_metadata(file: Path, source: str, sources: dict, warnings: list) -> None:
     from safetensors import safe_open  # the format's own reader; opens the header only
 

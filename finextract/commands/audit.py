@@ -19,6 +19,7 @@ Run FineXtract on every checkpoint of a manifest (CSV or JSON, one row per check
 
 Columns: id, base, finetuned or lora, caption (empty: Eq. 6, unconditional), n0; optional train
 (folder of the real training images: adds AS / A-ESR), method, w, k, num_images, steps, seed.
+base "auto" with bases (a folder of candidate bases): the parent is chosen when the manifest is read.
 Relative paths are read from the manifest's folder.
 
 Exit status: 0 when every row was attempted and at least one finished (failed rows are listed in

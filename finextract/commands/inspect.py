@@ -1,4 +1,5 @@
-"""`finextract inspect PATH [--json]`: a checkpoint's family, format, adapters and trainer metadata."""
+"""`finextract inspect PATH [--bases DIR] [--json]`: a checkpoint's family, format, adapters and trainer
+metadata; with --bases, its candidate parent bases ranked."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def register(subparsers) -> None:
         "with its key; where the metadata contradicts the weights.",
     )
     p.add_argument("path", help="a fine-tune or adapter: file or folder (as --finetuned / --lora take it)")
+    p.add_argument(
+        "--bases",
+        metavar="DIR",
+        default=None,
+        help="a folder of candidate bases (pipeline folders, .safetensors / .ckpt files): rank them as the "
+        "parent, by the trainer's recorded hashes and name, weight distance (full fine-tunes) and compatibility",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -25,6 +33,6 @@ def run(args) -> int:
 
     from finextract.inspection import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.path)
+    report = inspect_checkpoint(args.path, bases=args.bases)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0

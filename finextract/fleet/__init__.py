@@ -62,7 +62,7 @@ def audit(
     Args:
         manifest: CSV or JSON file, one row per checkpoint (see `finextract.fleet.manifest.read_manifest`):
             id, base, finetuned or lora, caption (empty: Eq. 6), n0; optional train, method, w, k,
-            num_images, steps, seed.
+            num_images, steps, seed; base "auto" with bases, a folder of candidate bases.
         out: the output folder (created; on a cluster, a path every node sees: a shared filesystem).
         executor: "ray" (default: a local Ray instance, or the cluster at `ray_address`) or "local"
             (the rows one after another in this process; same outputs).

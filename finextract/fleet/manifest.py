@@ -3,6 +3,9 @@
     id,base,lora,caption,n0,train
     style_a,models/sd15,loras/style_a.safetensors,a painting in the style of sks,5,photos/style_a
 
+`base` may be `auto` with `bases`, a folder of candidate bases: the row's base is then chosen when the
+manifest is read (`finextract.engine.loading.parents.choose_base`), before any model loads.
+
 A manifest that cannot be parsed at all raises `ManifestError` naming the line. Everything wrong with
 one row (a missing field, a file that does not exist, an id used twice) becomes a `RowError` for that
 row only: the other rows still run.
@@ -14,7 +17,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finextract.spec import ExtractionSpec
@@ -23,6 +26,7 @@ from finextract.spec import ExtractionSpec
 FIELDS = (
     "id",
     "base",
+    "bases",
     "finetuned",
     "lora",
     "caption",
@@ -37,6 +41,8 @@ FIELDS = (
 )
 #: Columns every row needs (and one of finetuned / lora). An empty caption means FineXtract Eq. 6.
 REQUIRED = ("id", "base", "caption", "n0")
+#: The `base` value that chooses the base among the candidates of the row's `bases` folder.
+AUTO_BASE = "auto"
 #: Names an id may not take: the audit's own files in the output folder.
 RESERVED_IDS = ("index.html", "summary.csv", "summary.json")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -56,12 +62,16 @@ class Row:
     Attributes:
         line: the manifest line the row ends on (CSV) or starts on (JSON).
         id: names the output folder `OUT/<id>/`: letters, digits, ".", "_", "-" (at most 100).
-        base: the pretrained model (absolute path, or a hub id in the local Hugging Face cache).
+        base: the pretrained model (absolute path, or a hub id in the local Hugging Face cache); with
+            `base: auto`, the candidate of `bases` that `choose_base` chose.
         finetuned / lora: the checkpoint (exactly one is set).
         caption: the training caption c; "" means FineXtract Eq. 6 (method "finextract-uncond").
         n0: N0 >= 1. train: folder of the real training images (adds AS / A-ESR), or None.
         method: the guidance rule (`finextract.rules.METHODS`). w, k: guidance scale and correction,
             None = the paper's defaults. num_images: N (None = 50 x N0). steps, seed: None = the audit's.
+        bases: the folder of candidate bases `base: auto` chose from, or None.
+        base_ranking: with `bases`, the candidates ranked (`BaseCandidate.to_dict()`, best first): why
+            that base.
     """
 
     line: int
@@ -78,6 +88,8 @@ class Row:
     num_images: int | None = None
     steps: int | None = None
     seed: int | None = None
+    bases: str | None = None
+    base_ranking: tuple = field(default=(), compare=False, hash=False)
 
     @property
     def checkpoint(self) -> str:
@@ -89,9 +101,14 @@ class Row:
         return ExtractionSpec.from_attributes(self)
 
     def fields(self) -> dict:
-        """The manifest fields (no line number): what the row asks for."""
+        """The manifest fields (no line number): what the row asks for; with `bases`, the ranking that
+        chose its base (left out without: the fields of audits made before `base: auto`)."""
         record = asdict(self)
         record.pop("line")
+        if self.bases is None:
+            del record["bases"], record["base_ranking"]
+        else:
+            record["base_ranking"] = list(self.base_ranking)
         return record
 
 
@@ -222,8 +239,13 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
     if (given.get("finetuned") is None) == (given.get("lora") is None):
         problems.append("give exactly one of 'finetuned' (a full fine-tune) and 'lora' (an adapter)")
     paths = {}
-    for name in ("base", "finetuned", "lora", "train"):
-        if given.get(name) is not None:
+    auto_base = (given.get("base") or "").lower() == AUTO_BASE
+    if auto_base and given.get("bases") is None:
+        problems.append("base 'auto' needs 'bases': a folder of candidate bases to choose the parent from")
+    if given.get("bases") is not None and not auto_base:
+        problems.append(f"bases {given['bases']!r} is read only with base 'auto': set base to 'auto', or drop bases")
+    for name in ("base", "bases", "finetuned", "lora", "train"):
+        if given.get(name) is not None and not (name == "base" and auto_base):
             paths[name], problem = _path(name, given[name], folder)
             if problem:
                 problems.append(problem)
@@ -250,12 +272,19 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
             )
         except ValueError as error:
             problems.append(str(error))
+    ranking = ()
+    if auto_base and not problems:
+        paths["base"], ranking, problem = _choose_base(paths, given.get("lora") is not None)
+        if problem:
+            problems.append(problem)
     if problems or spec is None:
         return RowError(line, row_id, "; ".join(problems))
     return Row(
         line=line,
         id=row_id,
         base=paths["base"],
+        bases=paths.get("bases"),
+        base_ranking=ranking,
         finetuned=paths.get("finetuned"),
         lora=paths.get("lora"),
         caption=caption,
@@ -270,6 +299,20 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
     )
 
 
+def _choose_base(paths: dict, adapter: bool) -> tuple[str | None, tuple, str | None]:
+    """`base: auto`: (the chosen base, the ranking as dicts, None) or (None, (), the problem)."""
+    from finextract.engine.loading.parents import choose_base
+
+    checkpoint = Path(paths.get("finetuned") or paths["lora"])
+    if not checkpoint.exists():
+        return None, (), f"base 'auto': the checkpoint {checkpoint} is not a local file or folder to rank bases for"
+    try:
+        chosen, ranked = choose_base(checkpoint, paths["bases"], adapter=adapter)
+    except (ValueError, OSError) as error:  # none fits, a tie, no candidate, an unreadable checkpoint
+        return None, (), f"base 'auto': {error}"
+    return str(chosen), tuple(candidate.to_dict() for candidate in ranked), None
+
+
 def _text(value) -> str | None:
     """A field's value as stripped text; None for an empty or absent value (JSON null)."""
     if value is None:
@@ -282,8 +325,9 @@ def _path(name: str, value: str, folder: Path) -> tuple[str, str | None]:
     """(absolute path or hub id, problem or None). A relative path is read from the manifest's folder."""
     path = (folder / Path(value).expanduser()).resolve()
     if path.exists():
-        if name == "train" and not path.is_dir():
-            return str(path), f"train {value!r}: not a folder (give the folder of the real training images)"
+        if name in ("train", "bases") and not path.is_dir():
+            what = "the real training images" if name == "train" else "candidate bases"
+            return str(path), f"{name} {value!r}: not a folder (give the folder of {what})"
         return str(path), None
     if name in ("base", "finetuned", "lora") and _HUB_ID.fullmatch(value) and not value.startswith((".", "/")):
         return value, None  # a hub id: the loader resolves it from the local cache, offline, or says why not
