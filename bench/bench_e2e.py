@@ -10,7 +10,7 @@ model pair, for FineXtract (Eq. 13) on the DreamBooth and the LoRA pair of the r
   after the other, `DDIMScheduler.step`, batch 5, fp32), then the same SSCD embedder and clustering;
 - `onnxruntime`, `openvino`: `finextract.generation` (the sampler built per call, as every extraction
   builds it: text encoding, the cached export loaded into a session / compiled, one batch of N), then
-  `finextract.extract.cluster_images` (the extraction's own SSCD + clustering).
+  `finextract.extraction.cluster_images` (the extraction's own SSCD + clustering).
 SSCD and clustering are the same code on both sides (the plain way has no faster one), so the ratio
 is what our generation gains, diluted by the shared stages.
 
@@ -140,7 +140,7 @@ def _ways(pair, caption: str, cache_dir: Path):
 
 def _run(generate_images, embedder) -> dict:
     """One end-to-end run: images, extraction, and wall / CPU seconds per stage."""
-    from finextract.extract import cluster_images
+    from finextract.extraction import cluster_images
 
     wall, cpu = time.perf_counter(), time.process_time()
     images = generate_images()

@@ -92,7 +92,8 @@ def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
     `Extractor.extract` does it, with the descriptors kept for the estimate."""
     from finextract.clustering.n0 import estimate_n0
     from finextract.evaluation import evaluate_against
-    from finextract.extract import Extractor, cluster_images
+    from finextract.extract import Extractor
+    from finextract.extraction import cluster_images
     from finextract.generation import generate
     from finextract.sscd import embed_images
 

@@ -4,7 +4,7 @@ For each cell (scenario x fine-tune kind), sampling seed and setting (scheduler:
 extraction generates N_max images (image i from seed + i), and every prefix N of them is scored as
 the extraction at that N: image i does not depend on N, so the first N images are what a run of N
 generates. The prefix reuses the images' SSCD descriptors and is clustered by the extractor's own
-code (`finextract.clustering.cluster_descriptors`, the call `finextract.extract.cluster_images` makes);
+code (`finextract.clustering.cluster_descriptors`, the call `finextract.extraction.cluster_images` makes);
 it is scored with `finextract.evaluation.evaluate_against`. Recorded per prefix: AS, A-ESR0.6/0.7,
 UNet evaluations (`finextract.generation.count_work`: N x steps x models), the best AS among the N
 generated images (what a perfect selection reaches) and the seconds a run of N takes (generation and

@@ -19,7 +19,7 @@ from finextract.store.files import write_png
 from finextract.store.folders import commit, stage, write_record
 
 if TYPE_CHECKING:  # the result type lives with the Extractor, which imports this module
-    from finextract.extract import ExtractionResult
+    from finextract.extraction import ExtractionResult
 
 
 def write_output(

@@ -250,7 +250,7 @@ def test_cli_silences_torchvision_notices_only(caplog):
     ],
 )
 def test_constant_images_name_their_likely_cause(precision, cause, caplog):
-    from finextract.extract import cluster_images
+    from finextract.extraction import cluster_images
 
     constant = np.zeros((6, 16, 16, 3), dtype=np.uint8)
     constant[::2] = 255  # black and white: each image constant, the set not

@@ -180,7 +180,7 @@ def test_graphed_loop_equals_eager_loop_on_cuda(request, pair_name, dtype):
 def test_extract_device_path_equals_cpu_path(dreambooth_pair):
     """Images generated on CUDA stay there; SSCD + clustering on them == on their CPU copy; and the
     CUDA images match the CPU generation to within rounding."""
-    from finextract.extract import cluster_images
+    from finextract.extraction import cluster_images
     from finextract.generation import generate
     from finextract.sscd import load_embedder
 

@@ -45,7 +45,7 @@ def run(args) -> int:
     import logging
     from pathlib import Path
 
-    from finextract.extract import cluster_images
+    from finextract.extraction import cluster_images
     from finextract.output import extraction_config, write_output
     from finextract.sscd import load_embedder
     from finextract.store.folders import prepare, run_entry
