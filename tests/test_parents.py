@@ -14,10 +14,10 @@ from finextract.engine.formats import file_sha256
 from finextract.engine.loading.parents import (
     candidate_bases,
     is_bases_folder,
-    legacy_model_hash,
     rank_bases,
     trainer_hashes,
 )
+from finextract.engine.metadata import kohya_model_hashes
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,10 @@ def bases(tiny_zoo, tmp_path_factory):
     shutil.copytree(build_family_zoo(tmp_path_factory.mktemp("sd2"), "sd2") / "base", folder / "sd2")
     shutil.copy(tiny_zoo / "base" / "unet" / "diffusion_pytorch_model.safetensors", folder / "parent-unet.safetensors")
     return folder
+
+
+def legacy_model_hash(path) -> str:
+    return kohya_model_hashes(path)["ss_sd_model_hash"]
 
 
 def test_legacy_model_hash_is_kohyas_definition(tmp_path):

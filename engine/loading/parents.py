@@ -17,46 +17,24 @@ Metadata is data: its values are compared as strings, never opened as paths.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..families import Family, FamilyMismatchError, adapter_evidence, check_family, checkpoint_evidence
-from ..formats import file_sha256, read_safetensors_header, sniff
+from ..formats import read_safetensors_header, sniff
+from ..metadata import kohya_model_hashes
 from .files import read_config
 from .folders import folder_family
 
-#: kohya sd-scripts' `model_hash` (the old stable-diffusion-webui hash): sha256 of the bytes at
-#: [LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_BYTES) of the file, first 8 hex digits.
-LEGACY_HASH_OFFSET = 0x100000
-LEGACY_HASH_BYTES = 0x10000
 _UNET_PREFIXES = ("unet.", "model.diffusion_model.")
 
 
-def legacy_model_hash(path: str | Path) -> str:
-    """The 8-hex-digit hash kohya sd-scripts writes as `ss_sd_model_hash` (its `model_hash`): sha256 of
-    the 64 KiB at offset 1 MiB (of fewer bytes, or none, in a smaller file, as a read past the end gives).
-
-    Raises:
-        OSError: the file cannot be read (a folder: kohya writes "IsADirectory" for one).
-    """
-    with open(path, "rb") as handle:
-        handle.seek(LEGACY_HASH_OFFSET)
-        return hashlib.sha256(handle.read(LEGACY_HASH_BYTES)).hexdigest()[:8]
-
-
 def trainer_hashes(path: str | Path) -> dict[str, str]:
-    """The parent-model hashes trainers record, computed for a candidate base file.
-
-    Returns:
-        {"ss_sd_model_hash": `legacy_model_hash`, "ss_new_sd_model_hash": sha256 of the whole file (64
-        hex digits; kohya's `calculate_sha256`)}; empty for a folder (kohya records "IsADirectory").
-    """
+    """The parent-model hashes trainers record, computed for a candidate base file: `kohya_model_hashes`,
+    or {} for a folder (kohya records "IsADirectory")."""
     path = Path(path)
-    if not path.is_file():
-        return {}
-    return {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": file_sha256(path)}
+    return kohya_model_hashes(path) if path.is_file() else {}
 
 
 def is_bases_folder(path: str | Path) -> bool:

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..formats import file_sha256
+
 #: A metadata value longer than this is not parsed (a warning): a real `ss_tag_frequency` of thousands
 #: of tags is a few hundred kB.
 MAX_VALUE_CHARS = 4_000_000
@@ -109,6 +111,12 @@ def _read_json(file: Path, source: str, sources: dict, warnings: list) -> None:
     sources[source] = value
 
 
+#: kohya sd-scripts' `model_hash` (the old stable-diffusion-webui hash): sha256 of the bytes at
+#: [LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_BYTES) of the file, first 8 hex digits.
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_BYTES = 0x10000
+
+
 def kohya_model_hashes(file: str | Path) -> dict[str, str]:
     """The parent-model hashes kohya-ss sd-scripts records for a model file (`train_util.model_hash`
     and `calculate_sha256`, the ones stable-diffusion-webui shows).
@@ -118,13 +126,9 @@ def kohya_model_hashes(file: str | Path) -> dict[str, str]:
         is: a file under 1 MiB hashes no bytes), "ss_new_sd_model_hash": sha256 of the whole file}.
 
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read (a folder: kohya records "IsADirectory" for one).
     """
     with open(file, "rb") as handle:
-        handle.seek(0x100000)
-        legacy = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
-        handle.seek(0)
-        whole = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            whole.update(chunk)
-    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": whole.hexdigest()}
+        handle.seek(LEGACY_HASH_OFFSET)
+        legacy = hashlib.sha256(handle.read(LEGACY_HASH_BYTES)).hexdigest()[:8]
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": file_sha256(file)}
