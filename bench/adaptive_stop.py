@@ -24,6 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -98,7 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     zoo = default_zoo_folder()
     embedder = load_embedder("default", threads=1)
-    resolution = model_resolution(zoo / "base")
+    configs = {part: json.loads((zoo / "base" / part / "config.json").read_text()) for part in ("unet", "vae")}
+    resolution = model_resolution(  # the side the extractor scores at (it reads these configs from the loaded pair)
+        SimpleNamespace(
+            base_unet=SimpleNamespace(config=SimpleNamespace(**configs["unet"])),
+            vae=SimpleNamespace(config=SimpleNamespace(**configs["vae"])),
+        )
+    )
     train = {}
     started = time.perf_counter()
     runs = []

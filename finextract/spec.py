@@ -33,8 +33,9 @@ PRESETS = {
     # the paper's procedure exactly: N = 50 x N0, DDIM 50 steps, every image generated (no early stop),
     # the N0 largest cliques at the first threshold that yields N0 (the only selection rule so far)
     "paper": {"images_per_n0": IMAGES_PER_N0, "steps": 50, "scheduler": "ddim"},
-    # what runs when no --preset is given: the paper's until issue 23's measurement chooses cheaper ones
-    "default": {"images_per_n0": IMAGES_PER_N0, "steps": 50, "scheduler": "ddim"},
+    # what runs when no --preset is given: a tenth of the paper's UNet evaluations (N = 10 x N0, DPM-Solver++
+    # 2M in 25 steps), chosen by the time-to-evidence measurement (docs/results.md#time-to-evidence)
+    "default": {"images_per_n0": 10, "steps": 25, "scheduler": "dpmpp-2m"},
 }
 #: The preset used when none is named (`--preset` left out, `preset=None`).
 DEFAULT_PRESET = "default"
@@ -121,7 +122,7 @@ class ExtractionSpec:
         use_metadata: with caption / n0 "auto", read them from the fine-tune's trainer metadata first
             (`finextract.inspection.metadata_first`); False recovers / estimates them regardless.
         adaptive: generate in rounds and stop once the N0 extracted cliques are stable
-            (`finextract.adaptive`); `num_images` is then the cap. round_images: images per round
+            (`finextract.adaptive`); `num_images` is then the cap (not given: the paper's 50 x N0). round_images: images per round
             (resolved: 10 x N0 when adaptive, None otherwise). stable_rounds: consecutive stable rounds
             that stop it.
         selection: which N0 cliques are extracted (`finextract.clustering.selection`): "size" (the paper's),
@@ -205,6 +206,8 @@ class ExtractionSpec:
         preset = DEFAULT_PRESET if preset is None else preset
         num_images_given = num_images is not None
         num_images = default_num_images(n0, preset) if num_images is None else num_images  # checks preset
+        if adaptive and not num_images_given and n0 != AUTO:  # the rounds decide N, up to the paper's 50 x N0
+            num_images = max(num_images, IMAGES_PER_N0 * n0)
         if n0 == AUTO:
             if num_images < MIN_IMAGES:
                 raise ValueError(

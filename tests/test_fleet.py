@@ -344,9 +344,10 @@ def test_local_audit_images_equal_a_fresh_load(local_run, tiny_zoo):
     from finextract.engine.config import RunConfig
     from finextract.engine.loading import load_model_pair
     from finextract.generation import generate
+    from finextract.spec import preset_run_options
 
     out, _ = local_run
-    config = RunConfig.resolve(**RUN)
+    config = RunConfig.resolve(**preset_run_options(None, **RUN))  # the audit's: the default preset's scheduler
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft").place(config)
     images = generate(pair, "a photo of sks", 8, config=config, progress=False).images.numpy()
     chunks = sorted((out / "lora_peft" / "generation").glob("chunk_*.npz"))

@@ -22,9 +22,10 @@ from finextract.spec import (
 )
 
 
-def test_defaults_n_is_50_n0_and_the_method_follows_the_caption():
+def test_defaults_n_is_the_default_presets_and_the_method_follows_the_caption():
     spec = ExtractionSpec.resolve("a photo of sks", 5)
-    assert IMAGES_PER_N0 == 50 and spec.num_images == 50 * 5 == default_num_images(5)
+    assert spec.num_images == 10 * 5 == default_num_images(5)  # the default preset: N = 10 x N0
+    assert IMAGES_PER_N0 == 50 and default_num_images(5, "paper") == 50 * 5  # the paper's N = 50 x N0
     assert (spec.method, spec.w, spec.k, spec.train, spec.train_as_is, spec.sscd_preset, spec.preset) == (
         "finextract",
         None,
@@ -79,10 +80,15 @@ def test_the_cli_builds_the_spec_before_any_model_loads(tmp_path, capsys):
     assert code != 0 and "--num-images 3 is below --n0 5" in capsys.readouterr().err and not out.exists()
 
 
-def test_the_paper_preset_is_the_papers_procedure_and_the_default_is_todays():
-    # the paper: N = 50 x N0 and 50 DDIM steps (Sec. 5.1); RunConfig's own default is the same 50 steps
+def test_the_paper_preset_is_the_papers_procedure_and_the_default_a_tenth_of_its_work():
+    # the paper: N = 50 x N0 and 50 DDIM steps (Sec. 5.1); RunConfig's own (engine) default is the same
     assert PRESETS["paper"] == {"images_per_n0": 50, "steps": 50, "scheduler": "ddim"}
-    assert PRESETS[DEFAULT_PRESET] == PRESETS["paper"] and RunConfig.defaults()["steps"] == 50
+    assert (RunConfig.defaults()["steps"], RunConfig.defaults()["scheduler"]) == (50, "ddim")
+    # the default: N = 10 x N0 images x 25 DPM-Solver++ 2M steps, 1/10 of the paper's N x steps
+    default = PRESETS[DEFAULT_PRESET]
+    assert default == {"images_per_n0": 10, "steps": 25, "scheduler": "dpmpp-2m"}
+    paper_work = PRESETS["paper"]["images_per_n0"] * PRESETS["paper"]["steps"]
+    assert default["images_per_n0"] * default["steps"] * 10 == paper_work
     paper = ExtractionSpec.resolve("c", 5, preset="paper")
     assert (paper.preset, paper.num_images) == ("paper", 250)
     # every preset names every setting: a missing one would fall back silently to another preset's
@@ -92,11 +98,11 @@ def test_the_paper_preset_is_the_papers_procedure_and_the_default_is_todays():
 def test_a_preset_fills_in_what_is_not_given_and_explicit_options_override_it(monkeypatch):
     monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7, "scheduler": "unipc"})  # read, not copied
     spec = ExtractionSpec.resolve("c", 3, preset="paper")
-    assert spec.num_images == 12 == default_num_images(3, "paper") and default_num_images(3) == 150
+    assert spec.num_images == 12 == default_num_images(3, "paper") and default_num_images(3) == 30
     assert preset_run_options("paper") == {"steps": 7, "scheduler": "unipc"}
     given = preset_run_options("paper", steps=20, seed=4, threads=None)
     assert given == {"steps": 20, "scheduler": "unipc", "seed": 4}
-    assert preset_run_options(None) == {"steps": 50, "scheduler": "ddim"}
+    assert preset_run_options(None) == {"steps": 25, "scheduler": "dpmpp-2m"}
     config = RunConfig.resolve(device="cpu", backend="torch", **preset_run_options("paper"))
     assert preset_record(spec, config) == {"name": "paper", "overrides": {}}
     overridden = ExtractionSpec.resolve("c", 3, preset="paper", num_images=5)
@@ -149,7 +155,10 @@ def test_the_cli_resolves_the_preset_once_and_explicit_options_override_it(monke
     assert (config.steps, spec.num_images, spec.preset) == (20, 30, "paper")
     assert preset_record(spec, config)["overrides"] == {"num_images": 30, "steps": 20}
     args = parse(base)  # no --preset: the default preset's
-    assert run_config_from(args).steps == 50 and ExtractionSpec.from_attributes(args).preset == DEFAULT_PRESET
+    config = run_config_from(args)
+    assert (config.steps, config.scheduler) == (25, "dpmpp-2m") and ExtractionSpec.from_attributes(
+        args
+    ).preset == DEFAULT_PRESET
     # --preset is the procedure, --sscd-preset the descriptor's preprocessing: each takes only its names
     assert parse(base + ["--sscd-preset", "paper"]).sscd_preset == "paper"
     with pytest.raises(SystemExit):

@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from finextract.engine.config import RunConfig
 from finextract.evidence import command_record, environment_record, jsonable
 from finextract.metrics import format_score
+from finextract.spec import preset_run_options
 from finextract.store.folders import prepare
 
 from .executors import EXECUTORS, run_local, run_ray
@@ -114,7 +115,8 @@ def audit(
     (out / TOKEN_FILE).write_text(token)
     settings = FleetSettings(
         out=str(out),
-        run_options={**RUN_DEFAULTS, **run_options},
+        # the default preset's steps and scheduler where not given, as `finextract audit` and `extract` take them
+        run_options={**RUN_DEFAULTS, **preset_run_options(None), **run_options},
         embedder=str(embedder),
         sscd_preset=sscd_preset,
         allow_pickle=allow_pickle,
