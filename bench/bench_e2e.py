@@ -211,9 +211,12 @@ def test_end_to_end(benchmark, zoos, peak, embedder, tmp_path, zoo_name, kind):
                 and way_runs[0]["extraction"].indices == reference[0]["extraction"].indices
             )
         if train is not None:
-            from finextract.evaluation import evaluate_against
+            from finextract.evaluation import evaluate_against, model_resolution
 
-            metrics, _ = evaluate_against(train, way_runs[0]["extraction"].descriptors, embedder)
+            # the training images at the model's side, as `finextract extract --train` compares them
+            metrics, _ = evaluate_against(
+                train, way_runs[0]["extraction"].descriptors, embedder, resolution=model_resolution(pair)
+            )
             entry["AS"] = round(metrics["AS"], 4)
         row["ways"][way] = entry
     RESULTS.append(row)
