@@ -108,7 +108,9 @@ def as_part(zoo: Path, recovered: str, args, record: dict, save) -> None:
         config = extractor.config.replace(steps=args.steps)
         images = generate(extractor.pair, caption, args.num_images, method=method, config=config).images
         result = cluster_images(images, 5, extractor.embedder)
-        metrics, _ = evaluate_against(zoo / "train", result.descriptors, extractor.embedder)
+        metrics, _ = evaluate_against(
+            zoo / "train", result.descriptors, extractor.embedder, resolution=extractor.resolution
+        )
         seconds = time.perf_counter() - start
         row = {
             "run": label,
