@@ -154,7 +154,7 @@ def run_sweep(
         out: the sweep folder (a `RunFolder` the CLI checked is not checked again); point (method,
             value) goes to `point_folder(out, method, param, value)`.
         train: the real training images (a folder, arrays, or `read_images`' pair); AS needs them.
-        n0, num_images, w, k: the settings held fixed (None: N = 50 x N0, the paper's w / k per method
+        n0, num_images, w, k: the settings held fixed (None: the default preset's N = 10 x N0, the paper's w / k per method
             and fine-tune kind).
         train_as_is: score against the training images without the centre crop and resize.
         progress: show progress bars.
@@ -327,7 +327,7 @@ def sweep_plot(summary: dict):
     if param != "n0":
         fixed.append(f"N0 = {settings['n0']}")
     if param != "num_images":
-        fixed.append(f"N = {settings['num_images'] or '50 x N0'}")
+        fixed.append(f"N = {settings['num_images'] or '10 x N0'}")
     fixed.append(f"{settings['steps']} {settings.get('scheduler', 'ddim')} steps, seed {settings['seed']}")
     fig.suptitle(f"{kind}: AS and A-ESR0.6 against {PARAM_SYMBOLS[param]} ({', '.join(fixed)})", fontsize=10)
     return fig

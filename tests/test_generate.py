@@ -242,7 +242,7 @@ def test_cli_generate_num_images_without_n0_and_errors(tiny_zoo, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "1 images" in printed and "//" not in printed and f"{tmp_path / 'gen' / MANIFEST}" in printed
     assert main(common + ["--out", str(tmp_path / "y")]) == 1
-    assert "give --n0 (N = 50 x N0 images) or --num-images N" in capsys.readouterr().err
+    assert "give --n0 (N = the preset's N x N0 images) or --num-images N" in capsys.readouterr().err
     for flag in ("--n0", "--batch-size"):
         with pytest.raises(SystemExit):
             main(common + ["--num-images", "1", flag, "0", "--out", str(tmp_path / "z")])

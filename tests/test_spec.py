@@ -1,4 +1,4 @@
-"""The extraction spec: defaults (N = 50 x N0), one validation with errors naming the option; the
+"""The extraction spec: defaults (the preset's N x N0), one validation with errors naming the option; the
 procedure presets (a named bundle of settings that explicit options override)."""
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The paper's Table 1 in small: two scenarios (object-driven: 5 photographs; style-driven: 10 drawings
 in one style), each with a DreamBooth and a LoRA fine-tune (`finextract zoo path`), extracted with
-FineXtract, CFG and Direct (N0 = the number of training images, N = 50 x N0, the same seeds for every
-method) and scored against the training images as the fine-tune saw them (AS, A-ESR0.7, A-ESR0.6).
+FineXtract, CFG and Direct (N0 = the number of training images, N = the preset's N x N0, the same seeds
+for every method) and scored against the training images as the fine-tune saw them (AS, A-ESR0.7, A-ESR0.6).
 With `--seeds K` every cell is run with K disjoint sets of sampling seeds and reported as mean ± std;
 the fine-tunes themselves are the committed ones (one per scenario and kind; fine-tuning seeds are
 not varied). Writes `DIR/demo.json` and `DIR/report.html` (an index of the runs: table, the
@@ -49,8 +49,9 @@ def register(subparsers) -> None:
         help="extract the training images of the bundled tiny fine-tunes; print a Table-1-style table",
         description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models of the "
         "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
-        "N = 50 x N0, the same seeds for every method), score them against the training images (AS, A-ESR) and "
-        "write report.html. The default (object scenario, one seed) takes about 5 minutes on 2 CPU cores; "
+        "N = 10 x N0 at 25 DPM-Solver++ steps, or the paper's 50 x N0 at 50 DDIM steps with --preset paper; the same "
+        "seeds for every method), score them against the training images (AS, A-ESR) and write report.html. The "
+        "default (object scenario, one seed) takes about 80 s on 2 CPU cores; "
         "--scenarios object,style --seeds 3 runs the full table as mean ± std over 3 sampling seeds.",
     )
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per run, report.html)")
@@ -77,7 +78,7 @@ def register(subparsers) -> None:
         "--num-images",
         type=positive_int,
         default=None,
-        help="N, images generated per run (default the preset's: 50 x N0)",
+        help="N, images generated per run (default the preset's: 10 x N0; paper: 50 x N0)",
     )
     parser.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default the preset's)")
     add_scheduler_option(parser, preset=True)

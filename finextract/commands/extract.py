@@ -19,7 +19,8 @@ def register(subparsers) -> None:
         "extract",
         run,
         help="extract fine-tuning images (generate + SSCD + cliques)",
-        description="FineXtract: generate N = 50 x N0 guided images, cluster them, write N0 extracted images.",
+        description="FineXtract: generate N guided images (the default preset: 10 x N0; --preset paper: 50 x N0), "
+        "cluster them, write N0 extracted images.",
     )
     add_model_options(p)
     add_sampling_options(p)
@@ -53,7 +54,7 @@ def add_selection_options(p) -> None:
         "--adaptive",
         action="store_true",
         help="generate in rounds and stop once the N0 extracted cliques are stable; --num-images is then the cap "
-        "(default 50 x N0)",
+        "(default the paper's 50 x N0)",
     )
     p.add_argument(
         "--round-images",

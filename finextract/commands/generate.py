@@ -1,4 +1,4 @@
-"""`finextract generate`: N = 50 x N0 guided samples into a resumable chunked folder.
+"""`finextract generate`: N guided samples (the preset's N x N0) into a resumable chunked folder.
 
     finextract generate --base BASE (--finetuned FT | --lora LORA) --caption TEXT --n0 K --out DIR
 
@@ -38,7 +38,7 @@ def run(args) -> int:
     from .options import model_pair_from, run_config_from
 
     if args.n0 is None and args.num_images is None:
-        raise ValueError("give --n0 (N = 50 x N0 images) or --num-images N")
+        raise ValueError("give --n0 (N = the preset's N x N0 images) or --num-images N")
     num_images = args.num_images if args.num_images is not None else default_num_images(args.n0, args.preset)
     folder = prepare(args.out, "generate")  # before loading anything; the manifest is compared once the model is known
     out = folder.path

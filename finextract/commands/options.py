@@ -148,7 +148,7 @@ def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
 def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool = True) -> None:
     """--preset, --caption, --n0, --ignore-metadata, --num-images, --method, --w, --k, --steps, --batch-size, --seed.
 
-    `n0_required=False` (generate): N0 only sets the default N = 50 x N0, so --num-images may replace it.
+    `n0_required=False` (generate): N0 only sets the default N (the preset's N x N0), so --num-images may replace it.
     """
     parser.add_argument(
         "--caption",
@@ -176,7 +176,10 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         help="with --caption auto / --n0 auto: leave the trainer metadata unread; recover and estimate instead",
     )
     parser.add_argument(
-        "--num-images", type=positive_int, default=None, help="N images to generate (default the preset's: 50 x N0)"
+        "--num-images",
+        type=positive_int,
+        default=None,
+        help="N images to generate (default the preset's: 10 x N0; paper: 50 x N0)",
     )
     parser.add_argument(
         "--method",

@@ -50,7 +50,12 @@ def register(subparsers) -> None:
         help="comma-separated guidance rules (default finextract,cfg; for k: finextract, the only one with k)",
     )
     p.add_argument("--n0", type=positive_int, required=True, help="N0, images extracted (swept with --param n0)")
-    p.add_argument("--num-images", type=positive_int, default=None, help="N, images generated (default 50 x N0)")
+    p.add_argument(
+        "--num-images",
+        type=positive_int,
+        default=None,
+        help="N, images generated (default the default preset's 10 x N0)",
+    )
     p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
     p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
     add_step_options(p, note=", at every point")
