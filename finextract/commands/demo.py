@@ -59,7 +59,9 @@ def register(subparsers) -> None:
         "--zoo", default=None, help="trained zoo folder (default: the committed one, `finextract zoo path`)"
     )
     parser.add_argument(
-        "--scenarios", default="object", help="comma-separated: object,style (default object, which fits 5 minutes)"
+        "--scenarios",
+        default="object",
+        help="comma-separated: object,style (default object: about 80 s on 2 CPU cores)",
     )
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dreambooth,lora")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: finextract,cfg,direct")

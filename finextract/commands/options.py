@@ -205,7 +205,8 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         choices=tuple(PRESETS),
         default=None,
         help="procedure preset: paper (the paper's procedure: N = 50 x N0, 50 DDIM steps, no early stop, the "
-        f"paper's selection) or {DEFAULT_PRESET} (the default). Options given explicitly (--num-images, "
+        f"paper's selection) or {DEFAULT_PRESET} (the default: N = 10 x N0, 25 DPM-Solver++ 2M steps, a tenth of the "
+        "paper's UNet evaluations). Options given explicitly (--num-images, "
         "--steps, --scheduler) override the preset's; result.json records which did",
     )
 
@@ -261,7 +262,7 @@ def add_sscd_options(parser: argparse.ArgumentParser) -> None:
         choices=tuple(SSCD_PRESETS),
         default=None,
         help="SSCD preprocessing: sscd (short edge 288, ImageNet mean/std; the default) or paper (the released "
-        "code's resize 256, crop 224); not the procedure --preset",
+        "code's resize 256, crop 224, mean/std 0.5); not the procedure --preset",
     )
 
 
