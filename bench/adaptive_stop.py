@@ -24,13 +24,13 @@ import json
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from finextract.adaptive import RoundTracker
 from finextract.clustering import cluster_descriptors
+from finextract.engine.loading import load_model_pair
 from finextract.evaluation import model_resolution, read_training_images
 from finextract.metrics import extraction_metrics
 from finextract.sscd import embed_images, load_embedder
@@ -99,13 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     zoo = default_zoo_folder()
     embedder = load_embedder("default", threads=1)
-    configs = {part: json.loads((zoo / "base" / part / "config.json").read_text()) for part in ("unet", "vae")}
-    resolution = model_resolution(  # the side the extractor scores at (it reads these configs from the loaded pair)
-        SimpleNamespace(
-            base_unet=SimpleNamespace(config=SimpleNamespace(**configs["unet"])),
-            vae=SimpleNamespace(config=SimpleNamespace(**configs["vae"])),
-        )
-    )
+    # the side the extractor scores at, from the loaded pair as `Extractor` reads it
+    resolution = model_resolution(load_model_pair(zoo / "base", finetuned=zoo / "dreambooth"))
     train = {}
     started = time.perf_counter()
     runs = []

@@ -25,7 +25,7 @@ from .options import (
     add_device_option,
     add_overwrite_option,
     add_preset_option,
-    add_scheduler_option,
+    add_sampler_options,
     options_of,
     positive_int,
 )
@@ -82,8 +82,7 @@ def register(subparsers) -> None:
         default=None,
         help="N, images generated per run (default the preset's: 10 x N0; paper: 50 x N0)",
     )
-    parser.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default the preset's)")
-    add_scheduler_option(parser, preset=True)
+    add_sampler_options(parser, preset=True)
     # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     add_device_option(parser)

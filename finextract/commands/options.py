@@ -213,20 +213,8 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
 
 def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset: bool = False) -> None:
     """--steps, --scheduler, --batch-size, --seed, defaulting to `RunConfig`'s; `note` ends the --steps and
-    --seed help.
-
-    `preset=True` (the command has --preset): --steps and --scheduler default to None, filled in from the
-    preset by `run_config_from`; otherwise to the default preset's.
-    """
-    steps = preset_run_options(None)["steps"]
-    default = f"the --preset's: {steps}" if preset else steps
-    parser.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None if preset else steps,
-        help=f"sampler steps (default {default}{note})",
-    )
-    add_scheduler_option(parser, preset=preset)
+    --seed help. `preset`: as `add_sampler_options`."""
+    add_sampler_options(parser, note, preset=preset)
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -241,16 +229,26 @@ def add_step_options(parser: argparse.ArgumentParser, note: str = "", *, preset:
     )
 
 
-def add_scheduler_option(parser: argparse.ArgumentParser, *, preset: bool = False) -> None:
-    """--scheduler (default the default preset's; None with `preset=True`, filled in from --preset)."""
-    scheduler = preset_run_options(None)["scheduler"]
-    default = f"the --preset's: {scheduler}" if preset else scheduler
+def add_sampler_options(parser: argparse.ArgumentParser, note: str = "", *, preset: bool = False) -> None:
+    """--steps and --scheduler, the procedure preset's run settings (`finextract.spec.RUN_PRESET_SETTINGS`).
+
+    `preset=True` (the command has --preset): both default to None, filled in from the preset by
+    `run_config_from`; otherwise to the default preset's values. `note` ends the --steps help.
+    """
+    defaults = preset_run_options(None)
+
+    def default_of(name: str):  # (argparse default, the default as the help shows it)
+        return (None, f"the --preset's: {defaults[name]}") if preset else (defaults[name], defaults[name])
+
+    steps, shown = default_of("steps")
+    parser.add_argument("--steps", type=positive_int, default=steps, help=f"sampler steps (default {shown}{note})")
+    scheduler, shown = default_of("scheduler")
     parser.add_argument(
         "--scheduler",
         choices=SCHEDULER_NAMES,
-        default=None if preset else scheduler,
+        default=scheduler,
         help="sampler: ddim (eta = 0, the paper's), dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC bh2), with the "
-        f"model's own scheduler config (default {default})",
+        f"model's own scheduler config (default {shown})",
     )
 
 
