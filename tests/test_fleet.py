@@ -486,8 +486,10 @@ def test_ray_rerun_starts_no_worker(ray_run, inputs):
 # --- Ctrl-C ---
 
 
-def test_ctrl_c_keeps_finished_work_and_the_rerun_resumes(tiny_zoo, tmp_path, caplog):
+def test_ctrl_c_keeps_finished_work_and_the_rerun_resumes(tiny_zoo, tmp_path, caplog, monkeypatch):
+    from finextract import generation as generation_module
     from finextract.cli import main
+    from finextract.store import chunks
 
     out, manifest = tmp_path / "audit", tmp_path / "m.csv"
     manifest.write_text(
@@ -496,23 +498,22 @@ def test_ctrl_c_keeps_finished_work_and_the_rerun_resumes(tiny_zoo, tmp_path, ca
         f"long,{tiny_zoo / 'base'},,{tiny_zoo / 'lora_peft'},a photo of sks,2,16,4\n"
     )
     generation = out / "long" / "generation"
+    write_manifest = chunks.write_manifest
 
-    def press_ctrl_c():  # SIGINT, as a terminal's Ctrl-C sends, once the long row has a finished chunk
-        from finextract.store.chunks import finished_count
+    def write_then_press_ctrl_c(folder, contents):
+        # SIGINT, as a terminal's Ctrl-C sends, once the long row's first chunk is in its manifest. Sent
+        # from the main thread, so Python's handler raises KeyboardInterrupt at the next bytecode, at a
+        # point a real Ctrl-C can land; a thread polling the folder instead raced the whole (0.3 s) row
+        # on a loaded machine and sometimes lost.
+        write_manifest(folder, contents)
+        if Path(folder) == generation and finished_count(generation) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
 
-        # finished = written AND in the manifest: a chunk file appears a moment before its manifest
-        # entry, and a Ctrl-C between the two (seen on a loaded machine) leaves nothing to resume
-        deadline = time.monotonic() + 240
-        while finished_count(generation) < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    presser = threading.Thread(target=press_ctrl_c, daemon=True)
-    presser.start()
+    monkeypatch.setattr(generation_module.chunks, "write_manifest", write_then_press_ctrl_c)
     command = ["audit", str(manifest), "--out", str(out), "--executor", "local", "--backend", "torch"]
     command += ["--device", "cpu", "--threads", "1", "--batch-size", "4", "--steps", "2", "--no-progress"]
     assert main(command) == 130
-    presser.join()
+    monkeypatch.undo()
     assert "rerun the same command to continue" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["id"], r["status"]) for r in summary["rows"]] == [("db_uncond", "done"), ("long", "interrupted")]
