@@ -1,16 +1,18 @@
-"""Model families: what differs between SD 1.x, SD 2.x, SDXL and AltDiffusion, in one table.
+"""Model families: what differs between SD 1.x, SD 2.x, SDXL, AltDiffusion, SD3 and FLUX.1, in one table.
 
-A family fixes the parts of a pipeline that are not in the UNet's weights: which text encoders and
-tokenizers it has, which conditioning tensors its UNet reads, and which diffusers pipeline defines
-its sampling (the oracle the tests compare against). Everything else (sizes, prediction type,
-scheduler) is read from the model's own configs.
+A family fixes the parts of a pipeline that are not in the denoiser's weights: which text encoders
+and tokenizers it has, which denoiser (a UNet or a flow-matching transformer) and which conditioning
+tensors it reads, and which diffusers pipeline defines its sampling (the oracle the tests compare
+against). Everything else (sizes, prediction type, scheduler) is read from the model's own configs.
 
-| family | pipeline | text encoders | UNet conditioning |
-|---|---|---|---|
-| `sd1` SD 1.x | `StableDiffusionPipeline` | CLIP ViT-L (`CLIPTextModel`) | `encoder_hidden_states` |
-| `sd2` SD 2.x (epsilon 512 px, v-prediction 768 px) | `StableDiffusionPipeline` | OpenCLIP ViT-H (`CLIPTextModel`) | `encoder_hidden_states` |
-| `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
-| `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
+| family | pipeline | denoiser | text encoders | denoiser conditioning |
+|---|---|---|---|---|
+| `sd1` SD 1.x | `StableDiffusionPipeline` | `unet` | CLIP ViT-L (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sd2` SD 2.x (epsilon 512 px, v-prediction 768 px) | `StableDiffusionPipeline` | `unet` | OpenCLIP ViT-H (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | `unet` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
+| `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | `unet` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
+| `sd3` SD3 / 3.5 | `StableDiffusion3Pipeline` | `transformer` (`SD3Transformer2DModel`) | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) + T5 (`T5EncoderModel`, optional) | `encoder_hidden_states` (joint), `pooled_projections` |
+| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP) |
 
 Detection reads configs (`detect_family`), single-file checkpoint keys (`checkpoint_evidence`) or
 adapter keys and metadata (`adapter_evidence`); `check_family` refuses a fine-tune or adapter of
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 __all__ = [
     "ADDED_CONDITIONING_KEYS",
     "FAMILIES",
+    "FLOW_CONDITIONING_KEYS",
     "Evidence",
     "Family",
     "FamilyMismatchError",
@@ -54,37 +57,49 @@ class Family:
     """One model family.
 
     Attributes:
-        name: the identifier ("sd1", "sd2", "sdxl", "altdiffusion"), recorded in `result.json`.
+        name: the identifier ("sd1", "sd2", "sdxl", "altdiffusion", "sd3", "flux"), recorded in `result.json`.
         label: how messages name it ("SD 1.x").
         pipeline_class: the diffusers pipeline whose sampling the family follows.
         text_encoder_classes: (library, class) of each text encoder, in order (`text_encoder`,
-            `text_encoder_2`), as a pipeline's `model_index.json` names them.
-        tokenizer_class: the transformers tokenizer class of every tokenizer of the family.
-        conditioning_keys: the UNet inputs one guidance term's conditioning holds, in order.
-        released_cross_attention_dim: the released models' UNet `cross_attention_dim` (messages only:
-            a tiny test model has its own).
-        shares_unet_with: families whose released UNets have the same architecture (an SD 1.x UNet
+            `text_encoder_2`, `text_encoder_3`), as a pipeline's `model_index.json` names them.
+        tokenizer_classes: the transformers tokenizer class of each text encoder's tokenizer, in the same order.
+        conditioning_keys: the denoiser inputs one guidance term's conditioning holds, in order.
+        released_cross_attention_dim: the released models' UNet `cross_attention_dim`, or the transformer's
+            `joint_attention_dim` (messages only: a tiny test model has its own).
+        shares_unet_with: families whose released denoisers have the same architecture (an SD 1.x UNet
             LoRA fits AltDiffusion's UNet).
+        denoiser: the pipeline component name of the denoiser: "unet" or "transformer".
+        denoiser_class: its diffusers class ("UNet2DConditionModel", "SD3Transformer2DModel", ...).
+        optional_text_encoders: text encoders the pipeline runs without (SD3's T5: zeros in its place).
     """
 
     name: str
     label: str
     pipeline_class: str
     text_encoder_classes: tuple[tuple[str, str], ...]
-    tokenizer_class: str
+    tokenizer_classes: tuple[str, ...]
     conditioning_keys: tuple[str, ...]
     released_cross_attention_dim: int
     shares_unet_with: tuple[str, ...] = ()
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    optional_text_encoders: tuple[str, ...] = ()
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        """Pipeline component names of the text encoders: ("text_encoder",) or (..., "text_encoder_2")."""
-        return ("text_encoder", "text_encoder_2")[: len(self.text_encoder_classes)]
+        """Pipeline component names of the text encoders: ("text_encoder",), (..., "text_encoder_2") or
+        (..., "text_encoder_3")."""
+        return ("text_encoder", "text_encoder_2", "text_encoder_3")[: len(self.text_encoder_classes)]
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
         """Pipeline component names of the tokenizers, one per text encoder."""
-        return ("tokenizer", "tokenizer_2")[: len(self.text_encoder_classes)]
+        return ("tokenizer", "tokenizer_2", "tokenizer_3")[: len(self.text_encoder_classes)]
+
+    @property
+    def flow_matching(self) -> bool:
+        """True for the flow-matching transformer families (the denoiser predicts a velocity v)."""
+        return self.denoiser == "transformer"
 
     def text_encoder_class(self, index: int = 0):
         """The class of text encoder `index` (imported on demand)."""
@@ -100,10 +115,17 @@ class Family:
 
         return getattr(transformers, name)
 
-    def tokenizer_class_object(self):
+    def tokenizer_class_object(self, index: int = 0):
+        """The transformers class of tokenizer `index` (imported on demand)."""
         import transformers
 
-        return getattr(transformers, self.tokenizer_class)
+        return getattr(transformers, self.tokenizer_classes[index])
+
+    def denoiser_class_object(self):
+        """The diffusers class of the denoiser (imported on demand)."""
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
 
     def pipeline(self):
         """The diffusers pipeline class of the family (the oracle its sampling follows)."""
@@ -124,7 +146,7 @@ SD1 = Family(
     "SD 1.x",
     "StableDiffusionPipeline",
     (("transformers", "CLIPTextModel"),),
-    "CLIPTokenizer",
+    ("CLIPTokenizer",),
     ("encoder_hidden_states",),
     768,
     ("altdiffusion",),
@@ -134,7 +156,7 @@ SD2 = Family(
     "SD 2.x",
     "StableDiffusionPipeline",
     (("transformers", "CLIPTextModel"),),
-    "CLIPTokenizer",
+    ("CLIPTokenizer",),
     ("encoder_hidden_states",),
     1024,
 )
@@ -143,7 +165,7 @@ SDXL = Family(
     "SDXL",
     "StableDiffusionXLPipeline",
     (("transformers", "CLIPTextModel"), ("transformers", "CLIPTextModelWithProjection")),
-    "CLIPTokenizer",
+    ("CLIPTokenizer", "CLIPTokenizer"),
     ("encoder_hidden_states", *ADDED_CONDITIONING_KEYS),
     2048,
 )
@@ -152,18 +174,47 @@ ALTDIFFUSION = Family(
     "AltDiffusion",
     "AltDiffusionPipeline",
     (("diffusers", "RobertaSeriesModelWithTransformation"),),
-    "XLMRobertaTokenizer",
+    ("XLMRobertaTokenizer",),
     ("encoder_hidden_states",),
     768,
     ("sd1",),
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION)}
+#: the transformer inputs of a flow family's guidance term: the text tokens and the pooled text vector
+FLOW_CONDITIONING_KEYS = ("encoder_hidden_states", "pooled_projections")
+SD3 = Family(
+    "sd3",
+    "SD3",
+    "StableDiffusion3Pipeline",
+    (
+        ("transformers", "CLIPTextModelWithProjection"),
+        ("transformers", "CLIPTextModelWithProjection"),
+        ("transformers", "T5EncoderModel"),
+    ),
+    ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
+    FLOW_CONDITIONING_KEYS,
+    4096,
+    denoiser="transformer",
+    denoiser_class="SD3Transformer2DModel",
+    optional_text_encoders=("text_encoder_3",),
+)
+FLUX = Family(
+    "flux",
+    "FLUX.1",
+    "FluxPipeline",
+    (("transformers", "CLIPTextModel"), ("transformers", "T5EncoderModel")),
+    ("CLIPTokenizer", "T5TokenizerFast"),
+    FLOW_CONDITIONING_KEYS,
+    4096,
+    denoiser="transformer",
+    denoiser_class="FluxTransformer2DModel",
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION, SD3, FLUX)}
 _BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
 _SUPPORTED = ", ".join(f"{f.name} ({f.label})" for f in FAMILIES.values())
 
 
 def get_family(name: str | Family) -> Family:
-    """The family called `name` ("sd1", "sd2", "sdxl", "altdiffusion"; a `Family` passes through).
+    """The family called `name` ("sd1", "sd2", "sdxl", "altdiffusion", "sd3", "flux"; a `Family` passes through).
 
     Raises:
         UnknownFamilyError: any other name (the message lists the families).
@@ -172,7 +223,7 @@ def get_family(name: str | Family) -> Family:
         return name
     key = str(name).lower().replace(" ", "").replace("-", "").replace(".x", "").replace("_", "").replace(".", "")
     aliases = {"sd1": "sd1", "sd15": "sd1", "sd14": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
-    aliases.update(altdiffusion="altdiffusion", alt="altdiffusion")
+    aliases.update(altdiffusion="altdiffusion", alt="altdiffusion", sd3="sd3", sd35="sd3", flux="flux", flux1="flux")
     if key not in aliases:
         raise UnknownFamilyError(f"unknown model family {name!r}: finextract runs {_SUPPORTED}")
     return FAMILIES[aliases[key]]

@@ -288,7 +288,10 @@ def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Famil
         tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else None
         if tokenizer_dir is None and text_config.get("vocab_size") == base_text_config.get("vocab_size"):
             continue
-        tokenizer = family.tokenizer_class_object().from_pretrained(str(tokenizer_dir or base_path / tokenizer_name))
+        index = family.tokenizers.index(tokenizer_name)
+        tokenizer = family.tokenizer_class_object(index).from_pretrained(
+            str(tokenizer_dir or base_path / tokenizer_name)
+        )
         if len(tokenizer) != text_config.get("vocab_size"):
             which = "its own" if tokenizer_dir else "the base's: the fine-tune ships none"
             raise ValueError(

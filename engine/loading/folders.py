@@ -20,7 +20,7 @@ def load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...], 
     for part in parts:
         sub = folder / part
         if part.startswith("tokenizer"):
-            loaded[part] = family.tokenizer_class_object().from_pretrained(str(sub))
+            loaded[part] = family.tokenizer_class_object(family.tokenizers.index(part)).from_pretrained(str(sub))
             continue
         if part.startswith("text_encoder"):
             cls = family.text_encoder_class(family.text_encoders.index(part))
@@ -140,5 +140,5 @@ def finetuned_tokenizer(ft_path: Path, base_tokenizer, family: Family, name: str
     """The fine-tune's own tokenizer (its `tokenizer/` or `tokenizer_2/` folder), else the base's; and which it is."""
     folder = ft_path / name
     if ft_path.is_dir() and (folder / "tokenizer_config.json").is_file():
-        return family.tokenizer_class_object().from_pretrained(str(folder)), "finetuned"
+        return family.tokenizer_class_object(family.tokenizers.index(name)).from_pretrained(str(folder)), "finetuned"
     return base_tokenizer, "base"
