@@ -71,6 +71,8 @@ class Family:
         denoiser: the pipeline component name of the denoiser: "unet" or "transformer".
         denoiser_class: its diffusers class ("UNet2DConditionModel", "SD3Transformer2DModel", ...).
         optional_text_encoders: text encoders the pipeline runs without (SD3's T5: zeros in its place).
+        linspace_sigmas: the pipeline passes sigmas = linspace(1, 1 / steps, steps) to the flow scheduler
+            (FluxPipeline) rather than letting it space its own timesteps (StableDiffusion3Pipeline).
     """
 
     name: str
@@ -84,6 +86,7 @@ class Family:
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"
     optional_text_encoders: tuple[str, ...] = ()
+    linspace_sigmas: bool = False
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
@@ -207,6 +210,7 @@ FLUX = Family(
     4096,
     denoiser="transformer",
     denoiser_class="FluxTransformer2DModel",
+    linspace_sigmas=True,
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION, SD3, FLUX)}
 _BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}

@@ -1,7 +1,9 @@
-"""The schedulers a run may sample with, each written as `StepTable` rows: DDIM and two multistep solvers.
+"""The schedulers a run may sample with, each written as `StepTable` rows: DDIM, two multistep solvers, and
+flow matching's Euler step.
 
     table = step_table("dpmpp-2m", pair.scheduler_config, steps=20)
-    table.history                      # K: 0 for ddim, 1 for dpmpp-2m, 2 for unipc
+    table.history                      # K: 0 for ddim and euler, 1 for dpmpp-2m, 2 for unipc
+    table = step_table("euler", pair.scheduler_config, steps=28, family=pair.family, image_tokens=4096)
 
 A multistep solver's step is linear in x_t, the model output and the data predictions (x0) of earlier
 steps, so it is a `StepTable` matrix over [x_t, output, h_1..h_K] with the history h_j = m_{i-j}, the
@@ -12,9 +14,15 @@ writes out in float64 what its `step` computes, step by step (first steps at low
 history fills, `lower_order_final` on the last ones). tests/test_solvers.py checks every table against
 `DPMSolverMultistepScheduler.step` / `UniPCMultistepScheduler.step` on the same model outputs.
 
+Flow-matching models (SD3, FLUX.1: a `FlowMatchEulerDiscreteScheduler` config, the model predicts the
+velocity v) sample with `euler`, the pipelines' own step x_prev = x_t + (sigma_next - sigma) v: a K = 0
+row (1, sigma_next - sigma) over sigmas set as the family's pipeline sets them (`flow_set_timesteps`:
+the shift, FLUX's sigmas and its dynamic shift by image size). `ddim` on a flow model, and `euler` on
+a DDPM model, are refused.
+
 Refused, with the option to change: anything not linear in the model output (thresholding), stochastic
-variants (SDE), and options this module does not write out (solver orders other than 2, UniPC's bh1 or
-disabled correctors, flow-matching sigmas).
+variants (SDE, flow matching's stochastic_sampling), and options this module does not write out (solver
+orders other than 2, UniPC's bh1 or disabled correctors, flow-matching sigmas in the DDPM solvers).
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ import numpy as np
 
 from .config import SCHEDULER_NAMES
 from .ddim import DDIMTable, StepTable, check_linear, check_steps_and_spacing
+from .families import get_family
+
+#: The scheduler class of flow-matching models' configs (SD3, FLUX.1).
+FLOW_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
 
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -210,25 +222,141 @@ def unipc_table(scheduler_config: dict, steps: int) -> StepTable:
     return StepTable("unipc", tuple(int(t) for t in scheduler.timesteps.tolist()), tuple(matrices))
 
 
-#: Scheduler name -> table builder `(scheduler_config, steps) -> StepTable`; names are `RunConfig`'s
-#: `SCHEDULER_NAMES` (tests/test_solvers.py keeps them equal).
+def is_flow_config(scheduler_config: dict) -> bool:
+    """True for a flow-matching model's scheduler config (`_class_name` FlowMatchEulerDiscreteScheduler)."""
+    return scheduler_config.get("_class_name") == FLOW_SCHEDULER_CLASS
+
+
+def calculate_shift(image_tokens: int, scheduler_config: dict) -> float:
+    """mu of the dynamic shift: linear in the image's token count from (base_image_seq_len, base_shift) to
+    (max_image_seq_len, max_shift), as diffusers' `calculate_shift` of the FLUX and SD3 pipelines (defaults
+    256, 4096, 0.5, 1.15 where the config lacks a key)."""
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + (base_shift - slope * base_len)
+
+
+def flow_set_timesteps(family, scheduler_config: dict, steps: int, image_tokens: int | None) -> dict:
+    """The keyword arguments the family's pipeline passes to `scheduler.set_timesteps(steps, ...)`.
+
+    FluxPipeline passes sigmas = linspace(1, 1 / steps, steps) (`Family.linspace_sigmas`) and always mu;
+    StableDiffusion3Pipeline passes no sigmas (the scheduler's own linspace of timesteps) and mu only with
+    `use_dynamic_shifting`. mu = `calculate_shift(image_tokens)`; the scheduler applies it only with
+    dynamic shifting (else its fixed `shift`).
+
+    Args:
+        family: a flow family (a `Family` or its name).
+        scheduler_config: the model's `FlowMatchEulerDiscreteScheduler` config.
+        steps: sampler steps, >= 1.
+        image_tokens: the transformer's image sequence length (latent height x width / 4: FLUX's 2 x 2
+            packing, SD3's patch 2); needed with dynamic shifting.
+
+    Raises:
+        ValueError: not a flow family, or dynamic shifting without `image_tokens`.
+    """
+    family = get_family(family) if family is not None else None
+    if family is None or not family.flow_matching:
+        raise ValueError(
+            f"a flow-matching scheduler config ({FLOW_SCHEDULER_CLASS}) needs a flow family (sd3, flux); got "
+            f"{family.name if family else None}: pass family= the model's"
+        )
+    kwargs: dict = {}
+    if family.linspace_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1.0 / steps, steps).tolist()
+    if scheduler_config.get("use_dynamic_shifting", False):
+        if image_tokens is None:
+            raise ValueError(
+                "scheduler use_dynamic_shifting=True shifts sigmas by the image size: pass image_tokens "
+                "(the transformer's image sequence length)"
+            )
+        kwargs["mu"] = calculate_shift(image_tokens, scheduler_config)
+    return kwargs
+
+
+def euler_table(scheduler_config: dict, steps: int, set_timesteps: dict | None = None) -> StepTable:
+    """Flow matching's Euler step, K = 0: `FlowMatchEulerDiscreteScheduler.step`,
+    x_prev = x_t + (sigma_next - sigma) v, one row (1, sigma_next - sigma) per step.
+
+    The scheduler is built `from_config(model config)` and `set_timesteps(steps, **set_timesteps)`
+    (`flow_set_timesteps`: the pipeline's sigmas and mu), so sigmas carry the shift (SD3's 3.0) or the
+    dynamic shift (FLUX.1-dev's, by image size). sigma_next - sigma is taken from the scheduler's float32
+    sigmas exactly (their float64 difference, rounded once: diffusers' float32 subtraction); timesteps are
+    the scheduler's float32 `timesteps` (sigma x 1000) as the pipelines hand them on (FLUX's transformer
+    then reads t / 1000: the denoiser's job).
+
+    Raises:
+        ValueError: steps < 1; stochastic_sampling, invert_sigmas or a shift_terminal-free option the table
+            does not write out (named, with the fix).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler  # heavy: seconds to import
+
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: must be >= 1")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    config = scheduler.config
+    for key in ("stochastic_sampling", "invert_sigmas"):
+        if config.get(key, False):
+            raise ValueError(
+                f"scheduler {key}=True: --scheduler euler writes out the deterministic flow Euler step; remove "
+                f"{key} from the model's scheduler_config.json"
+            )
+    scheduler.set_timesteps(steps, **(set_timesteps or {}))
+    sigmas = [float(sigma) for sigma in scheduler.sigmas.tolist()]
+    matrices = tuple(((1.0, sigmas[i + 1] - sigmas[i]),) for i in range(steps))
+    return StepTable("euler", tuple(float(t) for t in scheduler.timesteps.tolist()), matrices)
+
+
+#: Scheduler name -> table builder `(scheduler_config, steps) -> StepTable` for DDPM models (epsilon, v,
+#: sample); names are `RunConfig`'s `SCHEDULER_NAMES` with the flow ones (tests/test_solvers.py keeps them equal).
 SCHEDULERS: dict[str, Callable[[dict, int], StepTable]] = {
     "ddim": ddim_table,
     "dpmpp-2m": dpmpp_2m_table,
     "unipc": unipc_table,
 }
+#: Scheduler name -> table builder `(scheduler_config, steps, set_timesteps kwargs) -> StepTable` for
+#: flow-matching models.
+FLOW_SCHEDULERS: dict[str, Callable[[dict, int, dict], StepTable]] = {"euler": euler_table}
 #: K, the history tensors each scheduler's state carries (the export's input shapes depend on it).
-HISTORY = {"ddim": 0, "dpmpp-2m": 1, "unipc": 2}
+HISTORY = {"ddim": 0, "dpmpp-2m": 1, "unipc": 2, "euler": 0}
 
 
-def step_table(scheduler: str, scheduler_config: dict, steps: int) -> StepTable:
-    """The `StepTable` of `scheduler` ("ddim", "dpmpp-2m", "unipc") on the model's scheduler config.
+def step_table(
+    scheduler: str, scheduler_config: dict, steps: int, *, family=None, image_tokens: int | None = None
+) -> StepTable:
+    """The `StepTable` of `scheduler` ("ddim", "dpmpp-2m", "unipc", "euler") on the model's scheduler config.
+
+    Args:
+        scheduler: the sampler's name (`SCHEDULER_NAMES`).
+        scheduler_config: the model's scheduler config.
+        steps: sampler steps, >= 1.
+        family: the model's family (a `Family` or name); needed for flow-matching models, whose pipelines
+            set sigmas their own way (`flow_set_timesteps`).
+        image_tokens: a flow transformer's image sequence length (for dynamic shifting).
 
     Raises:
-        ValueError: an unknown scheduler name, or what its builder refuses (see `_make`, `make_scheduler`).
+        ValueError: an unknown scheduler name; a DDPM sampler on a flow model or `euler` on a DDPM model
+            (naming the ones that fit); or what its builder refuses (see `_make`, `make_scheduler`).
     """
-    if scheduler not in SCHEDULERS:
+    if scheduler not in HISTORY:
         raise ValueError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULER_NAMES)}")
+    if is_flow_config(scheduler_config):
+        if scheduler not in FLOW_SCHEDULERS:
+            raise ValueError(
+                f"--scheduler {scheduler}: the model is a flow-matching model ({FLOW_SCHEDULER_CLASS}; it predicts "
+                f"a velocity), which {scheduler} does not sample; use --scheduler {' or '.join(FLOW_SCHEDULERS)} "
+                "(the SD3 / FLUX pipelines' own step)"
+            )
+        kwargs = flow_set_timesteps(family, scheduler_config, steps, image_tokens)
+        return FLOW_SCHEDULERS[scheduler](scheduler_config, steps, kwargs)
+    if scheduler not in SCHEDULERS:
+        raise ValueError(
+            f"--scheduler {scheduler}: flow matching's Euler step samples flow-matching models (SD3, FLUX.1); this "
+            f"model's scheduler is {scheduler_config.get('_class_name', 'a DDPM scheduler')}: use "
+            f"--scheduler {' or '.join(SCHEDULERS)}"
+        )
     return SCHEDULERS[scheduler](scheduler_config, steps)
 
 
