@@ -71,6 +71,8 @@ class Family:
         denoiser: the pipeline component name of the denoiser: "unet" or "transformer".
         denoiser_class: its diffusers class ("UNet2DConditionModel", "SD3Transformer2DModel", ...).
         optional_text_encoders: text encoders the pipeline runs without (SD3's T5: zeros in its place).
+        max_sequence_length: the T5 token count the pipeline encodes captions to by default (SD3 256,
+            FLUX.1 512); 0 for families without T5.
         linspace_sigmas: the pipeline passes sigmas = linspace(1, 1 / steps, steps) to the flow scheduler
             (FluxPipeline) rather than letting it space its own timesteps (StableDiffusion3Pipeline).
     """
@@ -87,6 +89,7 @@ class Family:
     denoiser_class: str = "UNet2DConditionModel"
     optional_text_encoders: tuple[str, ...] = ()
     linspace_sigmas: bool = False
+    max_sequence_length: int = 0
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
@@ -199,6 +202,7 @@ SD3 = Family(
     denoiser="transformer",
     denoiser_class="SD3Transformer2DModel",
     optional_text_encoders=("text_encoder_3",),
+    max_sequence_length=256,
 )
 FLUX = Family(
     "flux",
@@ -211,6 +215,7 @@ FLUX = Family(
     denoiser="transformer",
     denoiser_class="FluxTransformer2DModel",
     linspace_sigmas=True,
+    max_sequence_length=512,
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION, SD3, FLUX)}
 _BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
