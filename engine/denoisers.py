@@ -67,8 +67,15 @@ DENOISER_CALLS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, dict]
 def denoiser_output(family, model: nn.Module, sample: torch.Tensor, t: torch.Tensor, conditioning: dict):
     """The family's denoiser `model` on `sample` (B, C, h, w) at timestep `t` ((1,) float32, a step-table
     row), with `conditioning` (key -> (B, ...) tensors): its output (B, C, h, w) in the model's
-    parameterisation (epsilon / v / x0 for UNets, the velocity for flow transformers)."""
-    return DENOISER_CALLS.get(get_family(family).name, _unet_output)(model, sample, t, conditioning)
+    parameterisation (epsilon / v / x0 for UNets, the velocity for flow transformers).
+
+    Raises:
+        NotImplementedError: a flow family without its entry in `DENOISER_CALLS` (FLUX.1 until it is added).
+    """
+    family = get_family(family)
+    if family.flow_matching and family.name not in DENOISER_CALLS:
+        raise NotImplementedError(f"{family.label}: sampling its {family.denoiser_class} is not implemented yet")
+    return DENOISER_CALLS.get(family.name, _unet_output)(model, sample, t, conditioning)
 
 
 def _sample_size_shape(pair) -> tuple[int, int, int]:
