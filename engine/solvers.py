@@ -17,12 +17,14 @@ history fills, `lower_order_final` on the last ones). tests/test_solvers.py chec
 Flow-matching models (SD3, FLUX.1: a `FlowMatchEulerDiscreteScheduler` config, the model predicts the
 velocity v) sample with `euler`, the pipelines' own step x_prev = x_t + (sigma_next - sigma) v: a K = 0
 row (1, sigma_next - sigma) over sigmas set as the family's pipeline sets them (`flow_set_timesteps`:
-the shift, FLUX's sigmas and its dynamic shift by image size). `ddim` on a flow model, and `euler` on
-a DDPM model, are refused.
+the shift, FLUX's sigmas and its dynamic shift by image size). `dpmpp-2m` and `unipc` on a flow model are
+diffusers' flow forms of those solvers (`use_flow_sigmas`, `prediction_type="flow_prediction"`, `flow_shift`
+= the model's shift, mu with dynamic shifting): alpha_t = 1 - sigma, sigma_t = sigma, x0 = x_t - sigma v.
+`ddim` on a flow model, and `euler` on a DDPM model, are refused.
 
 Refused, with the option to change: anything not linear in the model output (thresholding), stochastic
 variants (SDE, flow matching's stochastic_sampling), and options this module does not write out (solver
-orders other than 2, UniPC's bh1 or disabled correctors, flow-matching sigmas in the DDPM solvers).
+orders other than 2, UniPC's bh1 or disabled correctors, flow sigmas in a DDPM model's config).
 """
 
 from __future__ import annotations
@@ -40,22 +42,27 @@ from .families import get_family
 FLOW_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 
 
-def _alpha_sigma(sigma: float) -> tuple[float, float]:
-    """(alpha_t, sigma_t) of a DDPM sigma = sqrt((1 - a) / a): diffusers' `_sigma_to_alpha_sigma_t`."""
+def _alpha_sigma(sigma: float, flow: bool = False) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of a DDPM sigma = sqrt((1 - a) / a), or of a flow sigma (alpha_t = 1 - sigma,
+    sigma_t = sigma: x_t = (1 - sigma) x0 + sigma noise): diffusers' `_sigma_to_alpha_sigma_t`."""
+    if flow:
+        return 1.0 - sigma, sigma
     alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
     return alpha, sigma * alpha
 
 
-def _lambda(sigma: float) -> float:
+def _lambda(sigma: float, flow: bool = False) -> float:
     """The half log-SNR log(alpha_t) - log(sigma_t) (sigma > 0)."""
-    alpha, sigma_t = _alpha_sigma(sigma)
+    alpha, sigma_t = _alpha_sigma(sigma, flow)
     return math.log(alpha) - math.log(sigma_t)
 
 
-def _data_prediction(prediction_type: str, sigma: float) -> np.ndarray:
+def _data_prediction(prediction_type: str, sigma: float, flow: bool = False) -> np.ndarray:
     """(x weight, output weight) of the data prediction x0 from x_t and the model output at `sigma`
-    (diffusers' `convert_model_output` for data-predicting solvers)."""
-    alpha, sigma_t = _alpha_sigma(sigma)
+    (diffusers' `convert_model_output` for data-predicting solvers; "flow_prediction": x0 = x_t - sigma v)."""
+    if prediction_type == "flow_prediction":
+        return np.array([1.0, -sigma])
+    alpha, sigma_t = _alpha_sigma(sigma, flow)
     if prediction_type == "epsilon":  # x0 = (x_t - sigma_t eps) / alpha_t
         return np.array([1.0 / alpha, -sigma_t / alpha])
     if prediction_type == "v_prediction":  # x0 = alpha_t x_t - sigma_t v
@@ -63,19 +70,30 @@ def _data_prediction(prediction_type: str, sigma: float) -> np.ndarray:
     return np.array([0.0, 1.0])  # "sample": the output is x0
 
 
-def _make(scheduler_class, scheduler_config: dict, steps: int, name: str, **overrides):
+def _make(scheduler_class, scheduler_config: dict, steps: int, name: str, set_timesteps=None, **overrides):
     """diffusers' `scheduler_class.from_config(config, **overrides)` with `steps` timesteps set, checked.
+
+    A flow-matching model's config (`is_flow_config`) gives the solver's flow form, as diffusers has it:
+    `use_flow_sigmas=True`, `prediction_type="flow_prediction"`, `flow_shift` = the model's `shift`, and
+    `set_timesteps(steps, **set_timesteps)` (mu with dynamic shifting, `flow_set_timesteps`).
 
     Raises:
         ValueError: `steps` < 1, or a config option the table cannot reproduce (named, with the fix).
     """
     check_steps_and_spacing(scheduler_config, steps, name)
+    flow = is_flow_config(scheduler_config)
+    if flow:
+        overrides.update(use_flow_sigmas=True, prediction_type="flow_prediction")
+        overrides.setdefault("flow_shift", scheduler_config.get("shift", 1.0))
     scheduler = scheduler_class.from_config(scheduler_config, **overrides)
     config = scheduler.config
-    check_linear(config, name)
-    if config.get("use_flow_sigmas", False):
+    if not flow:
+        check_linear(config, name)
+    if config.get("use_flow_sigmas", False) and not flow:
         raise ValueError(f"scheduler use_flow_sigmas=True: --scheduler {name} samples DDPM models; use a DDPM config")
-    scheduler.set_timesteps(steps)
+    if config.thresholding:
+        check_linear(config, name)  # names the setting
+    scheduler.set_timesteps(steps, **(set_timesteps or {}))
     return scheduler
 
 
@@ -89,7 +107,7 @@ def ddim_table(scheduler_config: dict, steps: int) -> StepTable:
     return DDIMTable.from_scheduler_config(scheduler_config, steps).step_table()
 
 
-def dpmpp_2m_table(scheduler_config: dict, steps: int) -> StepTable:
+def dpmpp_2m_table(scheduler_config: dict, steps: int, set_timesteps: dict | None = None) -> StepTable:
     """DPM-Solver++ 2M (Lu et al. 2022, Alg. 2), K = 1: `DPMSolverMultistepScheduler` with
     algorithm_type "dpmsolver++" and solver_order 2, the model's other settings.
 
@@ -111,10 +129,12 @@ def dpmpp_2m_table(scheduler_config: dict, steps: int) -> StepTable:
         scheduler_config,
         steps,
         "dpmpp-2m",
+        set_timesteps,
         algorithm_type="dpmsolver++",
         solver_order=2,
     )
     config = scheduler.config
+    flow = bool(config.use_flow_sigmas)
     if config.solver_type not in ("midpoint", "heun"):
         raise ValueError(f"scheduler solver_type={config.solver_type!r}: dpmpp-2m supports midpoint and heun")
     if config.variance_type is not None:
@@ -126,17 +146,18 @@ def dpmpp_2m_table(scheduler_config: dict, steps: int) -> StepTable:
             config.euler_at_final or (config.lower_order_final and n < 15) or config.final_sigmas_type == "zero"
         )
         # basis: [x, output, h1 = m_{i-1}]
-        m = np.array([*_data_prediction(config.prediction_type, sigmas[i]), 0.0])
+        m = np.array([*_data_prediction(config.prediction_type, sigmas[i], flow), 0.0])
         history = np.array([0.0, 0.0, 1.0])
-        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
-        _, sigma_s = _alpha_sigma(sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1], flow)
+        alpha_s, sigma_s = _alpha_sigma(sigmas[i], flow)
         ratio = sigma_t / sigma_s
         # e^-h = (sigma_t / alpha_t) / (sigma_s / alpha_s): exact (0) at a zero final sigma, where h = inf
-        exp_neg_h = sigmas[i + 1] / sigmas[i]
+        # (a DDPM sigma is sigma_t / alpha_t itself)
+        exp_neg_h = (sigma_t / alpha_t) / (sigma_s / alpha_s) if flow else sigmas[i + 1] / sigmas[i]
         x_new = ratio * np.array([1.0, 0.0, 0.0]) - alpha_t * (exp_neg_h - 1.0) * m
         if not (lower_order_nums < 1 or lower_order_final):  # diffusers' second-order branch (order 2 is the top)
-            h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
-            r = (_lambda(sigmas[i]) - _lambda(sigmas[i - 1])) / h
+            h = _lambda(sigmas[i + 1], flow) - _lambda(sigmas[i], flow)
+            r = (_lambda(sigmas[i], flow) - _lambda(sigmas[i - 1], flow)) / h
             d1 = (m - history) / r
             if config.solver_type == "midpoint":
                 x_new = x_new - 0.5 * alpha_t * (exp_neg_h - 1.0) * d1
@@ -166,7 +187,7 @@ def _unipc_coefficients(h: float, order: int, rk: float | None) -> tuple[float, 
     return h_phi_1, b_h, np.linalg.solve(np.stack(rows), np.array(b))
 
 
-def unipc_table(scheduler_config: dict, steps: int) -> StepTable:
+def unipc_table(scheduler_config: dict, steps: int, set_timesteps: dict | None = None) -> StepTable:
     """UniPC (bh2, order 2, predictor and corrector; diffusers' defaults), K = 2:
     `UniPCMultistepScheduler` with solver_order 2, the model's other settings.
 
@@ -181,8 +202,9 @@ def unipc_table(scheduler_config: dict, steps: int) -> StepTable:
     """
     from diffusers import UniPCMultistepScheduler  # heavy: seconds to import
 
-    scheduler = _make(UniPCMultistepScheduler, scheduler_config, steps, "unipc", solver_order=2)
+    scheduler = _make(UniPCMultistepScheduler, scheduler_config, steps, "unipc", set_timesteps, solver_order=2)
     config = scheduler.config
+    flow = bool(config.use_flow_sigmas)
     if config.solver_type != "bh2" or not config.predict_x0 or list(config.disable_corrector):
         raise ValueError(
             f"scheduler solver_type={config.solver_type!r}, predict_x0={config.predict_x0}, disable_corrector="
@@ -190,15 +212,15 @@ def unipc_table(scheduler_config: dict, steps: int) -> StepTable:
             "on every step (diffusers' defaults); remove these keys from the model's scheduler_config.json"
         )
     sigmas, n = _sigmas(scheduler), len(scheduler.timesteps)
-    lam = [_lambda(sigma) if sigma > 0 else math.inf for sigma in sigmas]
+    lam = [_lambda(sigma, flow) if sigma > 0 else math.inf for sigma in sigmas]
     x, o, h1, h2 = np.eye(4)  # basis: [x, output, h1 = m_{i-1}, h2 = m_{i-2}]
     matrices, lower_order_nums, previous_order = [], 0, 0
     for i in range(n):
-        to_x0 = _data_prediction(config.prediction_type, sigmas[i])
+        to_x0 = _data_prediction(config.prediction_type, sigmas[i], flow)
         m = to_x0[0] * x + to_x0[1] * o
         corrected = x
         if i > 0:  # UniC over (i-1 -> i), order = the previous predictor's, minus that predictor's last terms
-            alpha_t, _ = _alpha_sigma(sigmas[i])
+            alpha_t, _ = _alpha_sigma(sigmas[i], flow)
             h = lam[i] - lam[i - 1]
             rk = (lam[i - 2] - lam[i - 1]) / h if previous_order == 2 else None
             _, b_h, rhos_c = _unipc_coefficients(h, previous_order, rk)
@@ -209,8 +231,8 @@ def unipc_table(scheduler_config: dict, steps: int) -> StepTable:
         order = min(2, n - i) if config.lower_order_final else 2
         order = min(order, lower_order_nums + 1)
         # UniP over (i -> i+1) from the corrected sample
-        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
-        _, sigma_s = _alpha_sigma(sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1], flow)
+        _, sigma_s = _alpha_sigma(sigmas[i], flow)
         h = lam[i + 1] - lam[i]
         h_phi_1, b_h, _ = _unipc_coefficients(h, 1, None)
         x_new = (sigma_t / sigma_s) * corrected - alpha_t * h_phi_1 * m
@@ -239,10 +261,13 @@ def calculate_shift(image_tokens: int, scheduler_config: dict) -> float:
     return image_tokens * slope + (base_shift - slope * base_len)
 
 
-def flow_set_timesteps(family, scheduler_config: dict, steps: int, image_tokens: int | None) -> dict:
+def flow_set_timesteps(
+    family, scheduler_config: dict, steps: int, image_tokens: int | None, *, flow_sigmas: bool = False
+) -> dict:
     """The keyword arguments the family's pipeline passes to `scheduler.set_timesteps(steps, ...)`.
 
-    FluxPipeline passes sigmas = linspace(1, 1 / steps, steps) (`Family.linspace_sigmas`) and always mu;
+    FluxPipeline passes sigmas = linspace(1, 1 / steps, steps) (`Family.linspace_sigmas`; none to a
+    scheduler with `use_flow_sigmas`, `flow_sigmas`: the multistep solvers' flow forms) and always mu;
     StableDiffusion3Pipeline passes no sigmas (the scheduler's own linspace of timesteps) and mu only with
     `use_dynamic_shifting`. mu = `calculate_shift(image_tokens)`; the scheduler applies it only with
     dynamic shifting (else its fixed `shift`).
@@ -264,7 +289,7 @@ def flow_set_timesteps(family, scheduler_config: dict, steps: int, image_tokens:
             f"{family.name if family else None}: pass family= the model's"
         )
     kwargs: dict = {}
-    if family.linspace_sigmas:
+    if family.linspace_sigmas and not flow_sigmas:
         kwargs["sigmas"] = np.linspace(1.0, 1.0 / steps, steps).tolist()
     if scheduler_config.get("use_dynamic_shifting", False):
         if image_tokens is None:
@@ -272,8 +297,8 @@ def flow_set_timesteps(family, scheduler_config: dict, steps: int, image_tokens:
                 "scheduler use_dynamic_shifting=True shifts sigmas by the image size: pass image_tokens "
                 "(the transformer's image sequence length)"
             )
-        kwargs["mu"] = calculate_shift(image_tokens, scheduler_config)
-    return kwargs
+        kwargs["mu"] = calculate_shift(image_tokens, scheduler_config)  # only with dynamic shifting: diffusers'
+    return kwargs  # multistep solvers refuse a mu without it
 
 
 def euler_table(scheduler_config: dict, steps: int, set_timesteps: dict | None = None) -> StepTable:
@@ -318,7 +343,11 @@ SCHEDULERS: dict[str, Callable[[dict, int], StepTable]] = {
 }
 #: Scheduler name -> table builder `(scheduler_config, steps, set_timesteps kwargs) -> StepTable` for
 #: flow-matching models.
-FLOW_SCHEDULERS: dict[str, Callable[[dict, int, dict], StepTable]] = {"euler": euler_table}
+FLOW_SCHEDULERS: dict[str, Callable[[dict, int, dict], StepTable]] = {
+    "euler": euler_table,
+    "dpmpp-2m": dpmpp_2m_table,
+    "unipc": unipc_table,
+}
 #: K, the history tensors each scheduler's state carries (the export's input shapes depend on it).
 HISTORY = {"ddim": 0, "dpmpp-2m": 1, "unipc": 2, "euler": 0}
 
@@ -349,7 +378,7 @@ def step_table(
                 f"a velocity), which {scheduler} does not sample; use --scheduler {' or '.join(FLOW_SCHEDULERS)} "
                 "(the SD3 / FLUX pipelines' own step)"
             )
-        kwargs = flow_set_timesteps(family, scheduler_config, steps, image_tokens)
+        kwargs = flow_set_timesteps(family, scheduler_config, steps, image_tokens, flow_sigmas=scheduler != "euler")
         return FLOW_SCHEDULERS[scheduler](scheduler_config, steps, kwargs)
     if scheduler not in SCHEDULERS:
         raise ValueError(

@@ -195,3 +195,35 @@ def test_sd3_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(sd3_co
     tolerances.assert_same_images(ours, theirs)
     base_only = generate(merged_pair, ZOO_CAPTION, 2, method="direct", **options).images
     assert (base_only.int() - ours.int()).abs().max().item() > 10  # the adapters matter
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "unipc"])
+def test_sd3_multistep_flow_forms_reproduce_the_pipeline(sd3_components, scheduler):
+    """--scheduler dpmpp-2m / unipc on SD3 == StableDiffusion3Pipeline with diffusers' flow form of that
+    solver swapped in (use_flow_sigmas, flow_prediction, flow_shift = the model's shift), CFG scale W,
+    within 2 levels (`_assert_within_two_levels`); 4 steps run the first- and second-order branches."""
+    import diffusers
+
+    classes = {"dpmpp-2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+    config = sd3_components["scheduler"].config
+    swapped = getattr(diffusers, classes[scheduler]).from_config(
+        config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.shift, solver_order=2
+    )
+    pipeline = diffusers.StableDiffusion3Pipeline(**dict(sd3_components, scheduler=swapped))
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        result = pipeline(
+            [ZOO_CAPTION] * len(SEEDS),
+            negative_prompt=[""] * len(SEEDS),
+            num_inference_steps=4,
+            guidance_scale=W,
+            latents=start_latents(SEEDS, (16, 16, 16)),
+            height=32,
+            width=32,
+            output_type="np",
+        ).images
+    theirs = torch.from_numpy((result * 255).round().astype(np.uint8))
+    pair = sd3_pair(sd3_components)
+    options = dict(steps=4, scheduler=scheduler, seed=SEEDS[0], batch_size=len(SEEDS), backend="torch", progress=False)
+    ours = generate(pair, ZOO_CAPTION, len(SEEDS), method="cfg", w=W, **options).images
+    _assert_within_two_levels(ours, theirs)

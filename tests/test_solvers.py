@@ -38,15 +38,28 @@ CONFIGS = {
 SOLVER_OPTIONS = {"dpmpp-2m": {}, "dpmpp-2m-heun": {"solver_type": "heun"}, "unipc": {}}
 
 
-def diffusers_scheduler(name: str, config: dict, steps: int):
-    """diffusers' scheduler as the pipelines build it: from the model's config, with `steps` set."""
+def diffusers_scheduler(name: str, config: dict, steps: int, image_tokens: int | None = None):
+    """diffusers' scheduler as the pipelines build it: from the model's config, with `steps` set. On a
+    flow-matching config, its flow form as a user swaps it into the SD3 / FLUX pipelines: use_flow_sigmas,
+    prediction_type "flow_prediction", flow_shift the model's shift, and the pipeline's mu (diffusers'
+    `calculate_shift` of the image tokens) with dynamic shifting."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    flow = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+    options = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config["shift"]) if flow else {}
     if name == "unipc":
-        scheduler = UniPCMultistepScheduler.from_config(config, solver_order=2)
+        scheduler = UniPCMultistepScheduler.from_config(config, solver_order=2, **options)
     else:
-        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    scheduler.set_timesteps(steps)
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, **options
+        )
+    kwargs = {}
+    if flow and config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+        kwargs["mu"] = calculate_shift(image_tokens, *(config[key] for key in keys))
+    scheduler.set_timesteps(steps, **kwargs)
     return scheduler
 
 
@@ -78,11 +91,11 @@ def table_step(history: int, bounds: list):
     return step
 
 
-def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor):
+def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor, image_tokens: int | None = None):
     """diffusers' own loop on `fake_outputs`, its sigmas widened to float64 (its coefficients then are
     computed in double and rounded once to float32, like our table's). Per step: (x_t before the step,
     its history [m_{i-1}, m_{i-2}] (zeros before they exist), x_t after, the history after)."""
-    scheduler = diffusers_scheduler(name, config, steps)
+    scheduler = diffusers_scheduler(name, config, steps, image_tokens)
     scheduler.sigmas = scheduler.sigmas.double()
     x, record = x_T.clone(), []
 
@@ -98,8 +111,12 @@ def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor):
     return scheduler, record
 
 
+# The solvers' flow forms on the flow-matching configs: SD3 (shift 3), FLUX.1-dev (dynamic shift, 64 tokens)
+FLOW_CONFIGS = {"flow-sd3": ("sd3", SD3_SCHEDULER_CONFIG, None), "flow-flux-dev": ("flux", FLUX_SCHEDULER_CONFIG, 64)}
+
+
 @pytest.mark.parametrize("steps", [5, 10, 20, 25])
-@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("config_name", [*CONFIGS, *FLOW_CONFIGS])
 @pytest.mark.parametrize("solver", list(SOLVER_OPTIONS))
 def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
     """Every row == diffusers' `step` on the same state, and our loop == diffusers' loop after every step.
@@ -116,10 +133,11 @@ def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
       i the difference is at most 32 u (T_0 + ... + T_i): float32 eps x steps x magnitudes.
     """
     name = "unipc" if solver == "unipc" else "dpmpp-2m"
-    config = {**CONFIGS[config_name], **SOLVER_OPTIONS[solver]}
-    table = step_table(name, config, steps)
+    family, base_config, tokens = FLOW_CONFIGS.get(config_name, (None, CONFIGS.get(config_name), None))
+    config = {**base_config, **SOLVER_OPTIONS[solver]}
+    table = step_table(name, config, steps, family=family, image_tokens=tokens)
     x_T = torch.randn(2, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(3))
-    scheduler, record = diffusers_run(name, config, steps, x_T)
+    scheduler, record = diffusers_run(name, config, steps, x_T, tokens)
     assert list(table.timesteps) == scheduler.timesteps.tolist() and table.history == HISTORY[name]
     weights, history = table.weights(*COEFS), table.history
 
@@ -160,12 +178,14 @@ def test_the_step_bound_catches_a_slightly_wrong_weight():
 
 
 def test_registry_names_history_and_refusals():
-    assert (*SCHEDULERS, *FLOW_SCHEDULERS) == SCHEDULER_NAMES == tuple(HISTORY)
+    assert tuple(dict.fromkeys((*SCHEDULERS, *FLOW_SCHEDULERS))) == SCHEDULER_NAMES == tuple(HISTORY)
     for name in SCHEDULER_NAMES:
-        config, family = (SD3_SCHEDULER_CONFIG, "sd3") if name in FLOW_SCHEDULERS else (SD1_SCHEDULER_CONFIG, None)
-        table = step_table(name, config, 4, family=family)
-        assert isinstance(table, StepTable) and table.scheduler == name
-        assert table.history == history_slots(name) and table.weights(1.0).shape == (4, table.width)
+        for config, family in ((SD1_SCHEDULER_CONFIG, None), (SD3_SCHEDULER_CONFIG, "sd3")):
+            if name not in (FLOW_SCHEDULERS if family else SCHEDULERS):
+                continue
+            table = step_table(name, config, 4, family=family)
+            assert isinstance(table, StepTable) and table.scheduler == name
+            assert table.history == history_slots(name) and table.weights(1.0).shape == (4, table.width)
     with pytest.raises(ValueError, match="--scheduler 'heun'"):
         step_table("heun", SD1_SCHEDULER_CONFIG, 4)
     with pytest.raises(ValueError, match="--scheduler 'heun'"):
