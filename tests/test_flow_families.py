@@ -25,16 +25,19 @@ def sd3_components(tmp_path_factory):
     return tiny_components(0, tmp_path_factory.mktemp("sd3") / "tokenizer", family="sd3")
 
 
-def sd3_pair(components, *, finetuned=None, t5: bool = True):
-    """A DreamBooth-kind SD3 `ModelPair` on the components; its fine-tuned transformer `finetuned` (a
-    copy of the base's by default: base == fine-tuned, two modules back to back)."""
+def sd3_pair(components, *, finetuned=None, t5: bool = True, lora=None):
+    """An SD3 `ModelPair` on the components: LoRA-kind with `lora` (module path -> LoRALayer on the base
+    transformer), else DreamBooth-kind with the fine-tuned transformer `finetuned` (a copy of the base's by
+    default: base == fine-tuned, two modules back to back)."""
     from finextract.engine.pair import ModelPair
 
+    if lora is None and finetuned is None:
+        finetuned = copy.deepcopy(components["transformer"])
     return ModelPair(
-        kind="dreambooth",
+        kind="lora" if lora else "dreambooth",
         base_unet=components["transformer"],
-        finetuned_unet=copy.deepcopy(components["transformer"]) if finetuned is None else finetuned,
-        unet_lora=None,
+        finetuned_unet=finetuned,
+        unet_lora=lora,
         base_text_encoder=components["text_encoder"],
         finetuned_text_encoder=components["text_encoder"],
         base_tokenizer=components["tokenizer"],
@@ -157,7 +160,6 @@ def test_sd3_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(sd3_co
     down) x: the same function in another float32 order, so latents agree to ~1e-5 and a decoded pixel
     moves by at most 1 level (`tolerances.assert_same_images`)."""
     from finextract.engine.denoiser import GuidedDenoiser
-    from finextract.engine.pair import ModelPair
     from finextract.rules import rule_for
     from tests import tolerances
     from tests.conftest import random_unet_lora
@@ -170,22 +172,7 @@ def test_sd3_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(sd3_co
     with torch.no_grad():
         for name, layer in layers.items():
             modules[name].weight += (layer.alpha / layer.down.shape[0]) * layer.up @ layer.down
-    gated_pair = ModelPair(
-        kind="lora",
-        base_unet=components["transformer"],
-        finetuned_unet=None,
-        unet_lora=layers,
-        base_text_encoder=components["text_encoder"],
-        finetuned_text_encoder=components["text_encoder"],
-        base_tokenizer=components["tokenizer"],
-        vae=components["vae"],
-        scheduler_config=dict(components["scheduler"].config),
-        family="sd3",
-        base_text_encoder_2=components["text_encoder_2"],
-        base_tokenizer_2=components["tokenizer_2"],
-        base_text_encoder_3=components["text_encoder_3"],
-        base_tokenizer_3=components["tokenizer_3"],
-    )
+    gated_pair = sd3_pair(components, lora=layers)
     denoiser = GuidedDenoiser(gated_pair, rule_for("finextract", "lora"))
     assert len(denoiser.groups) == 1 and denoiser.lora_gate is not None  # one fused forward
     options = dict(steps=STEPS, scheduler="euler", seed=0, batch_size=2, backend="torch", progress=False)

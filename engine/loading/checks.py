@@ -119,14 +119,7 @@ def check_unet_configs(base: dict, finetuned: dict, where: str = "fine-tuned UNe
         ValueError: another entry differs; the message names every differing entry.
     """
     if "Transformer" in str(base.get("_class_name", "")):  # a flow family's transformer: every entry is architecture
-        keys = sorted(k for k in {*base, *finetuned} if not k.startswith("_"))
-        problems = [
-            f"{where} has {k} {finetuned.get(k)}, base has {base.get(k)}"
-            for k in keys
-            if base.get(k) != finetuned.get(k)
-        ]
-        if problems:
-            raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
+        _compare_configs(base, finetuned, sorted(k for k in {*base, *finetuned} if not k.startswith("_")), where)
         return
     base_family, ft_family = detect_family(base, where="the base"), detect_family(finetuned, where=where)
     check_family(
@@ -154,10 +147,13 @@ def config_evidence(family: Family, unet_config: dict) -> Evidence:
 def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned text encoder") -> None:
     """Like `check_unet_configs` for CLIP text-encoder configs. `vocab_size` is not compared: a
     fine-tune may add tokens, and `load_model_pair` checks it against the fine-tune's tokenizer."""
+    _compare_configs(base, finetuned, _TEXT_ARCH_KEYS, where)
+
+
+def _compare_configs(base: dict, finetuned: dict, keys, where: str) -> None:
+    """Raise ValueError naming every entry of `keys` in which the two configs differ."""
     problems = [
-        f"{where} has {key} {finetuned.get(key)}, base has {base.get(key)}"
-        for key in _TEXT_ARCH_KEYS
-        if base.get(key) != finetuned.get(key)
+        f"{where} has {k} {finetuned.get(k)}, base has {base.get(k)}" for k in keys if base.get(k) != finetuned.get(k)
     ]
     if problems:
         raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
