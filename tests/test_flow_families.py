@@ -214,3 +214,34 @@ def test_sd3_multistep_flow_forms_reproduce_the_pipeline(sd3_components, schedul
     options = dict(steps=4, scheduler=scheduler, seed=SEEDS[0], batch_size=len(SEEDS), backend="torch", progress=False)
     ours = generate(pair, ZOO_CAPTION, len(SEEDS), method="cfg", w=W, **options).images
     _assert_within_two_levels(ours, theirs)
+
+
+def test_sd3_single_files_load_to_the_pipelines_weights(sd3_components, sd3_folders, tmp_path):
+    """Stability AI's single-file layout (`write_sd3_checkpoint`, whose MMDiT names diffusers' own
+    `convert_sd3_transformer_checkpoint_to_diffusers` reads back) loads to exactly the folder's weights: as a
+    fine-tune on a folder base (with its text encoders and VAE), and as a base whose text encoders come from
+    --base-config (SD3's released files ship without them); another family's base is refused naming SD3."""
+    from finextract.engine.families import FamilyMismatchError
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import build_base, perturbed_copy
+    from finextract.zoo.writers import write_sd3_checkpoint
+
+    def same(a, b) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    tuned = perturbed_copy(sd3_components["transformer"], 7)
+    clip_l = perturbed_copy(sd3_components["text_encoder"], 8)
+    encoders = {"clip_l": clip_l, "clip_g": sd3_components["text_encoder_2"], "t5xxl": sd3_components["text_encoder_3"]}
+    file = write_sd3_checkpoint(tmp_path / "tuned.safetensors", tuned, sd3_components["vae"], encoders)
+    pair = load_model_pair(sd3_folders / "base", file)
+    assert pair.sources["finetuned_format"] == "checkpoint" and same(pair.finetuned_unet, tuned)
+    assert same(pair.finetuned_text_encoder, clip_l) and same(pair.finetuned_text_encoder_3, encoders["t5xxl"])
+    assert same(pair.vae, sd3_components["vae"])
+
+    bare = write_sd3_checkpoint(tmp_path / "base.safetensors", sd3_components["transformer"], sd3_components["vae"])
+    pair = load_model_pair(bare, sd3_folders / "dreambooth", base_config=sd3_folders / "base")
+    assert pair.family.name == "sd3" and same(pair.base_unet, sd3_components["transformer"])
+    assert same(pair.base_text_encoder_2, sd3_components["text_encoder_2"])
+    with pytest.raises(FamilyMismatchError, match=r"is SD3.*told by MMDiT joint_blocks.*the base is SD 1.x"):
+        load_model_pair(build_base(tmp_path / "sd1"), file)
