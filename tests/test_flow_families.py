@@ -245,3 +245,29 @@ def test_sd3_single_files_load_to_the_pipelines_weights(sd3_components, sd3_fold
     assert same(pair.base_text_encoder_2, sd3_components["text_encoder_2"])
     with pytest.raises(FamilyMismatchError, match=r"is SD3.*told by MMDiT joint_blocks.*the base is SD 1.x"):
         load_model_pair(build_base(tmp_path / "sd1"), file)
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [("dreambooth", "finextract-uncond"), ("dreambooth", "direct"), ("lora", "finextract"), ("lora", "cfg")],
+)
+def test_every_rule_steps_alike_on_torch_and_onnxruntime(sd3_components, kind, method):
+    """Eq. 6 and Direct on a DreamBooth pair (two transformers in one graph), Eq. 13 and CFG on a LoRA pair
+    (gated adapters in the graph): one Euler step on onnxruntime == torch within the network bound of
+    `tests/tolerances.py` (CFG and Eq. 13 on a DreamBooth pair: the pipeline test above)."""
+    from finextract.engine.backends.ort_backend import OnnxRuntimeBackend
+    from finextract.engine.config import RunConfig
+    from finextract.rules import rule_for
+    from finextract.zoo.models import perturbed_copy
+    from tests.conftest import random_unet_lora
+    from tests.steps import assert_step_matches, backends
+
+    if kind == "lora":
+        components = dict(sd3_components, transformer=copy.deepcopy(sd3_components["transformer"]))
+        pair = sd3_pair(components, lora=random_unet_lora(components["transformer"], seed=5))
+    else:
+        pair = sd3_pair(sd3_components, finetuned=perturbed_copy(sd3_components["transformer"], 3))
+    rule = rule_for(method, kind)
+    config = RunConfig.resolve(device="cpu", backend="onnxruntime", threads=1, scheduler="euler")
+    ours, reference = backends(OnnxRuntimeBackend, pair, rule, config, ZOO_CAPTION)
+    assert_step_matches(ours, reference, pair.base_unet, pair, rule)
