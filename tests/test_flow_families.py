@@ -271,3 +271,19 @@ def test_every_rule_steps_alike_on_torch_and_onnxruntime(sd3_components, kind, m
     config = RunConfig.resolve(device="cpu", backend="onnxruntime", threads=1, scheduler="euler")
     ours, reference = backends(OnnxRuntimeBackend, pair, rule, config, ZOO_CAPTION)
     assert_step_matches(ours, reference, pair.base_unet, pair, rule)
+
+
+def test_sd3_folders_without_t5_and_with_t5s_padded_rows_load(sd3_components, tmp_path):
+    """A pipeline saved without T5 loads as a pair without it (the pipeline's zeros); a T5 whose embedding has
+    more rows than its tokenizer (the released T5's 32,128 rows for 32,100 entries) loads."""
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import save_pipeline
+
+    no_t5 = save_pipeline(dict(sd3_components, text_encoder_3=None, tokenizer_3=None), tmp_path / "no_t5")
+    pair = load_model_pair(no_t5, no_t5)
+    assert pair.base_text_encoder_3 is None and pair.base_tokenizer_3 is None
+    t5 = copy.deepcopy(sd3_components["text_encoder_3"])
+    t5.resize_token_embeddings(256)  # 232 tokenizer entries, 256 rows
+    padded = save_pipeline(dict(sd3_components, text_encoder_3=t5), tmp_path / "padded")
+    pair = load_model_pair(padded, padded)
+    assert pair.base_text_encoder_3.get_input_embeddings().num_embeddings == 256 > len(pair.base_tokenizer_3)

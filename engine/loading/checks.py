@@ -183,12 +183,17 @@ def check_state_dict(expected: dict, found: dict, where: str) -> None:
         raise ValueError(f"{where} does not match the base UNet: " + "; ".join(problems))
 
 
+def tokenizer_fits(entries: int, rows: int, model_type: str) -> bool:
+    """A tokenizer of `entries` feeds an embedding of `rows`: equal, or (T5, whose rows are padded to a
+    multiple of 128 beyond its tokenizer's 32,100 entries) not more entries than rows."""
+    return entries == rows or (model_type in ("t5", "umt5") and entries <= rows)
+
+
 def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
     """The tokenizer must have one entry per token-embedding row of the text encoder it feeds (T5's rows are
     padded to a multiple of 128 beyond its tokenizer's 32,100 entries: there the tokenizer must fit in them)."""
     rows = text_encoder.get_input_embeddings().num_embeddings
-    padded = getattr(text_encoder.config, "model_type", "") in ("t5", "umt5")
-    if len(tokenizer) != rows and not (padded and len(tokenizer) <= rows):
+    if not tokenizer_fits(len(tokenizer), rows, getattr(text_encoder.config, "model_type", "")):
         raise ValueError(
             f"{where}: the text encoder has {rows} token-embedding rows but the tokenizer has {len(tokenizer)} entries; "
             "a fine-tune that adds tokens (e.g. a DreamBooth identifier) must ship its tokenizer/ and text_encoder/ "
@@ -297,6 +302,8 @@ def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Famil
     if fmt not in ("pipeline", "unet_folder"):
         return
     for name, tokenizer_name in zip(family.text_encoders, family.tokenizers):
+        if name in family.optional_text_encoders and not (base_path / name).is_dir():
+            continue  # the base runs without it (SD3 without T5)
         ft_text_dir = ft_path / name
         text_config = read_config(ft_text_dir if ft_text_dir.is_dir() else base_path / name)
         base_text_config = read_config(base_path / name)
@@ -310,7 +317,7 @@ def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Famil
         tokenizer = family.tokenizer_class_object(index).from_pretrained(
             str(tokenizer_dir or base_path / tokenizer_name)
         )
-        if len(tokenizer) != text_config.get("vocab_size"):
+        if not tokenizer_fits(len(tokenizer), text_config.get("vocab_size"), text_config.get("model_type", "")):
             which = "its own" if tokenizer_dir else "the base's: the fine-tune ships none"
             raise ValueError(
                 f"fine-tune {ft_path}: the {name} has {text_config.get('vocab_size')} token-embedding rows "
