@@ -301,3 +301,16 @@ def test_flux_folders_load_and_name_the_missing_sampling_hooks(tmp_path):
     assert type(pair.base_text_encoder_2).__name__ == "T5EncoderModel"
     with pytest.raises(NotImplementedError, match=r"FLUX\.1: sampling its FluxTransformer2DModel"):
         generate(pair, ZOO_CAPTION, 1, method="cfg", steps=2, scheduler="euler", backend="torch", progress=False)
+
+
+def test_a_fine_tunes_t5_of_another_width_is_named(sd3_components, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import save_pipeline
+
+    base = save_pipeline(sd3_components, tmp_path / "base")
+    config = T5Config(**{**sd3_components["text_encoder_3"].config.to_dict(), "d_ff": 96})
+    tuned = save_pipeline(dict(sd3_components, text_encoder_3=T5EncoderModel(config)), tmp_path / "tuned")
+    with pytest.raises(ValueError, match="fine-tuned text_encoder_3 has d_ff 96, base has 128"):
+        load_model_pair(base, tuned)

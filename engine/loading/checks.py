@@ -41,6 +41,13 @@ _TEXT_ARCH_KEYS = (
     "max_position_embeddings",
     "projection_dim",
     "project_dim",
+    # T5 (SD3, FLUX.1): its own names for the same
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "feed_forward_proj",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -145,7 +152,7 @@ def config_evidence(family: Family, unet_config: dict) -> Evidence:
 
 
 def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned text encoder") -> None:
-    """Like `check_unet_configs` for CLIP text-encoder configs. `vocab_size` is not compared: a
+    """Like `check_unet_configs` for CLIP and T5 text-encoder configs. `vocab_size` is not compared: a
     fine-tune may add tokens, and `load_model_pair` checks it against the fine-tune's tokenizer."""
     _compare_configs(base, finetuned, _TEXT_ARCH_KEYS, where)
 
