@@ -1,16 +1,18 @@
-"""Model families: what differs between SD 1.x, SD 2.x, SDXL and AltDiffusion, in one table.
+"""Model families: what differs between SD 1.x, SD 2.x, SDXL, AltDiffusion, SD3 and FLUX.1, in one table.
 
-A family fixes the parts of a pipeline that are not in the UNet's weights: which text encoders and
-tokenizers it has, which conditioning tensors its UNet reads, and which diffusers pipeline defines
-its sampling (the oracle the tests compare against). Everything else (sizes, prediction type,
-scheduler) is read from the model's own configs.
+A family fixes the parts of a pipeline that are not in the denoiser's weights: which text encoders
+and tokenizers it has, which denoiser (a UNet or a flow-matching transformer) and which conditioning
+tensors it reads, and which diffusers pipeline defines its sampling (the oracle the tests compare
+against). Everything else (sizes, prediction type, scheduler) is read from the model's own configs.
 
-| family | pipeline | text encoders | UNet conditioning |
-|---|---|---|---|
-| `sd1` SD 1.x | `StableDiffusionPipeline` | CLIP ViT-L (`CLIPTextModel`) | `encoder_hidden_states` |
-| `sd2` SD 2.x (epsilon 512 px, v-prediction 768 px) | `StableDiffusionPipeline` | OpenCLIP ViT-H (`CLIPTextModel`) | `encoder_hidden_states` |
-| `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
-| `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
+| family | pipeline | denoiser | text encoders | denoiser conditioning |
+|---|---|---|---|---|
+| `sd1` SD 1.x | `StableDiffusionPipeline` | `unet` | CLIP ViT-L (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sd2` SD 2.x (epsilon 512 px, v-prediction 768 px) | `StableDiffusionPipeline` | `unet` | OpenCLIP ViT-H (`CLIPTextModel`) | `encoder_hidden_states` |
+| `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | `unet` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
+| `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | `unet` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
+| `sd3` SD3 / 3.5 | `StableDiffusion3Pipeline` | `transformer` (`SD3Transformer2DModel`) | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) + T5 (`T5EncoderModel`, optional) | `encoder_hidden_states` (joint), `pooled_projections` |
+| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP) |
 
 Detection reads configs (`detect_family`), single-file checkpoint keys (`checkpoint_evidence`) or
 adapter keys and metadata (`adapter_evidence`); `check_family` refuses a fine-tune or adapter of
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 __all__ = [
     "ADDED_CONDITIONING_KEYS",
     "FAMILIES",
+    "FLOW_CONDITIONING_KEYS",
     "Evidence",
     "Family",
     "FamilyMismatchError",
@@ -54,37 +57,55 @@ class Family:
     """One model family.
 
     Attributes:
-        name: the identifier ("sd1", "sd2", "sdxl", "altdiffusion"), recorded in `result.json`.
+        name: the identifier ("sd1", "sd2", "sdxl", "altdiffusion", "sd3", "flux"), recorded in `result.json`.
         label: how messages name it ("SD 1.x").
         pipeline_class: the diffusers pipeline whose sampling the family follows.
         text_encoder_classes: (library, class) of each text encoder, in order (`text_encoder`,
-            `text_encoder_2`), as a pipeline's `model_index.json` names them.
-        tokenizer_class: the transformers tokenizer class of every tokenizer of the family.
-        conditioning_keys: the UNet inputs one guidance term's conditioning holds, in order.
-        released_cross_attention_dim: the released models' UNet `cross_attention_dim` (messages only:
-            a tiny test model has its own).
-        shares_unet_with: families whose released UNets have the same architecture (an SD 1.x UNet
+            `text_encoder_2`, `text_encoder_3`), as a pipeline's `model_index.json` names them.
+        tokenizer_classes: the transformers tokenizer class of each text encoder's tokenizer, in the same order.
+        conditioning_keys: the denoiser inputs one guidance term's conditioning holds, in order.
+        released_cross_attention_dim: the released models' UNet `cross_attention_dim`, or the transformer's
+            `joint_attention_dim` (messages only: a tiny test model has its own).
+        shares_unet_with: families whose released denoisers have the same architecture (an SD 1.x UNet
             LoRA fits AltDiffusion's UNet).
+        denoiser: the pipeline component name of the denoiser: "unet" or "transformer".
+        denoiser_class: its diffusers class ("UNet2DConditionModel", "SD3Transformer2DModel", ...).
+        optional_text_encoders: text encoders the pipeline runs without (SD3's T5: zeros in its place).
+        max_sequence_length: the T5 token count the pipeline encodes captions to by default (SD3 256,
+            FLUX.1 512); 0 for families without T5.
+        linspace_sigmas: the pipeline passes sigmas = linspace(1, 1 / steps, steps) to the flow scheduler
+            (FluxPipeline) rather than letting it space its own timesteps (StableDiffusion3Pipeline).
     """
 
     name: str
     label: str
     pipeline_class: str
     text_encoder_classes: tuple[tuple[str, str], ...]
-    tokenizer_class: str
+    tokenizer_classes: tuple[str, ...]
     conditioning_keys: tuple[str, ...]
     released_cross_attention_dim: int
     shares_unet_with: tuple[str, ...] = ()
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    optional_text_encoders: tuple[str, ...] = ()
+    linspace_sigmas: bool = False
+    max_sequence_length: int = 0
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        """Pipeline component names of the text encoders: ("text_encoder",) or (..., "text_encoder_2")."""
-        return ("text_encoder", "text_encoder_2")[: len(self.text_encoder_classes)]
+        """Pipeline component names of the text encoders: ("text_encoder",), (..., "text_encoder_2") or
+        (..., "text_encoder_3")."""
+        return ("text_encoder", "text_encoder_2", "text_encoder_3")[: len(self.text_encoder_classes)]
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
         """Pipeline component names of the tokenizers, one per text encoder."""
-        return ("tokenizer", "tokenizer_2")[: len(self.text_encoder_classes)]
+        return ("tokenizer", "tokenizer_2", "tokenizer_3")[: len(self.text_encoder_classes)]
+
+    @property
+    def flow_matching(self) -> bool:
+        """True for the flow-matching transformer families (the denoiser predicts a velocity v)."""
+        return self.denoiser == "transformer"
 
     def text_encoder_class(self, index: int = 0):
         """The class of text encoder `index` (imported on demand)."""
@@ -100,10 +121,17 @@ class Family:
 
         return getattr(transformers, name)
 
-    def tokenizer_class_object(self):
+    def tokenizer_class_object(self, index: int = 0):
+        """The transformers class of tokenizer `index` (imported on demand)."""
         import transformers
 
-        return getattr(transformers, self.tokenizer_class)
+        return getattr(transformers, self.tokenizer_classes[index])
+
+    def denoiser_class_object(self):
+        """The diffusers class of the denoiser (imported on demand)."""
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
 
     def pipeline(self):
         """The diffusers pipeline class of the family (the oracle its sampling follows)."""
@@ -124,7 +152,7 @@ SD1 = Family(
     "SD 1.x",
     "StableDiffusionPipeline",
     (("transformers", "CLIPTextModel"),),
-    "CLIPTokenizer",
+    ("CLIPTokenizer",),
     ("encoder_hidden_states",),
     768,
     ("altdiffusion",),
@@ -134,7 +162,7 @@ SD2 = Family(
     "SD 2.x",
     "StableDiffusionPipeline",
     (("transformers", "CLIPTextModel"),),
-    "CLIPTokenizer",
+    ("CLIPTokenizer",),
     ("encoder_hidden_states",),
     1024,
 )
@@ -143,7 +171,7 @@ SDXL = Family(
     "SDXL",
     "StableDiffusionXLPipeline",
     (("transformers", "CLIPTextModel"), ("transformers", "CLIPTextModelWithProjection")),
-    "CLIPTokenizer",
+    ("CLIPTokenizer", "CLIPTokenizer"),
     ("encoder_hidden_states", *ADDED_CONDITIONING_KEYS),
     2048,
 )
@@ -152,18 +180,50 @@ ALTDIFFUSION = Family(
     "AltDiffusion",
     "AltDiffusionPipeline",
     (("diffusers", "RobertaSeriesModelWithTransformation"),),
-    "XLMRobertaTokenizer",
+    ("XLMRobertaTokenizer",),
     ("encoder_hidden_states",),
     768,
     ("sd1",),
 )
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION)}
+#: the transformer inputs of a flow family's guidance term: the text tokens and the pooled text vector
+FLOW_CONDITIONING_KEYS = ("encoder_hidden_states", "pooled_projections")
+SD3 = Family(
+    "sd3",
+    "SD3",
+    "StableDiffusion3Pipeline",
+    (
+        ("transformers", "CLIPTextModelWithProjection"),
+        ("transformers", "CLIPTextModelWithProjection"),
+        ("transformers", "T5EncoderModel"),
+    ),
+    ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
+    FLOW_CONDITIONING_KEYS,
+    4096,
+    denoiser="transformer",
+    denoiser_class="SD3Transformer2DModel",
+    optional_text_encoders=("text_encoder_3",),
+    max_sequence_length=256,
+)
+FLUX = Family(
+    "flux",
+    "FLUX.1",
+    "FluxPipeline",
+    (("transformers", "CLIPTextModel"), ("transformers", "T5EncoderModel")),
+    ("CLIPTokenizer", "T5TokenizerFast"),
+    FLOW_CONDITIONING_KEYS,
+    4096,
+    denoiser="transformer",
+    denoiser_class="FluxTransformer2DModel",
+    linspace_sigmas=True,
+    max_sequence_length=512,
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION, SD3, FLUX)}
 _BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
 _SUPPORTED = ", ".join(f"{f.name} ({f.label})" for f in FAMILIES.values())
 
 
 def get_family(name: str | Family) -> Family:
-    """The family called `name` ("sd1", "sd2", "sdxl", "altdiffusion"; a `Family` passes through).
+    """The family called `name` ("sd1", "sd2", "sdxl", "altdiffusion", "sd3", "flux"; a `Family` passes through).
 
     Raises:
         UnknownFamilyError: any other name (the message lists the families).
@@ -172,7 +232,7 @@ def get_family(name: str | Family) -> Family:
         return name
     key = str(name).lower().replace(" ", "").replace("-", "").replace(".x", "").replace("_", "").replace(".", "")
     aliases = {"sd1": "sd1", "sd15": "sd1", "sd14": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
-    aliases.update(altdiffusion="altdiffusion", alt="altdiffusion")
+    aliases.update(altdiffusion="altdiffusion", alt="altdiffusion", sd3="sd3", sd35="sd3", flux="flux", flux1="flux")
     if key not in aliases:
         raise UnknownFamilyError(f"unknown model family {name!r}: finextract runs {_SUPPORTED}")
     return FAMILIES[aliases[key]]
@@ -181,8 +241,6 @@ def get_family(name: str | Family) -> Family:
 # --- from configs ---------------------------------------------------------------------------------
 
 _OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in plain words
-    "StableDiffusion3Pipeline": "SD 3 (a DiT)",
-    "FluxPipeline": "Flux (a DiT)",
     "PixArtAlphaPipeline": "PixArt (a DiT)",
     "PixArtSigmaPipeline": "PixArt (a DiT)",
     "KandinskyV22Pipeline": "Kandinsky 2.2",
@@ -193,6 +251,24 @@ _OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in
 }
 
 
+def _flow_family(pipeline_class: str | None, transformer_config: dict | None, where: str) -> Family | None:
+    """SD3 / FLUX.1 from the pipeline class or the transformer's class; None for neither. A transformer
+    of the family's class with other latent channels (an inpainting / control variant) is refused."""
+    by_pipeline = {family.pipeline_class: family for family in (SD3, FLUX)}
+    by_denoiser = {family.denoiser_class: family for family in (SD3, FLUX)}
+    family = by_pipeline.get(pipeline_class) or by_denoiser.get((transformer_config or {}).get("_class_name"))
+    if family is None or transformer_config is None:
+        return family
+    expected = 64 if family is FLUX else 16  # FLUX packs 2 x 2 x 16 latent values per token
+    if transformer_config.get("in_channels") != expected:
+        raise UnknownFamilyError(
+            f"{where}: its {family.denoiser_class} takes {transformer_config.get('in_channels')} input channels, "
+            f"not {family.label}'s text-to-image {expected} (an inpainting, depth or control variant?); finextract "
+            f"runs {_SUPPORTED}"
+        )
+    return family
+
+
 def detect_family(
     unet_config: dict | None,
     text_encoder_config: dict | None = None,
@@ -200,19 +276,22 @@ def detect_family(
     text_encoder_2_config: dict | None = None,
     pipeline_class: str | None = None,
     requires_aesthetics_score: bool = False,
+    transformer_config: dict | None = None,
     where: str = "the model",
 ) -> Family:
     """The family of a model from its configs (no weights read).
 
     Args:
         unet_config: the UNet's `config.json` (None: the pipeline has no UNet).
+        transformer_config: a flow pipeline's `transformer/config.json` (SD3, FLUX.1), when there is one.
         text_encoder_config: the (first) text encoder's config, when there is one.
         text_encoder_2_config: the second text encoder's config (SDXL), when there is one.
         pipeline_class: `model_index.json`'s `_class_name`, when there is one.
         requires_aesthetics_score: `model_index.json`'s entry (SDXL refiners set it).
         where: how to name the model in messages.
 
-    Rules, in order: a pipeline class of another family, or a UNet that is not a 4-channel
+    Rules, in order: `StableDiffusion3Pipeline` or an `SD3Transformer2DModel` is SD3, `FluxPipeline` or a
+    `FluxTransformer2DModel` is FLUX.1; a pipeline class of another family, or a UNet that is not a 4-channel
     text-to-image UNet, is refused; `addition_embed_type == "text_time"` with six time ids is SDXL
     base (five, with an aesthetic score, is the refiner: refused); an XLM-R (`xlm-roberta`) text encoder
     or `AltDiffusionPipeline` is AltDiffusion; otherwise CLIP: cross-attention 1024, or linear
@@ -221,6 +300,9 @@ def detect_family(
     Raises:
         UnknownFamilyError: naming what was found and the families finextract runs.
     """
+    flow = _flow_family(pipeline_class, transformer_config, where)
+    if flow is not None:
+        return flow
     if pipeline_class in _OTHER_PIPELINES:
         raise UnknownFamilyError(
             f"{where} is a {pipeline_class} ({_OTHER_PIPELINES[pipeline_class]}), not a family finextract runs "
@@ -228,7 +310,8 @@ def detect_family(
         )
     if unet_config is None:
         raise UnknownFamilyError(
-            f"{where} has no UNet (a transformer-based pipeline such as SD 3 or Flux?): finextract runs {_SUPPORTED}"
+            f"{where} has no UNet and no SD3 / FLUX.1 transformer (another transformer-based pipeline?): finextract "
+            f"runs {_SUPPORTED}"
         )
     channels = (unet_config.get("in_channels"), unet_config.get("out_channels"))
     if channels != (4, 4):
@@ -319,7 +402,8 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     `conditioner.embedders.1.*` (a second, OpenCLIP bigG text encoder) or `label_emb` in the UNet is
     SDXL; `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; `cond_stage_model.transformer.*` (CLIP)
     is SD 1.x; `cond_stage_model.roberta.*` is AltDiffusion; a UNet alone is told by its
-    cross-attention width where that is a released one. The marker tensors `v_pred` and `ztsnr`
+    cross-attention width where that is a released one; `model.diffusion_model.joint_blocks.*` (the MMDiT
+    of Stability AI's files) is SD3. The marker tensors `v_pred` and `ztsnr`
     (written by trainers of v-prediction and zero-terminal-SNR models) set `prediction_type` and
     `zero_terminal_snr`.
     """
@@ -334,6 +418,8 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in keys)
 
+    if has("model.diffusion_model.joint_blocks."):
+        return Evidence(SD3, None, "MMDiT joint_blocks (SD3) tensors", **markers)
     if has("conditioner.embedders.1.") or has("model.diffusion_model.label_emb."):
         why = (
             "conditioner.embedders.1.* tensors" if has("conditioner.embedders.1.") else "a label_emb (added) embedding"

@@ -259,7 +259,7 @@ def test_family_detected_from_each_zoo_folder_and_recorded(same_pairs, family_zo
             {"requires_aesthetics_score": True},
             "SDXL refiner",
         ),
-        (None, {"_class_name": "FluxPipeline"}, "FluxPipeline .Flux"),
+        (None, {"_class_name": "PixArtAlphaPipeline"}, "PixArtAlphaPipeline .PixArt"),
         (None, {}, "has no UNet"),
         ({"in_channels": 4, "out_channels": 4, "addition_embed_type": "image"}, {}, "addition_embed_type 'image'"),
     ],
@@ -275,9 +275,10 @@ def test_unknown_families_are_named(config, index, match):
 
 
 def test_unknown_family_name_lists_the_families():
-    with pytest.raises(UnknownFamilyError, match=r"unknown model family 'sd3'.*sd1 .SD 1.x.*sdxl .SDXL"):
-        get_family("sd3")
+    with pytest.raises(UnknownFamilyError, match=r"unknown model family 'pixart'.*sd1 .SD 1.x.*sdxl .SDXL.*flux"):
+        get_family("pixart")
     assert get_family("SD 1.x").name == "sd1" and get_family("sd-2.1").name == "sd2"
+    assert get_family("SD3.5").name == "sd3" and get_family("FLUX.1").name == "flux"
 
 
 @pytest.mark.parametrize(

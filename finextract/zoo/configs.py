@@ -1,5 +1,5 @@
-"""The tiny models' configs: UNet, VAE and text encoders per zoo family, their schedulers, and the
-LoRA settings of the random zoo's adapters. Plain dicts (no torch)."""
+"""The tiny models' configs: UNet or transformer, VAE and text encoders per zoo family, their schedulers,
+and the LoRA settings of the random zoo's adapters. Plain dicts (no torch)."""
 
 # SD 1.x scheduler: scaled-linear betas 0.00085..0.012 over 1000 training steps (diffusers' config
 # of runwayml/stable-diffusion-v1-5, DDIM flavour).
@@ -103,6 +103,78 @@ ZOO_FAMILIES = {
     "sd2-v": ("sd2", SD2_V_SCHEDULER_CONFIG),
     "sdxl": ("sdxl", SDXL_SCHEDULER_CONFIG),
     "altdiffusion": ("altdiffusion", SD1_SCHEDULER_CONFIG),
+}
+
+
+# --- flow-matching families (SD3, FLUX.1): tiny widths, the released architectures -------------------
+# The 16-channel VAE of SD3 / FLUX.1 (no quant convs; latents are (z - shift_factor) * scaling_factor),
+# at the tiny zoo's 2 blocks: 32 px images, 16 x 16 latents. Shift and scale: the released values.
+TINY_FLOW_VAE_CONFIG = dict(TINY_VAE_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+SD3_VAE_FACTORS = dict(shift_factor=0.0609, scaling_factor=1.5305)  # stabilityai/stable-diffusion-3-medium
+FLUX_VAE_FACTORS = dict(shift_factor=0.1159, scaling_factor=0.3611)  # black-forest-labs/FLUX.1-dev
+# T5 v1.1 (the encoder SD3 and FLUX.1 use): gated GELU, relative attention, no tied embeddings. d_model 64
+# is at least the two CLIP widths joined (32 + 32): SD3 zero-pads the CLIP states to T5's width.
+TINY_T5_CONFIG = dict(
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+)
+T5_MAX_LENGTH = 512  # the released T5 tokenizers' model_max_length (FluxPipeline's max_sequence_length)
+# SD3 medium's MMDiT at 2 layers: patch 2, 4 heads x 8 (inner 32), joint width = T5's, pooled = 32 + 32
+TINY_SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=32,
+    pooled_projection_dim=64,
+    pos_embed_max_size=16,
+)
+# FLUX.1-dev at 1 double + 1 single block: 2 heads x 16, RoPE axes (4, 6, 6) summing to the head
+# dim as (16, 56, 56) sum to 128; in_channels 64 = 16 latent channels x the 2 x 2 packing; pooled =
+# CLIP's width; the distilled guidance embedding (schnell has none).
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+TINY_FLUX_SCHNELL_TRANSFORMER_CONFIG = dict(TINY_FLUX_TRANSFORMER_CONFIG, guidance_embeds=False)
+# The released scheduler configs (scheduler/scheduler_config.json of each model)
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER_CONFIG = dict(FLUX_SCHEDULER_CONFIG, shift=1.0, use_dynamic_shifting=False)
+#: flow zoo family -> (finextract family, scheduler config, transformer config, VAE shift / scale)
+FLOW_ZOO_FAMILIES = {
+    "sd3": ("sd3", SD3_SCHEDULER_CONFIG, TINY_SD3_TRANSFORMER_CONFIG, SD3_VAE_FACTORS),
+    "flux": ("flux", FLUX_SCHEDULER_CONFIG, TINY_FLUX_TRANSFORMER_CONFIG, FLUX_VAE_FACTORS),
+    "flux-schnell": ("flux", FLUX_SCHNELL_SCHEDULER_CONFIG, TINY_FLUX_SCHNELL_TRANSFORMER_CONFIG, FLUX_VAE_FACTORS),
 }
 
 

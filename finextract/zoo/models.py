@@ -13,21 +13,24 @@ from finextract.engine.families import get_family
 from finextract.engine.pair import LoRALayer
 
 from .configs import (
+    FLOW_ZOO_FAMILIES,
     LORA_ALPHA,
     LORA_ALPHA_PATTERN,
     LORA_RANK,
     LORA_RANK_PATTERN,
+    TINY_FLOW_VAE_CONFIG,
     TINY_SD2_TEXT_CONFIG,
     TINY_SD2_UNET_CONFIG,
     TINY_SDXL_TEXT_CONFIG_2,
     TINY_SDXL_UNET_CONFIG,
+    TINY_T5_CONFIG,
     TINY_TEXT_CONFIG,
     TINY_UNET_CONFIG,
     TINY_VAE_CONFIG,
     TINY_XLMR_TEXT_CONFIG,
     ZOO_FAMILIES,
 )
-from .tokenizers import write_tokenizer, write_xlmr_tokenizer
+from .tokenizers import write_t5_tokenizer, write_tokenizer, write_xlmr_tokenizer
 
 
 def _clip_text_encoder(tokenizer, config: dict, with_projection: bool = False):
@@ -45,13 +48,14 @@ def _clip_text_encoder(tokenizer, config: dict, with_projection: bool = False):
 
 
 def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None, family: str = "sd1") -> dict:
-    """Random tiny components of a zoo family (`ZOO_FAMILIES`): `unet`, `vae`, `text_encoder`,
-    `tokenizer`, `scheduler`, and for SDXL `text_encoder_2`, `tokenizer_2`: the keyword arguments of
-    the family's diffusers pipeline.
+    """Random tiny components of a zoo family (`ZOO_FAMILIES` or `FLOW_ZOO_FAMILIES`): the keyword
+    arguments of the family's diffusers pipeline. UNet families: `unet`, `vae`, `text_encoder`,
+    `tokenizer`, `scheduler`, and for SDXL `text_encoder_2`, `tokenizer_2`; flow families: see
+    `tiny_flow_components`.
 
     Deterministic for a given seed (weights are drawn on the CPU generator). The tokenizer is
-    written to `tokenizer_folder` (a temporary folder when None; SDXL's second one beside it, in
-    `<folder>_2`) and loaded back.
+    written to `tokenizer_folder` (a temporary folder when None; the second and third ones beside it,
+    in `<folder>_2`, `<folder>_3`) and loaded back.
 
     Raises:
         ValueError: an unknown `family`.
@@ -59,8 +63,10 @@ def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None, f
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
+    if family in FLOW_ZOO_FAMILIES:
+        return tiny_flow_components(seed, tokenizer_folder, family)
     if family not in ZOO_FAMILIES:
-        raise ValueError(f"zoo family {family!r}: expected one of {', '.join(ZOO_FAMILIES)}")
+        raise ValueError(f"zoo family {family!r}: expected one of {', '.join([*ZOO_FAMILIES, *FLOW_ZOO_FAMILIES])}")
     name, scheduler_config = ZOO_FAMILIES[family]
     if tokenizer_folder is None:
         tokenizer_folder = tempfile.mkdtemp(prefix="finextract-tokenizer-")
@@ -111,8 +117,85 @@ def tiny_components(seed: int = 0, tokenizer_folder: str | Path | None = None, f
     )
 
 
+def _t5_encoder(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_T5_CONFIG,
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_flow_components(seed: int = 0, tokenizer_folder: str | Path | None = None, family: str = "sd3") -> dict:
+    """Random tiny components of a flow-matching zoo family (`FLOW_ZOO_FAMILIES`: "sd3", "flux",
+    "flux-schnell"), the keyword arguments of `StableDiffusion3Pipeline` / `FluxPipeline`:
+
+    - sd3: `transformer` (`SD3Transformer2DModel`), `vae` (16 channels), `scheduler`
+      (`FlowMatchEulerDiscreteScheduler`), `text_encoder` / `text_encoder_2`
+      (`CLIPTextModelWithProjection`, the second with OpenCLIP's gelu and "!" padding),
+      `text_encoder_3` (`T5EncoderModel`), `tokenizer`, `tokenizer_2`, `tokenizer_3` (`T5TokenizerFast`).
+    - flux, flux-schnell: `transformer` (`FluxTransformer2DModel`, with / without the guidance
+      embedding), `vae`, `scheduler`, `text_encoder` (`CLIPTextModel`), `text_encoder_2` (T5),
+      `tokenizer`, `tokenizer_2` (T5).
+
+    Seeds: transformer `seed`, VAE `seed + 1`, CLIP encoders `seed + 2`, `seed + 3`, T5 `seed + 4`.
+    Images are 32 px (16 x 16 latents; FLUX packs them into 8 x 8 tokens of 64 values).
+
+    Raises:
+        ValueError: an unknown `family`.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    if family not in FLOW_ZOO_FAMILIES:
+        raise ValueError(f"flow zoo family {family!r}: expected one of {', '.join(FLOW_ZOO_FAMILIES)}")
+    name, scheduler_config, transformer_config, vae_factors = FLOW_ZOO_FAMILIES[family]
+    folder = Path(tokenizer_folder or tempfile.mkdtemp(prefix="finextract-tokenizer-"))
+    sibling = folder.with_name  # the second and third tokenizers live beside the first
+    denoiser = get_family(name).denoiser_class_object()
+    torch.manual_seed(seed)
+    transformer = denoiser(**transformer_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_FLOW_VAE_CONFIG, **vae_factors)
+    write_tokenizer(folder)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(folder)
+    t5_folder = write_t5_tokenizer(sibling(folder.name + ("_3" if name == "sd3" else "_2")))
+    t5_tokenizer = T5TokenizerFast.from_pretrained(t5_folder)
+    torch.manual_seed(seed + 4)
+    t5 = _t5_encoder(t5_tokenizer).eval()
+    components = dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        tokenizer=clip_tokenizer,
+    )
+    torch.manual_seed(seed + 2)
+    if name == "flux":
+        components["text_encoder"] = _clip_text_encoder(clip_tokenizer, TINY_TEXT_CONFIG).eval()
+        return dict(components, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    components["text_encoder"] = _clip_text_encoder(clip_tokenizer, TINY_TEXT_CONFIG, with_projection=True).eval()
+    second = sibling(folder.name + "_2")
+    write_tokenizer(second)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(second, pad_token="!")  # as SD3's OpenCLIP bigG tokenizer pads
+    tokenizer_2.save_pretrained(second)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, TINY_SDXL_TEXT_CONFIG_2, with_projection=True).eval()
+    return dict(
+        components,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
 def family_of_components(components: dict) -> str:
-    """The finextract family of a component dict (`tiny_components`), from its text encoders."""
+    """The finextract family of a component dict (`tiny_components`), from its denoiser and text encoders."""
+    if "transformer" in components:
+        return "sd3" if "text_encoder_3" in components else "flux"
     if "text_encoder_2" in components:
         return "sdxl"
     if type(components["text_encoder"]).__name__ == "RobertaSeriesModelWithTransformation":
@@ -126,12 +209,14 @@ def diffusers_pipeline(components: dict):
     options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if family.name == "sdxl":
         options = dict(force_zeros_for_empty_prompt=True, add_watermarker=False)
+    if family.flow_matching:
+        options = {}
     return family.pipeline()(**components, **options)
 
 
 def save_pipeline(components: dict, folder: str | Path) -> Path:
     """Save components as their family's diffusers pipeline folder (safetensors): `StableDiffusionPipeline`,
-    `StableDiffusionXLPipeline` or `AltDiffusionPipeline`; return it."""
+    `StableDiffusionXLPipeline`, `AltDiffusionPipeline`, `StableDiffusion3Pipeline` or `FluxPipeline`; return it."""
     diffusers_pipeline(components).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 

@@ -1,11 +1,13 @@
 """The tiny models' tokenizers: SD 1.x's own CLIP BPE vocabulary (read from the file `open_clip`
-ships) and a minimal XLM-R-style Unigram one for AltDiffusion."""
+ships), a minimal XLM-R-style Unigram one for AltDiffusion, and a T5 Unigram one trained on the zoo's
+captions for SD3 and FLUX.1."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 from .configs import TINY_TEXT_CONFIG
@@ -119,5 +121,62 @@ def write_xlmr_tokenizer(folder: str | Path) -> Path:
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + c, -2.5) for c in characters] + [(c, -3.0) for c in characters] + [("<mask>", 0.0)]
     tokenizer = XLMRobertaTokenizer(vocab=vocab, model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+T5_VOCAB_SIZE = 256  # the Unigram trainer's upper bound (the captions give about 130 pieces)
+# Every printable ASCII character is in the vocabulary, so any English prompt tokenises (no <unk>).
+_T5_ALPHABET = [chr(code) for code in range(0x21, 0x7F)]
+
+
+def zoo_captions() -> list[str]:
+    """Every caption the zoos use (the random zoo's, both scenarios', the pretraining images'), in a fixed order."""
+    from .configs import ZOO_CAPTION
+    from .scenarios import PRETRAIN_IMAGES, SCENARIOS
+
+    return [ZOO_CAPTION, *(s.caption for s in SCENARIOS.values()), *(caption for _, _, caption in PRETRAIN_IMAGES)]
+
+
+def write_t5_tokenizer(folder: str | Path) -> Path:
+    """Write a small T5 tokenizer (SD3's and FLUX.1's kind, `T5TokenizerFast`) into `folder`; return it.
+
+    No T5 vocabulary ships in a package we install, so this one is trained: a SentencePiece-style
+    Unigram model (T5's kind) whose pieces the `tokenizers` library's `UnigramTrainer` picks from
+    `zoo_captions` (at most `T5_VOCAB_SIZE` pieces, every printable ASCII character among them; each
+    piece's log-probability its count in the captions), wrapped as transformers'
+    `T5TokenizerFast` with T5's special tokens and ids (`<pad>` 0, `</s>` 1, `<unk>` 2, 100
+    `<extra_id_*>` sentinels), `</s>` appended, `model_max_length` `T5_MAX_LENGTH` (512).
+    Deterministic: the same captions give the same file.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    from .configs import T5_MAX_LENGTH
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer_tokenizer = Tokenizer(models.Unigram())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=T5_VOCAB_SIZE,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=_T5_ALPHABET,
+        show_progress=False,
+    )
+    trainer_tokenizer.train_from_iterator(zoo_captions(), trainer)
+    trained = json.loads(trainer_tokenizer.to_str())["model"]["vocab"]
+    if [piece for piece, _ in trained[:3]] != ["<pad>", "</s>", "<unk>"]:
+        raise ValueError(f"the trained T5 vocabulary starts {trained[:3]}, not T5's <pad>, </s>, <unk>")
+    # The trainer's choice of pieces is the same every run, but not its scores (it assigns those of unseen
+    # characters in hash order): each piece's log-probability is recounted from the captions instead,
+    # as substring counts over the word-start-marked words, so the file is the same every time.
+    text = " ".join("\u2581" + word for caption in zoo_captions() for word in caption.split())
+    counts = {piece: text.count(piece) + 1 for piece, _ in trained[3:]}
+    total = sum(counts.values())
+    pieces = sorted(counts, key=lambda piece: (-counts[piece], piece))
+    vocab = [(piece, 0.0) for piece, _ in trained[:3]] + [(p, round(math.log(counts[p] / total), 6)) for p in pieces]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=100, model_max_length=T5_MAX_LENGTH)
     tokenizer.save_pretrained(folder)
     return folder
