@@ -170,6 +170,7 @@ def main() -> int:
             "preset": "default (N = 50, dpmpp-2m, 25 steps)",
             "train": "finextract/zoo_weights/train",
             "device": "cpu",
+            "backend": "auto (OpenVINO on a CPU)",
             "threads": 1,
             "machine": platform.platform(),
         }
