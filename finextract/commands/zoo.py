@@ -51,7 +51,7 @@ def register(subparsers) -> None:
         "second-base",
         run_second_base,
         help="train a second tiny base of the trained zoo's family: its VAE, tokenizer and text encoder, another "
-        "UNet (a wrong-but-loadable parent for the committed fine-tunes; about 30 min on 1 thread)",
+        "UNet (a wrong-but-loadable parent for the committed fine-tunes; about 25 min on 1 thread)",
     )
     second.add_argument("--out", required=True, help="pipeline folder to write (replaced if it exists)")
     second.add_argument("--zoo", default=None, help="trained zoo lending the parts (default: the committed one)")

@@ -9,8 +9,8 @@ differs, so a bare DreamBooth `unet/` loads on either base, and a LoRA applies t
 
 The UNet is trained as the committed one was (`training._base_loss_fn`: noise-prediction MSE on
 random crops and flips of captioned images, 10% empty captions, then a cosine-decayed refinement),
-with the text encoder frozen. It is not committed (11 MB): `finextract zoo second-base --out DIR`
-rebuilds it deterministically for a given thread count (`--cache` keeps each stage).
+with the text encoder frozen. It is not committed: `finextract zoo second-base --out DIR` rebuilds it
+(about 25 minutes on 1 thread), deterministically for a given thread count (`--cache` keeps each stage).
 """
 
 from __future__ import annotations
