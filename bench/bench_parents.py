@@ -19,6 +19,9 @@ Parts (each written as soon as measured; `--parts` picks):
 - as -> bench/results/parents_as.json: `Extractor.extract` of the committed object DreamBooth and LoRA
   (N0 = 5, caption "a photo of sks", the default preset: N = 50, DPM-Solver++ 2M 25 steps) guided by the
   right base and by the second base (`--bases`), per seed (`--seeds`), AS and A-ESR0.6 against the zoo's train/.
+- probe -> bench/results/parents_probe.json: each committed LoRA extracted on each candidate without
+  training images (its caption, N0 = 5, N = 50, seed 0): how alike its generations are, a parent signal
+  that needs no metadata (an adapter has no weights of its parent to compare).
 """
 
 from __future__ import annotations
@@ -45,43 +48,78 @@ FINETUNES = {
 }
 
 
-def ranking_part(second: Path) -> dict:
-    from finextract.engine.loading.parents import decided_base, rank_bases
+def named_candidates(folder: Path, second: Path) -> dict[Path, str]:
+    """The four candidate bases, path -> name: the two trained bases, and random seeds 0 and 1 saved in `folder`."""
     from finextract.zoo.models import save_pipeline, tiny_components
 
     names = {WEIGHTS / "base": "trained base", second: "second trained base"}
+    for seed in (0, 1):
+        out = folder / f"random-seed{seed}"
+        names[save_pipeline(tiny_components(seed, tokenizer_folder=out / "tokenizer"), out)] = f"random seed {seed}"
+    return names
+
+
+def ranking_part(names: dict[Path, str]) -> dict:
+    from finextract.engine.loading.parents import decided_base, rank_bases
+
+    candidates = list(names)
     rows = {}
-    with tempfile.TemporaryDirectory() as folder:
-        candidates = [WEIGHTS / "base", second]
-        for seed in (0, 1):
-            out = Path(folder) / f"random-seed{seed}"
-            candidates.append(save_pipeline(tiny_components(seed, tokenizer_folder=out / "tokenizer"), out))
-            names[out] = f"random seed {seed}"
-        for label, name in FINETUNES.items():
-            for metadata_label, metadata in (("with metadata", None), ("metadata stripped", {})):
-                started = time.perf_counter()
-                ranked = rank_bases(WEIGHTS / name, candidates, metadata=metadata)
-                seconds = round(time.perf_counter() - started, 3)
-                try:
-                    chosen, refusal = decided_base(ranked, "the candidates", label), None
-                except ValueError as error:  # a tie: what --base DIR answers
-                    chosen, refusal = None, str(error)
-                rows.setdefault(label, {})[metadata_label] = {
-                    "seconds": seconds,
-                    "chosen": names.get(chosen),
-                    "right": chosen == WEIGHTS / "base",
-                    "refused": refusal,
-                    "ranking": [
-                        {
-                            "base": names[c.path],
-                            "compatible": c.compatible,
-                            "match": c.match,
-                            "distance": None if c.distance is None else round(c.distance, 4),
-                        }
-                        for c in ranked
-                    ],
-                }
-                print(label, metadata_label, json.dumps(rows[label][metadata_label]), flush=True)
+    for label, name in FINETUNES.items():
+        for metadata_label, metadata in (("with metadata", None), ("metadata stripped", {})):
+            started = time.perf_counter()
+            ranked = rank_bases(WEIGHTS / name, candidates, metadata=metadata)
+            seconds = round(time.perf_counter() - started, 3)
+            try:
+                chosen, refusal = decided_base(ranked, "the candidates", label), None
+            except ValueError as error:  # a tie: what --base DIR answers
+                chosen, refusal = None, str(error)
+            rows.setdefault(label, {})[metadata_label] = {
+                "seconds": seconds,
+                "chosen": names.get(chosen),
+                "right": chosen == WEIGHTS / "base",
+                "refused": refusal,
+                "ranking": [
+                    {
+                        "base": names[c.path],
+                        "compatible": c.compatible,
+                        "match": c.match,
+                        "distance": None if c.distance is None else round(c.distance, 4),
+                    }
+                    for c in ranked
+                ],
+            }
+            print(label, metadata_label, json.dumps(rows[label][metadata_label]), flush=True)
+    return rows
+
+
+def probe_part(names: dict[Path, str]) -> dict:
+    """Each committed LoRA on each candidate, its own caption, N = 50 (the default preset), seed 0, no
+    training images: how alike the generations are (the mean SSCD similarity of each image to its 3
+    nearest others; the share of pairs at SSCD >= 0.6) and the clustering's threshold."""
+    import numpy as np
+
+    from finextract.extract import Extractor
+    from finextract.zoo.scenarios import SCENARIOS
+
+    rows = {}
+    for scenario, lora in (("object", WEIGHTS / "lora"), ("style", WEIGHTS / "style" / "lora")):
+        for base, name in names.items():
+            started = time.perf_counter()
+            result = Extractor(base, lora=lora, device="cpu", seed=0).extract(
+                SCENARIOS[scenario].caption, 5, progress=False
+            )
+            x = result.generated_descriptors.double().numpy()
+            similarity = x @ x.T
+            np.fill_diagonal(similarity, -np.inf)
+            pairs = similarity[np.triu_indices(len(x), 1)]
+            rows.setdefault(f"{scenario} lora", {})[name] = {
+                "images": len(x),
+                "mean_top3_similarity": round(float(np.sort(similarity, 1)[:, -3:].mean()), 3),
+                "pairs_at_0.6": round(float((pairs >= 0.6).mean()), 3),
+                "threshold": result.threshold,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            print(scenario, name, json.dumps(rows[f"{scenario} lora"][name]), flush=True)
     return rows
 
 
@@ -139,7 +177,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--second-base", default=None, help="a built second base (`finextract zoo second-base`)")
     parser.add_argument("--cache", default=None, help="without --second-base: build it here, or reuse it (minutes)")
-    parser.add_argument("--parts", default="ranking,as", help="comma-separated: ranking, as")
+    parser.add_argument("--parts", default="ranking,as,probe", help="comma-separated: ranking, as, probe")
     parser.add_argument("--bases", default="right,wrong", help="the as part's bases: right (the parent), wrong")
     parser.add_argument("--seeds", default="0,1000,2000", help="the as part's sampling seeds (default 0,1000,2000)")
     args = parser.parse_args()
@@ -150,7 +188,7 @@ def main() -> int:
     second = built = None
     if args.second_base:
         second = Path(args.second_base)
-    elif "ranking" in parts or "wrong" in bases:
+    elif "ranking" in parts or "probe" in parts or "wrong" in bases:
         from finextract.zoo.second_base import build_second_base
 
         if not args.cache:
@@ -158,9 +196,15 @@ def main() -> int:
         second = build_second_base(Path(args.cache) / "second-base", cache=args.cache)
     if second is not None:
         built = json.loads((second / "second_base.json").read_text())
-    if "ranking" in parts:
-        record = {"second_base": built, "ranking": ranking_part(second)}
-        (RESULTS / "parents.json").write_text(json.dumps(record, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as folder:
+        names = named_candidates(Path(folder), second) if second is not None else {}
+        if "ranking" in parts:
+            record = {"second_base": built, "ranking": ranking_part(names)}
+            (RESULTS / "parents.json").write_text(json.dumps(record, indent=1) + "\n")
+        if "probe" in parts:
+            record = {"settings": {"n0": 5, "preset": "default (N = 50)", "seed": 0, "threads": 1}}
+            record["probe"] = probe_part(names)
+            (RESULTS / "parents_probe.json").write_text(json.dumps(record, indent=1) + "\n")
     if "as" in parts:
         out = RESULTS / "parents_as.json"
         record = json.loads(out.read_text()) if out.exists() else {}
