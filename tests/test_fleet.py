@@ -141,6 +141,32 @@ def test_manifest_base_auto_chooses_from_the_bases_folder(tmp_path, tiny_zoo):
     assert "bases" not in plain.fields() and "base_ranking" not in plain.fields()
 
 
+def test_audit_row_with_base_auto_records_the_base_choice(tmp_path, tiny_zoo):
+    """A `base: auto` row's result.json and report say which base was chosen, why, and the ranking,
+    as an extraction given the folder of candidates does (N = 4 at 2 steps: seconds)."""
+    from finextract.extract import Extractor
+    from finextract.zoo.models import save_pipeline, tiny_components
+
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    (bases / "parent").symlink_to(tiny_zoo / "base")
+    save_pipeline(tiny_components(1, tokenizer_folder=bases / "seed1" / "tokenizer"), bases / "seed1")
+    (tmp_path / "m.csv").write_text(
+        f"id,base,bases,finetuned,lora,caption,n0,num_images\ndb,auto,bases,{tiny_zoo}/dreambooth,,a photo of sks,2,4\n"
+    )
+    summary = audit(tmp_path / "m.csv", tmp_path / "out", executor="local", progress=False, **RUN)
+    assert [row["status"] for row in summary["rows"]] == ["done"], summary["rows"]
+    choice = json.loads((tmp_path / "out" / "db" / "result.json").read_text())["base_choice"]
+    Extractor(bases, tiny_zoo / "dreambooth", device="cpu", backend="torch", threads=1).extract(
+        "a photo of sks", 2, num_images=4, steps=2, out=tmp_path / "direct", progress=False
+    )
+    direct = json.loads((tmp_path / "direct" / "result.json").read_text())["base_choice"]
+    assert choice == direct and choice["chosen"] == str(bases / "parent"), (choice, direct)
+    assert choice["why"].startswith("nearest UNet weights, relative L2 distance")
+    report = (tmp_path / "out" / "db" / "report.html").read_text()
+    assert "<h2>Base chosen among the candidates</h2>" in report
+
+
 def test_manifest_json_rows_name_their_lines(tmp_path, tiny_zoo):
     rows = [
         {"id": "a", "base": str(tiny_zoo / "base"), "lora": str(tiny_zoo / "lora"), "caption": "c", "n0": 2},

@@ -212,3 +212,40 @@ def test_composition_images_are_a_deterministic_new_set():
     assert all(not np.array_equal(images[0], image) for image in images[1:])  # the compositions differ
     with pytest.raises(ValueError, match="count 0"):
         composition_images(1, count=0)
+
+
+def test_second_base_shares_every_part_but_the_unet(tmp_path, capsys):
+    """`zoo second-base` (a 2 + 2 step recipe here): the committed base's VAE, text encoder, tokenizer and
+    scheduler byte for byte, a UNet of the same config with other weights that loads in a pipeline, the
+    record of what was trained; a retrained and a cached rebuild give the same bytes (fp16 files compared exactly)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from finextract.cli import main
+    from finextract.zoo.second_base import SecondBaseRecipe, build_second_base, pretraining_subset
+    from finextract.zoo.trained import default_zoo_folder
+
+    parent = default_zoo_folder() / "base"
+    recipe = SecondBaseRecipe(images=2, crops_per_image=4, base_steps=2, base_batch=2, refine_steps=2)
+    out = build_second_base(tmp_path / "second", recipe, cache=tmp_path / "cache", progress=False)
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.json"):
+        assert (out / part).read_bytes() == (parent / part).read_bytes(), part
+    assert json.loads((out / "unet" / "config.json").read_text()) == json.loads(
+        (parent / "unet/config.json").read_text()
+    )
+    ours, theirs = (load_file(str(f / "unet" / "diffusion_pytorch_model.safetensors")) for f in (out, parent))
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+    assert sum(not torch.equal(ours[k], theirs[k]) for k in ours) > 0.9 * len(ours)  # another UNet, not a copy
+    record = json.loads((out / "second_base.json").read_text())
+    assert record["pretrain_images"] == [name for _, name, _ in pretraining_subset(recipe)]
+    assert set(record["timings"]) == {"base", "refined"} and not record["timings"]["refined"]["reused"]
+    StableDiffusionPipeline.from_pretrained(out, safety_checker=None)  # loads as a pipeline
+    unet = (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    # deterministic (retrained without the cache), and a rebuild with the cache reuses every stage
+    for folder, cache in ((tmp_path / "retrained", None), (tmp_path / "reused", tmp_path / "cache")):
+        build_second_base(folder, recipe, cache=cache, progress=False)
+        assert (folder / "unet/diffusion_pytorch_model.safetensors").read_bytes() == unet, folder
+        assert json.loads((folder / "second_base.json").read_text())["timings"]["refined"]["reused"] == bool(cache)
+    assert main(["zoo", "second-base", "--out", str(tmp_path / "x"), "--zoo", str(tmp_path)]) != 0
+    assert f"{tmp_path / 'base'}: no trained base (model_index.json)" in capsys.readouterr().err

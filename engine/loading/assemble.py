@@ -21,7 +21,7 @@ from .detect import FINETUNED_FORMATS, resolve_format
 from .files import read_config, resolve_path
 from .finetunes import finetuned_models, load_finetune
 from .folders import folder_family
-from .parents import choose_base, is_bases_folder
+from .parents import choice_sources, choose_base, is_bases_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def load_model_pair(
     family: Family = parts["family"]
     sources.update(finetuned=str(ft_path), finetuned_format=fmt, family=family.name)
     if ranking is not None:
-        sources["base_candidates"] = [candidate.to_dict() for candidate in ranking]
-        sources.update(base_folder=str(folder), base_reason=ranking[0].reason())
+        sources.update(choice_sources(folder, ranking))
     # 3. the fine-tune, by its format
     tune = load_finetune(ft_path, fmt, parts, sources, allow_pickle=allow_pickle, shared=isinstance(base, LoadedBase))
     check_finite(finetuned_models(tune, parts), f"fine-tune {ft_path}")

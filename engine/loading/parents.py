@@ -82,6 +82,11 @@ class BaseCandidate:
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> BaseCandidate:
+        """The candidate a `to_dict()` record describes (e.g. an audit manifest row's `base_ranking`)."""
+        return cls(**{**record, "path": Path(record["path"]), "notes": list(record.get("notes", []))})
+
     def reason(self) -> str:
         """Why this candidate ranks where it does, in words (said of the one `choose_base` chose)."""
         if self.match:
@@ -266,6 +271,17 @@ def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> Non
     candidate.distance = math.sqrt(difference / reference) if reference else math.inf
     if len(shared) < len(finetuned):
         candidate.notes.append(f"distance over {len(shared)} of the fine-tune's {len(finetuned)} UNet tensors")
+
+
+def choice_sources(folder: str | Path, ranking: list[BaseCandidate]) -> dict:
+    """A model pair's `sources` entries for a base chosen among the candidates of `folder` (its first
+    of `ranking`): "base_folder", "base_reason" (`BaseCandidate.reason`) and "base_candidates" (the
+    ranking as dicts, best first); `Extractor.extract` turns them into result.json's `base_choice`."""
+    return {
+        "base_folder": str(folder),
+        "base_reason": ranking[0].reason(),
+        "base_candidates": [candidate.to_dict() for candidate in ranking],
+    }
 
 
 def choose_base(finetuned: str | Path, folder: str | Path, *, adapter: bool | None = None):

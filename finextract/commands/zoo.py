@@ -1,5 +1,5 @@
 """`finextract zoo build --out DIR [--seed N] [--trained]`: write the tiny model zoo; `zoo path`: print
-the committed trained zoo's folder.
+the committed trained zoo's folder; `zoo second-base --out DIR`: a second trained base of its family.
 
 Random zoo: a few seconds. Trained zoo (`--trained`, `finextract.zoo.trained`): a base and, for
 the object-driven and the style-driven scenario, a DreamBooth and a LoCon LoRA fine-tune; the
@@ -47,6 +47,19 @@ def register(subparsers) -> None:
         help="--trained: the scenarios to fine-tune, comma-separated (default object,style)",
     )
     add_command(actions, "path", run_path, help="print the folder of the committed trained zoo")
+    second = add_command(
+        actions,
+        "second-base",
+        run_second_base,
+        help="train a second tiny base of the trained zoo's family: its VAE, tokenizer and text encoder, another "
+        "UNet (a wrong-but-loadable parent for the committed fine-tunes; about 25 min on 1 thread)",
+    )
+    second.add_argument("--out", required=True, help="pipeline folder to write (replaced if it exists)")
+    second.add_argument("--zoo", default=None, help="trained zoo lending the parts (default: the committed one)")
+    second.add_argument("--seed", type=int, default=1, help="seed of the UNet and of its image subset (default 1)")
+    second.add_argument(
+        "--cache", default=None, help="folder keeping each trained stage, reused when its recipe matches"
+    )
 
 
 def run_path(args) -> int:
@@ -58,6 +71,16 @@ def run_path(args) -> int:
             f"{folder} holds no trained zoo; build one with `finextract zoo build --trained --out DIR`"
         )
     print(folder)
+    return 0
+
+
+def run_second_base(args) -> int:
+    from finextract.engine.config import set_threads
+    from finextract.zoo.second_base import SecondBaseRecipe, build_second_base
+
+    set_threads()
+    out = build_second_base(args.out, SecondBaseRecipe(seed=args.seed), zoo=args.zoo, cache=args.cache)
+    print(out)
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from finextract import __version__
 from finextract.engine.config import IMAGE_SETTINGS, RunConfig
+from finextract.engine.loading.parents import BaseCandidate, choice_sources
 from finextract.extract import Extractor
 from finextract.sscd import load_embedder
 from finextract.store.chunks import finished_count
@@ -194,6 +195,9 @@ class RowRunner:
                 embedder=self._embedder(),
                 allow_pickle=self.settings.allow_pickle,
             )
+            if row.bases is not None:  # `base: auto` chose it when the manifest was read: result.json says so
+                ranking = [BaseCandidate.from_dict(candidate) for candidate in row.base_ranking]
+                extractor.pair.sources.update(choice_sources(row.bases, ranking))
             extractor.extract(
                 spec=row.spec,
                 out=folder,

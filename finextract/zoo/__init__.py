@@ -29,4 +29,5 @@ One module per job:
 | `writers` | LoRA files (diffusers, PEFT, kohya, cloneofsimo) and original-layout single files |
 | `build` | `build_zoo`: the random zoo (seconds) |
 | `scenarios`, `training`, `trained` | `build_trained_zoo`: the trained zoo committed in `finextract/zoo_weights/` |
+| `second_base` | `build_second_base`: a second trained base of that zoo's family (not committed) |
 """
