@@ -107,7 +107,7 @@ def replay(path: Path, train, steps: int) -> dict:
 
 def replay_selection(path: Path, train, scheduler: str, steps: int) -> dict:
     """--loco: AS / A-ESR0.6 of "size" and of every "modes" (neighbours, radius) at N = 10 x N0 (and
-    at 50 x N0 for DDIM 50), {N: {rule: scores}}."""
+    at 50 x N0 for DDIM 50), and "best_match" (a perfect pick), {N: {rule: scores}}."""
     descriptors = torch.from_numpy(np.load(path)["descriptors"])
     by_n = {}
     for n in (10 * N0, 50 * N0) if (scheduler, steps) == PAPER[:2] else (10 * N0,):
@@ -120,6 +120,16 @@ def replay_selection(path: Path, train, scheduler: str, steps: int) -> dict:
         extractor = cluster_descriptors(x, N0, selection="modes").representatives
         if row[f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"] != scores(train, x, extractor):
             raise RuntimeError(f"{path}: the replayed 'modes' differs from cluster_descriptors'; a bug")
+        # why a rule misses: each training image's best generated match, its similarity and where it
+        # ranks among the N by "modes" density (0 = densest), i.e. how many near-copies it came with
+        s = (x @ x.T).double().fill_diagonal_(-float("inf"))
+        rank = torch.argsort(torch.argsort(-s.topk(MODE_NEIGHBOURS, dim=1).values.mean(1), stable=True))
+        best = (torch.as_tensor(train).double() @ x.double().T).max(1)
+        row["best_match"] = {
+            "AS": round(float(best.values.mean()), 4),
+            "similarity": [round(v, 3) for v in best.values.tolist()],
+            "density_rank": rank[best.indices].tolist(),
+        }
         by_n[n] = row
     return by_n
 
