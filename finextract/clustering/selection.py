@@ -1,4 +1,5 @@
-"""Which N0 cliques of a threshold's peel an extraction returns: rules that never look at training images.
+"""Which N0 cliques of a threshold's peel (or, for "modes", which N0 images) an extraction returns: rules
+that never look at training images.
 
 - "size" (the paper's, FineXtract Sec. 4.3): the N0 largest cliques at the first threshold whose peel
   gives N0 (ties: the higher similarity sum first).
