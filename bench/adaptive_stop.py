@@ -15,6 +15,13 @@ SSCD descriptors, at the model's resolution).
 Per run: for each rule (round images, stable rounds, cap) where it stopped, its UNet evaluations and
 the AS / A-ESR0.6 at the stop; for each selection rule the AS at every N. The summary averages over
 seeds per (cell, scheduler:steps, rule).
+
+`--loco` replays only the selection, leave-one-cell-out: every run at the default's N = 10 x N0 (and
+DDIM 50 at the paper's 50 x N0) under "size" and the "modes" rule (`finextract.clustering.selection.modes`)
+for each (neighbours, radius) of a grid; for each of the four cells held out, the pair with the highest
+mean AS over the other three cells at the default setting (DPM-Solver++ 2M 25, N = 50) is scored on it.
+
+    FINEXTRACT_THREADS=1 python bench/adaptive_stop.py DIR --loco --out bench/results/selection_loco.json
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from finextract.adaptive import RoundTracker
 from finextract.clustering import cluster_descriptors
+from finextract.clustering.selection import MODE_NEIGHBOURS, MODE_RADIUS, modes
 from finextract.engine.loading import load_model_pair
 from finextract.evaluation import model_resolution, read_training_images
 from finextract.metrics import extraction_metrics
@@ -41,7 +49,12 @@ N0 = 5
 TERMS = 2  # FineXtract: the fine-tuned and the base UNet per step
 #: (round images, stable rounds, cap)
 RULES = [(25, 1, 250), (25, 2, 250), (50, 1, 250), (50, 2, 250), (25, 1, 125), (25, 2, 125), (25, 2, 100)]
-SELECTIONS = ("size", "density", "merged")
+SELECTIONS = ("size", "density", "merged", "modes")
+#: --loco: the "modes" grid, the setting whose AS chooses (the default preset's) and the paper's
+NEIGHBOURS = (1, 2, 3, 4, 5, 8)
+RADII = tuple(round(0.4 + 0.025 * i, 3) for i in range(11))
+CHOOSE_ON = ("dpmpp-2m", 25, 50)
+PAPER = ("ddim", 50, 250)
 
 
 def scores(train, descriptors, rows) -> dict:
@@ -92,10 +105,95 @@ def replay(path: Path, train, steps: int) -> dict:
     return record
 
 
+def replay_selection(path: Path, train, scheduler: str, steps: int) -> dict:
+    """--loco: AS / A-ESR0.6 of "size" and of every "modes" (neighbours, radius) at N = 10 x N0 (and
+    at 50 x N0 for DDIM 50), and "best_match" (a perfect pick), {N: {rule: scores}}."""
+    descriptors = torch.from_numpy(np.load(path)["descriptors"])
+    by_n = {}
+    for n in (10 * N0, 50 * N0) if (scheduler, steps) == PAPER[:2] else (10 * N0,):
+        x = descriptors[:n]
+        row = {"size": scores(train, x, cluster_descriptors(x, N0).representatives)}
+        for neighbours in NEIGHBOURS:
+            for radius in RADII:  # the rows as `cluster_descriptors` computes them (same rounding)
+                _, picks = modes(lambda lo, hi, x=x: (x[lo:hi] @ x.T).numpy(), n, N0, neighbours, radius)
+                row[f"modes {neighbours}/{radius}"] = scores(train, x, picks)
+        extractor = cluster_descriptors(x, N0, selection="modes").representatives
+        if row[f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"] != scores(train, x, extractor):
+            raise RuntimeError(f"{path}: the replayed 'modes' differs from cluster_descriptors'; a bug")
+        # why a rule misses: each training image's best generated match, its similarity and where it
+        # ranks among the N by "modes" density (0 = densest), i.e. how many near-copies it came with
+        s = (x @ x.T).double().fill_diagonal_(-float("inf"))
+        rank = torch.argsort(torch.argsort(-s.topk(MODE_NEIGHBOURS, dim=1).values.mean(1), stable=True))
+        best = (torch.as_tensor(train).double() @ x.double().T).max(1)
+        row["best_match"] = {
+            "AS": round(float(best.values.mean()), 4),
+            "similarity": [round(v, 3) for v in best.values.tolist()],
+            "density_rank": rank[best.indices].tolist(),
+        }
+        by_n[n] = row
+    return by_n
+
+
+def leave_one_cell_out(runs: list[dict]) -> dict:
+    """For each cell held out: the "modes" pair chosen on the other cells, and the held-out scores."""
+
+    def mean(cell, setting, rule, metric="AS"):
+        values = [r["by_N"][setting[2]][rule][metric] for r in runs if r["cell"] == cell and r["setting"] == setting]
+        return round(statistics.fmean(values), 4) if values else None
+
+    def per_seed(cell, setting, rule):
+        return [
+            r["by_N"][setting[2]][rule]["AS"]
+            for r in sorted(runs, key=lambda r: r["seed"])
+            if r["cell"] == cell and r["setting"] == setting
+        ]
+
+    cells = sorted({r["cell"] for r in runs})
+    grid = [f"modes {k}/{r}" for k in NEIGHBOURS for r in RADII]
+    fixed = f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"
+    folds = {}
+    for held in cells:
+        others = [c for c in cells if c != held]
+        chosen = max(grid, key=lambda rule: statistics.fmean(mean(c, CHOOSE_ON, rule) for c in others))
+        folds[held] = {
+            "chosen_on_other_cells": chosen,
+            "held_out": {
+                rule: {
+                    "AS": mean(held, CHOOSE_ON, rule),
+                    "A-ESR0.6": mean(held, CHOOSE_ON, rule, "A-ESR0.6"),
+                    "seeds": per_seed(held, CHOOSE_ON, rule),
+                }
+                for rule in ("size", chosen)
+            },
+            "paper_setting": {rule: mean(held, PAPER, rule) for rule in ("size", chosen)},
+        }
+    constants = {
+        cell: {
+            f"default setting {rule}": {
+                "AS": mean(cell, CHOOSE_ON, rule),
+                "A-ESR0.6": mean(cell, CHOOSE_ON, rule, "A-ESR0.6"),
+                "seeds": per_seed(cell, CHOOSE_ON, rule),
+            }
+            for rule in ("size", fixed)
+        }
+        | {
+            f"paper setting {rule}": {
+                "AS": mean(cell, PAPER, rule),
+                "A-ESR0.6": mean(cell, PAPER, rule, "A-ESR0.6"),
+                "seeds": per_seed(cell, PAPER, rule),
+            }
+            for rule in ("size", fixed)
+        }
+        for cell in cells
+    }
+    return {"folds": folds, f"constants {fixed}": constants}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("descriptors", type=Path, help="the --descriptors folder of bench_time_to_evidence.py")
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
+    parser.add_argument("--loco", action="store_true", help="only the selection rules, leave-one-cell-out")
     args = parser.parse_args()
     zoo = default_zoo_folder()
     embedder = load_embedder("default", threads=1)
@@ -111,9 +209,26 @@ def main() -> None:
             images, _, _ = read_training_images(scenario_folder(zoo, scenario) / "train", resolution)
             train[scenario] = embed_images(embedder, images, "training")
         run = {"cell": f"{scenario}:{kind}", "seed": int(seed), "scheduler": scheduler, "steps": steps}
+        if args.loco:
+            run["setting"] = (scheduler, steps, 50 * N0 if (scheduler, steps) == PAPER[:2] else 10 * N0)
+            run["by_N"] = replay_selection(path, train[scenario], scheduler, steps)
+            runs.append(run)
+            print(path.stem, {n: row["size"]["AS"] for n, row in run["by_N"].items()}, flush=True)
+            continue
         run.update(replay(path, train[scenario], steps))
         runs.append(run)
         print(path.stem, json.dumps([(s["rule"], s["stopped_at"], s["AS"]) for s in run["stops"]]))
+    if args.loco:
+        out = {
+            "what": "selection rules replayed leave-one-cell-out on the time-to-evidence descriptors (N0 = 5): "
+            f"'modes neighbours/radius' chosen by mean AS over three cells at {CHOOSE_ON}, scored on the fourth",
+            "seconds": round(time.perf_counter() - started, 1),
+            **leave_one_cell_out(runs),
+            "runs": [{**r, "setting": list(r["setting"])} for r in runs],
+        }
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out["folds"], indent=1))
+        return
     summary = {}
     for run in runs:
         for stop in run["stops"]:

@@ -449,12 +449,18 @@ def write_report(
 
     body.append("<h2>Clustering</h2>")
     clustering = result.get("clustering") or {}
+    modes = ((result.get("config") or {}).get("clustering") or {}).get("selection") == "modes"
     lines = [
         f"threshold {result.get('threshold')}: the first at which peeling maximum cliques off the graph "
         f"(pairs with similarity \u2265 threshold) gave N0 = {result.get('n0')} cliques",
         f"clique sizes: {[len(c) for c in cliques]}",
     ]
-    if clustering.get("num_cliques"):
+    if modes:  # no sweep (`finextract.clustering.selection.modes`)
+        lines[0] = (
+            f"selection modes: the N0 = {result.get('n0')} images with the most similar neighbours, none at "
+            f'similarity \u2265 {result.get("threshold")} to another; each "clique" is a pick and its near-copies'
+        )
+    elif clustering.get("num_cliques"):
         lines.append(f"{clustering['num_cliques']} cliques peeled at the threshold; the N0 largest are extracted")
     if result.get("num_degenerate"):
         lines.append(

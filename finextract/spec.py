@@ -126,7 +126,7 @@ class ExtractionSpec:
             (resolved: 10 x N0 when adaptive, None otherwise). stable_rounds: consecutive stable rounds
             that stop it.
         selection: which N0 cliques are extracted (`finextract.clustering.selection`): "size" (the paper's),
-            "density" or "merged". on_budget: a threshold whose peel runs out of work budget is
+            "density", "merged" or "modes". on_budget: a threshold whose peel runs out of work budget is
             "skip"ped (the paper's) or its approximate peel is "keep"t (`finextract.clustering.fallback`).
         num_images_given: N was given (--num-images); False when it is `default_num_images`', which
             `with_n0` rescales once an "auto" N0 is read from the trainer metadata.

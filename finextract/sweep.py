@@ -46,6 +46,8 @@ PARAM_NAMES = {
 PARAM_SYMBOLS = {"w": "w", "k": "k", "num_images": "N", "n0": "N0"}
 METHOD_NAMES = {"finextract": "FineXtract", "finextract-uncond": "FineXtract (Eq. 6)", "cfg": "CFG", "direct": "Direct"}
 SWEEP_FORMAT = "finextract-sweep/1"
+#: `run_sweep`'s spec_options: the `ExtractionSpec` settings a sweep holds fixed besides N0, N, w, k
+SPEC_OPTIONS = ("adaptive", "round_images", "stable_rounds", "selection", "on_budget")
 
 
 def point_folder(out: str | Path, method: str, param: str, value) -> Path:
@@ -113,6 +115,9 @@ def _finished(folder: Path, expected: dict, overwrite: bool = False) -> dict | N
         "models": {key: config.get("models", {}).get(key) for key in ("base", "finetuned", "lora")},
         "train_transform": (record.get("metrics") or {}).get("train_transform"),
         "train_files": sorted({m["train_file"] for m in (record.get("metrics") or {}).get("best_match", [])}),
+        "selection": config.get("clustering", {}).get("selection", "size"),
+        "on_budget": config.get("clustering", {}).get("on_budget", "skip"),
+        "adaptive": bool(record.get("adaptive")),
     }
     differences = [f"{key}: {found[key]!r} -> {value!r}" for key, value in expected.items() if found.get(key) != value]
     if differences and overwrite:
@@ -141,6 +146,7 @@ def run_sweep(
     train_as_is: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    spec_options: dict | None = None,
     **run_options,
 ) -> dict:
     """Run (or resume) a sweep of one setting and write sweep.json, sweep.png and report.html into `out`.
@@ -159,6 +165,8 @@ def run_sweep(
         train_as_is: score against the training images without the centre crop and resize.
         progress: show progress bars.
         overwrite: replace a point folder holding a run with other settings instead of refusing it.
+        spec_options: `ExtractionSpec.resolve` keywords held fixed at every point, of `SPEC_OPTIONS`
+            (adaptive, round_images, stable_rounds, selection, on_budget); None: the defaults.
         **run_options: per-extraction run settings (steps=, seed=, batch_size=, backend=, ...).
 
     Returns:
@@ -173,6 +181,13 @@ def run_sweep(
         FileNotFoundError: `train` is not a folder.
     """
     param, values, methods = check_sweep(param, values, methods)
+    spec_options = dict(spec_options or {})
+    if set(spec_options) - set(SPEC_OPTIONS):
+        raise ValueError(
+            f"spec_options {sorted(set(spec_options) - set(SPEC_OPTIONS))}: expected some of {SPEC_OPTIONS}"
+        )
+    if spec_options.get("adaptive") and param == "num_images":
+        raise ValueError("--adaptive decides N itself: sweep w, k or n0 with it, or drop --adaptive to sweep N")
     out = prepare(out, "sweep").path
     if train is None:
         raise ValueError("a sweep scores AS / A-ESR: give the training images (--train)")
@@ -191,6 +206,7 @@ def run_sweep(
                 method=method,
                 train=train,
                 train_as_is=train_as_is,
+                **spec_options,
             ),
         )
         for method in methods
@@ -208,6 +224,7 @@ def run_sweep(
             "num_images": num_images,
             "w": w,
             "k": k,
+            **spec_options,
             "models": extractor.models,
             "train_transform": train_transform(resolution),
             "steps": config.steps,
@@ -237,6 +254,9 @@ def run_sweep(
             "models": {key: extractor.models[key] for key in ("base", "finetuned", "lora")},
             "train_transform": train_transform(resolution),
             "train_files": train_files,
+            "selection": spec.selection,
+            "on_budget": spec.on_budget,
+            "adaptive": spec.adaptive,
         }
         record = _finished(folder, expected, overwrite)
         reused = record is not None

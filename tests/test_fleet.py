@@ -192,6 +192,22 @@ def test_manifest_json_rows_name_their_lines(tmp_path, tiny_zoo):
     assert isinstance(d, RowError) and "a row must be a JSON object, not list" in d.error
 
 
+def test_manifest_selection_column(tmp_path, tiny_zoo):
+    base, lora = tiny_zoo / "base", tiny_zoo / "lora"
+    lines = [
+        "id,base,lora,caption,n0,selection",
+        f"a,{base},{lora},c,2,modes",
+        f"b,{base},{lora},c,2,",
+        f"c,{base},{lora},c,2,big",
+    ]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    a, b, c = read_manifest(tmp_path / "m.csv")
+    assert a.selection == "modes" and a.spec.selection == "modes" and a.fields()["selection"] == "modes"
+    # empty: the paper's "size", and left out of the fields, as in audits made before the column (they resume)
+    assert b.selection == "size" and b.spec.selection == "size" and "selection" not in b.fields()
+    assert isinstance(c, RowError) and "--selection 'big': expected one of size" in c.error
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [

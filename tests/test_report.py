@@ -75,6 +75,17 @@ def test_image_tags_scale_small_images_up_with_nearest_neighbour(tmp_path):
     assert "run.steps" in html and "run.seed" not in html and "10 .. 29" in html and "me" not in html
 
 
+def test_report_says_how_modes_picked_instead_of_the_sweep(tmp_path):
+    from finextract.report import write_report
+
+    result = {"cliques": [[0, 2], [1]], "threshold": 0.5, "n0": 2, "config": {"clustering": {"selection": "modes"}}}
+    html = write_report(tmp_path, result, []).read_text()
+    assert "selection modes" in html and "similarity \u2265 0.5" in html and "peeling maximum cliques" not in html
+    result["config"]["clustering"]["selection"] = "size"
+    html = write_report(tmp_path, result, []).read_text()
+    assert "selection modes" not in html and "peeling maximum cliques" in html
+
+
 def _originals():
     """Three non-square, larger-than-the-model photographs as users have them (H x W: 300x451, 400x600, 512x512)."""
     return [data.chelsea(), data.coffee(), data.astronaut()]

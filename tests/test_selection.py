@@ -7,10 +7,11 @@ import itertools
 import networkx as nx
 import numpy as np
 import pytest
+import torch
 
-from finextract.clustering import cluster_similarity
+from finextract.clustering import cluster_descriptors, cluster_similarity
 from finextract.clustering.levels import from_matrix
-from finextract.clustering.selection import density_score, select
+from finextract.clustering.selection import MODE_NEIGHBOURS, MODE_RADIUS, density_score, modes, select
 from finextract.clustering.sweep import _Keys
 
 EDGE, NON_EDGE = 0.605, 0.595  # an edge of G_0.60 and not of G_0.61; below 0.60: no edge
@@ -111,3 +112,53 @@ def test_unknown_rules_are_refused():
         cluster_similarity(s, 1, selection="largest")
     with pytest.raises(ValueError, match="--on-budget 'drop'"):
         cluster_similarity(s, 1, on_budget="drop")
+
+
+def test_modes_picks_one_image_per_group_of_near_copies():
+    # A (0-7) at 0.95, B (8-11) at 0.9, C (12-14) at 0.85, the rest at 0.1: "size" and "modes" agree on
+    # the groups here; "modes" takes the densest image of each (ties: the smallest index) and no second
+    # image of a group (every pair inside one is above MODE_RADIUS = 0.5).
+    s = blocks([(8, 0.95), (4, 0.9), (3, 0.85)], background=0.1, total=20)
+    result = cluster_similarity(s, 3, selection="modes")
+    assert result.representatives == [0, 8, 12] and result.selection == "modes"
+    assert result.cliques == [list(range(8)), [8, 9, 10, 11], [12, 13, 14]]
+    assert result.threshold == MODE_RADIUS
+    # N0 beyond the groups: the background images (density 0.1, all below the radius) fill up in order
+    assert cluster_similarity(s, 5, selection="modes").representatives == [0, 8, 12, 15, 16]
+
+
+def test_modes_against_networkx():
+    # Independent reference: density from the whole matrix (np.sort, float64), the graph G_radius in
+    # networkx, and the greedy pass written over it. With N0 large the pass runs out of candidates:
+    # its picks are then a maximal independent set of G_radius, checked with networkx's own functions.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 64))
+    x = np.repeat(centres, 12, axis=0) + rng.normal(scale=1.2, size=(72, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    off = ~np.eye(len(s), dtype=bool)
+    # float32 rows may round differently from these float64 ones by ~1e-7: keep every entry clear of
+    # the radius, and every density gap clear of rounding, so that the order and the graph are exact
+    assert np.abs(s[off] - MODE_RADIUS).min() > 1e-5
+    density = np.sort(np.where(off, s, -np.inf), axis=1)[:, ::-1][:, :MODE_NEIGHBOURS].mean(1)
+    assert np.diff(np.sort(density)).min() > 1e-6
+    graph = nx.from_numpy_array((s >= MODE_RADIUS) & off)
+    independent = []
+    for i in np.argsort(-density):
+        if not any(graph.has_edge(int(i), j) for j in independent):
+            independent.append(int(i))
+    assert graph.subgraph(independent).number_of_edges() == 0 and nx.is_dominating_set(graph, independent)
+    assert 5 <= len(independent) < 40
+    for n0 in (5, len(independent), 40):
+        rest = [int(i) for i in np.argsort(-density) if i not in independent]
+        want = independent[:n0] + rest[: max(0, n0 - len(independent))]
+        from_descriptors = cluster_descriptors(torch.from_numpy(x), n0, selection="modes")
+        assert from_descriptors.representatives == want
+        assert cluster_similarity(s.astype(np.float32), n0, selection="modes").representatives == want
+        # blocks of 7 rows give the same answer as one block
+        assert modes(lambda lo, hi: s[lo:hi], len(s), n0, block=7)[1] == want
+        # every image within the radius of a pick is in some pick's group, and in its most similar pick's
+        for group, pick in zip(from_descriptors.cliques, want):
+            for j in group:
+                assert s[j, pick] >= MODE_RADIUS or j == pick
+                assert s[j, pick] == max(s[j, p] for p in want)

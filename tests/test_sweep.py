@@ -68,6 +68,21 @@ def test_sweep_resumes_without_redoing_a_value_and_plots(extractor, tmp_path, mo
     # a point folder holding another run is named, not overwritten
     with pytest.raises(ValueError, match="holds another run"):
         run_sweep(extractor, "another caption", values=[1], **options, **run)
+    # ... nor one extracted with another selection rule
+    with pytest.raises(ValueError, match="selection: 'size' -> 'modes'"):
+        run_sweep(extractor, "a photo of sks", values=[1], **options, **run, spec_options={"selection": "modes"})
+    # the selection reaches every point: "modes" records its radius as the threshold
+    modes = run_sweep(
+        extractor,
+        "a photo of sks",
+        values=[1],
+        **{**options, "out": tmp_path / "modes"},
+        **run,
+        spec_options={"selection": "modes"},
+    )
+    result = json.loads((tmp_path / "modes" / modes["points"][0]["folder"] / "result.json").read_text())
+    assert result["config"]["clustering"]["selection"] == "modes" and modes["points"][0]["threshold"] == 0.5
+    assert modes["settings"]["selection"] == "modes"
 
 
 def test_sweep_checks_its_settings_before_any_model_loads(tmp_path, capsys):
@@ -78,6 +93,12 @@ def test_sweep_checks_its_settings_before_any_model_loads(tmp_path, capsys):
         check_sweep("k", [0.0], ["finextract", "cfg"])
     with pytest.raises(ValueError, match="integers >= 1"):
         check_sweep("n0", [1.5], ["finextract"])
+    from finextract.sweep import run_sweep
+
+    with pytest.raises(ValueError, match="--adaptive decides N"):  # before the extractor is touched
+        run_sweep(
+            None, "c", param="N", values=[4], out=tmp_path / "a", train=None, n0=1, spec_options={"adaptive": True}
+        )
     args = ["sweep", "--base", "no-such-base", "--finetuned", "x", "--caption", "c", "--train", str(tmp_path)]
     assert main([*args, "--n0", "1", "--param", "w", "--values", "1,1", "--out", str(tmp_path / "o")]) == 1
     assert "each value once" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Which N0 cliques of a threshold's peel an extraction returns: rules that never look at training images.
+"""Which N0 cliques of a threshold's peel (or, for "modes", which N0 images) an extraction returns: rules
+that never look at training images.
 
 - "size" (the paper's, FineXtract Sec. 4.3): the N0 largest cliques at the first threshold whose peel
   gives N0 (ties: the higher similarity sum first).
@@ -9,6 +10,11 @@
   merged (transitively) into one group before ranking groups by their total size; a group's
   representative is its largest clique's. When fewer than N0 groups remain, the sweep goes on to the
   next threshold. The answer's `cliques` are then the groups (unions of cliques, not cliques).
+- "modes": no threshold sweep. Each image's density is its mean similarity to its `MODE_NEIGHBOURS`
+  most similar other images (a training image the model reproduces comes back as near-copies); images
+  are taken greedily by density, skipping any at similarity >= `MODE_RADIUS` to one already taken (so
+  the N0 picks are N0 different images, not near-copies of one: AS scores how many training images are
+  covered). Measured, with the two constants chosen leave-one-cell-out, in docs/results.md#time-to-evidence.
 
 A clique is given as its canonical key (-size, -W, members) (`sweep._Keys`).
 """
@@ -18,7 +24,11 @@ from __future__ import annotations
 import numpy as np
 
 #: The selection rules; "size" is the paper's (and the default).
-SELECTIONS = ("size", "density", "merged")
+SELECTIONS = ("size", "density", "merged", "modes")
+#: "modes": an image's density is its mean similarity to this many most similar other images ...
+MODE_NEIGHBOURS = 2
+#: ... and an image at similarity >= this to a pick is its near-copy, never picked too.
+MODE_RADIUS = 0.5
 #: What the sweep does at a threshold whose peel ran out of work budget (`cluster_similarity`'s
 #: `on_budget`): "skip" it (the paper's) or "keep" its approximate peel (`fallback`).
 ON_BUDGET = ("skip", "keep")
@@ -74,3 +84,42 @@ def select(rule: str, peeled: list[tuple], n0: int, threshold: float, keys) -> t
         return None
     ranked = sorted(members, key=lambda r: (-len(members[r]), r))[:n0]
     return [sorted(members[r]) for r in ranked], [reps[r] for r in ranked]
+
+
+def modes(rows, n: int, n0: int, neighbours: int = MODE_NEIGHBOURS, radius: float = MODE_RADIUS, block: int = 1024):
+    """The "modes" rule: N0 images picked greedily by density, none within `radius` of an earlier pick.
+
+    Args:
+        rows: rows(lo, hi) -> (hi - lo, n) float ndarray, the similarities of images lo..hi-1 to every
+            image (their own entry is ignored); read in blocks of `block` rows, so S is never whole.
+        n: N, the images (>= 2). n0: N0, 1 <= n0 <= N. neighbours: images in the density mean (capped
+            at N - 1). radius: the suppression similarity.
+
+    Returns:
+        (groups, picks): picks, N0 indices in pick order (highest density first; ties: the smaller
+        index); when fewer than N0 images lie outside every pick's radius, the densest of the rest
+        fill up. groups[i]: sorted indices, pick i and the images at similarity >= radius whose most
+        similar pick it is (its near-copies).
+    """
+    k = min(neighbours, n - 1)
+    density = np.empty(n, np.float64)
+    for lo in range(0, n, block):
+        part = np.array(rows(lo, min(lo + block, n)), dtype=np.float64)
+        part[np.arange(len(part)), np.arange(lo, lo + len(part))] = -np.inf  # not its own neighbour
+        density[lo : lo + len(part)] = -np.partition(-part, k - 1, axis=1)[:, :k].mean(1)
+    order = np.argsort(-density, kind="stable")
+    nearest = np.full(n, -np.inf)  # each image's highest similarity to a pick so far
+    picks: list[int] = []
+    for i in order:
+        if nearest[i] < radius:
+            picks.append(int(i))
+            nearest = np.maximum(nearest, np.asarray(rows(int(i), int(i) + 1), dtype=np.float64)[0])
+            if len(picks) == n0:
+                break
+    picks += [int(i) for i in order if int(i) not in picks][: n0 - len(picks)]
+    to_picks = np.stack([np.asarray(rows(p, p + 1), dtype=np.float64)[0] for p in picks])
+    owner = to_picks.argmax(0)
+    owner[picks] = np.arange(len(picks))
+    near = to_picks.max(0) >= radius
+    groups = [sorted({p, *np.nonzero((owner == g) & near)[0].tolist()}) for g, p in enumerate(picks)]
+    return groups, picks

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from finextract.similarity import unit_descriptors
 
-from .selection import ON_BUDGET, SELECTIONS, select
+from .selection import ON_BUDGET, SELECTIONS, modes, select
 
 logger = logging.getLogger("finextract.clustering")
 
@@ -336,7 +336,8 @@ def cluster_similarity(
             approximate peel had no one-image clique when the answer has only such cliques) or "keep" (its
             approximate peel counts like an exact one; `.approximate` records it).
         selection: which N0 cliques of the threshold's peel are returned (`selection.SELECTIONS`):
-            "size" (the paper's), "density" or "merged".
+            "size" (the paper's), "density" or "merged"; or "modes", which runs no sweep
+            (`selection.modes`: `.threshold` is its radius, `.cliques` the picks and their near-copies).
 
     Returns:
         ClusteringResult (threshold, N0 cliques largest first, representatives, skipped thresholds).
@@ -355,7 +356,10 @@ def cluster_similarity(
         return _single(start, budget)
     from .levels import from_matrix
 
-    similarity = similarity if hasattr(similarity, "detach") else np.asarray(similarity)
+    similarity = similarity.detach() if hasattr(similarity, "detach") else np.asarray(similarity)
+    if selection == "modes":
+        tensor = hasattr(similarity, "detach")
+        return _modes(lambda lo, hi: similarity[lo:hi].cpu().numpy() if tensor else similarity[lo:hi], n, n0, start)
     return _sweep(from_matrix(similarity, step), n0, step, budget, time_limit, progress, start, on_budget, selection)
 
 
@@ -395,6 +399,8 @@ def cluster_descriptors(
     _check(len(x), n0, step, budget, time_limit, on_budget, selection)
     if len(x) == 1:
         return _single(start, budget)
+    if selection == "modes":
+        return _modes(lambda lo, hi: (x[lo:hi] @ x.T).cpu().numpy(), len(x), n0, start)
     from .levels import from_descriptors
 
     return _sweep(from_descriptors(x, step), n0, step, budget, time_limit, progress, start, on_budget, selection)
@@ -414,6 +420,14 @@ def _check(n: int, n0: int, step: float, budget: int | None, time_limit: float, 
 def _single(start: float, budget: int | None) -> ClusteringResult:
     budget = default_budget(1) if budget is None else budget
     return ClusteringResult(0.0, [[0]], [0], [], time.perf_counter() - start, 1, 0, 0, 0.0, budget)
+
+
+def _modes(rows, n: int, n0: int, start: float) -> ClusteringResult:
+    """The "modes" rule's answer (no sweep): `.threshold` is its radius, `.cliques` the picks' groups."""
+    from .selection import MODE_RADIUS
+
+    groups, picks = modes(rows, n, n0)
+    return ClusteringResult(MODE_RADIUS, groups, picks, [], time.perf_counter() - start, n0, selection="modes")
 
 
 def _sweep(levels, n0, step, budget, time_limit, progress, start, on_budget="skip", selection="size"):

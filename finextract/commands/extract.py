@@ -73,7 +73,8 @@ def add_selection_options(p) -> None:
         choices=SELECTIONS,
         default="size",
         help="which N0 cliques are extracted: size (the paper's: the largest), density (size x mean similarity), "
-        "merged (cliques with similar representatives merged first)",
+        "merged (cliques with similar representatives merged first), modes (no cliques: the N0 images with the "
+        "most similar neighbours, none a near-copy of another)",
     )
     p.add_argument(
         "--on-budget",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .extract import add_selection_options
 from .options import (
     add_command,
     add_model_options,
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
     p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
     add_step_options(p, note=", at every point")
+    add_selection_options(p)
     add_runtime_options(p)
     add_sscd_options(p)
     p.add_argument("--out", required=True, help="sweep folder (one extract folder per point, sweep.json/.png)")
@@ -77,7 +79,7 @@ def run(args) -> int:
 
     from finextract.metrics import format_scores
     from finextract.store.folders import prepare
-    from finextract.sweep import check_sweep, run_sweep
+    from finextract.sweep import SPEC_OPTIONS, check_sweep, run_sweep
 
     from .options import read_image_folder, run_config_from
 
@@ -103,6 +105,7 @@ def run(args) -> int:
         w=args.w,
         k=args.k,
         overwrite=args.overwrite,
+        spec_options={name: getattr(args, name) for name in SPEC_OPTIONS},
     )
     out = Path(args.out)
     for point in summary["points"]:

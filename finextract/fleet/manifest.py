@@ -38,6 +38,7 @@ FIELDS = (
     "num_images",
     "steps",
     "seed",
+    "selection",
 )
 #: Columns every row needs (and one of finetuned / lora). An empty caption means FineXtract Eq. 6.
 REQUIRED = ("id", "base", "caption", "n0")
@@ -69,6 +70,8 @@ class Row:
         n0: N0 >= 1. train: folder of the real training images (adds AS / A-ESR), or None.
         method: the guidance rule (`finextract.rules.METHODS`). w, k: guidance scale and correction,
             None = the paper's defaults. num_images: N (None = 50 x N0). steps, seed: None = the audit's.
+        selection: which N0 images are extracted (`finextract.clustering.selection.SELECTIONS`; "size",
+            the paper's, when the column is empty or absent).
         bases: the folder of candidate bases `base: auto` chose from, or None.
         base_ranking: with `bases`, the candidates ranked (`BaseCandidate.to_dict()`, best first): why
             that base.
@@ -88,6 +91,7 @@ class Row:
     num_images: int | None = None
     steps: int | None = None
     seed: int | None = None
+    selection: str = "size"
     bases: str | None = None
     base_ranking: tuple = field(default=(), compare=False, hash=False)
 
@@ -105,6 +109,8 @@ class Row:
         chose its base (left out without: the fields of audits made before `base: auto`)."""
         record = asdict(self)
         record.pop("line")
+        if self.selection == "size":  # left out: the fields of audits made before the column, which resume
+            del record["selection"]
         if self.bases is None:
             del record["bases"], record["base_ranking"]
         else:
@@ -269,6 +275,7 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
                 w=numbers.get("w"),
                 k=numbers.get("k"),
                 train=paths.get("train"),
+                selection=given.get("selection") or "size",
             )
         except ValueError as error:
             problems.append(str(error))
@@ -296,6 +303,7 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
         num_images=numbers.get("num_images"),
         steps=numbers.get("steps"),
         seed=numbers.get("seed"),
+        selection=spec.selection,
     )
 
 
