@@ -401,18 +401,27 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
 
 
 _LORA_ARCHITECTURES = (  # kohya / modelspec metadata values -> family
+    (re.compile(r"flux", re.I), FLUX),
     (re.compile(r"xl", re.I), SDXL),
     (re.compile(r"(^|[^a-z])v2|sd_?2|stable-diffusion-v2", re.I), SD2),
     (re.compile(r"(^|[^a-z])v1|sd_?1|stable-diffusion-v1", re.I), SD1),
 )
 
 
+# FLUX.1's blocks in an adapter key: BFL's names (kohya's underscored, XLabs', ComfyUI's dotted) or diffusers'
+_FLUX_ADAPTER_KEY = re.compile(
+    r"(^lora_unet_|^lora_transformer_|^|\.)(double_blocks|single_blocks|single_transformer_blocks)[._]\d"
+)
+
+
 def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> Evidence:
     """The family of an adapter file from its metadata, component prefixes and LoRA shapes.
 
-    In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; keys
-    for a second text encoder (`lora_te2_`, `text_encoder_2.`) mean SDXL. The cross-attention width
-    is the input width of a cross-attention `to_k` LoRA down projection (`lora_down` / `lora_A`).
+    In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; FLUX.1's
+    module names (BFL's `double_blocks` / `single_blocks`, as kohya, XLabs and ComfyUI write them, or
+    diffusers' `single_transformer_blocks`) mean FLUX.1; keys for a second text encoder (`lora_te2_`,
+    `text_encoder_2.`) mean SDXL. The cross-attention width is the input width of a cross-attention
+    `to_k` LoRA down projection (`lora_down` / `lora_A`).
     """
     metadata = metadata or {}
     width = _attn2_width(shapes, r"attn2[._](processor[._])?to_k.*(lora_down|lora_A|lora\.down)")
@@ -421,6 +430,9 @@ def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> 
         for pattern, family in _LORA_ARCHITECTURES:
             if value and pattern.search(value):
                 return Evidence(family, width, f"its metadata {field}={value!r}")
+    flux = next((key for key in sorted(shapes) if _FLUX_ADAPTER_KEY.search(key)), None)
+    if flux is not None:
+        return Evidence(FLUX, None, f"FLUX.1 module names ({flux!r})")
     if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes):
         return Evidence(SDXL, width, "keys for a second text encoder (lora_te2_ / text_encoder_2.)")
     family = _BY_RELEASED_DIM.get(width) if width is not None else None
