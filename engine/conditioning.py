@@ -23,14 +23,16 @@ import logging
 
 import torch
 
+from .denoisers import latent_shape
 from .families import get_family
 
 logger = logging.getLogger(__name__)
 
 
 def conditioning_keys(family) -> tuple[str, ...]:
-    """The UNet inputs one term's conditioning holds, in order, for `family` (a name or `Family`):
-    ("encoder_hidden_states",), or for SDXL ("encoder_hidden_states", "text_embeds", "time_ids")."""
+    """The denoiser inputs one term's conditioning holds, in order, for `family` (a name or `Family`):
+    ("encoder_hidden_states",), for SDXL ("encoder_hidden_states", "text_embeds", "time_ids"), for the
+    flow families ("encoder_hidden_states", "pooled_projections")."""
     return get_family(family).conditioning_keys
 
 
@@ -62,10 +64,9 @@ def _encode_single(encoder, tokenizer, text: str) -> dict[str, torch.Tensor]:
 
 
 def image_size(pair) -> tuple[int, int]:
-    """(H, W) in pixels of the pair's images: the UNet's sample size times the VAE's scale factor
-    (`2 ** (len(vae.config.block_out_channels) - 1)`), the default size of diffusers' pipelines."""
-    size = pair.base_unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    """(H, W) in pixels of the pair's images: the latent size (`denoisers.latent_shape`) times the VAE's scale
+    factor (`2 ** (len(vae.config.block_out_channels) - 1)`), the default size of diffusers' pipelines."""
+    _, h, w = latent_shape(pair)
     factor = 2 ** (len(pair.vae.config.block_out_channels) - 1)
     return int(h) * factor, int(w) * factor
 
@@ -110,6 +111,31 @@ def _encode_sdxl(pair, model: str, text: str, empty: bool) -> dict[str, torch.Te
     return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": sdxl_time_ids(pair)}
 
 
+def _encode_sd3(pair, model: str, text: str, empty: bool) -> dict[str, torch.Tensor]:
+    (clip_l, tokenizer_l), (clip_g, tokenizer_g), (t5, tokenizer_t5) = pair.text_encoders_for(model)
+    states, pooled = [], []
+    for index, (encoder, tokenizer) in enumerate(((clip_l, tokenizer_l), (clip_g, tokenizer_g))):
+        tokens = _tokens(tokenizer, text, warn=index == 0)
+        output = encoder(tokens.input_ids.to(_device(encoder)), output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled.append(output[0])  # CLIPTextModelWithProjection: text_embeds
+    length = pair.family.max_sequence_length
+    if t5 is None:
+        width = pair.base_unet.config.joint_attention_dim
+        t5_states = torch.zeros((1, length, width), dtype=states[0].dtype, device=states[0].device)
+    else:
+        ids = tokenizer_t5(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        t5_states = t5(ids.input_ids.to(_device(t5)))[0].to(states[0].device)
+    clip = torch.cat(states, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+    hidden = torch.cat([clip, t5_states.to(clip.dtype)], dim=-2)
+    return {"encoder_hidden_states": hidden, "pooled_projections": torch.cat(pooled, dim=-1)}
+
+
+#: family name -> `(pair, model, text, empty) -> conditioning dict`; other families: `_encode_single`.
+ENCODERS = {"sdxl": _encode_sdxl, "sd3": _encode_sd3}
+
+
 def encode_text(pair, model: str, text: str, *, empty: bool = False) -> dict[str, torch.Tensor]:
     """One side's conditioning for one text, as the family's pipeline encodes it.
 
@@ -122,10 +148,11 @@ def encode_text(pair, model: str, text: str, *, empty: bool = False) -> dict[str
     Returns:
         key -> (1, ...) tensor, keys of `conditioning_keys(pair.family)`, on the encoder's device in
         its dtype: `encoder_hidden_states` (1, L, D) with L the tokenizer's maximum length and D the
-        UNet's cross_attention_dim; SDXL also `text_embeds` (1, P) and `time_ids` (1, 6).
+        UNet's cross_attention_dim; SDXL also `text_embeds` (1, P) and `time_ids` (1, 6); SD3
+        `encoder_hidden_states` (1, 77 + 256, joint_attention_dim) and `pooled_projections` (1, P).
     """
-    if pair.family.name == "sdxl":
-        return _encode_sdxl(pair, model, text, empty)
+    if pair.family.name in ENCODERS:
+        return ENCODERS[pair.family.name](pair, model, text, empty)
     ((encoder, tokenizer),) = pair.text_encoders_for(model)
     return _encode_single(encoder, tokenizer, text)
 

@@ -31,7 +31,7 @@ AUTO_BACKENDS = {"cpu": "openvino", "cuda": "torch"}
 DEFAULT_BACKEND = "auto"
 
 #: Samplers a run may ask for (`--scheduler`); `finextract.engine.solvers.SCHEDULERS` writes their step tables.
-SCHEDULER_NAMES = ("ddim", "dpmpp-2m", "unipc")
+SCHEDULER_NAMES = ("ddim", "dpmpp-2m", "unipc", "euler")
 #: The one default sampler (the paper's DDIM, eta = 0).
 DEFAULT_SCHEDULER = "ddim"
 
@@ -155,8 +155,9 @@ class RunConfig:
             of one thread each (the batch is split between them).
         batch_size: images per denoising batch, >= 1 (does not change the images).
         steps: sampler steps, >= 1 (the paper uses 50 DDIM steps).
-        scheduler: the sampler, "ddim" (eta = 0, the paper's), "dpmpp-2m" (DPM-Solver++ 2M) or "unipc"
-            (UniPC bh2): the rows of one step table (`finextract.engine.solvers`).
+        scheduler: the sampler, "ddim" (eta = 0, the paper's), "dpmpp-2m" (DPM-Solver++ 2M), "unipc"
+            (UniPC bh2), or "euler" (flow matching's Euler step, for SD3 / FLUX.1): the rows of one step
+            table (`finextract.engine.solvers`).
         seed: image i starts from the standard-normal latent of seed `seed + i`.
         cache_dir: folder of the export / engine cache (`onnx/`, `engines/` below it).
         cuda_graphs: on CUDA, replay each DDIM step as a CUDA graph when the backend allows it.

@@ -43,15 +43,16 @@ class StepTable:
     """The per-step constants of one sampler: timesteps and the linear update of each step.
 
     Attributes:
-        scheduler: the sampler's name ("ddim", "dpmpp-2m", "unipc": `finextract.engine.solvers.SCHEDULERS`).
-        timesteps: the UNet's timestep at each step, in sampling order (length = steps).
+        scheduler: the sampler's name ("ddim", "dpmpp-2m", "unipc", "euler": `finextract.engine.solvers`).
+        timesteps: the denoiser's timestep at each step, in sampling order (length = steps): integers for
+            DDPM schedulers, float32 values (sigma x 1000) for flow matching.
         matrices: per step, (1 + K) rows of 2 + K float64 weights over [x_t, output, h_1..h_K], where
             `output` is the rule's combined model output in the model's parameterisation; row 0 gives
             x_prev, row 1 + j the new h_j. K = 0 (DDIM): one row (w_x, w_o).
     """
 
     scheduler: str
-    timesteps: tuple[int, ...]
+    timesteps: tuple[float, ...]
     matrices: tuple[tuple[tuple[float, ...], ...], ...]
 
     def __post_init__(self) -> None:

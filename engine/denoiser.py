@@ -1,5 +1,8 @@
 """The guided denoiser: ONE module per (model pair, guidance rule), for the whole batch, in one call.
 
+"UNet" below is the family's denoiser: a UNet, or a flow family's transformer (SD3, FLUX.1), called
+through `finextract.engine.denoisers.denoiser_output`.
+
     denoiser = GuidedDenoiser(pair, rule)
     output = denoiser(x_t, t, *conditioning)                 # the rule's combined model output
     state = denoiser.step(state, t, weights, *conditioning)  # + the fused guidance/sampler update
@@ -27,24 +30,8 @@ from torch import nn
 
 from ..kernels.guidance_ddim import guided_update
 from .conditioning import conditioning_keys
-from .families import ADDED_CONDITIONING_KEYS
+from .denoisers import denoiser_output, latent_shape
 from .lora import gated
-
-
-def _unet_output(unet: nn.Module, sample: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
-    """One diffusers UNet forward: its output tensor (noise, v or x0 prediction).
-
-    `conditioning` holds `encoder_hidden_states` and, for SDXL, the added conditioning
-    (`text_embeds`, `time_ids`), which diffusers' UNet takes as `added_cond_kwargs`.
-    """
-    added = {key: conditioning[key] for key in ADDED_CONDITIONING_KEYS if key in conditioning}
-    return unet(
-        sample,
-        t,
-        encoder_hidden_states=conditioning["encoder_hidden_states"],
-        added_cond_kwargs=added or None,
-        return_dict=False,
-    )[0]
 
 
 class GuidedDenoiser(nn.Module):
@@ -88,7 +75,9 @@ class GuidedDenoiser(nn.Module):
         self.unets = nn.ModuleList(unets)
         self.groups = tuple((unet_index, tuple(members)) for unet_index, members in groups)
         self.lora_gate = pair.lora_gate
-        self.latent_channels = int(unets[0].config.in_channels)
+        self.family = pair.family
+        self.latent_shape = latent_shape(pair)  # (C, h, w): the loop's unpacked latents
+        self.latent_channels = self.latent_shape[0]
         parameter = next(unets[0].parameters())
         self.unet_dtype = parameter.dtype
         for number, (_, members) in enumerate(self.groups):  # LoRA pair: 1 = fine-tuned rows, 0 = base rows
@@ -143,7 +132,7 @@ class GuidedDenoiser(nn.Module):
             else:
                 gate_context = contextlib.nullcontext()
             with gate_context:
-                output = _unet_output(self.unets[unet_index], x, t, stacked)
+                output = denoiser_output(self.family, self.unets[unet_index], x, t, stacked)
             for j, index in enumerate(members):  # slices, not split(): a dynamic batch exports cleanly
                 outputs[index] = output[j * batch : (j + 1) * batch].float()
         return outputs

@@ -101,12 +101,8 @@ class ExportSpec:
         names = denoiser.conditioning_names
         if len(names) != len(conditioning):
             raise ValueError(f"{len(conditioning)} conditioning tensors for inputs {names}; use encode_conditioning")
-        config = denoiser.unets[0].config
-        size = config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
         shapes = tuple((name, tuple(int(d) for d in tensor.shape)) for name, tensor in zip(names, conditioning))
-        latent_shape = (int(config.in_channels), int(h), int(w))
-        return cls(latent_shape, shapes, dtype_name(dtype), opset, tuple(batch_sizes), int(history))
+        return cls(tuple(denoiser.latent_shape), shapes, dtype_name(dtype), opset, tuple(batch_sizes), int(history))
 
     @property
     def torch_dtype(self) -> torch.dtype:

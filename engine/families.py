@@ -71,6 +71,10 @@ class Family:
         denoiser: the pipeline component name of the denoiser: "unet" or "transformer".
         denoiser_class: its diffusers class ("UNet2DConditionModel", "SD3Transformer2DModel", ...).
         optional_text_encoders: text encoders the pipeline runs without (SD3's T5: zeros in its place).
+        max_sequence_length: the T5 token count the pipeline encodes captions to by default (SD3 256,
+            FLUX.1 512); 0 for families without T5.
+        linspace_sigmas: the pipeline passes sigmas = linspace(1, 1 / steps, steps) to the flow scheduler
+            (FluxPipeline) rather than letting it space its own timesteps (StableDiffusion3Pipeline).
     """
 
     name: str
@@ -84,6 +88,8 @@ class Family:
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"
     optional_text_encoders: tuple[str, ...] = ()
+    linspace_sigmas: bool = False
+    max_sequence_length: int = 0
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
@@ -196,6 +202,7 @@ SD3 = Family(
     denoiser="transformer",
     denoiser_class="SD3Transformer2DModel",
     optional_text_encoders=("text_encoder_3",),
+    max_sequence_length=256,
 )
 FLUX = Family(
     "flux",
@@ -207,6 +214,8 @@ FLUX = Family(
     4096,
     denoiser="transformer",
     denoiser_class="FluxTransformer2DModel",
+    linspace_sigmas=True,
+    max_sequence_length=512,
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, ALTDIFFUSION, SD3, FLUX)}
 _BY_RELEASED_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
@@ -232,8 +241,6 @@ def get_family(name: str | Family) -> Family:
 # --- from configs ---------------------------------------------------------------------------------
 
 _OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in plain words
-    "StableDiffusion3Pipeline": "SD 3 (a DiT)",
-    "FluxPipeline": "Flux (a DiT)",
     "PixArtAlphaPipeline": "PixArt (a DiT)",
     "PixArtSigmaPipeline": "PixArt (a DiT)",
     "KandinskyV22Pipeline": "Kandinsky 2.2",
@@ -244,6 +251,24 @@ _OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in
 }
 
 
+def _flow_family(pipeline_class: str | None, transformer_config: dict | None, where: str) -> Family | None:
+    """SD3 / FLUX.1 from the pipeline class or the transformer's class; None for neither. A transformer
+    of the family's class with other latent channels (an inpainting / control variant) is refused."""
+    by_pipeline = {family.pipeline_class: family for family in (SD3, FLUX)}
+    by_denoiser = {family.denoiser_class: family for family in (SD3, FLUX)}
+    family = by_pipeline.get(pipeline_class) or by_denoiser.get((transformer_config or {}).get("_class_name"))
+    if family is None or transformer_config is None:
+        return family
+    expected = 64 if family is FLUX else 16  # FLUX packs 2 x 2 x 16 latent values per token
+    if transformer_config.get("in_channels") != expected:
+        raise UnknownFamilyError(
+            f"{where}: its {family.denoiser_class} takes {transformer_config.get('in_channels')} input channels, "
+            f"not {family.label}'s text-to-image {expected} (an inpainting, depth or control variant?); finextract "
+            f"runs {_SUPPORTED}"
+        )
+    return family
+
+
 def detect_family(
     unet_config: dict | None,
     text_encoder_config: dict | None = None,
@@ -251,19 +276,22 @@ def detect_family(
     text_encoder_2_config: dict | None = None,
     pipeline_class: str | None = None,
     requires_aesthetics_score: bool = False,
+    transformer_config: dict | None = None,
     where: str = "the model",
 ) -> Family:
     """The family of a model from its configs (no weights read).
 
     Args:
         unet_config: the UNet's `config.json` (None: the pipeline has no UNet).
+        transformer_config: a flow pipeline's `transformer/config.json` (SD3, FLUX.1), when there is one.
         text_encoder_config: the (first) text encoder's config, when there is one.
         text_encoder_2_config: the second text encoder's config (SDXL), when there is one.
         pipeline_class: `model_index.json`'s `_class_name`, when there is one.
         requires_aesthetics_score: `model_index.json`'s entry (SDXL refiners set it).
         where: how to name the model in messages.
 
-    Rules, in order: a pipeline class of another family, or a UNet that is not a 4-channel
+    Rules, in order: `StableDiffusion3Pipeline` or an `SD3Transformer2DModel` is SD3, `FluxPipeline` or a
+    `FluxTransformer2DModel` is FLUX.1; a pipeline class of another family, or a UNet that is not a 4-channel
     text-to-image UNet, is refused; `addition_embed_type == "text_time"` with six time ids is SDXL
     base (five, with an aesthetic score, is the refiner: refused); an XLM-R (`xlm-roberta`) text encoder
     or `AltDiffusionPipeline` is AltDiffusion; otherwise CLIP: cross-attention 1024, or linear
@@ -272,6 +300,9 @@ def detect_family(
     Raises:
         UnknownFamilyError: naming what was found and the families finextract runs.
     """
+    flow = _flow_family(pipeline_class, transformer_config, where)
+    if flow is not None:
+        return flow
     if pipeline_class in _OTHER_PIPELINES:
         raise UnknownFamilyError(
             f"{where} is a {pipeline_class} ({_OTHER_PIPELINES[pipeline_class]}), not a family finextract runs "
@@ -279,7 +310,8 @@ def detect_family(
         )
     if unet_config is None:
         raise UnknownFamilyError(
-            f"{where} has no UNet (a transformer-based pipeline such as SD 3 or Flux?): finextract runs {_SUPPORTED}"
+            f"{where} has no UNet and no SD3 / FLUX.1 transformer (another transformer-based pipeline?): finextract "
+            f"runs {_SUPPORTED}"
         )
     channels = (unet_config.get("in_channels"), unet_config.get("out_channels"))
     if channels != (4, 4):

@@ -72,6 +72,8 @@ def pair_fingerprint(pair) -> str:
                 pair.finetuned_tokenizer,
                 pair.base_tokenizer_2,
                 pair.finetuned_tokenizer_2,
+                # SD3's T5 (listed only when present: the other families' fingerprints stay as they were)
+                *(t for t in (pair.base_tokenizer_3, pair.finetuned_tokenizer_3) if t is not None),
             )
         ],
         "scheduler": {key: value for key, value in pair.scheduler_config.items() if not key.startswith("_")},
@@ -80,6 +82,8 @@ def pair_fingerprint(pair) -> str:
     seen: set[int] = set()
     roles = ("base_unet", "finetuned_unet", "base_text_encoder", "finetuned_text_encoder")
     roles += ("base_text_encoder_2", "finetuned_text_encoder_2", "vae")
+    if pair.base_text_encoder_3 is not None:
+        roles += ("base_text_encoder_3", "finetuned_text_encoder_3")
     for role in roles:
         model = getattr(pair, role)
         if model is None or id(model) in seen:

@@ -34,7 +34,8 @@ class ModelPair:
             fine-tune) or "lora" (an adapter of any type). How it runs follows from the fields below:
             two UNets when `finetuned_unet` is set (DreamBooth, or an adapter merged into a copy of
             the base), one UNet with per-sample low-rank branches when `unet_lora` is set.
-        base_unet: the pretrained `diffusers.UNet2DConditionModel`.
+        base_unet: the pretrained denoiser: `diffusers.UNet2DConditionModel`, or the flow families'
+            transformer (`SD3Transformer2DModel`, `FluxTransformer2DModel`); "UNet" below means either.
         finetuned_unet: the fine-tuned UNet (DreamBooth, or a merged adapter); None with `unet_lora`.
         unet_lora: low-rank adapters keyed by module path in `base_unet`, applied per sample; None
             with `finetuned_unet`.
@@ -55,7 +56,10 @@ class ModelPair:
             (`CLIPTextModelWithProjection`, OpenCLIP bigG: its penultimate states and pooled
             projection); the fine-tune's defaults to the base's. None for the other families.
         base_tokenizer_2, finetuned_tokenizer_2: SDXL's second tokenizer; the fine-tune's defaults
-            to the base's.
+            to the base's. (FLUX.1: the T5 encoder and its tokenizer.)
+        base_text_encoder_3, finetuned_text_encoder_3, base_tokenizer_3, finetuned_tokenizer_3: SD3's T5
+            encoder (`T5EncoderModel`) and tokenizer; None for the other families, and for an SD3 run
+            without T5 (its pipeline then uses zeros in T5's place).
         force_zeros_for_empty_prompt: SDXL's pipeline option (`model_index.json`): the empty caption
             is encoded as zeros (embeddings and pooled embedding), as `StableDiffusionXLPipeline`
             does for its unconditional half. None: the family's default (True for SDXL, False otherwise).
@@ -86,24 +90,31 @@ class ModelPair:
     base_tokenizer_2: Any = None
     finetuned_tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool | None = None
+    base_text_encoder_3: Any = None
+    finetuned_text_encoder_3: Any = None
+    base_tokenizer_3: Any = None
+    finetuned_tokenizer_3: Any = None
 
     def __post_init__(self) -> None:
         self.family = get_family(self.family)
-        if self.finetuned_tokenizer is None:
-            self.finetuned_tokenizer = self.base_tokenizer
-        if self.finetuned_text_encoder_2 is None:
-            self.finetuned_text_encoder_2 = self.base_text_encoder_2
-        if self.finetuned_tokenizer_2 is None:
-            self.finetuned_tokenizer_2 = self.base_tokenizer_2
+        for suffix in ("", "_2", "_3"):  # the fine-tune's text encoders and tokenizers default to the base's
+            for part in ("text_encoder", "tokenizer"):
+                if getattr(self, f"finetuned_{part}{suffix}") is None:
+                    setattr(self, f"finetuned_{part}{suffix}", getattr(self, f"base_{part}{suffix}"))
         if self.force_zeros_for_empty_prompt is None:
             self.force_zeros_for_empty_prompt = self.family.name == "sdxl"
-        second = self.base_text_encoder_2 is not None and self.base_tokenizer_2 is not None
-        if len(self.family.text_encoders) == 2 and not second:
-            raise ValueError(f"an {self.family.label} pair needs base_text_encoder_2 and base_tokenizer_2")
-        if len(self.family.text_encoders) == 1 and (
-            self.base_text_encoder_2 is not None or self.base_tokenizer_2 is not None
-        ):
-            raise ValueError(f"an {self.family.label} pair has one text encoder; base_text_encoder_2 must be None")
+        for index, name in enumerate(("text_encoder", "text_encoder_2", "text_encoder_3")):
+            suffix = name[len("text_encoder") :]
+            present = [getattr(self, f"base_{part}{suffix}") is not None for part in ("text_encoder", "tokenizer")]
+            if index >= len(self.family.text_encoders) and any(present):
+                raise ValueError(
+                    f"an {self.family.label} pair has {len(self.family.text_encoders)} text encoder(s); "
+                    f"base_{name} must be None"
+                )
+            if index < len(self.family.text_encoders) and not all(present):
+                if name in self.family.optional_text_encoders and not any(present):
+                    continue
+                raise ValueError(f"an {self.family.label} pair needs base_{name} and base_tokenizer{suffix}")
         if self.kind == "dreambooth" and self.finetuned_unet is None:
             raise ValueError("a DreamBooth pair needs finetuned_unet")
         if self.finetuned_unet is not None and self.unet_lora:
@@ -114,6 +125,7 @@ class ModelPair:
             and self.finetuned_unet is None
             and self.finetuned_text_encoder is self.base_text_encoder
             and self.finetuned_text_encoder_2 is self.base_text_encoder_2
+            and self.finetuned_text_encoder_3 is self.base_text_encoder_3
         ):
             raise ValueError("a LoRA pair needs unet_lora, a merged finetuned_unet or an adapted text encoder")
         self.lora_gate = None
@@ -122,14 +134,13 @@ class ModelPair:
 
     def text_encoders_for(self, model: str) -> tuple[tuple[Any, Any], ...]:
         """(text encoder, tokenizer) of each of the family's text encoders for `model` ("base" or
-        "finetuned"), in the family's order (SDXL: the CLIP ViT-L one, then OpenCLIP bigG)."""
-        if model == "base":
-            pairs = ((self.base_text_encoder, self.base_tokenizer), (self.base_text_encoder_2, self.base_tokenizer_2))
-        else:
-            pairs = (
-                (self.finetuned_text_encoder, self.finetuned_tokenizer),
-                (self.finetuned_text_encoder_2, self.finetuned_tokenizer_2),
-            )
+        "finetuned"), in the family's order (SDXL: the CLIP ViT-L one, then OpenCLIP bigG; SD3: then T5,
+        (None, None) when the pair runs without it)."""
+        side = "base" if model == "base" else "finetuned"
+        pairs = tuple(
+            (getattr(self, f"{side}_text_encoder{suffix}"), getattr(self, f"{side}_tokenizer{suffix}"))
+            for suffix in ("", "_2", "_3")
+        )
         return pairs[: len(self.family.text_encoders)]
 
     def unet_for(self, model: str):
@@ -174,6 +185,7 @@ class ModelPair:
             self.__dict__.pop("fingerprint", None)  # the bytes change with the dtype
         models = [self.base_unet, self.finetuned_unet, self.base_text_encoder, self.finetuned_text_encoder]
         models += [self.base_text_encoder_2, self.finetuned_text_encoder_2]
+        models += [self.base_text_encoder_3, self.finetuned_text_encoder_3]
         for model in {id(m): m for m in models if m is not None}.values():
             _move(model, device, dtype)
         _move(self.vae, device, vae_dtype)

@@ -21,6 +21,7 @@ from .backends import get_backend_factory
 from .conditioning import encode_conditioning
 from .ddim import DDIMLoop, NonFiniteError, pad_batch
 from .denoiser import GuidedDenoiser
+from .denoisers import image_tokens
 from .solvers import step_table
 
 logger = logging.getLogger(__name__)
@@ -118,15 +119,15 @@ class Sampler:
         config.apply_threads()
         self.pair, self.rule, self.caption, self.config = pair, rule, caption, config
         self.images_on_device = images_on_device
-        self.table = step_table(config.scheduler, pair.scheduler_config, config.steps)
+        tokens = image_tokens(pair) if pair.family.flow_matching else None
+        self.table = step_table(
+            config.scheduler, pair.scheduler_config, config.steps, family=pair.family, image_tokens=tokens
+        )
         device = config.torch_device
         self.timesteps = self.table.timesteps_tensor(device)
         self.weights = self.table.weights(*rule.coefs, device=device)
-        unet_config = pair.base_unet.config
-        size = unet_config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.latent_shape = (int(unet_config.in_channels), int(h), int(w))
         self.denoiser = GuidedDenoiser(pair, rule)
+        self.latent_shape = self.denoiser.latent_shape
         self.conditioning = encode_conditioning(pair, rule, caption)
         self._backend_options = dict(backend_options or {})
         self.backend = get_backend_factory(config.backend)(  # exported backends log their readiness

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finextract.engine.conditioning import image_size
 from finextract.images import center_crop_resize, read_images
 from finextract.metrics import extraction_metrics
 from finextract.sscd import embed_images
@@ -15,15 +16,12 @@ from finextract.sscd import embed_images
 
 def model_resolution(pair) -> int | None:
     """Side in pixels of the images a model pair generates (and of the images it was fine-tuned on by
-    `finetune` and the usual DreamBooth / LoRA scripts): the UNet's latent `sample_size` times the VAE's
-    downsampling factor `2 ** (len(vae.config.block_out_channels) - 1)`, as diffusers' pipelines
-    compute their default height and width. None when the latent is not square.
+    `finetune` and the usual DreamBooth / LoRA scripts): the latent size times the VAE's downsampling
+    factor (`finextract.engine.conditioning.image_size`), as diffusers' pipelines compute their default
+    height and width. None when the latent is not square.
     """
-    size = pair.base_unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height != width:
-        return None
-    return int(height) * 2 ** (len(pair.vae.config.block_out_channels) - 1)
+    height, width = image_size(pair)
+    return height if height == width else None
 
 
 def train_transform(resolution: int | None) -> dict:

@@ -3,14 +3,21 @@ and `UniPCMultistepScheduler.step`, fed the same model outputs as our table loop
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from finextract.engine.config import SCHEDULER_NAMES
 from finextract.engine.ddim import DDIMLoop, StepTable
-from finextract.engine.solvers import HISTORY, SCHEDULERS, history_slots, step_table
+from finextract.engine.solvers import FLOW_SCHEDULERS, HISTORY, SCHEDULERS, history_slots, step_table
 from finextract.kernels.guidance_ddim import guided_update
-from finextract.zoo.configs import SD1_SCHEDULER_CONFIG
+from finextract.zoo.configs import (
+    FLUX_SCHEDULER_CONFIG,
+    FLUX_SCHNELL_SCHEDULER_CONFIG,
+    SD1_SCHEDULER_CONFIG,
+    SD3_SCHEDULER_CONFIG,
+)
 from tests import tolerances
 
 COEFS = (3.0, -2.02)  # FineXtract DreamBooth, Eq. 13: w, 1 - w + k
@@ -31,15 +38,28 @@ CONFIGS = {
 SOLVER_OPTIONS = {"dpmpp-2m": {}, "dpmpp-2m-heun": {"solver_type": "heun"}, "unipc": {}}
 
 
-def diffusers_scheduler(name: str, config: dict, steps: int):
-    """diffusers' scheduler as the pipelines build it: from the model's config, with `steps` set."""
+def diffusers_scheduler(name: str, config: dict, steps: int, image_tokens: int | None = None):
+    """diffusers' scheduler as the pipelines build it: from the model's config, with `steps` set. On a
+    flow-matching config, its flow form as a user swaps it into the SD3 / FLUX pipelines: use_flow_sigmas,
+    prediction_type "flow_prediction", flow_shift the model's shift, and the pipeline's mu (diffusers'
+    `calculate_shift` of the image tokens) with dynamic shifting."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    flow = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+    options = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config["shift"]) if flow else {}
     if name == "unipc":
-        scheduler = UniPCMultistepScheduler.from_config(config, solver_order=2)
+        scheduler = UniPCMultistepScheduler.from_config(config, solver_order=2, **options)
     else:
-        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    scheduler.set_timesteps(steps)
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, **options
+        )
+    kwargs = {}
+    if flow and config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+        kwargs["mu"] = calculate_shift(image_tokens, *(config[key] for key in keys))
+    scheduler.set_timesteps(steps, **kwargs)
     return scheduler
 
 
@@ -71,11 +91,11 @@ def table_step(history: int, bounds: list):
     return step
 
 
-def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor):
+def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor, image_tokens: int | None = None):
     """diffusers' own loop on `fake_outputs`, its sigmas widened to float64 (its coefficients then are
     computed in double and rounded once to float32, like our table's). Per step: (x_t before the step,
     its history [m_{i-1}, m_{i-2}] (zeros before they exist), x_t after, the history after)."""
-    scheduler = diffusers_scheduler(name, config, steps)
+    scheduler = diffusers_scheduler(name, config, steps, image_tokens)
     scheduler.sigmas = scheduler.sigmas.double()
     x, record = x_T.clone(), []
 
@@ -91,8 +111,12 @@ def diffusers_run(name: str, config: dict, steps: int, x_T: torch.Tensor):
     return scheduler, record
 
 
+# The solvers' flow forms on the flow-matching configs: SD3 (shift 3), FLUX.1-dev (dynamic shift, 64 tokens)
+FLOW_CONFIGS = {"flow-sd3": ("sd3", SD3_SCHEDULER_CONFIG, None), "flow-flux-dev": ("flux", FLUX_SCHEDULER_CONFIG, 64)}
+
+
 @pytest.mark.parametrize("steps", [5, 10, 20, 25])
-@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("config_name", [*CONFIGS, *FLOW_CONFIGS])
 @pytest.mark.parametrize("solver", list(SOLVER_OPTIONS))
 def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
     """Every row == diffusers' `step` on the same state, and our loop == diffusers' loop after every step.
@@ -109,10 +133,11 @@ def test_table_equals_diffusers_multistep_step(solver, config_name, steps):
       i the difference is at most 32 u (T_0 + ... + T_i): float32 eps x steps x magnitudes.
     """
     name = "unipc" if solver == "unipc" else "dpmpp-2m"
-    config = {**CONFIGS[config_name], **SOLVER_OPTIONS[solver]}
-    table = step_table(name, config, steps)
+    family, base_config, tokens = FLOW_CONFIGS.get(config_name, (None, CONFIGS.get(config_name), None))
+    config = {**base_config, **SOLVER_OPTIONS[solver]}
+    table = step_table(name, config, steps, family=family, image_tokens=tokens)
     x_T = torch.randn(2, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(3))
-    scheduler, record = diffusers_run(name, config, steps, x_T)
+    scheduler, record = diffusers_run(name, config, steps, x_T, tokens)
     assert list(table.timesteps) == scheduler.timesteps.tolist() and table.history == HISTORY[name]
     weights, history = table.weights(*COEFS), table.history
 
@@ -153,15 +178,18 @@ def test_the_step_bound_catches_a_slightly_wrong_weight():
 
 
 def test_registry_names_history_and_refusals():
-    assert tuple(SCHEDULERS) == SCHEDULER_NAMES == tuple(HISTORY)
+    assert tuple(dict.fromkeys((*SCHEDULERS, *FLOW_SCHEDULERS))) == SCHEDULER_NAMES == tuple(HISTORY)
     for name in SCHEDULER_NAMES:
-        table = step_table(name, SD1_SCHEDULER_CONFIG, 4)
-        assert isinstance(table, StepTable) and table.scheduler == name
-        assert table.history == history_slots(name) and table.weights(1.0).shape == (4, table.width)
-    with pytest.raises(ValueError, match="--scheduler 'euler'"):
-        step_table("euler", SD1_SCHEDULER_CONFIG, 4)
-    with pytest.raises(ValueError, match="--scheduler 'euler'"):
-        history_slots("euler")
+        for config, family in ((SD1_SCHEDULER_CONFIG, None), (SD3_SCHEDULER_CONFIG, "sd3")):
+            if name not in (FLOW_SCHEDULERS if family else SCHEDULERS):
+                continue
+            table = step_table(name, config, 4, family=family)
+            assert isinstance(table, StepTable) and table.scheduler == name
+            assert table.history == history_slots(name) and table.weights(1.0).shape == (4, table.width)
+    with pytest.raises(ValueError, match="--scheduler 'heun'"):
+        step_table("heun", SD1_SCHEDULER_CONFIG, 4)
+    with pytest.raises(ValueError, match="--scheduler 'heun'"):
+        history_slots("heun")
     for name in ("dpmpp-2m", "unipc"):
         with pytest.raises(ValueError, match="thresholding"):
             step_table(name, {**SD1_SCHEDULER_CONFIG, "thresholding": True}, 10)
@@ -218,3 +246,103 @@ def test_loop_packs_and_unpacks_the_history():
     assert torch.equal(loop.run(x_T), x_T + 1) and seen == [(3, 3 * CHANNELS, 2, 2)]
     with pytest.raises(ValueError, match=r"\(steps, 8\)"):
         DDIMLoop(step, table.timesteps_tensor(), table.weights(1.0), history=1)
+
+
+# --- flow matching: the Euler step of SD3 and FLUX.1 --------------------------------------------------
+
+# (family, scheduler config, image tokens): SD3 (shift 3), FLUX.1-dev (dynamic shift) at the tiny zoo's 64
+# tokens and at 1024 px (4096 tokens), FLUX.1-schnell (shift 1)
+FLOW_CASES = {
+    "sd3": ("sd3", SD3_SCHEDULER_CONFIG, 64),
+    "flux-dev-32px": ("flux", FLUX_SCHEDULER_CONFIG, 64),
+    "flux-dev-1024px": ("flux", FLUX_SCHEDULER_CONFIG, 4096),
+    "flux-schnell": ("flux", FLUX_SCHNELL_SCHEDULER_CONFIG, 64),
+}
+
+
+def pipeline_flow_scheduler(family: str, config: dict, steps: int, image_tokens: int):
+    """`FlowMatchEulerDiscreteScheduler` with its timesteps set as the family's pipeline sets them: diffusers'
+    own `retrieve_timesteps` and `calculate_shift` of that pipeline's module, with its sigmas (FluxPipeline:
+    linspace(1, 1 / steps, steps)) and mu (FluxPipeline always, SD3 with dynamic shifting)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family == "flux":
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        kwargs = dict(sigmas=np.linspace(1.0, 1 / steps, steps))
+    else:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+            retrieve_timesteps,
+        )
+
+        kwargs = {}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    if family == "flux" or scheduler.config.use_dynamic_shifting:
+        c = scheduler.config
+        kwargs["mu"] = calculate_shift(
+            image_tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
+        )
+    retrieve_timesteps(scheduler, steps, "cpu", **kwargs)
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+@pytest.mark.parametrize("case", list(FLOW_CASES))
+def test_euler_table_equals_flow_match_euler_step(case, steps):
+    """Timesteps == the pipeline's, and every step == `FlowMatchEulerDiscreteScheduler.step` on the same
+    velocity outputs, our loop == diffusers' loop.
+
+    Tolerance: the step weight sigma_next - sigma is the float32 difference diffusers takes (exact in
+    float64, rounded once), so the rows are the same numbers; each side computes x + dt (c_a v_a + c_b v_b)
+    in another float32 order, at most 32 roundings of u times the step's largest term (as for the
+    multistep solvers above), and the loop's errors add over the steps.
+    """
+    family, config, tokens = FLOW_CASES[case]
+    table = step_table("euler", config, steps, family=family, image_tokens=tokens)
+    scheduler = pipeline_flow_scheduler(family, config, steps, tokens)
+    assert list(table.timesteps) == scheduler.timesteps.tolist() and table.history == 0
+    sigmas = scheduler.sigmas.tolist()
+    assert [row[0][1] for row in table.matrices] == [b - a for a, b in itertools.pairwise(sigmas)]
+    weights = table.weights(*COEFS)
+    x_T = torch.randn(2, CHANNELS, 6, 6, generator=torch.Generator().manual_seed(3))
+    terms: list[float] = []
+    step, x = table_step(0, terms), x_T
+    for index, t in enumerate(scheduler.timesteps):
+        out_a, out_b = fake_outputs(x, float(t))
+        expected = scheduler.step(COEFS[0] * out_a + COEFS[1] * out_b, t, x).prev_sample
+        ours = step(x, table.timesteps_tensor()[index], weights[index])
+        error, bound = (ours - expected).abs().max().item(), 32 * tolerances.U * sum(terms)
+        assert error <= bound, f"step {index} (t={table.timesteps[index]}): {error:.3g} > {bound:.3g}"
+        x = expected
+    assert (x - x_T).abs().max().item() > 0.1  # it sampled
+
+
+def test_flow_sigmas_follow_shift_and_image_size():
+    """The shift moves sigmas up (SD3's 3.0), FLUX.1-dev's dynamic shift grows with the image's tokens
+    (mu from 0.5 at 256 tokens to 1.15 at 4096), schnell's shift 1 keeps FluxPipeline's linspace."""
+    from finextract.engine.solvers import calculate_shift
+
+    assert calculate_shift(256, FLUX_SCHEDULER_CONFIG) == pytest.approx(0.5)
+    assert calculate_shift(4096, FLUX_SCHEDULER_CONFIG) == pytest.approx(1.15)
+    small, large = (step_table("euler", FLUX_SCHEDULER_CONFIG, 4, family="flux", image_tokens=n) for n in (64, 4096))
+    assert all(a < b for a, b in zip(small.timesteps[1:], large.timesteps[1:]))
+    schnell = step_table("euler", FLUX_SCHNELL_SCHEDULER_CONFIG, 4, family="flux")
+    assert schnell.timesteps == pytest.approx((1000.0, 750.0, 500.0, 250.0))
+    sd3 = step_table("euler", SD3_SCHEDULER_CONFIG, 4, family="sd3")
+    assert sd3.timesteps[0] == 1000.0 and sd3.timesteps[1] > 750.0  # shifted towards noise
+
+
+def test_flow_and_ddpm_schedulers_refuse_each_others_models():
+    with pytest.raises(ValueError, match=r"flow-matching model .*use --scheduler euler"):
+        step_table("ddim", SD3_SCHEDULER_CONFIG, 4, family="sd3")
+    with pytest.raises(ValueError, match=r"--scheduler euler: flow matching's Euler step .*DDIMScheduler"):
+        step_table("euler", SD1_SCHEDULER_CONFIG, 4)
+    with pytest.raises(ValueError, match="needs a flow family"):
+        step_table("euler", SD3_SCHEDULER_CONFIG, 4, family="sd1")
+    with pytest.raises(ValueError, match="pass image_tokens"):
+        step_table("euler", FLUX_SCHEDULER_CONFIG, 4, family="flux")
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        step_table("euler", {**SD3_SCHEDULER_CONFIG, "stochastic_sampling": True}, 4, family="sd3")

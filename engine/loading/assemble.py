@@ -41,7 +41,7 @@ def load_model_pair(
     prediction_type: str | None = None,
 ) -> ModelPair:
     """Load a pretrained model (theta) and a checkpoint fine-tuned from it (theta'), of any family
-    (SD 1.x, SD 2.x, SDXL, AltDiffusion: `finextract.engine.families`).
+    (SD 1.x, SD 2.x, SDXL, AltDiffusion, SD3: `finextract.engine.families`; SD3 from diffusers folders).
 
     Args:
         base: a diffusers pipeline folder, a folder of candidate bases (its pipeline folders and
@@ -120,11 +120,11 @@ def load_model_pair(
         base = base_path
     if base_path.is_file():
         check_weights_file(base_path, "base")
-    if base_path.is_dir() and (base_path / "unet" / "config.json").is_file():
+    if base_path.is_dir() and any((base_path / d / "config.json").is_file() for d in ("unet", "transformer")):
         family, _ = folder_family(base_path, f"base {base_path}")
         check_folder_configs(base_path, ft_path, fmt, family)
         if fmt.startswith("lora_"):
-            check_adapter_family(ft_path, family, read_config(base_path / "unet"))
+            check_adapter_family(ft_path, family, read_config(base_path / family.denoiser))
     # 2. the base
     parts, sources = base_parts(base, base_config, allow_pickle)
     family: Family = parts["family"]
@@ -174,6 +174,10 @@ def load_model_pair(
         base_tokenizer_2=parts.get("tokenizer_2"),
         finetuned_tokenizer_2=tune.tokenizers.get("tokenizer_2"),
         force_zeros_for_empty_prompt=parts["force_zeros_for_empty_prompt"],
+        base_text_encoder_3=parts.get("text_encoder_3"),
+        finetuned_text_encoder_3=tune.texts.get("text_encoder_3"),
+        base_tokenizer_3=parts.get("tokenizer_3"),
+        finetuned_tokenizer_3=tune.tokenizers.get("tokenizer_3"),
     )
     if torch_dtype is None and str(device) == "cpu":
         return pair  # loaded on the CPU in float32 already

@@ -86,8 +86,8 @@ def load_base(
     """
     parts, sources = base_parts(base, base_config, allow_pickle)
     torch_dtype = to_dtype(dtype)
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        if parts.get(name) is None:  # text_encoder_2: SDXL only
+    for name in ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        if parts.get(name) is None:  # text_encoder_2: SDXL, FLUX.1, SD3; text_encoder_3: SD3
             continue
         parts[name].to(device)
         if name != "vae" and torch_dtype is not None and parts[name].dtype != torch_dtype:

@@ -118,6 +118,16 @@ def check_unet_configs(base: dict, finetuned: dict, where: str = "fine-tuned UNe
             cross-attention widths).
         ValueError: another entry differs; the message names every differing entry.
     """
+    if "Transformer" in str(base.get("_class_name", "")):  # a flow family's transformer: every entry is architecture
+        keys = sorted(k for k in {*base, *finetuned} if not k.startswith("_"))
+        problems = [
+            f"{where} has {k} {finetuned.get(k)}, base has {base.get(k)}"
+            for k in keys
+            if base.get(k) != finetuned.get(k)
+        ]
+        if problems:
+            raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
+        return
     base_family, ft_family = detect_family(base, where="the base"), detect_family(finetuned, where=where)
     check_family(
         base_family,
@@ -178,9 +188,11 @@ def check_state_dict(expected: dict, found: dict, where: str) -> None:
 
 
 def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
-    """The tokenizer must have one entry per token-embedding row of the text encoder it feeds."""
+    """The tokenizer must have one entry per token-embedding row of the text encoder it feeds (T5's rows are
+    padded to a multiple of 128 beyond its tokenizer's 32,100 entries: there the tokenizer must fit in them)."""
     rows = text_encoder.get_input_embeddings().num_embeddings
-    if len(tokenizer) != rows:
+    padded = getattr(text_encoder.config, "model_type", "") in ("t5", "umt5")
+    if len(tokenizer) != rows and not (padded and len(tokenizer) <= rows):
         raise ValueError(
             f"{where}: the text encoder has {rows} token-embedding rows but the tokenizer has {len(tokenizer)} entries; "
             "a fine-tune that adds tokens (e.g. a DreamBooth identifier) must ship its tokenizer/ and text_encoder/ "
@@ -235,6 +247,15 @@ def agreed_scheduler(base: dict, finetuned, override: str | None, sources: dict)
     Raises:
         PredictionTypeMismatchError: the two sides differ and there is no override.
     """
+    if base.get("_class_name") == "FlowMatchEulerDiscreteScheduler":  # flow matching: the velocity, no choice
+        if override is not None:
+            raise ValueError(
+                f"--prediction-type {override}: the model is a flow-matching model (SD3 / FLUX.1), which predicts the "
+                "velocity; leave --prediction-type out"
+            )
+        sources["prediction_type"] = {"base": "flow", "finetuned": "flow" if finetuned else None, "used": "flow"}
+        sources["prediction_type"]["override"] = False
+        return dict(base)
     said_base = base.get("prediction_type", "epsilon")
     said_ft = finetuned[0].get("prediction_type", "epsilon") if finetuned else None
     record = {"base": said_base, "finetuned": said_ft, "used": override or said_base, "override": override is not None}
@@ -258,15 +279,16 @@ def agreed_scheduler(base: dict, finetuned, override: str | None, sources: dict)
 
 def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Family) -> None:
     """Family, config and tokenizer checks of a folder fine-tune against a base folder, before any weights load."""
-    base_unet_config = read_config(base_path / "unet")
-    ft_unet_dir = None
-    if fmt == "pipeline" or (fmt == "unet_folder" and (ft_path / "unet").is_dir()):
-        ft_unet_dir = ft_path / "unet"
+    base_unet_config = read_config(base_path / family.denoiser)
+    ft_unet_dir, ft_family = None, None
+    if fmt in ("pipeline", "unet_folder") and ft_path.is_dir():
+        ft_family, _ = folder_family(ft_path, f"fine-tune {ft_path}")
+    if fmt == "pipeline" or (fmt == "unet_folder" and (ft_path / ft_family.denoiser).is_dir()):
+        ft_unet_dir = ft_path / ft_family.denoiser
     elif fmt == "unet_folder":
         ft_unet_dir = ft_path
     if ft_unet_dir is not None:
         if ft_path.is_dir() and ft_unet_dir != ft_path:
-            ft_family, _ = folder_family(ft_path, f"fine-tune {ft_path}")
             check_family(
                 family,
                 base_unet_config.get("cross_attention_dim"),

@@ -49,9 +49,11 @@ def detect_finetuned_format(path: Path) -> str:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return "pipeline"
-        if (path / "unet" / "config.json").is_file():
-            return "unet_folder"
-        if (path / "config.json").is_file() and "UNet" in read_config(path).get("_class_name", ""):
+        if (path / "unet" / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
+            return "unet_folder"  # a bare denoiser folder: a UNet, or a flow family's transformer
+        if (path / "config.json").is_file() and any(
+            word in read_config(path).get("_class_name", "") for word in ("UNet", "Transformer2DModel")
+        ):
             return "unet_folder"
         raise ValueError(
             f"{path}: not a recognised fine-tune folder (expected model_index.json, unet/config.json, "

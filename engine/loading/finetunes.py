@@ -111,10 +111,12 @@ def load_folder(path: Path, base: dict, sources: dict, *, fmt: str, allow_pickle
     scheduler config where it ships them."""
     family = base["family"]
     tune = _unchanged(base, "dreambooth")
-    unet_dir = path / "unet" if (path / "unet").is_dir() else path
-    tune.unet = load_unet_dir(unet_dir, allow_pickle)
+    unet_dir = path / family.denoiser if (path / family.denoiser).is_dir() else path
+    tune.unet = load_unet_dir(unet_dir, allow_pickle, family)
     check_unet_configs(dict(base["unet"].config), dict(tune.unet.config))
     for name, tokenizer_name in zip(family.text_encoders, family.tokenizers):
+        if base[name] is None:  # an optional text encoder the base runs without (SD3's T5)
+            continue
         if unet_dir != path and (path / name).is_dir():
             tune.texts[name] = load_folder_parts(path, allow_pickle, (name,), family)[name]
             check_text_configs(base[name].config.to_dict(), tune.texts[name].config.to_dict(), f"fine-tuned {name}")

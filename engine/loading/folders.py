@@ -11,21 +11,31 @@ from .files import check_weight_files, optional_config
 
 
 def load_folder_parts(folder: Path, allow_pickle: bool, parts: tuple[str, ...], family: Family) -> dict:
-    """Load the named parts ("unet", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
-    of a pipeline folder, with the family's classes."""
+    """Load the named parts ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "tokenizer",
+    "tokenizer_2", "tokenizer_3") of a pipeline folder, with the family's classes. "unet" is the family's
+    denoiser (a flow family's `transformer/` folder and class); an optional text encoder the folder lacks
+    (SD3 saved without T5) and its tokenizer are None."""
     # heavy: diffusers takes seconds to import; loaded when a model is built
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     loaded = {}
+    optional = {
+        name
+        for encoder in family.optional_text_encoders
+        for name in (encoder, encoder.replace("text_encoder", "tokenizer"))
+    }
     for part in parts:
-        sub = folder / part
+        sub = folder / (family.denoiser if part == "unet" else part)
+        if part in optional and not sub.is_dir():
+            loaded[part] = None
+            continue
         if part.startswith("tokenizer"):
             loaded[part] = family.tokenizer_class_object(family.tokenizers.index(part)).from_pretrained(str(sub))
             continue
         if part.startswith("text_encoder"):
             cls = family.text_encoder_class(family.text_encoders.index(part))
         else:
-            cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part]
+            cls = {"unet": family.denoiser_class_object(), "vae": AutoencoderKL}[part]
         loaded[part] = load_part(cls, sub, allow_pickle)
     return loaded
 
@@ -108,12 +118,17 @@ def folder_family(folder: Path, where: str) -> tuple[Family, dict]:
     """
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    transformer_dir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    transformer_config = optional_config(transformer_dir)
+    if transformer_config is not None and "Transformer" not in transformer_config.get("_class_name", ""):
+        transformer_config = None
     family = detect_family(
-        optional_config(unet_dir),
+        None if transformer_config is not None else optional_config(unet_dir),
         optional_config(folder / "text_encoder"),
         text_encoder_2_config=optional_config(folder / "text_encoder_2"),
         pipeline_class=index.get("_class_name"),
         requires_aesthetics_score=bool(index.get("requires_aesthetics_score")),
+        transformer_config=transformer_config,
         where=where,
     )
     return family, index
@@ -129,11 +144,13 @@ def family_parts(family: Family, *names: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def load_unet_dir(folder: Path, allow_pickle: bool):
-    """The `UNet2DConditionModel` of a UNet folder (config.json and weights), in eval mode."""
+def load_unet_dir(folder: Path, allow_pickle: bool, family: Family | None = None):
+    """The family's denoiser (`UNet2DConditionModel`; SD3 / FLUX.1's transformer) of a model folder
+    (config.json and weights), in eval mode."""
     from diffusers import UNet2DConditionModel
 
-    return load_part(UNet2DConditionModel, folder, allow_pickle)
+    cls = family.denoiser_class_object() if family is not None else UNet2DConditionModel
+    return load_part(cls, folder, allow_pickle)
 
 
 def finetuned_tokenizer(ft_path: Path, base_tokenizer, family: Family, name: str = "tokenizer"):

@@ -247,8 +247,9 @@ def add_sampler_options(parser: argparse.ArgumentParser, note: str = "", *, pres
         "--scheduler",
         choices=SCHEDULER_NAMES,
         default=scheduler,
-        help="sampler: ddim (eta = 0, the paper's), dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC bh2), with the "
-        f"model's own scheduler config (default {shown})",
+        help="sampler: ddim (eta = 0, the paper's), dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC bh2) for DDPM "
+        "models; euler (flow matching's Euler step, the pipelines' own) for SD3 / FLUX.1; with the model's own "
+        f"scheduler config (default {shown})",
     )
 
 
