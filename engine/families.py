@@ -396,9 +396,14 @@ def _attn2_width(shapes: dict[str, tuple], pattern: str) -> int | None:
     return None
 
 
+_FLUX_CHECKPOINT_KEY = re.compile(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.norm\.key_norm\.scale")
+
+
 def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     """The family of an original-layout (LDM / SGM) single-file checkpoint from its tensor names and shapes.
 
+    BFL's FLUX.1 transformer (`double_blocks.0.img_attn.norm.key_norm.scale`, bare or under
+    `model.diffusion_model.`) is FLUX.1;
     `conditioner.embedders.1.*` (a second, OpenCLIP bigG text encoder) or `label_emb` in the UNet is
     SDXL; `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; `cond_stage_model.transformer.*` (CLIP)
     is SD 1.x; `cond_stage_model.roberta.*` is AltDiffusion; a UNet alone is told by its
@@ -407,6 +412,9 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     `zero_terminal_snr`.
     """
     keys = list(shapes)
+    flux = next((key for key in keys if _FLUX_CHECKPOINT_KEY.fullmatch(key)), None)
+    if flux is not None:  # BFL's transformer names (diffusers' `CHECKPOINT_KEY_NAMES["flux"]`)
+        return Evidence(FLUX, None, f"BFL's FLUX.1 transformer names ({flux!r})")
     # the original layout's UNet, or a UNet state dict in diffusers' names
     width = _attn2_width(shapes, r"^(model\.diffusion_model\.|unet\.)?.*attn2\.to_k\.weight$")
     markers = dict(

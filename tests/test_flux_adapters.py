@@ -33,6 +33,14 @@ def flux_zoo(tmp_path_factory):
     return components, files
 
 
+@pytest.fixture(scope="module")
+def flux_base(flux_zoo, tmp_path_factory):
+    """The tiny FLUX.1 components saved as a `FluxPipeline` folder."""
+    from finextract.zoo.models import save_pipeline
+
+    return save_pipeline(flux_zoo[0], tmp_path_factory.mktemp("flux_base") / "base")
+
+
 def _models(components) -> dict:
     return {"transformer": components["transformer"], "text_encoder": components["text_encoder"]}
 
@@ -209,3 +217,27 @@ def test_flux_files_are_inspected_and_told_flux(flux_zoo, fmt):
     assert transformer["alphas"] == {"4.0" if fmt == "xlabs" else "8.0": INSPECTED[fmt][0]}
     assert report["components"].get("text_encoder", {}).get("modules", 0) == MODULES[fmt][1]
     assert report["contradictions"] == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_flux_lora_pairs_load_as_one_gated_transformer(flux_zoo, flux_base, fmt):
+    """`load_model_pair` on a FluxPipeline folder and each layout: the transformer's LoRA stays a per-sample
+    low-rank branch (one fused 2B forward) holding the file's adapters; CLIP's are merged into a copy."""
+    from finextract.engine.loading import load_model_pair
+
+    components, files = flux_zoo
+    pair = load_model_pair(flux_base, lora=files[fmt])
+    assert pair.family.name == "flux" and pair.sources["lora_format"] == fmt
+    reference = read_adapters(files[fmt], _models(components), family="flux").adapters["transformer"]
+    assert sorted(pair.unet_lora) == sorted(reference)
+    modules = dict(components["transformer"].named_modules())
+    for module, layer in pair.unet_lora.items():
+        shape = tuple(modules[module].weight.shape)
+        # the same factors, the product formed the same way on both sides: bit-equal
+        assert torch.equal(layer.delta().reshape(shape), reference[module].delta(shape)), module
+    changed = [
+        m
+        for m, w in _weights(pair.finetuned_text_encoder).items()
+        if not torch.equal(w, _weights(pair.base_text_encoder)[m])
+    ]
+    assert len(changed) == MODULES[fmt][1]

@@ -213,3 +213,95 @@ def write_flux_adapters(out: str | Path, transformer, text_encoder, seed: int = 
         "onetrainer": write_flux_lora_onetrainer(out / "lora_onetrainer.safetensors", layers),
         "bfl": write_flux_lora_bfl(out / "lora_comfyui.safetensors", layers),
     }
+
+
+# --- BFL's original FLUX.1 transformer file ---
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """BFL's final AdaLayerNorm projects (shift, scale), diffusers' (scale, shift): the halves swapped."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def bfl_flux_state(transformer) -> dict[str, torch.Tensor]:
+    """A `FluxTransformer2DModel`'s tensors under BFL's original names (the `flux` package's `Flux` model, as
+    `flux1-dev.safetensors` stores them): the inverse of diffusers'
+    `convert_flux_transformer_checkpoint_to_diffusers` (q, k, v concatenated into `img_attn.qkv` /
+    `txt_attn.qkv`, a single block's q, k, v and MLP input into `linear1`, the final norm's halves swapped).
+
+    Raises:
+        ValueError: a tensor of the model with no BFL name (another architecture).
+    """
+    state = transformer.state_dict()
+    used: set[str] = set()
+
+    def take(*names: str) -> torch.Tensor:
+        used.update(names)
+        return torch.cat([state[name] for name in names])
+
+    out = {}
+    fixed = {
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "txt_in": "context_embedder",
+        "img_in": "x_embedder",
+        "final_layer.linear": "proj_out",
+    }
+    double = {
+        "img_mod.lin": "norm1.linear",
+        "txt_mod.lin": "norm1_context.linear",
+        "img_mlp.0": "ff.net.0.proj",
+        "img_mlp.2": "ff.net.2",
+        "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2",
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+    }
+    double_norms = {
+        "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+        "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+        "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+        "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    }
+    single = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
+    single_norms = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+    for kind in ("weight", "bias"):
+        for bfl, ours in fixed.items():
+            if f"{ours}.{kind}" in state:  # schnell has no guidance embedding
+                out[f"{bfl}.{kind}"] = take(f"{ours}.{kind}")
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(take(f"norm_out.linear.{kind}"))
+        for i in range(len(transformer.transformer_blocks)):
+            block = f"transformer_blocks.{i}"
+            for bfl, ours in double.items():
+                out[f"double_blocks.{i}.{bfl}.{kind}"] = take(f"{block}.{ours}.{kind}")
+            for name, parts in (("img_attn.qkv", ("to_q", "to_k", "to_v")), ("txt_attn.qkv", _ADDED_QKV)):
+                out[f"double_blocks.{i}.{name}.{kind}"] = take(*(f"{block}.attn.{p}.{kind}" for p in parts))
+        for i in range(len(transformer.single_transformer_blocks)):
+            block = f"single_transformer_blocks.{i}"
+            for bfl, ours in single.items():
+                out[f"single_blocks.{i}.{bfl}.{kind}"] = take(f"{block}.{ours}.{kind}")
+            parts = (*(f"{block}.attn.{p}.{kind}" for p in _QKV), f"{block}.proj_mlp.{kind}")
+            out[f"single_blocks.{i}.linear1.{kind}"] = take(*parts)
+    for i in range(len(transformer.transformer_blocks)):
+        out.update({f"double_blocks.{i}.{b}": take(f"transformer_blocks.{i}.{o}") for b, o in double_norms.items()})
+    for i in range(len(transformer.single_transformer_blocks)):
+        out.update(
+            {f"single_blocks.{i}.{b}": take(f"single_transformer_blocks.{i}.{o}") for b, o in single_norms.items()}
+        )
+    left = sorted(set(state) - used)
+    if left:
+        raise ValueError(f"bfl_flux_state: no BFL name for {left[:5]}: not a FLUX.1 transformer")
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def write_flux_transformer_file(path: str | Path, transformer, *, prefix: str = "") -> Path:
+    """Write a FLUX.1 transformer as BFL's original single file (`bfl_flux_state`), its keys under `prefix`
+    ("" as BFL publishes `flux1-dev.safetensors`; "model.diffusion_model." as some trainers save it).
+    Returns the path."""
+    save_file({prefix + key: value for key, value in bfl_flux_state(transformer).items()}, str(path))
+    return Path(path)
