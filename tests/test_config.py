@@ -50,7 +50,7 @@ def test_resolve_fills_auto_and_defaults(monkeypatch, tmp_path):
         (dict(backend="tensorrt"), "tensorrt needs a CUDA device"),
         (dict(batch_size=0), "--batch-size 0"),
         (dict(steps=0), "the paper uses 50"),
-        (dict(scheduler="euler"), "--scheduler 'euler': expected one of ddim, dpmpp-2m, unipc"),
+        (dict(scheduler="heun"), "--scheduler 'heun': expected one of ddim, dpmpp-2m, unipc, euler"),
         (dict(seed="1"), "--seed"),
         (dict(threads=0), "threads=0"),
         (dict(device="tpu"), "--device 'tpu'"),

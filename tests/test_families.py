@@ -259,7 +259,7 @@ def test_family_detected_from_each_zoo_folder_and_recorded(same_pairs, family_zo
             {"requires_aesthetics_score": True},
             "SDXL refiner",
         ),
-        (None, {"_class_name": "FluxPipeline"}, "FluxPipeline .Flux"),
+        (None, {"_class_name": "PixArtAlphaPipeline"}, "PixArtAlphaPipeline .PixArt"),
         (None, {}, "has no UNet"),
         ({"in_channels": 4, "out_channels": 4, "addition_embed_type": "image"}, {}, "addition_embed_type 'image'"),
     ],

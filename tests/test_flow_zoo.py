@@ -75,3 +75,17 @@ def test_flux_rope_axes_fill_the_head_and_the_packing_fits_32_px():
     vae_factor = 2 ** (len(TINY_FLOW_VAE_CONFIG["block_out_channels"]) - 1)
     assert 32 % (vae_factor * 2) == 0  # FluxPipeline's rule: 2 x 2 packing of the latents
     assert config["in_channels"] == TINY_FLOW_VAE_CONFIG["latent_channels"] * 4
+
+
+def test_flow_family_zoo_folders_load_in_the_pipeline_and_are_detected(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from finextract.engine.loading.folders import folder_family
+    from finextract.zoo.build import build_flow_family_zoo
+
+    out = build_flow_family_zoo(tmp_path / "sd3", "sd3")
+    assert (out / "caption.txt").read_text().strip() == ZOO_CAPTION
+    for name in ("base", "dreambooth"):
+        assert folder_family(out / name, name)[0].name == "sd3"
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(out / "base"))
+    assert type(pipeline.tokenizer_3).__name__ == "T5Tokenizer" and pipeline.vae.config.latent_channels == 16

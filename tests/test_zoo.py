@@ -98,8 +98,9 @@ def test_cli_build_is_deterministic(family_zoo, tmp_path):
 def test_cli_build_names_an_unknown_family(tmp_path, capsys):
     from finextract.cli import main
 
-    assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--families", "sd3"]) != 0
-    assert "zoo families ['sd3']: expected some of sd2, sd2-v, sdxl, altdiffusion" in capsys.readouterr().err
+    assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--families", "pixart"]) != 0
+    message = "zoo families ['pixart']: expected some of sd2, sd2-v, sdxl, altdiffusion, sd3, flux, flux-schnell"
+    assert message in capsys.readouterr().err
 
 
 def test_seed_changes_weights():

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         "--families",
         default=None,
         help="the families besides SD 1.x (always written, at the top level), comma-separated: some of "
-        "sd2,sd2-v,sdxl,altdiffusion, each in its own subfolder (default all; an empty string: SD 1.x only)",
+        "sd2,sd2-v,sdxl,altdiffusion and the flow-matching sd3,flux,flux-schnell, each in its own subfolder "
+        "(default all but the flow ones; an empty string: SD 1.x only)",
     )
     build.add_argument(
         "--trained",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .configs import KOHYA_METADATA, LORA_NO_ALPHA_MODULE, ZOO_CAPTION, ZOO_FAMILIES
+from .configs import FLOW_ZOO_FAMILIES, KOHYA_METADATA, LORA_NO_ALPHA_MODULE, ZOO_CAPTION, ZOO_FAMILIES
 from .models import perturbed_copy, save_pipeline, tiny_components, zoo_family_lora, zoo_lora
 from .writers import write_ldm_checkpoint, write_lora_diffusers, write_lora_kohya, write_lora_peft
 
@@ -29,13 +29,15 @@ def build_zoo(out: str | Path, seed: int = 0, families: tuple[str, ...] | None =
         caption.txt                   the fine-tuning caption
         sd2/, sd2-v/, sdxl/, altdiffusion/   the other families (`build_family_zoo`), each with its
                                       base, DreamBooth and LoRA variants (SD 1.x is the top level)
+        sd3/, flux/, flux-schnell/    the flow-matching families, when asked for (`build_flow_family_zoo`)
     The fine-tune is the base perturbed by seeded noise (`perturbed_copy`); "trained" weights are
     another issue's.
 
     Args:
         out: folder to create or fill (existing files are overwritten).
         seed: seed of every random weight.
-        families: the other zoo families to write (default all of `ZOO_FAMILIES` but "sd1").
+        families: the other zoo families to write (default all of `ZOO_FAMILIES` but "sd1"; the flow
+            families of `FLOW_ZOO_FAMILIES` only when named).
 
     Returns:
         `out` as a Path.
@@ -44,11 +46,11 @@ def build_zoo(out: str | Path, seed: int = 0, families: tuple[str, ...] | None =
         ValueError: an unknown family in `families`.
     """
     families = tuple(name for name in ZOO_FAMILIES if name != "sd1") if families is None else tuple(families)
-    unknown = [name for name in families if name not in ZOO_FAMILIES or name == "sd1"]
+    known = [*(n for n in ZOO_FAMILIES if n != "sd1"), *FLOW_ZOO_FAMILIES]
+    unknown = [name for name in families if name not in known]
     if unknown:
         raise ValueError(
-            f"zoo families {unknown}: expected some of {', '.join(n for n in ZOO_FAMILIES if n != 'sd1')} "
-            "(SD 1.x is always written, at the top level)"
+            f"zoo families {unknown}: expected some of {', '.join(known)} (SD 1.x is always written, at the top level)"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,27 @@ def build_zoo(out: str | Path, seed: int = 0, families: tuple[str, ...] | None =
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     for family in families:
         logger.info("zoo: %s family", family)
-        build_family_zoo(out / family, family, seed)
+        (build_flow_family_zoo if family in FLOW_ZOO_FAMILIES else build_family_zoo)(out / family, family, seed)
+    return out
+
+
+def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
+    """Write one flow-matching zoo family's (`FLOW_ZOO_FAMILIES`: sd3, flux, flux-schnell) tiny random
+    models into `out`:
+
+        base/          the family's pipeline folder (`StableDiffusion3Pipeline` / `FluxPipeline` loads it)
+        dreambooth/    full pipeline folder: the transformer perturbed (`perturbed_copy`), the rest the base's
+        caption.txt
+
+    Raises:
+        ValueError: an unknown flow zoo family.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = tiny_components(seed, tokenizer_folder=out / "base" / "tokenizer", family=family)
+    save_pipeline(base, out / "base")
+    save_pipeline(dict(base, transformer=perturbed_copy(base["transformer"], seed + 1000)), out / "dreambooth")
+    (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     return out
 
 
