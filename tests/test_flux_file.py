@@ -100,3 +100,22 @@ def test_bad_flux_files_are_named(flux_parts, tmp_path, tiny_zoo):
     save_file(partial, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="partial"):
         load_model_pair(flux_parts["base"], tmp_path / "partial.safetensors")
+
+
+def test_the_flux_zoo_holds_every_adapter_layout_and_the_single_files(tmp_path):
+    from finextract.engine.lora_formats import detect_lora_format
+    from finextract.zoo.build import build_flow_family_zoo
+
+    out = build_flow_family_zoo(tmp_path / "flux", "flux")
+    layouts = {
+        "lora": "diffusers",
+        "lora_kohya.safetensors": "kohya",
+        "lora_xlabs.safetensors": "xlabs",
+        "lora_onetrainer.safetensors": "onetrainer",
+        "lora_comfyui.safetensors": "bfl",
+    }
+    assert {name: detect_lora_format(out / name) for name in layouts} == layouts
+    single = load_model_pair(out / "base.safetensors", out / "dreambooth.safetensors", base_config=out / "base")
+    folder = load_model_pair(out / "base", out / "dreambooth")
+    assert _equal_states(single.base_unet, folder.base_unet)
+    assert _equal_states(single.finetuned_unet, folder.finetuned_unet)

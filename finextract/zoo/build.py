@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .configs import FLOW_ZOO_FAMILIES, KOHYA_METADATA, LORA_NO_ALPHA_MODULE, ZOO_CAPTION, ZOO_FAMILIES
+from .flux_writers import write_flux_adapters, write_flux_transformer_file
 from .models import perturbed_copy, save_pipeline, tiny_components, zoo_family_lora, zoo_lora
 from .writers import write_ldm_checkpoint, write_lora_diffusers, write_lora_kohya, write_lora_peft
 
@@ -87,6 +88,10 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
         base/          the family's pipeline folder (`StableDiffusion3Pipeline` / `FluxPipeline` loads it)
         dreambooth/    full pipeline folder: the transformer perturbed (`perturbed_copy`), the rest the base's
         caption.txt
+    and for FLUX.1 (flux, flux-schnell):
+        lora/, lora_kohya.safetensors, lora_xlabs.safetensors, lora_onetrainer.safetensors,
+        lora_comfyui.safetensors     one set of LoRA adapters in each FLUX layout (`write_flux_adapters`)
+        base.safetensors, dreambooth.safetensors   the transformers as BFL's original single files
 
     Raises:
         ValueError: an unknown flow zoo family.
@@ -95,7 +100,12 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     base = tiny_components(seed, tokenizer_folder=out / "base" / "tokenizer", family=family)
     save_pipeline(base, out / "base")
-    save_pipeline(dict(base, transformer=perturbed_copy(base["transformer"], seed + 1000)), out / "dreambooth")
+    tuned = perturbed_copy(base["transformer"], seed + 1000)
+    save_pipeline(dict(base, transformer=tuned), out / "dreambooth")
+    if family.startswith("flux"):
+        write_flux_adapters(out, base["transformer"], base["text_encoder"], seed + 2000)
+        write_flux_transformer_file(out / "base.safetensors", base["transformer"])
+        write_flux_transformer_file(out / "dreambooth.safetensors", tuned)
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     return out
 
