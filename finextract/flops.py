@@ -73,19 +73,11 @@ SD35_LARGE_TRANSFORMER_CONFIG = dict(
 #: parameters, MMDiT-X): 24 joint blocks of width 1536 (24 heads of 64), the first 13 with a second,
 #: image-only attention.
 SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
-    _class_name="SD3Transformer2DModel",
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
+    SD35_LARGE_TRANSFORMER_CONFIG,
     num_layers=24,
-    attention_head_dim=64,
     num_attention_heads=24,
-    joint_attention_dim=4096,
     caption_projection_dim=1536,
-    pooled_projection_dim=2048,
     pos_embed_max_size=384,
-    qk_norm="rms_norm",
     dual_attention_layers=tuple(range(13)),
 )
 #: text tokens the pipelines encode a caption to by default: FLUX.1-dev's T5 (max_sequence_length 512),
