@@ -12,7 +12,7 @@ against). Everything else (sizes, prediction type, scheduler) is read from the m
 | `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | `unet` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
 | `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | `unet` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
 | `sd3` SD3 / 3.5 | `StableDiffusion3Pipeline` | `transformer` (`SD3Transformer2DModel`) | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) + T5 (`T5EncoderModel`, optional) | `encoder_hidden_states` (joint), `pooled_projections` |
-| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP) |
+| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP), `guidance` (the distilled guidance) |
 
 Detection reads configs (`detect_family`), single-file checkpoint keys (`checkpoint_evidence`) or
 adapter keys and metadata (`adapter_evidence`); `check_family` refuses a fine-tune or adapter of
@@ -210,7 +210,7 @@ FLUX = Family(
     "FluxPipeline",
     (("transformers", "CLIPTextModel"), ("transformers", "T5EncoderModel")),
     ("CLIPTokenizer", "T5TokenizerFast"),
-    FLOW_CONDITIONING_KEYS,
+    (*FLOW_CONDITIONING_KEYS, "guidance"),  # FLUX.1-dev's distilled guidance: an input, the same for both terms
     4096,
     denoiser="transformer",
     denoiser_class="FluxTransformer2DModel",
