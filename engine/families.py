@@ -407,7 +407,8 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     `conditioner.embedders.1.*` (a second, OpenCLIP bigG text encoder) or `label_emb` in the UNet is
     SDXL; `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; `cond_stage_model.transformer.*` (CLIP)
     is SD 1.x; `cond_stage_model.roberta.*` is AltDiffusion; a UNet alone is told by its
-    cross-attention width where that is a released one. The marker tensors `v_pred` and `ztsnr`
+    cross-attention width where that is a released one; `model.diffusion_model.joint_blocks.*` (the MMDiT
+    of Stability AI's files) is SD3. The marker tensors `v_pred` and `ztsnr`
     (written by trainers of v-prediction and zero-terminal-SNR models) set `prediction_type` and
     `zero_terminal_snr`.
     """
@@ -425,6 +426,8 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in keys)
 
+    if has("model.diffusion_model.joint_blocks."):
+        return Evidence(SD3, None, "MMDiT joint_blocks (SD3) tensors", **markers)
     if has("conditioner.embedders.1.") or has("model.diffusion_model.label_emb."):
         why = (
             "conditioner.embedders.1.* tensors" if has("conditioner.embedders.1.") else "a label_emb (added) embedding"

@@ -375,8 +375,8 @@ def step_table(
         if scheduler not in FLOW_SCHEDULERS:
             raise ValueError(
                 f"--scheduler {scheduler}: the model is a flow-matching model ({FLOW_SCHEDULER_CLASS}; it predicts "
-                f"a velocity), which {scheduler} does not sample; use --scheduler {' or '.join(FLOW_SCHEDULERS)} "
-                "(the SD3 / FLUX pipelines' own step)"
+                f"a velocity), which {scheduler} does not sample; use --scheduler euler (the SD3 / FLUX pipelines' own "
+                "step), or dpmpp-2m / unipc (diffusers' flow forms)"
             )
         kwargs = flow_set_timesteps(family, scheduler_config, steps, image_tokens, flow_sigmas=scheduler != "euler")
         return FLOW_SCHEDULERS[scheduler](scheduler_config, steps, kwargs)

@@ -20,10 +20,15 @@ def backends(backend_class, pair, rule, config, caption: str):
 
 
 def step_row(pair, rule, index: int = 10, scheduler: str = "ddim"):
-    """(t, weights) of step `index` of a 50-step `scheduler` table on the pair's scheduler config."""
+    """(t, weights) of step `index` of a 50-step `scheduler` table on the pair's scheduler config (a flow
+    model's DDIM: its Euler step)."""
+    from finextract.engine.denoisers import image_tokens
     from finextract.engine.solvers import step_table
 
-    table = step_table(scheduler, pair.scheduler_config, 50)
+    flow = pair.family.flow_matching
+    scheduler = "euler" if flow and scheduler == "ddim" else scheduler
+    tokens = image_tokens(pair) if flow else None
+    table = step_table(scheduler, pair.scheduler_config, 50, family=pair.family, image_tokens=tokens)
     return table.timesteps_tensor()[index], table.weights(*rule.coefs)[index]
 
 
@@ -47,7 +52,8 @@ def assert_step_matches(ours, reference, unet, pair, rule, scheduler: str = "ddi
     from finextract.engine.solvers import history_slots
 
     blocks = 1 + history_slots(scheduler)
-    x_t = torch.randn(3, 4 * blocks, 16, 16, generator=torch.Generator().manual_seed(0))
+    channels, h, w = reference.denoiser.latent_shape
+    x_t = torch.randn(3, channels * blocks, h, w, generator=torch.Generator().manual_seed(0))
     t, weights = step_row(pair, rule, scheduler=scheduler)
     x_ours, x_ref = ours.step(x_t, t, weights), reference.step(x_t, t, weights)
     assert x_ours.shape == x_t.shape and x_ours.dtype == torch.float32

@@ -25,16 +25,19 @@ def sd3_components(tmp_path_factory):
     return tiny_components(0, tmp_path_factory.mktemp("sd3") / "tokenizer", family="sd3")
 
 
-def sd3_pair(components, *, finetuned=None, t5: bool = True):
-    """A DreamBooth-kind SD3 `ModelPair` on the components; its fine-tuned transformer `finetuned` (a
-    copy of the base's by default: base == fine-tuned, two modules back to back)."""
+def sd3_pair(components, *, finetuned=None, t5: bool = True, lora=None):
+    """An SD3 `ModelPair` on the components: LoRA-kind with `lora` (module path -> LoRALayer on the base
+    transformer), else DreamBooth-kind with the fine-tuned transformer `finetuned` (a copy of the base's by
+    default: base == fine-tuned, two modules back to back)."""
     from finextract.engine.pair import ModelPair
 
+    if lora is None and finetuned is None:
+        finetuned = copy.deepcopy(components["transformer"])
     return ModelPair(
-        kind="dreambooth",
+        kind="lora" if lora else "dreambooth",
         base_unet=components["transformer"],
-        finetuned_unet=copy.deepcopy(components["transformer"]) if finetuned is None else finetuned,
-        unet_lora=None,
+        finetuned_unet=finetuned,
+        unet_lora=lora,
         base_text_encoder=components["text_encoder"],
         finetuned_text_encoder=components["text_encoder"],
         base_tokenizer=components["tokenizer"],
@@ -157,7 +160,6 @@ def test_sd3_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(sd3_co
     down) x: the same function in another float32 order, so latents agree to ~1e-5 and a decoded pixel
     moves by at most 1 level (`tolerances.assert_same_images`)."""
     from finextract.engine.denoiser import GuidedDenoiser
-    from finextract.engine.pair import ModelPair
     from finextract.rules import rule_for
     from tests import tolerances
     from tests.conftest import random_unet_lora
@@ -170,22 +172,7 @@ def test_sd3_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(sd3_co
     with torch.no_grad():
         for name, layer in layers.items():
             modules[name].weight += (layer.alpha / layer.down.shape[0]) * layer.up @ layer.down
-    gated_pair = ModelPair(
-        kind="lora",
-        base_unet=components["transformer"],
-        finetuned_unet=None,
-        unet_lora=layers,
-        base_text_encoder=components["text_encoder"],
-        finetuned_text_encoder=components["text_encoder"],
-        base_tokenizer=components["tokenizer"],
-        vae=components["vae"],
-        scheduler_config=dict(components["scheduler"].config),
-        family="sd3",
-        base_text_encoder_2=components["text_encoder_2"],
-        base_tokenizer_2=components["tokenizer_2"],
-        base_text_encoder_3=components["text_encoder_3"],
-        base_tokenizer_3=components["tokenizer_3"],
-    )
+    gated_pair = sd3_pair(components, lora=layers)
     denoiser = GuidedDenoiser(gated_pair, rule_for("finextract", "lora"))
     assert len(denoiser.groups) == 1 and denoiser.lora_gate is not None  # one fused forward
     options = dict(steps=STEPS, scheduler="euler", seed=0, batch_size=2, backend="torch", progress=False)
@@ -227,3 +214,103 @@ def test_sd3_multistep_flow_forms_reproduce_the_pipeline(sd3_components, schedul
     options = dict(steps=4, scheduler=scheduler, seed=SEEDS[0], batch_size=len(SEEDS), backend="torch", progress=False)
     ours = generate(pair, ZOO_CAPTION, len(SEEDS), method="cfg", w=W, **options).images
     _assert_within_two_levels(ours, theirs)
+
+
+def test_sd3_single_files_load_to_the_pipelines_weights(sd3_components, sd3_folders, tmp_path):
+    """Stability AI's single-file layout (`write_sd3_checkpoint`, whose MMDiT names diffusers' own
+    `convert_sd3_transformer_checkpoint_to_diffusers` reads back) loads to exactly the folder's weights: as a
+    fine-tune on a folder base (with its text encoders and VAE), and as a base whose text encoders come from
+    --base-config (SD3's released files ship without them); another family's base is refused naming SD3."""
+    from finextract.engine.families import FamilyMismatchError
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import build_base, perturbed_copy
+    from finextract.zoo.writers import write_sd3_checkpoint
+
+    def same(a, b) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    tuned = perturbed_copy(sd3_components["transformer"], 7)
+    clip_l = perturbed_copy(sd3_components["text_encoder"], 8)
+    encoders = {"clip_l": clip_l, "clip_g": sd3_components["text_encoder_2"], "t5xxl": sd3_components["text_encoder_3"]}
+    file = write_sd3_checkpoint(tmp_path / "tuned.safetensors", tuned, sd3_components["vae"], encoders)
+    pair = load_model_pair(sd3_folders / "base", file)
+    assert pair.sources["finetuned_format"] == "checkpoint" and same(pair.finetuned_unet, tuned)
+    assert same(pair.finetuned_text_encoder, clip_l) and same(pair.finetuned_text_encoder_3, encoders["t5xxl"])
+    assert same(pair.vae, sd3_components["vae"])
+
+    bare = write_sd3_checkpoint(tmp_path / "base.safetensors", sd3_components["transformer"], sd3_components["vae"])
+    pair = load_model_pair(bare, sd3_folders / "dreambooth", base_config=sd3_folders / "base")
+    assert pair.family.name == "sd3" and same(pair.base_unet, sd3_components["transformer"])
+    assert same(pair.base_text_encoder_2, sd3_components["text_encoder_2"])
+    with pytest.raises(FamilyMismatchError, match=r"is SD3.*told by MMDiT joint_blocks.*the base is SD 1.x"):
+        load_model_pair(build_base(tmp_path / "sd1"), file)
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [("dreambooth", "finextract-uncond"), ("dreambooth", "direct"), ("lora", "finextract"), ("lora", "cfg")],
+)
+def test_every_rule_steps_alike_on_torch_and_onnxruntime(sd3_components, kind, method):
+    """Eq. 6 and Direct on a DreamBooth pair (two transformers in one graph), Eq. 13 and CFG on a LoRA pair
+    (gated adapters in the graph): one Euler step on onnxruntime == torch within the network bound of
+    `tests/tolerances.py` (CFG and Eq. 13 on a DreamBooth pair: the pipeline test above)."""
+    from finextract.engine.backends.ort_backend import OnnxRuntimeBackend
+    from finextract.engine.config import RunConfig
+    from finextract.rules import rule_for
+    from finextract.zoo.models import perturbed_copy
+    from tests.conftest import random_unet_lora
+    from tests.steps import assert_step_matches, backends
+
+    if kind == "lora":
+        components = dict(sd3_components, transformer=copy.deepcopy(sd3_components["transformer"]))
+        pair = sd3_pair(components, lora=random_unet_lora(components["transformer"], seed=5))
+    else:
+        pair = sd3_pair(sd3_components, finetuned=perturbed_copy(sd3_components["transformer"], 3))
+    rule = rule_for(method, kind)
+    config = RunConfig.resolve(device="cpu", backend="onnxruntime", threads=1, scheduler="euler")
+    ours, reference = backends(OnnxRuntimeBackend, pair, rule, config, ZOO_CAPTION)
+    assert_step_matches(ours, reference, pair.base_unet, pair, rule)
+
+
+def test_sd3_folders_without_t5_and_with_t5s_padded_rows_load(sd3_components, tmp_path):
+    """A pipeline saved without T5 loads as a pair without it (the pipeline's zeros); a T5 whose embedding has
+    more rows than its tokenizer (the released T5's 32,128 rows for 32,100 entries) loads."""
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import save_pipeline
+
+    no_t5 = save_pipeline(dict(sd3_components, text_encoder_3=None, tokenizer_3=None), tmp_path / "no_t5")
+    pair = load_model_pair(no_t5, no_t5)
+    assert pair.base_text_encoder_3 is None and pair.base_tokenizer_3 is None
+    t5 = copy.deepcopy(sd3_components["text_encoder_3"])
+    t5.resize_token_embeddings(256)  # 232 tokenizer entries, 256 rows
+    padded = save_pipeline(dict(sd3_components, text_encoder_3=t5), tmp_path / "padded")
+    pair = load_model_pair(padded, padded)
+    assert pair.base_text_encoder_3.get_input_embeddings().num_embeddings == 256 > len(pair.base_tokenizer_3)
+
+
+def test_flux_folders_load_and_sample(tmp_path):
+    """A FLUX.1 folder is detected, loads with diffusers' classes and samples through FLUX's denoiser hooks
+    (`engine/flux.py`; images against FluxPipeline: tests/test_flux_sampling.py)."""
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.build import build_flow_family_zoo
+
+    zoo = build_flow_family_zoo(tmp_path / "flux", "flux")
+    pair = load_model_pair(zoo / "base", zoo / "dreambooth")
+    assert pair.family.name == "flux" and type(pair.base_unet).__name__ == "FluxTransformer2DModel"
+    assert type(pair.base_text_encoder_2).__name__ == "T5EncoderModel"
+    images = generate(pair, ZOO_CAPTION, 1, method="cfg", steps=2, scheduler="euler", backend="torch", progress=False)
+    assert images.images.shape == (1, 32, 32, 3) and images.images.dtype == torch.uint8
+
+
+def test_a_fine_tunes_t5_of_another_width_is_named(sd3_components, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    from finextract.engine.loading import load_model_pair
+    from finextract.zoo.models import save_pipeline
+
+    base = save_pipeline(sd3_components, tmp_path / "base")
+    config = T5Config(**{**sd3_components["text_encoder_3"].config.to_dict(), "d_ff": 96})
+    tuned = save_pipeline(dict(sd3_components, text_encoder_3=T5EncoderModel(config)), tmp_path / "tuned")
+    with pytest.raises(ValueError, match="fine-tuned text_encoder_3 has d_ff 96, base has 128"):
+        load_model_pair(base, tuned)

@@ -85,6 +85,7 @@ def test_flow_family_zoo_folders_load_in_the_pipeline_and_are_detected(tmp_path)
 
     out = build_flow_family_zoo(tmp_path / "sd3", "sd3")
     assert (out / "caption.txt").read_text().strip() == ZOO_CAPTION
+    assert (out / "base.safetensors").is_file() and (out / "dreambooth.safetensors").is_file()
     for name in ("base", "dreambooth"):
         assert folder_family(out / name, name)[0].name == "sd3"
     pipeline = StableDiffusion3Pipeline.from_pretrained(str(out / "base"))

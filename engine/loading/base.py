@@ -139,7 +139,7 @@ def base_parts(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
     converted = load_ldm_parts(
         path,
         {
-            "unet": read_config(config / "unet"),
+            "unet": read_config(config / family.denoiser),
             **{name: template[name] for name in family.text_encoders},
             "vae": read_config(config / "vae"),
         },
@@ -149,7 +149,11 @@ def base_parts(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
         fix=f"pass a --base-config folder of the checkpoint's family (this one, {config}, is {family.label})",
     )
     evidence = converted.pop("evidence")
-    missing = [part for part in (*family.text_encoders, "vae") if converted[part] is None]
+    if family.flow_matching:  # SD3's released files ship without their text encoders: the config folder's
+        for name in family.text_encoders:
+            converted[name] = converted[name] if converted[name] is not None else template[name]
+    optional = family.optional_text_encoders
+    missing = [part for part in (*family.text_encoders, "vae") if converted[part] is None and part not in optional]
     if missing:
         raise ValueError(f"base {path} lacks its {' and '.join(missing)}: a base checkpoint must be complete")
     check_finite({name: converted[name] for name in ("unet", *family.text_encoders, "vae")}, f"base {path}")

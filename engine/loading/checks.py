@@ -41,6 +41,13 @@ _TEXT_ARCH_KEYS = (
     "max_position_embeddings",
     "projection_dim",
     "project_dim",
+    # T5 (SD3, FLUX.1): its own names for the same
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "feed_forward_proj",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -119,14 +126,7 @@ def check_unet_configs(base: dict, finetuned: dict, where: str = "fine-tuned UNe
         ValueError: another entry differs; the message names every differing entry.
     """
     if "Transformer" in str(base.get("_class_name", "")):  # a flow family's transformer: every entry is architecture
-        keys = sorted(k for k in {*base, *finetuned} if not k.startswith("_"))
-        problems = [
-            f"{where} has {k} {finetuned.get(k)}, base has {base.get(k)}"
-            for k in keys
-            if base.get(k) != finetuned.get(k)
-        ]
-        if problems:
-            raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
+        _compare_configs(base, finetuned, sorted(k for k in {*base, *finetuned} if not k.startswith("_")), where)
         return
     base_family, ft_family = detect_family(base, where="the base"), detect_family(finetuned, where=where)
     check_family(
@@ -152,12 +152,15 @@ def config_evidence(family: Family, unet_config: dict) -> Evidence:
 
 
 def check_text_configs(base: dict, finetuned: dict, where: str = "fine-tuned text encoder") -> None:
-    """Like `check_unet_configs` for CLIP text-encoder configs. `vocab_size` is not compared: a
+    """Like `check_unet_configs` for CLIP and T5 text-encoder configs. `vocab_size` is not compared: a
     fine-tune may add tokens, and `load_model_pair` checks it against the fine-tune's tokenizer."""
+    _compare_configs(base, finetuned, _TEXT_ARCH_KEYS, where)
+
+
+def _compare_configs(base: dict, finetuned: dict, keys, where: str) -> None:
+    """Raise ValueError naming every entry of `keys` in which the two configs differ."""
     problems = [
-        f"{where} has {key} {finetuned.get(key)}, base has {base.get(key)}"
-        for key in _TEXT_ARCH_KEYS
-        if base.get(key) != finetuned.get(key)
+        f"{where} has {k} {finetuned.get(k)}, base has {base.get(k)}" for k in keys if base.get(k) != finetuned.get(k)
     ]
     if problems:
         raise ValueError("incompatible base and fine-tune: " + "; ".join(problems))
@@ -187,12 +190,17 @@ def check_state_dict(expected: dict, found: dict, where: str) -> None:
         raise ValueError(f"{where} does not match the base UNet: " + "; ".join(problems))
 
 
+def tokenizer_fits(entries: int, rows: int, model_type: str) -> bool:
+    """A tokenizer of `entries` feeds an embedding of `rows`: equal, or (T5, whose rows are padded to a
+    multiple of 128 beyond its tokenizer's 32,100 entries) not more entries than rows."""
+    return entries == rows or (model_type in ("t5", "umt5") and entries <= rows)
+
+
 def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
     """The tokenizer must have one entry per token-embedding row of the text encoder it feeds (T5's rows are
     padded to a multiple of 128 beyond its tokenizer's 32,100 entries: there the tokenizer must fit in them)."""
     rows = text_encoder.get_input_embeddings().num_embeddings
-    padded = getattr(text_encoder.config, "model_type", "") in ("t5", "umt5")
-    if len(tokenizer) != rows and not (padded and len(tokenizer) <= rows):
+    if not tokenizer_fits(len(tokenizer), rows, getattr(text_encoder.config, "model_type", "")):
         raise ValueError(
             f"{where}: the text encoder has {rows} token-embedding rows but the tokenizer has {len(tokenizer)} entries; "
             "a fine-tune that adds tokens (e.g. a DreamBooth identifier) must ship its tokenizer/ and text_encoder/ "
@@ -301,6 +309,8 @@ def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Famil
     if fmt not in ("pipeline", "unet_folder"):
         return
     for name, tokenizer_name in zip(family.text_encoders, family.tokenizers):
+        if name in family.optional_text_encoders and not (base_path / name).is_dir():
+            continue  # the base runs without it (SD3 without T5)
         ft_text_dir = ft_path / name
         text_config = read_config(ft_text_dir if ft_text_dir.is_dir() else base_path / name)
         base_text_config = read_config(base_path / name)
@@ -314,7 +324,7 @@ def check_folder_configs(base_path: Path, ft_path: Path, fmt: str, family: Famil
         tokenizer = family.tokenizer_class_object(index).from_pretrained(
             str(tokenizer_dir or base_path / tokenizer_name)
         )
-        if len(tokenizer) != text_config.get("vocab_size"):
+        if not tokenizer_fits(len(tokenizer), text_config.get("vocab_size"), text_config.get("model_type", "")):
             which = "its own" if tokenizer_dir else "the base's: the fine-tune ships none"
             raise ValueError(
                 f"fine-tune {ft_path}: the {name} has {text_config.get('vocab_size')} token-embedding rows "

@@ -5,7 +5,11 @@ A `.safetensors` / `.ckpt` of the original Stable Diffusion code holds `model.di
 - SD 1.x: `cond_stage_model.transformer.*` (CLIP);
 - SD 2.x: `cond_stage_model.model.*` (OpenCLIP ViT-H);
 - SDXL: `conditioner.embedders.0.transformer.*` (CLIP) and `conditioner.embedders.1.model.*`
-  (OpenCLIP bigG with its `text_projection`).
+  (OpenCLIP bigG with its `text_projection`);
+- SD3 / 3.5 (Stability AI's files): `model.diffusion_model.*` is the MMDiT (`joint_blocks.*`, converted with
+  `convert_sd3_transformer_checkpoint_to_diffusers`), and the text encoders, when the file has them, are
+  `text_encoders.clip_l.transformer.*`, `text_encoders.clip_g.transformer.*`, `text_encoders.t5xxl.transformer.*`
+  in transformers' own names.
 Each part is renamed to diffusers' layout with diffusers' own single-file conversion functions
 (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
 `convert_open_clip_checkpoint`), on the configs of a model already known (the base, or a
@@ -33,6 +37,12 @@ LDM_OPENCLIP_PREFIX = "cond_stage_model.model."
 SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SGM_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 LDM_VAE_PREFIX = "first_stage_model."
+#: SD3 single files: pipeline component -> the prefix of its tensors
+SD3_TEXT_PREFIXES = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    "text_encoder_3": "text_encoders.t5xxl.transformer.",
+}
 
 
 def _expected(model) -> dict[str, tuple]:
@@ -73,6 +83,42 @@ def convert_unet(state: dict, config: dict, what: str):
         raise ValueError(f"{what} holds no UNet ({LDM_UNET_PREFIX}* tensors): not an SD checkpoint")
     converted = convert_ldm_unet_checkpoint(state, dict(config))
     return _load_part(UNet2DConditionModel.from_config(config), converted, what + " (UNet)")
+
+
+def convert_sd3_transformer(state: dict, config: dict, what: str):
+    """The `SD3Transformer2DModel` of an SD3 single file's `model.diffusion_model.*` (MMDiT) tensors.
+
+    Raises:
+        ValueError: no MMDiT tensors, a partial one (naming what is missing) or one of another architecture.
+    """
+    from diffusers import SD3Transformer2DModel  # heavy: diffusers takes seconds to import
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    part = {key: value for key, value in state.items() if key.startswith(LDM_UNET_PREFIX)}
+    if not part:
+        raise ValueError(f"{what} holds no transformer ({LDM_UNET_PREFIX}* tensors): not an SD3 checkpoint")
+    try:
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(part)  # pops from `part`, a copy
+    except KeyError as error:
+        raise ValueError(
+            f"{what} is partial: its MMDiT lacks {error} (SAI's name); get the complete checkpoint"
+        ) from None
+    return _load_part(SD3Transformer2DModel.from_config(config), converted, what + " (transformer)")
+
+
+def _sd3_text_encoder(state: dict, name: str, template, what: str):
+    """One SD3 text encoder of a single file (transformers' names under `SD3_TEXT_PREFIXES[name]`), in a copy
+    of `template`'s architecture; None when the file has none (or the base runs without it)."""
+    prefix = SD3_TEXT_PREFIXES[name]
+    part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if not part or template is None:
+        if part:
+            logger.info("%s holds a %s but the base has none: not used", what, name.replace("_", " "))
+        return None
+    model = type(template)(template.config)
+    if "shared.weight" in part:  # T5's input embedding, tied to `encoder.embed_tokens` (files keep one)
+        part.setdefault("encoder.embed_tokens.weight", part["shared.weight"])
+    return _load_part(model, _renamed(part, model), what + f" (text encoder {prefix}*)")
 
 
 def _renamed(converted: dict, model) -> dict:
@@ -122,6 +168,8 @@ def convert_text_encoder(state: dict, template, what: str, *, layout: str = "cli
 
 def _text_encoders(state: dict, base: dict, family, what: str) -> dict:
     """The family's text encoders of a checkpoint: name -> model or None (absent)."""
+    if family.name == "sd3":
+        return {name: _sd3_text_encoder(state, name, base.get(name), what) for name in family.text_encoders}
     if family.name == "sdxl":
         return {
             "text_encoder": convert_text_encoder(state, base["text_encoder"], what, prefix=SGM_CLIP_PREFIX),
@@ -193,8 +241,9 @@ def load_ldm_parts(
     state = read_ldm_checkpoint(path, allow_pickle=allow_pickle)
     evidence = checkpoint_evidence({key: tuple(value.shape) for key, value in state.items()})
     check_family(family, base["unet"].get("cross_attention_dim"), evidence, f"the {where}", fix, relation="is")
+    convert = convert_sd3_transformer if family.name == "sd3" else convert_unet
     return {
-        "unet": convert_unet(state, base["unet"], where),
+        "unet": convert(state, base["unet"], where),
         **_text_encoders(state, base, family, where),
         "vae": convert_vae(state, base["vae"], where),
         "evidence": evidence,

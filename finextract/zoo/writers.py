@@ -356,3 +356,89 @@ def write_ldm_checkpoint(
         tensors[name] = torch.zeros(0)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return Path(path)
+
+
+def _sd3_names(state: dict, layers: int) -> dict[str, list[str]]:
+    """SAI's MMDiT tensor name -> the diffusers `SD3Transformer2DModel` names it holds (three for a fused qkv),
+    the inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`."""
+    fixed = {
+        "pos_embed": "pos_embed.pos_embed",
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "context_embedder": "context_embedder",
+        "final_layer.linear": "proj_out",
+        "final_layer.adaLN_modulation.1": "norm_out.linear",
+    }
+    per_block = {
+        "x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+        "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        "x_block.attn.ln_q": ["attn.norm_q"],
+        "x_block.attn.ln_k": ["attn.norm_k"],
+        "context_block.attn.ln_q": ["attn.norm_added_q"],
+        "context_block.attn.ln_k": ["attn.norm_added_k"],
+        "x_block.attn.proj": ["attn.to_out.0"],
+        "context_block.attn.proj": ["attn.to_add_out"],
+        "x_block.adaLN_modulation.1": ["norm1.linear"],
+        "context_block.adaLN_modulation.1": ["norm1_context.linear"],
+        "x_block.mlp.fc1": ["ff.net.0.proj"],
+        "x_block.mlp.fc2": ["ff.net.2"],
+        "context_block.mlp.fc1": ["ff_context.net.0.proj"],
+        "context_block.mlp.fc2": ["ff_context.net.2"],
+    }
+    names = {old: [new] for old, new in fixed.items()}
+    for i in range(layers):
+        names.update(
+            {f"joint_blocks.{i}.{old}": [f"transformer_blocks.{i}.{n}" for n in new] for old, new in per_block.items()}
+        )
+    mapping = {}
+    for old, new in names.items():
+        for suffix in ("", ".weight", ".bias"):
+            if all(n + suffix in state for n in new) and (suffix or old == "pos_embed"):
+                mapping[old + suffix] = [n + suffix for n in new]
+    return mapping
+
+
+def write_sd3_checkpoint(path: str | Path, transformer, vae=None, text_encoders: dict | None = None) -> Path:
+    """Write an SD3 transformer as Stability AI's single file (`sd3_medium.safetensors`, SD3.5's
+    `sd3.5_*.safetensors` layout): `model.diffusion_model.*` in SAI's MMDiT names (`joint_blocks.{i}.x_block`
+    / `context_block`, fused `attn.qkv`, `adaLN_modulation`; the last block's context and the final layer's
+    modulation with shift and scale swapped, as diffusers' converter undoes), `first_stage_model.*` (the VAE,
+    LDM names) and `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*` (transformers' names) for the text
+    encoders given (keys "clip_l", "clip_g", "t5xxl"). Returns the path.
+
+    Raises:
+        ValueError: a transformer with SD3.5's dual attention layers (not written here).
+    """
+    state = transformer.state_dict()
+    if any(".attn2." in key for key in state):
+        raise ValueError("write_sd3_checkpoint: dual attention (attn2) layers are not written")
+    layers = transformer.config.num_layers
+    tensors = {}
+    for old, new in _sd3_names(state, layers).items():
+        value = torch.cat([state[n] for n in new])
+        if old.startswith(("final_layer.adaLN", f"joint_blocks.{layers - 1}.context_block.adaLN")):
+            shift, scale = value.chunk(2, dim=0)
+            value = torch.cat([scale, shift])
+        tensors["model.diffusion_model." + old] = value
+    if vae is not None:
+        vae_state = vae.state_dict()
+        for name, ldm in _ldm_vae_names(dict(vae.config), vae_state).items():
+            value = vae_state[name]
+            tensors["first_stage_model." + ldm] = (
+                value[:, :, None, None] if ".mid.attn_1." in ldm and value.dim() == 2 else value
+            )
+    for key, model in (text_encoders or {}).items():
+        for name, value in model.state_dict().items():
+            if key == "t5xxl" and name == "encoder.embed_tokens.weight":
+                continue  # tied to `shared.weight`, which the file holds
+            full = (
+                name
+                if key == "t5xxl" or name.startswith("text_model.") or name == "text_projection.weight"
+                else "text_model." + name
+            )
+            tensors[f"text_encoders.{key}.transformer.{full}"] = value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return Path(path)
