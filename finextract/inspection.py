@@ -29,6 +29,7 @@ _DIT_KEYS = (
     ("sd3", "SD 3", re.compile(r"joint_blocks[._]")),
     ("dit", "a diffusion transformer (SD 3, FLUX.1, PixArt, ...)", re.compile(r"^(transformer\.|lora_transformer_)")),
 )
+_RUN_DITS = ("flux",)  # the diffusion transformers told from keys that finextract runs (adapters and single files)
 _METADATA_DITS = (("flux", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
 # ComfyUI's component prefixes in FLUX adapter keys -> component
 _OTHER_COMPONENT_PREFIXES = (("diffusion_model.", "transformer"), ("text_encoders.clip_l.transformer.", "text_encoder"))
@@ -136,6 +137,7 @@ def _weights(path: Path, report: dict) -> None:
     lora = detect_lora_format(path)
     if lora is None and path.is_file() and _dit(_shapes(path)):  # a DiT checkpoint: named, not summarised
         report["kind"], report["format"], report["family"] = "full", "single file", _dit(_shapes(path))
+        report["runs"] = report["family"]["name"] in _RUN_DITS
         report["components"] = {"transformer": {"modules": "all", "kinds": {"full fine-tune": 1}}}
         return
     if lora is not None:
@@ -143,7 +145,7 @@ def _weights(path: Path, report: dict) -> None:
         report["kind"], report["format"] = "adapter", lora
         dit = _dit(shapes)
         if dit is not None:
-            report["family"] = dit
+            report["family"], report["runs"] = dit, dit["name"] in _RUN_DITS
         else:
             evidence = adapter_evidence(shapes, {})  # the weights alone: metadata is compared, not believed
             report["family"] = _family(evidence.family.name if evidence.family else None, evidence.reason)

@@ -209,7 +209,7 @@ def test_flux_files_are_inspected_and_told_flux(flux_zoo, fmt):
     _, files = flux_zoo
     assert adapter_evidence(*adapter_headers(files[fmt])).family.name == "flux"
     report = inspect_checkpoint(files[fmt])
-    assert (report["kind"], report["format"], report["family"]["name"]) == ("adapter", fmt, "flux")
+    assert (report["kind"], report["format"], report["family"]["name"]) == ("adapter", fmt, "flux") and report["runs"]
     transformer = report["components"]["transformer"]
     assert (transformer["modules"], transformer["alpha_source"]) == INSPECTED[fmt]
     assert transformer["ranks"] == {"4": INSPECTED[fmt][0]} and "unparsed" not in report["components"]

@@ -11,6 +11,7 @@ import torch
 from finextract.engine.sampler import start_latents
 from finextract.generation import generate
 from finextract.zoo.configs import ZOO_CAPTION
+from tests.test_flow_families import _assert_within_two_levels  # the flow families' 2-level bound, argued there
 
 STEPS = 3
 W = 4.0
@@ -49,15 +50,6 @@ def pipeline_images(components, **options) -> torch.Tensor:
             **options,
         ).images
     return torch.from_numpy((result * 255).round().astype(np.uint8))
-
-
-def _assert_within_two_levels(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    # Same weights, latents and arithmetic up to the order of float32 operations (a 2B batch vs the
-    # pipeline's two calls, the fused row vs FlowMatchEulerDiscreteScheduler.step): a pixel may round to
-    # the next level; 2 levels is the acceptance bound, while a wrong packing, RoPE id, timestep scale or
-    # guidance value moves pixels by tens of levels.
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.uint8
-    assert (ours.int() - theirs.int()).abs().max().item() <= 2
 
 
 @pytest.fixture(scope="module")
