@@ -114,3 +114,33 @@ def test_rms_norm_exports_at_opset_17_as_torch_computes_it(tmp_path, eps):
     session = onnxruntime.InferenceSession(str(tmp_path / "n.onnx"), providers=["CPUExecutionProvider"])
     (ours,) = session.run(None, {"x": x.numpy()})
     assert np.allclose(ours, norm(x).detach().numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_flux_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(
+    flux_folder, flux_pipeline_images, tmp_path, backend
+):
+    """A kohya FLUX LoRA (`write_flux_adapters`) on the folder: FineXtract runs the base transformer once on 2B
+    rows with the adapters gated 1 / 0; its images equal the DreamBooth pair whose fine-tuned transformer has
+    the adapters merged (float32 products in another order: within 1 level)."""
+    import copy
+
+    from finextract.engine.adapters import merge_adapters
+    from finextract.engine.loading import load_model_pair
+    from finextract.engine.lora_formats import read_adapters
+    from finextract.zoo.flux_writers import write_flux_adapters
+
+    components, folder = flux_folder
+    files = write_flux_adapters(tmp_path, components["transformer"], components["text_encoder"], seed=2000)
+    pair = load_model_pair(folder, lora=files["kohya"])
+    assert pair.unet_lora and pair.finetuned_unet is None
+    merged = load_model_pair(folder, folder)
+    models = {"transformer": components["transformer"], "text_encoder": components["text_encoder"]}
+    adapters = read_adapters(files["kohya"], models, family="flux")
+    merged.finetuned_unet = merge_adapters(copy.deepcopy(merged.base_unet), adapters.adapters["transformer"])
+    merged.finetuned_text_encoder = pair.finetuned_text_encoder
+    options = dict(method="finextract", w=W, k=0.0, steps=STEPS, scheduler="euler", seed=SEEDS[0], progress=False)
+    ours = generate(pair, ZOO_CAPTION, len(SEEDS), batch_size=len(SEEDS), backend=backend, **options).images
+    theirs = generate(merged, ZOO_CAPTION, len(SEEDS), batch_size=len(SEEDS), backend="torch", **options).images
+    assert (ours.int() - theirs.int()).abs().max().item() <= 1
+    assert (ours.int() - flux_pipeline_images.int()).abs().max().item() > 2  # the adapters change the images
