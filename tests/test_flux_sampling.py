@@ -144,3 +144,16 @@ def test_a_flux_lora_pair_is_one_gated_forward_equal_to_the_merged_fine_tune(
     theirs = generate(merged, ZOO_CAPTION, len(SEEDS), batch_size=len(SEEDS), backend="torch", **options).images
     assert (ours.int() - theirs.int()).abs().max().item() <= 1
     assert (ours.int() - flux_pipeline_images.int()).abs().max().item() > 2  # the adapters change the images
+
+
+def test_the_cli_records_the_distilled_guidance(flux_folder, tmp_path):
+    import json
+
+    from finextract.cli import main
+
+    _, folder = flux_folder
+    args = ["generate", "--base", str(folder), "--finetuned", str(folder), "--caption", ZOO_CAPTION]
+    args += ["--num-images", "1", "--steps", "2", "--scheduler", "euler", "--backend", "torch"]
+    assert main([*args, "--distilled-guidance", "2.0", "--out", str(tmp_path / "gen")]) == 0
+    manifest = (tmp_path / "gen" / "manifest.json").read_text()
+    assert '"distilled_guidance": 2.0' in json.dumps(json.loads(manifest))
