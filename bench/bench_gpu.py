@@ -1,4 +1,4 @@
-"""GPU benchmarks at Stable Diffusion 1.x size, each against the plain diffusers way.
+"""GPU benchmarks at Stable Diffusion 1.x size (each against the plain diffusers way) and at FLUX.1 size.
 
 Run on a CUDA machine (bench/device_check.sh does it):
 
@@ -13,6 +13,9 @@ Run on a CUDA machine (bench/device_check.sh does it):
   `torch.cuda.max_memory_allocated`.
 - The plain diffusers way in the same run: two fp32 UNets called one after the other per step,
   batch 5, eager, with diffusers' `DDIMScheduler.step` (as the paper's released code does).
+- A FLUX.1-dev-size transformer (`FluxTransformer2DModel`, 11.9 B parameters, random weights, bf16) at 1024 px,
+  batch 1 and 2 (one true-CFG / FineXtract step): forward latency, TFLOP/s and MFU against
+  `finextract.flops.transformer_flops` (74.4 TFLOP per image), peak memory.
 - SSCD-shaped descriptors: a ResNet-50 trunk (transformers' `ResNetModel`, random weights) with GeM
   pooling and a 512-d projection, fp16, 224x224 uint8 input normalised on the device.
 - Similarity matrix (on the GPU) and clique clustering for N = 500 and 5,000 planted descriptors.
@@ -214,6 +217,56 @@ def test_plain_diffusers_step(benchmark, schedule, pair):
     )
     unet_ft = unet_base = None
     _free()
+
+
+# --------------------------------------------------------------------- FLUX.1-size transformer --
+
+FLUX_BATCHES = [int(b) for b in os.environ.get("FINEXTRACT_BENCH_FLUX_BATCHES", "1,2").split(",")]
+
+
+@pytest.fixture(scope="module")
+def flux_transformer():
+    """A FLUX.1-dev-size transformer (11.9 B parameters) with random weights, bf16, built on the GPU (24 GB)."""
+    from finextract.benchmarking import random_flow_transformer
+    from finextract.flops import FLUX1_DEV_TRANSFORMER_CONFIG
+
+    _free()
+    holder = SimpleNamespace(
+        model=random_flow_transformer(FLUX1_DEV_TRANSFORMER_CONFIG, device="cuda", dtype=torch.bfloat16)
+    )
+    yield holder
+    holder.model = None
+    _free()
+
+
+@pytest.mark.parametrize("batch", FLUX_BATCHES)
+def test_flux_transformer_forward(benchmark, flux_transformer, batch):
+    """One FLUX.1-dev-size transformer forward at 1024 px (4,096 packed image tokens, 512 T5 tokens, the distilled
+    guidance input), bf16, eager: latency, TFLOP/s and MFU from `finextract.flops.transformer_flops`, peak memory.
+    Batch 2 is one image's true-CFG / FineXtract step (the two guidance terms on a 2B batch)."""
+    from finextract.benchmarking import flux_forward_inputs
+    from finextract.flops import FLUX1_DEV_TRANSFORMER_CONFIG, transformer_flops
+
+    torch.cuda.reset_peak_memory_stats()
+    inputs = flux_forward_inputs(FLUX1_DEV_TRANSFORMER_CONFIG, (128, 128), batch, device="cuda", dtype=torch.bfloat16)
+    model = flux_transformer.model
+    with torch.no_grad():
+        (out,) = model(**inputs)
+        benchmark.pedantic(_synchronized(lambda: model(**inputs)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    step_s = benchmark.stats.stats.median
+    tflop = transformer_flops(FLUX1_DEV_TRANSFORMER_CONFIG, (128, 128), batch) / 1e12
+    _record(
+        benchmark,
+        f"flux_transformer_b{batch}",
+        batch=batch,
+        tokens=inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1],
+        forward_ms=step_s * 1e3,
+        tflop_per_forward=tflop,
+        tflops=tflop / step_s,
+        mfu=tflop / step_s / PEAK_TFLOPS,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+        finite=bool(torch.isfinite(out).all()),
+    )
 
 
 # ------------------------------------------------------------------------------ SSCD-shaped --

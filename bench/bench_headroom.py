@@ -6,7 +6,9 @@
 Peak: square fp32 products (2048 x 2048 x 2048, 17.2 GFLOP each), best / median / min of the timed
 repeats, the libraries interleaved round by round so that both see the same machine load. FLOPs:
 `finextract.flops.unet_flops` (FlopCounterMode on the meta device) for the trained zoo's tiny UNet at
-4x16x16 latents, the SD 1.x UNet at 4x64x64 and the SDXL base 1.0 UNet at 4x128x128, batch 1.
+4x16x16 latents, the SD 1.x UNet at 4x64x64 and the SDXL base 1.0 UNet at 4x128x128, batch 1; and
+`transformer_flops` for FLUX.1-dev, SD 3.5 Large and SD 3.5 Medium at 1024 px (16x128x128 latents).
+`--flops-only` prints the counts alone (seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +19,24 @@ import os
 import platform
 from pathlib import Path
 
-from finextract.flops import SDXL_UNET_CONFIG, gemm_peak_gflops, unet_flops, unet_parameters
+from finextract.flops import (
+    FLUX1_DEV_TRANSFORMER_CONFIG,
+    SD35_LARGE_TRANSFORMER_CONFIG,
+    SD35_MEDIUM_TRANSFORMER_CONFIG,
+    SDXL_UNET_CONFIG,
+    gemm_peak_gflops,
+    transformer_flops,
+    transformer_parameters,
+    unet_flops,
+    unet_parameters,
+)
+
+#: flow-matching transformers at 1024 px (128 x 128 latents; `transformer_flops`' default text tokens)
+TRANSFORMERS = {
+    "FLUX.1-dev": FLUX1_DEV_TRANSFORMER_CONFIG,
+    "SD 3.5 Large": SD35_LARGE_TRANSFORMER_CONFIG,
+    "SD 3.5 Medium": SD35_MEDIUM_TRANSFORMER_CONFIG,
+}
 
 
 def unets() -> dict:
@@ -70,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--flops-only", action="store_true", help="print the FLOP counts; no timing, no file")
     args = parser.parse_args()
     flops = {}
     for name, (config, hw) in unets().items():
@@ -80,6 +100,16 @@ def main() -> None:
             "parameters": unet_parameters(config),
         }
         print(name, json.dumps(flops[name]), flush=True)
+    for name, config in TRANSFORMERS.items():
+        flops[name] = {
+            "latent": [16, 128, 128],
+            "batch": 1,
+            "gflop_per_forward": transformer_flops(config, (128, 128)) / 1e9,
+            "parameters": transformer_parameters(config),
+        }
+        print(name, json.dumps(flops[name]), flush=True)
+    if args.flops_only:
+        return
     rows = peaks(args.threads, args.rounds, args.repeats, args.size)
     for row in rows:
         print(json.dumps(row), flush=True)

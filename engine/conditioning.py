@@ -25,6 +25,7 @@ import torch
 
 from .denoisers import latent_shape
 from .families import get_family
+from .flux import distilled_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,21 @@ def _encode_sd3(pair, model: str, text: str, empty: bool) -> dict[str, torch.Ten
     return {"encoder_hidden_states": hidden, "pooled_projections": torch.cat(pooled, dim=-1)}
 
 
+def _encode_flux(pair, model: str, text: str, empty: bool) -> dict[str, torch.Tensor]:
+    """As `FluxPipeline.encode_prompt`: CLIP's pooled output, T5's last states at `max_sequence_length` (512)
+    tokens; and the run's distilled guidance (`flux.distilled_guidance`, (1, 1); 0 where the transformer has
+    no guidance embedding and ignores it), the same for every term."""
+    (clip, tokenizer), (t5, tokenizer_t5) = pair.text_encoders_for(model)
+    pooled = clip(_tokens(tokenizer, text, warn=True).input_ids.to(_device(clip)), output_hidden_states=False)
+    length = pair.family.max_sequence_length
+    ids = tokenizer_t5(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    states = t5(ids.input_ids.to(_device(t5)), output_hidden_states=False)[0]
+    guidance = torch.full((1, 1), distilled_guidance(pair) or 0.0, device=states.device)
+    return {"encoder_hidden_states": states, "pooled_projections": pooled.pooler_output, "guidance": guidance}
+
+
 #: family name -> `(pair, model, text, empty) -> conditioning dict`; other families: `_encode_single`.
-ENCODERS = {"sdxl": _encode_sdxl, "sd3": _encode_sd3}
+ENCODERS = {"sdxl": _encode_sdxl, "sd3": _encode_sd3, "flux": _encode_flux}
 
 
 def encode_text(pair, model: str, text: str, *, empty: bool = False) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .families import ADDED_CONDITIONING_KEYS, get_family
+from .flux import flux_latent_shape, flux_output
 
 __all__ = ["DENOISER_CALLS", "LATENT_SHAPES", "denoiser_output", "image_tokens", "latent_shape"]
 
@@ -61,6 +62,7 @@ def _sd3_output(transformer: nn.Module, sample: torch.Tensor, t: torch.Tensor, c
 #: family name -> the denoiser's forward on unpacked latents; families not listed run `_unet_output`.
 DENOISER_CALLS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]] = {
     "sd3": _sd3_output,
+    "flux": flux_output,
 }
 
 
@@ -95,7 +97,7 @@ def _sample_size_shape(pair) -> tuple[int, int, int]:
 
 
 #: family name -> (pair) -> (C, h, w) of one latent, the pipeline's default size; default `_sample_size_shape`.
-LATENT_SHAPES: dict[str, Callable] = {}
+LATENT_SHAPES: dict[str, Callable] = {"flux": flux_latent_shape}
 
 
 def latent_shape(pair) -> tuple[int, int, int]:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .onnx_symbolics import register_symbolics
+
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 2  # bump when the exported module or its names change: old cache entries then stop matching
@@ -254,6 +256,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | Path, *, extern
     external = nbytes > PROTOBUF_LIMIT * 0.95 if external_data is None else external_data
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch) / ONNX_FILE
+        register_symbolics(spec.opset)  # aten::rms_norm (FLUX.1's query / key norms) at opset 17
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks

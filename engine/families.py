@@ -12,7 +12,7 @@ against). Everything else (sizes, prediction type, scheduler) is read from the m
 | `sdxl` SDXL base 1.0 | `StableDiffusionXLPipeline` | `unet` | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) | `encoder_hidden_states`, `text_embeds` (pooled), `time_ids` |
 | `altdiffusion` AltDiffusion | `AltDiffusionPipeline` | `unet` | XLM-R (`RobertaSeriesModelWithTransformation`) | `encoder_hidden_states` |
 | `sd3` SD3 / 3.5 | `StableDiffusion3Pipeline` | `transformer` (`SD3Transformer2DModel`) | CLIP ViT-L + OpenCLIP bigG (`CLIPTextModelWithProjection`) + T5 (`T5EncoderModel`, optional) | `encoder_hidden_states` (joint), `pooled_projections` |
-| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP) |
+| `flux` FLUX.1 dev / schnell | `FluxPipeline` | `transformer` (`FluxTransformer2DModel`) | CLIP ViT-L (`CLIPTextModel`) + T5 (`T5EncoderModel`) | `encoder_hidden_states` (T5), `pooled_projections` (CLIP), `guidance` (the distilled guidance) |
 
 Detection reads configs (`detect_family`), single-file checkpoint keys (`checkpoint_evidence`) or
 adapter keys and metadata (`adapter_evidence`); `check_family` refuses a fine-tune or adapter of
@@ -210,7 +210,7 @@ FLUX = Family(
     "FluxPipeline",
     (("transformers", "CLIPTextModel"), ("transformers", "T5EncoderModel")),
     ("CLIPTokenizer", "T5TokenizerFast"),
-    FLOW_CONDITIONING_KEYS,
+    (*FLOW_CONDITIONING_KEYS, "guidance"),  # FLUX.1-dev's distilled guidance: an input, the same for both terms
     4096,
     denoiser="transformer",
     denoiser_class="FluxTransformer2DModel",
@@ -396,9 +396,14 @@ def _attn2_width(shapes: dict[str, tuple], pattern: str) -> int | None:
     return None
 
 
+_FLUX_CHECKPOINT_KEY = re.compile(r"(model\.diffusion_model\.)?double_blocks\.0\.img_attn\.norm\.key_norm\.scale")
+
+
 def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     """The family of an original-layout (LDM / SGM) single-file checkpoint from its tensor names and shapes.
 
+    BFL's FLUX.1 transformer (`double_blocks.0.img_attn.norm.key_norm.scale`, bare or under
+    `model.diffusion_model.`) is FLUX.1;
     `conditioner.embedders.1.*` (a second, OpenCLIP bigG text encoder) or `label_emb` in the UNet is
     SDXL; `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; `cond_stage_model.transformer.*` (CLIP)
     is SD 1.x; `cond_stage_model.roberta.*` is AltDiffusion; a UNet alone is told by its
@@ -408,6 +413,9 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
     `zero_terminal_snr`.
     """
     keys = list(shapes)
+    flux = next((key for key in keys if _FLUX_CHECKPOINT_KEY.fullmatch(key)), None)
+    if flux is not None:  # BFL's transformer names (diffusers' `CHECKPOINT_KEY_NAMES["flux"]`)
+        return Evidence(FLUX, None, f"BFL's FLUX.1 transformer names ({flux!r})")
     # the original layout's UNet, or a UNet state dict in diffusers' names
     width = _attn2_width(shapes, r"^(model\.diffusion_model\.|unet\.)?.*attn2\.to_k\.weight$")
     markers = dict(
@@ -436,18 +444,27 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
 
 
 _LORA_ARCHITECTURES = (  # kohya / modelspec metadata values -> family
+    (re.compile(r"flux", re.I), FLUX),
     (re.compile(r"xl", re.I), SDXL),
     (re.compile(r"(^|[^a-z])v2|sd_?2|stable-diffusion-v2", re.I), SD2),
     (re.compile(r"(^|[^a-z])v1|sd_?1|stable-diffusion-v1", re.I), SD1),
 )
 
 
+# FLUX.1's blocks in an adapter key: BFL's names (kohya's underscored, XLabs', ComfyUI's dotted) or diffusers'
+_FLUX_ADAPTER_KEY = re.compile(
+    r"(^lora_unet_|^lora_transformer_|^|\.)(double_blocks|single_blocks|single_transformer_blocks)[._]\d"
+)
+
+
 def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> Evidence:
     """The family of an adapter file from its metadata, component prefixes and LoRA shapes.
 
-    In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; keys
-    for a second text encoder (`lora_te2_`, `text_encoder_2.`) mean SDXL. The cross-attention width
-    is the input width of a cross-attention `to_k` LoRA down projection (`lora_down` / `lora_A`).
+    In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; FLUX.1's
+    module names (BFL's `double_blocks` / `single_blocks`, as kohya, XLabs and ComfyUI write them, or
+    diffusers' `single_transformer_blocks`) mean FLUX.1; keys for a second text encoder (`lora_te2_`,
+    `text_encoder_2.`) mean SDXL. The cross-attention width is the input width of a cross-attention
+    `to_k` LoRA down projection (`lora_down` / `lora_A`).
     """
     metadata = metadata or {}
     width = _attn2_width(shapes, r"attn2[._](processor[._])?to_k.*(lora_down|lora_A|lora\.down)")
@@ -456,6 +473,9 @@ def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> 
         for pattern, family in _LORA_ARCHITECTURES:
             if value and pattern.search(value):
                 return Evidence(family, width, f"its metadata {field}={value!r}")
+    flux = next((key for key in sorted(shapes) if _FLUX_ADAPTER_KEY.search(key)), None)
+    if flux is not None:
+        return Evidence(FLUX, None, f"FLUX.1 module names ({flux!r})")
     if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes):
         return Evidence(SDXL, width, "keys for a second text encoder (lora_te2_ / text_encoder_2.)")
     family = _BY_RELEASED_DIM.get(width) if width is not None else None

@@ -48,13 +48,13 @@ from .adapters import KNOWN_SUFFIXES, Adapter, AdapterError, adapter_type, suppo
 from .embeddings import Embedding, EmbeddingError, embeddings_from_state, is_embedding_header
 from .families import get_family
 from .formats import read_safetensors_header, sniff
+from .lora_flux import FLUX_FORMAT_LABELS, convert_flux_state, flux_format_of_keys
 from .lora_layouts import (
     CLONEOFSIMO_KEY,
     COMPONENT_WORDS,
     KOHYA_PREFIXES,
     LORA_FORMATS,
     LYCORIS_CONVENTIONS,
-    OTHER_MODEL_PREFIXES,
     PEFT_SUFFIXES,
     Group,
     LoRAKeyError,
@@ -106,8 +106,10 @@ def _format_of_keys(shapes: dict[str, tuple], metadata: dict) -> str | None:
     keys = list(shapes)
     if not keys:
         return None
-    kohya = tuple(KOHYA_PREFIXES) + tuple(p for p in OTHER_MODEL_PREFIXES if p.endswith("_")) + ("bundle_emb.",)
-    if all(key.startswith(kohya) for key in keys):
+    flux = flux_format_of_keys(keys)
+    if flux is not None:
+        return flux
+    if all(key.startswith((*KOHYA_PREFIXES, "bundle_emb.")) for key in keys):
         return "kohya"
     if any(CLONEOFSIMO_KEY.fullmatch(key) for key in keys) or any(metadata.get(k) == "<embed>" for k in keys):
         return "cloneofsimo"
@@ -314,7 +316,9 @@ def read_adapters(
     else:
         if state is None:
             state, metadata = read_weights(path, allow_pickle)
-        if format == "kohya":
+        if format in ("xlabs", "bfl") or (format == "kohya" and flux_format_of_keys(state) == "kohya"):
+            parsed = read_diffusers(path, allow_pickle, state=convert_flux_state(state, format, path))
+        elif format in ("kohya", "onetrainer"):
             parsed = read_kohya(path, state, metadata)
         elif format == "cloneofsimo":
             parsed = read_cloneofsimo(path, state, metadata, models)
@@ -333,10 +337,21 @@ def read_adapters(
     base_label = "the base"
     if family is not None:
         base_label = f"the base is {get_family(family).label}"
+        t5 = [_first_key(g) for g in parsed.groups if g.component == "text_encoder_2"]
+        if get_family(family).name == "flux" and t5:
+            raise LoRAKeyError(
+                f"{parsed.source}: a {FLUX_FORMAT_LABELS.get(format, format)} LoRA that adapts FLUX's T5 text encoder "
+                f"({len(t5)} modules, e.g. {t5[0]!r}), which diffusers' FLUX LoRA loader does not read: not supported "
+                "(use a LoRA of the transformer and CLIP only)"
+            )
     stray = sorted({g.component for g in parsed.groups} - set(models))
     if stray:
         words = ", ".join(COMPONENT_WORDS.get(name, name) for name in stray)
-        hint = ": the LoRA is for SDXL" if "text_encoder_2" in stray else ""
+        hint = ""
+        if "transformer" in stray:
+            hint = ": the LoRA is for a diffusion transformer (FLUX.1 or SD 3)"
+        elif "text_encoder_2" in stray:
+            hint = ": the LoRA is for SDXL"
         raise LoRAKeyError(
             f"{parsed.source}: adapters for {words}, which the base model does not have ({base_label}){hint}"
         )

@@ -23,23 +23,28 @@ from .formats import load_state_dict, read_pickle, read_safetensors_header, snif
 
 logger = logging.getLogger(__name__)
 
-LORA_FORMATS = ("diffusers", "peft", "kohya", "cloneofsimo", "embedding")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_FORMATS = ("diffusers", "peft", "kohya", "cloneofsimo", "embedding", "xlabs", "onetrainer", "bfl")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 # file-key prefix -> component, for kohya's underscored module names and for dotted ones
 KOHYA_PREFIXES = {
     "lora_unet_": "unet",
     "lycoris_": "unet",
+    "lora_transformer_": "transformer",  # OneTrainer's FLUX names: diffusers' module paths
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
 }
-DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
-# prefixes of models no family finextract runs has
-OTHER_MODEL_PREFIXES = {
-    "transformer.": "a DiT model (SD3, Flux)",
-    "lora_transformer_": "a DiT model (SD3, Flux)",
+DOTTED_PREFIXES = {
+    "unet.": "unet",
+    "transformer.": "transformer",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
 }
-COMPONENT_WORDS = {"text_encoder_2": "SDXL's second text encoder (text_encoder_2)"}
+COMPONENT_WORDS = {
+    "text_encoder_2": "a second text encoder (text_encoder_2)",
+    "transformer": "a diffusion transformer (FLUX.1, SD 3)",
+    "unet": "a UNet",
+}
 # PEFT / diffusers tensor suffixes -> LyCORIS'
 PEFT_SUFFIXES = {
     "lora_A.weight": "lora_down.weight",
@@ -131,11 +136,6 @@ def read_kohya(path: Path, state: dict, metadata: dict) -> Parsed:
             bundled.setdefault(token, {})[rest.split(".")[0]] = tensor
             continue
         lora_name, _, suffix = key.partition(".")
-        prefix = next((p for p in OTHER_MODEL_PREFIXES if lora_name.startswith(p)), None)
-        if prefix:
-            raise LoRAKeyError(
-                f"{path}: key {key!r} adapts {OTHER_MODEL_PREFIXES[prefix]}, which finextract does not run"
-            )
         prefix = next((p for p in KOHYA_PREFIXES if lora_name.startswith(p)), None)
         if prefix is None or not suffix:
             unknown.append(key)
@@ -152,7 +152,9 @@ def read_kohya(path: Path, state: dict, metadata: dict) -> Parsed:
     return Parsed(list(groups.values()), "kohya", LYCORIS_CONVENTIONS, path, embeddings, unknown)
 
 
-def read_diffusers(path: Path, allow_pickle: bool) -> Parsed:
+def read_diffusers(path: Path, allow_pickle: bool, state: dict | None = None) -> Parsed:
+    """A diffusers LoRA file or folder; `state`: its tensors already read (and converted to diffusers'
+    keys, `lora_flux.convert_flux_state`), with `path` the file they came from."""
     # heavy: diffusers, only for the PEFT key conversion
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
@@ -162,18 +164,15 @@ def read_diffusers(path: Path, allow_pickle: bool) -> Parsed:
         file = path / "pytorch_lora_weights.safetensors"
         if not file.is_file():
             file = path / "pytorch_lora_weights.bin"
-    state, metadata = read_weights(file, allow_pickle)
+    metadata = {}
+    if state is None:
+        state, metadata = read_weights(file, allow_pickle)
     raw = metadata.get("lora_adapter_metadata")
     configs = json.loads(raw) if raw else {}
-    split = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    split = {component: {} for component in COMPONENTS}
     unknown = []
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
-        other = next((p for p in OTHER_MODEL_PREFIXES if key.startswith(p)), None)
-        if other:
-            raise LoRAKeyError(
-                f"{file}: key {key!r} adapts {OTHER_MODEL_PREFIXES[other]}, which finextract does not run"
-            )
         if component in split:
             split[component][rest] = tensor
         elif re.match(r"(down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding)\b", key):

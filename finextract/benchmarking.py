@@ -116,6 +116,56 @@ def model_flop_utilisation(
     return image_evals_per_step * tflop_per_image_eval(latent_shape) / step_s / peak_tflops
 
 
+def random_flow_transformer(config: dict, *, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A FLUX.1 or SD3 transformer (`_class_name` in `config`, e.g. `finextract.flops.FLUX1_DEV_TRANSFORMER_CONFIG`)
+    with random weights, allocated once on `device` in `dtype`: built on the meta device, then filled (a
+    FLUX.1-dev-size model, 11.9 B parameters, never exists in float32: 24 GB in bf16). Matrices N(0, 0.02),
+    norm scales 1, biases 0, so activations stay in range through 57 blocks. Eval mode, no gradients."""
+    from finextract.flops import _meta_transformer
+
+    model = _meta_transformer(config).to(dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.02, generator=generator)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:  # RMSNorm / LayerNorm scales
+                parameter.fill_(1.0)
+        for buffer in model.buffers():
+            buffer.zero_()
+    return model.eval().requires_grad_(False)
+
+
+def flux_forward_inputs(
+    config: dict, latent_hw: tuple[int, int], batch: int, *, text_tokens: int = 512, device="cpu", dtype=torch.float32
+) -> dict:
+    """Random keyword inputs of one `FluxTransformer2DModel` forward as `FluxPipeline` calls it: (B, h/2 x w/2, 64)
+    packed latents, (B, text_tokens, 4096) T5 states, (B, 768) pooled CLIP, timestep and distilled guidance
+    (B,), image and text RoPE ids (tokens, 3)."""
+    h, w = latent_hw
+    tokens = (h // 2) * (w // 2)
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return dict(
+        hidden_states=randn(batch, tokens, config["in_channels"]),
+        encoder_hidden_states=randn(batch, text_tokens, config["joint_attention_dim"]),
+        pooled_projections=randn(batch, config["pooled_projection_dim"]),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if config.get("guidance_embeds") else None,
+        img_ids=ids.reshape(tokens, 3).to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
 def sd1_random_pair(
     kind: str = "dreambooth",
     *,

@@ -54,6 +54,7 @@ class Extractor:
         base_config: for a single-file `base`, a local diffusers pipeline folder supplying its configs.
         prediction_type: "epsilon" / "v_prediction" / "sample": sample both models as this, overriding
             their scheduler configs (when they disagree; see `load_model_pair`). None: read from them.
+        distilled_guidance: FLUX.1-dev's distilled guidance input (`load_model_pair`); None: the pipeline's 3.5.
         **run_options: `RunConfig.resolve` settings (device=, dtype=, backend=, steps=, ...).
 
     On CUDA the generated images stay on the GPU from the VAE decode through SSCD and the similarity
@@ -83,6 +84,7 @@ class Extractor:
         budget: int | None = None,
         base_config=None,
         prediction_type: str | None = None,
+        distilled_guidance: float | None = None,
         **run_options,
     ):
         from finextract.engine.loading import load_model_pair  # torch and diffusers
@@ -108,6 +110,7 @@ class Extractor:
             dtype=self.config.dtype,
             base_config=base_config,
             prediction_type=prediction_type,
+            distilled_guidance=distilled_guidance,
         ).place(self.config)
         if isinstance(embedder, Embedder):
             self.embedder = embedder
@@ -135,6 +138,7 @@ class Extractor:
                     "budget": budget,
                     "base_config": base_config,
                     "prediction_type": prediction_type,
+                    "distilled_guidance": distilled_guidance,
                 }
             ),
         }

@@ -1,6 +1,6 @@
-"""Headroom: FLOPs of a UNet forward and this machine's fp32 matrix-product peak, for MFU.
+"""Headroom: FLOPs of a UNet or flow transformer forward and this machine's fp32 matrix-product peak, for MFU.
 
-`unet_flops` builds a diffusers `UNet2DConditionModel` on the meta device (no weights are allocated,
+`unet_flops` (and `transformer_flops` for FLUX.1 and SD3) builds a diffusers `UNet2DConditionModel` on the meta device (no weights are allocated,
 so an SDXL-size UNet costs nothing) and counts one forward with `torch.utils.flop_counter.FlopCounterMode`
 (PyTorch's own counter: 2 FLOPs per multiply-add of matrix products, convolutions and attention;
 elementwise work, norms and softmax are not counted). `gemm_peak_gflops` times square fp32 matrix
@@ -34,6 +34,128 @@ SDXL_UNET_CONFIG = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+
+
+#: FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev, transformer/config.json; 11.90 B parameters):
+#: 19 double-stream and 38 single-stream blocks of width 3072 (24 heads of 128), T5 states (4096 wide),
+#: the pooled CLIP embedding (768) and the distilled guidance embedding; 2 x 2 packed latents (64 values).
+FLUX1_DEV_TRANSFORMER_CONFIG = dict(
+    _class_name="FluxTransformer2DModel",
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+#: SD 3.5 Large's transformer (stabilityai/stable-diffusion-3.5-large, transformer/config.json; 8.06 B
+#: parameters): 38 joint blocks of width 2432 (38 heads of 64), patch 2, QK RMS norm.
+SD35_LARGE_TRANSFORMER_CONFIG = dict(
+    _class_name="SD3Transformer2DModel",
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)
+#: SD 3.5 Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json; 2.24 B
+#: parameters, MMDiT-X): 24 joint blocks of width 1536 (24 heads of 64), the first 13 with a second,
+#: image-only attention.
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
+    SD35_LARGE_TRANSFORMER_CONFIG,
+    num_layers=24,
+    num_attention_heads=24,
+    caption_projection_dim=1536,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+)
+#: text tokens the pipelines encode a caption to by default: FLUX.1-dev's T5 (max_sequence_length 512),
+#: SD3's 77 CLIP + 256 T5 tokens joined
+DEFAULT_TEXT_TOKENS = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 77 + 256}
+
+
+def _meta_transformer(config: dict):
+    import diffusers  # heavy: torch and diffusers; flops.py imports torch-free
+    import torch
+
+    name = config.get("_class_name")
+    if name not in DEFAULT_TEXT_TOKENS:
+        raise ValueError(f"_class_name={name!r}: expected one of {', '.join(DEFAULT_TEXT_TOKENS)}")
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return getattr(diffusers, name)(**config)
+
+
+def transformer_parameters(config: dict) -> int:
+    """Number of parameters of a FLUX.1 or SD3 transformer with this config (`_class_name` names it; built on meta)."""
+    return sum(p.numel() for p in _meta_transformer(config).parameters())
+
+
+def transformer_flops(
+    config: dict, latent_hw: tuple[int, int], batch: int = 1, *, text_tokens: int | None = None
+) -> int:
+    """FLOPs of one flow-matching transformer forward (FLUX.1 `FluxTransformer2DModel`, SD3
+    `SD3Transformer2DModel`), counted as `unet_flops` counts (FlopCounterMode on the meta device, 2 per
+    multiply-add of matrix products and attention; RoPE, norms and elementwise work not counted).
+
+    Args:
+        config: the transformer's config with its `_class_name` (e.g. `FLUX1_DEV_TRANSFORMER_CONFIG`, a loaded
+            config.json).
+        latent_hw: the VAE latent's height and width (1024 px: (128, 128)). FLUX reads (h / 2) x (w / 2) tokens
+            of 2 x 2 packed latents, SD3 the same count of 2 x 2 patches.
+        batch: batch size (FLOPs grow linearly with it).
+        text_tokens: text sequence length (default `DEFAULT_TEXT_TOKENS`: FLUX.1 512 T5 tokens; SD3 333).
+
+    Returns:
+        The FLOP count, an int.
+
+    Raises:
+        ValueError: batch or latent size < 1, an odd latent size, or another `_class_name`.
+    """
+    import torch
+
+    h, w = latent_hw
+    if batch < 1 or h < 2 or w < 2 or h % 2 or w % 2:
+        raise ValueError(f"batch={batch} and latent_hw={latent_hw} must be positive, the latent size even")
+    model = _meta_transformer(config)
+    name, cfg, meta = type(model).__name__, model.config, torch.device("meta")
+    text_tokens = DEFAULT_TEXT_TOKENS[name] if text_tokens is None else text_tokens
+    text = torch.zeros(batch, text_tokens, cfg.joint_attention_dim, device=meta)
+    pooled = torch.zeros(batch, cfg.pooled_projection_dim, device=meta)
+    timestep = torch.zeros(batch, device=meta)
+    if name == "SD3Transformer2DModel":
+        sample = torch.zeros(batch, cfg.in_channels, h, w, device=meta)
+        return forward_flops(
+            model,
+            hidden_states=sample,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=timestep,
+            return_dict=False,
+        )
+    tokens = (h // 2) * (w // 2)
+    return forward_flops(
+        model,
+        hidden_states=torch.zeros(batch, tokens, cfg.in_channels, device=meta),
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=timestep,
+        guidance=timestep if cfg.guidance_embeds else None,
+        img_ids=torch.zeros(tokens, 3, device=meta),
+        txt_ids=torch.zeros(text_tokens, 3, device=meta),
+        return_dict=False,
+    )
 
 
 def _meta_unet(config: dict):

@@ -25,15 +25,19 @@ logger = logging.getLogger(__name__)
 
 # key patterns of diffusion transformers finextract does not run yet: (family name, label, pattern)
 _DIT_KEYS = (
-    ("flux1", "FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)[._]")),
+    ("flux", "FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)[._]")),
     ("sd3", "SD 3", re.compile(r"joint_blocks[._]")),
     ("dit", "a diffusion transformer (SD 3, FLUX.1, PixArt, ...)", re.compile(r"^(transformer\.|lora_transformer_)")),
 )
-_METADATA_DITS = (("flux1", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
+_RUN_DITS = ("flux",)  # the diffusion transformers told from keys that finextract runs (adapters and single files)
+_METADATA_DITS = (("flux", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
+# ComfyUI's component prefixes in FLUX adapter keys -> component
+_OTHER_COMPONENT_PREFIXES = (("diffusion_model.", "transformer"), ("text_encoders.clip_l.transformer.", "text_encoder"))
 # what part of the network a module is, from its name (kohya's underscored or a dotted path)
 _MODULE_KINDS = (
     ("cross-attention", r"attn2"),
     ("self-attention", r"attn1|self_attn"),
+    ("joint attention", r"(^|[._])(img_|txt_)?attn[._]|qkv_lora|proj_lora\d"),  # FLUX.1 / SD 3 blocks
     ("feed-forward", r"(^|[._])ff[._]|mlp"),
     ("projection", r"proj_in|proj_out"),
     ("ResNet", r"resnets|conv_shortcut|time_emb_proj|conv[12]"),
@@ -133,6 +137,7 @@ def _weights(path: Path, report: dict) -> None:
     lora = detect_lora_format(path)
     if lora is None and path.is_file() and _dit(_shapes(path)):  # a DiT checkpoint: named, not summarised
         report["kind"], report["format"], report["family"] = "full", "single file", _dit(_shapes(path))
+        report["runs"] = report["family"]["name"] in _RUN_DITS
         report["components"] = {"transformer": {"modules": "all", "kinds": {"full fine-tune": 1}}}
         return
     if lora is not None:
@@ -140,7 +145,7 @@ def _weights(path: Path, report: dict) -> None:
         report["kind"], report["format"] = "adapter", lora
         dit = _dit(shapes)
         if dit is not None:
-            report["family"] = dit
+            report["family"], report["runs"] = dit, dit["name"] in _RUN_DITS
         else:
             evidence = adapter_evidence(shapes, {})  # the weights alone: metadata is compared, not believed
             report["family"] = _family(evidence.family.name if evidence.family else None, evidence.reason)
@@ -183,15 +188,20 @@ def adapter_summary(path: Path, shapes: dict, fmt: str, metadata: dict) -> dict:
     import torch
 
     from finextract.engine.adapters import AdapterError, adapter_type
+    from finextract.engine.lora_flux import KOHYA_FLUX_KEY, XLABS_KEY
     from finextract.engine.lora_layouts import CLONEOFSIMO_KEY, KOHYA_PREFIXES, PEFT_SUFFIXES, split_dotted
 
     groups: dict[tuple[str, str], dict] = {}
     unparsed = []
     for key, shape in shapes.items():
-        if fmt == "kohya" or key.startswith(tuple(KOHYA_PREFIXES)):
+        if XLABS_KEY.match(key):  # XLabs: `<BFL block>.processor.<lora>.down.weight` / `.up.weight`
+            name, direction, _ = key.rsplit(".", 2)
+            component, suffix = "transformer", f"lora_{direction}.weight"
+        elif fmt == "kohya" or key.startswith(tuple(KOHYA_PREFIXES)):
             name, _, suffix = key.partition(".")
             prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
             component = KOHYA_PREFIXES[prefix] if prefix else name.split("_", 2)[1] if name.count("_") > 1 else "?"
+            component = "transformer" if KOHYA_FLUX_KEY.match(name) else component  # kohya's FLUX: BFL's names
             suffix = PEFT_SUFFIXES.get(suffix, suffix)
         elif CLONEOFSIMO_KEY.fullmatch(key):
             component, index, direction = key.split(":")
@@ -200,6 +210,11 @@ def adapter_summary(path: Path, shapes: dict, fmt: str, metadata: dict) -> dict:
             first, _, rest = key.partition(".")
             component = first if first in ("unet", "text_encoder", "text_encoder_2", "transformer") else ""
             rest = (rest if component else key).removeprefix("base_model.model.")
+            for prefix, named in _OTHER_COMPONENT_PREFIXES:  # ComfyUI's FLUX names
+                if not component and rest.startswith(prefix):
+                    component, rest = named, rest.removeprefix(prefix)
+            if not component and rest.startswith(("double_blocks.", "single_blocks.")):
+                component = "transformer"  # BFL's FLUX names (fal's PEFT files)
             if not component:  # a PEFT adapter at the top of its folder, or old attention-processor names
                 component = "text_encoder" if rest.startswith(("text_model.", "encoder.")) else "unet"
             split = split_dotted(rest)
@@ -227,6 +242,8 @@ def adapter_summary(path: Path, shapes: dict, fmt: str, metadata: dict) -> dict:
         rank = _rank(kind.type, tensors)
         entry["ranks"][rank] += 1
         alpha_key = next((k for k in (f"{name}.alpha", f"{component}.{name}.alpha") if k in alphas), None)
+        if alpha_key is None and alphas and not name.startswith(("lora_", "lycoris_")):  # under a file prefix
+            alpha_key = next((k for k in alphas if k.endswith(f".{name}.alpha")), None)
         if alpha_key is not None:
             entry["alphas"][alphas[alpha_key]] += 1
             entry["alpha_source"] = "tensors"
@@ -235,7 +252,7 @@ def adapter_summary(path: Path, shapes: dict, fmt: str, metadata: dict) -> dict:
             entry.setdefault("alpha_source", "config")
         elif kind.uses_alpha and isinstance(rank, int):
             entry["alphas"][float(rank)] += 1
-            entry.setdefault("alpha_source", "assumed (alpha = rank)")
+            entry.setdefault("alpha_source", "the format's (scale 1)" if fmt == "xlabs" else "assumed (alpha = rank)")
         entry["kinds"][_module_kind(name)] += 1
         entry["module_names"].append(name)
     for entry in summary.values():
@@ -358,7 +375,15 @@ def contradictions(report: dict, record) -> list[str]:
             f"alpha: the metadata {alpha.source}={alpha.value} but the weights' alphas are {sorted(alphas)}: the weights win"
         )
     targets = record.settings.get("target_modules")
-    names = [n for e in adapters.values() for n in e["module_names"] if ":" not in n]
+    # diffusers' metadata lists each component's targets: compare them with that component's modules only
+    named = re.search(r"\[(\w+)\.target_modules\]$", targets.source) if targets is not None else None
+    names = [
+        n
+        for c, e in adapters.items()
+        if named is None or c == named.group(1)
+        for n in e["module_names"]
+        if ":" not in n
+    ]
     if targets is not None and names and report["format"] in ("diffusers", "peft"):
         missing, extra = _module_mismatch(targets.value, names)
         if missing or extra:

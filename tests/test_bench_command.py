@@ -155,3 +155,26 @@ def test_throughput_column_is_labelled_and_stays_aligned():
     assert "img/s (50 steps)" in header and len(header) == len(row)
     assert header.index("img/s (50 steps)") + len("img/s (50 steps)") == row.index("3.200") + len("3.200")
     assert header.index("peak MiB") + len("peak MiB") == row.index("100") + len("100")
+
+
+def test_random_flux_transformer_runs_as_the_gpu_benchmark_builds_it():
+    """bench_gpu.py's FLUX.1-size transformer, at the tiny zoo's widths on the CPU: allocated once in the asked
+    dtype, its parameters drawn as documented, a forward on `flux_forward_inputs` gives finite packed latents."""
+    import torch
+
+    from finextract.zoo.configs import TINY_FLUX_TRANSFORMER_CONFIG
+
+    config = dict(TINY_FLUX_TRANSFORMER_CONFIG, _class_name="FluxTransformer2DModel")
+    model = benchmarking.random_flow_transformer(config, dtype=torch.bfloat16, seed=1)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not any(
+        p.requires_grad for p in model.parameters()
+    )
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert biases and all(torch.count_nonzero(b) == 0 for b in biases)
+    weight = model.x_embedder.weight.float()
+    assert abs(weight.std().item() - 0.02) < 0.005  # 64 x 32 draws of N(0, 0.02): std within 25 %
+    inputs = benchmarking.flux_forward_inputs(config, (16, 16), 2, text_tokens=7, dtype=torch.bfloat16)
+    assert inputs["img_ids"][9].tolist() == [0.0, 1.0, 1.0]  # token 9 of an 8 x 8 grid: row 1, column 1
+    with torch.no_grad():
+        (out,) = model(**inputs)
+    assert out.shape == (2, 64, 64) and torch.isfinite(out.float()).all()

@@ -59,3 +59,59 @@ def test_mfu_arithmetic():
     assert mfu(50e9, 2.0, 100.0) == pytest.approx(0.25, rel=1e-12)
     with pytest.raises(ValueError, match="seconds"):
         mfu(1.0, 0.0, 1.0)
+
+
+def _flux_hand_flops(cfg: dict, n_img: int, n_txt: int) -> int:
+    """One FLUX.1 transformer forward by hand: 2 FLOPs per multiply-add of each Linear on the tokens it sees,
+    and 4 L^2 d per joint attention of L = image + text tokens (2 L^2 d for Q K^T, again for A V)."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    length = n_img + n_txt
+
+    def mm(i, o, n):
+        return 2 * i * o * n
+
+    embed = 2 * (mm(256, d, 1) + mm(d, d, 1)) if cfg["guidance_embeds"] else mm(256, d, 1) + mm(d, d, 1)
+    embed += mm(cfg["pooled_projection_dim"], d, 1) + mm(d, d, 1)  # pooled text
+    embed += mm(cfg["joint_attention_dim"], d, n_txt) + mm(cfg["in_channels"], d, n_img)  # txt_in, img_in
+    stream = 4 * mm(d, d, 1) + mm(d, 4 * d, 1) + mm(4 * d, d, 1)  # q, k, v, out, MLP per token
+    double = 2 * mm(d, 6 * d, 1) + stream * (n_img + n_txt) + 4 * length**2 * d
+    single = mm(d, 3 * d, 1) + length * (3 * mm(d, d, 1) + mm(d, 4 * d, 1) + mm(5 * d, d, 1)) + 4 * length**2 * d
+    out = mm(d, 2 * d, 1) + mm(d, cfg["in_channels"], n_img)
+    return embed + cfg["num_layers"] * double + cfg["num_single_layers"] * single + out
+
+
+def test_flux_transformer_flops_match_the_hand_count():
+    from finextract.flops import FLUX1_DEV_TRANSFORMER_CONFIG, transformer_flops
+    from finextract.zoo.configs import TINY_FLUX_TRANSFORMER_CONFIG
+
+    tiny = dict(TINY_FLUX_TRANSFORMER_CONFIG, _class_name="FluxTransformer2DModel")
+    # 16 x 16 latents: 8 x 8 packed tokens; 7 text tokens
+    assert transformer_flops(tiny, (16, 16), text_tokens=7) == _flux_hand_flops(tiny, 64, 7)
+    assert transformer_flops(tiny, (16, 16), batch=3, text_tokens=7) == 3 * _flux_hand_flops(tiny, 64, 7)
+    # FLUX.1-dev at 1024 px: 128 x 128 latents, 4096 image and 512 T5 tokens
+    assert transformer_flops(FLUX1_DEV_TRANSFORMER_CONFIG, (128, 128)) == _flux_hand_flops(
+        FLUX1_DEV_TRANSFORMER_CONFIG, 4096, 512
+    )
+
+
+def test_released_transformers_have_their_published_sizes():
+    from finextract.flops import (
+        FLUX1_DEV_TRANSFORMER_CONFIG,
+        SD35_LARGE_TRANSFORMER_CONFIG,
+        SD35_MEDIUM_TRANSFORMER_CONFIG,
+        transformer_flops,
+        transformer_parameters,
+    )
+
+    # FLUX.1-dev "12B", SD 3.5 Large "8.1B" (diffusers' exact counts); SD 3.5 Medium's MMDiT-X 2.24 B
+    assert transformer_parameters(FLUX1_DEV_TRANSFORMER_CONFIG) == 11_901_408_320
+    assert transformer_parameters(SD35_LARGE_TRANSFORMER_CONFIG) == 8_056_627_520
+    assert transformer_parameters(SD35_MEDIUM_TRANSFORMER_CONFIG) == 2_243_171_520
+    # SD3 at 1024 px: 4096 patches and 333 text tokens; a joint block's attention alone is 4 L^2 d
+    large = transformer_flops(SD35_LARGE_TRANSFORMER_CONFIG, (128, 128))
+    attention = 38 * 4 * (4096 + 333) ** 2 * (38 * 64)
+    assert attention < large < 2 * 8_056_627_520 * (4096 + 333) + attention
+    with pytest.raises(ValueError, match="_class_name"):
+        transformer_parameters({"_class_name": "UNet2DConditionModel"})
+    with pytest.raises(ValueError, match="even"):
+        transformer_flops(FLUX1_DEV_TRANSFORMER_CONFIG, (127, 128))

@@ -289,9 +289,9 @@ def test_sd3_folders_without_t5_and_with_t5s_padded_rows_load(sd3_components, tm
     assert pair.base_text_encoder_3.get_input_embeddings().num_embeddings == 256 > len(pair.base_tokenizer_3)
 
 
-def test_flux_folders_load_and_name_the_missing_sampling_hooks(tmp_path):
-    """A FLUX.1 folder is detected and loads with diffusers' classes; until FLUX's denoiser hooks are
-    registered (`engine/denoisers.py`), sampling it says so instead of failing inside the transformer."""
+def test_flux_folders_load_and_sample(tmp_path):
+    """A FLUX.1 folder is detected, loads with diffusers' classes and samples through FLUX's denoiser hooks
+    (`engine/flux.py`; images against FluxPipeline: tests/test_flux_sampling.py)."""
     from finextract.engine.loading import load_model_pair
     from finextract.zoo.build import build_flow_family_zoo
 
@@ -299,8 +299,8 @@ def test_flux_folders_load_and_name_the_missing_sampling_hooks(tmp_path):
     pair = load_model_pair(zoo / "base", zoo / "dreambooth")
     assert pair.family.name == "flux" and type(pair.base_unet).__name__ == "FluxTransformer2DModel"
     assert type(pair.base_text_encoder_2).__name__ == "T5EncoderModel"
-    with pytest.raises(NotImplementedError, match=r"FLUX\.1: sampling its FluxTransformer2DModel"):
-        generate(pair, ZOO_CAPTION, 1, method="cfg", steps=2, scheduler="euler", backend="torch", progress=False)
+    images = generate(pair, ZOO_CAPTION, 1, method="cfg", steps=2, scheduler="euler", backend="torch", progress=False)
+    assert images.images.shape == (1, 32, 32, 3) and images.images.dtype == torch.uint8
 
 
 def test_a_fine_tunes_t5_of_another_width_is_named(sd3_components, tmp_path):

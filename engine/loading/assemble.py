@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..embeddings import EmbeddingError, add_embeddings, read_embedding_file
 from ..families import Family
+from ..flux import record_distilled_guidance
 from ..formats import check_weights_file
 from ..pair import ModelPair
 from ..quiet import logged_load
@@ -39,6 +40,7 @@ def load_model_pair(
     device: str = "cpu",
     base_config: str | Path | None = None,
     prediction_type: str | None = None,
+    distilled_guidance: float | None = None,
 ) -> ModelPair:
     """Load a pretrained model (theta) and a checkpoint fine-tuned from it (theta'), of any family
     (SD 1.x, SD 2.x, SDXL, AltDiffusion, SD3: `finextract.engine.families`; SD3 from diffusers folders).
@@ -70,6 +72,9 @@ def load_model_pair(
         prediction_type: "epsilon", "v_prediction" or "sample" to sample with, overriding what the
             base's and the fine-tune's scheduler configs (and `v_pred` markers) say, e.g. when one
             of them is wrong. None: they must agree.
+        distilled_guidance: FLUX.1-dev's distilled guidance value, the same input to both guidance terms
+            (`finextract.engine.flux`); None: `FluxPipeline`'s default 3.5. Recorded in
+            `sources["distilled_guidance"]`; refused for models without the guidance embedding.
 
     Returns:
         ModelPair: `family` detected from the base's configs; kind "dreambooth" (two UNets; the
@@ -178,6 +183,7 @@ def load_model_pair(
         base_tokenizer_3=parts.get("tokenizer_3"),
         finetuned_tokenizer_3=tune.tokenizers.get("tokenizer_3"),
     )
+    record_distilled_guidance(pair, distilled_guidance)
     if torch_dtype is None and str(device) == "cpu":
         return pair  # loaded on the CPU in float32 already
     return pair.to(device, torch_dtype)

@@ -130,6 +130,11 @@ def base_parts(base, base_config, allow_pickle: bool) -> tuple[dict, dict]:
     if not (config / "model_index.json").is_file():
         raise ValueError(f"base_config {config}: not a diffusers pipeline folder (no model_index.json)")
     family, index = folder_family(config, f"base_config {config}")
+    if family.name == "flux":  # BFL's file holds the transformer alone: the rest comes from base_config
+        from .flux_file import flux_base_parts
+
+        parts = flux_base_parts(path, config, family, index, allow_pickle)
+        return parts, {"base": str(path), "base_format": "single-file", "base_config": str(config)}
     template = load_folder_parts(config, allow_pickle, family_parts(family, "text_encoders", "tokenizers"), family)
     converted = load_ldm_parts(
         path,

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..formats import CheckpointFormatError, not_weights_message, sniff, state_dict_keys
 from ..lora_formats import detect_lora_format
 from .files import read_config
+from .flux_file import is_flux_transformer_file
 
 FINETUNED_FORMATS = (
     "auto",
@@ -20,13 +21,16 @@ FINETUNED_FORMATS = (
     "lora_kohya",
     "lora_cloneofsimo",
     "lora_embedding",
+    "lora_xlabs",
+    "lora_onetrainer",
+    "lora_bfl",
 )
 # detected full fine-tune formats in plain words, for "this is not a LoRA" messages
 _FULL_FINETUNE_WORDS = {
     "pipeline": "a full fine-tuned (DreamBooth) pipeline folder",
     "unet_folder": "a full fine-tuned (DreamBooth) UNet folder",
     "unet_file": "a full fine-tuned (DreamBooth) UNet state dict",
-    "checkpoint": "a full fine-tuned (DreamBooth) single-file Stable Diffusion checkpoint",
+    "checkpoint": "a full fine-tuned (DreamBooth) single-file checkpoint (original SD layout, or BFL's FLUX.1)",
 }
 
 
@@ -34,7 +38,8 @@ def detect_finetuned_format(path: Path) -> str:
     """The fine-tune's format from its folder listing or file header (no weights loaded).
 
     Returns one of "pipeline", "unet_folder", "unet_file", "checkpoint" (a single-file SD
-    checkpoint in the original LDM layout), "lora_diffusers", "lora_peft", "lora_kohya".
+    checkpoint in the original LDM layout, or BFL's FLUX.1 transformer file), or "lora_<format>"
+    (`lora_formats.LORA_FORMATS`).
 
     Raises:
         ValueError: nothing recognisable, with what was expected.
@@ -62,8 +67,8 @@ def detect_finetuned_format(path: Path) -> str:
     keys = state_dict_keys(path) if sniff(path) == "safetensors" else None
     if keys is None:  # a pickle: its format is known only after loading, which allow_pickle governs
         return "unet_file"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "checkpoint"
+    if any(k.startswith("model.diffusion_model.") for k in keys) or is_flux_transformer_file(keys):
+        return "checkpoint"  # an original-layout SD checkpoint, or BFL's FLUX.1 transformer file
     if "conv_in.weight" in keys or "unet.conv_in.weight" in keys:
         return "unet_file"
     raise ValueError(

@@ -19,6 +19,7 @@ from ..lora_formats import read_adapters
 from .base import copy_sharing_weights
 from .checks import check_adapter_family, check_state_dict, check_text_configs, check_tokenizer, check_unet_configs
 from .files import read_scheduler_config
+from .flux_file import load_flux_transformer_file
 from .folders import finetuned_tokenizer, load_folder_parts, load_unet_dir
 from .single_file import load_ldm_parts
 
@@ -67,14 +68,15 @@ def load_adapter(path: Path, base: dict, sources: dict, *, fmt: str, allow_pickl
     family, base_unet = base["family"], base["unet"]
     tune = _unchanged(base, "lora")
     check_adapter_family(path, family, dict(base_unet.config))
+    texts = {name: model for name, model in tune.texts.items() if model is not None}  # SD3 without T5
     weights = read_adapters(
         path,
-        {"unet": base_unet, **tune.texts},
+        {family.denoiser: base_unet, **texts},  # a flow family's adapters name its "transformer"
         format=fmt.removeprefix("lora_"),
         allow_pickle=allow_pickle,
         family=family,
     )
-    tune.unet_lora, tune.unet = _adapter_unet(base_unet, weights.unet, sources)
+    tune.unet_lora, tune.unet = _adapter_unet(base_unet, weights.adapters.get(family.denoiser, {}), sources)
     if tune.unet_lora and shared:  # the hooks go on this pair's own UNet modules
         tune.base_unet = copy_sharing_weights(base_unet)
     for name in family.text_encoders:
@@ -167,8 +169,20 @@ def load_unet_file(path: Path, base: dict, sources: dict, *, fmt: str, allow_pic
 
 def load_checkpoint(path: Path, base: dict, sources: dict, *, fmt: str, allow_pickle: bool, shared: bool) -> FineTune:
     """An original-layout single-file checkpoint, converted on the base's configs; the text encoders and
-    VAE it lacks are the base's, its `v_pred` marker becomes the fine-tune's scheduler config."""
+    VAE it lacks are the base's, its `v_pred` marker becomes the fine-tune's scheduler config. On a FLUX.1
+    base: BFL's transformer file (`flux_file`)."""
     tune = _unchanged(base, "dreambooth")
+    if base["family"].name == "flux":
+        tune.unet = load_flux_transformer_file(
+            path,
+            dict(base["unet"].config),
+            family=base["family"],
+            allow_pickle=allow_pickle,
+            what="fine-tuned checkpoint",
+            fix="pass the base model the fine-tune was trained from",
+        )
+        sources["single_file_parts"] = ["transformer"]
+        return tune
     converted = load_ldm_parts(
         path,
         {"unet": dict(base["unet"].config), **tune.texts, "vae": dict(tune.vae.config)},

@@ -109,6 +109,7 @@ def extractor_from(args: argparse.Namespace, config):
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
         prediction_type=args.prediction_type,
+        distilled_guidance=getattr(args, "distilled_guidance", None),
     )
 
 
@@ -124,6 +125,7 @@ def model_pair_from(args: argparse.Namespace, **placement):
         allow_pickle=args.allow_pickle,
         base_config=args.base_config,
         prediction_type=args.prediction_type,
+        distilled_guidance=getattr(args, "distilled_guidance", None),
         **placement,
     )
 
@@ -142,6 +144,14 @@ def add_prediction_type_option(parser: argparse.ArgumentParser) -> None:
         help="sample base and fine-tune as this parameterisation, overriding their scheduler configs (and v_pred "
         "markers); needed when they disagree (e.g. an SD 2.x 768-v fine-tune over an epsilon base) and you know "
         "which is right (default: read from the models, which must agree)",
+    )
+    parser.add_argument(
+        "--distilled-guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="FLUX.1-dev only: the distilled guidance input of both guidance terms (default: FluxPipeline's 3.5); "
+        "recorded in result.json",
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .configs import FLOW_ZOO_FAMILIES, KOHYA_METADATA, LORA_NO_ALPHA_MODULE, ZOO_CAPTION, ZOO_FAMILIES
+from .flux_writers import write_flux_adapters, write_flux_transformer_file
 from .models import perturbed_copy, save_pipeline, tiny_components, zoo_family_lora, zoo_lora
 from .writers import write_ldm_checkpoint, write_lora_diffusers, write_lora_kohya, write_lora_peft, write_sd3_checkpoint
 
@@ -90,6 +91,10 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
                        (`write_sd3_checkpoint`): the base's transformer and VAE (as SD3's released files,
                        without text encoders), the DreamBooth transformer with the VAE and all three encoders
         caption.txt
+    and for FLUX.1 (flux, flux-schnell):
+        lora/, lora_kohya.safetensors, lora_xlabs.safetensors, lora_onetrainer.safetensors,
+        lora_comfyui.safetensors     one set of LoRA adapters in each FLUX layout (`write_flux_adapters`)
+        base.safetensors, dreambooth.safetensors   the transformers as BFL's original single files
 
     Raises:
         ValueError: an unknown flow zoo family.
@@ -104,6 +109,10 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
         write_sd3_checkpoint(out / "base.safetensors", base["transformer"], base["vae"])
         encoders = dict(clip_l=base["text_encoder"], clip_g=base["text_encoder_2"], t5xxl=base["text_encoder_3"])
         write_sd3_checkpoint(out / "dreambooth.safetensors", tuned, base["vae"], encoders)
+    elif family.startswith("flux"):
+        write_flux_adapters(out, base["transformer"], base["text_encoder"], seed + 2000)
+        write_flux_transformer_file(out / "base.safetensors", base["transformer"])
+        write_flux_transformer_file(out / "dreambooth.safetensors", tuned)
     (out / "caption.txt").write_text(ZOO_CAPTION + "\n")
     return out
 
