@@ -100,7 +100,7 @@ def sd3_folders(sd3_components, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_sd3_cfg_and_finextract_k0_reproduce_the_pipeline(sd3_folders, sd3_pipeline_images, backend):
     """base == fine-tuned and k = 0: Eq. 13 is CFG with scale w, so both equal StableDiffusion3Pipeline.
     The pair is loaded from the pipeline folder (two transformers, back to back)."""

@@ -57,7 +57,7 @@ def flux_pipeline_images(flux_folder):
     return pipeline_images(flux_folder[0])
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_flux_cfg_and_finextract_k0_reproduce_the_pipeline(flux_folder, flux_pipeline_images, backend):
     """base == fine-tuned and k = 0: Eq. 13 is CFG with scale w (both terms at the distilled guidance 3.5), so
     both equal FluxPipeline's true CFG. The pair is loaded from the pipeline folder (two transformers)."""
