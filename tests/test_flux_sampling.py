@@ -157,3 +157,29 @@ def test_the_cli_records_the_distilled_guidance(flux_folder, tmp_path):
     assert main([*args, "--distilled-guidance", "2.0", "--out", str(tmp_path / "gen")]) == 0
     manifest = (tmp_path / "gen" / "manifest.json").read_text()
     assert '"distilled_guidance": 2.0' in json.dumps(json.loads(manifest))
+
+
+def test_the_flux_export_spec_and_tensorrt_profile_carry_its_inputs(flux_folder):
+    """The exported step (onnxruntime, OpenVINO, and TensorRT's build path) takes FLUX's conditioning per term:
+    T5's sequence, CLIP's pooled projection and the distilled guidance; the latents stay unpacked, so the
+    TensorRT profile's x_t is (B, 16, h, w) as for every other family (the packing is inside the graph)."""
+    from finextract.engine.conditioning import encode_conditioning
+    from finextract.engine.denoiser import GuidedDenoiser
+    from finextract.engine.export import ExportSpec
+    from finextract.engine.loading import load_model_pair
+    from finextract.engine.tensorrt import unet_profiles
+    from finextract.rules import rule_for
+
+    components, folder = flux_folder
+    pair = load_model_pair(folder, folder)
+    rule = rule_for("finextract", "dreambooth")
+    spec = ExportSpec.of(GuidedDenoiser(pair, rule), encode_conditioning(pair, rule, ZOO_CAPTION), batch_sizes=(8,))
+    keys = pair.family.conditioning_keys
+    assert set(keys) >= {"encoder_hidden_states", "pooled_projections", "guidance"}
+    assert spec.input_names == ("x_t", "t", "weights", *(f"{k}_a" for k in keys), *(f"{k}_b" for k in keys))
+    profile = unet_profiles(spec, (8,))[8]
+    t5_width = components["text_encoder_2"].config.d_model
+    clip_width = components["text_encoder"].config.projection_dim or components["text_encoder"].config.hidden_size
+    assert profile["x_t"] == ((8, 16, 16, 16),) * 3
+    assert profile["encoder_hidden_states_a"][0] == (1, pair.family.max_sequence_length, t5_width)
+    assert profile["pooled_projections_b"][0] == (1, clip_width) and profile["guidance_a"][0] == (1, 1)
