@@ -169,6 +169,9 @@ def read_diffusers(path: Path, allow_pickle: bool) -> Parsed:
     unknown = []
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
+        if component == "transformer":  # SD3's denoiser (`save_lora_weights`): the pair's denoiser slot
+            split["unet"][rest] = tensor
+            continue
         other = next((p for p in OTHER_MODEL_PREFIXES if key.startswith(p)), None)
         if other:
             raise LoRAKeyError(

@@ -69,7 +69,10 @@ def load_adapter(path: Path, base: dict, sources: dict, *, fmt: str, allow_pickl
     check_adapter_family(path, family, dict(base_unet.config))
     weights = read_adapters(
         path,
-        {"unet": base_unet, **tune.texts},
+        {
+            "unet": base_unet,
+            **{name: model for name, model in tune.texts.items() if model is not None},
+        },  # SD3's T5 is optional
         format=fmt.removeprefix("lora_"),
         allow_pickle=allow_pickle,
         family=family,
