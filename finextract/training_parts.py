@@ -27,8 +27,8 @@ class TrainingParts:
     """A base pipeline's parts in fp32 on the CPU.
 
     family: "sd1" (the UNet families' single CLIP encoder) or "sd3". denoiser: the UNet or the
-    transformer. text_encoders / tokenizers: in the pipeline's order (T5, when present, is not used:
-    fine-tuning encodes captions with the CLIP encoders and T5's zeros, see `sd3_conditioning`).
+    transformer. text_encoders / tokenizers: in the pipeline's order (SD3: the two CLIP encoders, then
+    T5 when the folder has one).
     """
 
     family: str
@@ -97,6 +97,11 @@ def load_parts(base: str | Path) -> TrainingParts:
     tokenizers = [
         CLIPTokenizer.from_pretrained(base, subfolder=name) for name in ("tokenizer", "tokenizer_2")[: 1 + sd3]
     ]
+    if sd3 and (base / "text_encoder_3" / "config.json").is_file():  # T5 is optional in SD3 folders
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        encoders.append(T5EncoderModel.from_pretrained(base, subfolder="text_encoder_3", dtype=torch.float32))
+        tokenizers.append(T5TokenizerFast.from_pretrained(base, subfolder="tokenizer_3"))
     if sd3:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
@@ -129,13 +134,14 @@ SD3_T5_LENGTH = 256
 
 
 def sd3_conditioning(text_encoders, tokenizers, captions, joint_dim: int, length: int = SD3_T5_LENGTH) -> dict:
-    """SD3's conditioning of captions without T5, as `StableDiffusion3Pipeline.encode_prompt` builds it
-    with `text_encoder_3=None` (clip_skip None): each CLIP encoder's penultimate hidden states joined on
-    the feature axis, zero-padded to `joint_dim`, followed by `length` zero rows (T5's place); the
-    pooled projections joined.
+    """SD3's conditioning of captions, as `StableDiffusion3Pipeline.encode_prompt` builds it (clip_skip
+    None): each CLIP encoder's penultimate hidden states joined on the feature axis, zero-padded to
+    `joint_dim`, followed by T5's `length` token states (zeros without T5, as the pipeline with
+    `text_encoder_3=None`); the pooled projections joined.
 
     Args:
-        text_encoders: the two `CLIPTextModelWithProjection`s. tokenizers: their `CLIPTokenizer`s.
+        text_encoders: the two `CLIPTextModelWithProjection`s, then optionally the `T5EncoderModel`.
+        tokenizers: their tokenizers.
         captions: B strings.
         joint_dim: the transformer's `joint_attention_dim`.
         length: T5's token count (the pipeline's `max_sequence_length`, 256).
@@ -147,14 +153,21 @@ def sd3_conditioning(text_encoders, tokenizers, captions, joint_dim: int, length
     import torch
 
     states, pooled = [], []
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
+    for encoder, tokenizer in zip(text_encoders[:2], tokenizers[:2]):
         output = encoder(tokenize(tokenizer, captions).to(encoder.device), output_hidden_states=True)
         states.append(output.hidden_states[-2])
         pooled.append(output[0])
     clip = torch.cat(states, dim=-1)
     clip = torch.nn.functional.pad(clip, (0, joint_dim - clip.shape[-1]))
-    zeros = clip.new_zeros((clip.shape[0], length, joint_dim))
-    return {"encoder_hidden_states": torch.cat([clip, zeros], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
+    if len(text_encoders) > 2:
+        t5, t5_tokenizer = text_encoders[2], tokenizers[2]
+        ids = t5_tokenizer(
+            list(captions), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        t5_states = t5(ids.input_ids.to(t5.device))[0]
+    else:
+        t5_states = clip.new_zeros((clip.shape[0], length, joint_dim))
+    return {"encoder_hidden_states": torch.cat([clip, t5_states], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
 
 
 def caption_conditioning(parts: TrainingParts, captions) -> dict:

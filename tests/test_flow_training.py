@@ -70,24 +70,29 @@ def sd3_no_t5(tmp_path_factory):
     from finextract.zoo.models import save_pipeline, tiny_components
 
     components = tiny_components(0, tmp_path_factory.mktemp("sd3") / "tokenizer", family="sd3")
+    t5 = components["text_encoder_3"], components["tokenizer_3"]
     components = dict(components, text_encoder_3=None, tokenizer_3=None)
     root = tmp_path_factory.mktemp("sd3_base")
-    return components, save_pipeline(components, root / "base")
+    return components, save_pipeline(components, root / "base"), *t5
 
 
-def test_sd3_conditioning_is_the_pipelines_without_t5(sd3_no_t5):
+@pytest.mark.parametrize("t5", [False, True])
+def test_sd3_conditioning_is_the_pipelines(sd3_no_t5, t5):
     from diffusers import StableDiffusion3Pipeline
 
     from finextract.training_parts import sd3_conditioning
 
-    components, _ = sd3_no_t5
+    components = sd3_no_t5[0]
+    if t5:
+        components = dict(components, text_encoder_3=sd3_no_t5[2], tokenizer_3=sd3_no_t5[3])
     pipeline = StableDiffusion3Pipeline(**components)
     captions = [ZOO_CAPTION, ""]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")[: 2 + t5]
     with torch.no_grad():
-        embeds, _, pooled, _ = pipeline.encode_prompt(captions, captions, None, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipeline.encode_prompt(captions, captions, captions, do_classifier_free_guidance=False)
         ours = sd3_conditioning(
-            [components["text_encoder"], components["text_encoder_2"]],
-            [components["tokenizer"], components["tokenizer_2"]],
+            [components[name] for name in names],
+            [components[name.replace("text_encoder", "tokenizer")] for name in names],
             captions,
             components["transformer"].config.joint_attention_dim,
         )
@@ -103,7 +108,7 @@ def test_finetune_trains_an_sd3_lora_that_diffusers_and_finextract_read_alike(sd
     from finextract.engine.loading import load_model_pair
     from finextract.finetuning import finetune
 
-    _, base = sd3_no_t5
+    base = sd3_no_t5[1]
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = finetune(base, list(images), ZOO_CAPTION, out=tmp_path / "lora", method="lora", steps=4, lr=0.05,
                    rank=2, device="cpu", progress=False)  # fmt: skip
@@ -135,7 +140,7 @@ def test_finetune_dreambooth_on_sd3_saves_a_pipeline_with_the_trained_transforme
     from finextract.finetuning import finetune
     from finextract.training_parts import load_parts
 
-    _, base = sd3_no_t5
+    base = sd3_no_t5[1]
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = finetune(base, list(images), ZOO_CAPTION, out=tmp_path / "db", method="dreambooth", steps=4, lr=1e-3,
                    device="cpu", progress=False)  # fmt: skip
