@@ -64,9 +64,9 @@ class FlowZooRecipe:
     base_batch: int = 16
     base_lr: float = 1e-3
     empty_caption_rate: float = 0.1
-    dreambooth_steps: int = 1000
-    dreambooth_lr: float = 1e-4
-    lora_steps: int = 1000
+    dreambooth_steps: int = 4000
+    dreambooth_lr: float = 3e-4
+    lora_steps: int = 4000
     lora_lr: float = 3e-3
     lora_rank: int = 8
     lora_modules: str = "locon"
