@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,16 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..finetuning import finetune, train_loop
+from ..finetuning import train_loop
 from ..images import read_image
 from ..objectives import training_loss
 from ..training_parts import predict, sd3_conditioning
 from .configs import SD3_SCHEDULER_CONFIG, TINY_SD3_TRANSFORMER_CONFIG
 from .scenarios import PRETRAIN_IMAGES, SCENARIOS, finetune_set, package_file, random_crops, scenario_folder
-from .trained import BUILD_SECONDS, _built, _reused, _strip_local_paths, default_zoo_folder, write_training_set
+from .trained import _strip_local_paths, cached_folder, default_zoo_folder, finetune_zoo_model, write_training_set
 from .training import latent_parameters
-
-logger = logging.getLogger(__name__)
 
 # SD3's MMDiT at 4 layers of width 64 (4 heads x 16), patch 2 on the committed VAE's 4-channel 16 x 16
 # latents (64 image tokens); 0.59 M parameters, ~0.3 s per batch-16 step on one CPU thread.
@@ -165,72 +161,41 @@ def _pretraining_set(recipe: FlowZooRecipe):
 
 
 def build_flow_base(out: Path, recipe: FlowZooRecipe, *, cache=None, progress: bool = True) -> dict:
-    """The base pipeline (fp16 safetensors) into `out/base`; returns its timing and loss record."""
+    """The base pipeline (fp16 safetensors) into `out/base`, with `losses.json` (the mean loss of the
+    first and of the last 100 steps); returns its timing."""
     from .trained import _save_fp16_pipeline
 
-    t = time.perf_counter()
     base_dir = out / "base"
+
+    def build() -> None:
+        components = flow_base_components(recipe.seed)
+        pool, captions = _pretraining_set(recipe)
+        losses = train_flow_base(components, pool, captions, recipe, progress)
+        _save_fp16_pipeline(components, base_dir)
+        record = {"first_100": float(np.mean(losses[:100])), "last_100": float(np.mean(losses[-100:]))}
+        (base_dir / "losses.json").write_text(json.dumps(record) + "\n")
+
     entry = Path(cache) / f"sd3-base-{recipe.key(*BASE_FIELDS)}" if cache else None
-    if base_dir.exists():
-        shutil.rmtree(base_dir)
-    if entry and (entry / "model_index.json").is_file():
-        shutil.copytree(entry, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
-        logger.info("reusing the flow base in %s", entry)
-        return _reused(entry)
-    components = flow_base_components(recipe.seed)
-    pool, captions = _pretraining_set(recipe)
-    losses = train_flow_base(components, pool, captions, recipe, progress)
-    _save_fp16_pipeline(components, base_dir)
-    losses_record = {"first_100": float(np.mean(losses[:100])), "last_100": float(np.mean(losses[-100:]))}
-    (base_dir / "losses.json").write_text(json.dumps(losses_record) + "\n")
-    return _built(entry, t, lambda: shutil.copytree(base_dir, entry, dirs_exist_ok=True))
+    return cached_folder(base_dir, entry, "model_index.json", build, "the flow base")
 
 
 def build_flow_finetune(out: Path, recipe: FlowZooRecipe, method: str, *, cache=None, progress=True) -> dict:
-    """The object scenario's `method` fine-tune of `out/base` into `out/<method>` (cached by the
-    recipe, the caption and the images); a DreamBooth keeps only its `transformer/`."""
-    t = time.perf_counter()
-    scenario = SCENARIOS["object"]
-    target = scenario_folder(out, "object") / method
-    if target.exists():
-        shutil.rmtree(target)
+    """The object scenario's `method` fine-tune of `out/base` into `out/<method>`
+    (`finextract.zoo.trained.finetune_zoo_model`: a DreamBooth keeps only its `transformer/`), cached
+    by the recipe, the caption and the images. Returns its timing."""
     entry = None
     if cache:
         images = finetune_set("object", recipe.resolution)[1]
-        fields = recipe.key(*BASE_FIELDS, *FINETUNE_FIELDS[method]) + scenario.caption
-        entry = (
-            Path(cache) / f"sd3-object-{method}-{hashlib.sha256(fields.encode() + images.tobytes()).hexdigest()[:16]}"
-        )
-    if entry is not None and (entry / "finetune.json").is_file():
-        shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
-        logger.info("reusing the flow %s fine-tune in %s", method, entry)
-        return _reused(entry)
-    dreambooth = method == "dreambooth"
-    finetune(
-        out / "base",
-        scenario_folder(out, "object") / "train",
-        scenario.caption,
-        out=target,
-        method=method,
-        steps=recipe.dreambooth_steps if dreambooth else recipe.lora_steps,
-        lr=recipe.dreambooth_lr if dreambooth else recipe.lora_lr,
-        batch_size=recipe.finetune_batch,
-        rank=recipe.lora_rank,
-        lora_modules=recipe.lora_modules,
-        seed=recipe.seed + 31,
-        resolution=recipe.resolution,
-        device="cpu",
-        save_dtype="fp16",
-        progress=progress,
+        fields = recipe.key(*BASE_FIELDS, *FINETUNE_FIELDS[method]) + SCENARIOS["object"].caption
+        key = hashlib.sha256(fields.encode() + images.tobytes()).hexdigest()[:16]
+        entry = Path(cache) / f"sd3-object-{method}-{key}"
+    return cached_folder(
+        scenario_folder(out, "object") / method,
+        entry,
+        "finetune.json",
+        lambda: finetune_zoo_model(out, recipe, "object", method, progress),
+        f"the flow {method} fine-tune",
     )
-    if dreambooth:
-        for path in target.iterdir():
-            if path.name not in ("transformer", "finetune.json"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    record = json.loads((target / "finetune.json").read_text()) | {"base": "../base"}
-    record.pop("run_folder", None)
-    (target / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
-    return _built(entry, t, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
 
 
 def build_flow_zoo(
