@@ -273,10 +273,11 @@ def finetune(
 ) -> Path:
     """Fine-tune the pipeline folder `base` on `images` with one caption and save the result.
 
-    DreamBooth trains every UNet weight (and the text encoder if `train_text_encoder`) and saves a
-    full diffusers pipeline folder (safetensors). LoRA adds peft adapters of rank `rank`
+    DreamBooth trains every UNet (SD3: transformer) weight (and the SD 1.x text encoder if
+    `train_text_encoder`) and saves a full diffusers pipeline folder (safetensors). An SD3 base trains
+    with flow matching (`finextract.objectives`), its captions encoded as its pipeline encodes them. LoRA adds peft adapters of rank `rank`
     (alpha = rank, so scale 1) on the modules `lora_target_modules(unet, lora_modules)` names and saves
-    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`,
+    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`, SD3 `transformer.<module>...`,
     rank and alpha in the metadata), as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json` (with the
     image count, caption, base name and hashes) and the same in kohya's `ss_*` and the model spec's keys
     into the weights file's metadata (`finextract.engine.metadata.finetune_metadata`).
@@ -284,7 +285,7 @@ def finetune(
     models, the trained zoo's for tiny ones). A warning is logged when the loss has not fallen.
 
     Args:
-        base: diffusers Stable Diffusion 1.x pipeline folder with safetensors weights.
+        base: diffusers Stable Diffusion 1.x or SD3 pipeline folder with safetensors weights.
         images: folder of training images, or a sequence of paths / PIL images / uint8 arrays.
         caption: the instance prompt, e.g. "a photo of sks dog".
         out: output folder (created).
@@ -310,7 +311,8 @@ def finetune(
         The output folder.
 
     Raises:
-        ValueError: bad method, steps, batch size, rank, dtype or images; `out` holding another
+        ValueError: bad method, steps, batch size, rank, dtype or images; a pipeline class other than
+            SD 1.x / SD3's, or `train_text_encoder` on SD3; `out` holding another
             command's output, files of no finextract run, or (without `overwrite`) a fine-tune with
             other settings (`finextract.store.folders.prepare`; checked before training).
         FileNotFoundError: `base` or an image is missing.
