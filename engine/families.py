@@ -253,13 +253,16 @@ _OTHER_PIPELINES = {  # pipeline classes of families finextract does not run, in
 
 def _flow_family(pipeline_class: str | None, transformer_config: dict | None, where: str) -> Family | None:
     """SD3 / FLUX.1 from the pipeline class or the transformer's class; None for neither. A transformer
-    of the family's class with other latent channels (an inpainting / control variant) is refused."""
+    of the family's class with other input channels (an inpainting / control variant) is refused: FLUX.1
+    takes 64 (its packed latents); an SD3 transformer takes what it outputs (16 for the released
+    models; the trained tiny flow pair's 4, on SD 1.x's VAE), a variant more."""
     by_pipeline = {family.pipeline_class: family for family in (SD3, FLUX)}
     by_denoiser = {family.denoiser_class: family for family in (SD3, FLUX)}
     family = by_pipeline.get(pipeline_class) or by_denoiser.get((transformer_config or {}).get("_class_name"))
     if family is None or transformer_config is None:
         return family
-    expected = 64 if family is FLUX else 16  # FLUX packs 2 x 2 x 16 latent values per token
+    # FLUX packs 2 x 2 x 16 latent values per token; SD3's velocity has its input's shape
+    expected = 64 if family is FLUX else transformer_config.get("out_channels") or 16
     if transformer_config.get("in_channels") != expected:
         raise UnknownFamilyError(
             f"{where}: its {family.denoiser_class} takes {transformer_config.get('in_channels')} input channels, "

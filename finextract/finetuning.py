@@ -1,10 +1,13 @@
-"""Fine-tune a Stable Diffusion 1.x pipeline on a few images: DreamBooth (full UNet) or LoRA.
+"""Fine-tune a Stable Diffusion 1.x or SD3 pipeline on a few images: DreamBooth (full UNet /
+transformer) or LoRA.
 
 The standard recipe of diffusers' `train_dreambooth.py` / `train_dreambooth_lora.py`: encode the
 images once with the VAE (latents scaled by `vae.config.scaling_factor`), then at each step draw a
 timestep and noise, noise the latents with the model's own scheduler and regress the UNet's
 prediction onto the noise (or the velocity for v-prediction models) with MSE; AdamW at a constant
-learning rate. LoRA goes through `peft`, on the UNet attention projections (to_q, to_k, to_v,
+learning rate. SD3 (`train_dreambooth_sd3.py`): rectified flow, the transformer's velocity regressed
+onto noise - x0 at logit-normal sigmas (`finextract.objectives`), captions encoded by the two CLIP
+encoders with T5's zeros (`finextract.training_parts`). LoRA goes through `peft`, on the UNet attention projections (to_q, to_k, to_v,
 to_out.0, as diffusers' script) or LoCon-style on every Linear and Conv2d of the UNet's blocks
 (attention, feed-forward, projections, ResNet convolutions, resamplers: LyCORIS' LoCon), and is saved
 as diffusers' `pytorch_lora_weights.safetensors`; DreamBooth saves a diffusers pipeline folder. The
@@ -18,6 +21,7 @@ committed trained zoo was built and measured with.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -31,8 +35,10 @@ from tqdm.auto import tqdm
 from .engine.config import resolve_device, torch_dtype
 from .engine.metadata import add_safetensors_metadata, finetune_metadata, kohya_model_hashes
 from .images import center_crop_resize, read_image, read_images
+from .objectives import training_loss
 from .store.files import write_json
 from .store.folders import prepare, replace_folder, run_entry, stage
+from .training_parts import SD3_LORA_TARGET_MODULES, caption_conditioning, load_parts, predict, vae_latents
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_MODULES = ("attention", "locon")
 # SD 1.x's first UNet block has 320 channels; a narrower UNet is a tiny test model
 SD_WIDTH = 320
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -70,17 +77,22 @@ TINY_RECIPES = {
 
 
 def default_recipe(unet_config, method: str) -> Recipe:
-    """The default recipe for fine-tuning a UNet with this config by `method` ("dreambooth" / "lora").
+    """The default recipe for fine-tuning a UNet (or SD3 transformer) with this config by `method`
+    ("dreambooth" / "lora").
 
     Args:
-        unet_config: the UNet's config (dict or diffusers FrozenDict), read for `block_out_channels`.
+        unet_config: the denoiser's config (dict or diffusers FrozenDict), read for `block_out_channels`
+            (a UNet) or `num_attention_heads` x `attention_head_dim` (a transformer).
         method: "dreambooth" or "lora".
 
     Returns:
-        `SD_RECIPES[method]` for a UNet whose first block has >= 320 channels (SD 1.x / 2.x size),
-        else `TINY_RECIPES[method]`.
+        `SD_RECIPES[method]` for a UNet whose first block has >= 320 channels (SD 1.x / 2.x size) or a
+        transformer at least that wide (SD3's 1,536), else `TINY_RECIPES[method]`.
     """
-    width = int(unet_config["block_out_channels"][0])
+    if "block_out_channels" in unet_config:
+        width = int(unet_config["block_out_channels"][0])
+    else:
+        width = int(unet_config["num_attention_heads"]) * int(unet_config["attention_head_dim"])
     return (SD_RECIPES if width >= SD_WIDTH else TINY_RECIPES)[method]
 
 
@@ -88,11 +100,13 @@ def lora_target_modules(unet, which: str = "attention") -> list[str]:
     """Names of the UNet modules a LoRA adapts.
 
     Args:
-        unet: a diffusers `UNet2DConditionModel`.
+        unet: a diffusers `UNet2DConditionModel`, or an `SD3Transformer2DModel`.
         which: "attention": the attention projections to_q / to_k / to_v / to_out.0 (diffusers'
-            `train_dreambooth_lora.py`); "locon": every Linear and Conv2d inside the down, mid and up
-            blocks (attention, feed-forward, proj_in / proj_out, ResNet conv1 / conv2 / shortcut and
-            time projection, down- and upsampler convolutions), as LyCORIS' LoCon adapts them.
+            `train_dreambooth_lora.py`; a transformer: both streams' projections,
+            `SD3_LORA_TARGET_MODULES`, as `train_dreambooth_lora_sd3.py`); "locon": every Linear and
+            Conv2d inside the down, mid and up blocks (attention, feed-forward, proj_in / proj_out,
+            ResNet conv1 / conv2 / shortcut and time projection, down- and upsampler convolutions), as
+            LyCORIS' LoCon adapts them (a transformer: every Linear of its `transformer_blocks`).
 
     Raises:
         ValueError: an unknown `which`.
@@ -100,6 +114,17 @@ def lora_target_modules(unet, which: str = "attention") -> list[str]:
     # heavy: torch, diffusers, transformers, peft load when training starts; zoo.scenarios imports this torch-free
     import torch
 
+    if hasattr(unet, "transformer_blocks"):  # SD3's MMDiT
+        suffixes = tuple("." + m for m in SD3_LORA_TARGET_MODULES) if which == "attention" else None
+        if which not in LORA_MODULES:
+            raise ValueError(f"--lora-modules {which!r}: expected one of {', '.join(LORA_MODULES)}")
+        return [
+            name
+            for name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and name.startswith("transformer_blocks.")
+            and (suffixes is None or name.endswith(suffixes))
+        ]
     if which == "attention":
         return [
             name
@@ -163,78 +188,6 @@ def load_images(images: str | Path | Sequence, resolution: int) -> np.ndarray:
     if not arrays:
         raise ValueError("no training images given")
     return np.stack([center_crop_resize(array, resolution) for array in arrays])
-
-
-def _components(base: str | Path):
-    """Load a diffusers SD pipeline folder's parts in fp32 from safetensors only (never pickle)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    base = Path(base)
-    if not (base / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"--base {base}: not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion 1.x folder"
-        )
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            base, subfolder="unet", use_safetensors=True, torch_dtype=torch.float32
-        )
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True, torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(
-            base, subfolder="text_encoder", use_safetensors=True, dtype=torch.float32
-        )
-    except OSError as error:
-        raise FileNotFoundError(
-            f"--base {base}: could not load safetensors weights ({error}); convert .bin/.ckpt weights to safetensors first"
-        ) from None
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    return unet, vae, text_encoder, tokenizer, scheduler
-
-
-def tokenize(tokenizer, captions: Sequence[str]):
-    """Token ids (B, model_max_length), padded and truncated the way SD 1.x pipelines do."""
-    return tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def denoising_loss(unet, scheduler, latents, encoder_hidden_states, generator):
-    """Noise-prediction MSE (DDPM's simple loss) on scaled VAE latents.
-
-    Args:
-        unet: `UNet2DConditionModel`.
-        scheduler: a diffusers scheduler with `add_noise` (and `get_velocity` for v-prediction).
-        latents: (B, C, h, w) float, already multiplied by the VAE scaling factor.
-        encoder_hidden_states: (B, L, D) text states.
-        generator: torch.Generator on the latents' device (timesteps and noise).
-
-    Returns:
-        Scalar fp32 loss: mean over elements of (eps_theta(x_t, t, c) - target)^2.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
-    ).long()
-    x_t = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-    eps = unet(x_t, timesteps, encoder_hidden_states).sample
-    return F.mse_loss(eps.float(), target.float())
 
 
 def train_loop(
@@ -320,10 +273,11 @@ def finetune(
 ) -> Path:
     """Fine-tune the pipeline folder `base` on `images` with one caption and save the result.
 
-    DreamBooth trains every UNet weight (and the text encoder if `train_text_encoder`) and saves a
-    full diffusers pipeline folder (safetensors). LoRA adds peft adapters of rank `rank`
+    DreamBooth trains every UNet (SD3: transformer) weight (and the SD 1.x text encoder if
+    `train_text_encoder`) and saves a full diffusers pipeline folder (safetensors). An SD3 base trains
+    with flow matching (`finextract.objectives`), its captions encoded as its pipeline encodes them. LoRA adds peft adapters of rank `rank`
     (alpha = rank, so scale 1) on the modules `lora_target_modules(unet, lora_modules)` names and saves
-    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`,
+    `out/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.<module>.lora_A/lora_B.weight`, SD3 `transformer.<module>...`,
     rank and alpha in the metadata), as `StableDiffusionLoraLoaderMixin.save_lora_weights` writes it. Both write `finetune.json` (with the
     image count, caption, base name and hashes) and the same in kohya's `ss_*` and the model spec's keys
     into the weights file's metadata (`finextract.engine.metadata.finetune_metadata`).
@@ -331,7 +285,7 @@ def finetune(
     models, the trained zoo's for tiny ones). A warning is logged when the loss has not fallen.
 
     Args:
-        base: diffusers Stable Diffusion 1.x pipeline folder with safetensors weights.
+        base: diffusers Stable Diffusion 1.x or SD3 pipeline folder with safetensors weights.
         images: folder of training images, or a sequence of paths / PIL images / uint8 arrays.
         caption: the instance prompt, e.g. "a photo of sks dog".
         out: output folder (created).
@@ -357,7 +311,8 @@ def finetune(
         The output folder.
 
     Raises:
-        ValueError: bad method, steps, batch size, rank, dtype or images; `out` holding another
+        ValueError: bad method, steps, batch size, rank, dtype or images; a pipeline class other than
+            SD 1.x / SD3's, or `train_text_encoder` on SD3; `out` holding another
             command's output, files of no finextract run, or (without `overwrite`) a fine-tune with
             other settings (`finextract.store.folders.prepare`; checked before training).
         FileNotFoundError: `base` or an image is missing.
@@ -389,7 +344,10 @@ def finetune(
     }
     out = prepare(out, "finetune", given, overwrite=overwrite).path
 
-    unet, vae, text_encoder, tokenizer, scheduler = _components(base)
+    parts = load_parts(base)
+    unet, vae, text_encoder, scheduler = parts.denoiser, parts.vae, parts.text_encoders[0], parts.scheduler
+    if train_text_encoder and parts.family == "sd3":
+        raise ValueError("--train-text-encoder: SD3 fine-tunes here train the transformer only; leave it out")
     recipe = default_recipe(unet.config, method)
     steps = recipe.steps if steps is None else steps
     lr = recipe.lr if lr is None else float(lr)
@@ -421,12 +379,11 @@ def finetune(
         x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         dist = vae.encode(x).latent_dist
         latent_mean, latent_std = dist.mean, dist.std
-    scaling = vae.config.scaling_factor
-    ids = tokenize(tokenizer, [caption]).to(device)
 
     # 2. What trains.
     unet.to(device).train()
-    text_encoder.to(device).requires_grad_(train_text_encoder)
+    for encoder in parts.text_encoders:
+        encoder.to(device).requires_grad_(train_text_encoder)
     if method == "lora":
         from peft import LoraConfig
 
@@ -439,14 +396,15 @@ def finetune(
         text_encoder.train()
         parameters += list(text_encoder.parameters())
     with torch.no_grad():
-        fixed_states = None if train_text_encoder else text_encoder(ids)[0]
+        fixed = None if train_text_encoder else caption_conditioning(parts, [caption])
 
     def loss_fn(generator):
         index = torch.randint(0, len(pixels), (batch_size,), generator=generator, device=device)
         noise = torch.randn(latent_mean[index].shape, generator=generator, device=device)
-        latents = (latent_mean[index] + latent_std[index] * noise) * scaling
-        states = text_encoder(ids)[0] if train_text_encoder else fixed_states
-        return denoising_loss(unet, scheduler, latents, states.expand(batch_size, -1, -1), generator)
+        latents = vae_latents(vae, latent_mean[index], latent_std[index], noise)
+        conditioning = caption_conditioning(parts, [caption]) if train_text_encoder else fixed
+        rows = {name: value.expand(batch_size, *value.shape[1:]) for name, value in conditioning.items()}
+        return training_loss(scheduler, latents, lambda x_t, t: predict(unet, x_t, t, rows), generator)
 
     losses = train_loop(
         parameters,
@@ -465,13 +423,14 @@ def finetune(
     save_torch_dtype = torch_dtype(save_dtype)
     unet.eval()
     if method == "lora":
-        _save_lora(unet, staged, save_torch_dtype, rank, targets)
+        _save_lora(parts, staged, save_torch_dtype, rank, targets)
     else:
-        _save_pipeline(base, unet, text_encoder.eval(), staged, save_torch_dtype)
+        _save_pipeline(base, parts, staged, save_torch_dtype)
 
     first, last, fell = loss_fall(losses)
-    trained = _trained_record(base, images, len(pixels), config)
-    for file in (staged / "pytorch_lora_weights.safetensors", staged / "unet" / "diffusion_pytorch_model.safetensors"):
+    trained = _trained_record(base, images, len(pixels), config, parts.family)
+    denoiser_folder = "transformer" if parts.family == "sd3" else "unet"
+    for file in (staged / "pytorch_lora_weights.safetensors", staged / denoiser_folder / WEIGHTS_FILE):
         if file.is_file():  # the trainers' keys, in the weights themselves
             add_safetensors_metadata(file, finetune_metadata(**trained["keys"]))
     record = (
@@ -499,19 +458,21 @@ def finetune(
     return out
 
 
-def _trained_record(base, images, num_images: int, config: FinetuneConfig) -> dict:
+def _trained_record(base, images, num_images: int, config: FinetuneConfig, family: str = "sd1") -> dict:
     """What a fine-tune records of its training (`finextract.engine.metadata`): {"record": the fields
     added to finetune.json (`num_images`, `base_name`, `base_unet_hash`, `base_unet_sha256`,
     `base_family`), "keys": `finetune_metadata`'s arguments}. The base hashes are kohya's
-    (`kohya_model_hashes`) of the base's UNet weights file."""
-    unet_file = Path(base) / "unet" / "diffusion_pytorch_model.safetensors"
+    (`kohya_model_hashes`) of the base's denoiser weights file (`unet/`, SD3's `transformer/`)."""
+    unet_file = Path(base) / ("transformer" if family == "sd3" else "unet") / WEIGHTS_FILE
     hashes = kohya_model_hashes(unet_file) if unet_file.is_file() else {}
     folder = Path(images).name if isinstance(images, (str, Path)) else "images"
-    record = {"num_images": num_images, "base_name": Path(base).resolve().name, "base_family": "sd1"}
+    record = {"num_images": num_images, "base_name": Path(base).resolve().name, "base_family": family}
     record |= {"base_unet_hash": hashes.get("ss_sd_model_hash"), "base_unet_sha256": hashes.get("ss_new_sd_model_hash")}
     keys = dict(method=config.method, caption=config.caption, num_images=num_images, image_folder=folder)
     keys |= dict(steps=config.steps, lr=config.lr, batch_size=config.batch_size, rank=config.rank, alpha=config.rank)
     keys |= dict(resolution=config.resolution, seed=config.seed, dtype=config.dtype, base_name=record["base_name"])
+    if family == "sd3":  # flow matching: the velocity (`engine.loading.checks.agreed_scheduler`'s "flow")
+        keys |= dict(family="sd3", prediction_type="flow")
     return {"record": record, "keys": keys | {"base_hashes": hashes}}
 
 
@@ -533,40 +494,39 @@ def loss_fall(losses: Sequence[float]) -> tuple[float, float, bool]:
     return first, last, last <= (1 - LOSS_FALL) * first
 
 
-def _save_lora(unet, out: Path, dtype, rank: int, targets: list[str]) -> None:
-    """Save the UNet's peft adapters as diffusers does (`save_lora_weights`): keys
-    `unet.<module>.lora_A.weight` / `.lora_B.weight` and the rank / alpha in the file's metadata.
+def _save_lora(parts, out: Path, dtype, rank: int, targets: list[str]) -> None:
+    """Save the denoiser's peft adapters as diffusers does (`save_lora_weights`): keys
+    `unet.<module>.lora_A.weight` / `.lora_B.weight` (SD3: `transformer.<module>...`) and the rank /
+    alpha in the file's metadata.
 
     The keys stay in peft's naming for every module: diffusers' `convert_state_dict_to_diffusers`
     renames only attention projections (to `lora.down` / `lora.up`), which would mix two namings in a
     LoCon file.
     """
-    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    layers = {
-        key: value.detach().to("cpu", dtype).contiguous() for key, value in get_peft_model_state_dict(unet).items()
-    }
+    state = get_peft_model_state_dict(parts.denoiser)
+    layers = {key: value.detach().to("cpu", dtype).contiguous() for key, value in state.items()}
     metadata = dict(r=rank, lora_alpha=rank, target_modules=sorted(targets))
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+    prefix = "transformer" if parts.family == "sd3" else "unet"
+    parts.pipeline_class.save_lora_weights(
+        out, **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata}, safe_serialization=True
     )
 
 
-def _save_pipeline(base, unet, text_encoder, out: Path, dtype) -> None:
-    """Save `base`'s pipeline (its own VAE, tokenizer, scheduler class) with the trained parts."""
+def _save_pipeline(base, parts, out: Path, dtype) -> None:
+    """Save `base`'s pipeline (its own VAE, tokenizers, scheduler class) with the trained parts."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        base,
-        unet=unet,
-        text_encoder=text_encoder,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-        torch_dtype=torch.float32,
-    )
+    if parts.family == "sd3":  # parts the folder saved as null (T5, the IP-Adapter's) are passed as None
+        index = json.loads((Path(base) / "model_index.json").read_text())
+        absent = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+        trained = {"transformer": parts.denoiser} | {
+            name: None for name in absent if (index.get(name) or [None, None])[1] is None
+        }
+    else:  # no safety checker: the tiny and research pipelines have none
+        trained = {"unet": parts.denoiser, "text_encoder": parts.text_encoders[0].eval()}
+        trained |= dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = parts.pipeline_class.from_pretrained(base, **trained, use_safetensors=True, torch_dtype=torch.float32)
     pipeline.to("cpu", dtype)
     pipeline.save_pretrained(out, safe_serialization=True)

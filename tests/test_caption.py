@@ -21,7 +21,7 @@ def _pair(components, finetuned_unet=None, unet_lora=None):
 def _planted(components, caption):
     """A DreamBooth whose only change is on attn2.to_k / to_v, built the way fine-tuning on `caption`
     builds it: delta W = G H^T with H the caption's 77 text states (77, D) and G random (out, 77)."""
-    from finextract.finetuning import tokenize
+    from finextract.training_parts import tokenize
 
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_recovers_planted_caption(planted):
 def test_score_is_the_energy_share(planted):
     """CaptionScorer against the formula computed directly, on all 77 positions and on a window."""
     from finextract.caption import CaptionScorer, cross_attention_deltas
-    from finextract.finetuning import tokenize
+    from finextract.training_parts import tokenize
 
     tokenizer, text_encoder = planted.finetuned_tokenizer, planted.finetuned_text_encoder
     deltas = cross_attention_deltas(planted)

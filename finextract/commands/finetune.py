@@ -1,4 +1,4 @@
-"""`finextract finetune`: DreamBooth or LoRA fine-tuning of a Stable Diffusion 1.x pipeline folder."""
+"""`finextract finetune`: DreamBooth or LoRA fine-tuning of a Stable Diffusion 1.x or SD3 pipeline folder."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ def register(subparsers) -> None:
         "finetune",
         run,
         help="fine-tune a base model on a few images (DreamBooth: diffusers folder; LoRA: diffusers safetensors)",
-        description="The standard recipe: noise-prediction MSE on VAE latents, AdamW, constant learning rate. "
+        description="The standard recipe: noise-prediction MSE on VAE latents (SD3: rectified flow, the velocity "
+        "regressed onto noise - latents at logit-normal sigmas), AdamW, constant learning rate. "
         "LoRA adapts the UNet attention projections (to_q, to_k, to_v, to_out.0) or, LoCon-style, every Linear and "
-        "Conv2d of the UNet's blocks, through peft. Unset options take the model's defaults: SD 1.x values for an "
+        "Conv2d of the UNet's blocks (SD3: both streams' attention projections, or every Linear of the "
+        "transformer blocks), through peft. Unset options take the model's defaults: SD 1.x values for an "
         "SD-size UNet (DreamBooth 800 steps at lr 5e-6, batch 1; LoRA rank 64 on attention, 2000 steps at 1e-4), "
         "the trained zoo's recipe for a tiny one (DreamBooth 1200 steps at 1e-4, batch 5; LoCon rank 8, 1500 steps "
         "at 3e-3, batch 5). Warns when the loss has not fallen.",
     )
-    parser.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x pipeline folder (safetensors)")
+    parser.add_argument(
+        "--base", required=True, help="diffusers Stable Diffusion 1.x or SD3 pipeline folder (safetensors)"
+    )
     parser.add_argument("--images", required=True, help="folder of training images (png/jpg/webp/bmp)")
     parser.add_argument("--caption", required=True, help='the instance prompt, e.g. "a photo of sks dog"')
     parser.add_argument("--out", required=True, help="output folder (created)")

@@ -122,19 +122,14 @@ def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progres
     vae.register_to_config(scaling_factor=scaling)
 
     # 2. Base UNet + text encoder (cached by the VAE + base fields)
-    t = time.perf_counter()
     base_dir = out / "base"
-    base_cache = Path(cache) / f"base-{recipe.key(*BASE_FIELDS)}" if cache else None
-    if base_dir.exists():
-        shutil.rmtree(base_dir)
-    if base_cache and (base_cache / "model_index.json").is_file():
-        shutil.copytree(base_cache, base_dir, ignore=shutil.ignore_patterns(BUILD_SECONDS))
-        logger.info("reusing the base in %s", base_cache)
-        timings["base"] = _reused(base_cache)
-    else:
+
+    def build_base() -> None:
         components = train_base(vae, base_pool, captions, recipe, base_dir / "tokenizer", progress)
         _save_fp16_pipeline(components, base_dir)
-        timings["base"] = _built(base_cache, t, lambda: shutil.copytree(base_dir, base_cache, dirs_exist_ok=True))
+
+    base_cache = Path(cache) / f"base-{recipe.key(*BASE_FIELDS)}" if cache else None
+    timings["base"] = cached_folder(base_dir, base_cache, "model_index.json", build_base, "the base")
     if recipe.base_refine_steps:
         t = time.perf_counter()
         refined_cache = Path(cache) / f"refined-{recipe.key(*REFINED_BASE_FIELDS)}" if cache else None
@@ -154,6 +149,21 @@ def build_base_stage(out: Path, recipe: TrainedZooRecipe, *, cache=None, progres
 # Each cache entry records how long it took to build, so that a build reusing it still reports the
 # cost of every stage.
 BUILD_SECONDS = "build_seconds.json"
+
+
+def cached_folder(target: Path, entry: Path | None, marker: str, build, what: str) -> dict:
+    """Make the folder `target` a stage's output: a copy of the cache `entry` when it holds `marker`
+    (a file a finished stage writes), else `build()` (which writes `target`), then saved into `entry`.
+    Returns the stage's timing {"seconds", "reused"}."""
+    started = time.perf_counter()
+    if target.exists():
+        shutil.rmtree(target)
+    if entry is not None and (entry / marker).is_file():
+        shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
+        logger.info("reusing %s in %s", what, entry)
+        return _reused(entry)
+    build()
+    return _built(entry, started, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
 
 
 def _built(entry: Path | None, started: float, save) -> dict:
@@ -193,26 +203,32 @@ def build_finetune(
     """Fine-tune the zoo's base/ on a scenario's train/ (`write_training_set`) by `method`, into
     `<scenario folder>/<method>`; a DreamBooth keeps only its `unet/`. Cached by the recipe fields,
     the caption and the training images. Returns the stage's timing {"seconds", "reused"}."""
-    t = time.perf_counter()
-    folder = scenario_folder(out, scenario)
-    caption = SCENARIOS[scenario].caption
-    target = folder / method
-    if target.exists():
-        shutil.rmtree(target)
     entry = None
     if cache:
         images = finetune_set(scenario, recipe.resolution)[1]
-        fields = recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + caption
+        fields = recipe.key(*REFINED_BASE_FIELDS, *FINETUNE_FIELDS[method]) + SCENARIOS[scenario].caption
         key = hashlib.sha256(fields.encode() + images.tobytes()).hexdigest()[:16]
         entry = Path(cache) / f"{scenario}-{method}-{key}"
-    if entry is not None and (entry / "finetune.json").is_file():
-        shutil.copytree(entry, target, ignore=shutil.ignore_patterns(BUILD_SECONDS))
-        logger.info("reusing the %s %s fine-tune in %s", scenario, method, entry)
-        return _reused(entry)
+    return cached_folder(
+        scenario_folder(out, scenario) / method,
+        entry,
+        "finetune.json",
+        lambda: finetune_zoo_model(out, recipe, scenario, method, progress),
+        f"the {scenario} {method} fine-tune",
+    )
+
+
+def finetune_zoo_model(out: Path, recipe, scenario: str, method: str, progress: bool = True) -> Path:
+    """`finetune` the zoo's base/ on a scenario's train/ with `recipe`'s numbers for `method` (a
+    `TrainedZooRecipe`, or any recipe with its fine-tuning fields) into `<scenario folder>/<method>`;
+    a DreamBooth keeps only its denoiser (`_keep_only_unet`). The record names the base by a path
+    relative to the fine-tune. Returns the fine-tune's folder."""
+    folder = scenario_folder(out, scenario)
+    target = folder / method
     finetune(
         out / "base",
         folder / "train",
-        caption,
+        SCENARIOS[scenario].caption,
         out=target,
         method=method,
         steps=recipe.dreambooth_steps if method == "dreambooth" else recipe.lora_steps,
@@ -233,7 +249,7 @@ def build_finetune(
     record = json.loads(record_file.read_text()) | {"base": relative_base.as_posix()}
     record.pop("run_folder", None)  # this machine's absolute paths: not in a committed record
     record_file.write_text(json.dumps(record, indent=2) + "\n")
-    return _built(entry, t, lambda: shutil.copytree(target, entry, dirs_exist_ok=True))
+    return target
 
 
 def build_trained_zoo(
@@ -314,11 +330,11 @@ def build_trained_zoo(
 
 
 def _keep_only_unet(folder: Path) -> None:
-    """Reduce a saved DreamBooth pipeline folder to its `unet/` and `finetune.json`: with the text
-    encoder frozen, the VAE, text encoder, tokenizer and scheduler are the base's, and a bare `unet/`
-    folder is a format the loader reads (it takes the rest from the base)."""
+    """Reduce a saved DreamBooth pipeline folder to its `unet/` (SD3: `transformer/`) and `finetune.json`:
+    with the text encoder frozen, the VAE, text encoder, tokenizer and scheduler are the base's, and a
+    bare denoiser folder is a format the loader reads (it takes the rest from the base)."""
     for path in folder.iterdir():
-        if path.name in ("unet", "finetune.json"):
+        if path.name in ("unet", "transformer", "finetune.json"):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..finetuning import TINY_RECIPES, denoising_loss, tokenize, train_loop
+from ..finetuning import TINY_RECIPES, train_loop
+from ..objectives import denoising_loss
+from ..training_parts import tokenize
 from .configs import TINY_VAE_CONFIG
 from .models import tiny_components
 
