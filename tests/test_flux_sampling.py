@@ -157,3 +157,46 @@ def test_the_cli_records_the_distilled_guidance(flux_folder, tmp_path):
     assert main([*args, "--distilled-guidance", "2.0", "--out", str(tmp_path / "gen")]) == 0
     manifest = (tmp_path / "gen" / "manifest.json").read_text()
     assert '"distilled_guidance": 2.0' in json.dumps(json.loads(manifest))
+
+
+def test_the_exported_flux_graph_runs_at_any_batch_size(flux_folder):
+    """The ONNX graph is traced at batch 2; diffusers' rotary embedding unpacks `x.shape` into constants, so the
+    export swaps in `traceable_rotary`'s form: 3 images in one batch on onnxruntime equal torch's (2 levels,
+    the flow families' bound), where the constant-shaped graph failed with "broadcast ... 16 by 32"."""
+    from finextract.engine.loading import load_model_pair
+
+    pair = load_model_pair(flux_folder[1], flux_folder[1])
+    seeds = (0, 1, 2)
+    images = {
+        backend: generate(
+            pair,
+            ZOO_CAPTION,
+            len(seeds),
+            method="finextract",
+            w=W,
+            k=0.0,
+            steps=STEPS,
+            scheduler="euler",
+            seed=seeds[0],
+            batch_size=len(seeds),
+            backend=backend,
+            progress=False,
+        ).images
+        for backend in ("torch", "onnxruntime")
+    }
+    _assert_within_two_levels(images["onnxruntime"], images["torch"])
+
+
+def test_the_traceable_rotary_embedding_is_diffusers_arithmetic():
+    """`onnx_symbolics._rotary` equals diffusers' `apply_rotary_emb` bit for bit (the same float operations in
+    the same order), for FLUX.1's sequence axis 1 and the default 2."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from finextract.engine.onnx_symbolics import _rotary
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 2, 8, generator=generator)
+    freqs = (torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator))
+    assert torch.equal(_rotary(x, freqs, sequence_dim=1), apply_rotary_emb(x, freqs, sequence_dim=1))
+    x = x.transpose(1, 2).contiguous()
+    assert torch.equal(_rotary(x, freqs), apply_rotary_emb(x, freqs))
