@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from finextract.engine.adapters import merge_adapters
 from finextract.engine.lora_formats import detect_lora_format, read_adapters
 from finextract.engine.lora_layouts import LoRAKeyError
+from tests.test_flux_adapters import _weights  # module path -> weight, PEFT's fused base_layer as its module
 
 TEXTS = ("text_encoder", "text_encoder_2")
 # `zoo_sd3_lora` on the tiny SD3 (2 joint blocks, the last without `to_add_out`): 8 + 7 attention
@@ -33,15 +34,6 @@ def sd3_zoo(tmp_path_factory):
 
 def _models(components) -> dict:
     return {name: components[name] for name in ("transformer", *TEXTS)}
-
-
-def _weights(model) -> dict:
-    """module path (without CLIP's `text_model.`) -> weight; PEFT's fused `base_layer` as its module."""
-    found = {}
-    for name, value in model.state_dict().items():
-        if name.endswith(".weight") and "lora_" not in name:
-            found[name.removeprefix("text_model.").removesuffix(".weight").removesuffix(".base_layer")] = value
-    return found
 
 
 def _diffusers_fused(components, path) -> dict:
