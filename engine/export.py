@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .onnx_symbolics import register_symbolics
+from .onnx_symbolics import register_symbolics, traceable_rotary
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # bump when the exported module or its names change: old cache entries then stop matching
+EXPORT_FORMAT = 3  # bump when the exported module or its names change: old cache entries then stop matching
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 META_FILE = "meta.json"
@@ -258,7 +258,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | Path, *, extern
         raw = Path(scratch) / ONNX_FILE
         register_symbolics(spec.opset)  # aten::rms_norm (FLUX.1's query / key norms) at opset 17
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), traceable_rotary():
                 warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
                 torch.onnx.export(
                     module,

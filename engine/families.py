@@ -448,6 +448,7 @@ def checkpoint_evidence(shapes: dict[str, tuple]) -> Evidence:
 
 _LORA_ARCHITECTURES = (  # kohya / modelspec metadata values -> family
     (re.compile(r"flux", re.I), FLUX),
+    (re.compile(r"sd3|stable-diffusion-(v)?3", re.I), SD3),
     (re.compile(r"xl", re.I), SDXL),
     (re.compile(r"(^|[^a-z])v2|sd_?2|stable-diffusion-v2", re.I), SD2),
     (re.compile(r"(^|[^a-z])v1|sd_?1|stable-diffusion-v1", re.I), SD1),
@@ -459,14 +460,18 @@ _FLUX_ADAPTER_KEY = re.compile(
     r"(^lora_unet_|^lora_transformer_|^|\.)(double_blocks|single_blocks|single_transformer_blocks)[._]\d"
 )
 
+# SD3's blocks under Stability AI's names (kohya's `lora_unet_joint_blocks_`, ComfyUI's `diffusion_model.joint_blocks.`)
+_SD3_ADAPTER_KEY = re.compile(r"(^lora_unet_|^|\.)joint_blocks[._]\d")
+
 
 def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> Evidence:
     """The family of an adapter file from its metadata, component prefixes and LoRA shapes.
 
     In order: kohya's `ss_base_model_version` / the `modelspec.architecture` metadata entry; FLUX.1's
     module names (BFL's `double_blocks` / `single_blocks`, as kohya, XLabs and ComfyUI write them, or
-    diffusers' `single_transformer_blocks`) mean FLUX.1; keys for a second text encoder (`lora_te2_`,
-    `text_encoder_2.`) mean SDXL. The cross-attention width is the input width of a cross-attention
+    diffusers' `single_transformer_blocks`) mean FLUX.1; Stability AI's `joint_blocks` mean SD3, as do
+    diffusers' `transformer.` keys beside `text_encoder_2.` ones (other `transformer.` keys: no family told);
+    keys for a second text encoder (`lora_te2_`, `text_encoder_2.`) mean SDXL. The cross-attention width is the input width of a cross-attention
     `to_k` LoRA down projection (`lora_down` / `lora_A`).
     """
     metadata = metadata or {}
@@ -479,6 +484,13 @@ def adapter_evidence(shapes: dict[str, tuple], metadata: dict | None = None) -> 
     flux = next((key for key in sorted(shapes) if _FLUX_ADAPTER_KEY.search(key)), None)
     if flux is not None:
         return Evidence(FLUX, None, f"FLUX.1 module names ({flux!r})")
+    sai = next((key for key in sorted(shapes) if _SD3_ADAPTER_KEY.search(key)), None)
+    if sai is not None:
+        return Evidence(SD3, None, f"SD3's MMDiT module names ({sai!r})")
+    if any(key.startswith("transformer.") for key in shapes):  # diffusers' keys of a diffusion transformer
+        if any(key.startswith("text_encoder_2.") for key in shapes):  # FLUX.1's second encoder (T5) takes none
+            return Evidence(SD3, None, "transformer keys with a second CLIP text encoder's (text_encoder_2.)")
+        return Evidence(None, None, "")
     if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in shapes):
         return Evidence(SDXL, width, "keys for a second text encoder (lora_te2_ / text_encoder_2.)")
     family = _BY_RELEASED_DIM.get(width) if width is not None else None

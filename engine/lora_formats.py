@@ -270,6 +270,28 @@ def _match(
     return adapters, counts
 
 
+# SD3's MMDiT under Stability AI's names, as kohya-ss sd-scripts (`lora_unet_joint_blocks_0_x_block_attn_qkv`) and
+# ComfyUI (`diffusion_model.joint_blocks.0.x_block.attn.qkv`) write SD3 LoRAs
+_SAI_SD3_KEY = re.compile(r"^(lora_unet_|diffusion_model\.|lora_transformer_)?joint_blocks[._]\d")
+
+
+def refuse_sai_sd3(path: Path) -> None:
+    """Raise LoRAKeyError for an SD3 LoRA under Stability AI's module names (headers only): diffusers' SD3 LoRA
+    loader (`SD3LoraLoaderMixin.lora_state_dict`, which `StableDiffusion3Pipeline.load_lora_weights` calls) has
+    no converter for them and reads `transformer.`-prefixed diffusers / PEFT keys only."""
+    if not path.is_file() or sniff(path) != "safetensors":
+        return
+    header, _ = read_safetensors_header(path)
+    key = next((k for k in sorted(header) if _SAI_SD3_KEY.match(k)), None)
+    if key is not None:
+        kind = "kohya-ss (sd-scripts)" if key.startswith("lora_") else "ComfyUI"
+        raise LoRAKeyError(
+            f"{path}: a {kind} SD3 LoRA (Stability AI's MMDiT names, e.g. {key!r}), which diffusers' SD3 LoRA loader "
+            "(StableDiffusion3Pipeline.load_lora_weights) does not read: not supported (use the LoRA in diffusers' "
+            "format, `transformer.<path>.lora_A.weight`, as StableDiffusion3Pipeline.save_lora_weights writes it)"
+        )
+
+
 def read_adapters(
     path: str | Path, models: dict, *, format: str = "auto", allow_pickle: bool = False, family=None
 ) -> AdapterWeights:
@@ -298,6 +320,7 @@ def read_adapters(
     path = Path(path)
     if format != "auto" and format not in LORA_FORMATS:
         raise ValueError(f"LoRA format {format!r}: expected 'auto' or one of {', '.join(LORA_FORMATS)}")
+    refuse_sai_sd3(path)
     detected = detect_lora_format(path)
     state = metadata = None
     if path.is_file() and (detected is None or (detected == "diffusers" and path.suffix != ".safetensors")):

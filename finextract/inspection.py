@@ -29,7 +29,8 @@ _DIT_KEYS = (
     ("sd3", "SD 3", re.compile(r"joint_blocks[._]")),
     ("dit", "a diffusion transformer (SD 3, FLUX.1, PixArt, ...)", re.compile(r"^(transformer\.|lora_transformer_)")),
 )
-_RUN_DITS = ("flux",)  # the diffusion transformers told from keys that finextract runs (adapters and single files)
+# the diffusion transformers told from keys that finextract runs (adapters and single files)
+_RUN_DITS = ("flux", "sd3")
 _METADATA_DITS = (("flux", re.compile(r"flux", re.I)), ("sd3", re.compile(r"sd3|stable-diffusion-3", re.I)))
 # ComfyUI's component prefixes in FLUX adapter keys -> component
 _OTHER_COMPONENT_PREFIXES = (("diffusion_model.", "transformer"), ("text_encoders.clip_l.transformer.", "text_encoder"))
@@ -144,8 +145,13 @@ def _weights(path: Path, report: dict) -> None:
         shapes, metadata = adapter_headers(path)
         report["kind"], report["format"] = "adapter", lora
         dit = _dit(shapes)
+        if dit is not None and dit["name"] == "dit":  # diffusers' `transformer.` keys: SD3's with a second CLIP's
+            evidence = adapter_evidence(shapes, {})
+            dit = _family(evidence.family.name, evidence.reason) if evidence.family else dit
         if dit is not None:
-            report["family"], report["runs"] = dit, dit["name"] in _RUN_DITS
+            # Stability AI's SD3 names (kohya-ss, ComfyUI): diffusers' SD3 LoRA loader has no converter for them
+            runs = dit["name"] in _RUN_DITS and not (dit["name"] == "sd3" and "joint_blocks" in dit["told_by"])
+            report["family"], report["runs"] = dit, runs
         else:
             evidence = adapter_evidence(shapes, {})  # the weights alone: metadata is compared, not believed
             report["family"] = _family(evidence.family.name if evidence.family else None, evidence.reason)

@@ -183,3 +183,46 @@ def test_the_flux_export_spec_and_tensorrt_profile_carry_its_inputs(flux_folder)
     assert profile["x_t"] == ((8, 16, 16, 16),) * 3
     assert profile["encoder_hidden_states_a"][0] == (1, pair.family.max_sequence_length, t5_width)
     assert profile["pooled_projections_b"][0] == (1, clip_width) and profile["guidance_a"][0] == (1, 1)
+
+
+def test_the_exported_flux_graph_runs_at_any_batch_size(flux_folder):
+    """The ONNX graph is traced at batch 2; diffusers' rotary embedding unpacks `x.shape` into constants, so the
+    export swaps in `traceable_rotary`'s form: 3 images in one batch on onnxruntime equal torch's (2 levels,
+    the flow families' bound), where the constant-shaped graph failed with "broadcast ... 16 by 32"."""
+    from finextract.engine.loading import load_model_pair
+
+    pair = load_model_pair(flux_folder[1], flux_folder[1])
+    seeds = (0, 1, 2)
+    images = {
+        backend: generate(
+            pair,
+            ZOO_CAPTION,
+            len(seeds),
+            method="finextract",
+            w=W,
+            k=0.0,
+            steps=STEPS,
+            scheduler="euler",
+            seed=seeds[0],
+            batch_size=len(seeds),
+            backend=backend,
+            progress=False,
+        ).images
+        for backend in ("torch", "onnxruntime")
+    }
+    _assert_within_two_levels(images["onnxruntime"], images["torch"])
+
+
+def test_the_traceable_rotary_embedding_is_diffusers_arithmetic():
+    """`onnx_symbolics._rotary` equals diffusers' `apply_rotary_emb` bit for bit (the same float operations in
+    the same order), for FLUX.1's sequence axis 1 and the default 2."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from finextract.engine.onnx_symbolics import _rotary
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 2, 8, generator=generator)
+    freqs = (torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator))
+    assert torch.equal(_rotary(x, freqs, sequence_dim=1), apply_rotary_emb(x, freqs, sequence_dim=1))
+    x = x.transpose(1, 2).contiguous()
+    assert torch.equal(_rotary(x, freqs), apply_rotary_emb(x, freqs))

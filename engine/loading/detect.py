@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..formats import CheckpointFormatError, not_weights_message, sniff, state_dict_keys
-from ..lora_formats import detect_lora_format
+from ..lora_formats import detect_lora_format, refuse_sai_sd3
 from .files import read_config
 from .flux_file import is_flux_transformer_file
 
@@ -71,6 +71,7 @@ def detect_finetuned_format(path: Path) -> str:
         return "checkpoint"  # an original-layout SD checkpoint, or BFL's FLUX.1 transformer file
     if "conv_in.weight" in keys or "unet.conv_in.weight" in keys:
         return "unet_file"
+    refuse_sai_sd3(path)  # an SD3 LoRA under Stability AI's names: refused with its format named
     raise ValueError(
         f"{path}: a safetensors file of neither a UNet, an SD checkpoint nor a LoRA (e.g. key {next(iter(keys), None)!r})"
     )

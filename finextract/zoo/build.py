@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from .configs import FLOW_ZOO_FAMILIES, KOHYA_METADATA, LORA_NO_ALPHA_MODULE, ZOO_CAPTION, ZOO_FAMILIES
 from .flux_writers import write_flux_adapters, write_flux_transformer_file
 from .models import perturbed_copy, save_pipeline, tiny_components, zoo_family_lora, zoo_lora
+from .sd3_writers import write_sd3_adapters
 from .writers import write_ldm_checkpoint, write_lora_diffusers, write_lora_kohya, write_lora_peft, write_sd3_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
         base.safetensors, dreambooth.safetensors   (SD3) Stability AI's single-file layout
                        (`write_sd3_checkpoint`): the base's transformer and VAE (as SD3's released files,
                        without text encoders), the DreamBooth transformer with the VAE and all three encoders
+        lora/          (SD3) LoRA adapters on the transformer and both CLIP encoders, as
+                       `StableDiffusion3Pipeline.save_lora_weights` writes them (`write_sd3_adapters`)
         caption.txt
     and for FLUX.1 (flux, flux-schnell):
         lora/, lora_kohya.safetensors, lora_xlabs.safetensors, lora_onetrainer.safetensors,
@@ -109,6 +112,7 @@ def build_flow_family_zoo(out: str | Path, family: str, seed: int = 0) -> Path:
         write_sd3_checkpoint(out / "base.safetensors", base["transformer"], base["vae"])
         encoders = dict(clip_l=base["text_encoder"], clip_g=base["text_encoder_2"], t5xxl=base["text_encoder_3"])
         write_sd3_checkpoint(out / "dreambooth.safetensors", tuned, base["vae"], encoders)
+        write_sd3_adapters(out, base, seed + 2000)
     elif family.startswith("flux"):
         write_flux_adapters(out, base["transformer"], base["text_encoder"], seed + 2000)
         write_flux_transformer_file(out / "base.safetensors", base["transformer"])
