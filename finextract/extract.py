@@ -356,8 +356,9 @@ class Extractor:
         timings["generate"] = time.perf_counter() - start
         work = generation.work
         logger.info(
-            "%d UNet evaluations (%d images x %d steps x %d per step; %d computed now) in %.1f s wall, %.1f s CPU",
-            work["unet_evaluations"],
+            "%d %s evaluations (%d images x %d steps x %d per step; %d computed now) in %.1f s wall, %.1f s CPU",
+            work["unet_evaluations"],  # the key counts a flow family's transformer forwards too
+            "UNet" if self.pair.family.denoiser == "unet" else "transformer",
             len(generation.seeds),
             work["per_image"]["steps"],
             work["per_image"]["terms"],
