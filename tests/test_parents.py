@@ -65,7 +65,9 @@ def test_full_finetune_ranked_by_weight_distance(bases, tiny_zoo, finetuned):
     ranked = rank_bases(tiny_zoo / finetuned, bases)
     order = [candidate.path.name for candidate in ranked]
     assert order[:2] in (["parent", "parent-unet.safetensors"], ["parent-unet.safetensors", "parent"])
-    assert order[-1] == "sd2" and not ranked[-1].compatible and "shape" in ranked[-1].notes[0]
+    # a folder tells its family (SD 1.x); a UNet state dict at the tiny zoo's width tells none: shapes refuse it
+    told = "the fine-tune is SD 1.x; the base is SD 2.x" if "." not in finetuned else "UNet tensor shape(s) differ"
+    assert order[-1] == "sd2" and not ranked[-1].compatible and told in ranked[-1].notes[0]
     assert ranked[0].distance == pytest.approx(ranked[1].distance, rel=1e-12)  # the same UNet weights
     # the distance against one computed on whole flattened state dicts; both accumulate in float64
     ft = load_file(str(tiny_zoo / "dreambooth_unet.safetensors"))
@@ -178,3 +180,66 @@ def test_extract_records_and_reports_the_base_choice(bases, tiny_zoo, tmp_path):
     assert [c["compatible"] for c in choice["ranking"]] == [True, True, False]
     report = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Base chosen among the candidates</h2>" in report and f"<code>{folder / 'parent'}</code>" in report
+
+
+@pytest.fixture(scope="module")
+def flow_bases(tmp_path_factory):
+    """The tiny FLUX.1 zoo (its DreamBooth's transformer perturbed from the base, seed 0) and candidates:
+    its base as a pipeline folder and as BFL's single file, a random FLUX.1 base (seed 1), an SD3 base."""
+    from finextract.zoo.build import build_flow_family_zoo
+    from finextract.zoo.models import save_pipeline, tiny_components
+
+    zoo = build_flow_family_zoo(tmp_path_factory.mktemp("flux"), "flux", seed=0)
+    folder = tmp_path_factory.mktemp("flow_bases")
+    (folder / "parent").symlink_to(zoo / "base")
+    (folder / "parent.safetensors").symlink_to(zoo / "base.safetensors")
+    save_pipeline(tiny_components(1, tokenizer_folder=folder / "seed1" / "tokenizer", family="flux"), folder / "seed1")
+    (folder / "sd3").symlink_to(build_flow_family_zoo(tmp_path_factory.mktemp("sd3"), "sd3", seed=0) / "base")
+    return zoo, folder
+
+
+@pytest.mark.parametrize(
+    "finetuned, measured",
+    [("dreambooth", ["parent", "seed1"]), ("dreambooth.safetensors", ["parent.safetensors"])],
+)
+def test_flux_dreambooth_ranked_by_transformer_distance(flow_bases, finetuned, measured):
+    """A FLUX.1 DreamBooth ranks its parent first by the transformer's weight distance; the SD3 base is
+    incompatible by family. Tensor names are compared as stored: BFL's single file is measured against
+    BFL's single file, a diffusers folder against folders; the rest are compatible but unmeasured."""
+    from finextract.engine.loading.parents import choose_base
+
+    zoo, folder = flow_bases
+    chosen, ranked = choose_base(zoo / finetuned, folder)
+    assert chosen == folder / measured[0] and ranked[0].reason().startswith("nearest transformer weights")
+    assert [c.path.name for c in ranked if c.distance is not None] == measured
+    assert (ranked[-1].path.name, ranked[-1].compatible) == ("sd3", False)
+    assert ranked[-1].notes == ["the fine-tune is FLUX.1; the base is SD3"]
+    assert all(c.compatible for c in ranked[:-1])
+    # the distance against one over whole flattened state dicts; both accumulate in float64
+    layout = "transformer/diffusion_pytorch_model.safetensors" if finetuned == "dreambooth" else ""
+    ft, base = (
+        load_file(str(zoo / name / layout)) for name in (finetuned, Path(finetuned).name.replace("dreambooth", "base"))
+    )
+    flat = [torch.cat([d[k].double().flatten() for k in sorted(base)]) for d in (ft, base)]
+    assert ranked[0].distance == pytest.approx(float((flat[0] - flat[1]).norm() / flat[1].norm()), rel=1e-9)
+    if len(measured) == 2:  # the random base's weights are far from the fine-tune's
+        assert ranked[1].distance > 10 * ranked[0].distance
+
+
+def test_flux_lora_without_metadata_is_a_tie(flow_bases):
+    """A FLUX.1 LoRA without trainer metadata fits both FLUX.1 bases equally: refused, naming them; the SD3
+    base is incompatible by the adapter's module names."""
+    from finextract.engine.loading.parents import choose_base
+
+    zoo, folder = flow_bases
+    lora = zoo / "lora_kohya.safetensors"
+    ranked = rank_bases(lora, folder)
+    assert [(c.path.name, c.compatible) for c in ranked] == [
+        ("parent", True),
+        ("parent.safetensors", True),
+        ("seed1", True),
+        ("sd3", False),
+    ]
+    assert "is for FLUX.1" in ranked[-1].notes[0] and "the base is SD3" in ranked[-1].notes[0]
+    with pytest.raises(ValueError, match=r"3 candidate bases in .* equally \(parent, parent.safetensors, seed1\)"):
+        choose_base(lora, folder)

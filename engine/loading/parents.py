@@ -4,13 +4,15 @@ FineXtract guides from the exact parent model, and community fine-tunes are trai
 (anime SD 1.x bases, Pony / Illustrious for SDXL), so an auditor may hold a folder of candidates.
 `rank_bases` orders them, from headers and streamed tensors only (no model is built):
 
-1. compatibility: the candidate's family and UNet shapes fit the fine-tune (`families.check_family`
-   on an adapter's evidence; UNet tensor names and shapes for a full fine-tune);
+1. compatibility: the candidate's family and denoiser shapes fit the fine-tune (`families.check_family`
+   on an adapter's evidence; for a full fine-tune, its family (`Family.compatible`) and the denoiser's
+   tensor names and shapes: the UNet, or the flow families' transformer);
 2. the trainer's record: the parent's hashes (`ss_new_sd_model_hash`, `ss_sd_model_hash`, as kohya
    sd-scripts computes them: `trainer_hashes`; of a single-file candidate, or of a folder candidate's
-   UNet weights file, which `finextract finetune` hashes) or its file name (`ss_sd_model_name`);
-3. for a full fine-tune, the relative L2 distance of the UNet weights (a fine-tune stays nearest the
-   weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share.
+   denoiser weights file, which `finextract finetune` hashes) or its file name (`ss_sd_model_name`);
+3. for a full fine-tune, the relative L2 distance of the denoiser weights (a fine-tune stays nearest the
+   weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share (by name: a
+   single file in its original layout is measured against single files only).
 
 Metadata is data: its values are compared as strings, never opened as paths.
 """
@@ -27,7 +29,8 @@ from ..metadata import kohya_model_hashes
 from .files import read_config
 from .folders import folder_family
 
-_UNET_PREFIXES = ("unet.", "model.diffusion_model.")
+_DENOISER_PREFIXES = ("unet.", "transformer.", "model.diffusion_model.")
+_DENOISER_FOLDERS = ("unet", "transformer")  # `Family.denoiser` of each family
 
 
 def trainer_hashes(path: str | Path) -> dict[str, str]:
@@ -42,8 +45,10 @@ def is_bases_folder(path: str | Path) -> bool:
     from ..lora_formats import detect_lora_format
 
     path = Path(path)
-    if not path.is_dir() or any((path / name).exists() for name in ("model_index.json", "unet", "config.json")):
-        return False  # a pipeline, a UNet folder
+    if not path.is_dir() or any(
+        (path / name).exists() for name in ("model_index.json", *_DENOISER_FOLDERS, "config.json")
+    ):
+        return False  # a pipeline, a denoiser folder
     return not detect_lora_format(path) and bool(candidate_bases(path))
 
 
@@ -68,9 +73,10 @@ class BaseCandidate:
         compatible: its family and shapes fit the fine-tune; False with `notes` saying why.
         match: what of the fine-tune's metadata names it: the metadata key ("ss_new_sd_model_hash",
             "ss_sd_model_hash", "ss_sd_model_name"), or None.
-        distance: relative L2 distance of the UNet weights (full fine-tunes; >= 0, 0 = identical), or
+        distance: relative L2 distance of the denoiser weights (full fine-tunes; >= 0, 0 = identical), or
             None when not measured (an adapter, a pickle, different tensor layouts).
         notes: why it is incompatible or unmeasured.
+        denoiser: what `distance` measured: "UNet", or "transformer" (the flow families').
     """
 
     path: Path
@@ -78,6 +84,7 @@ class BaseCandidate:
     match: str | None = None
     distance: float | None = None
     notes: list[str] = field(default_factory=list)
+    denoiser: str = "UNet"
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
@@ -92,7 +99,7 @@ class BaseCandidate:
         if self.match:
             return f"its trainer metadata {self.match} names it"
         if self.distance is not None:
-            return f"nearest UNet weights, relative L2 distance {self.distance:.4g}"
+            return f"nearest {self.denoiser} weights, relative L2 distance {self.distance:.4g}"
         return "the only compatible one"
 
 
@@ -110,11 +117,11 @@ def rank_bases(
     """Rank candidate bases for a fine-tune, the likeliest parent first.
 
     Order: compatible before incompatible; then a metadata hash match, a name match, no match; then
-    the UNet weight distance (smallest first; unmeasured last); then the path.
+    the denoiser weight distance (smallest first; unmeasured last); then the path.
 
     Args:
-        finetuned: the fine-tune (a pipeline or `unet/` folder, a UNet or original-layout single file,
-            or an adapter file / folder).
+        finetuned: the fine-tune (a pipeline, `unet/` or `transformer/` folder, a denoiser or
+            original-layout single file, or an adapter file / folder).
         bases: a folder of candidates (`candidate_bases`) or a list of candidate paths.
         metadata: the fine-tune's trainer metadata (str -> str, e.g. kohya's `ss_*` keys); None reads
             the safetensors metadata of the file, or of the folder's weights files
@@ -146,11 +153,13 @@ def rank_bases(
 
         evidence = adapter_evidence(*adapter_headers(finetuned))
     else:
-        ft_unet = unet_tensors(finetuned)
+        ft_family, _, ft_tensors = _description(finetuned, [], "the fine-tune")
     ranked = []
     for path in paths:
         candidate = BaseCandidate(path)
-        family, width, base_unet = _base_description(path, candidate.notes)
+        family, width, base_tensors = _description(path, candidate.notes, "candidate base")
+        if family is not None and family.flow_matching:
+            candidate.denoiser = "transformer"
         if adapter:
             if family is not None:
                 try:
@@ -158,15 +167,18 @@ def rank_bases(
                 except FamilyMismatchError as error:
                     candidate.compatible = False
                     candidate.notes.append(str(error).rstrip(": "))
-        elif ft_unet and base_unet:
-            _compare_unets(ft_unet, base_unet, candidate)
+        elif family and ft_family and not family.compatible(ft_family):
+            candidate.compatible = False
+            candidate.notes.append(f"the fine-tune is {ft_family.label}; the base is {family.label}")
+        elif ft_tensors and base_tensors:
+            _compare_denoisers(ft_tensors, base_tensors, candidate)
         candidate.match = _metadata_match(path, metadata)
         ranked.append(candidate)
     return sorted(ranked, key=_sort_key)
 
 
 def _metadata_match(path: Path, metadata: dict) -> str | None:
-    """The metadata key that names `path`: a hash (of the file, or of a folder's UNet weights file), else
+    """The metadata key that names `path`: a hash (of the file, or of a folder's denoiser weights file), else
     the file or folder name."""
     if not metadata:
         return None
@@ -190,38 +202,43 @@ def _metadata_match(path: Path, metadata: dict) -> str | None:
 
 def _hashed_files(path: Path) -> list[Path]:
     """The files whose hashes a trainer may have recorded for a candidate: the file itself; a folder's
-    UNet weights file (`unet/diffusion_pytorch_model.safetensors`, what `finextract finetune` hashes)."""
+    denoiser weights file (`unet/` or `transformer/diffusion_pytorch_model.safetensors`, what `finextract
+    finetune` hashes)."""
     if path.is_file():
         return [path]
-    unet = path / "unet" / "diffusion_pytorch_model.safetensors"
-    return [unet] if unet.is_file() else []
+    files = [path / name / "diffusion_pytorch_model.safetensors" for name in _DENOISER_FOLDERS]
+    return [file for file in files if file.is_file()]
 
 
-def _base_description(path: Path, notes: list) -> tuple[Family | None, int | None, dict]:
-    """(family, cross-attention width, UNet tensors `unet_tensors`) of a candidate; unknowns as None / {}."""
+def _description(path: Path, notes: list, what: str) -> tuple[Family | None, int | None, dict]:
+    """(family, cross-attention width, denoiser tensors `denoiser_tensors`) of a model; unknowns as None / {}."""
     try:
         if path.is_dir():
-            family, _ = folder_family(path, f"candidate base {path}")
-            return family, read_config(path / "unet").get("cross_attention_dim"), unet_tensors(path)
+            family, _ = folder_family(path, f"{what} {path}")
+            folder = path / family.denoiser if (path / family.denoiser).is_dir() else path
+            return family, read_config(folder).get("cross_attention_dim"), denoiser_tensors(path)
         shapes = {key: tuple(info["shape"]) for key, info in read_safetensors_header(path)[0].items()}
         evidence = checkpoint_evidence(shapes)
-        return evidence.family, evidence.cross_attention_dim, unet_tensors(path)
+        return evidence.family, evidence.cross_attention_dim, denoiser_tensors(path)
     except (OSError, ValueError) as error:  # a pickle (its header needs unpickling), an unknown family...
         notes.append(f"not read: {error}")
         return None, None, {}
 
 
-def unet_tensors(path: str | Path) -> dict[str, tuple[Path, str, tuple]]:
-    """The UNet tensors of a model, from safetensors headers: name without its `unet.` /
-    `model.diffusion_model.` prefix -> (file, key in the file, shape).
+def denoiser_tensors(path: str | Path) -> dict[str, tuple[Path, str, tuple]]:
+    """The denoiser tensors of a model (the UNet, or the flow families' transformer), from safetensors
+    headers: name without its `unet.` / `transformer.` / `model.diffusion_model.` prefix -> (file, key in
+    the file, shape).
 
-    A folder's `unet/` safetensors (the library's file name preferred over variants such as `.fp16`), or
-    the folder's own for a bare UNet folder; a single file's UNet keys (all keys of a diffusers UNet
-    state dict). Empty for pickles and folders without safetensors UNet weights.
+    A folder's `unet/` or `transformer/` safetensors (the library's file name preferred over variants such
+    as `.fp16`), or the folder's own for a bare denoiser folder; a single file's denoiser keys (all keys of a
+    diffusers state dict or of BFL's bare FLUX.1 transformer file). Names are as stored: a single file in
+    the original layout shares none with a diffusers folder. Empty for pickles and folders without
+    safetensors denoiser weights.
     """
     path = Path(path)
     if path.is_dir():
-        folder = path / "unet" if (path / "unet").is_dir() else path
+        folder = next((path / name for name in _DENOISER_FOLDERS if (path / name).is_dir()), path)
         files = sorted(folder.glob("*.safetensors"))
         files = [f for f in files if f.name == "diffusion_pytorch_model.safetensors"] or files
     else:
@@ -229,16 +246,16 @@ def unet_tensors(path: str | Path) -> dict[str, tuple[Path, str, tuple]]:
     tensors = {}
     for file in files:
         header = read_safetensors_header(file)[0]
-        prefixed = any(key.startswith(_UNET_PREFIXES) for key in header)
+        prefixed = any(key.startswith(_DENOISER_PREFIXES) for key in header)
         for key, info in header.items():
-            prefix = next((p for p in _UNET_PREFIXES if key.startswith(p)), "")
+            prefix = next((p for p in _DENOISER_PREFIXES if key.startswith(p)), "")
             if prefixed and not prefix:
                 continue  # a single file's VAE / text encoders
             tensors[key[len(prefix) :]] = (file, key, tuple(info["shape"]))
     return tensors
 
 
-def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> None:
+def _compare_denoisers(finetuned: dict, base: dict, candidate: BaseCandidate) -> None:
     """Set `candidate.compatible` (names and shapes) and `.distance` (relative L2, streamed per tensor)."""
     import torch
     from safetensors import safe_open
@@ -246,14 +263,14 @@ def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> Non
     shared = sorted(set(finetuned) & set(base))
     if not shared:
         candidate.notes.append(
-            "no UNet tensor name in common (one is in the original layout, the other in diffusers'): distance "
+            f"no {candidate.denoiser} tensor name in common (one is in the original layout, the other in diffusers'): distance "
             "not measured"
         )
         return
     mismatched = [name for name in shared if finetuned[name][2] != base[name][2]]
     if mismatched:
         candidate.compatible = False
-        candidate.notes.append(f"{len(mismatched)} UNet tensor shape(s) differ, e.g. {mismatched[0]}")
+        candidate.notes.append(f"{len(mismatched)} {candidate.denoiser} tensor shape(s) differ, e.g. {mismatched[0]}")
         return
     difference = reference = 0.0
     handles = {}
@@ -270,7 +287,9 @@ def _compare_unets(finetuned: dict, base: dict, candidate: BaseCandidate) -> Non
         handles.clear()
     candidate.distance = math.sqrt(difference / reference) if reference else math.inf
     if len(shared) < len(finetuned):
-        candidate.notes.append(f"distance over {len(shared)} of the fine-tune's {len(finetuned)} UNet tensors")
+        candidate.notes.append(
+            f"distance over {len(shared)} of the fine-tune's {len(finetuned)} {candidate.denoiser} tensors"
+        )
 
 
 def choice_sources(folder: str | Path, ranking: list[BaseCandidate]) -> dict:
