@@ -487,7 +487,7 @@ def _bases_lines(bases: dict) -> list[str]:
     for rank, candidate in enumerate(bases["ranking"], 1):
         told = [f"named by {candidate['match']}"] if candidate["match"] else []
         if candidate["distance"] is not None:
-            told.append(f"UNet distance {candidate['distance']:.4f}")
+            told.append(f"{candidate.get('denoiser', 'UNet')} distance {candidate['distance']:.4f}")
         if not candidate["compatible"]:
             told.insert(0, "INCOMPATIBLE")
         lines.append(f"    {rank}. {Path(candidate['path']).name}: {', '.join(told) or 'nothing tells it apart'}")

@@ -323,7 +323,7 @@ def base_choice_html(choice: dict) -> str:
         f"<h2>Base chosen among the candidates</h2><p><code>{html.escape(str(choice['chosen']))}</code>, of the "
         f"candidates in <code>{html.escape(str(choice['folder']))}</code>: {html.escape(choice['why'])}</p>"
         '<table border="1"><tr><th>#</th><th>candidate</th><th>compatible</th><th>named by (metadata key)</th>'
-        f"<th>UNet distance</th><th>notes</th></tr>{rows}</table>"
+        f"<th>weight distance</th><th>notes</th></tr>{rows}</table>"
     )
 
 
