@@ -198,32 +198,30 @@ def flow_bases(tmp_path_factory):
     return zoo, folder
 
 
-@pytest.mark.parametrize(
-    "finetuned, measured",
-    [("dreambooth", ["parent", "seed1"]), ("dreambooth.safetensors", ["parent.safetensors"])],
-)
-def test_flux_dreambooth_ranked_by_transformer_distance(flow_bases, finetuned, measured):
-    """A FLUX.1 DreamBooth ranks its parent first by the transformer's weight distance; the SD3 base is
-    incompatible by family. Tensor names are compared as stored: BFL's single file is measured against
-    BFL's single file, a diffusers folder against folders; the rest are compatible but unmeasured."""
-    from finextract.engine.loading.parents import choose_base
-
+@pytest.mark.parametrize("finetuned", ["dreambooth", "dreambooth.safetensors"])
+def test_flux_dreambooth_ranked_by_transformer_distance(flow_bases, finetuned):
+    """A FLUX.1 DreamBooth (a diffusers folder, or BFL's single file) ranks its parent first by the
+    transformer's weight distance, whichever layout each side is in (a single file facing a folder is
+    converted by the pair's loader); the SD3 base is incompatible by family."""
     zoo, folder = flow_bases
-    chosen, ranked = choose_base(zoo / finetuned, folder)
-    assert chosen == folder / measured[0] and ranked[0].reason().startswith("nearest transformer weights")
-    assert [c.path.name for c in ranked if c.distance is not None] == measured
-    assert (ranked[-1].path.name, ranked[-1].compatible) == ("sd3", False)
-    assert ranked[-1].notes == ["the fine-tune is FLUX.1; the base is SD3"]
-    assert all(c.compatible for c in ranked[:-1])
-    # the distance against one over whole flattened state dicts; both accumulate in float64
-    layout = "transformer/diffusion_pytorch_model.safetensors" if finetuned == "dreambooth" else ""
+    ranked = rank_bases(zoo / finetuned, folder)
+    order = [c.path.name for c in ranked]
+    assert sorted(order[:2]) == ["parent", "parent.safetensors"] and order[2:] == ["seed1", "sd3"]
+    assert ranked[0].reason().startswith("nearest transformer weights")
+    # the same weights in both layouts: diffusers' converter copies tensors (splits and concatenations only),
+    # so only the float64 summation order differs (relative rounding ~1e-16 per addition)
+    assert ranked[0].distance == pytest.approx(ranked[1].distance, rel=1e-12)
+    assert ranked[2].distance > 10 * ranked[0].distance  # the random base is far from the fine-tune's
+    assert (ranked[-1].compatible, ranked[-1].notes) == (False, ["the fine-tune is FLUX.1; the base is SD3"])
+    assert all(c.compatible for c in ranked[:-1]) and ranked[-1].distance is None
+    # the distance against one over whole flattened state dicts (of the diffusers folders); both accumulate
+    # in float64
     ft, base = (
-        load_file(str(zoo / name / layout)) for name in (finetuned, Path(finetuned).name.replace("dreambooth", "base"))
+        load_file(str(zoo / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+        for name in ("dreambooth", "base")
     )
     flat = [torch.cat([d[k].double().flatten() for k in sorted(base)]) for d in (ft, base)]
     assert ranked[0].distance == pytest.approx(float((flat[0] - flat[1]).norm() / flat[1].norm()), rel=1e-9)
-    if len(measured) == 2:  # the random base's weights are far from the fine-tune's
-        assert ranked[1].distance > 10 * ranked[0].distance
 
 
 def test_flux_lora_without_metadata_is_a_tie(flow_bases):
@@ -243,3 +241,20 @@ def test_flux_lora_without_metadata_is_a_tie(flow_bases):
     assert "is for FLUX.1" in ranked[-1].notes[0] and "the base is SD3" in ranked[-1].notes[0]
     with pytest.raises(ValueError, match=r"3 candidate bases in .* equally \(parent, parent.safetensors, seed1\)"):
         choose_base(lora, folder)
+
+
+def test_sd3_single_file_measured_against_a_folder(flow_bases):
+    """Stability AI's SD3 single file (its MMDiT under `model.diffusion_model.`, beside the VAE and text
+    encoders) against the base as a folder and as a single file: converted by the pair's loader, the same
+    distance either way (up to the float64 summation order)."""
+    _, folder = flow_bases
+    sd3 = (folder / "sd3").resolve().parent  # the SD3 zoo
+    ranked = rank_bases(sd3 / "dreambooth.safetensors", [sd3 / "base", sd3 / "base.safetensors", folder / "parent"])
+    assert sorted(c.path.name for c in ranked[:2]) == ["base", "base.safetensors"] and all(
+        c.compatible for c in ranked[:2]
+    )
+    assert (ranked[2].path.name, ranked[2].notes) == ("parent", ["the fine-tune is SD3; the base is FLUX.1"])
+    assert ranked[0].distance == pytest.approx(ranked[1].distance, rel=1e-12) and ranked[0].notes == []
+    assert ranked[0].distance == pytest.approx(
+        rank_bases(sd3 / "dreambooth", [sd3 / "base"])[0].distance, rel=1e-12
+    )  # the folder pair

@@ -11,8 +11,9 @@ FineXtract guides from the exact parent model, and community fine-tunes are trai
    sd-scripts computes them: `trainer_hashes`; of a single-file candidate, or of a folder candidate's
    denoiser weights file, which `finextract finetune` hashes) or its file name (`ss_sd_model_name`);
 3. for a full fine-tune, the relative L2 distance of the denoiser weights (a fine-tune stays nearest the
-   weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share (by name: a
-   single file in its original layout is measured against single files only).
+   weights it started from): ||theta' - theta|| / ||theta|| over the tensors both share (by name; an
+   SD3 or FLUX.1 single file facing a folder of the other side is first converted to diffusers' names by
+   the converter the model pair loads it with, against that folder's transformer config).
 
 Metadata is data: its values are compared as strings, never opened as paths.
 """
@@ -27,6 +28,7 @@ from ..families import Family, FamilyMismatchError, adapter_evidence, check_fami
 from ..formats import read_safetensors_header, sniff
 from ..metadata import kohya_model_hashes
 from .files import read_config
+from .flux_file import BFL_PREFIX, is_flux_transformer_file
 from .folders import folder_family
 
 _DENOISER_PREFIXES = ("unet.", "transformer.", "model.diffusion_model.")
@@ -154,6 +156,7 @@ def rank_bases(
         evidence = adapter_evidence(*adapter_headers(finetuned))
     else:
         ft_family, _, ft_tensors = _description(finetuned, [], "the fine-tune")
+        converted = {}  # the fine-tune's single file converted, per candidate folder's transformer config
     ranked = []
     for path in paths:
         candidate = BaseCandidate(path)
@@ -171,7 +174,13 @@ def rank_bases(
             candidate.compatible = False
             candidate.notes.append(f"the fine-tune is {ft_family.label}; the base is {family.label}")
         elif ft_tensors and base_tensors:
-            _compare_denoisers(ft_tensors, base_tensors, candidate)
+            try:
+                pair = _same_layout(finetuned, ft_tensors, path, base_tensors, family, converted)
+            except ValueError as error:  # the converter refuses another architecture
+                candidate.compatible = False
+                candidate.notes.append(str(error))
+            else:
+                _compare_denoisers(*pair, candidate)
         candidate.match = _metadata_match(path, metadata)
         ranked.append(candidate)
     return sorted(ranked, key=_sort_key)
@@ -255,8 +264,33 @@ def denoiser_tensors(path: str | Path) -> dict[str, tuple[Path, str, tuple]]:
     return tensors
 
 
+def _same_layout(finetuned: Path, ft: dict, base: Path, base_tensors: dict, family, cache: dict) -> tuple[dict, dict]:
+    """The fine-tune's and the candidate's denoiser tensors under the same names: when an SD3 / FLUX.1
+    single file (original layout) faces a folder, the file converted by the pair's loader
+    (`convert_sd3_transformer` / `flux_file.convert_flux_transformer`, the folder's transformer config);
+    otherwise as read. Raises ValueError when the converter refuses the file."""
+    if family is None or not family.flow_matching or finetuned.is_file() == base.is_file():
+        return ft, base_tensors
+    file, folder = (finetuned, base) if finetuned.is_file() else (base, finetuned)
+    keys = [key for _, key, _ in (ft if file == finetuned else base_tensors).values()]
+    if not (is_flux_transformer_file(keys) or any(key.startswith(BFL_PREFIX) for key in keys)):
+        return ft, base_tensors  # a diffusers state dict: the folder's names already
+    config_folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    key = (file, (config_folder / "config.json").read_text())
+    if key not in cache:
+        from ..formats import load_state_dict
+        from .flux_file import convert_flux_transformer
+        from .single_file import convert_sd3_transformer
+
+        convert = convert_flux_transformer if family.name == "flux" else convert_sd3_transformer
+        state = convert(load_state_dict(file), read_config(config_folder), str(file)).state_dict()
+        cache[key] = {name: (state, name, tuple(value.shape)) for name, value in state.items()}
+    return (cache[key], base_tensors) if file == finetuned else (ft, cache[key])
+
+
 def _compare_denoisers(finetuned: dict, base: dict, candidate: BaseCandidate) -> None:
-    """Set `candidate.compatible` (names and shapes) and `.distance` (relative L2, streamed per tensor)."""
+    """Set `candidate.compatible` (names and shapes) and `.distance` (relative L2, streamed per tensor).
+    The tensors are `denoiser_tensors` entries, or (a converted state dict, key, shape) entries."""
     import torch
     from safetensors import safe_open
 
@@ -278,6 +312,9 @@ def _compare_denoisers(finetuned: dict, base: dict, candidate: BaseCandidate) ->
         for name in shared:
             pair = []
             for file, key, _ in (finetuned[name], base[name]):
+                if isinstance(file, dict):  # converted in memory (`_same_layout`)
+                    pair.append(file[key].float())
+                    continue
                 if file not in handles:
                     handles[file] = safe_open(str(file), framework="pt", device="cpu")
                 pair.append(handles[file].get_tensor(key).float())
