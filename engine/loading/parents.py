@@ -28,8 +28,9 @@ from ..families import Family, FamilyMismatchError, adapter_evidence, check_fami
 from ..formats import read_safetensors_header, sniff
 from ..metadata import kohya_model_hashes
 from .files import read_config
-from .flux_file import BFL_PREFIX, is_flux_transformer_file
+from .flux_file import is_flux_transformer_file
 from .folders import folder_family
+from .single_file import LDM_UNET_PREFIX
 
 _DENOISER_PREFIXES = ("unet.", "transformer.", "model.diffusion_model.")
 _DENOISER_FOLDERS = ("unet", "transformer")  # `Family.denoiser` of each family
@@ -156,7 +157,7 @@ def rank_bases(
         evidence = adapter_evidence(*adapter_headers(finetuned))
     else:
         ft_family, _, ft_tensors = _description(finetuned, [], "the fine-tune")
-        converted = {}  # the fine-tune's single file converted, per candidate folder's transformer config
+        converted = {}  # single files converted by `_same_layout`, per (file, folder's transformer config)
     ranked = []
     for path in paths:
         candidate = BaseCandidate(path)
@@ -273,7 +274,8 @@ def _same_layout(finetuned: Path, ft: dict, base: Path, base_tensors: dict, fami
         return ft, base_tensors
     file, folder = (finetuned, base) if finetuned.is_file() else (base, finetuned)
     keys = [key for _, key, _ in (ft if file == finetuned else base_tensors).values()]
-    if not (is_flux_transformer_file(keys) or any(key.startswith(BFL_PREFIX) for key in keys)):
+    # BFL's names (bare or under the prefix) or Stability AI's (`model.diffusion_model.joint_blocks...`)
+    if not (is_flux_transformer_file(keys) or any(key.startswith(LDM_UNET_PREFIX) for key in keys)):
         return ft, base_tensors  # a diffusers state dict: the folder's names already
     config_folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
     key = (file, (config_folder / "config.json").read_text())
