@@ -70,20 +70,8 @@ def denoiser_output(family, model: nn.Module, sample: torch.Tensor, t: torch.Ten
     """The family's denoiser `model` on `sample` (B, C, h, w) at timestep `t` ((1,) float32, a step-table
     row), with `conditioning` (key -> (B, ...) tensors): its output (B, C, h, w) in the model's
     parameterisation (epsilon / v / x0 for UNets, the velocity for flow transformers).
-
-    Raises:
-        NotImplementedError: a flow family without its entry in `DENOISER_CALLS` (FLUX.1 until it is added).
     """
-    family = _hooked(family)
-    return DENOISER_CALLS.get(family.name, _unet_output)(model, sample, t, conditioning)
-
-
-def _hooked(family):
-    """`family` as a `Family`; NotImplementedError for a flow family whose denoiser call is not registered."""
-    family = get_family(family)
-    if family.flow_matching and family.name not in DENOISER_CALLS:
-        raise NotImplementedError(f"{family.label}: sampling its {family.denoiser_class} is not implemented yet")
-    return family
+    return DENOISER_CALLS.get(get_family(family).name, _unet_output)(model, sample, t, conditioning)
 
 
 def _sample_size_shape(pair) -> tuple[int, int, int]:
@@ -103,11 +91,8 @@ LATENT_SHAPES: dict[str, Callable] = {"flux": flux_latent_shape}
 def latent_shape(pair) -> tuple[int, int, int]:
     """(C, h, w) of one start latent of `pair` (unpacked, the VAE's layout), at the family pipeline's default
     image size: SD 1.x (4, 64, 64), SD3 (16, 128, 128), the tiny zoo's (4 or 16, 16, 16).
-
-    Raises:
-        NotImplementedError: a flow family without its hooks (see `denoiser_output`).
     """
-    return LATENT_SHAPES.get(_hooked(pair.family).name, _sample_size_shape)(pair)
+    return LATENT_SHAPES.get(pair.family.name, _sample_size_shape)(pair)
 
 
 def image_tokens(pair) -> int:

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..families import Family, FamilyMismatchError, adapter_evidence, check_family, checkpoint_evidence
-from ..formats import read_safetensors_header, sniff
+from ..formats import load_state_dict, read_safetensors_header, sniff
 from ..metadata import kohya_model_hashes
 from .files import read_config
-from .flux_file import is_flux_transformer_file
+from .flux_file import convert_flux_transformer, is_flux_transformer_file
 from .folders import folder_family
-from .single_file import LDM_UNET_PREFIX
+from .single_file import LDM_UNET_PREFIX, convert_sd3_transformer
 
 _DENOISER_PREFIXES = ("unet.", "transformer.", "model.diffusion_model.")
 _DENOISER_FOLDERS = ("unet", "transformer")  # `Family.denoiser` of each family
@@ -280,10 +280,6 @@ def _same_layout(finetuned: Path, ft: dict, base: Path, base_tensors: dict, fami
     config_folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
     key = (file, (config_folder / "config.json").read_text())
     if key not in cache:
-        from ..formats import load_state_dict
-        from .flux_file import convert_flux_transformer
-        from .single_file import convert_sd3_transformer
-
         convert = convert_flux_transformer if family.name == "flux" else convert_sd3_transformer
         state = convert(load_state_dict(file), read_config(config_folder), str(file)).state_dict()
         cache[key] = {name: (state, name, tuple(value.shape)) for name, value in state.items()}
