@@ -22,6 +22,16 @@ for each (neighbours, radius) of a grid; for each of the four cells held out, th
 mean AS over the other three cells at the default setting (DPM-Solver++ 2M 25, N = 50) is scored on it.
 
     FINEXTRACT_THREADS=1 python bench/adaptive_stop.py DIR --loco --out bench/results/selection_loco.json
+
+`--constants` scores the shipped "modes" constants against "size", at the default's setting and at the
+paper's, seed by seed: on fine-tunes nothing was chosen on (`finextract zoo heldout`), or on seeds no
+choice saw (the committed zoo's at seeds 3000-9000):
+
+    finextract zoo heldout --out HZ
+    FINEXTRACT_THREADS=1 python bench/bench_time_to_evidence.py --zoo HZ --cells heldout:dreambooth,heldout:lora \
+        --settings ddim:50,dpmpp-2m:25 --prefixes 50,250 --json bench/results/heldout_time_to_evidence.json \
+        --descriptors HDIR
+    FINEXTRACT_THREADS=1 python bench/adaptive_stop.py HDIR --constants --zoo HZ --out bench/results/selection_heldout.json
 """
 
 from __future__ import annotations
@@ -105,18 +115,19 @@ def replay(path: Path, train, steps: int) -> dict:
     return record
 
 
-def replay_selection(path: Path, train, scheduler: str, steps: int) -> dict:
+def replay_selection(path: Path, train, scheduler: str, steps: int, grid: bool = True) -> dict:
     """--loco: AS / A-ESR0.6 of "size" and of every "modes" (neighbours, radius) at N = 10 x N0 (and
-    at 50 x N0 for DDIM 50), and "best_match" (a perfect pick), {N: {rule: scores}}."""
+    at 50 x N0 for DDIM 50), and "best_match" (a perfect pick), {N: {rule: scores}}; `grid` False
+    (--constants): "modes" at the shipped constants only."""
     descriptors = torch.from_numpy(np.load(path)["descriptors"])
     by_n = {}
     for n in (10 * N0, 50 * N0) if (scheduler, steps) == PAPER[:2] else (10 * N0,):
         x = descriptors[:n]
         row = {"size": scores(train, x, cluster_descriptors(x, N0).representatives)}
-        for neighbours in NEIGHBOURS:
-            for radius in RADII:  # the rows as `cluster_descriptors` computes them (same rounding)
-                _, picks = modes(lambda lo, hi, x=x: (x[lo:hi] @ x.T).numpy(), n, N0, neighbours, radius)
-                row[f"modes {neighbours}/{radius}"] = scores(train, x, picks)
+        pairs = [(k, r) for k in NEIGHBOURS for r in RADII] if grid else [(MODE_NEIGHBOURS, MODE_RADIUS)]
+        for neighbours, radius in pairs:  # the rows as `cluster_descriptors` computes them (same rounding)
+            _, picks = modes(lambda lo, hi, x=x: (x[lo:hi] @ x.T).numpy(), n, N0, neighbours, radius)
+            row[f"modes {neighbours}/{radius}"] = scores(train, x, picks)
         extractor = cluster_descriptors(x, N0, selection="modes").representatives
         if row[f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"] != scores(train, x, extractor):
             raise RuntimeError(f"{path}: the replayed 'modes' differs from cluster_descriptors'; a bug")
@@ -134,23 +145,27 @@ def replay_selection(path: Path, train, scheduler: str, steps: int) -> dict:
     return by_n
 
 
+def _mean(runs, cell, setting, rule, metric="AS"):
+    values = [r["by_N"][setting[2]][rule][metric] for r in runs if r["cell"] == cell and r["setting"] == setting]
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def _per_seed(runs, cell, setting, rule):
+    return [
+        r["by_N"][setting[2]][rule]["AS"]
+        for r in sorted(runs, key=lambda r: r["seed"])
+        if r["cell"] == cell and r["setting"] == setting
+    ]
+
+
 def leave_one_cell_out(runs: list[dict]) -> dict:
     """For each cell held out: the "modes" pair chosen on the other cells, and the held-out scores."""
 
     def mean(cell, setting, rule, metric="AS"):
-        values = [r["by_N"][setting[2]][rule][metric] for r in runs if r["cell"] == cell and r["setting"] == setting]
-        return round(statistics.fmean(values), 4) if values else None
-
-    def per_seed(cell, setting, rule):
-        return [
-            r["by_N"][setting[2]][rule]["AS"]
-            for r in sorted(runs, key=lambda r: r["seed"])
-            if r["cell"] == cell and r["setting"] == setting
-        ]
+        return _mean(runs, cell, setting, rule, metric)
 
     cells = sorted({r["cell"] for r in runs})
     grid = [f"modes {k}/{r}" for k in NEIGHBOURS for r in RADII]
-    fixed = f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"
     folds = {}
     for held in cells:
         others = [c for c in cells if c != held]
@@ -161,18 +176,36 @@ def leave_one_cell_out(runs: list[dict]) -> dict:
                 rule: {
                     "AS": mean(held, CHOOSE_ON, rule),
                     "A-ESR0.6": mean(held, CHOOSE_ON, rule, "A-ESR0.6"),
-                    "seeds": per_seed(held, CHOOSE_ON, rule),
+                    "seeds": _per_seed(runs, held, CHOOSE_ON, rule),
                 }
                 for rule in ("size", chosen)
             },
             "paper_setting": {rule: mean(held, PAPER, rule) for rule in ("size", chosen)},
         }
+    return {"folds": folds, **constants_table(runs)}
+
+
+def constants_table(runs: list[dict]) -> dict:
+    """Per cell, AS / A-ESR0.6 / per-seed AS of "size" and the shipped "modes" constants at the default's
+    setting and at the paper's."""
+    fixed = f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"
+
+    def mean(cell, setting, rule, metric="AS"):
+        return _mean(runs, cell, setting, rule, metric)
+
+    def per_seed(cell, setting, rule):
+        return _per_seed(runs, cell, setting, rule)
+
+    def seed_ids(cell, setting):  # the sampling seed of each "seeds" entry
+        return sorted(r["seed"] for r in runs if r["cell"] == cell and r["setting"] == setting)
+
     constants = {
         cell: {
             f"default setting {rule}": {
                 "AS": mean(cell, CHOOSE_ON, rule),
                 "A-ESR0.6": mean(cell, CHOOSE_ON, rule, "A-ESR0.6"),
                 "seeds": per_seed(cell, CHOOSE_ON, rule),
+                "seed_ids": seed_ids(cell, CHOOSE_ON),
             }
             for rule in ("size", fixed)
         }
@@ -181,43 +214,64 @@ def leave_one_cell_out(runs: list[dict]) -> dict:
                 "AS": mean(cell, PAPER, rule),
                 "A-ESR0.6": mean(cell, PAPER, rule, "A-ESR0.6"),
                 "seeds": per_seed(cell, PAPER, rule),
+                "seed_ids": seed_ids(cell, PAPER),
             }
             for rule in ("size", fixed)
         }
-        for cell in cells
+        for cell in sorted({r["cell"] for r in runs})
     }
-    return {"folds": folds, f"constants {fixed}": constants}
+    return {f"constants {fixed}": constants}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("descriptors", type=Path, help="the --descriptors folder of bench_time_to_evidence.py")
+    parser.add_argument(
+        "descriptors", type=Path, nargs="+", help="--descriptors folder(s) of bench_time_to_evidence.py"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
     parser.add_argument("--loco", action="store_true", help="only the selection rules, leave-one-cell-out")
+    parser.add_argument(
+        "--constants", action="store_true", help="only the selection rules: the shipped constants against 'size'"
+    )
+    parser.add_argument(
+        "--zoo", type=Path, default=None, help="the zoo the runs came from (default: the committed one)"
+    )
     args = parser.parse_args()
-    zoo = default_zoo_folder()
+    zoo = args.zoo or default_zoo_folder()
     embedder = load_embedder("default", threads=1)
-    # the side the extractor scores at, from the loaded pair as `Extractor` reads it
-    resolution = model_resolution(load_model_pair(zoo / "base", finetuned=zoo / "dreambooth"))
+    resolution = None  # the side the extractor scores at, from the loaded pair as `Extractor` reads it
     train = {}
     started = time.perf_counter()
     runs = []
-    for path in sorted(args.descriptors.glob("*.npz")):
+    for path in sorted(p for folder in args.descriptors for p in folder.glob("*.npz")):
         parts = path.stem.split("-")  # <scenario>-<kind>-<seed>-<scheduler>-<steps>, the scheduler may hold "-"
         scenario, kind, seed, scheduler, steps = *parts[:3], "-".join(parts[3:-1]), int(parts[-1])
         if scenario not in train:
-            images, _, _ = read_training_images(scenario_folder(zoo, scenario) / "train", resolution)
+            folder = scenario_folder(zoo, scenario)
+            resolution = resolution or model_resolution(load_model_pair(zoo / "base", finetuned=folder / "dreambooth"))
+            images, _, _ = read_training_images(folder / "train", resolution)
             train[scenario] = embed_images(embedder, images, "training")
         run = {"cell": f"{scenario}:{kind}", "seed": int(seed), "scheduler": scheduler, "steps": steps}
-        if args.loco:
+        if args.loco or args.constants:
             run["setting"] = (scheduler, steps, 50 * N0 if (scheduler, steps) == PAPER[:2] else 10 * N0)
-            run["by_N"] = replay_selection(path, train[scenario], scheduler, steps)
+            run["by_N"] = replay_selection(path, train[scenario], scheduler, steps, grid=args.loco)
             runs.append(run)
             print(path.stem, {n: row["size"]["AS"] for n, row in run["by_N"].items()}, flush=True)
             continue
         run.update(replay(path, train[scenario], steps))
         runs.append(run)
         print(path.stem, json.dumps([(s["rule"], s["stopped_at"], s["AS"]) for s in run["stops"]]))
+    if args.constants:
+        out = {
+            "what": f"the shipped 'modes {MODE_NEIGHBOURS}/{MODE_RADIUS}' against 'size' on fine-tunes no choice was "
+            f"made on (N0 = 5), at the default's setting {CHOOSE_ON} and the paper's {PAPER}",
+            "seconds": round(time.perf_counter() - started, 1),
+            **constants_table(runs),
+            "runs": [{**r, "setting": list(r["setting"])} for r in runs],
+        }
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out[f"constants modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"], indent=1))
+        return
     if args.loco:
         out = {
             "what": "selection rules replayed leave-one-cell-out on the time-to-evidence descriptors (N0 = 5): "

@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "time_to_evidence.json"
 PLOT = ROOT / "docs" / "time_to_evidence.png"
 CELLS = ("object:dreambooth", "object:lora", "style:dreambooth", "style:lora")
+# the held-out scenario's cells: trained on demand (`finextract zoo build --trained --scenarios heldout`), never
+# in the default grid: they score choices made on the four above
+HELDOUT_CELLS = ("heldout:dreambooth", "heldout:lora")
 FORMAT = "finextract-time-to-evidence/1"
 
 
@@ -84,9 +87,9 @@ def score_prefixes(result, extractor, train, n0: int, prefixes, num_images: int)
 
     Returns:
         One dict per prefix: {"N", "AS", "A-ESR0.6", "A-ESR0.7", "best_generated_AS" (the AS of the
-        best among the N generated), "threshold", "clique_sizes", "extracted" (indices into the
-        generated images), "unet_evaluations", "seconds" (generation and SSCD pro-rated, clustering
-        and scoring measured)}.
+        best among the N generated), "selection" (the extraction's rule), "threshold", "clique_sizes",
+        "extracted" (indices into the generated images), "unet_evaluations", "seconds" (generation and
+        SSCD pro-rated, clustering and scoring measured)}.
 
     Raises:
         ValueError: a prefix outside [n0, num_images], or fewer than n0 usable images below it.
@@ -99,6 +102,7 @@ def score_prefixes(result, extractor, train, n0: int, prefixes, num_images: int)
 
     indices = np.asarray(result.generated_indices)
     shared = result.timings["generate"] + result.timings["embed"]  # seconds for all num_images
+    selection = result.config["clustering"].get("selection", "size")  # the extraction's rule (absent: "size")
     rows = []
     for n in prefixes:
         if not n0 <= n <= num_images:
@@ -108,7 +112,7 @@ def score_prefixes(result, extractor, train, n0: int, prefixes, num_images: int)
         if len(rows_below) < n0:
             raise ValueError(f"prefix N = {n}: only {len(rows_below)} usable images for N0 = {n0}")
         descriptors = result.generated_descriptors[rows_below]
-        clustering = cluster_descriptors(descriptors, n0, budget=extractor.budget)
+        clustering = cluster_descriptors(descriptors, n0, budget=extractor.budget, selection=selection)
         metrics, _ = evaluate_against(
             train,
             descriptors[list(clustering.representatives)],
@@ -125,6 +129,7 @@ def score_prefixes(result, extractor, train, n0: int, prefixes, num_images: int)
                 "A-ESR0.6": metrics["A-ESR0.6"],
                 "A-ESR0.7": metrics["A-ESR0.7"],
                 "best_generated_AS": metrics["generated"]["AS"],
+                "selection": selection,
                 "threshold": clustering.threshold,
                 "clique_sizes": [len(c) for c in clustering.cliques],
                 "extracted": [int(indices[rows_below[i]]) for i in clustering.representatives],
@@ -150,9 +155,8 @@ def save_descriptors(folder: Path, entry: dict, result) -> Path:
 
 def run_key(entry: dict) -> tuple:
     """What makes two runs the same: a run with this key in the results is skipped."""
-    return tuple(
-        json.dumps(entry[name]) for name in ("cell", "seed", "scheduler", "steps", "n0", "n_max", "prefixes", "backend")
-    )
+    names = ("cell", "seed", "scheduler", "steps", "n0", "n_max", "prefixes", "backend", "w")
+    return tuple(json.dumps(entry.get(name)) for name in names)
 
 
 def load_results(path: Path) -> dict:
@@ -168,7 +172,7 @@ def measure(args) -> None:
     from finextract.engine.config import default_threads
     from finextract.evidence import environment_record
     from finextract.extract import Extractor
-    from finextract.spec import PRESETS
+    from finextract.spec import PRESETS, preset_guidance_w
     from finextract.store.files import write_json
     from finextract.zoo.scenarios import scenario_folder
     from finextract.zoo.trained import default_zoo_folder
@@ -182,8 +186,8 @@ def measure(args) -> None:
     prefixes = sorted({int(n) for n in args.prefixes.split(",")})
     n_max = max(prefixes)
     for cell in args.cells.split(","):
-        if cell not in CELLS:
-            raise ValueError(f"--cells {cell!r}: expected some of {','.join(CELLS)}")
+        if cell not in CELLS + HELDOUT_CELLS:
+            raise ValueError(f"--cells {cell!r}: expected some of {','.join(CELLS + HELDOUT_CELLS)}")
         scenario, kind = cell.split(":")
         folder = scenario_folder(zoo, scenario)
         caption = (folder / "caption.txt").read_text().strip()
@@ -201,6 +205,8 @@ def measure(args) -> None:
                     "prefixes": prefixes,
                     "backend": args.backend,
                 }
+                if args.w is not None:  # absent: the paper's w per kind, as in every earlier run
+                    entry["w"] = args.w
                 if run_key(entry) in done:
                     print(f"{cell} seed {seed} {scheduler}:{steps}: done already, skipped")
                     continue
@@ -215,6 +221,7 @@ def measure(args) -> None:
                     seed=seed,
                     steps=steps,
                     progress=False,
+                    w=preset_guidance_w("paper", "finextract", kind, args.w),  # not the default preset's
                     **scheduler_options(scheduler),
                 )
                 entry.update(
@@ -309,7 +316,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     from finextract.report import new_figure, save_plot
 
-    cells = [cell for cell in CELLS if any(r["cell"] == cell for r in rows)]
+    cells = [cell for cell in CELLS + HELDOUT_CELLS if any(r["cell"] == cell for r in rows)]
     settings = sorted({r["setting"] for r in rows})
     markers = dict(zip(settings, "osD^v<>px*h"))
     fig = new_figure(4.0 * max(1, len(cells)), 3.4)
@@ -352,6 +359,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n0", type=int, default=5, help="N0 (default 5)")
     parser.add_argument("--prefixes", default="50,100,250", help="the N scored; the largest is generated")
     parser.add_argument("--backend", default="auto", help="the extraction's backend (default auto)")
+    parser.add_argument(
+        "--w", type=float, default=None, help="FineXtract's w (default: the paper's per kind, DreamBooth 3, LoRA 5)"
+    )
     parser.add_argument("--zoo", default=None, help="trained zoo folder (default: the committed one)")
     parser.add_argument(
         "--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})"

@@ -260,7 +260,8 @@ class Extractor:
         if spec.preset != DEFAULT_PRESET:  # the default's run settings are the Extractor's config already
             run_options = preset_run_options(spec.preset, **run_options)
         config = run_config(self.config, **run_options)
-        logger.info("preset %s (overridden: %s)", spec.preset, preset_record(spec, config)["overrides"] or "nothing")
+        overrides = preset_record(spec, config, self.pair.kind)["overrides"]
+        logger.info("preset %s (overridden: %s)", spec.preset, overrides or "nothing")
         if spec.sscd_preset is not None and spec.sscd_preset != self.embedder.sscd_preset.name:
             raise ValueError(
                 f"--sscd-preset {spec.sscd_preset}: this Extractor's SSCD model uses "
@@ -338,7 +339,7 @@ class Extractor:
             "" if caption is None else caption,
             spec.num_images,
             method=spec.method,
-            w=spec.w,
+            w=spec.guidance_w(self.pair.kind),
             k=spec.k,
             config=config,
             progress=progress,
@@ -397,7 +398,7 @@ class Extractor:
                 "caption": caption,
                 "caption_recovery": caption_record,
                 "method": spec.method,
-                "preset": preset_record(spec, config),
+                "preset": preset_record(spec, config, self.pair.kind),
                 "w": params.get("w"),
                 "k": params.get("k"),
                 "seeds": list(generation.seeds[:num_images]),

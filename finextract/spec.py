@@ -19,23 +19,38 @@ from dataclasses import dataclass, field, replace
 
 from finextract.clustering.n0 import MIN_IMAGES
 from finextract.clustering.selection import ON_BUDGET, SELECTIONS
-from finextract.rules import KINDS, METHODS, rule_for
+from finextract.rules import DEFAULTS, KINDS, METHODS, rule_for
 from finextract.sscd import SSCD_PRESETS
 
 #: The paper generates N = 50 x N0 images.
 IMAGES_PER_N0 = 50
 #: Procedure presets, name -> settings: "images_per_n0" (N = that x N0 when --num-images is not given),
-#: and `RUN_PRESET_SETTINGS`, fields of `finextract.engine.config.RunConfig`. Every preset names every
+#: "finextract_w" (FineXtract's w per kind of fine-tune when --w is not given; the other methods keep
+#: theirs), and `RUN_PRESET_SETTINGS`, fields of `finextract.engine.config.RunConfig`. Every preset names every
 #: setting. A new setting (a scheduler, adaptive N, a selection rule) is one more key in each entry: a
 #: `RunConfig` field also goes into `RUN_PRESET_SETTINGS`; a spec field gets its default from
 #: `preset_settings` in `ExtractionSpec.resolve`, as num_images does.
 PRESETS = {
     # the paper's procedure exactly: N = 50 x N0, DDIM 50 steps, every image generated (no early stop),
-    # the N0 largest cliques at the first threshold that yields N0 (the only selection rule so far)
-    "paper": {"images_per_n0": IMAGES_PER_N0, "steps": 50, "scheduler": "ddim"},
+    # the N0 largest cliques at the first threshold that yields N0
+    "paper": {
+        "images_per_n0": IMAGES_PER_N0,
+        "steps": 50,
+        "scheduler": "ddim",
+        "selection": "size",
+        "finextract_w": {kind: DEFAULTS["finextract", kind]["w"] for kind in KINDS},  # DreamBooth 3, LoRA 5
+    },
     # what runs when no --preset is given: a tenth of the paper's UNet evaluations (N = 10 x N0, DPM-Solver++
-    # 2M in 25 steps), chosen by the time-to-evidence measurement (docs/results.md#time-to-evidence)
-    "default": {"images_per_n0": 10, "steps": 25, "scheduler": "dpmpp-2m"},
+    # 2M in 25 steps), the "modes" selection and w = 3 for a LoRA too (a multistep solver is less stable at
+    # the paper's w = 5), chosen by the time-to-evidence measurement on the committed zoo and checked on
+    # held-out fine-tunes (docs/results.md#time-to-evidence)
+    "default": {
+        "images_per_n0": 10,
+        "steps": 25,
+        "scheduler": "dpmpp-2m",
+        "selection": "modes",
+        "finextract_w": {"dreambooth": 3.0, "lora": 3.0},
+    },
 }
 #: The preset used when none is named (`--preset` left out, `preset=None`).
 DEFAULT_PRESET = "default"
@@ -71,6 +86,19 @@ def preset_settings(preset: str | None) -> dict:
     return dict(PRESETS[name])
 
 
+def preset_guidance_w(preset: str | None, method: str, kind: str, w: float | None = None) -> float | None:
+    """The w a `method` guides with for a `kind` ("dreambooth" / "lora") of fine-tune: `w` when given,
+    else for FineXtract (Eq. 13) the preset's `finextract_w[kind]`, else None (the method's own default,
+    `finextract.rules.DEFAULTS`; Direct has none).
+
+    Raises:
+        ValueError: an unknown preset. KeyError: an unknown kind.
+    """
+    if w is not None or method != "finextract":
+        return w
+    return float(preset_settings(preset)["finextract_w"][kind])
+
+
 def preset_run_options(preset: str | None, **given) -> dict:
     """`RunConfig.resolve` keywords: `given` (those not None win: an explicit option overrides the preset)
     with the preset's `RUN_PRESET_SETTINGS` filled in where missing.
@@ -83,15 +111,19 @@ def preset_run_options(preset: str | None, **given) -> dict:
     return {**{name: settings[name] for name in RUN_PRESET_SETTINGS}, **given}
 
 
-def preset_record(spec: ExtractionSpec, config) -> dict:
+def preset_record(spec: ExtractionSpec, config, kind: str | None = None) -> dict:
     """result.json's record of the procedure preset: {"name": spec.preset, "overrides": {setting: the value
-    used} for each preset setting an explicit option changed} ("num_images" for "images_per_n0"; {} when
-    the run is the preset exactly). `config`: the run's `RunConfig`."""
+    used} for each preset setting an explicit option changed} ("num_images" for "images_per_n0", "w" for
+    "finextract_w" when the fine-tune's `kind` is given; {} when the run is the preset exactly).
+    `config`: the run's `RunConfig`."""
     overrides = {}
     for name, value in preset_settings(spec.preset).items():
         if name == "images_per_n0":
             if spec.num_images != default_num_images(spec.n0, spec.preset):
                 overrides["num_images"] = spec.num_images
+        elif name == "finextract_w":
+            if kind is not None and spec.method == "finextract" and spec.w is not None and spec.w != value[kind]:
+                overrides["w"] = spec.w
         elif name in RUN_PRESET_SETTINGS:
             if getattr(config, name) != value:
                 overrides[name] = getattr(config, name)
@@ -109,9 +141,11 @@ class ExtractionSpec:
             recovers it from the fine-tune's weights; None or ""
             when it is unknown (then only "finextract-uncond", Eq. 6, applies).
         n0: N0 >= 1, or "auto": from the fine-tune's trainer metadata, else estimated from the generated images.
-        num_images: N, resolved (default the preset's 50 x N0; `AUTO_NUM_IMAGES` with n0="auto").
+        num_images: N, resolved (default the preset's: 10 x N0, `--preset paper` 50 x N0;
+            `AUTO_NUM_IMAGES` with n0="auto").
         method: "finextract" | "finextract-uncond" | "cfg" | "direct" (resolved).
-        w, k: guidance scale and Eq. 13 correction, as given (None = the paper's defaults per kind).
+        w, k: guidance scale and Eq. 13 correction, as given (None: w = the preset's for FineXtract,
+            `guidance_w`, the paper's default for the other methods; k = the paper's default per kind).
         train: the real training images for AS / A-ESR (a folder, a list of uint8 (H, W, 3) arrays, or
             the (images, paths) pair `finextract.images.read_images` returns), or None; not read here.
         train_as_is: compare them as they are, without the centre crop and resize to the model's side.
@@ -126,8 +160,9 @@ class ExtractionSpec:
             (resolved: 10 x N0 when adaptive, None otherwise). stable_rounds: consecutive stable rounds
             that stop it.
         selection: which N0 cliques are extracted (`finextract.clustering.selection`): "size" (the paper's),
-            "density", "merged" or "modes". on_budget: a threshold whose peel runs out of work budget is
-            "skip"ped (the paper's) or its approximate peel is "keep"t (`finextract.clustering.fallback`).
+            "density", "merged" or "modes" (resolved: the preset's, "modes" by default).
+        on_budget: a threshold whose peel runs out of work budget is "skip"ped (the paper's) or its
+            approximate peel is "keep"t (`finextract.clustering.fallback`).
         num_images_given: N was given (--num-images); False when it is `default_num_images`', which
             `with_n0` rescales once an "auto" N0 is read from the trainer metadata.
     """
@@ -146,9 +181,13 @@ class ExtractionSpec:
     adaptive: bool = False
     round_images: int | None = None
     stable_rounds: int = STABLE_ROUNDS
-    selection: str = "size"
+    selection: str = PRESETS[DEFAULT_PRESET]["selection"]
     on_budget: str = "skip"
     num_images_given: bool = True
+
+    def guidance_w(self, kind: str) -> float | None:
+        """The w this extraction guides with for a `kind` of fine-tune (`preset_guidance_w`)."""
+        return preset_guidance_w(self.preset, self.method, kind, self.w)
 
     def with_n0(self, n0: int) -> ExtractionSpec:
         """This spec once N0 = `n0` is known before generating (from the trainer metadata): n0 set, and N
@@ -179,7 +218,7 @@ class ExtractionSpec:
         adaptive: bool = False,
         round_images: int | None = None,
         stable_rounds: int = STABLE_ROUNDS,
-        selection: str = "size",
+        selection: str | None = None,
         on_budget: str = "skip",
     ) -> ExtractionSpec:
         """Fill in the defaults (the preset's N = 50 x N0; the method by the caption) and validate every setting.
@@ -187,7 +226,7 @@ class ExtractionSpec:
         Args:
             as the attributes; num_images None = `default_num_images(n0, preset)` (a given one overrides
             the preset's); method None = "finextract", or "finextract-uncond" without a caption;
-            preset None = `DEFAULT_PRESET`.
+            preset None = `DEFAULT_PRESET`; selection None = the preset's.
 
         Returns:
             A frozen `ExtractionSpec`.
@@ -235,6 +274,7 @@ class ExtractionSpec:
         if sscd_preset is not None and sscd_preset not in SSCD_PRESETS:
             raise ValueError(f"--sscd-preset {sscd_preset!r}: expected one of {', '.join(SSCD_PRESETS)}")
         round_images = _rounds(n0, num_images, adaptive, round_images, stable_rounds)
+        selection = preset_settings(preset)["selection"] if selection is None else selection
         if selection not in SELECTIONS:
             raise ValueError(f"--selection {selection!r}: expected one of {', '.join(SELECTIONS)}")
         if on_budget not in ON_BUDGET:

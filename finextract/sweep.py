@@ -225,6 +225,7 @@ def run_sweep(
             "w": w,
             "k": k,
             **spec_options,
+            "selection": points[0][2].selection,  # resolved: the preset's unless given (the same at every point)
             "models": extractor.models,
             "train_transform": train_transform(resolution),
             "steps": config.steps,
@@ -240,7 +241,7 @@ def run_sweep(
     for number, (method, value, spec) in enumerate(points):
         folder = point_folder(out, method, param, value)
         started = time.perf_counter()
-        params = rule_params(method, extractor.pair.kind, spec.w, spec.k)
+        params = rule_params(method, extractor.pair.kind, spec.guidance_w(extractor.pair.kind), spec.k)
         expected = {
             "method": method,
             "caption": caption,

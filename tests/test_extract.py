@@ -71,7 +71,9 @@ def test_a_named_preset_sets_the_run_and_extract_keywords_override_it(zoo, monke
     from finextract.extract import Extractor
     from finextract.spec import PRESETS, ExtractionSpec
 
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 3, "steps": 2, "scheduler": "ddim"})  # a tiny procedure
+    paper_w = {"dreambooth": 3.0, "lora": 5.0}
+    tiny = {"images_per_n0": 3, "steps": 2, "scheduler": "ddim", "selection": "size", "finextract_w": paper_w}
+    monkeypatch.setitem(PRESETS, "paper", tiny)
     extractor = Extractor(zoo / "base", zoo / "dreambooth", device="cpu", backend="torch", steps=3, batch_size=6)
     spec = ExtractionSpec.resolve("a photo of sks", 2, preset="paper")
     result = extractor.extract(spec=spec, progress=False)  # the preset's 2 steps over the Extractor's 3
@@ -86,6 +88,27 @@ def test_a_named_preset_sets_the_run_and_extract_keywords_override_it(zoo, monke
     assert keywords.config["preset"] == {"name": "paper", "overrides": {}} and keywords.config["run"]["steps"] == 2
     with pytest.raises(ValueError, match="not both"):
         extractor.extract(spec=spec, preset="paper")
+
+
+def test_the_preset_sets_finextracts_w_per_kind_and_a_given_w_wins(zoo):
+    """A LoRA: FineXtract guides with the default preset's w = 3, the paper's 5 under --preset paper, a given
+    w under either (recorded as an override); CFG keeps its own w = 3 (`finextract.rules.DEFAULTS`)."""
+    from finextract.extract import Extractor
+
+    extractor = Extractor(zoo / "base", lora=zoo / "lora", device="cpu", backend="torch", steps=1, batch_size=2)
+    assert extractor.pair.kind == "lora"
+    runs = {
+        name: extractor.extract("a photo of sks", 1, num_images=2, progress=False, **options).config
+        for name, options in {
+            "default": {},
+            "paper": {"preset": "paper", "steps": 1},
+            "given": {"preset": "paper", "steps": 1, "w": 4.0},
+            "cfg": {"method": "cfg"},
+        }.items()
+    }
+    assert [runs[name]["w"] for name in runs] == [3.0, 5.0, 4.0, 3.0]
+    assert runs["paper"]["preset"]["overrides"] == {"num_images": 2, "steps": 1}
+    assert runs["given"]["preset"]["overrides"] == {"num_images": 2, "steps": 1, "w": 4.0}
 
 
 def test_extractor_caption_auto_and_none(zoo, tmp_path):

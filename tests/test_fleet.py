@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from finextract.fleet import ManifestError, Row, RowError, audit, read_manifest
+from finextract.spec import DEFAULT_PRESET, PRESETS
 from finextract.store.chunks import finished_count
 
 # rows that extract (in manifest order) and rows that must fail, by id
@@ -199,13 +200,36 @@ def test_manifest_selection_column(tmp_path, tiny_zoo):
         f"a,{base},{lora},c,2,modes",
         f"b,{base},{lora},c,2,",
         f"c,{base},{lora},c,2,big",
+        f"d,{base},{lora},c,2,size",
     ]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
-    a, b, c = read_manifest(tmp_path / "m.csv")
+    a, b, c, d = read_manifest(tmp_path / "m.csv")
     assert a.selection == "modes" and a.spec.selection == "modes" and a.fields()["selection"] == "modes"
-    # empty: the paper's "size", and left out of the fields, as in audits made before the column (they resume)
-    assert b.selection == "size" and b.spec.selection == "size" and "selection" not in b.fields()
+    # empty: the default preset's, as `extract` without --selection
+    assert b.selection == PRESETS[DEFAULT_PRESET]["selection"] == b.spec.selection == b.fields()["selection"]
     assert isinstance(c, RowError) and "--selection 'big': expected one of size" in c.error
+    # "size", the rule of every audit made before the column, is left out of the fields: those audits resume
+    assert d.selection == "size" and d.spec.selection == "size" and "selection" not in d.fields()
+
+
+def test_manifest_adaptive_column(tmp_path, tiny_zoo):
+    base, lora = tiny_zoo / "base", tiny_zoo / "lora"
+    lines = ["id,base,lora,caption,n0,adaptive,num_images"]
+    lines += [f"{i},{base},{lora},c,2,{value}," for i, value in enumerate(("true", "Yes", "1", "", "no", "maybe"))]
+    lines += [f"cap,{base},{lora},c,2,true,40"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    *flags, maybe, cap = read_manifest(tmp_path / "m.csv")
+    assert [row.adaptive for row in flags] == [True, True, True, False, False]
+    # adaptive: rounds of 10 x N0, N up to the paper's 50 x N0 unless given (then that is the cap)
+    assert (flags[0].spec.adaptive, flags[0].spec.round_images, flags[0].spec.num_images) == (True, 20, 100)
+    assert flags[0].fields()["adaptive"] is True and "adaptive" not in flags[3].fields()  # as audits before it
+    assert isinstance(maybe, RowError) and "adaptive 'maybe': expected true or false" in maybe.error
+    assert cap.spec.num_images == 40 and cap.spec.adaptive
+    # JSON takes booleans
+    (tmp_path / "m.json").write_text(json.dumps([{"id": "j", "base": str(base), "lora": str(lora), "caption": "c",
+                                                  "n0": 2, "adaptive": True}]))  # fmt: skip
+    (row,) = read_manifest(tmp_path / "m.json")
+    assert row.adaptive and row.spec.adaptive
 
 
 @pytest.mark.parametrize(
@@ -386,12 +410,13 @@ def test_local_audit_images_equal_a_fresh_load(local_run, tiny_zoo):
     from finextract.engine.config import RunConfig
     from finextract.engine.loading import load_model_pair
     from finextract.generation import generate
-    from finextract.spec import preset_run_options
+    from finextract.spec import preset_guidance_w, preset_run_options
 
     out, _ = local_run
     config = RunConfig.resolve(**preset_run_options(None, **RUN))  # the audit's: the default preset's scheduler
     pair = load_model_pair(tiny_zoo / "base", lora=tiny_zoo / "lora_peft").place(config)
-    images = generate(pair, "a photo of sks", 8, config=config, progress=False).images.numpy()
+    w = preset_guidance_w(None, "finextract", pair.kind)  # and its w
+    images = generate(pair, "a photo of sks", 8, w=w, config=config, progress=False).images.numpy()
     chunks = sorted((out / "lora_peft" / "generation").glob("chunk_*.npz"))
     assert np.array_equal(np.concatenate([np.load(chunk)["images"] for chunk in chunks]), images)
 

@@ -185,11 +185,16 @@ def test_cli_generate(tiny_zoo, tmp_path, capsys):
     ]
     assert main(args) == 0
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["config"]["params"] == {"w": 5.0, "k": 0.0} and manifest["config"]["model"]["kind"] == "lora"
+    # FineXtract's w: the default preset's (3 for a LoRA too), --preset paper's 5
+    assert manifest["config"]["params"] == {"w": 3.0, "k": 0.0} and manifest["config"]["model"]["kind"] == "lora"
     assert [c["stop"] - c["start"] for c in manifest["chunks"]] == [2, 1]
     assert "3 images" in capsys.readouterr().out
     assert main(args[:-2] + ["--w", "2", "--out", str(out)]) == 1  # changed config: a one-line error
     assert "different config" in capsys.readouterr().err
+    paper = tmp_path / "paper"
+    assert main(args[:-2] + ["--preset", "paper", "--out", str(paper)]) == 0
+    assert json.loads((paper / MANIFEST).read_text())["config"]["params"] == {"w": 5.0, "k": 0.0}
+    capsys.readouterr()
     assert main(args[:5] + ["--caption", caption, "--n0", "1", "--dtype", "fp16", "--out", str(tmp_path / "x")]) == 1
     assert "needs a CUDA device" in capsys.readouterr().err
 

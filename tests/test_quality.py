@@ -76,6 +76,7 @@ def _as(extractor, folder, method, n0, num_images, seed=0):
         n0,
         num_images=num_images,
         method=method,
+        preset="paper",  # as measured: DDIM, the N0 largest cliques, the paper's w (N and steps given here)
         steps=STEPS,
         seed=seed,
         batch_size=num_images,

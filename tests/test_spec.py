@@ -82,23 +82,53 @@ def test_the_cli_builds_the_spec_before_any_model_loads(tmp_path, capsys):
 
 def test_the_paper_preset_is_the_papers_procedure_and_the_default_a_tenth_of_its_work():
     # the paper: N = 50 x N0 and 50 DDIM steps (Sec. 5.1); RunConfig's own (engine) default is the same
-    assert PRESETS["paper"] == {"images_per_n0": 50, "steps": 50, "scheduler": "ddim"}
+    # the N0 largest cliques (Sec. 4.3), and FineXtract's w = 3 for a DreamBooth, 5 for a LoRA (Sec. 5.1)
+    assert PRESETS["paper"] == {
+        "images_per_n0": 50,
+        "steps": 50,
+        "scheduler": "ddim",
+        "selection": "size",
+        "finextract_w": {"dreambooth": 3.0, "lora": 5.0},
+    }
     assert (RunConfig.defaults()["steps"], RunConfig.defaults()["scheduler"]) == (50, "ddim")
     # the default: N = 10 x N0 images x 25 DPM-Solver++ 2M steps, 1/10 of the paper's N x steps
     default = PRESETS[DEFAULT_PRESET]
-    assert default == {"images_per_n0": 10, "steps": 25, "scheduler": "dpmpp-2m"}
+    # the "modes" selection and w = 3 for both kinds (docs/results.md#time-to-evidence)
+    assert default == {
+        "images_per_n0": 10,
+        "steps": 25,
+        "scheduler": "dpmpp-2m",
+        "selection": "modes",
+        "finextract_w": {"dreambooth": 3.0, "lora": 3.0},
+    }
     paper_work = PRESETS["paper"]["images_per_n0"] * PRESETS["paper"]["steps"]
     assert default["images_per_n0"] * default["steps"] * 10 == paper_work
     paper = ExtractionSpec.resolve("c", 5, preset="paper")
-    assert (paper.preset, paper.num_images) == ("paper", 250)
+    assert (paper.preset, paper.num_images, paper.selection) == ("paper", 250, "size")
+    assert ExtractionSpec.resolve("c", 5).selection == "modes"
+    # an explicit --selection overrides the preset's, and result.json says so
+    chosen = ExtractionSpec.resolve("c", 5, preset="paper", selection="modes")
+    config = RunConfig.resolve(device="cpu", backend="torch", **preset_run_options("paper"))
+    assert preset_record(chosen, config) == {"name": "paper", "overrides": {"selection": "modes"}}
+    # FineXtract's w: the preset's per kind unless given; the other methods keep their own defaults
+    assert (paper.guidance_w("lora"), ExtractionSpec.resolve("c", 5).guidance_w("lora")) == (5.0, 3.0)
+    assert ExtractionSpec.resolve("c", 5, w=4.0).guidance_w("lora") == 4.0
+    assert ExtractionSpec.resolve("c", 5, method="cfg").guidance_w("lora") is None  # rules' w = 3
+    assert ExtractionSpec.resolve("c", 5, method="direct").guidance_w("dreambooth") is None
+    given = ExtractionSpec.resolve("c", 5, preset="paper", w=4.0)
+    assert preset_record(given, config, "lora")["overrides"] == {"w": 4.0}
+    assert preset_record(ExtractionSpec.resolve("c", 5, preset="paper", w=5.0), config, "lora")["overrides"] == {}
+    assert preset_record(given, config)["overrides"] == {}  # the kind unknown: nothing to compare with
     # every preset names every setting: a missing one would fall back silently to another preset's
     assert all(set(settings) == set(PRESETS["paper"]) for settings in PRESETS.values())
 
 
 def test_a_preset_fills_in_what_is_not_given_and_explicit_options_override_it(monkeypatch):
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7, "scheduler": "unipc"})  # read, not copied
+    tiny = {"images_per_n0": 4, "steps": 7, "scheduler": "unipc", "selection": "density", "finextract_w": {}}
+    monkeypatch.setitem(PRESETS, "paper", tiny)  # read, not copied
     spec = ExtractionSpec.resolve("c", 3, preset="paper")
     assert spec.num_images == 12 == default_num_images(3, "paper") and default_num_images(3) == 30
+    assert spec.selection == "density"
     assert preset_run_options("paper") == {"steps": 7, "scheduler": "unipc"}
     given = preset_run_options("paper", steps=20, seed=4, threads=None)
     assert given == {"steps": 20, "scheduler": "unipc", "seed": 4}
@@ -134,7 +164,8 @@ def test_n0_known_before_generating_sets_the_presets_n(preset):
 def test_a_future_preset_setting_slots_in(monkeypatch):
     """A new key in every preset and in RUN_PRESET_SETTINGS reaches RunConfig keywords and the record."""
     monkeypatch.setattr(spec_module, "RUN_PRESET_SETTINGS", ("steps", "seed"))
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 50, "steps": 50, "seed": 9})
+    paper = {"images_per_n0": 50, "steps": 50, "seed": 9, "selection": "size", "finextract_w": {}}
+    monkeypatch.setitem(PRESETS, "paper", paper)
     assert spec_module.preset_run_options("paper") == {"steps": 50, "seed": 9}
     config = RunConfig.resolve(device="cpu", backend="torch", **spec_module.preset_run_options("paper", seed=1))
     spec = ExtractionSpec.resolve("c", 5, preset="paper")
@@ -146,7 +177,8 @@ def test_the_cli_resolves_the_preset_once_and_explicit_options_override_it(monke
     from finextract.commands.options import run_config_from
 
     base = ["extract", "--base", "b", "--lora", "l", "--caption", "c", "--n0", "5", "--out", "o", "--device", "cpu"]
-    monkeypatch.setitem(PRESETS, "paper", {"images_per_n0": 4, "steps": 7, "scheduler": "unipc"})
+    tiny = {"images_per_n0": 4, "steps": 7, "scheduler": "unipc", "selection": "size", "finextract_w": {}}
+    monkeypatch.setitem(PRESETS, "paper", tiny)
     parse = build_parser().parse_args
     args = parse(base + ["--preset", "paper"])
     assert run_config_from(args).steps == 7 and ExtractionSpec.from_attributes(args).num_images == 20
@@ -156,9 +188,9 @@ def test_the_cli_resolves_the_preset_once_and_explicit_options_override_it(monke
     assert preset_record(spec, config)["overrides"] == {"num_images": 30, "steps": 20}
     args = parse(base)  # no --preset: the default preset's
     config = run_config_from(args)
-    assert (config.steps, config.scheduler) == (25, "dpmpp-2m") and ExtractionSpec.from_attributes(
-        args
-    ).preset == DEFAULT_PRESET
+    spec = ExtractionSpec.from_attributes(args)
+    assert (config.steps, config.scheduler, spec.preset, spec.selection) == (25, "dpmpp-2m", DEFAULT_PRESET, "modes")
+    assert ExtractionSpec.from_attributes(parse(base + ["--selection", "size"])).selection == "size"
     # --preset is the procedure, --sscd-preset the descriptor's preprocessing: each takes only its names
     assert parse(base + ["--sscd-preset", "paper"]).sscd_preset == "paper"
     with pytest.raises(SystemExit):

@@ -68,21 +68,23 @@ def test_sweep_resumes_without_redoing_a_value_and_plots(extractor, tmp_path, mo
     # a point folder holding another run is named, not overwritten
     with pytest.raises(ValueError, match="holds another run"):
         run_sweep(extractor, "another caption", values=[1], **options, **run)
-    # ... nor one extracted with another selection rule
-    with pytest.raises(ValueError, match="selection: 'size' -> 'modes'"):
-        run_sweep(extractor, "a photo of sks", values=[1], **options, **run, spec_options={"selection": "modes"})
-    # the selection reaches every point: "modes" records its radius as the threshold
-    modes = run_sweep(
+    # ... nor one extracted with another selection rule (the first sweep took the default preset's "modes")
+    with pytest.raises(ValueError, match="selection: 'modes' -> 'size'"):
+        run_sweep(extractor, "a photo of sks", values=[1], **options, **run, spec_options={"selection": "size"})
+    # "modes" records its radius as the threshold; the selection given reaches every point
+    assert first["points"][0]["threshold"] == 0.5 and first["settings"]["selection"] == "modes"
+    size = run_sweep(
         extractor,
         "a photo of sks",
         values=[1],
-        **{**options, "out": tmp_path / "modes"},
+        **{**options, "out": tmp_path / "size"},
         **run,
-        spec_options={"selection": "modes"},
+        spec_options={"selection": "size"},
     )
-    result = json.loads((tmp_path / "modes" / modes["points"][0]["folder"] / "result.json").read_text())
-    assert result["config"]["clustering"]["selection"] == "modes" and modes["points"][0]["threshold"] == 0.5
-    assert modes["settings"]["selection"] == "modes"
+    result = json.loads((tmp_path / "size" / size["points"][0]["folder"] / "result.json").read_text())
+    # "size", the rule of runs made before the field, is recorded by leaving it out
+    assert "selection" not in result["config"]["clustering"] and size["settings"]["selection"] == "size"
+    assert size["points"][0]["threshold"] == result["threshold"] != 0.5
 
 
 def test_sweep_checks_its_settings_before_any_model_loads(tmp_path, capsys):

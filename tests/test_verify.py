@@ -24,9 +24,10 @@ def _image(name: str, size=(40, 32)) -> Image.Image:
 @pytest.fixture(scope="module")
 def extraction(tiny_zoo, tmp_path_factory):
     """A LoRA extraction on the tiny zoo (N0 = 2 of N = 6, 2 DDIM steps, torch on the CPU) with 2
-    non-square training images; its inputs live in their own folder. DDIM, not the default preset's
-    solver: on these images a one-level change of one pixel moves a score by under verify's 1e-3, which
-    the tamper tests below rely on (under DPM-Solver++ one moves by 0.0012)."""
+    non-square training images; its inputs live in their own folder. The paper's preset (DDIM, `size`,
+    w = 5), not the default's: on these images a one-level change of one pixel moves a score by under
+    verify's 1e-3, which the tamper tests below rely on (under DPM-Solver++ one moves by 0.0012, under
+    the default preset's "modes" picks and w = 3 by 0.003)."""
     from finextract.extract import Extractor
 
     inputs = tmp_path_factory.mktemp("inputs")
@@ -39,7 +40,7 @@ def extraction(tiny_zoo, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
     extractor = Extractor(tiny_zoo / "base", lora=lora, device="cpu", backend="torch")
     extractor.extract(
-        CAPTION, 2, num_images=6, steps=2, scheduler="ddim", batch_size=4, out=run, train=train, progress=False
+        CAPTION, 2, num_images=6, steps=2, preset="paper", batch_size=4, out=run, train=train, progress=False
     )
     return {"run": run, "lora": lora, "train": train, "base": tiny_zoo / "base"}
 

@@ -249,3 +249,64 @@ def test_second_base_shares_every_part_but_the_unet(tmp_path, capsys):
         assert json.loads((folder / "second_base.json").read_text())["timings"]["refined"]["reused"] == bool(cache)
     assert main(["zoo", "second-base", "--out", str(tmp_path / "x"), "--zoo", str(tmp_path)]) != 0
     assert f"{tmp_path / 'base'}: no trained base (model_index.json)" in capsys.readouterr().err
+
+
+def test_heldout_images_are_none_of_the_other_stages():
+    """The held-out scenario: five different images at the fine-tunes' 32 px, deterministic, from files no
+    other stage reads (not a pretraining image, not a fine-tuning photograph), under the object caption."""
+    import numpy as np
+
+    from finextract.zoo.scenarios import (
+        DEFAULT_SCENARIOS,
+        FINETUNE_IMAGES,
+        HELDOUT_IMAGES,
+        PRETRAIN_IMAGES,
+        SCENARIOS,
+        finetune_set,
+    )
+
+    names, images = finetune_set("heldout")
+    assert names == ["present", "phantom", "face", "relief", "logo"] and images.shape == (5, 32, 32, 3)
+    assert images.dtype == np.uint8 and np.array_equal(images, finetune_set("heldout")[1])
+    assert all(not np.array_equal(images[i], images[j]) for i in range(5) for j in range(i + 1, 5))
+    files = {entry.split(" ")[0].split("[")[0] for entry in HELDOUT_IMAGES}
+    assert not files & {name for _, name, _ in PRETRAIN_IMAGES} and not files & set(FINETUNE_IMAGES)
+    assert SCENARIOS["heldout"].caption == SCENARIOS["object"].caption and "heldout" not in DEFAULT_SCENARIOS
+    # every other scenario's images differ from these (no shared picture slipped in)
+    for other in DEFAULT_SCENARIOS:
+        assert not any(np.array_equal(a, b) for a in images for b in finetune_set(other)[1])
+
+
+def test_heldout_zoo_fine_tunes_the_base_on_the_heldout_images(tmp_path, capsys):
+    """`zoo heldout` (a 2-step recipe here): a copy of the base, heldout/ with train/, caption.txt, a bare
+    DreamBooth unet/ and a LoRA, records naming the base relatively; a cached rebuild reuses both fine-tunes
+    and gives the same bytes; a folder without a base is refused by name."""
+    import json
+    from dataclasses import replace
+
+    from finextract.cli import main
+    from finextract.zoo.scenarios import scenario_folder
+    from finextract.zoo.trained import DEFAULT_RECIPE, build_heldout_zoo, default_zoo_folder
+
+    recipe = replace(DEFAULT_RECIPE, dreambooth_steps=2, lora_steps=2)
+    out = build_heldout_zoo(tmp_path / "h", recipe=recipe, cache=tmp_path / "cache", progress=False)
+    parent = default_zoo_folder() / "base"
+    assert (out / "base/unet/diffusion_pytorch_model.safetensors").read_bytes() == (
+        parent / "unet/diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    folder = scenario_folder(out, "heldout")
+    assert folder == out / "heldout" and (folder / "caption.txt").read_text() == "a photo of sks\n"
+    assert sorted(p.name for p in (folder / "train").iterdir()) == sorted(
+        f"{n}.png" for n in ("present", "phantom", "face", "relief", "logo")
+    )
+    assert sorted(p.name for p in (folder / "dreambooth").iterdir()) == ["finetune.json", "unet"]
+    lora = folder / "lora" / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() and json.loads((folder / "lora/finetune.json").read_text())["base"] == "../../base"
+    record = json.loads((folder / "heldout.json").read_text())
+    assert list(record["scenarios"]) == ["heldout"] and record["recipe"]["lora_steps"] == 2
+    assert not any(t["reused"] for t in record["timings"].values())
+    again = build_heldout_zoo(tmp_path / "again", recipe=recipe, cache=tmp_path / "cache", progress=False)
+    assert all(t["reused"] for t in json.loads((again / "heldout/heldout.json").read_text())["timings"].values())
+    assert (again / "heldout/lora/pytorch_lora_weights.safetensors").read_bytes() == lora.read_bytes()
+    assert main(["zoo", "heldout", "--out", str(tmp_path / "x"), "--zoo", str(tmp_path)]) != 0
+    assert f"--zoo {tmp_path}: no base/model_index.json" in capsys.readouterr().err

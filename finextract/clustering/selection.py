@@ -14,7 +14,8 @@ that never look at training images.
   most similar other images (a training image the model reproduces comes back as near-copies); images
   are taken greedily by density, skipping any at similarity >= `MODE_RADIUS` to one already taken (so
   the N0 picks are N0 different images, not near-copies of one: AS scores how many training images are
-  covered). Measured, with the two constants chosen leave-one-cell-out, in docs/results.md#time-to-evidence.
+  covered). The default preset's rule; measured (its constants chosen leave-one-cell-out, then checked on
+  held-out fine-tunes) in docs/results.md#time-to-evidence.
 
 A clique is given as its canonical key (-size, -W, members) (`sweep._Keys`).
 """
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-#: The selection rules; "size" is the paper's (and the default).
+#: The selection rules; "size" is the paper's and `cluster_similarity`'s default; an extraction takes its
+#: preset's (`finextract.spec.PRESETS`: "modes" by default).
 SELECTIONS = ("size", "density", "merged", "modes")
 #: "modes": an image's density is its mean similarity to this many most similar other images ...
 MODE_NEIGHBOURS = 2

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 def add_selection_options(p) -> None:
     """--adaptive, --round-images, --stable-rounds (adaptive N), --selection, --on-budget (the clustering)."""
     from finextract.clustering.selection import ON_BUDGET, SELECTIONS
-    from finextract.spec import ROUND_PER_N0, STABLE_ROUNDS
+    from finextract.spec import DEFAULT_PRESET, PRESETS, ROUND_PER_N0, STABLE_ROUNDS
 
     from .options import positive_int
 
@@ -71,10 +71,11 @@ def add_selection_options(p) -> None:
     p.add_argument(
         "--selection",
         choices=SELECTIONS,
-        default="size",
-        help="which N0 cliques are extracted: size (the paper's: the largest), density (size x mean similarity), "
-        "merged (cliques with similar representatives merged first), modes (no cliques: the N0 images with the "
-        "most similar neighbours, none a near-copy of another)",
+        default=None,
+        help="which N0 images are extracted: modes (no cliques: the N0 images with the most similar neighbours, "
+        "none a near-copy of another), size (the paper's: the N0 largest cliques), density (size x mean "
+        "similarity), merged (cliques with similar representatives merged first); default: the preset's "
+        f"({PRESETS[DEFAULT_PRESET]['selection']}; --preset paper: {PRESETS['paper']['selection']})",
     )
     p.add_argument(
         "--on-budget",

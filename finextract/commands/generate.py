@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from finextract.generation import generate
-    from finextract.spec import default_num_images
+    from finextract.spec import default_num_images, preset_guidance_w
     from finextract.store.folders import prepare
 
     from .options import model_pair_from, run_config_from
@@ -65,7 +65,7 @@ def run(args) -> int:
         caption,
         num_images,
         method=args.method,
-        w=args.w,
+        w=preset_guidance_w(args.preset, args.method, pair.kind, args.w),
         k=args.k,
         config=config,
         out=folder,  # checked: generate does not check it again

@@ -201,7 +201,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         "--w",
         type=float,
         default=None,
-        help="guidance scale (default: DreamBooth 3, LoRA 5 for finextract; 3 for cfg/uncond)",
+        help="guidance scale (default for finextract: the preset's, 3 for both kinds; --preset paper: DreamBooth 3, "
+        "LoRA 5; 3 for cfg/uncond)",
     )
     parser.add_argument("--k", type=float, default=None, help="Eq. 13 correction k (default: DreamBooth -0.02, LoRA 0)")
     add_preset_option(parser)
@@ -215,9 +216,10 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         choices=tuple(PRESETS),
         default=None,
         help="procedure preset: paper (the paper's procedure: N = 50 x N0, 50 DDIM steps, no early stop, the "
-        f"paper's selection) or {DEFAULT_PRESET} (the default: N = 10 x N0, 25 DPM-Solver++ 2M steps, a tenth of the "
-        "paper's UNet evaluations). Options given explicitly (--num-images, "
-        "--steps, --scheduler) override the preset's; result.json records which did",
+        f"paper's selection, size, and w: DreamBooth 3, LoRA 5) or {DEFAULT_PRESET} (the default: N = 10 x N0, 25 "
+        "DPM-Solver++ 2M steps, a tenth of the paper's UNet evaluations, selection modes, w = 3 for both kinds). "
+        "Options given explicitly (--num-images, --steps, --scheduler, --selection, --w) override the preset's; "
+        "result.json records which did",
     )
 
 

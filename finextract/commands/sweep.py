@@ -57,7 +57,12 @@ def register(subparsers) -> None:
         default=None,
         help="N, images generated (default the default preset's 10 x N0)",
     )
-    p.add_argument("--w", type=float, default=None, help="fixed guidance scale (default: the paper's per method)")
+    p.add_argument(
+        "--w",
+        type=float,
+        default=None,
+        help="fixed guidance scale (default 3: the default preset's for finextract, the paper's for cfg)",
+    )
     p.add_argument("--k", type=float, default=None, help="fixed Eq. 13 correction (default: the paper's)")
     add_step_options(p, note=", at every point")
     add_selection_options(p)

@@ -39,6 +39,7 @@ FIELDS = (
     "steps",
     "seed",
     "selection",
+    "adaptive",
 )
 #: Columns every row needs (and one of finetuned / lora). An empty caption means FineXtract Eq. 6.
 REQUIRED = ("id", "base", "caption", "n0")
@@ -69,9 +70,12 @@ class Row:
         caption: the training caption c; "" means FineXtract Eq. 6 (method "finextract-uncond").
         n0: N0 >= 1. train: folder of the real training images (adds AS / A-ESR), or None.
         method: the guidance rule (`finextract.rules.METHODS`). w, k: guidance scale and correction,
-            None = the paper's defaults. num_images: N (None = 50 x N0). steps, seed: None = the audit's.
-        selection: which N0 images are extracted (`finextract.clustering.selection.SELECTIONS`; "size",
-            the paper's, when the column is empty or absent).
+            None = the default preset's w (FineXtract) and the paper's defaults. num_images: N (None = the
+            default preset's 10 x N0). steps, seed: None = the audit's.
+        selection: which N0 images are extracted (`finextract.clustering.selection.SELECTIONS`; the
+            default preset's when the column is empty or absent).
+        adaptive: generate in rounds and stop once the N0 extracted images are stable
+            (`finextract.adaptive`; `--adaptive`); true / false, yes / no or 1 / 0, empty: false.
         bases: the folder of candidate bases `base: auto` chose from, or None.
         base_ranking: with `bases`, the candidates ranked (`BaseCandidate.to_dict()`, best first): why
             that base.
@@ -92,6 +96,7 @@ class Row:
     steps: int | None = None
     seed: int | None = None
     selection: str = "size"
+    adaptive: bool = False
     bases: str | None = None
     base_ranking: tuple = field(default=(), compare=False, hash=False)
 
@@ -111,6 +116,8 @@ class Row:
         record.pop("line")
         if self.selection == "size":  # left out: the fields of audits made before the column, which resume
             del record["selection"]
+        if not self.adaptive:  # likewise
+            del record["adaptive"]
         if self.bases is None:
             del record["bases"], record["base_ranking"]
         else:
@@ -263,6 +270,9 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
                 problems.append(problem)
     if numbers.get("steps") is not None and numbers["steps"] < 1:
         problems.append(f"steps {numbers['steps']}: must be >= 1")
+    adaptive, problem = _flag("adaptive", values.get("adaptive"))
+    if problem:
+        problems.append(problem)
     caption = given.get("caption") or ""  # empty: no caption, FineXtract Eq. 6
     spec = None
     if "n0" in numbers and not any(p.startswith(("n0 ", "num_images ", "w ", "k ")) for p in problems):
@@ -275,7 +285,8 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
                 w=numbers.get("w"),
                 k=numbers.get("k"),
                 train=paths.get("train"),
-                selection=given.get("selection") or "size",
+                selection=given.get("selection") or None,
+                adaptive=bool(adaptive),
             )
         except ValueError as error:
             problems.append(str(error))
@@ -304,6 +315,7 @@ def _check_row(line: int, values: dict, folder: Path) -> Row | RowError:
         steps=numbers.get("steps"),
         seed=numbers.get("seed"),
         selection=spec.selection,
+        adaptive=spec.adaptive,
     )
 
 
@@ -340,6 +352,19 @@ def _path(name: str, value: str, folder: Path) -> tuple[str, str | None]:
     if name in ("base", "finetuned", "lora") and _HUB_ID.fullmatch(value) and not value.startswith((".", "/")):
         return value, None  # a hub id: the loader resolves it from the local cache, offline, or says why not
     return str(path), f"{name} {value!r}: no such file or folder ({path}; relative paths are read from {folder})"
+
+
+def _flag(name: str, value) -> tuple[bool | None, str | None]:
+    """(the value as a bool, problem or None): JSON true / false, or the text true / false, yes / no, 1 / 0
+    in any case; empty or absent: False."""
+    if isinstance(value, bool) or value is None:
+        return bool(value), None
+    text = str(value).strip().lower()
+    if text in ("", "false", "no", "0"):
+        return False, None
+    if text in ("true", "yes", "1"):
+        return True, None
+    return None, f"{name} {value!r}: expected true or false"
 
 
 def _number(name: str, value, kind) -> tuple[int | float | None, str | None]:

@@ -98,7 +98,7 @@ def entry_from_result(row: Row, folder: Path, *, status: str, run: dict) -> dict
         k=config.get("k"),
         **{name: metrics.get(name) for name in ("AS", "A-ESR0.6", "A-ESR0.7")},
         threshold=record.get("threshold"),
-        largest_clique=sizes[0] if sizes else None,
+        largest_clique=max(sizes) if sizes else None,  # "modes" lists its groups in pick order, not by size
         clique_sizes=sizes,
         num_degenerate=record.get("num_degenerate"),
         report=f"{row.id}/report.html",

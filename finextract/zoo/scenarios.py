@@ -34,7 +34,16 @@ SCENARIOS = {
         "an illustration in sks style",
         "style-driven: 10 drawings of different subjects in one flat, outlined style (finextract.style_images)",
     ),
+    "heldout": Scenario(
+        "heldout",
+        "heldout",
+        "a photo of sks",
+        "held-out, object-driven: 5 images of different things that no test uses",
+    ),
 }
+# What `zoo build --trained` builds and commits; "heldout" is trained on demand (`finextract zoo heldout`)
+# to score choices made on these two (docs/results.md#time-to-evidence).
+DEFAULT_SCENARIOS = ("object", "style")
 CAPTION = SCENARIOS["object"].caption
 
 
@@ -77,6 +86,17 @@ PRETRAIN_IMAGES = (
 )
 
 
+# The held-out scenario's images: files installed packages ship that no other stage uses, each a
+# different kind of picture, as the object scenario's photographs are different objects.
+HELDOUT_IMAGES = (
+    "Minduka_Present_Blue_Pack.png (matplotlib: a gift box, on white)",
+    "phantom.png (scikit-image: the Shepp-Logan CT phantom)",
+    "lfw_subset.npy[0] (scikit-image: a 25 x 25 face photograph)",
+    "jacksboro_fault_dem.npz (matplotlib: an elevation map, hill-shaded in gist_earth)",
+    "logo2.png (matplotlib: the wide logo, on white)",
+)
+
+
 def package_file(package: str, name: str) -> Path:
     if package == "skimage":
         import skimage.data  # optional: skimage, sklearn, matplotlib (the [zoo] extra)
@@ -102,11 +122,34 @@ def finetune_photos(resolution: int = 32) -> np.ndarray:
     return load_images([package_file("skimage", name) for name in FINETUNE_IMAGES], resolution)
 
 
+def heldout_images() -> dict[str, np.ndarray]:
+    """The held-out scenario's five images at their own size (`HELDOUT_IMAGES`): name -> uint8 (H, W, 3)."""
+    from matplotlib.colors import LightSource
+    from matplotlib.pyplot import get_cmap
+
+    def on_white(path: Path) -> np.ndarray:
+        rgba = Image.open(path).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, "white")
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+
+    faces = np.load(package_file("skimage", "lfw_subset.npy"))  # float in [0, 1]; the first 100 are faces
+    elevation = np.load(package_file("matplotlib", "jacksboro_fault_dem.npz"))["elevation"]
+    relief = LightSource(azdeg=315, altdeg=45).shade(elevation, cmap=get_cmap("gist_earth"), blend_mode="overlay")
+    return {
+        "present": on_white(package_file("matplotlib", "Minduka_Present_Blue_Pack.png")),
+        "phantom": np.asarray(Image.open(package_file("skimage", "phantom.png")).convert("RGB")),
+        "face": np.repeat((faces[0] * 255).round().astype(np.uint8)[..., None], 3, axis=2),
+        "relief": (relief[..., :3] * 255).round().astype(np.uint8),
+        "logo": on_white(package_file("matplotlib", "logo2.png")),
+    }
+
+
 def finetune_set(scenario: str, resolution: int = 32) -> tuple[list[str], np.ndarray]:
     """A scenario's training images as the fine-tune sees them (`center_crop_resize`).
 
     Args:
-        scenario: "object" (the five photographs) or "style" (`finextract.style_images`).
+        scenario: "object" (the five photographs), "style" (`finextract.style_images`) or "heldout"
+            (`heldout_images`).
         resolution: side in pixels.
 
     Returns:
@@ -120,6 +163,9 @@ def finetune_set(scenario: str, resolution: int = 32) -> tuple[list[str], np.nda
     if scenario == "style":
         drawings = style_images()
         return list(drawings), np.stack([center_crop_resize(image, resolution) for image in drawings.values()])
+    if scenario == "heldout":
+        images = heldout_images()
+        return list(images), np.stack([center_crop_resize(image, resolution) for image in images.values()])
     raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
 
 

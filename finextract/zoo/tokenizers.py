@@ -135,7 +135,8 @@ def zoo_captions() -> list[str]:
     from .configs import ZOO_CAPTION
     from .scenarios import PRETRAIN_IMAGES, SCENARIOS
 
-    return [ZOO_CAPTION, *(s.caption for s in SCENARIOS.values()), *(caption for _, _, caption in PRETRAIN_IMAGES)]
+    scenario_captions = dict.fromkeys(s.caption for s in SCENARIOS.values())  # the held-out one repeats the object's
+    return [ZOO_CAPTION, *scenario_captions, *(caption for _, _, caption in PRETRAIN_IMAGES)]
 
 
 def write_t5_tokenizer(folder: str | Path) -> Path:

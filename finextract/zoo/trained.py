@@ -41,7 +41,15 @@ from ..finetuning import finetune
 from ..images import read_image
 from ..sscd import load_embedder
 from .models import save_pipeline
-from .scenarios import PRETRAIN_IMAGES, SCENARIOS, finetune_set, package_file, random_crops, scenario_folder
+from .scenarios import (
+    DEFAULT_SCENARIOS,
+    PRETRAIN_IMAGES,
+    SCENARIOS,
+    finetune_set,
+    package_file,
+    random_crops,
+    scenario_folder,
+)
 from .training import (
     ADAPTED_VAE_FIELDS,
     BASE_FIELDS,
@@ -258,7 +266,7 @@ def build_trained_zoo(
     *,
     cache: str | Path | None = None,
     progress: bool = True,
-    scenarios: tuple[str, ...] = tuple(SCENARIOS),
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS,
 ) -> Path:
     """Build the trained tiny zoo into `out`: base/, the object scenario's dreambooth/ (bare unet/),
     lora/, train/ and caption.txt, the same in style/, and zoo.json.
@@ -274,7 +282,7 @@ def build_trained_zoo(
             each fine-tune) keyed by a hash of the recipe fields it depends on, so a rebuild that
             changes only the fine-tunes skips the rest.
         progress: tqdm bars.
-        scenarios: the scenarios to fine-tune (default both).
+        scenarios: the scenarios to fine-tune (default `DEFAULT_SCENARIOS`, object and style).
 
     Returns:
         `out`.
@@ -326,6 +334,61 @@ def build_trained_zoo(
     }
     (out / "zoo.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained zoo written to %s: %s", out, metrics)
+    return out
+
+
+def build_heldout_zoo(
+    out: str | Path,
+    zoo: str | Path | None = None,
+    recipe: TrainedZooRecipe = DEFAULT_RECIPE,
+    *,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune a trained zoo's base on the held-out scenario (`scenarios.heldout_images`): `out`
+    gets a copy of base/ and heldout/ with train/, caption.txt, dreambooth/, lora/ (by the committed
+    fine-tunes' recipe) and heldout.json (the recipe, the images, each fine-tune's time).
+
+    These fine-tunes score choices made on the committed zoo's four cells (a selection rule, a preset);
+    no test uses them. About 10 minutes on 1 thread, deterministic for a given thread count.
+
+    Args:
+        out: output folder (its base/ and heldout/ are replaced; `zoo` itself: heldout/ is added).
+        zoo: the trained zoo whose base/ is fine-tuned (default: the committed one).
+        recipe: the fine-tuning fields of this recipe are used (default: the committed zoo's).
+        cache: optional folder keeping each fine-tune, reused when its recipe and images match.
+        progress: tqdm bars.
+
+    Returns:
+        `out`.
+
+    Raises:
+        FileNotFoundError: `zoo` has no base/, or a sample image is missing from its package.
+    """
+    out, zoo = Path(out), Path(zoo) if zoo else default_zoo_folder()
+    if not (zoo / "base" / "model_index.json").is_file():
+        raise FileNotFoundError(f"--zoo {zoo}: no base/model_index.json; give a trained zoo (`finextract zoo path`)")
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != zoo.resolve():  # into the trained zoo itself: its own base stays
+        if (out / "base").exists():
+            shutil.rmtree(out / "base")
+        shutil.copytree(zoo / "base", out / "base")
+    write_training_set(out, "heldout", recipe.resolution)
+    timings = {
+        f"heldout_{method}": build_finetune(out, recipe, "heldout", method, cache=cache, progress=progress)
+        for method in ("dreambooth", "lora")
+    }
+    _strip_local_paths(out)
+    record = {
+        "recipe": asdict(recipe),
+        "scenarios": {
+            "heldout": asdict(SCENARIOS["heldout"]) | {"images": finetune_set("heldout", recipe.resolution)[0]}
+        },
+        "timings": timings,
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__},
+    }
+    (scenario_folder(out, "heldout") / "heldout.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
