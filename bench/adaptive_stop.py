@@ -24,8 +24,8 @@ mean AS over the other three cells at the default setting (DPM-Solver++ 2M 25, N
     FINEXTRACT_THREADS=1 python bench/adaptive_stop.py DIR --loco --out bench/results/selection_loco.json
 
 `--constants` scores the shipped "modes" constants against "size", at the default's setting and at the
-paper's, seed by seed: on fine-tunes nothing was chosen on (`finextract zoo heldout`), or on seeds no
-choice saw (the committed zoo's at seeds 3000-9000):
+paper's, seed by seed: on fine-tunes the constants were not chosen on (`finextract zoo heldout`), or
+on seeds they were not chosen on (the committed zoo's at seeds 3000-9000):
 
     finextract zoo heldout --out HZ
     FINEXTRACT_THREADS=1 python bench/bench_time_to_evidence.py --zoo HZ --cells heldout:dreambooth,heldout:lora \
