@@ -180,6 +180,14 @@ def test_cluster_and_evaluate_commands(tmp_path, caplog):
         )
     assert files[record["extracted"][0]].startswith("s")
     assert all(i in c for i, c in zip(record["extracted"], record["cliques"]))
+    # --selection modes (extract's default): one pick per source, each the densest of its 5 near-copies
+    modes_out = tmp_path / "modes"
+    assert main(["cluster", "--images", str(images), "--n0", "3", "--selection", "modes", "--out", str(modes_out)]) == 0
+    picked = json.loads((modes_out / "result.json").read_text())
+    assert picked["config"]["clustering"]["selection"] == "modes" and picked["threshold"] == 0.5
+    assert sorted(files[i][:2] for i in picked["extracted"]) == ["s0", "s1", "s2"]
+    # the same folder with another rule is another run: refused unless --overwrite
+    assert main(["cluster", "--images", str(images), "--n0", "3", "--out", str(modes_out)]) == 1
 
     train = tmp_path / "train"
     train.mkdir()

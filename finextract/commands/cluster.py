@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from finextract.clustering.selection import SELECTIONS
+
 from .options import (
     add_command,
     add_device_option,
@@ -20,7 +22,8 @@ def register(subparsers) -> None:
         "cluster",
         run,
         help="cluster a folder of images into N0 cliques",
-        description="Embed images with SSCD and return the N0 largest cliques (FineXtract Sec. 4.3).",
+        description="Embed images with SSCD and return N0 of them: the representatives of the N0 largest cliques "
+        "(FineXtract Sec. 4.3), or by another --selection rule.",
     )
     p.add_argument(
         "--images",
@@ -37,6 +40,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (extracted/, result.json, report.html)")
     add_sscd_options(p)
     p.add_argument("--budget", type=positive_int, default=None, help="clustering search budget per threshold")
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="size",
+        help="which N0 images are returned: size (the paper's, the default here: the N0 largest cliques), modes "
+        "(extract's default: the N0 images with the most similar neighbours, none a near-copy of another), "
+        "density or merged (see `finextract extract --help`)",
+    )
     add_device_option(p)
     add_overwrite_option(p, "a cluster or extract run (other --images or --n0)")
 
@@ -59,9 +70,11 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out} holds --images {args.images}: write the clusters to another folder")
     # what defines this run: a re-run into --out with other images or N0 is refused unless --overwrite
     settings = {"images": str(images_folder), "files": [p.name for p in paths], "n0": args.n0}
+    if args.selection != "size":  # absent: the paper's rule, as in runs made before the option
+        settings["selection"] = args.selection
     prepare(folder, "cluster", settings, overwrite=args.overwrite)  # the settings only: --out was checked
     embedder = load_embedder(args.sscd, sscd_preset=args.sscd_preset, device=config.device, threads=config.threads)
-    result = cluster_images(images, args.n0, embedder, budget=args.budget)
+    result = cluster_images(images, args.n0, embedder, budget=args.budget, selection=args.selection)
     result.config = extraction_config(
         n0=result.n0_estimate.n0 if result.n0_estimate is not None else args.n0,
         num_images=len(images),
@@ -69,6 +82,8 @@ def run(args) -> int:
         budget=args.budget,
         inputs={"images": str(args.images), "files": [p.name for p in paths]},
     )
+    if args.selection != "size":
+        result.config["clustering"] = {"selection": args.selection}
     record = {
         "method": "cluster",
         "extracted_sources": [paths[i].name for i in result.indices],
