@@ -411,8 +411,9 @@ class Extractor:
             inputs.append(training_input(train, train_folder, config))
         if tracker is not None:
             result.config["adaptive"] = {key: result.adaptive[key] for key in ("round_images", "cap", "stable_rounds")}
-        if spec.selection != "size" or spec.on_budget != "skip":
-            result.config["clustering"].update(selection=spec.selection, on_budget=spec.on_budget)
+        # always recorded (results written before the default became "modes" hold them only when not
+        # "size" / "skip"; readers take an absent one as those)
+        result.config["clustering"].update(selection=spec.selection, on_budget=spec.on_budget)
         result.evidence = {
             "inputs": inputs,
             "environment": environment_record(),

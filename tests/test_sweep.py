@@ -82,8 +82,7 @@ def test_sweep_resumes_without_redoing_a_value_and_plots(extractor, tmp_path, mo
         spec_options={"selection": "size"},
     )
     result = json.loads((tmp_path / "size" / size["points"][0]["folder"] / "result.json").read_text())
-    # "size", the rule of runs made before the field, is recorded by leaving it out
-    assert "selection" not in result["config"]["clustering"] and size["settings"]["selection"] == "size"
+    assert result["config"]["clustering"]["selection"] == "size" and size["settings"]["selection"] == "size"
     assert size["points"][0]["threshold"] == result["threshold"] != 0.5
 
 

@@ -247,10 +247,11 @@ def add_sampler_options(parser: argparse.ArgumentParser, note: str = "", *, pres
     `preset=True` (the command has --preset): both default to None, filled in from the preset by
     `run_config_from`; otherwise to the default preset's values. `note` ends the --steps help.
     """
-    defaults = preset_run_options(None)
+    defaults, paper = preset_run_options(None), preset_run_options("paper")
 
     def default_of(name: str):  # (argparse default, the default as the help shows it)
-        return (None, f"the --preset's: {defaults[name]}") if preset else (defaults[name], defaults[name])
+        shown = f"the --preset's: {defaults[name]}; --preset paper: {paper[name]}"
+        return (None, shown) if preset else (defaults[name], defaults[name])
 
     steps, shown = default_of("steps")
     parser.add_argument("--steps", type=positive_int, default=steps, help=f"sampler steps (default {shown}{note})")

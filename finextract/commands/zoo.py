@@ -56,6 +56,10 @@ def register(subparsers) -> None:
         run_heldout,
         help="fine-tune the trained zoo's base on five images no test uses, a DreamBooth and a LoRA by the committed "
         "fine-tunes' recipe (a held-out pair that scores choices made on the committed zoo; about 10 min on 1 thread)",
+        description="Fine-tune the trained zoo's base on the held-out scenario's five images (a gift box, the "
+        "Shepp-Logan phantom, an LFW face, a hill-shaded elevation map, the matplotlib logo: package files no test "
+        "uses), a DreamBooth and a LoCon LoRA by the committed fine-tunes' recipe, into OUT/heldout/ beside a copy "
+        "of base/. See docs/tiny-zoo.md.",
     )
     heldout.add_argument("--out", required=True, help="zoo folder to write: base/ (a copy) and heldout/")
     heldout.add_argument(
