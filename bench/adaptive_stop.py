@@ -37,6 +37,7 @@ on seeds they were not chosen on (the committed zoo's at seeds 3000-9000):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -161,9 +162,7 @@ def _per_seed(runs, cell, setting, rule):
 def leave_one_cell_out(runs: list[dict]) -> dict:
     """For each cell held out: the "modes" pair chosen on the other cells, and the held-out scores."""
 
-    def mean(cell, setting, rule, metric="AS"):
-        return _mean(runs, cell, setting, rule, metric)
-
+    mean = functools.partial(_mean, runs)
     cells = sorted({r["cell"] for r in runs})
     grid = [f"modes {k}/{r}" for k in NEIGHBOURS for r in RADII]
     folds = {}
@@ -189,12 +188,7 @@ def constants_table(runs: list[dict]) -> dict:
     """Per cell, AS / A-ESR0.6 / per-seed AS of "size" and the shipped "modes" constants at the default's
     setting and at the paper's."""
     fixed = f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"
-
-    def mean(cell, setting, rule, metric="AS"):
-        return _mean(runs, cell, setting, rule, metric)
-
-    def per_seed(cell, setting, rule):
-        return _per_seed(runs, cell, setting, rule)
+    mean, per_seed = functools.partial(_mean, runs), functools.partial(_per_seed, runs)
 
     def seed_ids(cell, setting):  # the sampling seed of each "seeds" entry
         return sorted(r["seed"] for r in runs if r["cell"] == cell and r["setting"] == setting)

@@ -16,15 +16,19 @@ for both kinds; the paper's is DDIM 50 at N = 50 x N0, the "size" selection and 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
 
+from finextract.spec import PRESETS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = "modes 2/0.5"
-PAPER_W = 5.0  # a LoRA's, the paper's (Sec. 5.1)
+PAPER_W = PRESETS["paper"]["finextract_w"]["lora"]  # the paper's (Sec. 5.1): 5
 
 
+@functools.cache  # each table reads the same files again
 def runs(name: str) -> list[dict]:
     """The replayed runs of one file (missing: [])."""
     path = RESULTS / name

@@ -269,7 +269,8 @@ def test_heldout_images_are_none_of_the_other_stages():
     assert names == ["present", "phantom", "face", "relief", "logo"] and images.shape == (5, 32, 32, 3)
     assert images.dtype == np.uint8 and np.array_equal(images, finetune_set("heldout")[1])
     assert all(not np.array_equal(images[i], images[j]) for i in range(5) for j in range(i + 1, 5))
-    files = {entry.split(" ")[0].split("[")[0] for entry in HELDOUT_IMAGES}
+    assert list(HELDOUT_IMAGES) == names
+    files = {file for _, file in HELDOUT_IMAGES.values()}
     assert not files & {name for _, name, _ in PRETRAIN_IMAGES} and not files & set(FINETUNE_IMAGES)
     assert SCENARIOS["heldout"].caption == SCENARIOS["object"].caption and "heldout" not in DEFAULT_SCENARIOS
     # every other scenario's images differ from these (no shared picture slipped in)

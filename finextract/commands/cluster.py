@@ -82,8 +82,7 @@ def run(args) -> int:
         budget=args.budget,
         inputs={"images": str(args.images), "files": [p.name for p in paths]},
     )
-    if args.selection != "size":
-        result.config["clustering"] = {"selection": args.selection}
+    result.config["clustering"] = {"selection": args.selection}  # as extract records it
     record = {
         "method": "cluster",
         "extracted_sources": [paths[i].name for i in result.indices],

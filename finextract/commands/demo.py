@@ -51,7 +51,7 @@ def register(subparsers) -> None:
         "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
         "N = 10 x N0 at 25 DPM-Solver++ steps, or the paper's 50 x N0 at 50 DDIM steps with --preset paper; the same "
         "seeds for every method), score them against the training images (AS, A-ESR) and write report.html. The "
-        "default (object scenario, one seed) takes about 80 s on 2 CPU cores; "
+        "default (object scenario, one seed) takes 30-46 s on 2 CPU cores once the ONNX exports are cached; "
         "--scenarios object,style --seeds 3 runs the full table as mean ± std over 3 sampling seeds.",
     )
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per run, report.html)")

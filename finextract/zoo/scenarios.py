@@ -86,15 +86,17 @@ PRETRAIN_IMAGES = (
 )
 
 
-# The held-out scenario's images: files installed packages ship that no other stage uses, each a
-# different kind of picture, as the object scenario's photographs are different objects.
-HELDOUT_IMAGES = (
-    "Minduka_Present_Blue_Pack.png (matplotlib: a gift box, on white)",
-    "phantom.png (scikit-image: the Shepp-Logan CT phantom)",
-    "lfw_subset.npy[0] (scikit-image: a 25 x 25 face photograph)",
-    "jacksboro_fault_dem.npz (matplotlib: an elevation map, hill-shaded in gist_earth)",
-    "logo2.png (matplotlib: the wide logo, on white)",
-)
+# The held-out scenario's images, name -> (package, file): files installed packages ship that no other
+# stage uses, each a different kind of picture, as the object scenario's photographs are different
+# objects: a gift box and the wide logo (on white), the Shepp-Logan CT phantom, the first 25 x 25 LFW
+# face photograph, and an elevation map hill-shaded in gist_earth.
+HELDOUT_IMAGES = {
+    "present": ("matplotlib", "Minduka_Present_Blue_Pack.png"),
+    "phantom": ("skimage", "phantom.png"),
+    "face": ("skimage", "lfw_subset.npy"),
+    "relief": ("matplotlib", "jacksboro_fault_dem.npz"),
+    "logo": ("matplotlib", "logo2.png"),
+}
 
 
 def package_file(package: str, name: str) -> Path:
@@ -124,23 +126,24 @@ def finetune_photos(resolution: int = 32) -> np.ndarray:
 
 def heldout_images() -> dict[str, np.ndarray]:
     """The held-out scenario's five images at their own size (`HELDOUT_IMAGES`): name -> uint8 (H, W, 3)."""
+    from matplotlib import colormaps
     from matplotlib.colors import LightSource
-    from matplotlib.pyplot import get_cmap
+
+    files = {name: package_file(*source) for name, source in HELDOUT_IMAGES.items()}
 
     def on_white(path: Path) -> np.ndarray:
         rgba = Image.open(path).convert("RGBA")
-        white = Image.new("RGBA", rgba.size, "white")
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
 
-    faces = np.load(package_file("skimage", "lfw_subset.npy"))  # float in [0, 1]; the first 100 are faces
-    elevation = np.load(package_file("matplotlib", "jacksboro_fault_dem.npz"))["elevation"]
-    relief = LightSource(azdeg=315, altdeg=45).shade(elevation, cmap=get_cmap("gist_earth"), blend_mode="overlay")
+    face = np.load(files["face"])[0]  # float in [0, 1]; the first 100 of the subset are faces
+    elevation = np.load(files["relief"])["elevation"]
+    relief = LightSource(azdeg=315, altdeg=45).shade(elevation, cmap=colormaps["gist_earth"], blend_mode="overlay")
     return {
-        "present": on_white(package_file("matplotlib", "Minduka_Present_Blue_Pack.png")),
-        "phantom": np.asarray(Image.open(package_file("skimage", "phantom.png")).convert("RGB")),
-        "face": np.repeat((faces[0] * 255).round().astype(np.uint8)[..., None], 3, axis=2),
+        "present": on_white(files["present"]),
+        "phantom": np.asarray(Image.open(files["phantom"]).convert("RGB")),
+        "face": np.repeat((face * 255).round().astype(np.uint8)[..., None], 3, axis=2),
         "relief": (relief[..., :3] * 255).round().astype(np.uint8),
-        "logo": on_white(package_file("matplotlib", "logo2.png")),
+        "logo": on_white(files["logo"]),
     }
 
 
