@@ -16,14 +16,15 @@ Per run: for each rule (round images, stable rounds, cap) where it stopped, its 
 the AS / A-ESR0.6 at the stop; for each selection rule the AS at every N. The summary averages over
 seeds per (cell, scheduler:steps, rule).
 
-`--loco` replays only the selection, leave-one-cell-out: every run at the default's N = 10 x N0 (and
+`--loco` replays only the selection, leave-one-cell-out: every run at N = 10 x N0 (and
 DDIM 50 at the paper's 50 x N0) under "size" and the "modes" rule (`finextract.clustering.selection.modes`)
 for each (neighbours, radius) of a grid; for each of the four cells held out, the pair with the highest
-mean AS over the other three cells at the default setting (DPM-Solver++ 2M 25, N = 50) is scored on it.
+mean AS over the other three cells at `CHOOSE_ON` (DPM-Solver++ 2M 25, N = 50: the default preset when the
+rule was chosen; now 12 steps at N = 100) is scored on it.
 
     FINEXTRACT_THREADS=1 python bench/adaptive_stop.py DIR --loco --out bench/results/selection_loco.json
 
-`--constants` scores the shipped "modes" constants against "size", at the default's setting and at the
+`--constants` scores the shipped "modes" constants against "size", at `CHOOSE_ON` and at the
 paper's, seed by seed: on fine-tunes the constants were not chosen on (`finextract zoo heldout`), or
 on seeds they were not chosen on (the committed zoo's at seeds 3000-9000):
 
@@ -61,7 +62,7 @@ TERMS = 2  # FineXtract: the fine-tuned and the base UNet per step
 #: (round images, stable rounds, cap)
 RULES = [(25, 1, 250), (25, 2, 250), (50, 1, 250), (50, 2, 250), (25, 1, 125), (25, 2, 125), (25, 2, 100)]
 SELECTIONS = ("size", "density", "merged", "modes")
-#: --loco: the "modes" grid, the setting whose AS chooses (the default preset's) and the paper's
+#: --loco: the "modes" grid, the setting whose AS chooses (the default preset's when it was chosen) and the paper's
 NEIGHBOURS = (1, 2, 3, 4, 5, 8)
 RADII = tuple(round(0.4 + 0.025 * i, 3) for i in range(11))
 CHOOSE_ON = ("dpmpp-2m", 25, 50)
@@ -185,8 +186,8 @@ def leave_one_cell_out(runs: list[dict]) -> dict:
 
 
 def constants_table(runs: list[dict]) -> dict:
-    """Per cell, AS / A-ESR0.6 / per-seed AS of "size" and the shipped "modes" constants at the default's
-    setting and at the paper's."""
+    """Per cell, AS / A-ESR0.6 / per-seed AS of "size" and the shipped "modes" constants at `CHOOSE_ON` and
+    at the paper's."""
     fixed = f"modes {MODE_NEIGHBOURS}/{MODE_RADIUS}"
     mean, per_seed = functools.partial(_mean, runs), functools.partial(_per_seed, runs)
 
@@ -258,7 +259,7 @@ def main() -> None:
     if args.constants:
         out = {
             "what": f"the shipped 'modes {MODE_NEIGHBOURS}/{MODE_RADIUS}' against 'size' on fine-tunes no choice was "
-            f"made on (N0 = 5), at the default's setting {CHOOSE_ON} and the paper's {PAPER}",
+            f"made on (N0 = 5), at {CHOOSE_ON} and the paper's {PAPER}",
             "seconds": round(time.perf_counter() - started, 1),
             **constants_table(runs),
             "runs": [{**r, "setting": list(r["setting"])} for r in runs],

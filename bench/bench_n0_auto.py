@@ -16,7 +16,7 @@ generations alone can see a training image the fine-tune does not regenerate.
 
 Guard against tuning to the four fine-tunes: a rule is chosen on the development runs (every scheduler
 and step count but the two reported ones) and reported on the held-out runs (DDIM 50, the paper's
-setting, and DPM-Solver++ 2M 25, the default preset's), 3 seeds each; and it must keep the planted sets of
+setting, and DPM-Solver++ 2M 25, the default preset's of the time), 3 seeds each; and it must keep the planted sets of
 `tests/test_n0.py` exact.
 """
 

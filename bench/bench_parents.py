@@ -17,7 +17,7 @@ Parts (each written as soon as measured; `--parts` picks):
   the fine-tune's own metadata (its `finetune` kohya keys name the parent by hash) and with none
   (`metadata={}`: the DreamBooths are ranked by UNet weight distance, the LoRAs tie).
 - as -> bench/results/parents_as.json: `Extractor.extract` of the committed object DreamBooth and LoRA
-  (N0 = 5, caption "a photo of sks", the default preset: N = 50, DPM-Solver++ 2M 25 steps) guided by the
+  (N0 = 5, caption "a photo of sks", `MEASURED_WITH`: the default preset of the committed runs' time) guided by the
   right base and by the second base (`--bases`), per seed (`--seeds`), AS and A-ESR0.6 against the zoo's train/.
 - probe -> bench/results/parents_probe.json: each committed LoRA extracted on each candidate without
   training images (its caption, N0 = 5, N = 50, seed 0): how alike its generations are, a parent signal
@@ -40,6 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 WEIGHTS = ROOT / "finextract" / "zoo_weights"
 RESULTS = ROOT / "bench" / "results"
+#: The extraction settings the committed parents_as / parents_probe runs used: the default preset of their time
+#: (N = 50, DPM-Solver++ 2M in 25 steps, the paper's selection and w), i.e. `--preset paper` with that N and
+#: those steps; pinned so that a rerun reproduces them whatever the default preset is now.
+MEASURED_WITH = {"preset": "paper", "num_images": 50, "steps": 25, "scheduler": "dpmpp-2m"}
+MEASURED_LABEL = "paper, N = 50, dpmpp-2m, 25 steps (the default preset of the time: N = 50, dpmpp-2m, 25 steps)"
 FINETUNES = {
     "object dreambooth": "dreambooth",
     "style dreambooth": "style/dreambooth",
@@ -93,7 +98,7 @@ def ranking_part(names: dict[Path, str]) -> dict:
 
 
 def probe_part(names: dict[Path, str]) -> dict:
-    """Each committed LoRA on each candidate, its own caption, N = 50 (the default preset), seed 0, no
+    """Each committed LoRA on each candidate, its own caption, `MEASURED_WITH` (N = 50), seed 0, no
     training images: how alike the generations are (the mean SSCD similarity of each image to its 3
     nearest others; the share of pairs at SSCD >= 0.6) and the clustering's threshold."""
     import numpy as np
@@ -106,7 +111,7 @@ def probe_part(names: dict[Path, str]) -> dict:
         for base, name in names.items():
             started = time.perf_counter()
             result = Extractor(base, lora=lora, device="cpu", seed=0).extract(
-                SCENARIOS[scenario].caption, 5, progress=False
+                SCENARIOS[scenario].caption, 5, progress=False, **MEASURED_WITH
             )
             x = result.generated_descriptors.double().numpy()
             similarity = x @ x.T
@@ -140,7 +145,9 @@ def as_part(second: Path | None, bases: list[str], seeds: list[int], record: dic
                     continue
                 started = time.perf_counter()
                 extractor = Extractor(base, finetuned, lora=lora, device="cpu", seed=seed)
-                result = extractor.extract("a photo of sks", 5, train=WEIGHTS / "train", progress=False)
+                result = extractor.extract(
+                    "a photo of sks", 5, train=WEIGHTS / "train", progress=False, **MEASURED_WITH
+                )
                 runs.append(
                     {
                         "fine_tune": label,
@@ -202,7 +209,7 @@ def main() -> int:
             record = {"second_base": built, "ranking": ranking_part(names)}
             (RESULTS / "parents.json").write_text(json.dumps(record, indent=1) + "\n")
         if "probe" in parts:
-            record = {"settings": {"n0": 5, "preset": "default (N = 50)", "seed": 0, "threads": 1}}
+            record = {"settings": {"n0": 5, "preset": MEASURED_LABEL, "seed": 0, "threads": 1}}
             record["probe"] = probe_part(names)
             (RESULTS / "parents_probe.json").write_text(json.dumps(record, indent=1) + "\n")
     if "as" in parts:
@@ -211,7 +218,7 @@ def main() -> int:
         record["settings"] = {
             "n0": 5,
             "caption": "a photo of sks",
-            "preset": "default (N = 50, dpmpp-2m, 25 steps)",
+            "preset": MEASURED_LABEL,
             "train": "finextract/zoo_weights/train",
             "device": "cpu",
             "backend": "auto (OpenVINO on a CPU)",

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "time_to_evidence.json"
 PLOT = ROOT / "docs" / "time_to_evidence.png"
 CELLS = ("object:dreambooth", "object:lora", "style:dreambooth", "style:lora")
-# the held-out scenario's cells: trained on demand (`finextract zoo build --trained --scenarios heldout`), never
+# the held-out scenario's cells: trained on demand (`finextract zoo heldout --out DIR`, then `--zoo DIR`), never
 # in the default grid: they score choices made on the four above
 HELDOUT_CELLS = ("heldout:dreambooth", "heldout:lora")
 FORMAT = "finextract-time-to-evidence/1"
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
         type=Path,
         default=None,
         help="also keep each run's SSCD descriptors of its generated images (an .npz per run) in this folder, "
-        "to replay adaptive N and selection rules without generating again (bench/replay_time_to_evidence.py)",
+        "to replay adaptive N and selection rules without generating again (bench/adaptive_stop.py)",
     )
     parser.add_argument("--plot", type=Path, default=PLOT, help=f"plot file (default {PLOT.relative_to(ROOT)})")
     parser.add_argument("--report", action="store_true", help="only print the table and write the plot")

@@ -2,8 +2,9 @@
 
 Runs `finextract sweep --param w` for the LoRA (k = 0) and the DreamBooth (k = -0.02, its default) at
 each seed set the flow pair table uses (`finextract demo --seeds 3`: repeat j samples image i from seed
-j * N + i, N = 50, so --seed 0, 50, 100), object scenario, N0 = 5, the default preset (N = 50, 25 steps of
-the flow form of DPM-Solver++ 2M), torch on the CPU, and writes mean ± sample std of AS and A-ESR
+j * N + i, N = 50, so --seed 0, 50, 100), object scenario, N0 = 5, that table's settings (N = 50, 25 steps of
+the flow form of DPM-Solver++ 2M and the paper's selection, size: the default preset of its time), torch on
+the CPU, and writes mean ± sample std of AS and A-ESR
 per (kind, w) next to Direct's cells from bench/results/flow_pair.json (the same seeds).
 
     FINEXTRACT_THREADS=1 python bench/flow_pair_w.py --zoo /tmp/flow_zoo --out /tmp/flow_sweep_w \\
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-N = 50  # the default preset's N = 10 x N0 at N0 = 5
+N = 50  # bench/flow_pair.py's N (10 x N0 at N0 = 5)
 SEEDS = (0, N, 2 * N)  # demo --seeds 3: repeat j starts at seed j * N
 K = {"lora": 0.0, "dreambooth": -0.02}  # each kind's default Eq. 13 k
 MODEL_OPTION = {"lora": ("--lora", "lora"), "dreambooth": ("--finetuned", "dreambooth")}
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
             command = ["sweep", "--base", str(zoo / "base"), option, str(zoo / folder), "--caption", caption]
             command += ["--train", str(zoo / "train"), "--n0", "5", "--param", "w", "--values", args.values]
             command += ["--methods", "finextract", f"--k={K[kind]}", "--steps", "25", "--scheduler", "dpmpp-2m"]
+            command += ["--num-images", str(N), "--selection", "size"]
             command += ["--seed", str(seed), "--backend", "torch", "--device", "cpu"]
             if finextract([*command, "--out", str(out / f"{kind}-seed{seed}")]):
                 raise SystemExit(f"finextract sweep failed for {kind} seed {seed}")

@@ -187,11 +187,12 @@ class Extractor:
             n0: N0 >= 1, or "auto": the fine-tune's trainer metadata when it records N0 (`result.n0_source`),
                 else estimated from the generated images' SSCD descriptors
                 (`finextract.clustering.n0.estimate_n0`: the estimate, its interval and confidence go
-                into `result.n0_estimate` and result.json). num_images: N (default 50 x N0: with
-                n0="auto", 50 x the metadata's N0, else `finextract.spec.AUTO_NUM_IMAGES`).
+                into `result.n0_estimate` and result.json). num_images: N (default the preset's images per
+                N0 x N0, `finextract.spec.default_num_images`: 20 x N0, `preset="paper"` 50 x N0; with
+                n0="auto", that x the metadata's N0, else `finextract.spec.AUTO_NUM_IMAGES`).
             method: "finextract" | "finextract-uncond" | "cfg" | "direct"; None = "finextract", or
                 "finextract-uncond" when `caption` is None. w, k: guidance scale and correction
-                (None = paper defaults per model kind).
+                (None: FineXtract's w is the preset's per fine-tune kind, every other the paper's).
             out: output folder to write (extracted/, generation/, result.json, report.html), or None; a
                 `RunFolder` that `finextract.store.folders.prepare` checked (the CLI's) is not checked again.
             train: the real training images, to add AS / A-ESR metrics: a folder, a list of uint8

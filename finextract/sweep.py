@@ -27,7 +27,7 @@ from finextract.images import read_images
 from finextract.metrics import format_score
 from finextract.report import esc, image, new_figure, save_plot, settings_table, table, write_page
 from finextract.rules import METHODS, rule_params
-from finextract.spec import ExtractionSpec
+from finextract.spec import DEFAULT_PRESET, PRESETS, ExtractionSpec
 from finextract.store.files import write_json
 from finextract.store.folders import prepare
 
@@ -160,8 +160,8 @@ def run_sweep(
         out: the sweep folder (a `RunFolder` the CLI checked is not checked again); point (method,
             value) goes to `point_folder(out, method, param, value)`.
         train: the real training images (a folder, arrays, or `read_images`' pair); AS needs them.
-        n0, num_images, w, k: the settings held fixed (None: the default preset's N = 10 x N0, the paper's w / k per method
-            and fine-tune kind).
+        n0, num_images, w, k: the settings held fixed (None: the default preset's N = 20 x N0 and w per fine-tune
+            kind for FineXtract, the paper's w / k per method and fine-tune kind otherwise).
         train_as_is: score against the training images without the centre crop and resize.
         progress: show progress bars.
         overwrite: replace a point folder holding a run with other settings instead of refusing it.
@@ -348,7 +348,7 @@ def sweep_plot(summary: dict):
     if param != "n0":
         fixed.append(f"N0 = {settings['n0']}")
     if param != "num_images":
-        fixed.append(f"N = {settings['num_images'] or '10 x N0'}")
+        fixed.append(f"N = {settings['num_images'] or str(PRESETS[DEFAULT_PRESET]['images_per_n0']) + ' x N0'}")
     fixed.append(f"{settings['steps']} {settings.get('scheduler', 'ddim')} steps, seed {settings['seed']}")
     fig.suptitle(f"{kind}: AS and A-ESR0.6 against {PARAM_SYMBOLS[param]} ({', '.join(fixed)})", fontsize=10)
     return fig

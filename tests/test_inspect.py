@@ -361,9 +361,9 @@ class _Generated(Exception):
     """Raised by a stand-in for `generate`: what it was asked for is all the test needs."""
 
 
-@pytest.mark.parametrize("num_images, expected", [(None, 10 * 5), (60, 60)])
+@pytest.mark.parametrize("num_images, expected", [(None, 20 * 5), (60, 60)])
 def test_extract_n0_from_the_metadata_sets_the_presets_n(tmp_path, monkeypatch, num_images, expected):
-    """`--n0 auto` with N0 = 5 in the committed LoRA's metadata: N = the default preset's 10 x 5 = 50, not the
+    """`--n0 auto` with N0 = 5 in the committed LoRA's metadata: N = the default preset's 20 x 5 = 100, not the
     AUTO_NUM_IMAGES (500) of an N0 estimated from the generations, unless N is given."""
     import finextract.generation
     from finextract import default_zoo_folder

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 from finextract.metrics import format_score, format_scores
+from finextract.spec import DEFAULT_PRESET, PRESETS
 
 from .options import (
+    DEFAULT_N,
+    PAPER_N,
     RUN_DEFAULTS,
     add_backend_option,
     add_command,
@@ -49,9 +52,10 @@ def register(subparsers) -> None:
         help="extract the training images of the bundled tiny fine-tunes; print a Table-1-style table",
         description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models of the "
         "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
-        "N = 10 x N0 at 25 DPM-Solver++ steps, or the paper's 50 x N0 at 50 DDIM steps with --preset paper; the same "
+        f"N = {DEFAULT_N} at {PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ steps, or the paper's {PAPER_N} at 50 "
+        "DDIM steps with --preset paper; the same "
         "seeds for every method), score them against the training images (AS, A-ESR) and write report.html. The "
-        "default (object scenario, one seed) takes 30-46 s on 2 CPU cores once the ONNX exports are cached; "
+        "default (object scenario, one seed) takes about 36 s on 2 CPU cores once the ONNX exports are cached; "
         "--scenarios object,style --seeds 3 runs the full table as mean ± std over 3 sampling seeds.",
     )
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per run, report.html)")
@@ -80,10 +84,10 @@ def register(subparsers) -> None:
         "--num-images",
         type=positive_int,
         default=None,
-        help="N, images generated per run (default the preset's: 10 x N0; paper: 50 x N0)",
+        help=f"N, images generated per run (default the preset's: {DEFAULT_N}; paper: {PAPER_N})",
     )
     add_sampler_options(parser, preset=True)
-    # one batch per run of the default scenario (N = 50 x 5 in 5 batches), larger than RunConfig's 16
+    # larger than RunConfig's 16: the default scenario's N = 100 in two UNet batches per step
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per UNet batch (default 50)")
     add_device_option(parser)
     add_backend_option(parser)

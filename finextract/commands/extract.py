@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .options import (
+    DEFAULT_N,
+    PAPER_N,
     add_command,
     add_model_options,
     add_overwrite_option,
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
         "extract",
         run,
         help="extract fine-tuning images (generate + SSCD + cliques)",
-        description="FineXtract: generate N guided images (the default preset: 10 x N0; --preset paper: 50 x N0), "
+        description=f"FineXtract: generate N guided images (the default preset: {DEFAULT_N}; --preset paper: {PAPER_N}), "
         "cluster them, write N0 extracted images.",
     )
     add_model_options(p)

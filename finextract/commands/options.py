@@ -13,6 +13,9 @@ from finextract.sscd import SSCD_PRESETS
 
 #: The run settings' defaults, unresolved ("auto", None): every option below takes its default from here.
 RUN_DEFAULTS = RunConfig.defaults()
+#: N as the help shows it when --num-images is not given: the default preset's and the paper's.
+DEFAULT_N = f"{PRESETS[DEFAULT_PRESET]['images_per_n0']} x N0"
+PAPER_N = f"{PRESETS['paper']['images_per_n0']} x N0"
 
 
 def add_command(subparsers, name: str, run, **parser_options) -> argparse.ArgumentParser:
@@ -189,7 +192,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         "--num-images",
         type=positive_int,
         default=None,
-        help="N images to generate (default the preset's: 10 x N0; paper: 50 x N0)",
+        help=f"N images to generate (default the preset's: {DEFAULT_N}; paper: {PAPER_N})",
     )
     parser.add_argument(
         "--method",
@@ -215,9 +218,10 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=tuple(PRESETS),
         default=None,
-        help="procedure preset: paper (the paper's procedure: N = 50 x N0, 50 DDIM steps, no early stop, the "
-        f"paper's selection, size, and w: DreamBooth 3, LoRA 5) or {DEFAULT_PRESET} (the default: N = 10 x N0, 25 "
-        "DPM-Solver++ 2M steps, a tenth of the paper's UNet evaluations, selection modes, w = 3 for both kinds). "
+        help=f"procedure preset: paper (the paper's procedure: N = {PAPER_N}, 50 DDIM steps, no early stop, the "
+        f"paper's selection, size, and w: DreamBooth 3, LoRA 5) or {DEFAULT_PRESET} (the default: N = {DEFAULT_N}, "
+        f"{PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ 2M steps, a tenth of the paper's UNet evaluations, "
+        "selection modes, w = 3 for both kinds). "
         "Options given explicitly (--num-images, --steps, --scheduler, --selection, --w) override the preset's; "
         "result.json records which did",
     )

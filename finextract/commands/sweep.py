@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .extract import add_selection_options
 from .options import (
+    DEFAULT_N,
     add_command,
     add_model_options,
     add_overwrite_option,
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
         "--num-images",
         type=positive_int,
         default=None,
-        help="N, images generated (default the default preset's 10 x N0)",
+        help=f"N, images generated (default the default preset's {DEFAULT_N})",
     )
     p.add_argument(
         "--w",

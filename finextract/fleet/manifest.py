@@ -71,7 +71,7 @@ class Row:
         n0: N0 >= 1. train: folder of the real training images (adds AS / A-ESR), or None.
         method: the guidance rule (`finextract.rules.METHODS`). w, k: guidance scale and correction,
             None = the default preset's w (FineXtract) and the paper's defaults. num_images: N (None = the
-            default preset's 10 x N0). steps, seed: None = the audit's.
+            default preset's 20 x N0). steps, seed: None = the audit's.
         selection: which N0 images are extracted (`finextract.clustering.selection.SELECTIONS`; the
             default preset's when the column is empty or absent).
         adaptive: generate in rounds and stop once the N0 extracted images are stable
