@@ -30,8 +30,10 @@ class ExtractionResult:
     Attributes:
         images: uint8 (N0, H, W, 3) ndarray, the extracted images (clique representatives).
         indices: their indices into the generated images (length N0).
-        cliques: N0 index lists into the generated images, largest first.
-        threshold: the clustering threshold. timings: seconds per stage. config: everything that
+        cliques: N0 index lists into the generated images, in the selection rule's order
+            (`finextract.clustering.selection`): "size" largest first, "density" and "merged" by their
+            scores; "modes" each pick with its near-copies, densest pick first (not by size).
+        threshold: the clustering threshold ("modes": its near-copy radius). timings: seconds per stage. config: everything that
         changes the answer (models, method, seeds, SSCD model hash + SSCD preset, clustering budget).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
@@ -74,6 +76,14 @@ class ExtractionResult:
     n0_source: dict | None = None
     adaptive: dict | None = None
     base_choice: dict | None = None
+
+    def selection_summary(self) -> str:
+        """One line on what the selection found: "threshold t, clique sizes [...]", or for "modes"
+        "modes picks, near-copy groups of sizes [...] (radius r)" (no threshold sweep, no cliques)."""
+        sizes = [len(c) for c in self.cliques]
+        if self.config.get("clustering", {}).get("selection") == "modes":
+            return f"modes picks, near-copy groups of sizes {sizes} (radius {self.threshold:.2f})"
+        return f"threshold {self.threshold:.2f}, clique sizes {sizes}"
 
     def adaptive_summary(self) -> str:
         """One line on the adaptive rounds: "stopped at M of cap images after R rounds (stable|cap)"."""

@@ -192,7 +192,7 @@ class ExtractionSpec:
 
     def with_n0(self, n0: int) -> ExtractionSpec:
         """This spec once N0 = `n0` is known before generating (from the trainer metadata): n0 set, and N
-        the preset's `default_num_images(n0, preset)` (50 x N0) unless N was given. (N0 estimated from
+        the preset's `default_num_images(n0, preset)` (default 20 x N0, paper 50 x N0) unless N was given. (N0 estimated from
         the generated images comes too late to change N: those keep `AUTO_NUM_IMAGES`.)
 
         Raises:

@@ -162,3 +162,17 @@ def test_modes_against_networkx():
             for j in group:
                 assert s[j, pick] >= MODE_RADIUS or j == pick
                 assert s[j, pick] == max(s[j, p] for p in want)
+
+
+def test_the_log_line_names_what_the_rule_found():
+    """`extract` and `cluster` log `selection_summary()`: a threshold and clique sizes for the sweep's rules;
+    for "modes", which has neither, its picks' near-copy groups and radius."""
+    from finextract.extraction import ExtractionResult
+
+    def summary(selection):
+        images = np.zeros((2, 2, 2, 3), np.uint8)
+        config = {"clustering": {"selection": selection}}
+        return ExtractionResult(images, [3, 0], [[1, 3, 4], [0]], 0.5, config=config).selection_summary()
+
+    assert summary("size") == "threshold 0.50, clique sizes [3, 1]"
+    assert summary("modes") == "modes picks, near-copy groups of sizes [3, 1] (radius 0.50)"

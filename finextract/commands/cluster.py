@@ -89,7 +89,5 @@ def run(args) -> int:
         "run_folder": run_entry("cluster", settings),
     }
     write_output(args.out, result, record)
-    logging.getLogger("finextract").info(
-        "threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out
-    )
+    logging.getLogger("finextract").info("%s -> %s", result.selection_summary(), args.out)
     return 0

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
         help="extract the training images of the bundled tiny fine-tunes; print a Table-1-style table",
         description="Run FineXtract, CFG and Direct on the committed trained tiny DreamBooth and LoRA models of the "
         "object-driven (5 photographs) and style-driven (10 drawings) scenarios (N0 = the training set's size, "
-        f"N = {DEFAULT_N} at {PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ steps, or the paper's {PAPER_N} at 50 "
+        f"N = {DEFAULT_N} at {PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ 2M steps, or the paper's {PAPER_N} at 50 "
         "DDIM steps with --preset paper; the same "
         "seeds for every method), score them against the training images (AS, A-ESR) and write report.html. The "
         "default (object scenario, one seed) takes about 36 s on 2 CPU cores once the ONNX exports are cached; "
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--scenarios",
         default="object",
-        help="comma-separated: object,style (default object: about 80 s on 2 CPU cores)",
+        help="comma-separated: object,style (default object)",
     )
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: dreambooth,lora")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: finextract,cfg,direct")

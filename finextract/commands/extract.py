@@ -108,7 +108,7 @@ def run(args) -> int:
     if result.n0_estimate is not None:
         e = result.n0_estimate
         log.info("estimated N0 = %d (interval %d..%d, confidence %.2f)", e.n0, *e.interval, e.confidence)
-    log.info("threshold %.2f, clique sizes %s -> %s", result.threshold, [len(c) for c in result.cliques], args.out)
+    log.info("%s -> %s", result.selection_summary(), args.out)
     if result.metrics:
         from finextract.metrics import format_scores
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from finextract.engine.config import BACKEND_NAMES, DTYPE_CHOICES, SCHEDULER_NAMES, RunConfig
 from finextract.rules import METHODS  # plain data: importing it loads no torch
-from finextract.spec import AUTO, DEFAULT_PRESET, PRESETS, preset_run_options
+from finextract.spec import AUTO, AUTO_NUM_IMAGES, DEFAULT_PRESET, PRESETS, preset_run_options
 from finextract.sscd import SSCD_PRESETS
 
 #: The run settings' defaults, unresolved ("auto", None): every option below takes its default from here.
@@ -177,7 +177,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0_required: bool =
         help="N0, the number of training images"
         + (
             ", or 'auto': read from the fine-tune's trainer metadata, else estimated from the generated images "
-            "(N defaults to 500)"
+            f"(N defaults to {AUTO_NUM_IMAGES}, the paper's 50 x N0 for N0 up to 10, whatever the preset; "
+            "with N0 from the metadata, the preset's N)"
             if n0_required
             else " (sets the default N; or give --num-images)"
         ),
@@ -220,7 +221,7 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"procedure preset: paper (the paper's procedure: N = {PAPER_N}, 50 DDIM steps, no early stop, the "
         f"paper's selection, size, and w: DreamBooth 3, LoRA 5) or {DEFAULT_PRESET} (the default: N = {DEFAULT_N}, "
-        f"{PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ 2M steps, a tenth of the paper's UNet evaluations, "
+        f"{PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ 2M steps, at most a tenth of the paper's UNet evaluations, "
         "selection modes, w = 3 for both kinds). "
         "Options given explicitly (--num-images, --steps, --scheduler, --selection, --w) override the preset's; "
         "result.json records which did",
