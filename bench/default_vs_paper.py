@@ -95,6 +95,7 @@ def former_scores() -> dict:
     return found
 
 
+@functools.cache  # the tables and the plot ask for the same settings again
 def setting_scores(setting: tuple) -> dict:
     return former_scores() if setting == FORMER else budget_scores(setting)
 

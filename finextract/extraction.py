@@ -33,8 +33,9 @@ class ExtractionResult:
         cliques: N0 index lists into the generated images, in the selection rule's order
             (`finextract.clustering.selection`): "size" largest first, "density" and "merged" by their
             scores; "modes" each pick with its near-copies, densest pick first (not by size).
-        threshold: the clustering threshold ("modes": its near-copy radius). timings: seconds per stage. config: everything that
-        changes the answer (models, method, seeds, SSCD model hash + SSCD preset, clustering budget).
+        threshold: the clustering threshold ("modes": its near-copy radius). timings: seconds per stage.
+        config: everything that changes the answer (models, method, seeds, SSCD model hash + SSCD preset,
+            clustering budget and selection).
         metrics: AS / A-ESR0.6 / A-ESR0.7 and best matches when training images were given, else None.
         clustering: the full ClusteringResult. num_degenerate: generated images excluded (constant).
         n0_estimate: the `finextract.clustering.n0.N0Estimate` when N0 was estimated (n0="auto"), else None.

@@ -192,8 +192,8 @@ class ExtractionSpec:
 
     def with_n0(self, n0: int) -> ExtractionSpec:
         """This spec once N0 = `n0` is known before generating (from the trainer metadata): n0 set, and N
-        the preset's `default_num_images(n0, preset)` (default 20 x N0, paper 50 x N0) unless N was given. (N0 estimated from
-        the generated images comes too late to change N: those keep `AUTO_NUM_IMAGES`.)
+        the preset's `default_num_images(n0, preset)` (default 20 x N0, paper 50 x N0) unless N was given.
+        (N0 estimated from the generated images comes too late to change N: those keep `AUTO_NUM_IMAGES`.)
 
         Raises:
             ValueError: n0 not an integer >= 1, or above a given N (as `resolve`).
@@ -222,7 +222,7 @@ class ExtractionSpec:
         selection: str | None = None,
         on_budget: str = "skip",
     ) -> ExtractionSpec:
-        """Fill in the defaults (the preset's N = 50 x N0; the method by the caption) and validate every setting.
+        """Fill in the defaults (the preset's N and selection; the method by the caption) and validate every setting.
 
         Args:
             as the attributes; num_images None = `default_num_images(n0, preset)` (a given one overrides

@@ -222,7 +222,7 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
         help=f"procedure preset: paper (the paper's procedure: N = {PAPER_N}, 50 DDIM steps, no early stop, the "
         f"paper's selection, size, and w: DreamBooth 3, LoRA 5) or {DEFAULT_PRESET} (the default: N = {DEFAULT_N}, "
         f"{PRESETS[DEFAULT_PRESET]['steps']} DPM-Solver++ 2M steps, at most a tenth of the paper's UNet evaluations, "
-        "selection modes, w = 3 for both kinds). "
+        f"selection {PRESETS[DEFAULT_PRESET]['selection']}, w = 3 for both kinds). "
         "Options given explicitly (--num-images, --steps, --scheduler, --selection, --w) override the preset's; "
         "result.json records which did",
     )

@@ -43,6 +43,7 @@ from ..sscd import load_embedder
 from .models import save_pipeline
 from .scenarios import (
     DEFAULT_SCENARIOS,
+    HELDOUT_IMAGES,
     PRETRAIN_IMAGES,
     SCENARIOS,
     finetune_set,
@@ -382,7 +383,7 @@ def build_heldout_zoo(
     record = {
         "recipe": asdict(recipe),
         "scenarios": {
-            "heldout": asdict(SCENARIOS["heldout"]) | {"images": finetune_set("heldout", recipe.resolution)[0]}
+            "heldout": asdict(SCENARIOS["heldout"]) | {"images": list(HELDOUT_IMAGES)}  # names, as train/ holds them
         },
         "timings": timings,
         "threads": torch.get_num_threads(),
